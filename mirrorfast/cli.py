@@ -12,22 +12,123 @@ from mirrorfast.errors import MirrorfastError
 
 # ---------------------------------------------------------------------------------------------- train
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="Mirror-BERT fine-tuning of a masked language model")
+    p = sub.add_parser(
+        "train",
+        help="Mirror-BERT fine-tuning of a masked language model",
+        description="Mirror-BERT self-supervised fine-tuning. With no arguments: the packaged all-MiniLM-L6-v2 "
+        "on the 10k most frequent English words (wordfreq:en), word preset, into ./mirrorfast-out.",
+    )
+    p.add_argument("--model", help="model directory or Hugging Face id (default: packaged all-MiniLM-L6-v2)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--corpus", help="UTF-8 file, one string per line, or wordfreq:LANG[:N] (default: wordfreq:en)")
+    src.add_argument("--pairs", help="UTF-8 file of `text1||text2` lines: supervised positive pairs")
+    p.add_argument("--level", choices=["sentence", "word"], default=None,
+                   help="preset: sentence (T=0.04, mask 5, len 50, 1 epoch) or word (T=0.2, no mask, len 25, "
+                   "2 epochs); default: word for wordfreq corpora, else sentence")
+    p.add_argument("--temperature", type=float, help="InfoNCE temperature (preset)")
+    p.add_argument("--mask-span", type=int, help="characters replaced by the mask token in the second view; 0 = off")
+    p.add_argument("--max-length", type=int, help="max tokens per string (preset)")
+    p.add_argument("--epochs", type=int, help="epochs (preset)")
+    p.add_argument("--batch-size", type=int, default=200, help="strings per batch; 2x views are encoded (200)")
+    p.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (2e-5)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (0.01)")
+    p.add_argument("--dropout", type=float, default=0.1, help="encoder dropout probability (0.1)")
+    p.add_argument("--drophead", type=float, default=0.0, help="probability of dropping whole attention heads (0)")
+    p.add_argument("--pooling", choices=["cls", "mean"], default="cls", help="[CLS] (default) or masked mean")
+    prec = p.add_mutually_exclusive_group()
+    prec.add_argument("--fp16", action="store_true", help="fp16 autocast + gradient scaling (GPU)")
+    prec.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--attention", choices=["auto", "padded", "packed"], default="auto",
+                   help="packed = unpadded variable-length attention (default on CUDA with --fp16/--bf16)")
+    p.add_argument("--keep-duplicates", action="store_true", help="do not remove exact duplicate strings")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--max-steps", type=int, help="stop after this many steps")
+    p.add_argument("--output", default="./mirrorfast-out", help="output directory (./mirrorfast-out)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing directory that is not ours")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_train)
 
 
 def _cmd_train(args) -> int:
-    raise MirrorfastError("train: not implemented yet")
+    from mirrorfast.config import TrainConfig
+    from mirrorfast.trainer import train
+
+    corpus = args.corpus if (args.corpus or args.pairs) else "wordfreq:en"
+    level = args.level or ("word" if corpus and corpus.startswith("wordfreq:") else "sentence")
+    config = TrainConfig(
+        model=args.model, corpus=None if args.pairs else corpus, pairs=args.pairs, level=level,
+        temperature=args.temperature, mask_span=args.mask_span, max_length=args.max_length, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, dropout=args.dropout,
+        drophead=args.drophead, pooling=args.pooling,
+        precision="fp16" if args.fp16 else "bf16" if args.bf16 else "fp32",
+        device=args.device, attention=args.attention, dedup=not args.keep_duplicates, seed=args.seed,
+        max_steps=args.max_steps, output=args.output, overwrite=args.overwrite, progress=not args.no_progress,
+    )
+    train(config, log=_log)
+    return 0
+
+
+def _log(message: str) -> None:
+    print(f"mirrorfast: {message}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------- eval
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="STS / word-similarity Spearman of a model or export directory")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="mirrorfast / Hugging Face model dir, or an export dir")
+    p.add_argument("--sts", action="append", default=[], metavar="FILE.csv",
+                   help="sentence1,sentence2,score CSV without header (repeatable)")
+    p.add_argument("--words", action="append", default=[], metavar="FILE.tsv",
+                   help="word1<TAB>word2<TAB>score with a header (repeatable)")
+    p.add_argument("--pooling", choices=["cls", "mean"], help="override the model's pooling (model dirs only)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.set_defaults(handler=_cmd_eval)
 
 
 def _cmd_eval(args) -> int:
-    raise MirrorfastError("eval: not implemented yet")
+    import json
+    from pathlib import Path
+
+    from mirrorfast.evaluate import evaluate, read_sts, read_words
+
+    if not args.sts and not args.words:
+        raise MirrorfastError("give at least one --sts FILE.csv or --words FILE.tsv")
+    for path in args.sts:  # read the files before loading a model: bad input fails fast
+        read_sts(path)
+    for path in args.words:
+        read_words(path)
+    encoder, name, pooling = _load_any_encoder(Path(args.model_dir), args.pooling)
+    results = evaluate(encoder, args.sts, args.words)
+    if args.json:
+        print(json.dumps({"model": name, "pooling": pooling, "results": results}))
+        return 0
+    print(f"model: {name} (pooling: {pooling})")
+    width = max(len(r["file"]) for r in results)
+    print(f"{'file':<{width}}  {'kind':<5}  {'pairs':>6}  {'spearman':>8}")
+    for r in results:
+        print(f"{r['file']:<{width}}  {r['kind']:<5}  {r['pairs']:>6}  {r['spearman']:>8.2f}")
+    return 0
+
+
+def _load_any_encoder(path, pooling):
+    """An ONNX export directory (export.json) or a PyTorch model directory -> (encoder, name, pooling)."""
+    from mirrorfast.model import load_encoder
+
+    if (path / "export.json").is_file():
+        from mirrorfast.export.runtime import OnnxEncoder
+
+        if pooling:
+            raise MirrorfastError("--pooling cannot change an ONNX export: its pooling is inside the graph")
+        import json
+
+        encoder = OnnxEncoder(path)
+        return encoder, str(path), json.loads((path / "export.json").read_text(encoding="utf-8")).get("pooling")
+    if not path.is_dir():
+        raise MirrorfastError(f"model directory {path} not found")
+    encoder = load_encoder(path, pooling=pooling)
+    return encoder, str(path), encoder.pooling
 
 
 # --------------------------------------------------------------------------------------------- export
@@ -53,11 +154,46 @@ def _cmd_encode(args) -> int:
 # ---------------------------------------------------------------------------------------------- serve
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="serve an export directory over HTTP (OpenAI-compatible embeddings)")
+    p.add_argument("export_dir", metavar="EXPORT_DIR", help="an export directory (from `mirrorfast export`)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on; 0 picks a free one (default: 8080)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on the embedding routes (default: $MIRRORFAST_API_KEY)")
+    p.add_argument("--max-batch-tokens", type=int, default=16384,
+                   help="padded tokens (inputs x longest input) per model call (default: 16384)")
+    p.add_argument("--max-inputs", type=int, default=256, help="inputs per request (default: 256)")
+    p.add_argument("--max-input-tokens", type=int, default=None,
+                   help="tokens per input incl. special tokens (default: the model's max length)")
+    p.add_argument("--truncate", action="store_true",
+                   help="cut inputs longer than --max-input-tokens instead of answering 422")
+    p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="ONNX Runtime execution provider (default: auto)")
+    p.add_argument("--int8", action="store_true", help="serve the export's int8-quantized model")
+    p.add_argument("--max-queue", type=int, default=4096,
+                   help="inputs waiting for the model before requests get 503 + Retry-After (default: 4096)")
+    p.add_argument("--batch-wait-ms", type=float, default=2.0,
+                   help="how long a batch waits for more requests (default: 2)")
+    p.add_argument("--max-body-bytes", type=int, default=None,
+                   help="request body limit (default: derived from --max-inputs x --max-input-tokens)")
+    p.add_argument("--graceful-timeout", type=float, default=60.0,
+                   help="seconds requests in flight may take after SIGINT/SIGTERM (default: 60)")
     p.set_defaults(handler=_cmd_serve)
 
 
 def _cmd_serve(args) -> int:
-    raise MirrorfastError("serve: not implemented yet")
+    import os
+
+    from mirrorfast.export.server import ServeConfig, run
+
+    config = ServeConfig(
+        host=args.host, port=args.port,
+        api_key=args.api_key if args.api_key is not None else os.environ.get("MIRRORFAST_API_KEY") or None,
+        max_batch_tokens=args.max_batch_tokens, max_inputs=args.max_inputs,
+        max_input_tokens=args.max_input_tokens, truncate=args.truncate, max_queue=args.max_queue,
+        batch_wait_ms=args.batch_wait_ms, max_body_bytes=args.max_body_bytes,
+        graceful_timeout_s=args.graceful_timeout,
+    )
+    return run(args.export_dir, config, provider=args.provider, int8=args.int8)
 
 
 # ----------------------------------------------------------------------------------------------- main

@@ -132,6 +132,17 @@ class Encoder(nn.Module):
         hidden = self.model(**kwargs).last_hidden_state
         return pool(hidden, attention_mask, self.pooling)
 
+    def embed_batch(self, batch) -> torch.Tensor:
+        """A mirrorfast.data.Batch (padded or packed) -> (B, H) pooled embeddings."""
+        if batch.packed:
+            from mirrorfast.packing import packed_hidden, packed_pool
+
+            hidden, segment_ids = packed_hidden(
+                self.model, batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_len, batch.tokens
+            )
+            return packed_pool(hidden, batch.cu_seqlens, segment_ids, self.pooling)
+        return self(batch.input_ids, batch.attention_mask)
+
     @torch.inference_mode()
     def encode(self, texts: list[str], batch_size: int = 64, normalize: bool = False) -> np.ndarray:
         """Embed texts in eval mode, batched by sorted length; float32 (len(texts), H) in input order."""
@@ -165,7 +176,7 @@ def _resolve_source(name_or_path: str | os.PathLike | None) -> tuple[str, str]:
         if not path.is_dir() or not (path / "config.json").is_file():
             raise MirrorfastError(f"{path} is not a model directory (no config.json found)")
         return str(path), f"{path} (local directory)"
-    if str(name_or_path).startswith((".", "/", "~")) or os.sep in str(name_or_path).strip("/").split("/", 1)[-1]:
+    if str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
         raise MirrorfastError(f"model directory {name_or_path} does not exist")
     return str(name_or_path), f"{name_or_path} (Hugging Face hub id, from the local cache or the hub)"
 
@@ -181,7 +192,10 @@ def load_encoder(
     pooling / max_length default to the model's mirrorfast.json, else cls / min(tokenizer max, 512).
     """
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_error()  # our own one-line messages say what was loaded
+    hf_logging.disable_progress_bar()
     source, description = _resolve_source(name_or_path)
     saved = read_mirrorfast_config(source) if Path(source).is_dir() else None
     try:

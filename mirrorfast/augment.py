@@ -1,0 +1,25 @@
+"""Input augmentation of Mirror-BERT: random span masking of the second view.
+
+Feature augmentation (dropout, drophead) lives with the encoder in mirrorfast.model.
+"""
+
+import random
+
+# The paper leaves strings shorter than this unmasked: a 5-character hole would erase most of them.
+MIN_LENGTH_TO_MASK = 30
+
+
+def mask_span(text: str, k: int, mask_token: str, rng: random.Random) -> str:
+    """Replace a random span of k characters of `text` with `mask_token` (once).
+
+    The span starts uniformly in [0, len(text) - k]. Strings shorter than 30 characters, and k = 0,
+    leave the text unchanged.
+    """
+    if k <= 0 or len(text) < MIN_LENGTH_TO_MASK:
+        return text
+    start = rng.randint(0, len(text) - k)
+    return text[:start] + mask_token + text[start + k :]
+
+
+def masked_views(texts: list[str], k: int, mask_token: str, rng: random.Random) -> list[str]:
+    return [mask_span(t, k, mask_token, rng) for t in texts]

@@ -1,0 +1,83 @@
+"""Training configuration and the paper's presets.
+
+Fields left as None take their value from the preset of `level`; anything set explicitly wins.
+"""
+
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from mirrorfast.errors import MirrorfastError
+
+# Liu et al. (2021), Mirror-BERT: sentence level (T=0.04, 5-character span mask, 1 epoch) and
+# word level (T=0.2, no span mask, 2 epochs).
+PRESETS = {
+    "sentence": {"temperature": 0.04, "mask_span": 5, "max_length": 50, "epochs": 1},
+    "word": {"temperature": 0.2, "mask_span": 0, "max_length": 25, "epochs": 2},
+}
+PRECISIONS = ("fp32", "fp16", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+ATTENTION = ("auto", "padded", "packed")
+
+
+@dataclass
+class TrainConfig:
+    model: str | None = None  # local dir or HF id; None = packaged all-MiniLM-L6-v2
+    corpus: str | None = "wordfreq:en"  # FILE or wordfreq:LANG[:N]
+    pairs: str | None = None  # FILE of `text1||text2` lines (replaces corpus)
+    level: str = "word"
+    temperature: float | None = None
+    mask_span: int | None = None  # k characters replaced by the mask token; 0 disables
+    max_length: int | None = None
+    epochs: int | None = None
+    batch_size: int = 200  # strings per batch (2x views are encoded)
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    dropout: float = 0.1
+    drophead: float = 0.0
+    pooling: str = "cls"
+    precision: str = "fp32"
+    device: str = "auto"
+    attention: str = "auto"  # packed (unpadded varlen) on CUDA, padded elsewhere
+    dedup: bool = True
+    seed: int = 42
+    max_steps: int | None = None  # stop early (smoke tests, benchmarks)
+    output: str = "./mirrorfast-out"
+    overwrite: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with preset values filled in and every field validated."""
+        if self.level not in PRESETS:
+            raise MirrorfastError(f"--level must be one of {tuple(PRESETS)}, got {self.level!r}")
+        preset = PRESETS[self.level]
+        cfg = replace(self, **{k: v for k, v in preset.items() if getattr(self, k) is None})
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        checks = [
+            (self.temperature is not None and self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
+            (self.batch_size >= 2, f"--batch-size must be at least 2 (a batch needs negatives), got {self.batch_size}"),
+            (self.mask_span is not None and self.mask_span >= 0, f"--mask-span must be >= 0, got {self.mask_span}"),
+            (self.max_length is not None and self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}"),
+            (self.epochs is not None and self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
+            (0 <= self.drophead < 1, f"--drophead must be in [0, 1), got {self.drophead}"),
+            (self.pooling in ("cls", "mean"), f"--pooling must be cls or mean, got {self.pooling!r}"),
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
+            (self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}"),
+            (self.attention in ATTENTION, f"--attention must be one of {ATTENTION}, got {self.attention!r}"),
+            (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}"),
+            (self.corpus is not None or self.pairs is not None, "give a --corpus or --pairs file"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise MirrorfastError(message)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("extra", "progress")}
+
+
+__all__ = ["PRESETS", "TrainConfig", "asdict"]

@@ -1,0 +1,207 @@
+"""Training data: corpus sources (file, pairs file, wordfreq), validation, tokenize-once, batching.
+
+Every string is tokenized once per epoch at most (the masked view is re-drawn each epoch), then batches
+are cut from flat token arrays, either padded (B, L) or packed (1, T) with cumulative lengths for
+unpadded attention.
+"""
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mirrorfast.errors import MirrorfastError
+
+PAIR_SEPARATOR = "||"
+
+
+@dataclass
+class Corpus:
+    """Positive pairs (first[i], second[i]); second is None for self-duplication (Mirror-BERT)."""
+
+    first: list[str]
+    second: list[str] | None
+    description: str
+    duplicates_removed: int = 0
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+
+def _read_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, stripped text) for every non-blank line of a UTF-8 file."""
+    if not path.exists():
+        raise MirrorfastError(f"corpus file {path} not found")
+    if not path.is_file():
+        raise MirrorfastError(f"corpus {path} is not a file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise MirrorfastError(f"{path}: line {line} is not valid UTF-8 (byte {raw[exc.start]:#04x})") from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), start=1)]
+    return [(n, s) for n, s in lines if s]
+
+
+def _dedup(items: list, key=lambda x: x) -> tuple[list, int]:
+    seen: set = set()
+    kept = []
+    for item in items:
+        k = key(item)
+        if k not in seen:
+            seen.add(k)
+            kept.append(item)
+    return kept, len(items) - len(kept)
+
+
+def _require_two(count: int, source: str) -> None:
+    if count == 0:
+        raise MirrorfastError(f"{source} is empty (no non-blank lines)")
+    if count < 2:
+        raise MirrorfastError(f"{source} has {count} usable string; contrastive training needs at least 2")
+
+
+def _wordfreq_corpus(spec: str) -> list[str]:
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not parts[1]:
+        raise MirrorfastError(f"--corpus {spec!r}: expected wordfreq:LANG or wordfreq:LANG:N")
+    lang = parts[1]
+    try:
+        n = int(parts[2]) if len(parts) == 3 else 10000
+    except ValueError:
+        raise MirrorfastError(f"--corpus {spec!r}: N must be an integer") from None
+    if n < 2:
+        raise MirrorfastError(f"--corpus {spec!r}: N must be at least 2")
+    try:
+        import wordfreq
+    except ImportError:
+        raise MirrorfastError("--corpus wordfreq:... needs the wordfreq package (pip install wordfreq)") from None
+    if lang not in wordfreq.available_languages():
+        raise MirrorfastError(f"--corpus {spec!r}: wordfreq has no word list for language {lang!r}")
+    return wordfreq.top_n_list(lang, n)
+
+
+def load_corpus(spec: str, dedup: bool = True) -> Corpus:
+    """FILE (one string per line) or wordfreq:LANG[:N]; blank lines skipped, exact duplicates removed."""
+    if spec.startswith("wordfreq:"):
+        texts = _wordfreq_corpus(spec)
+        description = f"{spec} ({len(texts)} most frequent words from wordfreq)"
+    else:
+        texts = [s for _, s in _read_lines(Path(spec))]
+        description = spec
+    removed = 0
+    if dedup:
+        texts, removed = _dedup(texts)
+    _require_two(len(texts), f"corpus {spec}")
+    return Corpus(texts, None, description, removed)
+
+
+def load_pairs(path: str, dedup: bool = True) -> Corpus:
+    """`text1||text2` per line: the two sides are a positive pair."""
+    first, second = [], []
+    for number, line in _read_lines(Path(path)):
+        if PAIR_SEPARATOR not in line:
+            raise MirrorfastError(f"{path}: line {number} has no '{PAIR_SEPARATOR}' separator (expected text1||text2)")
+        left, right = (s.strip() for s in line.split(PAIR_SEPARATOR, 1))
+        if not left or not right:
+            raise MirrorfastError(f"{path}: line {number} has an empty side (expected text1||text2)")
+        first.append(left)
+        second.append(right)
+    removed = 0
+    if dedup:
+        kept, removed = _dedup(list(zip(first, second)))
+        first, second = [a for a, _ in kept], [b for _, b in kept]
+    _require_two(len(first), f"pairs file {path}")
+    return Corpus(first, second, f"{path} (supervised pairs)", removed)
+
+
+@dataclass
+class TokenizedTexts:
+    """All token ids of a list of texts, flat: ids[offsets[i]:offsets[i+1]] is text i (truncated)."""
+
+    ids: np.ndarray  # (total_tokens,) int64
+    offsets: np.ndarray  # (n + 1,) int64
+
+    @classmethod
+    def build(cls, tokenizer, texts: list[str], max_length: int) -> "TokenizedTexts":
+        encoded = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+        lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
+        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        ids = np.fromiter((t for e in encoded for t in e), dtype=np.int64, count=int(offsets[-1]))
+        return cls(ids, offsets)
+
+    def lengths(self, rows: np.ndarray) -> np.ndarray:
+        return self.offsets[rows + 1] - self.offsets[rows]
+
+
+@dataclass
+class Batch:
+    """2N views: rows 0..N-1 are the first views, N..2N-1 their positives.
+
+    padded: input_ids / attention_mask are (2N, L). packed: input_ids / position_ids are (1, T) and
+    cu_seqlens (2N + 1,) int32 marks where each view starts; max_len is a host int (no device sync).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    max_len: int = 0
+    tokens: int = 0  # real (non-pad) tokens
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_seqlens is not None
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return Batch(move(self.input_ids), move(self.attention_mask), move(self.position_ids),
+                     move(self.cu_seqlens), self.max_len, self.tokens)
+
+
+def _gather(views: list[tuple[TokenizedTexts, np.ndarray]]) -> tuple[list[np.ndarray], np.ndarray]:
+    pieces, lengths = [], []
+    for tok, rows in views:
+        for r in rows:
+            pieces.append(tok.ids[tok.offsets[r] : tok.offsets[r + 1]])
+        lengths.append(tok.lengths(rows))
+    return pieces, np.concatenate(lengths)
+
+
+def padded_batch(views, pad_id: int, pad_to_multiple_of: int = 8) -> Batch:
+    """Views padded (right) to the longest in the batch, rounded up to a multiple (fewer shapes)."""
+    pieces, lengths = _gather(views)
+    width = int(lengths.max())
+    width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    ids = np.full((len(pieces), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(pieces), width), dtype=np.int64)
+    for i, p in enumerate(pieces):
+        ids[i, : len(p)] = p
+        mask[i, : len(p)] = 1
+    return Batch(torch.from_numpy(ids), torch.from_numpy(mask), tokens=int(lengths.sum()))
+
+
+def packed_batch(views) -> Batch:
+    """Views concatenated without padding; positions restart at 0 for each view."""
+    pieces, lengths = _gather(views)
+    cu = np.zeros(len(pieces) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=cu[1:])
+    ids = np.concatenate(pieces)
+    positions = np.arange(len(ids), dtype=np.int64) - np.repeat(cu[:-1].astype(np.int64), lengths)
+    return Batch(torch.from_numpy(ids)[None], position_ids=torch.from_numpy(positions)[None],
+                 cu_seqlens=torch.from_numpy(cu), max_len=int(lengths.max()), tokens=int(lengths.sum()))
+
+
+def epoch_batches(n: int, batch_size: int, rng: random.Random) -> list[np.ndarray]:
+    """Shuffled row indices cut into batches; a last batch of one string (no negatives) is dropped."""
+    order = list(range(n))
+    rng.shuffle(order)
+    order = np.asarray(order, dtype=np.int64)
+    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    return [b for b in batches if len(b) >= 2]

@@ -1,0 +1,99 @@
+"""STS and word-similarity evaluation for any encoder with `encode(texts) -> np.ndarray`.
+
+Protocol (the paper's, and ../shared/data's README): embed each side, cosine similarity, Spearman
+correlation with the gold scores over all pairs, x100.
+"""
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from mirrorfast.errors import MirrorfastError
+
+
+class TextEncoder(Protocol):
+    def encode(self, texts: list[str], batch_size: int = ...) -> np.ndarray: ...
+
+
+@dataclass
+class PairSet:
+    """Scored text pairs from one evaluation file."""
+
+    path: Path
+    kind: str  # "sts" or "words"
+    left: list[str]
+    right: list[str]
+    scores: np.ndarray
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise MirrorfastError(f"evaluation file {path} not found")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise MirrorfastError(f"{path}: line {line} is not valid UTF-8") from None
+
+
+def _pairs(path: Path, kind: str, rows, first_line: int) -> PairSet:
+    left, right, scores = [], [], []
+    for number, row in enumerate(rows, start=first_line):
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        if len(row) < 3:
+            raise MirrorfastError(f"{path}: line {number} has {len(row)} fields, expected text1, text2, score")
+        try:
+            scores.append(float(row[2]))
+        except ValueError:
+            raise MirrorfastError(f"{path}: line {number}: score {row[2]!r} is not a number") from None
+        left.append(row[0])
+        right.append(row[1])
+    if len(scores) < 2:
+        raise MirrorfastError(f"{path}: fewer than 2 scored pairs")
+    return PairSet(path, kind, left, right, np.asarray(scores, dtype=np.float64))
+
+
+def read_sts(path: str | Path) -> PairSet:
+    """`sentence1,sentence2,score` CSV (quoted as needed), no header."""
+    path = Path(path)
+    return _pairs(path, "sts", csv.reader(io.StringIO(_read_text(path))), first_line=1)
+
+
+def read_words(path: str | Path) -> PairSet:
+    """`word1<TAB>word2<TAB>score` with a header line."""
+    path = Path(path)
+    rows = csv.reader(io.StringIO(_read_text(path)), delimiter="\t", quoting=csv.QUOTE_NONE)
+    next(rows, None)
+    return _pairs(path, "words", rows, first_line=2)
+
+
+def cosine_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    y = y.astype(np.float64)
+    norms = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
+    return (x * y).sum(1) / np.maximum(norms, 1e-12)
+
+
+def spearman(encoder: TextEncoder, pairs: PairSet, batch_size: int = 128) -> float:
+    """Spearman x100 between gold scores and the cosine of the two sides' embeddings."""
+    unique = sorted(set(pairs.left) | set(pairs.right))
+    vectors = encoder.encode(unique, batch_size=batch_size)
+    index = {text: i for i, text in enumerate(unique)}
+    a = vectors[[index[t] for t in pairs.left]]
+    b = vectors[[index[t] for t in pairs.right]]
+    return float(spearmanr(cosine_rows(a, b), pairs.scores).correlation * 100.0)
+
+
+def evaluate(encoder: TextEncoder, sts_files=(), word_files=()) -> list[dict]:
+    """One result dict per file: {"file", "kind", "pairs", "spearman"}."""
+    sets = [read_sts(f) for f in sts_files] + [read_words(f) for f in word_files]
+    return [
+        {"file": str(s.path), "kind": s.kind, "pairs": len(s.scores), "spearman": round(spearman(encoder, s), 4)}
+        for s in sets
+    ]

@@ -1,0 +1,103 @@
+"""Unpadded ("packed") encoder forward: all views of a batch in one (1, T) row, no padding tokens.
+
+The sentences of the paper's corpus average 14 tokens while a batch's longest is 40-70, so padding
+triples the work. Packed, each view attends only to itself: on CUDA through FlashAttention's
+variable-length kernel (with attention dropout, as the padded model has), elsewhere through SDPA with
+a block-diagonal mask (slow for large T; used by the tests to check packing against padding).
+The model itself is the Hugging Face one: we only register an attention function for it.
+"""
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from mirrorfast.errors import MirrorfastError
+
+ATTENTION_NAME = "mirrorfast_packed"
+# Model types whose attention goes through transformers' attention interface and whose position ids
+# we know how to restart per view.
+PACKED_MODEL_TYPES = {"bert": 0, "roberta": None, "xlm-roberta": None, "camembert": None}
+
+
+def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """query/key/value: (1, heads, T, d). Returns ((1, T, heads, d), None) like HF's attention functions."""
+    cu_seqlens = kwargs["cu_seq_lens_q"]  # (B + 1,) int32
+    max_len = kwargs["max_length_q"]  # host int
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, d)
+        out = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, dropout, False, False, scale=scaling
+        )[0]
+        return out.unsqueeze(0), None
+    segment = kwargs["segment_ids"]  # (T,) view index of each token
+    block_diagonal = segment[:, None] == segment[None, :]
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=block_diagonal, dropout_p=dropout, scale=scaling)
+    return out.transpose(1, 2), None
+
+
+def _no_mask(*args, **kwargs):
+    return None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, _packed_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
+
+
+def position_offset(model) -> int:
+    """RoBERTa-style models number positions from pad_token_id + 1; BERT from 0."""
+    model_type = model.config.model_type
+    if model_type not in PACKED_MODEL_TYPES:
+        raise MirrorfastError(
+            f"packed (unpadded) attention supports {sorted(PACKED_MODEL_TYPES)}, not {model_type!r}; "
+            "use --attention padded"
+        )
+    offset = PACKED_MODEL_TYPES[model_type]
+    return int(model.config.pad_token_id) + 1 if offset is None else offset
+
+
+def supports_packing(model) -> bool:
+    return model.config.model_type in PACKED_MODEL_TYPES
+
+
+@contextlib.contextmanager
+def packed_attention(model):
+    """Switch the model to packed attention for the duration (the saved model keeps its own)."""
+    _register()
+    position_offset(model)  # validates the model type
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION_NAME)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def packed_hidden(model, input_ids, position_ids, cu_seqlens, max_len: int, tokens: int):
+    """input_ids, position_ids: (1, T); cu_seqlens: (B + 1,) int32 -> (T, H) last hidden state."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    segment_ids = torch.repeat_interleave(
+        torch.arange(lengths.shape[0], device=input_ids.device), lengths, output_size=tokens
+    )
+    out = model(
+        input_ids=input_ids,
+        position_ids=position_ids + position_offset(model),
+        token_type_ids=torch.zeros_like(input_ids),
+        cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
+        max_length_q=max_len, max_length_k=max_len,
+        segment_ids=segment_ids,
+    )
+    return out.last_hidden_state[0], segment_ids
+
+
+def packed_pool(hidden, cu_seqlens, segment_ids, pooling: str):
+    """hidden: (T, H) -> (B, H): the first token of each view (cls) or each view's mean (mean)."""
+    if pooling == "cls":
+        return hidden[cu_seqlens[:-1].long()]
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(hidden.dtype)
+    sums = torch.zeros(lengths.shape[0], hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
+    return sums.index_add_(0, segment_ids, hidden) / lengths[:, None]

@@ -1,0 +1,301 @@
+"""The Mirror-BERT training loop: precision, optimizer, batching, progress, atomic output.
+
+One step (see `training_step`): encode the 2N views of N strings in one forward pass, InfoNCE between
+each string's two views, AdamW. The step never waits for the GPU: losses are copied to the host
+asynchronously and read when ready (`LossMonitor`), batches for an epoch are built and uploaded at its
+start, and the next epoch's masked views are tokenized in a background thread.
+"""
+
+import contextlib
+import json
+import math
+import random
+import resource
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import mirrorfast
+from mirrorfast.augment import masked_views
+from mirrorfast.config import TrainConfig
+from mirrorfast.data import Batch, Corpus, TokenizedTexts, epoch_batches, load_corpus, load_pairs, packed_batch, padded_batch
+from mirrorfast.errors import MirrorfastError
+from mirrorfast.kernels import info_nce, resolve_backend
+from mirrorfast.model import MIRRORFAST_JSON, Encoder, enable_drophead, load_encoder, save_encoder
+from mirrorfast.output import atomic_directory, check_destination
+from mirrorfast.packing import packed_attention, supports_packing
+
+
+@dataclass
+class TrainResult:
+    output: Path | None
+    steps: int
+    epoch_seconds: list[float]
+    tokens_per_second: float
+    final_loss: float
+    losses: list[float] = field(default_factory=list)
+    peak_memory_bytes: int = 0
+    setup_seconds: float = 0.0
+
+
+def is_mirrorfast_output(path: Path) -> bool:
+    return (path / MIRRORFAST_JSON).is_file()
+
+
+# ------------------------------------------------------------------------------------------- setup
+def pick_device(requested: str, log: Callable[[str], None]) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise MirrorfastError("--device cuda asked for, but no CUDA GPU is available to PyTorch")
+    if requested == "cpu" or not torch.cuda.is_available():
+        log(f"device: CPU ({torch.get_num_threads()} threads){' - no CUDA GPU found' if requested == 'auto' else ''}")
+        return torch.device("cpu")
+    log(f"device: CUDA {torch.cuda.get_device_name(0)}")
+    return torch.device("cuda")
+
+
+def autocast_dtype(precision: str, device: torch.device, log: Callable[[str], None]) -> torch.dtype | None:
+    """None means plain fp32. fp16 on the CPU falls back to fp32 (CPU fp16 autocast is slow and lossy)."""
+    if precision == "fp16" and device.type == "cpu":
+        log("precision: --fp16 needs a GPU; training in fp32 on the CPU instead")
+        return None
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise MirrorfastError("--bf16: this GPU does not support bfloat16; use --fp16")
+    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def use_packing(cfg: TrainConfig, encoder: Encoder, device: torch.device, dtype: torch.dtype | None) -> bool:
+    """Packed (unpadded) attention needs FlashAttention: CUDA, fp16/bf16, a supported architecture."""
+    if cfg.attention == "padded":
+        return False
+    fast_ok = device.type == "cuda" and dtype is not None and supports_packing(encoder.model)
+    if cfg.attention == "packed":
+        if not supports_packing(encoder.model):
+            raise MirrorfastError(f"--attention packed does not support model type {encoder.model.config.model_type!r}")
+        return True
+    return fast_ok
+
+
+class ViewSource:
+    """Tokenized views per epoch: the first view once; the second re-masked (or the pair's side) per epoch."""
+
+    def __init__(self, corpus: Corpus, encoder: Encoder, cfg: TrainConfig):
+        self.corpus, self.cfg = corpus, cfg
+        self.tokenizer = encoder.tokenizer
+        self.mask_token = encoder.tokenizer.mask_token
+        if cfg.mask_span > 0 and corpus.second is None and self.mask_token is None:
+            raise MirrorfastError("this tokenizer has no mask token; use --mask-span 0")
+        self.first = TokenizedTexts.build(self.tokenizer, corpus.first, cfg.max_length)
+        fixed = corpus.second if corpus.second is not None else (corpus.first if cfg.mask_span == 0 else None)
+        self.fixed_second = None
+        if fixed is corpus.first:
+            self.fixed_second = self.first
+        elif fixed is not None:
+            self.fixed_second = TokenizedTexts.build(self.tokenizer, fixed, cfg.max_length)
+
+    def epoch(self, epoch: int) -> tuple[TokenizedTexts, TokenizedTexts]:
+        if self.fixed_second is not None:
+            return self.first, self.fixed_second
+        rng = random.Random(self.cfg.seed * 1_000_003 + epoch)
+        masked = masked_views(self.corpus.first, self.cfg.mask_span, self.mask_token, rng)
+        return self.first, TokenizedTexts.build(self.tokenizer, masked, self.cfg.max_length)
+
+
+class LossMonitor:
+    """Collects per-step losses without host synchronization: device->host copies complete in the background."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pending: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []
+        self.values: list[float] = []
+
+    def push(self, step: int, loss: torch.Tensor) -> None:
+        if self.device.type == "cuda":
+            host = loss.to("cpu", non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending.append((step, host, event))
+        else:
+            self.pending.append((step, loss, None))
+
+    def poll(self, wait: bool = False) -> list[tuple[int, float]]:
+        done = []
+        while self.pending and (wait or self.pending[0][2] is None or self.pending[0][2].query()):
+            step, host, event = self.pending.pop(0)
+            if event is not None:
+                event.synchronize()
+            value = float(host)
+            self.values.append(value)
+            done.append((step, value))
+        return done
+
+
+# -------------------------------------------------------------------------------------------- step
+def training_step(encoder, batch: Batch, n: int, temperature: float, optimizer, scaler, autocast) -> torch.Tensor:
+    """One Mirror-BERT step on 2N views (rows i and N+i are the two views of string i)."""
+    with autocast:
+        views = encoder.embed_batch(batch)  # (2N, H)
+        loss = info_nce(views[:n], views[n:], temperature)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)  # fused AdamW takes the scaler's inf check on the device: no sync
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def build_batches(views, rows_per_batch, packed: bool, pad_id: int, device: torch.device) -> list[Batch]:
+    first, second = views
+    pin = device.type == "cuda"
+    batches = []
+    for rows in rows_per_batch:
+        parts = [(first, rows), (second, rows)]
+        batch = packed_batch(parts) if packed else padded_batch(parts, pad_id)
+        if pin:
+            batch = Batch(*(t.pin_memory() if isinstance(t, torch.Tensor) else t for t in
+                            (batch.input_ids, batch.attention_mask, batch.position_ids, batch.cu_seqlens)),
+                          max_len=batch.max_len, tokens=batch.tokens)
+        batches.append(batch.to(device, non_blocking=pin))
+    return batches
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+# ---------------------------------------------------------------------------------------- the loop
+def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = True) -> TrainResult:
+    """Train per `cfg`; write the output directory atomically (unless save=False). Returns the summary."""
+    t_setup = time.perf_counter()
+    cfg = cfg.resolved()
+    out_dir = Path(cfg.output)
+    if save:
+        check_destination(out_dir, is_mirrorfast_output, cfg.overwrite, "mirrorfast output")
+
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    corpus = load_pairs(cfg.pairs, cfg.dedup) if cfg.pairs else load_corpus(cfg.corpus, cfg.dedup)
+    log(f"corpus: {corpus.description}: {len(corpus)} {'pairs' if corpus.second else 'strings'}"
+        + (f" ({corpus.duplicates_removed} exact duplicates removed)" if corpus.duplicates_removed else ""))
+    device = pick_device(cfg.device, log)
+    dtype = autocast_dtype(cfg.precision, device, log)
+    encoder = load_encoder(cfg.model, pooling=cfg.pooling, max_length=cfg.max_length, dropout=cfg.dropout)
+    log(f"model: {encoder.source}")
+    if cfg.drophead > 0:
+        enable_drophead(encoder.model, cfg.drophead)
+    batch_size = min(cfg.batch_size, len(corpus))
+    if batch_size < cfg.batch_size:
+        log(f"batch: the corpus has {len(corpus)} strings, fewer than --batch-size {cfg.batch_size}; "
+            f"training with batches of {batch_size}")
+    packed = use_packing(cfg, encoder, device, dtype)
+    loss_backend = resolve_backend("auto", device)
+    log(f"recipe: level={cfg.level} T={cfg.temperature} mask_span={cfg.mask_span} max_length={cfg.max_length} "
+        f"epochs={cfg.epochs} batch={batch_size} lr={cfg.lr} dropout={cfg.dropout} drophead={cfg.drophead} "
+        f"pooling={cfg.pooling} precision={dtype or 'fp32'} attention={'packed' if packed else 'padded'} "
+        f"loss={loss_backend}")
+
+    encoder.to(device).train()
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+    source = ViewSource(corpus, encoder, cfg)
+    batch_rng = random.Random(cfg.seed)
+    schedules = [epoch_batches(len(corpus), batch_size, batch_rng) for _ in range(cfg.epochs)]
+    total_steps = sum(len(s) for s in schedules)
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    pad_id = encoder.tokenizer.pad_token_id
+    prepare = lambda e: build_batches(source.epoch(e), schedules[e], packed, pad_id, device)  # noqa: E731
+
+    monitor = LossMonitor(device)
+    epoch_seconds: list[float] = []
+    tokens_seen, step = 0, 0
+    bar = tqdm(total=total_steps, unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    setup_seconds = time.perf_counter() - t_setup
+    with ThreadPoolExecutor(max_workers=1) as pool, (packed_attention(encoder.model) if packed else contextlib.nullcontext()):
+        upcoming = pool.submit(prepare, 0)
+        t_train = time.perf_counter()
+        for epoch in range(cfg.epochs):
+            batches = upcoming.result()
+            if epoch + 1 < cfg.epochs:
+                upcoming = pool.submit(prepare, epoch + 1)
+            t_epoch = time.perf_counter()
+            for batch in batches:
+                if step >= total_steps:
+                    break
+                n = batch.input_ids.shape[0] // 2 if not batch.packed else batch.cu_seqlens.shape[0] // 2
+                monitor.push(step, training_step(encoder, batch, n, cfg.temperature, optimizer, scaler, autocast))
+                step += 1
+                tokens_seen += batch.tokens
+                _report(monitor.poll(), bar, cfg, tokens_seen, t_train)
+                bar.update(1)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            epoch_seconds.append(time.perf_counter() - t_epoch)
+            _report(monitor.poll(wait=True), bar, cfg, tokens_seen, t_train)
+            if step >= total_steps:
+                break
+    bar.close()
+    train_seconds = sum(epoch_seconds)
+    result = TrainResult(
+        output=out_dir if save else None, steps=step, epoch_seconds=epoch_seconds,
+        tokens_per_second=tokens_seen / max(train_seconds, 1e-9), final_loss=monitor.values[-1],
+        losses=monitor.values, peak_memory_bytes=_peak_memory(device), setup_seconds=setup_seconds,
+    )
+    log(f"done: {step} steps, epochs {', '.join(f'{s:.2f}s' for s in epoch_seconds)}, "
+        f"{result.tokens_per_second:,.0f} tokens/s, final loss {result.final_loss:.4f}, "
+        f"peak memory {result.peak_memory_bytes / 2**20:,.0f} MiB")
+    if save:
+        metadata = _metadata(cfg, corpus, encoder, device, dtype, packed, result)
+        with atomic_directory(out_dir) as tmp:
+            save_encoder(encoder, tmp, metadata)
+        log(f"saved: {out_dir} (Hugging Face + sentence-transformers + mirrorfast.json)")
+    return result
+
+
+def _report(new: list[tuple[int, float]], bar, cfg: TrainConfig, tokens_seen: int, t_train: float) -> None:
+    for step, value in new:
+        if not math.isfinite(value):
+            raise MirrorfastError(
+                f"training stopped at step {step + 1}: the loss is {value} (not finite); nothing was written. "
+                "Try a lower --lr, a higher --temperature, or --bf16 instead of --fp16"
+            )
+    if new:
+        elapsed = max(time.perf_counter() - t_train, 1e-9)
+        bar.set_postfix(loss=f"{new[-1][1]:.4f}", tok_s=f"{tokens_seen / elapsed:,.0f}", refresh=False)
+
+
+def _metadata(cfg, corpus, encoder, device, dtype, packed, result: TrainResult) -> dict:
+    return {
+        "mirrorfast_version": mirrorfast.__version__,
+        "base_model": encoder.source,
+        "level": cfg.level,
+        "training": cfg.to_dict(),
+        "corpus": {"source": corpus.description, "size": len(corpus),
+                   "duplicates_removed": corpus.duplicates_removed},
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "precision": {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype],
+        "attention": "packed" if packed else "padded",
+        "steps": result.steps,
+        "epoch_seconds": [round(s, 4) for s in result.epoch_seconds],
+        "tokens_per_second": round(result.tokens_per_second, 1),
+        "final_loss": result.final_loss,
+        "peak_memory_bytes": result.peak_memory_bytes,
+        "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    return json.dumps(cfg.resolved().to_dict(), indent=2)
