@@ -1,0 +1,92 @@
+"""Corpus sources and their errors; tokenize-once arrays; padded and packed batches."""
+
+import random
+
+import numpy as np
+import pytest
+
+from mirrorfast.data import TokenizedTexts, epoch_batches, load_corpus, load_pairs, packed_batch, padded_batch
+from mirrorfast.errors import MirrorfastError
+
+
+def write(tmp_path, name, data: bytes):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return str(path)
+
+
+def test_file_corpus_skips_blanks_and_removes_duplicates(tmp_path):
+    path = write(tmp_path, "c.txt", "\ufeffa cat\n\n  \nthe dog \na cat\nbirds\n".encode())
+    corpus = load_corpus(path)
+    assert corpus.first == ["a cat", "the dog", "birds"]
+    assert corpus.duplicates_removed == 1 and corpus.second is None
+    assert load_corpus(path, dedup=False).first == ["a cat", "the dog", "a cat", "birds"]
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"", "is empty"),
+        (b"\n \n\n", "is empty"),
+        (b"only one\n", "at least 2"),
+        (b"same\nsame\n", "at least 2"),
+        (b"fine line\nsecond\n\xff\xfe broken\n", "line 3 is not valid UTF-8"),
+    ],
+)
+def test_corpus_errors(tmp_path, content, message):
+    with pytest.raises(MirrorfastError, match=message):
+        load_corpus(write(tmp_path, "c.txt", content))
+
+
+def test_missing_corpus(tmp_path):
+    with pytest.raises(MirrorfastError, match="not found"):
+        load_corpus(str(tmp_path / "nope.txt"))
+
+
+def test_wordfreq_corpus():
+    corpus = load_corpus("wordfreq:en:50")
+    assert len(corpus) == 50 and corpus.first[0] == "the"
+    assert len(load_corpus("wordfreq:en")) == 10000
+    for bad, message in [("wordfreq:zz", "no word list"), ("wordfreq:en:x", "integer"), ("wordfreq:", "expected")]:
+        with pytest.raises(MirrorfastError, match=message):
+            load_corpus(bad)
+
+
+def test_pairs(tmp_path):
+    path = write(tmp_path, "p.txt", "a dog || a puppy\ncar||automobile\n\na dog || a puppy\n".encode())
+    corpus = load_pairs(path)
+    assert corpus.first == ["a dog", "car"] and corpus.second == ["a puppy", "automobile"]
+    with pytest.raises(MirrorfastError, match="line 2 has no '\\|\\|'"):
+        load_pairs(write(tmp_path, "bad.txt", b"a||b\nno separator here\n"))
+    with pytest.raises(MirrorfastError, match="line 1 has an empty side"):
+        load_pairs(write(tmp_path, "bad2.txt", b"a||\nb||c\n"))
+
+
+def test_epoch_batches_cover_every_row_once():
+    batches = epoch_batches(1003, 200, random.Random(1))
+    rows = np.concatenate(batches)
+    assert sorted(rows.tolist()) == list(range(1003)) and [len(b) for b in batches] == [200] * 5 + [3]
+    # A trailing batch of one string has no negatives: it is dropped.
+    assert sum(len(b) for b in epoch_batches(201, 200, random.Random(1))) == 200
+
+
+def test_padded_and_packed_batches_hold_the_same_tokens(minilm_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    texts = ["a", "a longer sentence with more words", "mid length text", "naïve café 東京 😀"]
+    tt = TokenizedTexts.build(tok, texts, max_length=6)
+    assert (np.diff(tt.offsets) <= 6).all()
+    rows = np.array([3, 1])
+    views = [(tt, rows), (tt, rows[::-1])]
+    padded = padded_batch(views, tok.pad_token_id, pad_to_multiple_of=8)
+    packed = packed_batch(views)
+    assert padded.input_ids.shape == (4, 8) and packed.input_ids.shape[0] == 1
+    lengths = padded.attention_mask.sum(1)
+    assert packed.cu_seqlens.tolist() == [0, *np.cumsum(lengths.numpy()).tolist()]
+    assert padded.tokens == packed.tokens == int(lengths.sum())
+    for i in range(4):
+        start, end = packed.cu_seqlens[i].item(), packed.cu_seqlens[i + 1].item()
+        assert packed.input_ids[0, start:end].tolist() == padded.input_ids[i, : lengths[i]].tolist()
+        assert packed.position_ids[0, start:end].tolist() == list(range(end - start))
+    assert packed.max_len == int(lengths.max())

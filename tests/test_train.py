@@ -1,0 +1,193 @@
+"""End to end: `mirrorfast train` on a tiny BERT, the output directory, and every bad-input message."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mirrorfast.cli import main
+from mirrorfast.config import TrainConfig
+from mirrorfast.errors import MirrorfastError
+from mirrorfast.trainer import train
+
+SENTENCES = [
+    f"Sentence number {i} talks about {topic} in a reasonably long way, long enough to mask."
+    for i, topic in enumerate(["cats", "dogs", "trains", "rivers", "music", "code", "rain", "bread"] * 3)
+]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    return path
+
+
+def run_cli(*args) -> int:
+    return main([*map(str, args)])
+
+
+def tiny_args(tiny_bert_dir, corpus, out, *extra):
+    return ["train", "--model", tiny_bert_dir, "--corpus", corpus, "--output", out, "--batch-size", 8,
+            "--max-steps", 2, "--no-progress", *extra]
+
+
+def test_train_end_to_end_loads_everywhere(tiny_bert_dir, corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_cli(*tiny_args(tiny_bert_dir, corpus, out)) == 0
+    meta = json.loads((out / "mirrorfast.json").read_text())
+    assert meta["pooling"] == "cls" and meta["max_length"] == 50 and meta["steps"] == 2
+    assert math.isfinite(meta["final_loss"]) and meta["training"]["temperature"] == 0.04
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "modules.json", "1_Pooling/config.json"):
+        assert (out / name).is_file(), name
+    assert not list(tmp_path.glob(".out.tmp-*")), "temporary directory left behind"
+
+    # mirrorfast's encoder, plain transformers, and sentence-transformers give the same vectors.
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel, AutoTokenizer
+
+    from mirrorfast.model import load_encoder
+
+    texts = ["a short one", "a rather longer sentence to embed for the comparison"]
+    ours = load_encoder(out).encode(texts)
+    tok, hf = AutoTokenizer.from_pretrained(out), AutoModel.from_pretrained(out).eval()
+    with torch.no_grad():
+        batch = tok(texts, padding=True, return_tensors="pt")
+        cls = hf(**batch).last_hidden_state[:, 0].numpy()
+    st = SentenceTransformer(str(out), device="cpu").encode(texts, convert_to_numpy=True)
+    np.testing.assert_allclose(ours, cls, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(st, ours, rtol=1e-4, atol=1e-5)
+
+    # `mirrorfast eval --json` prints exactly one JSON object and uses the saved pooling.
+    sts = tmp_path / "sts.csv"
+    sts.write_text('"a cat sits",a cat sat,4.5\nthe sky,"a dog, barking",0.5\nrain falls,it rains,4.0\n')
+    capsys.readouterr()
+    assert run_cli("eval", out, "--sts", sts, "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["pooling"] == "cls" and result["results"][0]["pairs"] == 3 and result["results"][0]["kind"] == "sts"
+
+
+def test_seed_repeats_losses_on_cpu(tiny_bert_dir, corpus):
+    cfg = TrainConfig(model=str(tiny_bert_dir), corpus=str(corpus), level="sentence", batch_size=8, max_steps=3,
+                      progress=False, device="cpu")
+    first = train(cfg, log=lambda m: None, save=False).losses
+    again = train(cfg, log=lambda m: None, save=False).losses
+    other = train(TrainConfig(**{**cfg.__dict__, "seed": 7}), log=lambda m: None, save=False).losses
+    assert first == again and first != other and len(first) == 3
+
+
+def test_mean_pooling_drophead_pairs_and_small_corpus(tiny_bert_dir, tmp_path, capsys):
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("\n".join(f"{s}||{s.upper()}" for s in SENTENCES[:5]), encoding="utf-8")
+    out = tmp_path / "out"
+    code = run_cli("train", "--model", tiny_bert_dir, "--pairs", pairs, "--output", out, "--pooling", "mean",
+                   "--drophead", 0.2, "--max-steps", 2, "--no-progress", "--fp16")
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "fewer than --batch-size 200" in err and "batches of 5" in err
+    assert "fp16 needs a GPU" in err and "device: CPU" in err
+    st_pooling = json.loads((out / "1_Pooling/config.json").read_text())
+    assert st_pooling["pooling_mode_mean_tokens"] and not st_pooling["pooling_mode_cls_token"]
+    assert json.loads((out / "mirrorfast.json").read_text())["pooling"] == "mean"
+
+
+def test_drophead_zeroes_whole_heads(tiny_bert_dir):
+    from mirrorfast.model import enable_drophead, load_encoder
+
+    encoder = load_encoder(tiny_bert_dir, dropout=0.0)
+    attention = encoder.model.encoder.layer[0].attention.self
+    assert enable_drophead(encoder.model, 0.5) == 2
+    captured = []  # hooks run in registration order: this one sees drophead's output
+    attention.register_forward_hook(lambda m, i, o: captured.append(o[0].detach()))
+    batch = encoder.tokenize(["one sentence here", "and another"])
+    torch.manual_seed(3)
+    encoder.train()
+    encoder(**batch)
+    heads = captured[-1].view(2, -1, 4, 8)  # hidden 32 = 4 heads x 8
+    dropped = (heads == 0).all(dim=(1, 3))
+    assert dropped.any() and not dropped.all()
+    encoder.eval()
+    encoder(**batch)
+    assert not (captured[-1].view(2, -1, 4, 8) == 0).all(dim=(1, 3)).any()
+
+
+def test_view_source_masks_with_the_tokenizers_mask_token(tiny_bert_dir, corpus):
+    from mirrorfast.data import load_corpus
+    from mirrorfast.model import load_encoder
+    from mirrorfast.trainer import ViewSource
+
+    encoder = load_encoder(tiny_bert_dir)
+    cfg = TrainConfig(corpus=str(corpus), level="sentence").resolved()
+    first, second = ViewSource(load_corpus(str(corpus)), encoder, cfg).epoch(0)
+    mask_id = encoder.tokenizer.mask_token_id
+    assert mask_id not in first.ids.tolist()
+    per_view = [second.ids[second.offsets[i] : second.offsets[i + 1]].tolist().count(mask_id)
+                for i in range(len(second.offsets) - 1)]
+    assert per_view == [1] * len(SENTENCES)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--temperature", "0"], "--temperature must be > 0"),
+        (["--batch-size", "1"], "--batch-size must be at least 2"),
+        (["--dropout", "1.5"], "--dropout must be in"),
+    ],
+)
+def test_bad_options(tiny_bert_dir, corpus, tmp_path, capsys, extra, message):
+    assert run_cli(*tiny_args(tiny_bert_dir, corpus, tmp_path / "o", *extra)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_inputs(tiny_bert_dir, tmp_path, capsys):
+    cases = []
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    cases.append((["--corpus", empty], "is empty"))
+    one = tmp_path / "one.txt"
+    one.write_text("just one line\n")
+    cases.append((["--corpus", one], "at least 2"))
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"ok\nfine\n\xc3\x28 bad\n")
+    cases.append((["--corpus", binary], "line 3 is not valid UTF-8"))
+    cases.append((["--corpus", tmp_path / "missing.txt"], "not found"))
+    nopairs = tmp_path / "pairs.txt"
+    nopairs.write_text("a||b\nc d\n")
+    cases.append((["--pairs", nopairs], "line 2 has no '||'"))
+    for args, message in cases:
+        code = run_cli("train", "--model", tiny_bert_dir, "--output", tmp_path / "o", "--no-progress", *args)
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, (args, err)
+        assert not (tmp_path / "o").exists()
+
+
+def test_not_a_model(tmp_path, corpus, capsys):
+    (tmp_path / "notmodel").mkdir()
+    (tmp_path / "notmodel" / "readme.txt").write_text("hi")
+    assert run_cli("train", "--model", tmp_path / "notmodel", "--corpus", corpus, "--output", tmp_path / "o") == 2
+    assert "is not a model directory" in capsys.readouterr().err
+
+
+def test_refuses_foreign_output_dir_unless_overwrite(tiny_bert_dir, corpus, tmp_path, capsys):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "thesis.tex").write_text("do not lose me")
+    assert run_cli(*tiny_args(tiny_bert_dir, corpus, out)) == 2
+    assert "not a previous mirrorfast output" in capsys.readouterr().err
+    assert (out / "thesis.tex").read_text() == "do not lose me"
+    # A previous mirrorfast output is replaced without asking; a foreign one with --overwrite.
+    assert run_cli(*tiny_args(tiny_bert_dir, corpus, out, "--overwrite")) == 0
+    assert not (out / "thesis.tex").exists() and (out / "mirrorfast.json").is_file()
+    assert run_cli(*tiny_args(tiny_bert_dir, corpus, out)) == 0
+
+
+def test_non_finite_loss_stops_and_writes_nothing(tiny_bert_dir, corpus, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert run_cli(*tiny_args(tiny_bert_dir, corpus, out, "--temperature", "1e-45")) == 2
+    err = capsys.readouterr().err
+    assert "not finite" in err and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob(".o.*"))
