@@ -6,6 +6,7 @@ CUDA tensors when Triton is importable, the reference otherwise. MIRRORFAST_KERN
 reference everywhere (debugging).
 """
 
+import functools
 import os
 
 import torch
@@ -19,6 +20,7 @@ _REDUCTIONS = ("mean", "sum", "none")
 _BACKENDS = ("auto", "torch", "triton")
 
 
+@functools.lru_cache(maxsize=None)
 def _triton_available() -> bool:
     try:
         from mirrorfast.kernels import infonce_triton  # noqa: F401

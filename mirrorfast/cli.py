@@ -134,21 +134,61 @@ def _load_any_encoder(path, pooling):
 # --------------------------------------------------------------------------------------------- export
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export a trained model to ONNX (fp32, optional fp16 / int8)")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="a mirrorfast or Hugging Face model directory")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="the export directory to write")
+    p.add_argument("--fp16", action="store_true", help="also write model_fp16.onnx (fused, fp16, for the GPU)")
+    p.add_argument("--int8", action="store_true", help="also write model_int8.onnx (dynamic int8, for the CPU)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset, 14 to 20 (default 17)")
+    p.add_argument("--no-normalize", dest="normalize", action="store_false",
+                   help="do not L2-normalize sentence_embedding inside the graph")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="max tokens per text (default: the model's, capped at its positions)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR even if it is not a previous export")
     p.set_defaults(handler=_cmd_export)
 
 
 def _cmd_export(args) -> int:
-    raise MirrorfastError("export: not implemented yet")
+    from mirrorfast.export import export_model
+
+    result = export_model(
+        args.model_dir, args.out_dir, fp16=args.fp16, int8=args.int8, opset=args.opset,
+        normalize=args.normalize, max_length=args.max_length, overwrite=args.overwrite,
+    )
+    m = result.manifest
+    print(
+        f"exported {args.model_dir} -> {result.out_dir}: {', '.join(result.files.values())} "
+        f"(dim {m['dim']}, {m['pooling']} pooling, {'normalized' if m['normalized'] else 'not normalized'}, "
+        f"max length {m['max_length']}, opset {m['opset']})"
+    )
+    for name, p in result.parity.items():
+        print(f"  parity {name}: min cosine {p['min_cosine']:.6f} (>= {p['threshold']}), "
+              f"max abs diff {p['max_abs_diff']:.2e}, {p['rows']} rows on {p['provider']}")
+    return 0
 
 
 # --------------------------------------------------------------------------------------------- encode
 def _add_encode(sub) -> None:
     p = sub.add_parser("encode", help="embed a text file with an export directory, write .npy")
+    p.add_argument("export_dir", metavar="EXPORT_DIR", help="a directory written by `mirrorfast export`")
+    p.add_argument("--input", required=True, metavar="FILE", help="UTF-8 text, one text per line (blank lines skipped)")
+    p.add_argument("--output", required=True, metavar="FILE.npy", help="float32 (n, dim) array, written atomically")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--int8", action="store_true", help="use model_int8.onnx (CPU)")
     p.set_defaults(handler=_cmd_encode)
 
 
 def _cmd_encode(args) -> int:
-    raise MirrorfastError("encode: not implemented yet")
+    from mirrorfast.export.runtime import encode_file
+
+    s = encode_file(args.export_dir, args.input, args.output, batch_size=args.batch_size,
+                    provider=args.provider, int8=args.int8)
+    rate = s.texts / s.seconds if s.seconds > 0 else float("inf")
+    print(
+        f"encoded {s.texts} texts ({s.blank_lines} blank lines skipped) with {s.model_file} on {s.provider} "
+        f"-> {s.output} {s.shape[0]}x{s.shape[1]} float32 in {s.seconds:.2f}s ({rate:.0f} texts/s)"
+    )
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------- serve

@@ -200,7 +200,7 @@ def load_encoder(
     saved = read_mirrorfast_config(source) if Path(source).is_dir() else None
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModel.from_pretrained(source)
+        model = AutoModel.from_pretrained(source, dtype=torch.float32)  # fp32 master weights
     except (OSError, ValueError, KeyError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MirrorfastError(f"cannot load model {name_or_path or source}: {first_line}") from None

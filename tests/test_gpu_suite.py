@@ -1,0 +1,44 @@
+"""benchmarks/gpu_suite.py --tiny: the GPU benchmark still runs end to end (on the CPU here) and prints
+the reference and mirrorfast rows side by side for both models."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SUITE = ROOT / "benchmarks" / "gpu_suite.py"
+
+
+def test_gpu_suite_tiny_runs_and_prints_both_recipes(shared_data, minilm_dir, tmp_path):
+    out_json = tmp_path / "suite.json"
+    env = dict(os.environ)  # OMP_NUM_THREADS and friends are inherited
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    proc = subprocess.run(
+        [sys.executable, str(SUITE), "--tiny", "--device", "cpu", "--json", str(out_json)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr[-4000:]}"
+    table = proc.stdout
+    assert "FAILED" not in table, table
+    for label in ("reference fp32", "mirrorfast fp16", "mirrorfast bf16"):
+        assert table.count(label) == 2, f"{label!r} should appear once per model:\n{table}"
+    assert "tiny BERT" in table and "all-MiniLM-L6-v2" in table, table
+    assert "torch " in table and "transformers " in table, table
+
+    report = json.loads(out_json.read_text())
+    rows = {r["row"]: r for r in report["rows"]}
+    assert set(rows) == {f"{m}:{r}" for m in ("bert", "minilm") for r in ("reference", "fp16", "bf16")}
+    for row in rows.values():
+        assert row["status"] == "ok", row
+        assert row["steady_ms_per_step"] > 0 and row["steady_tokens_per_second"] > 0, row
+        assert len(row["epoch_seconds"]) == 2, row
+    for recipe in ("reference", "fp16", "bf16"):
+        minilm = rows[f"minilm:{recipe}"]
+        assert minilm["sts_before"] is not None and minilm["sts_after"] is not None, minilm
+    assert rows["bert:fp16"]["speedup_steady"] > 0
+    # the reference and mirrorfast see the same data: same steps, (almost) the same real tokens per step
+    assert rows["bert:reference"]["steps_per_epoch"] == rows["bert:fp16"]["steps_per_epoch"] == 3
+    ref_tokens, mf_tokens = rows["bert:reference"]["tokens_per_step"], rows["bert:fp16"]["tokens_per_step"]
+    assert abs(ref_tokens - mf_tokens) / ref_tokens < 0.05
