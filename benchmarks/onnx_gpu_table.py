@@ -1,0 +1,280 @@
+"""Inference table: PyTorch vs onnxruntime (CUDA EP fp32, our fp16 export with I/O binding) vs int8 on the CPU.
+
+    python benchmarks/onnx_gpu_table.py                       # GPU machine: BERT-base, batch 256 x 32 tokens
+    python benchmarks/onnx_gpu_table.py --cpu-only --quick    # any machine: CPU rows on a small model
+
+BERT-base is built from a config (random weights: hidden 768, 12 layers, 12 heads) with a generated
+WordPiece vocabulary, so nothing is downloaded; it goes through `mirrorfast.export.export_model` (fp16 for
+the GPU, int8 for the CPU, each with its parity check) like any trained model. The input is one batch of
+sentences of exactly --seq tokens ([CLS] ... [SEP], no padding); every row embeds the same batch
+(pooled + L2-normalized sentence_embedding) and reports the median of many timed runs after warm-up.
+
+Rows (GPU ones only where there is a CUDA GPU and, for onnxruntime, the CUDA execution provider, i.e.
+onnxruntime-gpu first on PYTHONPATH; otherwise they are listed as skipped):
+  PyTorch fp32 / fp16 autocast (CUDA)    inputs already on the device
+  onnxruntime CUDA EP fp32 / fp16 export  "device-resident": inputs bound as CUDA OrtValues, output bound
+                                          to a CUDA buffer (I/O binding), only run_with_iobinding timed;
+                                          "host I/O included": numpy in, bind_cpu_input, numpy out
+  OnnxEncoder.encode (CUDA)               the serving path: tokenization + host I/O + fp16 model
+  PyTorch fp32 / onnxruntime fp32 / int8 (CPU)
+
+It prints one table and writes nothing. The project must be installed (pip install -e . --no-deps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import string
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+try:
+    from mirrorfast.export import OnnxEncoder, export_model
+    from mirrorfast.export.onnx import SentenceEmbeddingGraph
+except ImportError as exc:  # pragma: no cover - a clear message on a bare machine
+    sys.exit(f"cannot import mirrorfast ({exc}); install the project first: pip install -e . --no-deps")
+
+WORDS = ("the a man woman dog cat plays runs eats sits on in with near guitar field street red small "
+         "quickly slowly music food car train city river young old happy table chair window light").split()
+
+
+def _vocab() -> list[str]:
+    chars = string.ascii_lowercase + string.digits
+    return (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(chars + string.punctuation)
+            + ["##" + c for c in chars] + WORDS)
+
+
+def build_model(workdir: Path, quick: bool, max_length: int) -> Path:
+    """A random-weight BERT (BERT-base, or a small one with --quick) + generated tokenizer, saved to disk."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    torch.manual_seed(0)
+    if quick:
+        config = BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
+    else:
+        config = BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+    model_dir = workdir / ("bert-small" if quick else "bert-base")
+    BertModel(config).save_pretrained(model_dir, safe_serialization=True)
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(_vocab())})
+    tokenizer.model_max_length = max_length
+    tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
+def make_texts(batch: int, seq: int) -> list[str]:
+    """`batch` sentences of seq - 2 known words each: exactly `seq` tokens with [CLS]/[SEP]."""
+    rng = np.random.default_rng(0)
+    return [" ".join(rng.choice(WORDS, size=seq - 2)) for _ in range(batch)]
+
+
+def measure(fn, warmup: int, iters: int, max_seconds: float, sync=lambda: None) -> tuple[float, int]:
+    """Median milliseconds of fn() over up to `iters` runs (at least 3, at most max_seconds), after warm-up."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times: list[float] = []
+    deadline = time.perf_counter() + max_seconds
+    while len(times) < iters and (len(times) < 3 or time.perf_counter() < deadline):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times), len(times)
+
+
+class Table:
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+        self.rows: list[tuple] = []
+        self.skipped: list[str] = []
+
+    def add(self, name: str, device: str, ms: float, n: int, baseline: str | None = None, note: str = "") -> None:
+        self.rows.append((name, device, ms, n, baseline, note))
+        print(f"  {name} [{device}]: {ms:.2f} ms (median of {n})", flush=True)
+
+    def skip(self, what: str, why: str) -> None:
+        self.skipped.append(f"{what}: skipped ({why})")
+        print(f"  {what}: skipped ({why})", flush=True)
+
+    def render(self) -> str:
+        by_name = {r[0]: r[2] for r in self.rows}
+        lines = [
+            "| row | device | median ms / batch | sentences/s | speed-up vs PyTorch fp32 (same device) | runs | notes |",
+            "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+        ]
+        for name, device, ms, n, baseline, note in self.rows:
+            if baseline is None:
+                speedup = "baseline"
+            else:
+                speedup = f"{by_name[baseline] / ms:.2f}x" if baseline in by_name else "n/a"
+            lines.append(f"| {name} | {device} | {ms:.2f} | {self.batch / ms * 1000:.0f} | {speedup} | {n} | {note} |")
+        return "\n".join(lines + [f"\n{s}" if i == 0 else s for i, s in enumerate(self.skipped)])
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def torch_rows(table: Table, graph: torch.nn.Module, feeds: dict, device: str, args, cpu_iters: int) -> None:
+    if device == "cuda":
+        model = graph.to("cuda").eval()
+        inputs = {k: torch.from_numpy(v).to("cuda") for k, v in feeds.items()}
+        sync = torch.cuda.synchronize
+        with torch.inference_mode():
+            ms, n = measure(lambda: model(**inputs), 10, args.iters, 30, sync)
+            table.add("PyTorch fp32", "cuda", ms, n, note="inputs on the device")
+            with torch.autocast("cuda", dtype=torch.float16):
+                ms, n = measure(lambda: model(**inputs), 10, args.iters, 30, sync)
+            table.add("PyTorch fp16 autocast", "cuda", ms, n, "PyTorch fp32", "inputs on the device")
+        graph.to("cpu")
+        torch.cuda.empty_cache()
+    else:
+        inputs = {k: torch.from_numpy(v) for k, v in feeds.items()}
+        with torch.inference_mode():
+            ms, n = measure(lambda: graph(**inputs), 1, cpu_iters, args.cpu_seconds)
+        table.add("PyTorch fp32 (CPU)", "cpu", ms, n, note=f"{torch.get_num_threads()} threads")
+
+
+def _session(path: Path, providers):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def ort_cuda_rows(table: Table, export_dir: Path, feeds: dict, texts: list[str], hidden: int, args) -> None:
+    import onnxruntime as ort
+
+    for label, file in (("fp32 model.onnx", "model.onnx"), ("fp16 model_fp16.onnx", "model_fp16.onnx")):
+        session = _session(export_dir / file, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+        if session.get_providers()[0] != "CUDAExecutionProvider":
+            table.skip(f"onnxruntime CUDA EP {label}", "the CUDA EP did not start on this machine")
+            return
+        names = [i.name for i in session.get_inputs()]
+        # device-resident: inputs and output live on the GPU; only the run is timed
+        on_device = {k: ort.OrtValue.ortvalue_from_numpy(feeds[k], "cuda", 0) for k in names}
+        out = ort.OrtValue.ortvalue_from_shape_and_type((len(texts), hidden), np.float32, "cuda", 0)
+        binding = session.io_binding()
+        for k in names:
+            binding.bind_ortvalue_input(k, on_device[k])
+        binding.bind_ortvalue_output("sentence_embedding", out)
+        ms, n = measure(lambda: session.run_with_iobinding(binding), 10, args.iters, 30, torch.cuda.synchronize)
+        table.add(f"onnxruntime CUDA EP {label}, device-resident", "cuda", ms, n, "PyTorch fp32", "I/O binding")
+
+        # host I/O included: numpy in (copied to the device), embeddings copied back to numpy
+        def host_io():
+            b = session.io_binding()
+            for k in names:
+                b.bind_cpu_input(k, feeds[k])
+            b.bind_output("sentence_embedding", "cuda")
+            session.run_with_iobinding(b)
+            return b.copy_outputs_to_cpu()[0]
+
+        ms, n = measure(host_io, 10, args.iters, 30, torch.cuda.synchronize)
+        table.add(f"onnxruntime CUDA EP {label}, host I/O included", "cuda", ms, n, "PyTorch fp32",
+                  "numpy in/out, I/O binding")
+
+    encoder = OnnxEncoder(export_dir, provider="cuda")
+    ms, n = measure(lambda: encoder.encode(texts, batch_size=len(texts)), 5, args.iters, 30)
+    table.add(f"OnnxEncoder.encode ({encoder.model_path.name})", "cuda", ms, n, "PyTorch fp32",
+              "tokenization + host I/O included")
+
+
+def ort_cpu_rows(table: Table, export_dir: Path, feeds: dict, args, cpu_iters: int) -> None:
+    for label, file in (("fp32 model.onnx", "model.onnx"), ("int8 model_int8.onnx", "model_int8.onnx")):
+        session = _session(export_dir / file, ["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        inputs = {k: feeds[k] for k in names}
+        ms, n = measure(lambda: session.run(["sentence_embedding"], inputs), 1, cpu_iters, args.cpu_seconds)
+        table.add(f"onnxruntime CPU EP {label}", "cpu", ms, n, "PyTorch fp32 (CPU)", "numpy in/out")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-only", action="store_true", help="skip every GPU row, even where there is a GPU")
+    parser.add_argument("--quick", action="store_true", help="small model (hidden 256, 4 layers), batch 32")
+    parser.add_argument("--batch", type=int, default=None, help="sentences per batch (default 256; 32 with --quick)")
+    parser.add_argument("--seq", type=int, default=32, help="tokens per sentence, [CLS]/[SEP] included (default 32)")
+    parser.add_argument("--iters", type=int, default=100, help="timed GPU runs per row (default 100)")
+    parser.add_argument("--cpu-iters", type=int, default=None, help="timed CPU runs per row (default 10; 5 quick)")
+    parser.add_argument("--cpu-seconds", type=float, default=20.0, help="stop a CPU row after this long (>= 3 runs)")
+    args = parser.parse_args(argv)
+    batch = args.batch or (32 if args.quick else 256)
+    cpu_iters = args.cpu_iters or (5 if args.quick else 10)
+    if args.seq < 3:
+        parser.error("--seq must be at least 3")
+    started = time.perf_counter()
+
+    import onnxruntime as ort
+
+    has_cuda = torch.cuda.is_available() and not args.cpu_only
+    has_cuda_ep = "CUDAExecutionProvider" in ort.get_available_providers()
+    print(f"machine: {os.cpu_count()} CPU cores ({_cpu_name()}); "
+          f"GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
+    print(f"torch {torch.__version__}, onnxruntime {ort.__version__} ({', '.join(ort.get_available_providers())})")
+
+    max_length = max(64, args.seq)
+    with tempfile.TemporaryDirectory(prefix="mirrorfast-onnx-table-") as tmp:
+        workdir = Path(tmp)
+        model_dir = build_model(workdir, args.quick, max_length)
+        t0 = time.perf_counter()
+        export_dir = workdir / "export"
+        result = export_model(model_dir, export_dir, fp16=has_cuda and has_cuda_ep, int8=True, max_length=max_length)
+        parity = ", ".join(f"{k} {v['min_cosine']:.5f} on {v['provider']}" for k, v in result.parity.items())
+        print(f"exported {model_dir.name} in {time.perf_counter() - t0:.1f}s; parity min cosine: {parity}")
+
+        from mirrorfast.model import load_encoder
+
+        encoder = load_encoder(model_dir, max_length=max_length)
+        hidden = encoder.dim
+        graph = SentenceEmbeddingGraph(encoder.model, encoder.pooling, True, True).eval()
+        texts = make_texts(batch, args.seq)
+        tokens = encoder.tokenizer(texts, padding=True, return_tensors="np")
+        feeds = {k: v.astype(np.int64) for k, v in tokens.items()}
+        assert feeds["input_ids"].shape == (batch, args.seq), feeds["input_ids"].shape
+        print(f"model: {model_dir.name} (hidden {hidden}, {encoder.model.config.num_hidden_layers} layers, random "
+              f"weights, {encoder.pooling} pooling); batch {batch} x {args.seq} tokens")
+
+        table = Table(batch)
+        if has_cuda:
+            torch_rows(table, graph, feeds, "cuda", args, cpu_iters)
+            if has_cuda_ep:
+                ort_cuda_rows(table, export_dir, feeds, texts, hidden, args)
+            else:
+                table.skip("onnxruntime CUDA EP rows", "this onnxruntime has no CUDAExecutionProvider: "
+                           "put onnxruntime-gpu first on PYTHONPATH")
+        else:
+            why = "--cpu-only" if args.cpu_only else "no CUDA GPU for PyTorch"
+            table.skip("GPU rows (PyTorch CUDA, onnxruntime CUDA EP)", why)
+        torch_rows(table, graph, feeds, "cpu", args, cpu_iters)
+        ort_cpu_rows(table, export_dir, feeds, args, cpu_iters)
+
+    print()
+    print(f"## Inference, {'small BERT (hidden 256, 4 layers)' if args.quick else 'BERT-base'}, "
+          f"batch {batch} x {args.seq} tokens")
+    print(table.render())
+    print(f"\ntotal {time.perf_counter() - started:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,510 @@
+"""Export an encoder to ONNX: pooling + normalization inside the graph, optional fp16 / int8, parity.
+
+One export directory holds:
+  model.onnx        fp32; inputs input_ids, attention_mask (+ token_type_ids where the model takes them),
+                    int64 with named dynamic axes ("batch", "sequence"); outputs sentence_embedding
+                    (the model's pooling, L2-normalized unless normalize=False) and token_embeddings
+                    (the last hidden state)
+  model_fp16.onnx   (fp16=True) transformer-fused graph for the GPU, fp16 inside, fp32 inputs/outputs
+  model_int8.onnx   (int8=True) dynamic int8 quantization for the CPU
+  tokenizer files, and export.json (settings, file list, parity results per file)
+
+Every file is checked against the PyTorch model in eval mode before the directory is renamed into
+place (`mirrorfast.output.atomic_directory`): a failed check leaves nothing behind.
+
+The exporter is the TorchScript one (`torch.onnx.export(..., dynamo=False)`), traced with a right-padded
+batch of 2 so the padding path of the attention mask is in the graph and no dynamic dim is frozen.
+The copy that is traced uses eager attention: its MatMul/Softmax pattern is the one the onnxruntime
+transformer optimizer fuses into its Attention op (the SDPA pattern is left unfused).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import inspect
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mirrorfast.errors import MirrorfastError
+from mirrorfast.model import Encoder, load_encoder, pool
+from mirrorfast.export.runtime import EXPORT_FORMAT, EXPORT_JSON
+from mirrorfast.output import atomic_directory, check_destination
+
+EXPORT_FORMAT_VERSION = 1
+FP32_FILE = "model.onnx"
+FP16_FILE = "model_fp16.onnx"
+INT8_FILE = "model_int8.onnx"
+OUTPUT_NAMES = ("sentence_embedding", "token_embeddings")
+MIN_OPSET = 14  # the onnxruntime transformer optimizer and per-channel int8 quantization need >= 13/14
+MAX_OPSET = 20  # the TorchScript exporter's maximum
+DEFAULT_OPSET = 17  # LayerNormalization as one op
+PARITY_THRESHOLDS = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.99}
+# Activation ops whose outputs feed the FFN down-projection: heavy-tailed inputs that per-tensor dynamic
+# uint8 activation quantization handles badly (MiniLM: row cosine drops to ~0.97 when they are quantized).
+_ACTIVATION_OPS = {"Erf", "Gelu", "FastGelu", "BiasGelu", "Tanh"}
+
+
+# ------------------------------------------------------------------------------------------- wrapper
+class SentenceEmbeddingGraph(nn.Module):
+    """What goes into the graph: HF model -> (pooled [+ L2 normalized] sentence embedding, token states)."""
+
+    def __init__(self, model: nn.Module, pooling: str, normalize: bool, takes_token_type_ids: bool):
+        super().__init__()
+        self.model = model
+        self.pooling = pooling
+        self.normalize = normalize
+        self.takes_token_type_ids = takes_token_type_ids
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.takes_token_type_ids and token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        hidden = self.model(**kwargs).last_hidden_state
+        pooled = pool(hidden, attention_mask, self.pooling)
+        if self.normalize:
+            pooled = nn.functional.normalize(pooled, p=2.0, dim=-1)
+        return pooled, hidden
+
+
+def _takes_token_type_ids(model: nn.Module, tokenizer) -> bool:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "token_type_ids" in params and "token_type_ids" in getattr(tokenizer, "model_input_names", ())
+
+
+def _export_copy(encoder: Encoder) -> nn.Module:
+    """A float32 CPU copy of the HF model in eval mode with eager attention; the caller's model is untouched."""
+    model = copy.deepcopy(encoder.model).float().cpu()
+    with contextlib.suppress(Exception):  # models without a switchable attention keep theirs
+        model.set_attn_implementation("eager")
+    return model.eval()
+
+
+# -------------------------------------------------------------------------------------------- result
+@dataclass
+class ExportResult:
+    out_dir: Path
+    files: dict[str, str]  # precision ("fp32", "fp16", "int8") -> file name in out_dir
+    manifest: dict = field(repr=False)
+
+    @property
+    def parity(self) -> dict:
+        return self.manifest["parity"]
+
+
+# ------------------------------------------------------------------------------------------ checking
+def _check_opset(opset: int) -> int:
+    if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise MirrorfastError(f"unsupported ONNX opset {opset}: supported opsets are {MIN_OPSET} to {MAX_OPSET}")
+    return opset
+
+
+def is_export_output(path: Path) -> bool:
+    """A directory written by a previous export (the only kind `export` replaces without --overwrite)."""
+    return (Path(path) / EXPORT_JSON).is_file()
+
+
+def _resolve_max_length(encoder: Encoder, requested: int | None) -> int:
+    """--max-length, checked against the model's positions; by default the model's, capped at them."""
+    config = encoder.model.config
+    positions = getattr(config, "max_position_embeddings", None)
+    limit = None
+    if positions:
+        # RoBERTa-style models number positions from padding_idx + 1
+        offset = (getattr(config, "pad_token_id", 0) or 0) + 1 if "roberta" in config.model_type else 0
+        limit = int(positions) - offset
+    if requested is not None:
+        if requested < 2:
+            raise MirrorfastError(f"--max-length must be at least 2, got {requested}")
+        if limit is not None and requested > limit:
+            raise MirrorfastError(f"--max-length {requested} exceeds the model's {limit} positions")
+        return int(requested)
+    return min(int(encoder.max_length), limit) if limit is not None else int(encoder.max_length)
+
+
+# ----------------------------------------------------------------------------------- export (fp32)
+def _example_inputs(tokenizer, takes_tt: bool) -> dict[str, torch.Tensor]:
+    """A right-padded batch of 2 of different, non-trivial lengths: padding path traced, no dim frozen."""
+    batch = tokenizer(
+        ["The exported graph must handle any batch size and any sequence length, padded on the right.",
+         "A shorter second sentence."],
+        padding=True, return_tensors="pt",
+    )
+    feeds = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if takes_tt:
+        feeds["token_type_ids"] = batch.get("token_type_ids", torch.zeros_like(batch["input_ids"]))
+    return {k: v.to(torch.int64) for k, v in feeds.items()}
+
+
+def _torch_export(graph: SentenceEmbeddingGraph, example: dict, path: Path, opset: int) -> None:
+    input_names = list(example)
+    dynamic_axes = {name: {0: "batch", 1: "sequence"} for name in input_names}
+    dynamic_axes[OUTPUT_NAMES[0]] = {0: "batch"}
+    dynamic_axes[OUTPUT_NAMES[1]] = {0: "batch", 1: "sequence"}
+    graph.eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # TorchScript exporter deprecation + tracer warnings on constant checks
+        try:
+            torch.onnx.export(
+                graph,
+                tuple(example[name] for name in input_names),
+                str(path),
+                dynamo=False,
+                input_names=input_names,
+                output_names=list(OUTPUT_NAMES),
+                dynamic_axes=dynamic_axes,
+                opset_version=opset,
+                do_constant_folding=True,
+                training=torch.onnx.TrainingMode.EVAL,
+            )
+        except Exception as exc:  # the exporter raises many types; the user needs one line
+            raise MirrorfastError(f"ONNX export failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+    graph.eval()  # the exporter restores the training flag it found; make sure it is eval
+    _fix_output_shapes(path, int(graph.model.config.hidden_size))
+
+
+def _fix_output_shapes(path: Path, hidden: int) -> None:
+    """Name the dynamic output dims and pin the hidden dim (the tracer can leave generated names there)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    wanted = {OUTPUT_NAMES[0]: ["batch", hidden], OUTPUT_NAMES[1]: ["batch", "sequence", hidden]}
+    for output in model.graph.output:
+        dims = output.type.tensor_type.shape.dim
+        for dim, value in zip(dims, wanted[output.name]):
+            if isinstance(value, str):
+                dim.dim_param = value
+            else:
+                dim.dim_value = value
+    onnx.save(model, str(path))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# ------------------------------------------------------------------------------------ fp16 and int8
+@contextlib.contextmanager
+def _quiet_logging():
+    """onnxruntime's tools log advice through the root logger; keep the command's output to its summary."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def _write_fp16(fp32_path: Path, out_path: Path, num_heads: int, hidden_size: int) -> dict:
+    """Transformer-fused (Attention, SkipLayerNorm, BiasGelu, EmbedLayerNorm), fp16 inside, fp32 I/O."""
+    try:
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        with _quiet_logging():
+            optimized = optimize_model(
+                str(fp32_path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
+                opt_level=0, use_gpu=True,  # python fusions only: the graph stays loadable by every EP
+            )
+            fused = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
+            optimized.convert_float_to_float16(keep_io_types=True)
+            optimized.save_model_to_file(str(out_path))
+    except Exception as exc:
+        raise MirrorfastError(f"fp16 optimization failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+    return {"optimizer": "onnxruntime.transformers.optimizer (model_type=bert, use_gpu=True, opt_level=0)",
+            "fused_operators": fused, "keep_io_types": True}
+
+
+def _fed_by_activation(tensor: str, producers: dict, depth: int) -> bool:
+    """Whether `tensor` comes from an activation op within `depth` producers, not crossing a MatMul."""
+    node = producers.get(tensor)
+    if node is None or depth == 0 or node.op_type in ("MatMul", "Gemm"):
+        return False
+    if node.op_type in _ACTIVATION_OPS:
+        return True
+    return any(_fed_by_activation(name, producers, depth - 1) for name in node.input)
+
+
+def _post_activation_matmuls(model) -> list[str]:
+    """MatMul nodes with a weight whose activation input comes (within a few ops) from a GELU/tanh."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    initializers = {init.name for init in model.graph.initializer}
+    return [
+        node.name for node in model.graph.node
+        if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in initializers
+        and _fed_by_activation(node.input[0], producers, depth=5)
+    ]
+
+
+def _write_int8(fp32_path: Path, out_path: Path) -> dict:
+    """Dynamic int8 (QInt8 weights, per channel) of the plain fp32 graph; FFN down-projections stay fp32.
+
+    Quantizing the plain graph (onnxruntime fuses it at session load) measured as fast as quantizing a
+    CPU-fused graph, and simpler. Per-channel weights and fp32 FFN down-projections keep every row's
+    cosine >= 0.99 on MiniLM (per-tensor, all MatMuls: ~0.97 on some STS-B sentences).
+    """
+    import onnx
+
+    excluded = _post_activation_matmuls(onnx.load(str(fp32_path), load_external_data=False))
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        with _quiet_logging():
+            quantize_dynamic(
+                str(fp32_path), str(out_path), weight_type=QuantType.QInt8, per_channel=True,
+                nodes_to_exclude=excluded, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+            )
+    except Exception as exc:
+        raise MirrorfastError(f"int8 quantization failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+    return {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8", "per_channel": True,
+            "kept_fp32": excluded}
+
+
+# ------------------------------------------------------------------------------------------- parity
+_PARITY_TEXTS = [
+    "A man is playing a guitar.",
+    "Ünïcödé – naïve café, Straße, 日本語のテキスト, Привет мир, مرحبا بالعالم 🙂",
+    "",
+    "x",
+    "Two dogs run through a snowy field while their owner watches from the porch.",
+    "What time is it?",
+    "The stock market fell sharply on Monday after the central bank raised interest rates again.",
+    "¿Dónde está la biblioteca? Ça va très bien, merci.",
+    "A woman slices an onion.",
+]
+_LONG_TEXT = (
+    "The quick brown fox jumps over the lazy dog near the riverbank, where children play and "
+    "Ünïcödé signs say 欢迎 and добро пожаловать. "
+)
+
+
+@dataclass
+class ParityCase:
+    name: str
+    feeds: dict[str, np.ndarray]
+
+
+def _pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def parity_cases(tokenizer, max_length: int, input_names: list[str]) -> list[ParityCase]:
+    """Batch 1 and several, right-padded, lengths from 1 to max_length, non-ASCII text."""
+    long_text = _LONG_TEXT * (max_length // 8 + 2)
+    texts = _PARITY_TEXTS + [long_text]
+    encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    pad_id = tokenizer.pad_token_id
+    body = tokenizer(long_text, add_special_tokens=False)["input_ids"]
+    first, last = encoded[0][0], encoded[0][-1]  # [CLS] / [SEP] (or <s> / </s>)
+
+    def rows_of(lengths) -> list[list[int]]:
+        wanted = sorted(n for n in set(lengths) if 1 <= n <= max_length)
+        return [[first] if n == 1 else [first, *body[: n - 2], last] for n in wanted]
+
+    short = rows_of([1, 2, 3, 5, 8, 13, 21, 34, 64])
+    long = rows_of([max_length // 2, max_length - 1, max_length])
+
+    def case(name: str, rows: list[list[int]]) -> ParityCase:
+        ids, mask = _pad(rows, pad_id)
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in input_names:
+            feeds["token_type_ids"] = np.zeros_like(ids)
+        return ParityCase(name, feeds)
+
+    cases = [case(f"single-{i}", [encoded[i]]) for i in (0, 1, 2, len(texts) - 1)]
+    cases.append(case(f"batch-{len(encoded) - 1}-texts", encoded[:-1]))
+    cases.append(case(f"batch-lengths-{len(short[0])}-to-{len(short[-1])}", short))
+    cases.append(case(f"batch-lengths-{len(long[0])}-to-{len(long[-1])}", long))
+    cases.append(case("batch-3-equal-length", [encoded[0]] * 3))
+    return cases
+
+
+def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.astype(np.float64)
+    b = b.astype(np.float64)
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+
+
+def _reference(graph: SentenceEmbeddingGraph, cases: list[ParityCase]) -> list[np.ndarray]:
+    out = []
+    with torch.inference_mode():
+        for c in cases:
+            pooled, _ = graph(**{k: torch.from_numpy(v) for k, v in c.feeds.items()})
+            out.append(pooled.float().numpy())
+    return out
+
+
+def _parity_session(path: Path, prefer_cuda: bool):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    providers = ["CPUExecutionProvider"]
+    if prefer_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:
+        raise MirrorfastError(f"{path.name} does not load in onnxruntime: {_first_line(exc)}") from exc
+    return session, session.get_providers()[0]
+
+
+def check_parity(path: Path, reference: list[np.ndarray], cases: list[ParityCase], threshold: float,
+                 prefer_cuda: bool = False) -> dict:
+    """Run one file on every case; -> {"min_cosine", "max_abs_diff", ...}; raises when a row is below."""
+    session, provider = _parity_session(path, prefer_cuda)
+    names = {i.name for i in session.get_inputs()}
+    worst = (2.0, "", -1)
+    max_abs = 0.0
+    rows = 0
+    for c, ref in zip(cases, reference):
+        got = session.run([OUTPUT_NAMES[0]], {k: v for k, v in c.feeds.items() if k in names})[0]
+        if got.shape != ref.shape:
+            raise MirrorfastError(
+                f"parity check failed for {path.name}: output shape {got.shape}, expected {ref.shape}"
+            )
+        cos = _cosine_rows(got, ref)
+        if not np.all(np.isfinite(got)):
+            cos = np.where(np.isfinite(got).all(1), cos, -1.0)
+        i = int(np.argmin(cos))
+        if cos[i] < worst[0]:
+            worst = (float(cos[i]), c.name, i)
+        max_abs = max(max_abs, float(np.nanmax(np.abs(got.astype(np.float64) - ref))))
+        rows += len(ref)
+    if worst[0] < threshold:
+        raise MirrorfastError(
+            f"parity check failed for {path.name}: min cosine {worst[0]:.6f} < {threshold} "
+            f"(case {worst[1]}, row {worst[2]}; {threshold - worst[0]:.2e} short)"
+        )
+    return {
+        "provider": provider,
+        "min_cosine": round(worst[0], 7),
+        "max_abs_diff": float(f"{max_abs:.3e}"),
+        "threshold": threshold,
+        "rows": rows,
+        "cases": [f"{c.name} {tuple(c.feeds['input_ids'].shape)}" for c in cases],
+    }
+
+
+# --------------------------------------------------------------------------------------------- main
+def export_model(
+    model: str | os.PathLike | Encoder,
+    out_dir: str | os.PathLike,
+    *,
+    fp16: bool = False,
+    int8: bool = False,
+    opset: int | None = None,
+    normalize: bool = True,
+    max_length: int | None = None,
+    overwrite: bool = False,
+    parity_thresholds: dict[str, float] | None = None,
+) -> ExportResult:
+    """Export a model directory (or a loaded Encoder, left exactly as it was) to an export directory.
+
+    Writes model.onnx (+ model_fp16.onnx / model_int8.onnx), the tokenizer and export.json into a
+    temporary sibling of out_dir, checks every file against PyTorch, then renames it into place.
+    Raises MirrorfastError on any failure, leaving out_dir as it was.
+    """
+    opset = _check_opset(DEFAULT_OPSET if opset is None else opset)
+    out_dir = Path(out_dir)
+    check_destination(out_dir, is_export_output, overwrite, "export (no export.json in it)")
+    thresholds = {**PARITY_THRESHOLDS, **(parity_thresholds or {})}
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as exc:
+        raise MirrorfastError(
+            f"export needs onnx and onnxruntime ({exc.name} is missing): pip install 'mirrorfast[cpu]'"
+        ) from None
+
+    if isinstance(model, Encoder):
+        encoder, source = model, model.source
+    else:
+        path = Path(model)
+        if not path.is_dir():
+            raise MirrorfastError(f"model directory {path} not found")
+        encoder, source = load_encoder(path), str(path.resolve())
+    max_length = _resolve_max_length(encoder, max_length)
+    hf_model = _export_copy(encoder)
+    takes_tt = _takes_token_type_ids(hf_model, encoder.tokenizer)
+    graph = SentenceEmbeddingGraph(hf_model, encoder.pooling, normalize, takes_tt).eval()
+    example = _example_inputs(encoder.tokenizer, takes_tt)
+    input_names = list(example)
+    config = hf_model.config
+
+    with atomic_directory(out_dir) as tmp:
+        files = {"fp32": FP32_FILE}
+        _torch_export(graph, example, tmp / FP32_FILE, opset)
+        details: dict[str, dict] = {}
+        if fp16:
+            heads = int(getattr(config, "num_attention_heads", 0) or 0)  # 0: the optimizer detects it
+            details["fp16"] = _write_fp16(tmp / FP32_FILE, tmp / FP16_FILE, heads, int(config.hidden_size))
+            files["fp16"] = FP16_FILE
+        if int8:
+            details["int8"] = _write_int8(tmp / FP32_FILE, tmp / INT8_FILE)
+            files["int8"] = INT8_FILE
+
+        cases = parity_cases(encoder.tokenizer, max_length, input_names)
+        reference = _reference(graph, cases)
+        parity = {
+            name: check_parity(tmp / name, reference, cases, thresholds[precision], prefer_cuda=precision == "fp16")
+            for precision, name in files.items()
+        }
+        if fp16 and parity[FP16_FILE]["provider"] != "CUDAExecutionProvider":
+            details["fp16"]["parity_note"] = (
+                "checked on the CPU execution provider (no CUDA EP here); the CUDA kernels of the fused "
+                "ops differ, so re-check on the GPU (OnnxEncoder(dir, provider='cuda'))"
+            )
+
+        tokenizer = copy.deepcopy(encoder.tokenizer)
+        tokenizer.model_max_length = max_length
+        tokenizer.save_pretrained(tmp)
+        manifest = {
+            "format": EXPORT_FORMAT,
+            "format_version": EXPORT_FORMAT_VERSION,
+            "source_model": source,
+            "model_type": config.model_type,
+            "pooling": encoder.pooling,
+            "normalized": bool(normalize),
+            "max_length": max_length,
+            "opset": opset,
+            "dim": int(config.hidden_size),
+            "inputs": input_names,
+            "input_dtype": "int64",
+            "outputs": list(OUTPUT_NAMES),
+            "dynamic_axes": {"batch": "dim 0 of every input and output",
+                             "sequence": "dim 1 of every input and of token_embeddings"},
+            "models": files,
+            "files": sorted(p.name for p in tmp.iterdir()) + [EXPORT_JSON],
+            "parity": parity,
+            "parity_reference": "PyTorch model in eval mode (float32, CPU)",
+            **details,
+            "exporter": f"torch.onnx.export TorchScript (dynamo=False), torch {torch.__version__}",
+            "onnx_version": onnx.__version__,
+            "onnxruntime_version": onnxruntime.__version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        manifest["files"] = sorted(set(manifest["files"]))
+        (tmp / EXPORT_JSON).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return ExportResult(out_dir, files, manifest)

@@ -1,0 +1,294 @@
+"""`OnnxEncoder`: embed texts with an export directory through onnxruntime.
+
+Picks the best file for the device: with onnxruntime-gpu and a GPU, the CUDA execution provider with
+I/O binding (inputs copied once, only sentence_embedding copied back) and model_fp16.onnx when the
+export has it; otherwise the CPU execution provider with model.onnx, or model_int8.onnx when asked for.
+Texts are tokenized once, sorted by length, batched, and each batch padded (right) to its longest.
+
+This module imports neither torch nor (until an encoder is built) onnxruntime.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mirrorfast.errors import MirrorfastError
+
+EXPORT_JSON = "export.json"
+EXPORT_FORMAT = "mirrorfast-onnx"
+PROVIDERS = ("auto", "cpu", "cuda")
+_CUDA_EP = "CUDAExecutionProvider"
+_CPU_EP = "CPUExecutionProvider"
+_OUTPUT = "sentence_embedding"
+
+
+def _import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise MirrorfastError(
+            "onnxruntime is not installed: pip install 'mirrorfast[cpu]' (or 'mirrorfast[gpu]' for CUDA)"
+        ) from None
+    return onnxruntime
+
+
+def read_export_manifest(path: str | os.PathLike) -> dict:
+    """export.json of an export directory; MirrorfastError when `path` is not one."""
+    path = Path(path)
+    manifest_path = path / EXPORT_JSON
+    if not path.exists():
+        raise MirrorfastError(f"export directory {path} not found")
+    if not path.is_dir():
+        raise MirrorfastError(f"{path} is not an export directory (pass the directory `mirrorfast export` wrote)")
+    if not manifest_path.is_file():
+        raise MirrorfastError(f"{path} is not an export directory (no {EXPORT_JSON}; run `mirrorfast export` first)")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise MirrorfastError(f"{manifest_path} is unreadable: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
+        raise MirrorfastError(f"{manifest_path} is not a mirrorfast export manifest")
+    models = manifest.get("models")
+    if not isinstance(models, dict) or "fp32" not in models or not all(
+        isinstance(manifest.get(key), int) for key in ("dim", "max_length")
+    ):
+        raise MirrorfastError(f"{manifest_path} is incomplete (needs models.fp32, dim and max_length)")
+    return manifest
+
+
+def is_export_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` is a directory written by `mirrorfast export` (has a mirrorfast export.json)."""
+    try:
+        read_export_manifest(path)
+    except MirrorfastError:
+        return False
+    return True
+
+
+def _as_texts(texts) -> list[str]:
+    if isinstance(texts, (str, bytes)):
+        raise MirrorfastError("encode takes a list of texts, not a single string")
+    texts = list(texts)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise MirrorfastError(f"text {i} is a {type(text).__name__}, not a string")
+    return texts
+
+
+class OnnxEncoder:
+    """Sentence embeddings from an export directory.
+
+    provider: "auto" (CUDA when onnxruntime-gpu and a GPU are there, else CPU), "cpu" or "cuda".
+    int8: use model_int8.onnx (CPU only; the export must have been made with --int8).
+    """
+
+    def __init__(self, path: str | os.PathLike, provider: str = "auto", int8: bool = False):
+        if provider not in PROVIDERS:
+            raise MirrorfastError(f"provider must be one of {PROVIDERS}, got {provider!r}")
+        if int8 and provider == "cuda":
+            raise MirrorfastError("the int8 model runs on the CPU only: use provider 'cpu' (or 'auto') with int8")
+        export_dir = Path(path)
+        manifest = read_export_manifest(export_dir)
+        ort = _import_onnxruntime()
+        models = manifest["models"]
+        available = ort.get_available_providers()
+        has_cuda_ep = _CUDA_EP in available
+        if provider == "cuda" and not has_cuda_ep:
+            raise MirrorfastError(
+                f"provider 'cuda' needs onnxruntime-gpu with {_CUDA_EP}; this onnxruntime has {', '.join(available)}"
+            )
+        if int8 and "int8" not in models:
+            raise MirrorfastError(f"{export_dir} has no int8 model: export it with --int8")
+
+        self.manifest = manifest
+        self.export_dir = export_dir
+        self.name = export_dir.resolve().name
+        self.dim = int(manifest["dim"])
+        self.max_length = int(manifest["max_length"])
+        self.normalized = bool(manifest.get("normalized", True))
+        self.pooling = manifest.get("pooling")
+        self._ort = ort
+        self.session = None
+        if provider == "cuda" or (provider == "auto" and has_cuda_ep and not int8):
+            file = models.get("fp16") or models["fp32"]
+            try:
+                self.session = self._session(export_dir / file, [_CUDA_EP, _CPU_EP])
+            except MirrorfastError:
+                if provider == "cuda":
+                    raise
+            if self.session is not None and self.session.get_providers()[0] != _CUDA_EP:
+                self.session = None  # the CUDA EP is there but found no usable GPU: onnxruntime fell back
+            if self.session is None and provider == "cuda":
+                raise MirrorfastError(f"{_CUDA_EP} could not start (no usable GPU or CUDA libraries?)")
+        if self.session is None:
+            file = models["int8"] if int8 else models["fp32"]
+            self.session = self._session(export_dir / file, [_CPU_EP])
+        self.provider = "cuda" if self.session.get_providers()[0] == _CUDA_EP else "cpu"
+        self.model_path = export_dir / file
+        self._input_names = [i.name for i in self.session.get_inputs()]
+        self.tokenizer = self._load_tokenizer(export_dir)
+        self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    # ------------------------------------------------------------------------------------- loading
+    def _session(self, path: Path, providers: list[str]):
+        if not path.is_file():
+            raise MirrorfastError(f"{path} is missing from the export directory")
+        ort = self._ort
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # errors only (a CUDA EP without a GPU would warn on every load)
+        try:
+            return ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise MirrorfastError(f"cannot load {path}: {first}") from None
+
+    @staticmethod
+    def _load_tokenizer(export_dir: Path):
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(export_dir))
+        except (OSError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise MirrorfastError(f"cannot load the tokenizer of {export_dir}: {first}") from None
+        return tokenizer
+
+    def __repr__(self) -> str:
+        return f"OnnxEncoder({self.name!r}, file={self.model_path.name}, provider={self.provider}, dim={self.dim})"
+
+    # ------------------------------------------------------------------------------------ encoding
+    def _token_ids(self, texts: list[str], truncate: bool) -> list[list[int]]:
+        kwargs = {"truncation": True, "max_length": self.max_length} if truncate else {"truncation": False}
+        return self.tokenizer(
+            texts, add_special_tokens=True, return_attention_mask=False, return_token_type_ids=False,
+            verbose=False, **kwargs,
+        )["input_ids"]
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens per text, special tokens included, before truncation to max_length."""
+        texts = _as_texts(texts)
+        return [len(ids) for ids in self._token_ids(texts, truncate=False)] if texts else []
+
+    def _feeds(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), self._pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = r
+            mask[i, : len(r)] = 1
+        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        return {name: feeds[name] for name in self._input_names}
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        if self.provider == "cuda":
+            binding = self.session.io_binding()
+            for name, array in feeds.items():
+                binding.bind_cpu_input(name, array)
+            binding.bind_output(_OUTPUT, "cuda")
+            self.session.run_with_iobinding(binding)
+            return binding.copy_outputs_to_cpu()[0]
+        return self.session.run([_OUTPUT], feeds)[0]
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """float32 (len(texts), dim) in input order; normalized when the export was (see .normalized)."""
+        texts = _as_texts(texts)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise MirrorfastError(f"batch size must be a positive integer, got {batch_size!r}")
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        ids = self._token_ids(texts, truncate=True)
+        order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            out[idx] = self._run(self._feeds([ids[i] for i in idx]))
+        return out
+
+
+# ----------------------------------------------------------------------------------- encode a file
+@dataclass
+class EncodeSummary:
+    texts: int
+    blank_lines: int
+    output: Path
+    shape: tuple[int, int]
+    model_file: str
+    provider: str
+    seconds: float
+
+
+def read_lines(path: str | os.PathLike) -> tuple[list[str], int]:
+    """One text per line (UTF-8, optional BOM, \\n or \\r\\n); -> (non-blank lines, blank lines skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MirrorfastError(f"input file {path} not found")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise MirrorfastError(f"{path}: line {line} is not valid UTF-8") from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the final newline ends the last line; it does not start a blank one
+    lines = [line[:-1] if line.endswith("\r") else line for line in lines]
+    kept = [line for line in lines if line.strip()]
+    return kept, len(lines) - len(kept)
+
+
+def save_npy_atomic(array: np.ndarray, output: str | os.PathLike) -> Path:
+    """np.save to a temporary sibling, then rename: `output` is never left half-written."""
+    output = Path(output)
+    if output.suffix != ".npy":
+        raise MirrorfastError(f"output file {output} must end in .npy")
+    if not output.parent.is_dir():
+        raise MirrorfastError(f"output directory {output.parent} does not exist")
+    if output.is_dir():
+        raise MirrorfastError(f"output {output} is a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    except OSError as exc:
+        raise MirrorfastError(f"cannot write to {output.parent}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, array)
+        os.replace(tmp, output)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise MirrorfastError(f"cannot write {output}: {exc.strerror or exc}") from None
+        raise
+    return output
+
+
+def encode_file(
+    export_dir: str | os.PathLike,
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    batch_size: int = 64,
+    provider: str = "auto",
+    int8: bool = False,
+) -> EncodeSummary:
+    """Embed every non-blank line of a UTF-8 text file; write a float32 (n, dim) .npy atomically."""
+    texts, blank = read_lines(input_path)
+    if not texts:
+        raise MirrorfastError(f"{input_path} has no non-blank lines to encode")
+    output = Path(output_path)
+    if output.suffix != ".npy":
+        raise MirrorfastError(f"output file {output} must end in .npy")
+    if not output.parent.is_dir():
+        raise MirrorfastError(f"output directory {output.parent} does not exist")
+    encoder = OnnxEncoder(export_dir, provider=provider, int8=int8)
+    start = time.perf_counter()
+    vectors = encoder.encode(texts, batch_size=batch_size)
+    seconds = time.perf_counter() - start
+    save_npy_atomic(vectors, output)
+    return EncodeSummary(len(texts), blank, output, vectors.shape, encoder.model_path.name, encoder.provider, seconds)

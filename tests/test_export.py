@@ -1,0 +1,344 @@
+"""`mirrorfast export` (export/onnx.py): real exports, real onnxruntime sessions (CPU EP), real tokenizers.
+
+Fast tests use the tiny random BERT; the packaged MiniLM is exported once per session (slow).
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mirrorfast.errors import MirrorfastError
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+from mirrorfast.export.onnx import MAX_OPSET, MIN_OPSET, export_model  # noqa: E402
+from mirrorfast.model import load_encoder, pool  # noqa: E402
+
+TEXTS = [
+    "A man is playing a guitar.",
+    "Ünïcödé – naïve café, 日本語のテキスト, Привет мир 🙂",
+    "",
+    "x",
+    "Two dogs run through a snowy field while their owner watches from the porch.",
+    "The stock market fell sharply on Monday after the central bank raised interest rates again. " * 8,
+]
+
+
+def _session(path: Path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _cos(a, b):
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def _torch_outputs(encoder, feeds: dict, normalize: bool = True):
+    """The PyTorch model in eval mode on the same int64 feeds: (sentence embedding, last hidden state)."""
+    encoder.eval()
+    with torch.inference_mode():
+        tensors = {k: torch.from_numpy(v) for k, v in feeds.items()}
+        hidden = encoder.model(**tensors).last_hidden_state
+        pooled = pool(hidden, tensors["attention_mask"], encoder.pooling)
+        if normalize:
+            pooled = torch.nn.functional.normalize(pooled, dim=-1)
+    return pooled.numpy(), hidden.numpy()
+
+
+def _random_feeds(batch: int, lengths: list[int], seed: int = 0) -> dict:
+    """Right-padded random token ids ([CLS] first, [SEP] last) with the given lengths."""
+    rng = np.random.default_rng(seed)
+    width = max(lengths)
+    ids = np.zeros((batch, width), dtype=np.int64)
+    mask = np.zeros((batch, width), dtype=np.int64)
+    for i in range(batch):
+        n = lengths[i % len(lengths)]
+        ids[i, :n] = rng.integers(1000, 29000, size=n)
+        ids[i, 0] = 101
+        if n > 1:
+            ids[i, n - 1] = 102
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny_bert_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "tiny"
+    export_model(tiny_bert_dir, out, fp16=True, int8=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tiny_bert_dir):
+    return load_encoder(tiny_bert_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_mean_dir(tiny_bert_dir, tmp_path_factory) -> Path:
+    """A copy of the tiny model with a mirrorfast.json asking for mean pooling."""
+    out = tmp_path_factory.mktemp("tiny-mean") / "model"
+    shutil.copytree(tiny_bert_dir, out)
+    (out / "mirrorfast.json").write_text(json.dumps({"pooling": "mean", "max_length": 64}), encoding="utf-8")
+    return out
+
+
+# ------------------------------------------------------------------------------------ directory/graph
+def test_export_directory_contents(tiny_export):
+    manifest = json.loads((tiny_export / "export.json").read_text(encoding="utf-8"))
+    files = {p.name for p in tiny_export.iterdir()}
+    assert {"model.onnx", "model_fp16.onnx", "model_int8.onnx", "export.json", "tokenizer.json"} <= files
+    assert set(manifest["files"]) == files
+    assert manifest["models"] == {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}
+    assert manifest["pooling"] == "cls" and manifest["normalized"] is True
+    assert manifest["dim"] == 32 and manifest["max_length"] == 128  # capped at the model's 128 positions
+    assert manifest["opset"] == 17
+    assert manifest["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert manifest["outputs"] == ["sentence_embedding", "token_embeddings"]
+    thresholds = {"model.onnx": 0.9999, "model_fp16.onnx": 0.999, "model_int8.onnx": 0.99}
+    for name, threshold in thresholds.items():
+        parity = manifest["parity"][name]
+        assert parity["threshold"] == threshold
+        assert parity["min_cosine"] >= threshold
+        assert parity["max_abs_diff"] >= 0 and parity["rows"] >= 20 and len(parity["cases"]) >= 5
+    # the fp16 graph is the transformer-fused one; the int8 one keeps the FFN down-projections in fp32
+    assert manifest["fp16"]["fused_operators"].get("Attention", 0) == 2
+    assert manifest["fp16"]["fused_operators"].get("SkipLayerNormalization", 0) >= 2
+    assert len(manifest["int8"]["kept_fp32"]) == 2
+
+
+def test_graph_inputs_outputs_and_named_dynamic_axes(tiny_export):
+    model = onnx.load(str(tiny_export / "model.onnx"))
+    inputs = {i.name: i for i in model.graph.input}
+    assert list(inputs) == ["input_ids", "attention_mask", "token_type_ids"]
+    for tensor in inputs.values():
+        assert tensor.type.tensor_type.elem_type == onnx.TensorProto.INT64
+        assert [d.dim_param for d in tensor.type.tensor_type.shape.dim] == ["batch", "sequence"]
+    outputs = {o.name: o for o in model.graph.output}
+    assert list(outputs) == ["sentence_embedding", "token_embeddings"]
+    dims = lambda t: [d.dim_param or d.dim_value for d in t.type.tensor_type.shape.dim]  # noqa: E731
+    assert dims(outputs["sentence_embedding"]) == ["batch", 32]
+    assert dims(outputs["token_embeddings"]) == ["batch", "sequence", 32]
+    for name in ("model_fp16.onnx", "model_int8.onnx"):  # fp32 in and out for every file
+        session = _session(tiny_export / name)
+        assert [i.type for i in session.get_inputs()] == ["tensor(int64)"] * 3
+        assert [o.type for o in session.get_outputs()] == ["tensor(float)"] * 2
+
+
+@pytest.mark.parametrize("batch", [1, 7, 33])
+def test_dynamic_shapes_match_pytorch(tiny_export, tiny_encoder, batch):
+    """Exported with batch 2; runs with any batch and every length from 1 to the max, right-padded."""
+    session = _session(tiny_export / "model.onnx")
+    for lengths in ([1], [2], [17], [128], list(range(1, 129, 4)), [128, 1, 64]):
+        feeds = _random_feeds(batch, lengths, seed=batch)
+        sentence, tokens = session.run(None, feeds)
+        ref_sentence, ref_tokens = _torch_outputs(tiny_encoder, feeds)
+        assert sentence.shape == (batch, 32) and tokens.shape == (batch, feeds["input_ids"].shape[1], 32)
+        assert _cos(sentence, ref_sentence).min() >= 0.99999
+        np.testing.assert_allclose(sentence, ref_sentence, atol=1e-5)
+        valid = feeds["attention_mask"].astype(bool)
+        np.testing.assert_allclose(tokens[valid], ref_tokens[valid], atol=1e-4)
+
+
+def test_padding_does_not_change_embeddings(tiny_export, tiny_encoder):
+    """A text alone and the same text right-padded in a batch with a long one give the same vector."""
+    session = _session(tiny_export / "model.onnx")
+    tok = tiny_encoder.tokenizer
+    alone = []
+    for text in TEXTS[:5]:
+        feeds = {k: v.astype(np.int64) for k, v in tok([text], return_tensors="np").items()}
+        alone.append(session.run(["sentence_embedding"], feeds)[0][0])
+    batch = tok(TEXTS, padding=True, truncation=True, max_length=128, return_tensors="np")
+    together = session.run(["sentence_embedding"], {k: v.astype(np.int64) for k, v in batch.items()})[0]
+    np.testing.assert_allclose(np.stack(alone), together[:5], atol=1e-5)
+
+
+@pytest.mark.parametrize("name, threshold", [("model_fp16.onnx", 0.999), ("model_int8.onnx", 0.99)])
+def test_fp16_and_int8_files_match_pytorch(tiny_export, tiny_encoder, name, threshold):
+    session = _session(tiny_export / name)
+    feeds = _random_feeds(9, [1, 3, 16, 64, 128], seed=7)
+    sentence, tokens = session.run(None, feeds)
+    assert sentence.dtype == np.float32 and tokens.dtype == np.float32
+    ref, _ = _torch_outputs(tiny_encoder, feeds)
+    assert _cos(sentence, ref).min() >= threshold
+
+
+@pytest.mark.parametrize("opset", [MIN_OPSET, MAX_OPSET])
+def test_supported_opset_range_ends(tiny_bert_dir, tmp_path, opset):
+    result = export_model(tiny_bert_dir, tmp_path / "out", opset=opset)
+    assert onnx.load(str(tmp_path / "out" / "model.onnx")).opset_import[0].version == opset
+    assert result.parity["model.onnx"]["min_cosine"] >= 0.9999
+
+
+# ------------------------------------------------------------------------------------ pooling/normalize
+def test_mean_pooling_from_mirrorfast_json(tiny_mean_dir, tmp_path):
+    encoder = load_encoder(tiny_mean_dir).eval()
+    assert encoder.pooling == "mean"
+    result = export_model(tiny_mean_dir, tmp_path / "out")
+    assert result.manifest["pooling"] == "mean" and result.manifest["max_length"] == 64
+    feeds = _random_feeds(5, [1, 4, 30, 64], seed=3)
+    sentence, _ = _session(tmp_path / "out" / "model.onnx").run(None, feeds)
+    mean_ref, _ = _torch_outputs(encoder, feeds)
+    np.testing.assert_allclose(sentence, mean_ref, atol=1e-5)
+    encoder.pooling = "cls"  # and it is really not the cls vector
+    cls_ref, _ = _torch_outputs(encoder, feeds)
+    assert _cos(sentence, cls_ref).min() < 0.99
+
+
+def test_no_normalize_keeps_raw_pooled_vectors(tiny_bert_dir, tiny_encoder, tmp_path):
+    result = export_model(tiny_bert_dir, tmp_path / "out", normalize=False, max_length=40)
+    assert result.manifest["normalized"] is False and result.manifest["max_length"] == 40
+    feeds = _random_feeds(4, [1, 12, 40], seed=5)
+    sentence, _ = _session(tmp_path / "out" / "model.onnx").run(None, feeds)
+    raw, _ = _torch_outputs(tiny_encoder, feeds, normalize=False)
+    np.testing.assert_allclose(sentence, raw, rtol=1e-4, atol=1e-5)
+    assert np.abs(np.linalg.norm(sentence, axis=1) - 1.0).max() > 0.1
+
+
+# ------------------------------------------------------------------------------------ training mode
+def _modes(encoder) -> set[bool]:
+    return {m.training for m in encoder.modules()}
+
+
+def test_export_leaves_eval_mode_set(tiny_bert_dir, tmp_path):
+    encoder = load_encoder(tiny_bert_dir).eval()
+    export_model(encoder, tmp_path / "out")
+    assert _modes(encoder) == {False}
+
+
+def test_export_preserves_training_mode_and_exports_eval_behaviour(tiny_bert_dir, tmp_path):
+    encoder = load_encoder(tiny_bert_dir, dropout=0.5).train()
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    export_model(encoder, tmp_path / "out")
+    assert _modes(encoder) == {True}
+    assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
+    # the graph has no dropout: two runs agree, and agree with the eval-mode model
+    session = _session(tmp_path / "out" / "model.onnx")
+    feeds = _random_feeds(3, [5, 20], seed=1)
+    first, second = session.run(["sentence_embedding"], feeds)[0], session.run(["sentence_embedding"], feeds)[0]
+    np.testing.assert_array_equal(first, second)
+    ref, _ = _torch_outputs(encoder, feeds)  # (switches the encoder to eval for the reference)
+    np.testing.assert_allclose(first, ref, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- errors
+def test_not_a_model_directory(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("hello")
+    with pytest.raises(MirrorfastError, match="not a model directory"):
+        export_model(tmp_path / "notes", tmp_path / "out")
+    with pytest.raises(MirrorfastError, match="not found"):
+        export_model(tmp_path / "missing", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_out_dir(tiny_bert_dir, tmp_path):
+    """A parent that cannot be a directory (a regular file); chmod alone would not stop root."""
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    with pytest.raises(MirrorfastError, match="cannot create"):
+        export_model(tiny_bert_dir, blocker / "sub" / "out")
+    with pytest.raises(MirrorfastError, match="not a directory"):
+        export_model(tiny_bert_dir, blocker)
+
+
+@pytest.mark.parametrize("opset", [MIN_OPSET - 1, MAX_OPSET + 1, 9])
+def test_unsupported_opset(tiny_bert_dir, tmp_path, opset):
+    with pytest.raises(MirrorfastError, match=f"unsupported ONNX opset {opset}: supported opsets are 14 to 20"):
+        export_model(tiny_bert_dir, tmp_path / "out", opset=opset)
+    assert not (tmp_path / "out").exists()
+
+
+def test_max_length_beyond_positions(tiny_bert_dir, tmp_path):
+    with pytest.raises(MirrorfastError, match="exceeds the model's 128 positions"):
+        export_model(tiny_bert_dir, tmp_path / "out", max_length=129)
+
+
+def test_existing_directory_that_is_not_an_export(tiny_bert_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(MirrorfastError, match="not a previous export.*--overwrite"):
+        export_model(tiny_bert_dir, out)
+    assert (out / "precious.txt").read_text() == "keep me"
+    export_model(tiny_bert_dir, out, overwrite=True)
+    assert (out / "export.json").is_file() and not (out / "precious.txt").exists()
+
+
+def test_previous_export_is_replaced(tiny_bert_dir, tmp_path):
+    out = tmp_path / "out"
+    export_model(tiny_bert_dir, out, int8=True)
+    assert (out / "model_int8.onnx").is_file()
+    export_model(tiny_bert_dir, out)  # no --overwrite needed for a previous export
+    assert not (out / "model_int8.onnx").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary siblings left
+
+
+def test_failed_parity_leaves_nothing(tiny_bert_dir, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(MirrorfastError, match=r"parity check failed for model_int8\.onnx: min cosine 0\.\d+ < 1\.5"):
+        export_model(tiny_bert_dir, out, int8=True, parity_thresholds={"int8": 1.5})
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_parity_keeps_the_previous_export(tiny_bert_dir, tmp_path):
+    out = tmp_path / "out"
+    export_model(tiny_bert_dir, out)
+    before = (out / "export.json").read_text()
+    with pytest.raises(MirrorfastError, match="parity check failed for model.onnx"):
+        export_model(tiny_bert_dir, out, parity_thresholds={"fp32": 1.5})
+    assert (out / "export.json").read_text() == before
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_cli_export_end_to_end(tiny_bert_dir, tmp_path, capsys):
+    from mirrorfast.cli import main
+
+    out = tmp_path / "cli-out"
+    assert main(["export", str(tiny_bert_dir), str(out), "--int8", "--max-length", "32", "--opset", "17"]) == 0
+    printed = capsys.readouterr().out
+    assert "model.onnx, model_int8.onnx" in printed and "parity model_int8.onnx: min cosine" in printed
+    assert json.loads((out / "export.json").read_text())["max_length"] == 32
+
+    assert main(["export", str(tmp_path / "nope"), str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mirrorfast export: error:") and err.count("\n") == 1
+    assert main(["export", str(tiny_bert_dir), str(tmp_path / "o3"), "--opset", "99"]) == 2
+    assert "supported opsets are 14 to 20" in capsys.readouterr().err
+    (tmp_path / "o4").mkdir()
+    (tmp_path / "o4" / "x").write_text("x")
+    assert main(["export", str(tiny_bert_dir), str(tmp_path / "o4")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["export", str(tiny_bert_dir), str(tmp_path / "o4"), "--overwrite", "--no-normalize"]) == 0
+    assert json.loads((tmp_path / "o4" / "export.json").read_text())["normalized"] is False
+
+
+# -------------------------------------------------------------------------------------- MiniLM (slow)
+@pytest.fixture(scope="module")
+def minilm_export(minilm_dir, tmp_path_factory) -> Path:
+    """The packaged MiniLM exported once per session (fp32 + fp16 + int8); test_runtime.py reuses it."""
+    out = tmp_path_factory.getbasetemp() / "minilm-export"
+    if not (out / "export.json").is_file():
+        export_model(minilm_dir, out, fp16=True, int8=True)
+    return out
+
+
+@pytest.mark.slow
+def test_minilm_export_parity(minilm_export, minilm_dir):
+    manifest = json.loads((minilm_export / "export.json").read_text())
+    assert manifest["dim"] == 384 and manifest["pooling"] == "cls" and manifest["max_length"] == 512
+    assert manifest["fp16"]["fused_operators"]["Attention"] == 6
+    encoder = load_encoder(minilm_dir).eval()
+    feeds = {k: v.astype(np.int64) for k, v in
+             encoder.tokenizer(TEXTS, padding=True, truncation=True, max_length=512, return_tensors="np").items()}
+    ref, _ = _torch_outputs(encoder, feeds)
+    for name, threshold in [("model.onnx", 0.9999), ("model_fp16.onnx", 0.999), ("model_int8.onnx", 0.99)]:
+        assert manifest["parity"][name]["min_cosine"] >= threshold
+        sentence = _session(minilm_export / name).run(["sentence_embedding"], feeds)[0]
+        assert _cos(sentence, ref).min() >= threshold, name

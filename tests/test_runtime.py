@@ -1,0 +1,287 @@
+"""`OnnxEncoder` and `mirrorfast encode` (export/runtime.py): real sessions on the CPU EP, real tokenizers."""
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mirrorfast.errors import MirrorfastError
+
+ort = pytest.importorskip("onnxruntime")
+
+from mirrorfast.export import OnnxEncoder, export_model, is_export_dir  # noqa: E402
+from mirrorfast.model import load_encoder  # noqa: E402
+
+SENTENCES = [
+    "A man is playing a guitar.",
+    "Ünïcödé – naïve café, 日本語のテキスト, Привет мир 🙂",
+    "x",
+    "",
+    "Two dogs run through a snowy field while their owner watches from the porch.",
+    "What time is it?",
+    "The stock market fell sharply on Monday after the central bank raised interest rates again. " * 12,
+    "A woman slices an onion.",
+    "¿Dónde está la biblioteca?",
+    "The quick brown fox jumps over the lazy dog " * 3,
+]
+HAS_CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def _cos(a, b):
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny_bert_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runtime") / "tiny-export"
+    export_model(tiny_bert_dir, out, int8=True, max_length=48)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny_export):
+    return OnnxEncoder(tiny_export, provider="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_torch(tiny_bert_dir):
+    return load_encoder(tiny_bert_dir, max_length=48).eval()
+
+
+# ---------------------------------------------------------------------------------------- loading
+def test_public_attributes(tiny_onnx, tiny_export):
+    e = tiny_onnx
+    assert e.provider == "cpu" and e.model_path == tiny_export / "model.onnx" and isinstance(e.model_path, Path)
+    assert e.name == "tiny-export" and e.dim == 32 and e.max_length == 48 and e.normalized is True
+    assert isinstance(e.max_length, int) and isinstance(e.dim, int) and isinstance(e.name, str)
+    assert e.tokenizer("hello")["input_ids"][0] == e.tokenizer.cls_token_id
+    assert "model.onnx" in repr(e)
+
+
+def test_int8_file_chosen_on_request(tiny_export):
+    e = OnnxEncoder(tiny_export, provider="auto", int8=True)
+    assert e.provider == "cpu" and e.model_path.name == "model_int8.onnx"
+
+
+def test_is_export_dir(tiny_export, tiny_bert_dir, tmp_path):
+    assert is_export_dir(tiny_export)
+    assert not is_export_dir(tiny_bert_dir) and not is_export_dir(tmp_path / "missing")
+    (tmp_path / "export.json").write_text("{not json")
+    assert not is_export_dir(tmp_path)
+
+
+def test_loading_errors(tiny_export, tiny_bert_dir, tmp_path):
+    with pytest.raises(MirrorfastError, match="not an export directory"):
+        OnnxEncoder(tiny_bert_dir)
+    with pytest.raises(MirrorfastError, match="not found"):
+        OnnxEncoder(tmp_path / "missing")
+    with pytest.raises(MirrorfastError, match="provider must be one of"):
+        OnnxEncoder(tiny_export, provider="tpu")
+    with pytest.raises(MirrorfastError, match="CPU only"):
+        OnnxEncoder(tiny_export, provider="cuda", int8=True)
+
+
+@pytest.mark.skipif(HAS_CUDA_EP, reason="this onnxruntime has the CUDA EP")
+def test_cuda_provider_without_cuda_ep(tiny_export):
+    with pytest.raises(MirrorfastError, match="provider 'cuda' needs onnxruntime-gpu"):
+        OnnxEncoder(tiny_export, provider="cuda")
+
+
+def test_int8_asked_but_not_exported(tiny_bert_dir, tmp_path):
+    export_model(tiny_bert_dir, tmp_path / "fp32-only", max_length=16)
+    with pytest.raises(MirrorfastError, match="no int8 model: export it with --int8"):
+        OnnxEncoder(tmp_path / "fp32-only", int8=True)
+
+
+def test_import_is_light_and_missing_onnxruntime_is_a_clear_error(tiny_export):
+    code = (
+        "import sys\n"
+        "import mirrorfast.export\n"
+        "assert 'onnxruntime' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)\n"
+        "sys.modules['onnxruntime'] = None  # as if it were not installed\n"
+        "from mirrorfast.errors import MirrorfastError\n"
+        "try:\n"
+        f"    mirrorfast.export.OnnxEncoder({str(tiny_export)!r})\n"
+        "except MirrorfastError as exc:\n"
+        "    print(exc)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "onnxruntime is not installed: pip install 'mirrorfast[cpu]'" in run.stdout
+
+
+# --------------------------------------------------------------------------------------- encoding
+def test_encode_matches_pytorch(tiny_onnx, tiny_torch):
+    got = tiny_onnx.encode(SENTENCES)
+    ref = tiny_torch.encode(SENTENCES, normalize=True)
+    assert got.dtype == np.float32 and got.shape == (len(SENTENCES), 32)
+    assert _cos(got, ref).min() >= 0.9999
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_int8_encode_matches_pytorch(tiny_export, tiny_torch):
+    got = OnnxEncoder(tiny_export, int8=True).encode(SENTENCES, batch_size=4)
+    assert _cos(got, tiny_torch.encode(SENTENCES, normalize=True)).min() >= 0.99
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+def test_output_order_is_input_order(tiny_onnx, batch_size):
+    """Texts of shuffled lengths come back in input order, whatever the batching."""
+    rng = random.Random(batch_size)
+    texts = [" ".join(rng.choice(["cat", "dog", "über", "天気", "runs", "fast"]) for _ in range(rng.randint(0, 60)))
+             for _ in range(41)]
+    one_by_one = np.stack([tiny_onnx.encode([t])[0] for t in texts])
+    together = tiny_onnx.encode(texts, batch_size=batch_size)
+    np.testing.assert_allclose(together, one_by_one, atol=1e-5)
+    shuffled = list(range(len(texts)))
+    rng.shuffle(shuffled)
+    np.testing.assert_allclose(tiny_onnx.encode([texts[i] for i in shuffled], batch_size=batch_size),
+                               one_by_one[shuffled], atol=1e-5)
+
+
+def test_encode_edge_cases(tiny_onnx):
+    assert tiny_onnx.encode([]).shape == (0, 32) and tiny_onnx.encode([]).dtype == np.float32
+    long = tiny_onnx.encode(["word " * 500])  # truncated to max_length, no error
+    assert long.shape == (1, 32) and np.isfinite(long).all()
+    with pytest.raises(MirrorfastError, match="not a single string"):
+        tiny_onnx.encode("a single string")
+    with pytest.raises(MirrorfastError, match="text 1 is a int"):
+        tiny_onnx.encode(["ok", 3])
+    with pytest.raises(MirrorfastError, match="batch size"):
+        tiny_onnx.encode(["ok"], batch_size=0)
+
+
+def test_count_tokens_is_not_truncated(tiny_onnx):
+    texts = ["", "hello world", "word " * 200]
+    counts = tiny_onnx.count_tokens(texts)
+    assert counts == [len(tiny_onnx.tokenizer(t)["input_ids"]) for t in texts]
+    assert counts[0] == 2 and counts[2] == 202 > tiny_onnx.max_length
+    assert tiny_onnx.count_tokens([]) == []
+
+
+def test_works_with_evaluate_spearman(tiny_onnx, tiny_torch, tmp_path):
+    from mirrorfast.evaluate import read_sts, spearman
+
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(
+        "A man plays a guitar.,A man is playing a guitar.,4.8\n"
+        "A dog runs.,The stock market fell.,0.2\n"
+        "A woman slices an onion.,Someone cuts an onion.,4.1\n"
+        "Kids play football.,\"A cat sleeps, quietly.\",0.9\n",
+        encoding="utf-8",
+    )
+    pairset = read_sts(pairs)
+    assert spearman(tiny_onnx, pairset) == pytest.approx(spearman(tiny_torch, pairset), abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------ encode (CLI)
+def test_cli_encode_writes_the_same_vectors(tiny_export, tiny_onnx, tmp_path, capsys):
+    from mirrorfast.cli import main
+
+    lines = ["first line", "", "Ünïcödé 日本語", "   ", "third\r", "last without newline"]
+    (tmp_path / "in.txt").write_text("\n".join(lines), encoding="utf-8")
+    out = tmp_path / "vectors.npy"
+    assert main(["encode", str(tiny_export), "--input", str(tmp_path / "in.txt"), "--output", str(out),
+                 "--batch-size", "2", "--provider", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("\n") == 1 and "encoded 4 texts (2 blank lines skipped)" in printed
+    vectors = np.load(out)
+    assert vectors.dtype == np.float32
+    np.testing.assert_array_equal(vectors, tiny_onnx.encode(["first line", "Ünïcödé 日本語", "third",
+                                                               "last without newline"], batch_size=2))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
+
+    assert main(["encode", str(tiny_export), "--input", str(tmp_path / "in.txt"), "--output", str(out),
+                 "--int8"]) == 0
+    assert "model_int8.onnx on cpu" in capsys.readouterr().out
+
+
+def test_cli_encode_errors(tiny_export, tmp_path, capsys):
+    from mirrorfast.cli import main
+
+    good = tmp_path / "in.txt"
+    good.write_text("hello\n", encoding="utf-8")
+    (tmp_path / "latin1.txt").write_bytes("ok\ncaf\xe9\n".encode("latin-1"))
+    (tmp_path / "blank.txt").write_text("\n  \n", encoding="utf-8")
+    cases = [
+        (["--input", str(tmp_path / "missing.txt"), "--output", str(tmp_path / "o.npy")], "not found"),
+        (["--input", str(tmp_path / "latin1.txt"), "--output", str(tmp_path / "o.npy")], "line 2 is not valid UTF-8"),
+        (["--input", str(tmp_path / "blank.txt"), "--output", str(tmp_path / "o.npy")], "no non-blank lines"),
+        (["--input", str(good), "--output", str(tmp_path / "o.txt")], "must end in .npy"),
+        (["--input", str(good), "--output", str(tmp_path / "nodir" / "o.npy")], "does not exist"),
+        (["--input", str(good), "--output", str(tmp_path / "o.npy"), "--batch-size", "0"], "batch size"),
+    ]
+    for args, message in cases:
+        assert main(["encode", str(tiny_export), *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("mirrorfast encode: error:") and message in err and err.count("\n") == 1, err
+    assert main(["encode", str(tmp_path), "--input", str(good), "--output", str(tmp_path / "o.npy")]) == 2
+    assert "not an export directory" in capsys.readouterr().err
+    assert not (tmp_path / "o.npy").exists()
+
+
+# -------------------------------------------------------------------------------------- MiniLM (slow)
+@pytest.fixture(scope="module")
+def minilm_export(minilm_dir, tmp_path_factory) -> Path:
+    """The MiniLM export of test_export.py (same session directory), made here when run alone."""
+    out = tmp_path_factory.getbasetemp() / "minilm-export"
+    if not (out / "export.json").is_file():
+        export_model(minilm_dir, out, fp16=True, int8=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def minilm_torch(minilm_dir):
+    return load_encoder(minilm_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def stsb_dev(shared_data):
+    from mirrorfast.evaluate import read_sts
+
+    return read_sts(shared_data / "sts" / "stsb-en-dev.csv")
+
+
+@pytest.fixture(scope="module")
+def torch_spearman(minilm_torch, stsb_dev):
+    from mirrorfast.evaluate import spearman
+
+    return spearman(minilm_torch, stsb_dev)
+
+
+@pytest.mark.slow
+def test_minilm_all_files_match_pytorch(minilm_export, minilm_torch):
+    ref = minilm_torch.encode(SENTENCES, normalize=True)
+    onnx_fp32 = OnnxEncoder(minilm_export, provider="cpu")
+    assert onnx_fp32.model_path.name == "model.onnx"
+    assert _cos(onnx_fp32.encode(SENTENCES, batch_size=3), ref).min() >= 0.9999
+    assert _cos(OnnxEncoder(minilm_export, int8=True).encode(SENTENCES), ref).min() >= 0.99
+    # the fp16 file through a plain CPU session (OnnxEncoder only picks it for CUDA)
+    tok = minilm_torch.tokenizer(SENTENCES, padding=True, truncation=True, max_length=512, return_tensors="np")
+    session = ort.InferenceSession(str(minilm_export / "model_fp16.onnx"), providers=["CPUExecutionProvider"])
+    fp16 = session.run(["sentence_embedding"], {k: v.astype(np.int64) for k, v in tok.items()})[0]
+    assert _cos(fp16, ref).min() >= 0.999
+
+
+@pytest.mark.slow
+def test_minilm_stsb_dev_spearman_fp32(minilm_export, stsb_dev, torch_spearman):
+    from mirrorfast.evaluate import spearman
+
+    onnx_score = spearman(OnnxEncoder(minilm_export, provider="cpu"), stsb_dev)
+    assert abs(onnx_score - torch_spearman) <= 0.05, (onnx_score, torch_spearman)
+
+
+@pytest.mark.slow
+def test_minilm_stsb_dev_spearman_int8(minilm_export, stsb_dev, torch_spearman):
+    from mirrorfast.evaluate import spearman
+
+    int8_score = spearman(OnnxEncoder(minilm_export, int8=True), stsb_dev)
+    assert abs(int8_score - torch_spearman) <= 1.0, (int8_score, torch_spearman)
+    manifest = json.loads((minilm_export / "export.json").read_text())
+    assert manifest["parity"]["model_int8.onnx"]["min_cosine"] >= 0.99
