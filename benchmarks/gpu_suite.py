@@ -901,6 +901,9 @@ def main(argv=None) -> int:
             row["row_seconds"] = round(time.perf_counter() - t_row, 2)
             print(f"[{i}/{len(names)}] {name}: {row['status']} in {row['row_seconds']:.1f} s", file=sys.stderr, flush=True)
             rows.append(row)
+            # One JSON line per row as it finishes: a run cut short still leaves its measured rows.
+            print("row-json: " + json.dumps({k: v for k, v in row.items() if k != "label"}, default=str),
+                  file=sys.stderr, flush=True)
             if device.type != "cuda" or _cuda_healthy():
                 _reset_memory(device)
         add_speedups(rows)

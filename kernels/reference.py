@@ -9,6 +9,14 @@ import torch.nn.functional as F
 
 
 def info_nce_reference(a: torch.Tensor, b: torch.Tensor, temperature: float, reduction: str) -> torch.Tensor:
+    # Autocast would run z @ z.T (and so the whole loss) in fp16/bf16; the loss is defined in fp32.
+    if a.device.type in ("cuda", "cpu"):
+        with torch.autocast(device_type=a.device.type, enabled=False):
+            return _info_nce(a, b, temperature, reduction)
+    return _info_nce(a, b, temperature, reduction)
+
+
+def _info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float, reduction: str) -> torch.Tensor:
     # a, b: (N, D) -> z: (2N, D), computed in fp32 at least (fp64 stays fp64).
     compute_dtype = torch.promote_types(a.dtype, torch.float32)
     z = F.normalize(torch.cat([a, b]).to(compute_dtype), dim=1)

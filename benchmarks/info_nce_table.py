@@ -1,0 +1,444 @@
+#!/usr/bin/env python
+"""InfoNCE (NT-Xent) forward+backward on a GPU: fused Triton kernel vs PyTorch eager vs torch.compile.
+
+    python benchmarks/info_nce_table.py              # checks + table, a few sizes (< 3 min on an H100/H200)
+    python benchmarks/info_nce_table.py --quick      # checks + table at N=200 and N=16384 (D=768) only
+    python benchmarks/info_nce_table.py --sweep 16384,768   # time candidate block configs (tuning)
+
+First it checks the compiled kernel (not the interpreter) against a float64 reference: a few shapes in
+fp16 / bf16 / fp32 and every reduction, bit-identical reruns, strided inputs, CUDA-graph replay, an
+all-zero row. One PASS/FAIL line each. Then one table: rows (N, D, impl), columns fwd+bwd median
+microseconds (triton.testing.do_bench, fp16 inputs, loss "mean", grads of both inputs), peak extra GPU
+memory in MiB (max_memory_allocated above what was allocated before the step) and the largest
+norm-wise relative error of loss / grad a / grad b against a float64 reference (gradients taken with
+grad_output 2^16, as under a GradScaler: unscaled fp16 gradients of a mean loss are subnormal).
+"triton (graph)" times the same step replayed from a CUDA graph (no launch overhead).
+
+Without CUDA it prints that it needs one and exits 0. Exit code 1 if a check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICE = "cuda"  # "cpu" only for --cpu-smoke (Triton interpreter, tiny shapes: a check of this script)
+EPS = 1e-12
+GRAD_SCALE = 2.0**16  # grad_output for the table's error column (as a GradScaler would scale the loss)
+TOL = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 1e-2}
+
+
+def _bootstrap() -> None:
+    """Make `mirrorfast.kernels` (./kernels) importable from a plain checkout (no pip install)."""
+    try:
+        importlib.import_module("mirrorfast.kernels")
+        return
+    except ImportError:
+        pass
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    for name in [m for m in sys.modules if m == "mirrorfast" or m.startswith("mirrorfast.")]:
+        del sys.modules[name]
+    importlib.import_module("mirrorfast")
+    try:
+        importlib.import_module("mirrorfast.kernels")
+    except ImportError:
+        spec = importlib.util.spec_from_file_location(
+            "mirrorfast.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["mirrorfast.kernels"] = module
+        spec.loader.exec_module(module)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def fp64_reference(a, b, temperature, reduction, grad=None, chunk=2048):
+    """Loss and d loss / d a, d loss / d b in float64, from the definition, written out analytically and
+    chunked by rows so the 2N x 2N logits never exist in full (affordable at N=16384).
+    grad: d total / d loss (scalar, or (2N,) for "none"); 1 if None."""
+    import torch
+
+    x = torch.cat([a.detach(), b.detach()]).double()
+    n2 = x.shape[0]
+    n = n2 // 2
+    norm = x.norm(dim=1)
+    rinv = 1.0 / norm.clamp_min(EPS)
+    z = x * rinv[:, None]
+    pos = (torch.arange(n2, device=x.device) + n) % n2
+    lse = torch.empty(n2, dtype=torch.float64, device=x.device)
+    pos_logit = torch.empty_like(lse)
+
+    def logits(r0, r1):
+        s = (z[r0:r1] @ z.T) / temperature
+        idx = torch.arange(r1 - r0, device=x.device)
+        s[idx, idx + r0] = float("-inf")
+        return s, idx
+
+    for r0 in range(0, n2, chunk):
+        r1 = min(n2, r0 + chunk)
+        s, idx = logits(r0, r1)
+        lse[r0:r1] = torch.logsumexp(s, dim=1)
+        pos_logit[r0:r1] = s[idx, pos[r0:r1]]
+    losses = lse - pos_logit
+    loss = {"mean": losses.mean(), "sum": losses.sum(), "none": losses}[reduction]
+
+    g = torch.ones((), dtype=torch.float64, device=x.device) if grad is None else grad.double()
+    w = (g / n2 if reduction == "mean" else g) * torch.ones(n2, dtype=torch.float64, device=x.device)
+    dz = torch.zeros_like(z)
+    for r0 in range(0, n2, chunk):
+        r1 = min(n2, r0 + chunk)
+        s, idx = logits(r0, r1)
+        gmat = w[r0:r1, None] * torch.exp(s - lse[r0:r1, None])  # G = w (P - onehot(pos))
+        gmat[idx, pos[r0:r1]] -= w[r0:r1]
+        dz[r0:r1] += gmat @ z / temperature
+        dz += gmat.T @ z[r0:r1] / temperature
+    radial = torch.where((norm > EPS)[:, None], z * (z * dz).sum(dim=1, keepdim=True), torch.zeros_like(z))
+    dx = rinv[:, None] * (dz - radial)
+    return loss, dx[:n], dx[n:]
+
+
+def rel_err(x, ref, floor=1e-12):
+    x, ref = x.detach().double(), ref.detach().double()
+    return ((x - ref).norm() / max(ref.norm().item(), floor)).item()
+
+
+def make_inputs(n, d, dtype, seed, *, scale_rows=True, zero_row=False, device=None):
+    import torch
+
+    device = device or DEVICE
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, d, generator=g, dtype=torch.float64)
+    b = a + 2.0 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    if scale_rows:
+        lo, hi = (-2, 2) if dtype == torch.float16 else (-3, 3)
+        a = a * 10 ** ((hi - lo) * torch.rand(n, 1, generator=g, dtype=torch.float64) + lo)
+        b = b * 10 ** ((hi - lo) * torch.rand(n, 1, generator=g, dtype=torch.float64) + lo)
+    if zero_row:
+        b[n // 2] = 0.0
+    return a.to(dtype).to(device), b.to(dtype).to(device)
+
+
+def fwd_bwd(loss_fn, a, b, grad=None):
+    import torch
+
+    a = a.detach().requires_grad_(True)
+    b = b.detach().requires_grad_(True)
+    loss = loss_fn(a, b)
+    ga, gb = torch.autograd.grad(loss, (a, b), grad_outputs=grad)
+    return loss.detach(), ga, gb
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+
+def run_checks(quick: bool) -> bool:
+    import torch
+
+    from mirrorfast.kernels import info_nce, info_nce_reference
+
+    ok = True
+
+    def report(passed, text):
+        nonlocal ok
+        ok &= passed
+        print(f"{'PASS' if passed else 'FAIL'}  {text}", flush=True)
+
+    # The float64 analytic reference against autograd of the PyTorch reference in float64.
+    for n, d, red in [(3, 33, "none"), (50, 130, "mean")]:
+        a, b = make_inputs(n, d, torch.float64, 7, zero_row=True)
+        grad = torch.randn(2 * n, dtype=torch.float64, device=DEVICE) if red == "none" else None
+        ref = fwd_bwd(lambda x, y: info_nce_reference(x, y, 0.1, red), a, b, grad)
+        mine = fp64_reference(a, b, 0.1, red, grad, chunk=32)
+        errs = [rel_err(m, r) for m, r in zip(mine, ref)]
+        report(max(errs) < 1e-10, f"fp64 analytic reference == autograd(reference), N={n} D={d} {red}: {max(errs):.1e}")
+
+    shapes = [(1, 8), (3, 33), (17, 130), (200, 768), (4100, 64)]
+    if DEVICE == "cpu":
+        shapes = [(1, 8), (3, 33), (40, 20)]
+    elif not quick:
+        shapes += [(70, 768), (1000, 1000), (600, 4096)]
+    reductions = ["mean", "sum", "none"]
+    case = 0
+    for n, d in shapes:
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            case += 1
+            red = reductions[case % 3]
+            gen = torch.Generator().manual_seed(case)
+            temperature = float(0.05 + 0.95 * torch.rand((), generator=gen))
+            zero = dtype != torch.float16 and n > 2 and case % 2 == 0
+            a, b = make_inputs(n, d, dtype, case, zero_row=zero)
+            grad = torch.randn(2 * n, generator=gen).to(DEVICE) if red == "none" else None
+            out = fwd_bwd(lambda x, y: info_nce(x, y, temperature, red, backend="triton"), a, b, grad)
+            ref = fp64_reference(a, b, temperature, red, grad)
+            finite = all(bool(torch.isfinite(t).all()) for t in out)
+            dtype_ok = out[0].dtype == torch.float32 and out[1].dtype == dtype and out[2].dtype == dtype
+            name = str(dtype).split(".")[-1]
+            if n == 1:  # the loss is identically 0: judge on absolute values
+                errs = [t.double().abs().max().item() for t in out]
+                passed = finite and dtype_ok and errs[0] <= 1e-5 and max(errs[1:]) <= 1e-2
+            else:
+                errs = [rel_err(o, r) for o, r in zip(out, ref)]
+                passed = finite and dtype_ok and max(errs) <= TOL[name]
+            report(
+                passed,
+                f"triton vs fp64  {name:8s} N={n:<5d} D={d:<5d} {red:4s} T={temperature:.3f}"
+                f"{' zero-row' if zero else ''}: loss {errs[0]:.1e}  grad a {errs[1]:.1e}  grad b {errs[2]:.1e}",
+            )
+
+    # Bit-identical reruns.
+    n, d = (2000, 768) if DEVICE == "cuda" else (20, 30)
+    a, b = make_inputs(n, d, torch.float16, 11, scale_rows=False)
+    grad = torch.randn(2 * n, device=DEVICE)
+    runs = [fwd_bwd(lambda x, y: info_nce(x, y, 0.05, "none", backend="triton"), a, b, grad) for _ in range(3)]
+    report(all(torch.equal(p, q) for r in runs[1:] for p, q in zip(runs[0], r)), f"deterministic: 3 runs bit-identical (N={n} D={d} fp16)")
+
+    # Strided inputs give the same result as contiguous ones.
+    n, d = (300, 200) if DEVICE == "cuda" else (20, 30)
+    a, b = make_inputs(n, d, torch.bfloat16, 12)
+    base = fwd_bwd(lambda x, y: info_nce(x, y, 0.1, "mean", backend="triton"), a, b)
+    wide = torch.zeros(n, d + 56, device=DEVICE, dtype=torch.bfloat16)
+    wide[:, 17 : 17 + d] = b
+    strided = fwd_bwd(lambda x, y: info_nce(x, y, 0.1, "mean", backend="triton"), a.T.contiguous().T, wide[:, 17 : 17 + d])
+    report(all(torch.equal(p, q) for p, q in zip(base, strided)), "strided inputs (column-major a, row-strided b) == contiguous")
+
+    # All-zero row: finite loss and gradients.
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = make_inputs(16, 24, dtype, 13, scale_rows=False)
+        a[5] = 0
+        out = fwd_bwd(lambda x, y: info_nce(x, y, 0.05, "mean", backend="triton"), a, b)
+        report(all(bool(torch.isfinite(t).all()) for t in out), f"all-zero row: finite loss and grads ({dtype})")
+
+    # autocast around the call changes nothing (the kernel computes in fp32 from the inputs as given).
+    a, b = make_inputs(30, 64, torch.float32, 14, scale_rows=False)
+    plain = fwd_bwd(lambda x, y: info_nce(x, y, 0.1, "mean", backend="triton"), a, b)
+    with torch.autocast(DEVICE, dtype=torch.float16 if DEVICE == "cuda" else torch.bfloat16):
+        auto = fwd_bwd(lambda x, y: info_nce(x, y, 0.1, "mean", backend="triton"), a, b)
+    report(all(torch.equal(p, q) for p, q in zip(plain, auto)), "autocast(fp16) around the call: identical results")
+
+    # CUDA-graph capture of forward + backward, replayed.
+    if DEVICE != "cuda":
+        return ok
+    try:
+        a, b = make_inputs(200, 768, torch.float16, 15, scale_rows=False)
+        a.requires_grad_(True)
+        b.requires_grad_(True)
+
+        def step():
+            loss = info_nce(a, b, 0.04, "mean", backend="triton")
+            return (loss, *torch.autograd.grad(loss, (a, b)))
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            eager = step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static = step()
+        graph.replay()
+        torch.cuda.synchronize()
+        report(all(torch.equal(e, s) for e, s in zip(eager, static)), "CUDA graph capture + replay == eager")
+    except Exception as exc:  # noqa: BLE001
+        report(False, f"CUDA graph capture: {type(exc).__name__}: {exc}")
+    return ok
+
+
+# ------------------------------------------------------------------------------------------------ table
+
+
+def _peak_extra_mib(fn) -> float:
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return peak / 2**20
+
+
+def run_table(sizes, quick: bool) -> None:
+    import torch
+    import triton.testing
+
+    from mirrorfast.kernels import info_nce, info_nce_reference
+    from mirrorfast.kernels.infonce_triton import pick_config
+
+    temperature = 0.04
+    warmup, rep = (10, 50) if quick else (25, 100)
+    rows = []
+    print(f"\n{'N':>6} {'D':>5}  {'impl':<16} {'fwd+bwd us':>11} {'peak MiB':>9} {'max rel err':>11}", flush=True)
+    for n, d in sizes:
+        a, b = make_inputs(n, d, torch.float16, 100 + n, scale_rows=False)
+        a.requires_grad_(True)
+        b.requires_grad_(True)
+        ref = fp64_reference(a, b, temperature, "mean", torch.tensor(GRAD_SCALE, device=DEVICE))
+        impls = {
+            "triton": lambda x, y: info_nce(x, y, temperature, "mean", backend="triton"),
+            "torch eager": lambda x, y: info_nce_reference(x, y, temperature, "mean"),
+            "torch.compile": torch.compile(lambda x, y: info_nce_reference(x, y, temperature, "mean"), dynamic=False),
+        }
+        for name, loss_fn in impls.items():
+
+            def step(loss_fn=loss_fn):
+                loss = loss_fn(a, b)
+                return (loss, *torch.autograd.grad(loss, (a, b)))
+
+            try:
+                # Error on gradients scaled like a GradScaler does (grad_output 2^16): unscaled, the fp16
+                # gradients of a mean over 2N rows sit in fp16's subnormal range for every implementation.
+                loss = loss_fn(a, b)
+                out = (loss, *torch.autograd.grad(loss, (a, b), grad_outputs=torch.full_like(loss, GRAD_SCALE)))
+                err = max(rel_err(o, r) for o, r in zip(out, ref))
+                del out, loss
+                mib = _peak_extra_mib(step)
+                us = 1e3 * triton.testing.do_bench(step, warmup=warmup, rep=rep, return_mode="median")
+                line = f"{n:>6} {d:>5}  {name:<16} {us:>11.1f} {mib:>9.1f} {err:>11.1e}"
+            except Exception as exc:  # noqa: BLE001  (torch.compile fails on some images)
+                line = f"{n:>6} {d:>5}  {name:<16} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            print(line, flush=True)
+            rows.append(line)
+            if name == "triton" and 2 * n <= 4096:
+                try:
+                    us = 1e3 * triton.testing.do_bench_cudagraph(step, rep=rep, return_mode="median")
+                    print(f"{n:>6} {d:>5}  {'triton (graph)':<16} {us:>11.1f} {'':>9} {'':>11}", flush=True)
+                except Exception as exc:  # noqa: BLE001
+                    print(f"{n:>6} {d:>5}  {'triton (graph)':<16} FAILED: {type(exc).__name__}: {exc}", flush=True)
+        print(f"{'':>14}config: {pick_config(2 * n, d, torch.float16)}", flush=True)
+        del ref
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------ sweep
+
+# (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages, fused_norm)
+SWEEP_FWD_LARGE = [
+    (128, 256, 64, 8, 3, False), (128, 128, 64, 8, 3, False), (64, 256, 64, 8, 3, False), (128, 256, 32, 8, 4, False),
+    (256, 128, 64, 8, 3, False), (128, 128, 128, 8, 2, False),
+]
+SWEEP_FWD_SMALL = [
+    (32, 64, 128, 4, 2, False), (16, 64, 128, 4, 2, False), (32, 64, 256, 4, 2, False), (16, 64, 256, 4, 2, False),
+    (32, 128, 128, 4, 2, False), (32, 64, 128, 4, 2, True),
+]
+# (BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DC, num_warps, num_stages)
+SWEEP_BWD_LARGE = [
+    (64, 64, 64, 256, 8, 2), (128, 64, 64, 256, 8, 2), (64, 128, 64, 256, 8, 2), (64, 64, 32, 256, 8, 3),
+    (64, 32, 64, 256, 8, 2), (128, 64, 32, 256, 8, 2),
+]
+SWEEP_BWD_SMALL = [
+    (32, 64, 128, 128, 4, 2), (16, 64, 128, 256, 4, 2), (16, 64, 128, 128, 4, 2), (32, 64, 256, 128, 4, 2),
+    (16, 64, 256, 256, 4, 2), (32, 32, 128, 256, 4, 2),
+]
+
+
+def run_sweep(n: int, d: int, dtype_name: str) -> None:
+    import torch
+    import triton.testing
+
+    from mirrorfast.kernels.infonce_triton import KernelConfig, _backward, _forward, pick_config
+
+    dtype = getattr(torch, dtype_name)
+    temperature = 0.04
+    a, b = make_inputs(n, d, dtype, 321, scale_rows=False)
+    grad = torch.full((), GRAD_SCALE, device=DEVICE)
+    ref_loss, ref_ga, ref_gb = fp64_reference(a, b, temperature, "mean", grad)
+    large = 2 * n > 1024
+    default = pick_config(2 * n, d, dtype)
+    print(f"\nsweep N={n} D={d} {dtype_name}; heuristic: {default}", flush=True)
+    fwd_list = SWEEP_FWD_LARGE if large else SWEEP_FWD_SMALL
+    bwd_list = SWEEP_BWD_LARGE if large else SWEEP_BWD_SMALL
+    base_b = (default.bwd_m, default.bwd_n, default.bwd_d, default.bwd_dc, default.bwd_warps, default.bwd_stages)
+    base_f = (default.fwd_m, default.fwd_n, default.fwd_d, default.fwd_warps, default.fwd_stages, default.fused_norm)
+    graph = 2 * n <= 4096 and DEVICE == "cuda"
+
+    def time_it(fn):
+        if DEVICE != "cuda":
+            t0 = time.perf_counter()
+            fn()
+            return 1e6 * (time.perf_counter() - t0), float("nan")
+        us = 1e3 * triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+        gus = 1e3 * triton.testing.do_bench_cudagraph(fn, rep=30, return_mode="median") if graph else float("nan")
+        return us, gus
+
+    for f in fwd_list:
+        cfg = KernelConfig(*f, *base_b)
+        try:
+            norm, lse2, loss = _forward(a, b, temperature, cfg)
+            err = rel_err(loss.double().mean(), ref_loss)
+            us, gus = time_it(lambda: _forward(a, b, temperature, cfg))
+            print(f"  fwd {f}: {us:9.1f} us  (graph {gus:9.1f})  loss err {err:.1e}", flush=True)
+        except Exception as exc:  # noqa: BLE001
+            print(f"  fwd {f}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
+    norm, lse2, loss = _forward(a, b, temperature, default)
+    for bc in bwd_list:
+        cfg = KernelConfig(*base_f, *bc)
+        try:
+            da, db = _backward(a, b, norm, lse2, grad, temperature, "mean", cfg)
+            err = max(rel_err(da, ref_ga), rel_err(db, ref_gb))
+            us, gus = time_it(lambda: _backward(a, b, norm, lse2, grad, temperature, "mean", cfg))
+            print(f"  bwd {bc}: {us:9.1f} us  (graph {gus:9.1f})  grad err {err:.1e}", flush=True)
+        except Exception as exc:  # noqa: BLE001
+            print(f"  bwd {bc}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--quick", action="store_true", help="fewer checks, sizes (N=200, 16384; D=768) and repeats")
+    parser.add_argument("--sweep", metavar="N,D[,dtype]", action="append", default=[],
+                        help="time candidate block configs at this size instead of the table (repeatable)")
+    parser.add_argument("--no-checks", action="store_true", help="skip the correctness checks")
+    parser.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)  # script check, interpreter
+    args = parser.parse_args(argv)
+
+    import os
+
+    import torch
+
+    if args.cpu_smoke:
+        global DEVICE
+        DEVICE = "cpu"
+        os.environ["TRITON_INTERPRET"] = "1"
+        _bootstrap()
+        ok = run_checks(True)
+        for spec in args.sweep:
+            parts = spec.split(",")
+            run_sweep(int(parts[0]), int(parts[1]), parts[2] if len(parts) > 2 else "float16")
+        return 0 if ok else 1
+    if not torch.cuda.is_available():
+        print("info_nce_table: needs CUDA (an NVIDIA GPU) to compare the Triton kernel with PyTorch; "
+              "no GPU here, nothing measured.")
+        return 0
+    try:
+        import triton
+    except ImportError as exc:
+        print(f"info_nce_table: needs triton for the fused kernel ({exc}); nothing measured.")
+        return 0
+    _bootstrap()
+    start = time.time()
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}", flush=True)
+    ok = True if args.no_checks else run_checks(args.quick)
+    if args.sweep:
+        for spec in args.sweep:
+            parts = spec.split(",")
+            run_sweep(int(parts[0]), int(parts[1]), parts[2] if len(parts) > 2 else "float16")
+    else:
+        sizes = [(200, 768), (16384, 768)] if args.quick else [(200, 768), (1024, 768), (4096, 768), (16384, 768), (200, 384)]
+        run_table(sizes, args.quick)
+    print(f"\n{'all checks passed' if ok else 'SOME CHECKS FAILED'}; {time.time() - start:.0f} s", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

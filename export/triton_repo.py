@@ -1,0 +1,265 @@
+"""Write an NVIDIA Triton Inference Server model repository for an export directory.
+
+    REPO_DIR/
+      NAME/
+        config.pbtxt      backend "onnxruntime", max_batch_size, dynamic_batching, inputs/outputs
+        1/model.onnx      the export's ONNX graph (plus its external-data files, if any)
+
+Input and output names, data types and dims are read from the ONNX graph itself, so the config
+always matches the model. Triton receives token ids, not text: clients tokenize with the tokenizer
+files of the export directory (or AutoTokenizer.from_pretrained(EXPORT_DIR)).
+
+The model folder is written to a temporary sibling and renamed into place when complete; other
+models in REPO_DIR are left alone.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from mirrorfast.errors import MirrorfastError
+from mirrorfast.output import atomic_directory, check_destination
+
+MARKER = "# Written by mirrorfast"
+VERSION = "1"
+INSTANCE_KINDS = {"auto": None, "gpu": "KIND_GPU", "cpu": "KIND_CPU"}
+
+# onnx.TensorProto.DataType -> Triton data type
+_TRITON_TYPES = {
+    1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 4: "TYPE_UINT16", 5: "TYPE_INT16", 6: "TYPE_INT32",
+    7: "TYPE_INT64", 8: "TYPE_STRING", 9: "TYPE_BOOL", 10: "TYPE_FP16", 11: "TYPE_FP64", 12: "TYPE_UINT32",
+    13: "TYPE_UINT64", 16: "TYPE_BF16",
+}
+
+
+def _model_name(export_dir: Path, explicit: str | None) -> str:
+    name = explicit
+    if name is None:
+        name = _manifest(export_dir).get("name")
+        if not isinstance(name, str) or not name.strip():
+            name = export_dir.resolve().name
+        name = Path(name).name  # "org/model" -> "model"
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._-") or "mirrorfast"
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+        raise MirrorfastError(f"Triton model name {name!r} must be letters, digits, '_', '.', '-'")
+    return name
+
+
+def _manifest(export_dir: Path) -> dict:
+    meta = export_dir / "export.json"
+    if not meta.is_file():
+        return {}
+    try:
+        info = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise MirrorfastError(f"{meta} is unreadable: {exc}") from None
+    return info if isinstance(info, dict) else {}
+
+
+def _model_file(export_dir: Path, precision: str) -> str:
+    models = _manifest(export_dir).get("models") or {"fp32": "model.onnx"}
+    if precision not in models:
+        raise MirrorfastError(
+            f"{export_dir} has no {precision} model (it has: {', '.join(sorted(models))}); "
+            f"export with --{precision} to create one"
+        )
+    return str(models[precision])
+
+
+def _tensors(model) -> tuple[list, list]:
+    """Graph inputs (without initializers) and outputs, as (name, elem_type, [dim or None])."""
+    initializers = {t.name for t in model.graph.initializer}
+
+    def describe(value_info):
+        ttype = value_info.type.tensor_type
+        dims = []
+        for d in ttype.shape.dim:
+            dims.append(int(d.dim_value) if d.HasField("dim_value") else None)
+        return value_info.name, int(ttype.elem_type), dims, ttype.HasField("shape")
+
+    inputs = [describe(v) for v in model.graph.input if v.name not in initializers]
+    outputs = [describe(v) for v in model.graph.output]
+    return inputs, outputs
+
+
+def _merge(declared: list, inferred: list) -> list:
+    known = {name: (dims, has_shape) for name, _, dims, has_shape in inferred}
+    merged = []
+    for name, elem, dims, has_shape in declared:
+        idims, ihas = known.get(name, (dims, has_shape))
+        if not has_shape and ihas:
+            dims, has_shape = idims, True
+        elif ihas and len(idims) == len(dims):
+            dims = [d if d is not None else i for d, i in zip(dims, idims)]
+        merged.append((name, elem, dims, has_shape))
+    return merged
+
+
+def triton_tensors(onnx_path: str | Path, max_batch_size: int) -> tuple[list[dict], list[dict]]:
+    """[{name, data_type, dims}] for inputs and outputs, as Triton wants them (batch dim dropped)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    inputs, outputs = _tensors(model)
+    # Exporters often leave symbolic dims the graph fixes (e.g. the width after a normalizing Div):
+    # ONNX shape inference with data propagation pins them; a dim stays dynamic only if it is.
+    try:
+        inferred = _tensors(onnx.shape_inference.infer_shapes(model, data_prop=True))
+    except Exception:  # noqa: BLE001 - inference is a refinement, never a requirement
+        inferred = (inputs, outputs)
+    inputs, outputs = (_merge(a, b) for a, b in zip((inputs, outputs), inferred))
+
+    def convert(entries, kind: str) -> list[dict]:
+        result = []
+        for name, elem, dims, has_shape in entries:
+            if elem not in _TRITON_TYPES:
+                raise MirrorfastError(f"{onnx_path}: {kind} {name!r} has an ONNX type ({elem}) Triton cannot serve")
+            if not has_shape or not dims:
+                raise MirrorfastError(f"{onnx_path}: {kind} {name!r} has no known shape")
+            if max_batch_size > 0:
+                if dims[0] is not None:
+                    raise MirrorfastError(
+                        f"{onnx_path}: {kind} {name!r} has a fixed first dimension ({dims[0]}); Triton batching "
+                        "needs a dynamic batch axis (export with dynamic axes)"
+                    )
+                dims = dims[1:]
+            result.append({"name": name, "data_type": _TRITON_TYPES[elem],
+                           "dims": [-1 if d is None else d for d in dims]})
+        return result
+
+    return convert(inputs, "input"), convert(outputs, "output")
+
+
+def _external_files(onnx_path: Path) -> list[str]:
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    found = []
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location" and entry.value not in found:
+                    found.append(entry.value)
+    return found
+
+
+def _pbtxt_tensor_list(kind: str, tensors: list[dict]) -> str:
+    blocks = []
+    for t in tensors:
+        dims = ", ".join(str(d) for d in t["dims"])
+        blocks.append(
+            "  {\n"
+            f"    name: {json.dumps(t['name'])}\n"
+            f"    data_type: {t['data_type']}\n"
+            f"    dims: [ {dims} ]\n"
+            "  }"
+        )
+    return f"{kind} [\n" + ",\n".join(blocks) + "\n]\n"
+
+
+def render_config(name: str, model_file: str, inputs: list[dict], outputs: list[dict], max_batch_size: int,
+                  max_queue_delay_us: int, preferred_batch_sizes: list[int], instance_kind: str,
+                  instance_count: int, source: str) -> str:
+    lines = [
+        f"{MARKER} from {source}; regenerate instead of editing.",
+        f"name: {json.dumps(name)}",
+        'backend: "onnxruntime"',
+        f"default_model_filename: {json.dumps(model_file)}",
+        f"max_batch_size: {max_batch_size}",
+        "",
+    ]
+    text = "\n".join(lines)
+    text += _pbtxt_tensor_list("input", inputs)
+    text += _pbtxt_tensor_list("output", outputs)
+    text += "dynamic_batching {\n"
+    if preferred_batch_sizes:
+        text += f"  preferred_batch_size: [ {', '.join(str(b) for b in preferred_batch_sizes)} ]\n"
+    text += f"  max_queue_delay_microseconds: {max_queue_delay_us}\n}}\n"
+    kind = INSTANCE_KINDS[instance_kind]
+    if kind is not None or instance_count != 1:
+        text += "instance_group [\n  {\n" + f"    count: {instance_count}\n"
+        if kind is not None:
+            text += f"    kind: {kind}\n"
+        text += "  }\n]\n"
+    return text
+
+
+def _is_ours(model_dir: Path) -> bool:
+    config = model_dir / "config.pbtxt"
+    try:
+        return config.is_file() and config.read_text(encoding="utf-8").startswith(MARKER)
+    except OSError:
+        return False
+
+
+def write_triton_repo(
+    export_dir: str | Path,
+    repo_dir: str | Path,
+    *,
+    max_batch_size: int = 64,
+    model_name: str | None = None,
+    precision: str = "fp32",
+    max_queue_delay_us: int = 2000,
+    preferred_batch_sizes: list[int] | tuple[int, ...] = (),
+    instance_kind: str = "auto",
+    instance_count: int = 1,
+    overwrite: bool = False,
+) -> Path:
+    """Write REPO_DIR/NAME/{config.pbtxt, 1/model.onnx} for `export_dir`; return the model folder.
+
+    `precision` picks the export's ONNX file ("fp32": model.onnx; "fp16" / "int8" when exported). An existing model
+    folder is replaced when it was written by mirrorfast (or with `overwrite=True`); otherwise refused.
+    `instance_kind`: "auto" (Triton's default: one instance per GPU, else CPU), "gpu" or "cpu".
+    """
+    export_dir = Path(export_dir)
+    repo_dir = Path(repo_dir)
+    if int(max_batch_size) < 1:
+        raise MirrorfastError(f"Triton max_batch_size must be at least 1, got {max_batch_size}")
+    if int(max_queue_delay_us) < 0:
+        raise MirrorfastError(f"max_queue_delay_us must be >= 0, got {max_queue_delay_us}")
+    if instance_kind not in INSTANCE_KINDS:
+        raise MirrorfastError(f"instance_kind must be one of {sorted(INSTANCE_KINDS)}, got {instance_kind!r}")
+    if int(instance_count) < 1:
+        raise MirrorfastError(f"instance_count must be at least 1, got {instance_count}")
+    preferred = sorted({int(b) for b in preferred_batch_sizes})
+    if any(b < 1 or b > max_batch_size for b in preferred):
+        raise MirrorfastError(f"preferred batch sizes must be in 1..{max_batch_size}, got {preferred}")
+    if not export_dir.is_dir():
+        raise MirrorfastError(f"{export_dir} is not a directory")
+    model_file = _model_file(export_dir, precision)
+    onnx_path = export_dir / model_file
+    if not onnx_path.is_file():
+        raise MirrorfastError(f"{export_dir} has no {model_file}; is it an export directory (mirrorfast export)?")
+
+    name = _model_name(export_dir, model_name)
+    try:
+        inputs, outputs = triton_tensors(onnx_path, int(max_batch_size))
+        external = _external_files(onnx_path)
+    except MirrorfastError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a broken graph is a user-facing failure
+        raise MirrorfastError(f"cannot read {onnx_path}: {exc}") from None
+
+    model_dir = repo_dir / name
+    check_destination(model_dir, _is_ours, overwrite or False, "Triton model folder")
+    repo_dir.mkdir(parents=True, exist_ok=True)
+    text = render_config(name, "model.onnx", inputs, outputs, int(max_batch_size), int(max_queue_delay_us),
+                         preferred, instance_kind, int(instance_count), source=str(export_dir.resolve()))
+    try:
+        with atomic_directory(model_dir) as tmp:
+            version = tmp / VERSION
+            version.mkdir()
+            shutil.copyfile(onnx_path, version / "model.onnx")
+            for rel in external:
+                src = export_dir / rel
+                if not src.is_file():
+                    raise MirrorfastError(f"{onnx_path} refers to external data {rel!r}, which is missing")
+                (version / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, version / rel)
+            (tmp / "config.pbtxt").write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise MirrorfastError(f"cannot write {model_dir}: {exc.strerror or exc}") from None
+    return model_dir

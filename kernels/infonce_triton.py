@@ -1,0 +1,437 @@
+"""Fused Triton NT-Xent (InfoNCE): kernels, launch helpers, autograd.Function and `info_nce_triton`.
+
+Definition (see `reference.py`): x = cat(a, b) (2N rows, a[i] and b[i] a positive pair),
+z_i = x_i / max(||x_i||, eps), s_ij = z_i . z_j / T, loss_i = logsumexp_{j != i} s_ij - s_{i,p(i)} with
+p(i) = (i + N) mod 2N. The 2N x 2N matrix s is never materialized: it is computed tile by tile.
+
+Layout of the work
+------------------
+* Rows of x are read straight from `a` and `b` (no `torch.cat`). Row blocks never straddle the two:
+  blocks [0, cdiv(N, BLOCK)) tile `a`, the next cdiv(N, BLOCK) tile `b` (`_block`), so every tile has one
+  scalar base pointer, and its loads are provably contiguous: they vectorize and are pipelined.
+  Rows may have any stride; the last dimension must be unit-stride (the wrapper makes it so).
+* We never normalize into a buffer. A tile of logits is the raw Gram tile x_I x_J^T (`tl.dot`, fp32
+  accumulation, inputs in their own dtype; fp32 inputs use input_precision="ieee", never tf32),
+  rescaled by rinv_I rinv_J / T, with rinv = 1 / max(||x||, eps). Products of fp16/bf16 values are exact
+  in fp32, so this is at least as accurate as normalizing first.
+* Logits are handled in base 2 (s2 = s * log2(e)) so the softmax uses exp2.
+
+Launches (forward + backward = 3 Triton launches + 1 torch reduction for "mean"/"sum"):
+0. `_row_norm_kernel`, grid (2 cdiv(N, 64),): ||x_r|| for every row -> norm (2N,) fp32. (With
+   `fused_norm` the forward computes the norms itself instead: no launch, more work in its loop.)
+1. forward `_infonce_fwd_kernel`, grid (2 cdiv(N, BLOCK_M),): each program owns BLOCK_M rows, loops over
+   all 2 cdiv(N, BLOCK_N) column blocks (Gram tile over D in BLOCK_D steps) with an online (running max)
+   logsumexp, and picks the positive logit on the way. Writes lse2 (2N,) and loss (2N,), fp32.
+2. backward `_infonce_bwd_kernel`, grid (2 cdiv(N, BLOCK_M), cdiv(D, BLOCK_DC)): each program owns
+   BLOCK_M rows and BLOCK_DC columns of the gradient and loops over all column blocks J, recomputing the
+   logit tile from the saved lse. With G_ij = w_i (P_ij - [j = p(i)]) (w_i = d loss / d loss_i):
+       dz_i = 1/T sum_j (G_ij + G_ji) z_j          (s is symmetric, so G_ji comes from the same tile)
+       dx_i = rinv_i (dz_i - z_i (z_i . dz_i))      (no projection where the norm was clamped to eps)
+   and z_i . dz_i = sum_j (G_ij + G_ji) s_ij is accumulated from the tiles, so a program never needs the
+   whole of dz_i. The logit tiles are recomputed once per BLOCK_DC columns of D (cdiv(D, BLOCK_DC)
+   times): the price of keeping the gradient accumulator in registers. Every gradient element is written
+   by exactly one program: no atomics, bit-identical results run to run. No host synchronization
+   anywhere (CUDA-graph capturable).
+Saved for backward: the inputs (kept alive by autograd anyway), norm (2N,) and lse2 (2N,) in fp32.
+"""
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["info_nce_triton", "InfoNCEFunction", "KernelConfig", "pick_config"]
+
+_EPS = 1e-12  # as F.normalize: z = x / max(||x||, eps)
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+# The backward's (G + G^T) tile enters a 16-bit tl.dot. It is divided by max|w| (so |entries| <= 2) and
+# multiplied by this power of two, which keeps softmax probabilities far above fp16's subnormal range
+# (P ~ 1/2N) while staying below its maximum (65504). The factor is undone exactly afterwards.
+_G_SCALE = 8192.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _block(blk, N, a_ptr, b_ptr, stride_a, stride_b, BLOCK: tl.constexpr):
+    # Row blocks never straddle a and b: blocks [0, cdiv(N, BLOCK)) tile a, the next as many tile b.
+    # Returns the segment (0: a, 1: b), the (BLOCK,) row indices inside it, and its base pointer and row
+    # stride. Selecting one scalar base pointer per block (not one per row) keeps the loads provably
+    # contiguous and aligned, so they vectorize and Triton pipelines them (cp.async / TMA).
+    nblk = tl.cdiv(N, BLOCK)
+    seg = (blk >= nblk).to(tl.int32)
+    local = (blk - seg * nblk) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,)
+    base = tl.where(seg == 1, b_ptr, a_ptr)
+    stride = tl.where(seg == 1, stride_b, stride_a)
+    return seg, local, base, stride
+
+
+@triton.jit
+def _dot(x, y, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    # acc += x @ y with fp32 accumulation. DOT_UPCAST is set only under TRITON_INTERPRET=1, whose tl.dot
+    # multiplies bf16 bit patterns as integers: x and y are already rounded to their dtype, so fp32 copies
+    # give the same products (16-bit products are exact in fp32).
+    if DOT_UPCAST:
+        return tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(x, y, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _gram_tile(base_i, loc_i, stride_i, row_ok, base_j, loc_j, stride_j, col_ok, D,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    # Raw Gram tile x_I x_J^T: (BLOCK_M, BLOCK_N) fp32, accumulated over D in BLOCK_D steps.
+    offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    xi_ptrs = base_i + loc_i.to(tl.int64)[:, None] * stride_i + offs_d[None, :]  # (BLOCK_M, BLOCK_D)
+    xjt_ptrs = base_j + loc_j.to(tl.int64)[None, :] * stride_j + offs_d[:, None]  # (BLOCK_D, BLOCK_N)
+    gram = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d_ok = (d0 + offs_d) < D
+        xi = tl.load(xi_ptrs + d0, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+        xjt = tl.load(xjt_ptrs + d0, mask=d_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_D, BLOCK_N)
+        gram = _dot(xi, xjt, gram, DOT_PRECISION, DOT_UPCAST)
+    return gram
+
+
+@triton.jit
+def _row_norm(base, loc, stride, ok, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    # ||x_r|| for the (BLOCK,) rows loc of one segment, fp32.
+    offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    ptrs = base + loc.to(tl.int64)[:, None] * stride + offs_d[None, :]  # (BLOCK, BLOCK_D)
+    sq = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        x = tl.load(ptrs + d0, mask=ok[:, None] & ((d0 + offs_d) < D)[None, :], other=0.0).to(tl.float32)
+        sq += x * x
+    return tl.sqrt(tl.sum(sq, axis=1))
+
+
+@triton.jit
+def _row_norm_kernel(
+    a_ptr, b_ptr,  # a, b: (N, D), unit stride along D
+    norm_ptr,  # norm: (2N,) fp32 out, ||x_r|| for x = cat(a, b)
+    N, D, stride_a, stride_b,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    seg, loc, base, stride = _block(tl.program_id(0), N, a_ptr, b_ptr, stride_a, stride_b, BLOCK_M)
+    ok = loc < N
+    tl.store(norm_ptr + seg * N + loc, _row_norm(base, loc, stride, ok, D, BLOCK_M, BLOCK_D), mask=ok)
+
+
+@triton.jit
+def _infonce_fwd_kernel(
+    a_ptr, b_ptr,  # a, b: (N, D) fp16/bf16/fp32, unit stride along D
+    norm_ptr,  # norm: (2N,) fp32; read if not FUSED_NORM, else written here (rows) and recomputed (cols)
+    lse_ptr,  # lse2: (2N,) fp32 out, log2-sum-exp2 of row r's base-2 logits (diagonal excluded)
+    loss_ptr,  # loss: (2N,) fp32 out, per-row NT-Xent loss (natural log)
+    N, D, stride_a, stride_b,
+    scale2,  # log2(e) / T
+    eps,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    FUSED_NORM: tl.constexpr,  # compute the norms here instead of reading them
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (never tf32); ignored for 16-bit inputs
+    DOT_UPCAST: tl.constexpr,  # interpreter only: feed tl.dot fp32 copies (its bf16 dot is broken)
+):
+    # This program: rows loc_i of segment seg_i (x row seg_i * N + loc_i); its positives are the same
+    # loc in the other segment.
+    seg_i, loc_i, base_i, stride_i = _block(tl.program_id(0), N, a_ptr, b_ptr, stride_a, stride_b, BLOCK_M)
+    row_ok = loc_i < N  # (BLOCK_M,)
+    rows = seg_i * N + loc_i  # (BLOCK_M,) index into x = cat(a, b)
+    if FUSED_NORM:
+        norm_i = _row_norm(base_i, loc_i, stride_i, row_ok, D, BLOCK_M, BLOCK_D)
+        tl.store(norm_ptr + rows, norm_i, mask=row_ok)
+    else:
+        norm_i = tl.load(norm_ptr + rows, mask=row_ok, other=1.0)
+    rinv_i = 1.0 / tl.maximum(norm_i, eps)  # (BLOCK_M,)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running max of base-2 logits
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # running sum of exp2(s2 - m_i)
+    pos_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # base-2 logit of the positive
+    for jb in range(0, 2 * tl.cdiv(N, BLOCK_N)):
+        seg_j, loc_j, base_j, stride_j = _block(jb, N, a_ptr, b_ptr, stride_a, stride_b, BLOCK_N)
+        col_ok = loc_j < N  # (BLOCK_N,)
+        gram = _gram_tile(base_i, loc_i, stride_i, row_ok, base_j, loc_j, stride_j, col_ok, D,
+                          BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, DOT_UPCAST)  # (BLOCK_M, BLOCK_N)
+        if FUSED_NORM:
+            norm_j = _row_norm(base_j, loc_j, stride_j, col_ok, D, BLOCK_N, BLOCK_D)
+        else:
+            norm_j = tl.load(norm_ptr + seg_j * N + loc_j, mask=col_ok, other=1.0)
+        rinv_j = 1.0 / tl.maximum(norm_j, eps)  # (BLOCK_N,)
+        # Base-2 logits; the backward repeats exactly this arithmetic (rinv_i * rinv_j is symmetric).
+        s2 = gram * (rinv_i[:, None] * rinv_j[None, :]) * scale2  # (BLOCK_M, BLOCK_N)
+        same = loc_i[:, None] == loc_j[None, :]  # (BLOCK_M, BLOCK_N): diagonal or positive
+        valid = col_ok[None, :] & ~(same & (seg_i == seg_j))
+        s2m = tl.where(valid, s2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s2m, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with nothing valid in a row
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s2m - m_safe[:, None]), axis=1)
+        m_i = m_new
+        pos_i += tl.sum(tl.where(same & (seg_i != seg_j), s2, 0.0), axis=1)
+
+    lse2 = m_i + tl.log2(l_i)  # (BLOCK_M,)
+    tl.store(lse_ptr + rows, lse2, mask=row_ok)
+    tl.store(loss_ptr + rows, (lse2 - pos_i) * 0.6931471805599453, mask=row_ok)
+
+
+@triton.jit
+def _infonce_bwd_kernel(
+    a_ptr, b_ptr,  # a, b: (N, D), unit stride along D
+    norm_ptr,  # norm: (2N,) fp32, saved by the forward
+    lse_ptr,  # lse2: (2N,) fp32, saved by the forward
+    w_ptr,  # grad_output: (2N,) fp32 with stride w_stride ("none"), or a 0-dim fp32 with w_stride = 0
+    wref_ptr,  # 0-dim fp32: max |grad_output| (for "mean"/"sum": grad_output itself)
+    da_ptr, db_ptr,  # da, db: (N, D) out, dtype of a/b
+    N, D, stride_a, stride_b, stride_da, stride_db, w_stride,
+    scale2,  # log2(e) / T
+    out_scale,  # w_scale / (T * G_SCALE), w_scale = 1/2N for "mean", 1 otherwise
+    c_scale,  # w_scale * ln(2)
+    eps,
+    G_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    MM_FP16: tl.constexpr,  # 16-bit inputs: the (G + G^T) z product runs in fp16 (also for bf16 inputs)
+):
+    seg_i, loc_i, base_i, stride_i = _block(tl.program_id(0), N, a_ptr, b_ptr, stride_a, stride_b, BLOCK_M)
+    row_ok = loc_i < N  # (BLOCK_M,)
+    rows = seg_i * N + loc_i  # (BLOCK_M,)
+    offs_c = tl.program_id(1) * BLOCK_DC + tl.arange(0, BLOCK_DC)  # (BLOCK_DC,) gradient columns here
+    c_ok = offs_c < D
+
+    norm_i = tl.load(norm_ptr + rows, mask=row_ok, other=1.0)
+    rinv_i = 1.0 / tl.maximum(norm_i, eps)  # (BLOCK_M,)
+    lse_i = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)  # (BLOCK_M,)
+    wref = tl.maximum(tl.abs(tl.load(wref_ptr).to(tl.float32)), 1e-30)
+    u_i = tl.load(w_ptr + rows * w_stride, mask=row_ok, other=0.0).to(tl.float32) / wref  # (BLOCK_M,) in [-1, 1]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_DC), dtype=tl.float32)  # sum_j g_ij z_j * G_SCALE
+    zdz = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sum_j g_ij s2_ij
+    for jb in range(0, 2 * tl.cdiv(N, BLOCK_N)):
+        seg_j, loc_j, base_j, stride_j = _block(jb, N, a_ptr, b_ptr, stride_a, stride_b, BLOCK_N)
+        col_ok = loc_j < N  # (BLOCK_N,)
+        cols = seg_j * N + loc_j  # (BLOCK_N,)
+        norm_j = tl.load(norm_ptr + cols, mask=col_ok, other=1.0)
+        rinv_j = 1.0 / tl.maximum(norm_j, eps)  # (BLOCK_N,)
+        lse_j = tl.load(lse_ptr + cols, mask=col_ok, other=0.0)
+        u_j = tl.load(w_ptr + cols * w_stride, mask=col_ok, other=0.0).to(tl.float32) / wref
+        # x_J restricted to this program's gradient columns, (BLOCK_N, BLOCK_DC). Loaded first: it is used
+        # after the Gram loop below, which hides the load's latency.
+        xj_ptrs = base_j + loc_j.to(tl.int64)[:, None] * stride_j + offs_c[None, :]
+        xj = tl.load(xj_ptrs, mask=col_ok[:, None] & c_ok[None, :], other=0.0)
+
+        # Recompute the logit tile (same arithmetic as the forward).
+        gram = _gram_tile(base_i, loc_i, stride_i, row_ok, base_j, loc_j, stride_j, col_ok, D,
+                          BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, DOT_UPCAST)  # (BLOCK_M, BLOCK_N)
+        s2 = gram * (rinv_i[:, None] * rinv_j[None, :]) * scale2  # (BLOCK_M, BLOCK_N), as in the forward
+
+        same = loc_i[:, None] == loc_j[None, :]
+        valid = row_ok[:, None] & col_ok[None, :] & ~(same & (seg_i == seg_j))
+        p_ij = tl.where(valid, tl.exp2(s2 - lse_i[:, None]), 0.0)  # softmax of row i
+        p_ji = tl.where(valid, tl.exp2(s2 - lse_j[None, :]), 0.0)  # softmax of row j, transposed
+        is_pos = tl.where(valid & same & (seg_i != seg_j), 1.0, 0.0)
+        g = u_i[:, None] * (p_ij - is_pos) + u_j[None, :] * (p_ji - is_pos)  # (G + G^T) / wref, |g| <= 2
+        zdz += tl.sum(g * s2, axis=1)
+
+        # z_J (this program's gradient columns). For 16-bit inputs both operands are rounded
+        # to fp16, bf16 inputs included: |z| <= 1 and |g| * G_SCALE <= 16384 fit fp16's range, and its
+        # 11-bit mantissa makes this product 8x more accurate than bf16 at the same speed.
+        zj = xj.to(tl.float32) * rinv_j[:, None]  # (BLOCK_N, BLOCK_DC)
+        gs = g * G_SCALE  # (BLOCK_M, BLOCK_N)
+        if MM_FP16:
+            acc = _dot(gs.to(tl.float16), zj.to(tl.float16), acc, DOT_PRECISION, False)
+        else:
+            acc = _dot(gs, zj, acc, DOT_PRECISION, False)
+
+    # dz_i (this program's columns) and z_i . dz_i, then back through the L2 normalization.
+    dz = acc * (wref * out_scale)  # (BLOCK_M, BLOCK_DC)
+    zdz = zdz * (wref * c_scale)  # (BLOCK_M,)
+    zdz = tl.where(norm_i > eps, zdz, 0.0)  # clamped norm: x / eps is linear, no projection
+    xi = tl.load(base_i + loc_i.to(tl.int64)[:, None] * stride_i + offs_c[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+    zi = xi.to(tl.float32) * rinv_i[:, None]  # (BLOCK_M, BLOCK_DC)
+    dx = (dz - zi * zdz[:, None]) * rinv_i[:, None]
+    out_base = tl.where(seg_i == 1, db_ptr, da_ptr)
+    out_stride = tl.where(seg_i == 1, stride_db, stride_da)
+    out_ptrs = out_base + loc_i.to(tl.int64)[:, None] * out_stride + offs_c[None, :]
+    tl.store(out_ptrs, dx.to(xi.dtype), mask=row_ok[:, None] & c_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Block sizes and launch options (a fixed heuristic table, no autotuning: no first-call benchmarking)."""
+
+    fwd_m: int  # forward: rows per program
+    fwd_n: int  # forward: columns per tile
+    fwd_d: int  # forward: D step of the Gram tile
+    fwd_warps: int
+    fwd_stages: int
+    fused_norm: bool  # norms computed inside the forward kernel (no separate norm launch)
+    bwd_m: int  # backward: rows per program
+    bwd_n: int  # backward: columns per tile
+    bwd_d: int  # backward: D step of the recomputed Gram tile
+    bwd_dc: int  # backward: gradient columns per program (grid dimension 1 = cdiv(D, bwd_dc))
+    bwd_warps: int
+    bwd_stages: int
+
+
+def _clamp_block(block: int, extent: int) -> int:
+    # tl.dot needs every dimension >= 16; no point in a block much larger than the extent.
+    return max(16, min(block, triton.next_power_of_2(extent)))
+
+
+# Programs wanted in flight: an H100/H200 has 132 multiprocessors. Larger row blocks reuse each loaded
+# column tile for more rows, but are only chosen while they still give about this many programs.
+_MIN_PROGRAMS = 96
+
+
+@functools.lru_cache(maxsize=256)
+def pick_config(n2: int, d: int, dtype: torch.dtype) -> KernelConfig:
+    """Heuristic block sizes for 2N = n2 rows of dimension d (a fixed table: no autotuning).
+
+    Small problems (2N <= 1024) are latency bound: small row blocks (more programs), wide D steps (short
+    serial loops). Larger ones: the largest row block that still gives ~_MIN_PROGRAMS programs; the
+    backward keeps a BLOCK_M x BLOCK_DC fp32 gradient accumulator in registers (BLOCK_DC = 256, so the
+    logit tiles are recomputed cdiv(D, 256) times). The entries were picked from
+    `benchmarks/info_nce_table.py --sweep` runs (fp16, D=768, N=200 and N=16384).
+    fp32 inputs use ieee dots (no tensor cores): modest tiles.
+    """
+    if dtype == torch.float32:
+        if n2 <= 1024:
+            cfg = (32, 32, 32, 4, 2, True, 32, 32, 32, 64, 4, 2)
+        else:
+            cfg = (64, 64, 32, 4, 2, False, 64, 32, 32, 64, 4, 2)
+    elif n2 <= 1024:
+        cfg = (32, 128, 128, 4, 2, False, 16, 64, 128, 256, 4, 2)
+    else:
+        fwd_m = next((m for m in (128, 64) if triton.cdiv(n2, m) >= _MIN_PROGRAMS), 32)
+        bwd_dc = 256
+        d_blocks = triton.cdiv(d, bwd_dc)
+        bwd_m = 64 if triton.cdiv(n2, 64) * d_blocks >= _MIN_PROGRAMS else 32
+        cfg = (
+            fwd_m, 256 if fwd_m >= 64 else 128, 64, 8 if fwd_m >= 64 else 4, 3, False,
+            bwd_m, 128 if bwd_m == 64 else 64, 64, bwd_dc, 8 if bwd_m == 64 else 4, 2,
+        )
+    fm, fn, fd, fw, fs, fused, bm, bn, bd, bdc, bw, bs = cfg
+    n = n2 // 2  # row blocks tile a and b separately
+    return KernelConfig(
+        _clamp_block(fm, n), _clamp_block(fn, n), _clamp_block(fd, d), fw, fs, fused,
+        _clamp_block(bm, n), _clamp_block(bn, n), _clamp_block(bd, d), _clamp_block(bdc, d), bw, bs,
+    )
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # the latter is ignored for 16-bit inputs
+
+
+def _dot_upcast(x: torch.Tensor) -> bool:
+    # Only the Triton interpreter (CPU tensors) needs it, and only for bf16 (see `_dot`).
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16
+
+
+def _forward(a, b, temperature: float, cfg: KernelConfig):
+    # a, b: (N, D), same dtype/device, unit stride along D. Returns norm, lse2, loss: (2N,) fp32.
+    n, d = a.shape
+    n2 = 2 * n
+    norm, lse2 = torch.empty((2, n2), device=a.device, dtype=torch.float32).unbind(0)  # saved for backward
+    loss = torch.empty(n2, device=a.device, dtype=torch.float32)  # its own storage: "none" returns it
+    if not cfg.fused_norm:
+        block = _clamp_block(64, n)
+        _row_norm_kernel[(2 * triton.cdiv(n, block),)](
+            a, b, norm, n, d, a.stride(0), b.stride(0), BLOCK_M=block, BLOCK_D=_clamp_block(128, d), num_warps=4
+        )
+    _infonce_fwd_kernel[(2 * triton.cdiv(n, cfg.fwd_m),)](
+        a, b, norm, lse2, loss, n, d, a.stride(0), b.stride(0), _LOG2E / temperature, _EPS,
+        BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, BLOCK_D=cfg.fwd_d, FUSED_NORM=cfg.fused_norm,
+        DOT_PRECISION=_dot_precision(a.dtype), DOT_UPCAST=_dot_upcast(a), num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+    )
+    return norm, lse2, loss
+
+
+def _backward(a, b, norm, lse2, grad, temperature: float, reduction: str, cfg: KernelConfig):
+    # grad: 0-dim ("mean"/"sum") or (2N,) ("none") fp32. Returns da, db: (N, D) contiguous, dtype of a.
+    n, d = a.shape
+    n2 = 2 * n
+    grad = grad.to(torch.float32)
+    if reduction == "none":
+        w, w_stride = grad, grad.stride(0)
+        wref = torch.linalg.vector_norm(grad, ord=math.inf)  # device scalar, no host sync
+        w_scale = 1.0
+    else:
+        w, w_stride, wref = grad, 0, grad
+        w_scale = 1.0 / n2 if reduction == "mean" else 1.0
+    da = torch.empty((n, d), device=a.device, dtype=a.dtype)
+    db = torch.empty((n, d), device=a.device, dtype=a.dtype)
+    grid = (2 * triton.cdiv(n, cfg.bwd_m), triton.cdiv(d, cfg.bwd_dc))
+    _infonce_bwd_kernel[grid](
+        a, b, norm, lse2, w, wref, da, db,
+        n, d, a.stride(0), b.stride(0), da.stride(0), db.stride(0), w_stride,
+        _LOG2E / temperature, w_scale / (temperature * _G_SCALE), w_scale * _LN2, _EPS,
+        G_SCALE=_G_SCALE, BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, BLOCK_D=cfg.bwd_d, BLOCK_DC=cfg.bwd_dc,
+        DOT_PRECISION=_dot_precision(a.dtype), DOT_UPCAST=_dot_upcast(a), MM_FP16=a.dtype != torch.float32,
+        num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages,
+    )
+    return da, db
+
+
+# ----------------------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------------------
+
+
+class InfoNCEFunction(torch.autograd.Function):
+    """NT-Xent with the fused kernels. Inputs are used in their own dtype (autocast does not recast them:
+    the kernels accumulate in fp32 whatever the input dtype); the loss is fp32."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, a, b, temperature, reduction, cfg):
+        norm, lse2, loss = _forward(a, b, temperature, cfg)
+        ctx.save_for_backward(a, b, norm, lse2)
+        ctx.temperature, ctx.reduction, ctx.cfg = temperature, reduction, cfg
+        if reduction == "mean":
+            return loss.mean()
+        if reduction == "sum":
+            return loss.sum()
+        return loss
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad):
+        a, b, norm, lse2 = ctx.saved_tensors
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return None, None, None, None, None
+        da, db = _backward(a, b, norm, lse2, grad, ctx.temperature, ctx.reduction, ctx.cfg)
+        return (da if ctx.needs_input_grad[0] else None), (db if ctx.needs_input_grad[1] else None), None, None, None
+
+
+def _prepare(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    x = x.to(dtype)
+    if x.shape[1] > 1 and x.stride(1) != 1:
+        x = x.contiguous()  # rows may have any stride; elements within a row must be adjacent
+    return x
+
+
+def info_nce_triton(
+    a: torch.Tensor, b: torch.Tensor, temperature: float, reduction: str, *, config: KernelConfig | None = None
+) -> torch.Tensor:
+    """Fused NT-Xent; same semantics as `info_nce_reference` (inputs already validated by `info_nce`).
+
+    a, b: (N, D) fp16/bf16/fp32 (fp64 is computed in fp32), any strides. Returns fp32: a scalar
+    ("mean", "sum") or (2N,) ("none"). `config` overrides the heuristic block sizes (tests, tuning).
+    """
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        dtype = torch.float32
+    a, b = _prepare(a, dtype), _prepare(b, dtype)
+    cfg = config if config is not None else pick_config(2 * a.shape[0], a.shape[1], dtype)
+    return InfoNCEFunction.apply(a, b, float(temperature), reduction, cfg)

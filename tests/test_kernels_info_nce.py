@@ -1,0 +1,334 @@
+"""mirrorfast.kernels.info_nce: both backends against an independent float64 NT-Xent, plus dispatch,
+validation, determinism, strides and autocast.
+
+Without a GPU the Triton kernels run in the Triton interpreter (TRITON_INTERPRET=1, set below before
+anything imports triton); on a CUDA machine the same tests run the compiled kernels.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+
+from mirrorfast.errors import MirrorfastError  # noqa: E402
+from mirrorfast.kernels import info_nce, info_nce_reference, resolve_backend  # noqa: E402
+
+try:
+    import triton  # noqa: F401
+
+    from mirrorfast.kernels.infonce_triton import KernelConfig, info_nce_triton, pick_config
+
+    _TRITON_ERR = None
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    _TRITON_ERR = f"triton is not importable: {exc}"
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+needs_triton = pytest.mark.skipif(_TRITON_ERR is not None, reason=_TRITON_ERR or "")
+if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover
+    needs_triton = pytest.mark.skip(reason="CPU run without TRITON_INTERPRET=1 (set by this module unless overridden)")
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
+EPS = 1e-12
+
+
+# ------------------------------------------------------------------------------------------------
+# The definition, written out in float64 (independent of kernels/reference.py)
+# ------------------------------------------------------------------------------------------------
+
+
+def nt_xent_f64(a, b, temperature, reduction):
+    """NT-Xent from the definition, float64, one row at a time. a, b: (N, D) float64 leaves."""
+    x = torch.cat([a, b], dim=0)  # (2N, D)
+    n2 = x.shape[0]
+    n = n2 // 2
+    sq = (x * x).sum(dim=1)  # (2N,)
+    big = sq > EPS * EPS
+    # norm = max(||x||, eps), written so that a zero row has a finite (zero) derivative through it
+    norm = torch.where(big, torch.sqrt(torch.where(big, sq, torch.ones_like(sq))), torch.full_like(sq, EPS))
+    z = x / norm[:, None]
+    losses = []
+    for i in range(n2):
+        logits = (z @ z[i]) / temperature  # (2N,) logits of row i
+        others = torch.cat([logits[:i], logits[i + 1 :]])  # j != i
+        m = others.max().detach()
+        lse = m + torch.log(torch.exp(others - m).sum())
+        losses.append(lse - logits[(i + n) % n2])
+    losses = torch.stack(losses)
+    if reduction == "mean":
+        return losses.sum() / n2
+    if reduction == "sum":
+        return losses.sum()
+    return losses
+
+
+def rel_err(x, ref, floor=1e-6):
+    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
+    return ((x - ref).norm() / max(ref.norm().item(), floor)).item()
+
+
+def make_inputs(n, d, dtype, seed, *, scale_rows=True, zero_row=False, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, d, generator=g, dtype=torch.float64)
+    # positives correlate (cosine ~0.45): losses of order 1, not vanishing ones whose relative error
+    # would only measure fp32 cancellation in lse - positive
+    b = a + 2.0 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    if scale_rows:  # norms from 1e-3 to 1e3
+        a = a * 10 ** (6 * torch.rand(n, 1, generator=g, dtype=torch.float64) - 3)
+        b = b * 10 ** (6 * torch.rand(n, 1, generator=g, dtype=torch.float64) - 3)
+    if zero_row:
+        b[n // 2] = 0.0
+    return a.to(dtype).to(device), b.to(dtype).to(device)
+
+
+def loss_and_grads(fn, a, b, grad_out):
+    a = a.detach().clone().requires_grad_(True)
+    b = b.detach().clone().requires_grad_(True)
+    loss = fn(a, b)
+    loss.backward(grad_out.to(loss.device) if grad_out is not None else None)
+    return loss.detach(), a.grad, b.grad
+
+
+def check_against_definition(backend, n, d, dtype, reduction, seed, *, zero_row=False, config=None):
+    errors = definition_errors(backend, n, d, dtype, reduction, seed, zero_row=zero_row, config=config)
+    for what, err in errors.items():
+        assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]:g}"
+
+
+def definition_errors(backend, n, d, dtype, reduction, seed, *, zero_row=False, config=None):
+    """Relative errors of loss and both gradients of `backend` against `nt_xent_f64`."""
+    g = torch.Generator().manual_seed(10_000 + seed)
+    temperature = float(0.05 + 0.95 * torch.rand((), generator=g))
+    a, b = make_inputs(n, d, dtype, seed, zero_row=zero_row)
+    grad_out = torch.randn(2 * n, generator=g, dtype=torch.float64) if reduction == "none" else None
+
+    ref_loss, ref_ga, ref_gb = loss_and_grads(
+        lambda x, y: nt_xent_f64(x, y, temperature, reduction),
+        a.double().cpu(), b.double().cpu(), grad_out,
+    )
+    if config is None:
+        fn = lambda x, y: info_nce(x, y, temperature, reduction, backend=backend)  # noqa: E731
+    else:
+        fn = lambda x, y: info_nce_triton(x, y, temperature, reduction, config=config)  # noqa: E731
+    loss, ga, gb = loss_and_grads(fn, a, b, grad_out.float() if grad_out is not None else None)
+
+    assert loss.dtype == torch.float32
+    assert loss.shape == ((2 * n,) if reduction == "none" else ())
+    assert ga.dtype == dtype and gb.dtype == dtype
+    for t in (loss, ga, gb):
+        assert torch.isfinite(t).all(), "non-finite loss or gradient"
+    loss_floor, grad_floor = error_floors(a, b, temperature, reduction, grad_out)
+    return {
+        "loss": rel_err(loss, ref_loss, loss_floor),
+        "grad a": rel_err(ga, ref_ga, grad_floor),
+        "grad b": rel_err(gb, ref_gb, grad_floor),
+    }
+
+
+def error_floors(a, b, temperature, reduction, grad_out):
+    """Smallest denominators of the relative errors. When the positive dominates a row by many logits,
+    its loss and gradients vanish (N = 1: exactly zero) while fp32 rounding of the logits does not, so
+    relative errors would measure cancellation, not the kernel. Rows are judged against the size they
+    would have with an order-1 loss: 1e-2 per row for losses, 1e-2 |w_i| / (T ||x_i||) for gradients
+    (all-zero rows left out)."""
+    n2 = 2 * a.shape[0]
+    x = torch.cat([a, b]).double().cpu()
+    norms = x.norm(dim=1)
+    if reduction == "none":
+        w = grad_out.double().abs()
+    else:
+        w = torch.full((n2,), 1.0 / n2 if reduction == "mean" else 1.0, dtype=torch.float64)
+    typical = torch.where(norms > 0, w / (temperature * norms.clamp_min(1e-300)), torch.zeros_like(norms))
+    loss_floor = 1e-2 * (math.sqrt(n2) if reduction == "none" else (1.0 if reduction == "mean" else n2))
+    return loss_floor, 1e-2 * typical.norm().item() / math.sqrt(2)
+
+
+NS = (1, 2, 3, 17, 70)
+DS = (8, 33, 130)
+REDUCTIONS = ("mean", "sum", "none")
+DTYPES = (torch.float32, torch.bfloat16)
+# Every (N, D, dtype) once, the reduction cycling, an all-zero row in every fourth case.
+CASES = [
+    (n, d, dtype, REDUCTIONS[i % 3], i % 4 == 3 and n > 1)
+    for i, (n, d, dtype) in enumerate((n, d, dt) for n in NS for d in DS for dt in DTYPES)
+]
+
+
+def _case_id(case):
+    n, d, dtype, reduction, zero = case
+    return f"N{n}-D{d}-{str(dtype).split('.')[-1]}-{reduction}{'-zero_row' if zero else ''}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_torch_backend_matches_definition(case):
+    n, d, dtype, reduction, zero = case
+    check_against_definition("torch", n, d, dtype, reduction, seed=CASES.index(case), zero_row=zero)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_triton_backend_matches_definition(case):
+    n, d, dtype, reduction, zero = case
+    check_against_definition("triton", n, d, dtype, reduction, seed=CASES.index(case), zero_row=zero)
+
+
+@needs_triton
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_triton_all_reductions_fp32_odd_shape(reduction):
+    check_against_definition("triton", 17, 33, torch.float32, reduction, seed=500 + REDUCTIONS.index(reduction))
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "fused_norm,big", [(True, False), (False, False), (False, True)], ids=["tiny-fused", "tiny-normkernel", "large"]
+)
+def test_triton_block_configs(fused_norm, big):
+    """Force many ragged blocks (16-wide tiles: several row, column, D and gradient-column blocks), the
+    separate norm kernel, and the large-problem configuration."""
+    if big:
+        config = pick_config(1 << 20, 1024, torch.float16)  # the table's entry for large problems
+        n, d = 70, 130
+    else:
+        config = KernelConfig(16, 16, 16, 4, 2, fused_norm, 16, 16, 16, 16, 4, 2)
+        n, d = 23, 37
+    for i, dtype in enumerate((torch.float32, torch.bfloat16)):
+        check_against_definition("triton", n, d, dtype, REDUCTIONS[i + fused_norm], seed=600 + i, config=config)
+
+
+@needs_triton
+def test_triton_fp16():
+    check_against_definition("triton", 17, 33, torch.float16, "mean", seed=700)
+
+
+@needs_triton
+def test_triton_all_zero_row_is_finite():
+    a, b = make_inputs(5, 16, torch.float32, seed=800, scale_rows=False)
+    a[2] = 0.0
+    for backend in ("torch", "triton"):
+        loss, ga, gb = loss_and_grads(lambda x, y: info_nce(x, y, 0.05, "none", backend=backend), a, b, torch.ones(10))
+        assert torch.isfinite(loss).all() and torch.isfinite(ga).all() and torch.isfinite(gb).all()
+    # the zero row's logits are all 0: its loss is log(2N - 1)
+    assert math.isclose(loss[2].item(), math.log(9), rel_tol=1e-5)
+
+
+@needs_triton
+def test_triton_deterministic():
+    a, b = make_inputs(70, 130, torch.float32, seed=900)
+    g = torch.randn(140)
+    runs = [loss_and_grads(lambda x, y: info_nce(x, y, 0.07, "none", backend="triton"), a, b, g) for _ in range(2)]
+    for first, second in zip(runs[0], runs[1]):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_non_contiguous_inputs(backend):
+    a, b = make_inputs(17, 33, torch.float32, seed=1000)
+    fn = lambda x, y: info_nce(x, y, 0.1, "mean", backend=backend)  # noqa: E731
+    expected = loss_and_grads(fn, a, b, None)
+    a_t = a.T.contiguous().T  # column-major: stride (1, N)
+    wide = torch.zeros(17, 50, device=DEVICE)
+    wide[:, 5:38] = b
+    b_rows = wide[:, 5:38]  # row stride 50, unit column stride
+    assert not a_t.is_contiguous() and not b_rows.is_contiguous()
+    got = loss_and_grads(fn, a_t, b_rows, None)
+    tall = torch.zeros(34, 33, device=DEVICE)
+    tall[::2] = a
+    got2 = loss_and_grads(fn, tall[::2], b, None)  # row stride 2D
+    for e, x, y in zip(expected, got, got2):
+        assert rel_err(x, e) <= 1e-6 and rel_err(y, e) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_autocast(backend):
+    a, b = make_inputs(17, 33, torch.float32, seed=1100, scale_rows=False)
+    fn = lambda x, y: info_nce(x, y, 0.1, "mean", backend=backend)  # noqa: E731
+    plain = loss_and_grads(fn, a, b, None)
+    with torch.autocast(device_type=DEVICE.type, dtype=torch.bfloat16):
+        auto = loss_and_grads(fn, a, b, None)
+    assert auto[0].dtype == torch.float32
+    for p, q in zip(plain, auto):
+        assert rel_err(q, p) <= 2e-2
+
+
+def test_env_forces_torch(monkeypatch):
+    monkeypatch.setenv("MIRRORFAST_KERNELS", "torch")
+    assert resolve_backend("triton", DEVICE) == "torch"
+    assert resolve_backend("auto", torch.device("cuda")) == "torch"
+    import mirrorfast.kernels as kernels_pkg
+
+    def boom(*args, **kwargs):  # pragma: no cover - must not be reached
+        raise AssertionError("triton path used despite MIRRORFAST_KERNELS=torch")
+
+    if _TRITON_ERR is None:
+        import mirrorfast.kernels.infonce_triton as mod
+
+        monkeypatch.setattr(mod, "info_nce_triton", boom)
+    a, b = make_inputs(3, 8, torch.float32, seed=1200)
+    out = kernels_pkg.info_nce(a, b, 0.5, "sum", backend="triton")
+    assert torch.equal(out, info_nce_reference(a, b, 0.5, "sum"))
+
+
+def test_auto_on_cpu_is_torch(monkeypatch):
+    monkeypatch.delenv("MIRRORFAST_KERNELS", raising=False)
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    a, b = make_inputs(3, 8, torch.float32, seed=1300, device="cpu")
+    assert torch.equal(info_nce(a, b, 0.3, "none"), info_nce_reference(a, b, 0.3, "none"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
+def test_triton_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.delenv("MIRRORFAST_KERNELS", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    a, b = make_inputs(3, 8, torch.float32, seed=1400, device="cpu")
+    with pytest.raises(MirrorfastError, match="TRITON_INTERPRET=1"):
+        info_nce(a, b, backend="triton")
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,match",
+    [
+        ((torch.randn(3, 4), torch.randn(3, 5)), {}, r"same shape, got \(3, 4\) and \(3, 5\)"),
+        ((torch.randn(0, 4), torch.randn(0, 4)), {}, r"at least one pair \(N >= 1\), got N=0"),
+        ((torch.ones(3, 4, dtype=torch.int64), torch.ones(3, 4, dtype=torch.int64)), {}, "must be floating point"),
+        ((torch.randn(3, 4), torch.randn(3, 4)), {"temperature": 0.0}, r"temperature must be a number > 0, got 0.0"),
+        ((torch.randn(3, 4), torch.randn(3, 4)), {"temperature": -1.0}, r"temperature must be a number > 0"),
+        ((torch.randn(3, 4), torch.randn(3, 4)), {"reduction": "avg"}, r"reduction must be one of .* got 'avg'"),
+        ((torch.randn(3, 4), torch.randn(3, 4)), {"backend": "cuda"}, r"backend must be one of .* got 'cuda'"),
+        ((torch.randn(3), torch.randn(3)), {}, r"must be 2-D \(N, D\)"),
+    ],
+    ids=["shape-mismatch", "n-zero", "integer-dtype", "temperature-zero", "temperature-negative",
+         "bad-reduction", "bad-backend", "not-2d"],
+)
+def test_validation_errors(args, kwargs, match):
+    with pytest.raises(MirrorfastError, match=match):
+        info_nce(*args, **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA-graph capture")
+@needs_triton
+def test_cuda_graph_capture():  # pragma: no cover - GPU only
+    a, b = make_inputs(200, 64, torch.float16, seed=1500, scale_rows=False)
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+
+    def step():
+        loss = info_nce(a, b, 0.05, "mean", backend="triton")
+        return (loss, *torch.autograd.grad(loss, (a, b)))
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        eager = step()  # compiles the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for e, s in zip(eager, static):
+        assert torch.equal(e, s)

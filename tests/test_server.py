@@ -1,0 +1,561 @@
+"""`mirrorfast serve` (export/server.py): real uvicorn servers on 127.0.0.1, real HTTP through httpx and
+the openai client, vectors checked against OnnxEncoder.encode."""
+
+import base64
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("onnxruntime")
+uvicorn = pytest.importorskip("uvicorn")
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+ATOL = 1e-5
+
+SENTENCES = [
+    "A man is playing a guitar.",
+    "The cat sat on the mat.",
+    "hello",
+    "Stocks rallied on Friday after the central bank held interest rates steady for a third month.",
+    "Two dogs run through a field of tall grass while the sun sets behind the hills.",
+    "ok",
+    "Quantum computers exploit superposition and entanglement to explore many states at once, "
+    "which could make some optimization and simulation problems far easier to solve.",
+    "I love this!",
+    "Ceci n'est pas une pipe.",
+    "Der schnelle braune Fuchs springt über den faulen Hund.",
+    "東京は日本の首都です。",
+    "Is it raining?",
+]
+
+
+# -------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def export_dir(tiny_bert_dir, tmp_path_factory) -> Path:
+    from mirrorfast.export.onnx import export_model
+
+    out = tmp_path_factory.mktemp("serve") / "tiny-export"
+    export_model(tiny_bert_dir, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def encoder(export_dir):
+    from mirrorfast.export.runtime import OnnxEncoder
+
+    return OnnxEncoder(export_dir, provider="cpu")
+
+
+@pytest.fixture(scope="session")
+def expected(encoder):
+    """Direct encodings of SENTENCES, the reference every served vector is compared with."""
+    return dict(zip(SENTENCES, encoder.encode(SENTENCES)))
+
+
+@contextmanager
+def live_server(app):
+    """uvicorn on 127.0.0.1 with a free port, in a background thread; yields the base URL."""
+    from mirrorfast.export.server import bind_socket
+
+    sock = bind_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(20)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(encoder):
+    """The strict server: an API key, small limits (8 inputs, 48 tokens, 64 KiB bodies)."""
+    from mirrorfast.export.server import ServeConfig, create_app
+
+    app = create_app(encoder, ServeConfig(api_key=KEY, max_inputs=8, max_input_tokens=48,
+                                          max_body_bytes=64 * 1024, max_batch_tokens=2048))
+    with live_server(app) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server, headers=AUTH, timeout=30) as c:
+        yield c
+
+
+def _metric(text: str, name: str, labels: dict | None = None) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
+                total += sample.value
+    return total
+
+
+def _good(client) -> None:
+    r = client.post("/embed", json={"inputs": "still alive"})
+    assert r.status_code == 200, r.text
+    assert len(r.json()) == 1
+
+
+# ----------------------------------------------------------------------------------- happy paths
+def test_health(client, encoder):
+    r = client.get("/health")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "ok" and body["dim"] == encoder.dim
+
+
+def test_both_routes_match_direct_encoding(client, encoder, expected):
+    r = client.post("/embed", json={"inputs": SENTENCES[:8]})
+    assert r.status_code == 200, r.text
+    got = np.array(r.json(), dtype=np.float32)
+    assert got.shape == (8, encoder.dim)
+    np.testing.assert_allclose(got, np.stack([expected[s] for s in SENTENCES[:8]]), atol=ATOL)
+
+    r = client.post("/embed", json={"inputs": SENTENCES[3]})  # a bare string -> a list of one vector
+    np.testing.assert_allclose(np.array(r.json()), expected[SENTENCES[3]][None], atol=ATOL)
+
+    r = client.post("/v1/embeddings", json={"input": SENTENCES[4:12], "model": "whatever"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "list" and isinstance(body["model"], str)
+    assert [d["index"] for d in body["data"]] == list(range(8))
+    assert all(d["object"] == "embedding" for d in body["data"])
+    got = np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
+    np.testing.assert_allclose(got, np.stack([expected[s] for s in SENTENCES[4:12]]), atol=ATOL)
+    tokens = sum(encoder.count_tokens(SENTENCES[4:12]))
+    assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+
+
+def test_base64_is_little_endian_float32(client, expected):
+    r = client.post("/v1/embeddings", json={"input": SENTENCES[:3], "encoding_format": "base64"})
+    assert r.status_code == 200, r.text
+    for d, s in zip(r.json()["data"], SENTENCES[:3]):
+        vec = np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4")
+        np.testing.assert_allclose(vec, expected[s], atol=ATOL)
+
+
+def test_openai_client(server, expected):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+    for kwargs in ({}, {"encoding_format": "float"}, {"encoding_format": "base64"}):
+        res = client.embeddings.create(input=SENTENCES[:5], model="mirrorfast", **kwargs)
+        vectors = [d.embedding for d in res.data]
+        if kwargs.get("encoding_format") == "base64":  # asked for explicitly: the client leaves it encoded
+            vectors = [np.frombuffer(base64.b64decode(v), dtype="<f4") for v in vectors]
+        np.testing.assert_allclose(np.array(vectors, dtype=np.float32),
+                                   np.stack([expected[s] for s in SENTENCES[:5]]), atol=ATOL)
+        assert res.usage.prompt_tokens > 0
+    single = client.embeddings.create(input=SENTENCES[0], model="m")  # default: base64 on the wire
+    np.testing.assert_allclose(single.data[0].embedding, expected[SENTENCES[0]], atol=ATOL)
+
+    bad = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.embeddings.create(input="x", model="m")
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.embeddings.create(input=[], model="m")
+
+
+def test_token_counting_matches_encoder(encoder):
+    from mirrorfast.export.server import TokenCounter
+
+    texts = SENTENCES + ["word " * 300, "🙂 e\u0301 שלום"]
+    counter = TokenCounter(encoder)
+    try:
+        assert counter.count_sync(texts) == [int(n) for n in encoder.count_tokens(texts)]
+    finally:
+        counter.close()
+
+
+# ------------------------------------------------------------------------------------ bad inputs
+LONG = "supercalifragilistic " * 40  # far over 48 tokens
+
+BAD_REQUESTS = [
+    # (name, route, kwargs for client.post, status, substring of the message)
+    ("malformed json", "/v1/embeddings", {"content": b'{"input": ["a",', "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+    ("invalid utf-8", "/embed", {"content": b'{"inputs": "\xff\xfe"}', "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+    ("empty body", "/embed", {"content": b"", "headers": {"content-type": "application/json"}}, 400, "empty"),
+    ("declared too large", "/embed", {"content": b"[" * 100000 + b"]" * 100000, "headers": {"content-type": "application/json"}}, 413, "larger than"),
+    ("nested json", "/embed", {"content": b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}", "headers": {"content-type": "application/json"}}, 400, "JSON"),
+    ("text/plain", "/v1/embeddings", {"content": b'{"input": "a"}', "headers": {"content-type": "text/plain"}}, 400, "Content-Type"),
+    ("form", "/embed", {"data": {"inputs": "a"}}, 400, "Content-Type"),
+    ("not an object", "/v1/embeddings", {"json": ["a", "b"]}, 422, "JSON object"),
+    ("missing input", "/v1/embeddings", {"json": {"model": "m"}}, 422, "'input' is required"),
+    ("wrong type", "/v1/embeddings", {"json": {"input": {"text": "a"}}}, 422, "must be a string or a list of strings"),
+    ("number", "/embed", {"json": {"inputs": 3.5}}, 422, "must be a string or a list"),
+    ("null item", "/embed", {"json": {"inputs": ["a", None]}}, 422, "inputs[1] must be a string, got null"),
+    ("bool item", "/v1/embeddings", {"json": {"input": ["a", "b", True]}}, 422, "input[2] must be a string, got boolean"),
+    ("empty list", "/v1/embeddings", {"json": {"input": []}}, 422, "empty list"),
+    ("empty string", "/v1/embeddings", {"json": {"input": ""}}, 422, "empty string"),
+    ("empty string item", "/embed", {"json": {"inputs": ["a", "b", ""]}}, 422, "inputs[2] is an empty string"),
+    ("too many", "/v1/embeddings", {"json": {"input": ["a"] * 9}}, 422, "at most 8"),
+    ("too long", "/v1/embeddings", {"json": {"input": ["short", LONG]}}, 422, "input[1] is"),
+    ("too long single", "/embed", {"json": {"inputs": LONG}}, 422, "limit is 48 tokens"),
+    ("token ids", "/v1/embeddings", {"json": {"input": [101, 2023, 102]}}, 422, "token arrays are not supported"),
+    ("token id lists", "/v1/embeddings", {"json": {"input": [[101, 2023, 102]]}}, 422, "token arrays are not supported"),
+    ("bad encoding_format", "/v1/embeddings", {"json": {"input": "a", "encoding_format": "int8"}}, 422, "encoding_format"),
+    ("bad model type", "/v1/embeddings", {"json": {"input": "a", "model": 7}}, 422, "'model' must be a string"),
+    ("bad dimensions", "/v1/embeddings", {"json": {"input": "a", "dimensions": 3}}, 422, "dimensions"),
+    ("oversized body", "/embed", {"json": {"inputs": ["x" * 70_000]}}, 413, "larger than"),
+    ("get on post route", "/embed", {"method": "GET"}, 405, "not allowed"),
+]
+
+
+@pytest.mark.parametrize("name,route,kwargs,status,message", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_input_gets_a_clear_json_error(client, name, route, kwargs, status, message):
+    kwargs = dict(kwargs)
+    method = kwargs.pop("method", "POST")
+    r = client.request(method, route, **kwargs)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) >= {"message", "type", "param", "code"}
+    assert message in err["message"], err
+    if "[" in message:  # the index of the bad input is named
+        assert isinstance(err.get("index"), int)
+    _good(client)
+
+
+def test_streamed_oversized_body_is_413(client):
+    def chunks():
+        for _ in range(40):
+            yield b" " * 4096  # 160 KiB, chunked: no Content-Length to check up front
+
+    r = client.post("/embed", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text
+    assert "larger than" in r.json()["error"]["message"]
+    _good(client)
+
+
+def test_auth(server, client):
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"}):
+        r = httpx.post(f"{server}/v1/embeddings", json={"input": "a"}, headers=headers)
+        assert r.status_code == 401, headers
+        assert r.json()["error"]["code"] == "invalid_api_key"
+        r = httpx.post(f"{server}/embed", json={"inputs": "a"}, headers=headers)
+        assert r.status_code == 401
+    assert httpx.post(f"{server}/embed", json={"inputs": "a"}, headers={"authorization": f"bearer {KEY}"}).status_code == 200
+    assert httpx.get(f"{server}/health").status_code == 200  # probes and scrapers need no key
+    assert httpx.get(f"{server}/metrics").status_code == 200
+    _good(client)
+
+
+def test_unknown_route_is_json_404(client):
+    for method, path in (("GET", "/"), ("POST", "/v1/completions"), ("GET", "/v1/embeddings/x")):
+        r = client.request(method, path)
+        assert r.status_code == 404
+        assert r.json()["error"]["type"] == "not_found_error"
+    _good(client)
+
+
+UNICODE = [
+    "🙂👍🏽 family: 👨‍👩‍👧‍👦",
+    "e\u0301 n\u0303 a\u030a combining",
+    "Z\u0351\u0308\u0342\u0306" * 30,  # zalgo: one very long "word"
+    "שלום עולם",
+    "مرحبا بالعالم \u200f\u202e reversed",
+    "ctrl \x00\x01\x07\x1b\x7f\x9f chars",
+    "\u200b\u200c\u200d\ufeff",
+    "   \t\n  ",
+    "line\u2028sep\u2029para",
+    "\ue000\uffff\U0010ffff noncharacters",
+    "漢字かなカナ한국어",
+    "\ud83d\ude00 escaped pair",
+    "lone \ud800 high",
+    "lone \udfff low",
+    "\udc00",
+    "end \ud83d",
+]
+
+
+def test_unicode_of_every_kind_embeds_or_is_422(client, encoder):
+    for text in UNICODE:
+        body = json.dumps({"input": [text]}, ensure_ascii=True).encode()  # lone surrogates as \\udXXX
+        r = client.post("/v1/embeddings", content=body, headers={"content-type": "application/json"})
+        assert r.status_code in (200, 422), (text, r.status_code, r.text)
+        if r.status_code == 200:
+            got = np.array(r.json()["data"][0]["embedding"], dtype=np.float32)
+            as_served = json.loads(body)["input"][0]  # JSON joins an escaped surrogate pair into one char
+            np.testing.assert_allclose(got, encoder.encode([as_served])[0], atol=ATOL)
+        else:
+            assert "input[0]" in r.json()["error"]["message"]
+        # the same as raw UTF-8 (where it can be encoded at all)
+        raw = json.dumps({"inputs": text}, ensure_ascii=False).encode("utf-8", "surrogatepass")
+        r = client.post("/embed", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code in (200, 400, 422), (text, r.status_code, r.text)
+    _good(client)
+    valid = [t for t in UNICODE if not re.search(r"[\ud800-\udfff]", t)]
+    r = client.post("/embed", json={"inputs": valid[:8]})
+    assert r.status_code == 200, r.text
+
+
+# ------------------------------------------------------------------------------------ concurrency
+def test_load_16_clients_x_50_requests(server, expected):
+    rng = random.Random(0)
+    plans = [[rng.sample(SENTENCES, rng.randint(1, 8)) for _ in range(50)] for _ in range(16)]
+
+    def client_run(k: int) -> int:
+        done = 0
+        with httpx.Client(base_url=server, headers=AUTH, timeout=60) as c:
+            for j, texts in enumerate(plans[k]):
+                kind = (k + j) % 3
+                if kind == 0:
+                    r = c.post("/embed", json={"inputs": texts})
+                    assert r.status_code == 200, r.text
+                    got = np.array(r.json(), dtype=np.float32)
+                elif kind == 1:
+                    r = c.post("/v1/embeddings", json={"input": texts})
+                    assert r.status_code == 200, r.text
+                    got = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
+                else:
+                    r = c.post("/v1/embeddings", json={"input": texts, "encoding_format": "base64"})
+                    assert r.status_code == 200, r.text
+                    got = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), "<f4")
+                                    for d in r.json()["data"]])
+                np.testing.assert_allclose(got, np.stack([expected[s] for s in texts]), atol=ATOL)
+                done += 1
+        return done
+
+    with ThreadPoolExecutor(16) as pool:
+        assert sum(pool.map(client_run, range(16))) == 800
+    metrics = httpx.get(f"{server}/metrics").text
+    # requests were really merged: fewer model calls than requests
+    assert _metric(metrics, "mirrorfast_batch_size_count") < _metric(metrics, "mirrorfast_requests_total",
+                                                                      {"status": "200"})
+
+
+class _GatedEncoder:
+    """The real encoder behind a gate, so a test can hold the inference worker busy."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        for name in ("tokenizer", "max_length", "dim", "provider", "name", "normalized"):
+            setattr(self, name, getattr(inner, name))
+
+    def encode(self, texts, batch_size=64):
+        self.entered.set()
+        self.gate.wait(30)
+        return self.inner.encode(texts, batch_size=batch_size)
+
+    def count_tokens(self, texts):
+        return self.inner.count_tokens(texts)
+
+
+def test_full_queue_is_503_with_retry_after(encoder, expected):
+    from mirrorfast.export.server import ServeConfig, create_app
+
+    gated = _GatedEncoder(encoder)
+    app = create_app(gated, ServeConfig(max_queue=2, batch_wait_ms=0))
+    state = app.app.state.mirrorfast
+    with live_server(app) as url, ThreadPoolExecutor(2) as pool:
+        first = pool.submit(httpx.post, f"{url}/embed", json={"inputs": SENTENCES[0]}, timeout=30)
+        assert gated.entered.wait(10)  # the worker holds request 1
+        second = pool.submit(httpx.post, f"{url}/embed", json={"inputs": SENTENCES[1:3]}, timeout=30)
+        deadline = time.monotonic() + 10
+        while state.batcher.queued < 2:  # request 2 waits in the queue
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        r = httpx.post(f"{url}/embed", json={"inputs": "one more"})
+        assert r.status_code == 503
+        assert r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "queue_full"
+        gated.gate.set()
+        np.testing.assert_allclose(np.array(first.result().json()), expected[SENTENCES[0]][None], atol=ATOL)
+        np.testing.assert_allclose(np.array(second.result().json()),
+                                   np.stack([expected[s] for s in SENTENCES[1:3]]), atol=ATOL)
+        assert httpx.post(f"{url}/embed", json={"inputs": "one more"}).status_code == 200
+        metrics = httpx.get(f"{url}/metrics").text
+        assert _metric(metrics, "mirrorfast_requests_total", {"route": "/embed", "status": "503"}) == 1
+        assert _metric(metrics, "mirrorfast_rejected_total") == 1
+
+
+def test_inference_failure_is_a_json_500_and_the_worker_goes_on(encoder, expected):
+    from mirrorfast.export.server import ServeConfig, create_app
+
+    class Flaky(_GatedEncoder):
+        def encode(self, texts, batch_size=64):
+            if any("boom" in t for t in texts):
+                raise RuntimeError("simulated onnxruntime failure")
+            return self.inner.encode(texts, batch_size=batch_size)
+
+    flaky = Flaky(encoder)
+    with live_server(create_app(flaky, ServeConfig(batch_wait_ms=0))) as url:
+        r = httpx.post(f"{url}/v1/embeddings", json={"input": ["fine", "boom"]})
+        assert r.status_code == 500
+        assert r.json()["error"]["type"] == "server_error"
+        r = httpx.post(f"{url}/embed", json={"inputs": SENTENCES[0]})
+        assert r.status_code == 200
+        np.testing.assert_allclose(np.array(r.json()), expected[SENTENCES[0]][None], atol=ATOL)
+
+
+def test_metrics_count_what_was_sent(encoder):
+    from mirrorfast.export.server import ServeConfig, create_app
+
+    app = create_app(encoder, ServeConfig(max_inputs=8))
+    with live_server(app) as url, httpx.Client(base_url=url) as c:
+        for _ in range(3):
+            assert c.post("/embed", json={"inputs": SENTENCES[:2]}).status_code == 200
+        for _ in range(2):
+            assert c.post("/v1/embeddings", json={"input": SENTENCES[2]}).status_code == 200
+        assert c.post("/v1/embeddings", json={"input": []}).status_code == 422
+        assert c.get("/nowhere").status_code == 404
+        text = c.get("/metrics").text
+    assert text.startswith("# HELP")
+    assert _metric(text, "mirrorfast_requests_total", {"route": "/embed", "status": "200"}) == 3
+    assert _metric(text, "mirrorfast_requests_total", {"route": "/v1/embeddings", "status": "200"}) == 2
+    assert _metric(text, "mirrorfast_requests_total", {"route": "/v1/embeddings", "status": "422"}) == 1
+    assert _metric(text, "mirrorfast_requests_total", {"route": "other", "status": "404"}) == 1
+    assert _metric(text, "mirrorfast_request_duration_seconds_count", {"route": "/embed"}) == 3
+    assert _metric(text, "mirrorfast_inputs_total") == 8
+    assert _metric(text, "mirrorfast_batch_size_sum") == 8
+    assert _metric(text, "mirrorfast_batch_size_count") == 5
+    tokens = 3 * sum(encoder.count_tokens(SENTENCES[:2])) + 2 * encoder.count_tokens([SENTENCES[2]])[0]
+    assert _metric(text, "mirrorfast_prompt_tokens_total") == tokens
+    assert _metric(text, "mirrorfast_batch_tokens_count") == 5
+    assert _metric(text, "mirrorfast_queue_depth") == 0
+    assert "mirrorfast_requests_in_progress" in text
+
+
+def test_truncate(encoder):
+    from mirrorfast.export.server import ServeConfig, create_app
+
+    long_text = "the quick brown fox jumps over the lazy dog " * 40  # ~360 tokens > 128
+    app = create_app(encoder, ServeConfig(truncate=True))
+    with live_server(app) as url:
+        r = httpx.post(f"{url}/v1/embeddings", json={"input": [long_text, "short"]})
+        assert r.status_code == 200, r.text
+        got = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
+        np.testing.assert_allclose(got, encoder.encode([long_text, "short"]), atol=ATOL)
+        assert r.json()["usage"]["prompt_tokens"] == encoder.max_length + encoder.count_tokens(["short"])[0]
+
+
+# ------------------------------------------------------------------------------------- the batcher
+def test_batcher_respects_the_token_budget_and_keeps_order():
+    import asyncio
+
+    from mirrorfast.export.server import Batcher
+
+    calls = []
+
+    def encode(texts):
+        calls.append(list(texts))
+        return np.array([[float(t.split(":")[0]), float(t.split(":")[1])] for t in texts], dtype=np.float32)
+
+    async def main():
+        b = Batcher(encode, dim=2, max_batch_tokens=100, batch_wait_s=0.01, max_queue=1000)
+        b.start()
+        jobs = []
+        for r in range(20):
+            n = 1 + r % 7
+            texts = [f"{r}:{i}" for i in range(n)]
+            lengths = [5 + 7 * ((r + i) % 4) for i in range(n)]
+            jobs.append((r, n, b.submit(texts, lengths), lengths))
+        results = await asyncio.gather(*(f for _, _, f, _ in jobs))
+        b.stop()
+        return jobs, results
+
+    jobs, results = asyncio.run(main())
+    for (r, n, _, _), vectors in zip(jobs, results):
+        assert vectors.tolist() == [[float(r), float(i)] for i in range(n)]
+    lengths = {f"{r}:{i}": lens[i] for r, n, _, lens in jobs for i in range(n)}
+    assert sum(len(c) for c in calls) == sum(n for _, n, _, _ in jobs)
+    for batch in calls:
+        assert len(batch) * max(lengths[t] for t in batch) <= 100
+    assert len(calls) < 20 * 4  # merged across requests, not one call per input
+
+
+# ---------------------------------------------------------------------------------------- the command
+def test_serve_refuses_a_non_export_dir(tmp_path, capsys):
+    from mirrorfast.cli import main
+
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert main(["serve", str(tmp_path), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "mirrorfast serve: error:" in err and "not an export directory" in err
+    assert main(["serve", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_serve_refuses_bad_limits(export_dir, capsys):
+    from mirrorfast.cli import main
+
+    assert main(["serve", str(export_dir), "--port", "0", "--max-input-tokens", "100000"]) == 2
+    assert "exceeds the model's maximum length" in capsys.readouterr().err
+    assert main(["serve", str(export_dir), "--port", "0", "--max-inputs", "0"]) == 2
+    assert "--max-inputs must be at least 1" in capsys.readouterr().err
+
+
+def test_sigterm_finishes_requests_in_flight(export_dir, encoder):
+    """`python -m mirrorfast.cli serve` as a subprocess: heavy requests in flight, SIGTERM, all get 200."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mirrorfast.cli", "serve", str(export_dir), "--port", "0", "--provider", "cpu",
+         "--max-inputs", "1024", "--max-batch-tokens", "256", "--max-input-tokens", "64", "--max-queue", "8000"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=ROOT,
+    )
+    lines: list[str] = []
+    m = None
+    try:
+        for line in proc.stderr:  # the one start-up line names the address (--port 0: a free port)
+            lines.append(line)
+            m = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
+            if m:
+                break
+        assert m, "".join(lines)
+        url = m.group(1)
+        threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+        assert "provider cpu" in line and "tokens/input" in line
+        texts = [f"{s} number {i}" for i, s in enumerate(SENTENCES * 80)][:1000]  # 1000 inputs, ~125 batches
+        want = encoder.encode(texts)
+        n = 6
+        with ThreadPoolExecutor(n) as pool:
+            futures = [pool.submit(httpx.post, f"{url}/embed", json={"inputs": texts}, timeout=120)
+                       for _ in range(n)]
+            deadline = time.monotonic() + 60
+            while True:  # wait until every request is inside the server
+                text = httpx.get(f"{url}/metrics").text
+                if _metric(text, "mirrorfast_requests_in_progress") >= n + 1:
+                    break
+                assert time.monotonic() < deadline and not any(f.done() for f in futures)
+                time.sleep(0.005)
+            proc.send_signal(signal.SIGTERM)
+            responses = [f.result() for f in futures]
+        assert [r.status_code for r in responses] == [200] * n
+        for r in responses:
+            np.testing.assert_allclose(np.array(r.json(), dtype=np.float32), want, atol=ATOL)
+        assert proc.wait(60) == 0
+        time.sleep(0.1)
+        assert any("stopped on SIGTERM" in line for line in lines), lines
+        with pytest.raises(httpx.TransportError):  # and it is really gone
+            httpx.get(f"{url}/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

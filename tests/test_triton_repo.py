@@ -1,0 +1,214 @@
+"""export/triton_repo.py: the Triton model repository matches the ONNX graph it serves."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mirrorfast.errors import MirrorfastError
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="session")
+def export_dir(tiny_bert_dir, tmp_path_factory) -> Path:
+    from mirrorfast.export.onnx import export_model
+
+    out = tmp_path_factory.mktemp("triton-src") / "tiny-export"
+    export_model(tiny_bert_dir, out)
+    return out
+
+
+# ------------------------------------------------------------------- a small protobuf-text parser
+_TOKEN = re.compile(r'\s*(?:(#[^\n]*)|("(?:[^"\\]|\\.)*")|([A-Za-z_][A-Za-z0-9_.]*)|(-?\d+(?:\.\d+)?)|([:{}\[\],]))')
+
+
+def _tokens(text: str) -> list[str]:
+    out, pos = [], 0
+    text = text.rstrip()
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        assert m, f"cannot parse pbtxt at {text[pos:pos + 30]!r}"
+        pos = m.end()
+        if m.group(1) is None:
+            out.append(m.group(0).strip())
+    return out
+
+
+def parse_pbtxt(text: str) -> dict:
+    """Protobuf text format -> {field: [values]} (messages are dicts, strings unquoted, numbers int)."""
+    toks = _tokens(text)
+    pos = 0
+
+    def scalar(tok: str):
+        if tok.startswith('"'):
+            return json.loads(tok)
+        if re.fullmatch(r"-?\d+", tok):
+            return int(tok)
+        return tok  # enum
+
+    def value():
+        nonlocal pos
+        tok = toks[pos]
+        if tok == "{":
+            pos += 1
+            return message("}")
+        pos += 1
+        return scalar(tok)
+
+    def message(end: str | None) -> dict:
+        nonlocal pos
+        fields: dict = {}
+        while pos < len(toks) and toks[pos] != end:
+            name = toks[pos]
+            pos += 1
+            if toks[pos] == ":":
+                pos += 1
+            if toks[pos] == "[":
+                pos += 1
+                while toks[pos] != "]":
+                    fields.setdefault(name, []).append(value())
+                    if toks[pos] == ",":
+                        pos += 1
+                pos += 1
+            else:
+                fields.setdefault(name, []).append(value())
+        pos += 1
+        return fields
+
+    return message(None)
+
+
+def _graph_tensors(model_path: Path):
+    model = onnx.load(str(model_path))
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in inits]
+    return inputs, list(model.graph.output)
+
+
+_ONNX_TO_TRITON = {onnx.TensorProto.INT64: "TYPE_INT64", onnx.TensorProto.FLOAT: "TYPE_FP32",
+                   onnx.TensorProto.INT32: "TYPE_INT32", onnx.TensorProto.FLOAT16: "TYPE_FP16"}
+
+
+# -------------------------------------------------------------------------------------------- tests
+def test_config_matches_onnx_graph(export_dir, tmp_path):
+    from mirrorfast.export.triton_repo import write_triton_repo
+
+    repo = tmp_path / "repo"
+    model_dir = write_triton_repo(export_dir, repo, max_batch_size=32)
+    assert model_dir == repo / "tiny-export"
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "config.pbtxt"]
+    assert (model_dir / "1" / "model.onnx").read_bytes() == (export_dir / "model.onnx").read_bytes()
+
+    cfg = parse_pbtxt((model_dir / "config.pbtxt").read_text())
+    assert cfg["name"] == [model_dir.name]
+    assert cfg["backend"] == ["onnxruntime"]
+    assert cfg["max_batch_size"] == [32]
+    assert "dynamic_batching" in cfg and cfg["dynamic_batching"][0]["max_queue_delay_microseconds"] == [2000]
+
+    hidden = json.loads((export_dir / "export.json").read_text())["dim"]
+    g_inputs, g_outputs = _graph_tensors(export_dir / "model.onnx")
+    assert [t["name"][0] for t in cfg["input"]] == [v.name for v in g_inputs]
+    assert [t["name"][0] for t in cfg["output"]] == [v.name for v in g_outputs]
+    assert [v.name for v in g_inputs] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert [v.name for v in g_outputs] == ["sentence_embedding", "token_embeddings"]
+    for entry, v in zip(cfg["input"] + cfg["output"], g_inputs + g_outputs):
+        assert entry["data_type"] == [_ONNX_TO_TRITON[v.type.tensor_type.elem_type]], v.name
+        graph_rank = len(v.type.tensor_type.shape.dim)
+        assert len(entry["dims"]) == graph_rank - 1, v.name  # batch dim left to max_batch_size
+        # every concrete dim of the graph appears as is
+        for d, graph_dim in zip(entry["dims"], list(v.type.tensor_type.shape.dim)[1:]):
+            if graph_dim.HasField("dim_value"):
+                assert d == graph_dim.dim_value
+    dims = {t["name"][0]: t["dims"] for t in cfg["input"] + cfg["output"]}
+    assert dims["input_ids"] == dims["attention_mask"] == dims["token_type_ids"] == [-1]
+    assert dims["sentence_embedding"] == [hidden]
+    assert dims["token_embeddings"] == [-1, hidden]
+
+    # and what the graph really produces fits the declared dims
+    sess = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    batch, seq = 3, 7
+    feeds = {"input_ids": np.full((batch, seq), 1000, np.int64), "attention_mask": np.ones((batch, seq), np.int64),
+             "token_type_ids": np.zeros((batch, seq), np.int64)}
+    results = sess.run(None, feeds)
+    for entry, arr in zip(cfg["output"], results):
+        assert arr.shape[0] == batch
+        assert all(d == -1 or d == s for d, s in zip(entry["dims"], arr.shape[1:])), (entry, arr.shape)
+        assert arr.dtype == np.float32
+
+
+def test_options_rendered(export_dir, tmp_path):
+    from mirrorfast.export.triton_repo import write_triton_repo
+
+    model_dir = write_triton_repo(export_dir, tmp_path / "repo", max_batch_size=64, model_name="minilm",
+                                  preferred_batch_sizes=[16, 8], instance_kind="gpu", instance_count=2,
+                                  max_queue_delay_us=500)
+    cfg = parse_pbtxt((model_dir / "config.pbtxt").read_text())
+    assert model_dir.name == "minilm" and cfg["name"] == ["minilm"]
+    assert cfg["dynamic_batching"][0] == {"preferred_batch_size": [8, 16], "max_queue_delay_microseconds": [500]}
+    assert cfg["instance_group"] == [{"count": [2], "kind": ["KIND_GPU"]}]
+
+
+def test_rewrite_replaces_ours_and_keeps_other_models(export_dir, tmp_path):
+    from mirrorfast.export.triton_repo import write_triton_repo
+
+    repo = tmp_path / "repo"
+    other = repo / "other_model"
+    other.mkdir(parents=True)
+    (other / "config.pbtxt").write_text('name: "other_model"\n')
+    first = write_triton_repo(export_dir, repo, max_batch_size=8)
+    second = write_triton_repo(export_dir, repo, max_batch_size=16)
+    assert first == second
+    assert parse_pbtxt((second / "config.pbtxt").read_text())["max_batch_size"] == [16]
+    assert (other / "config.pbtxt").read_text() == 'name: "other_model"\n'
+    assert sorted(p.name for p in repo.iterdir()) == ["other_model", "tiny-export"]  # no temp leftovers
+
+    with pytest.raises(MirrorfastError, match="not a previous"):
+        write_triton_repo(export_dir, repo, model_name="other_model")
+    write_triton_repo(export_dir, repo, model_name="other_model", overwrite=True)
+    assert parse_pbtxt((other / "config.pbtxt").read_text())["backend"] == ["onnxruntime"]
+
+
+def test_failures_leave_nothing_behind(export_dir, tmp_path, monkeypatch):
+    from mirrorfast.export import triton_repo
+
+    repo = tmp_path / "repo"
+    not_export = tmp_path / "not-an-export"
+    not_export.mkdir()
+    with pytest.raises(MirrorfastError, match="export directory"):
+        triton_repo.write_triton_repo(not_export, repo)
+    with pytest.raises(MirrorfastError, match="not a directory"):
+        triton_repo.write_triton_repo(tmp_path / "missing", repo)
+    assert not repo.exists()
+    with pytest.raises(MirrorfastError, match="no int8 model"):
+        triton_repo.write_triton_repo(export_dir, repo, precision="int8")
+    with pytest.raises(MirrorfastError, match="max_batch_size"):
+        triton_repo.write_triton_repo(export_dir, repo, max_batch_size=0)
+
+    def broken_copy(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", broken_copy)
+    with pytest.raises(MirrorfastError, match="No space left"):
+        triton_repo.write_triton_repo(export_dir, repo)
+    assert list(repo.iterdir()) == []
+
+
+def test_fixed_batch_dimension_is_refused(tmp_path):
+    from onnx import TensorProto, helper
+
+    from mirrorfast.export.triton_repo import write_triton_repo
+
+    x = helper.make_tensor_value_info("input_ids", TensorProto.INT64, [4, "sequence"])
+    y = helper.make_tensor_value_info("out", TensorProto.INT64, [4, "sequence"])
+    graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["out"])], "g", [x], [y])
+    src = tmp_path / "fixed"
+    src.mkdir()
+    onnx.save(helper.make_model(graph), str(src / "model.onnx"))
+    with pytest.raises(MirrorfastError, match="fixed first dimension"):
+        write_triton_repo(src, tmp_path / "repo")
+    assert not (tmp_path / "repo" / "fixed").exists()
