@@ -144,6 +144,9 @@ def _add_export(sub) -> None:
     p.add_argument("--max-length", type=int, default=None,
                    help="max tokens per text (default: the model's, capped at its positions)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR even if it is not a previous export")
+    p.add_argument("--triton-repo", metavar="DIR", default=None,
+                   help="also write an NVIDIA Triton Inference Server model repository (onnxruntime backend) into DIR")
+    p.add_argument("--triton-max-batch", type=int, default=64, help="Triton max_batch_size (default 64)")
     p.set_defaults(handler=_cmd_export)
 
 
@@ -163,6 +166,12 @@ def _cmd_export(args) -> int:
     for name, p in result.parity.items():
         print(f"  parity {name}: min cosine {p['min_cosine']:.6f} (>= {p['threshold']}), "
               f"max abs diff {p['max_abs_diff']:.2e}, {p['rows']} rows on {p['provider']}")
+    if args.triton_repo:
+        from mirrorfast.export.triton_repo import write_triton_repo
+
+        model_dir = write_triton_repo(result.out_dir, args.triton_repo, max_batch_size=args.triton_max_batch,
+                                      precision="fp16" if args.fp16 else "fp32", overwrite=args.overwrite)
+        print(f"  triton model: {model_dir} (config.pbtxt, 1/model.onnx)")
     return 0
 
 

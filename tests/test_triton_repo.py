@@ -212,3 +212,14 @@ def test_fixed_batch_dimension_is_refused(tmp_path):
     with pytest.raises(MirrorfastError, match="fixed first dimension"):
         write_triton_repo(src, tmp_path / "repo")
     assert not (tmp_path / "repo" / "fixed").exists()
+
+
+def test_export_command_writes_the_triton_repo(tiny_bert_dir, tmp_path, capsys):
+    from mirrorfast.cli import main
+
+    out, repo = tmp_path / "exp", tmp_path / "repo"
+    assert main(["export", str(tiny_bert_dir), str(out), "--triton-repo", str(repo), "--triton-max-batch", "8"]) == 0
+    assert "triton model:" in capsys.readouterr().out
+    config = parse_pbtxt((repo / "exp" / "config.pbtxt").read_text())
+    assert config["max_batch_size"] == [8]
+    assert (repo / "exp" / "1" / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
