@@ -457,9 +457,11 @@ ROWS = {  # recipe -> (kind, precision, environment)
     "reference": ("reference", "fp16", {}),
     "fp16": ("mirrorfast", "fp16", {}),
     "bf16": ("mirrorfast", "bf16", {}),
+    "bf16-graphs": ("mirrorfast", "bf16", {}),  # TrainConfig(cuda_graphs=True): the whole step replayed
     "bf16-torchloss": ("mirrorfast", "bf16", {"MIRRORFAST_KERNELS": "torch"}),  # optional: loss kernel off
 }
-DEFAULT_ROWS = ["bert:reference", "bert:fp16", "bert:bf16", "minilm:reference", "minilm:fp16", "minilm:bf16"]
+DEFAULT_ROWS = ["bert:reference", "bert:fp16", "bert:bf16", "bert:bf16-graphs", "minilm:reference", "minilm:fp16",
+                "minilm:bf16", "minilm:bf16-graphs"]
 ALL_ROWS = [f"{m}:{r}" for m in ("bert", "minilm") for r in ROWS]
 
 
@@ -528,10 +530,12 @@ def run_reference(suite: Suite, spec: ModelSpec) -> dict:
     return row
 
 
-def _mirrorfast_config(suite: Suite, spec: ModelSpec, precision: str, epochs: int, output: Path):
+def _mirrorfast_config(suite: Suite, spec: ModelSpec, precision: str, epochs: int, output: Path,
+                       cuda_graphs: bool = False):
     from mirrorfast.config import TrainConfig
 
     return TrainConfig(model=str(spec.dir), corpus=str(spec.corpus), level="sentence", precision=precision,
+                       cuda_graphs=cuda_graphs,
                        device=suite.args.device, epochs=epochs, batch_size=spec.batch_size, lr=2e-5,
                        weight_decay=0.01, dropout=0.1, pooling="cls", max_length=50, dedup=False, seed=suite.args.seed,
                        output=str(output), overwrite=True, progress=False)
@@ -542,10 +546,11 @@ def _recipe_path(logs: list[str]) -> str:
     line = next((entry for entry in logs if entry.startswith("recipe:")), "")
     values = dict(p.split("=", 1) for p in line.split() if "=" in p)
     precision = {"torch.float16": "fp16", "torch.bfloat16": "bf16"}.get(values.get("precision"), values.get("precision", "?"))
-    return f"{values.get('attention', '?')}/{values.get('loss', '?')}-loss/{precision}"
+    graphs = "/cuda-graphs" if values.get("cuda_graphs") == "True" else ""
+    return f"{values.get('attention', '?')}/{values.get('loss', '?')}-loss/{precision}{graphs}"
 
 
-def run_mirrorfast(suite: Suite, spec: ModelSpec, precision: str) -> dict:
+def run_mirrorfast(suite: Suite, spec: ModelSpec, precision: str, cuda_graphs: bool = False) -> dict:
     from mirrorfast.trainer import train
 
     logs: list[str] = []
@@ -553,8 +558,8 @@ def run_mirrorfast(suite: Suite, spec: ModelSpec, precision: str) -> dict:
     # The timed run first, so that its first epoch is as cold as the reference's (no earlier run of this
     # model and precision in the process).
     t0 = time.perf_counter()
-    result = train(_mirrorfast_config(suite, spec, precision, suite.args.epochs, suite.workdir / "unused"),
-                   log=log, save=False)
+    result = train(_mirrorfast_config(suite, spec, precision, suite.args.epochs, suite.workdir / "unused",
+                                      cuda_graphs), log=log, save=False)
     wall = time.perf_counter() - t0
     peaks = [_peak_memory(suite.device)]
     extra = {}
@@ -564,7 +569,8 @@ def run_mirrorfast(suite: Suite, spec: ModelSpec, precision: str) -> dict:
         _reset_memory(suite.device)
         out_dir = suite.workdir / f"trained-{spec.key}-{precision}"
         shutil.rmtree(out_dir, ignore_errors=True)
-        quality = train(_mirrorfast_config(suite, spec, precision, 1, out_dir), log=lambda m: None, save=True)
+        quality = train(_mirrorfast_config(suite, spec, precision, 1, out_dir, cuda_graphs), log=lambda m: None,
+                        save=True)
         peaks.append(_peak_memory(suite.device))
         extra["quality_run_epoch_seconds"] = [round(s, 4) for s in quality.epoch_seconds]
         from mirrorfast.model import load_encoder
@@ -598,7 +604,8 @@ def run_row(suite: Suite, name: str) -> dict:
         row["sts_before"] = suite.sts_before
     _reset_memory(suite.device)
     with _environment(env):
-        row.update(run_reference(suite, spec) if kind == "reference" else run_mirrorfast(suite, spec, precision))
+        row.update(run_reference(suite, spec) if kind == "reference"
+                   else run_mirrorfast(suite, spec, precision, cuda_graphs=recipe.endswith("-graphs")))
     row["status"] = "ok"
     return row
 
@@ -853,6 +860,8 @@ def main(argv=None) -> int:
 
     names = select_rows(args.rows)
     device = _device(args)
+    if device.type != "cuda" and not args.rows:  # CUDA graphs need CUDA: not a default row on the CPU
+        names = [n for n in names if not n.endswith("-graphs")]
     workdir = Path(tempfile.mkdtemp(prefix="mirrorfast-suite-"))
     suite = Suite(args, device, workdir)
     t_start = time.perf_counter()

@@ -41,6 +41,8 @@ def _add_train(sub) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--attention", choices=["auto", "padded", "packed"], default="auto",
                    help="packed = unpadded variable-length attention (default on CUDA with --fp16/--bf16)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="experimental: capture the training step in CUDA graphs (needs CUDA, --bf16, packed attention)")
     p.add_argument("--keep-duplicates", action="store_true", help="do not remove exact duplicate strings")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max-steps", type=int, help="stop after this many steps")
@@ -62,7 +64,7 @@ def _cmd_train(args) -> int:
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, dropout=args.dropout,
         drophead=args.drophead, pooling=args.pooling,
         precision="fp16" if args.fp16 else "bf16" if args.bf16 else "fp32",
-        device=args.device, attention=args.attention, dedup=not args.keep_duplicates, seed=args.seed,
+        device=args.device, attention=args.attention, cuda_graphs=args.cuda_graphs, dedup=not args.keep_duplicates, seed=args.seed,
         max_steps=args.max_steps, output=args.output, overwrite=args.overwrite, progress=not args.no_progress,
     )
     train(config, log=_log)

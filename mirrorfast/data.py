@@ -145,7 +145,8 @@ class Batch:
     """2N views: rows 0..N-1 are the first views, N..2N-1 their positives.
 
     padded: input_ids / attention_mask are (2N, L). packed: input_ids / position_ids are (1, T) and
-    cu_seqlens (2N + 1,) int32 marks where each view starts; max_len is a host int (no device sync).
+    cu_seqlens (S + 1,) int32 marks where each of S segments starts: the 2N views, then (when the batch
+    is padded to a bucketed T) a few segments of padding tokens; max_len is a host int (no device sync).
     """
 
     input_ids: torch.Tensor
@@ -154,15 +155,20 @@ class Batch:
     cu_seqlens: torch.Tensor | None = None
     max_len: int = 0
     tokens: int = 0  # real (non-pad) tokens
+    views: int = 0  # 2N
 
     @property
     def packed(self) -> bool:
         return self.cu_seqlens is not None
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.input_ids, self.attention_mask, self.position_ids, self.cu_seqlens) if t is not None]
+
     def to(self, device, non_blocking: bool = False) -> "Batch":
-        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+        pin = non_blocking and torch.device(device).type == "cuda"
+        move = lambda t: None if t is None else (t.pin_memory() if pin else t).to(device, non_blocking=non_blocking)  # noqa: E731
         return Batch(move(self.input_ids), move(self.attention_mask), move(self.position_ids),
-                     move(self.cu_seqlens), self.max_len, self.tokens)
+                     move(self.cu_seqlens), self.max_len, self.tokens, self.views)
 
 
 def _gather(views: list[tuple[TokenizedTexts, np.ndarray]]) -> tuple[list[np.ndarray], np.ndarray]:
@@ -184,18 +190,41 @@ def padded_batch(views, pad_id: int, pad_to_multiple_of: int = 8) -> Batch:
     for i, p in enumerate(pieces):
         ids[i, : len(p)] = p
         mask[i, : len(p)] = 1
-    return Batch(torch.from_numpy(ids), torch.from_numpy(mask), tokens=int(lengths.sum()))
+    return Batch(torch.from_numpy(ids), torch.from_numpy(mask), tokens=int(lengths.sum()), views=len(pieces))
 
 
-def packed_batch(views) -> Batch:
-    """Views concatenated without padding; positions restart at 0 for each view."""
+# Static shapes for CUDA graphs: T is rounded up to a multiple of PACK_BUCKET tokens, and the padding
+# goes into PAD_SEGMENTS segments of at most PAD_SEGMENT_MAX tokens each (never longer than the static
+# max_len given to the attention kernel, never empty).
+PACK_BUCKET = 512
+PAD_SEGMENTS = 5
+PAD_SEGMENT_MAX = 128
+
+
+def packed_batch(views, pad_id: int = 0, bucket: int | None = None) -> Batch:
+    """Views concatenated without padding; positions restart at 0 for each view.
+
+    With `bucket`, T is rounded up to a multiple of it (at least PAD_SEGMENTS padding tokens) and the
+    padding forms PAD_SEGMENTS extra segments, so that every batch of an epoch has one of a few shapes.
+    """
     pieces, lengths = _gather(views)
+    n_views, real_tokens, max_len = len(pieces), int(lengths.sum()), int(lengths.max())
+    if bucket:
+        total = -(-(real_tokens + PAD_SEGMENTS) // bucket) * bucket
+        pad = total - real_tokens
+        pad_lengths = np.full(PAD_SEGMENTS, pad // PAD_SEGMENTS, dtype=np.int64)
+        pad_lengths[: pad % PAD_SEGMENTS] += 1
+        if pad_lengths.max() > PAD_SEGMENT_MAX:
+            raise ValueError(f"bucket {bucket} needs padding segments over {PAD_SEGMENT_MAX} tokens")
+        pieces = pieces + [np.full(n, pad_id, dtype=np.int64) for n in pad_lengths]
+        lengths = np.concatenate([lengths, pad_lengths])
+        max_len = max(max_len, PAD_SEGMENT_MAX)
     cu = np.zeros(len(pieces) + 1, dtype=np.int32)
     np.cumsum(lengths, out=cu[1:])
     ids = np.concatenate(pieces)
     positions = np.arange(len(ids), dtype=np.int64) - np.repeat(cu[:-1].astype(np.int64), lengths)
     return Batch(torch.from_numpy(ids)[None], position_ids=torch.from_numpy(positions)[None],
-                 cu_seqlens=torch.from_numpy(cu), max_len=int(lengths.max()), tokens=int(lengths.sum()))
+                 cu_seqlens=torch.from_numpy(cu), max_len=max_len, tokens=real_tokens, views=n_views)
 
 
 def epoch_batches(n: int, batch_size: int, rng: random.Random) -> list[np.ndarray]:

@@ -138,9 +138,9 @@ class Encoder(nn.Module):
             from mirrorfast.packing import packed_hidden, packed_pool
 
             hidden, segment_ids = packed_hidden(
-                self.model, batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_len, batch.tokens
+                self.model, batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_len
             )
-            return packed_pool(hidden, batch.cu_seqlens, segment_ids, self.pooling)
+            return packed_pool(hidden, batch.cu_seqlens, segment_ids, self.pooling)[: batch.views]  # no pad segments
         return self(batch.input_ids, batch.attention_mask)
 
     @torch.inference_mode()

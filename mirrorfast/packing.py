@@ -77,11 +77,11 @@ def packed_attention(model):
         model.set_attn_implementation(previous)
 
 
-def packed_hidden(model, input_ids, position_ids, cu_seqlens, max_len: int, tokens: int):
-    """input_ids, position_ids: (1, T); cu_seqlens: (B + 1,) int32 -> (T, H) last hidden state."""
+def packed_hidden(model, input_ids, position_ids, cu_seqlens, max_len: int):
+    """input_ids, position_ids: (1, T); cu_seqlens: (S + 1,) int32 -> (T, H) last hidden state, (T,) segment ids."""
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    segment_ids = torch.repeat_interleave(
-        torch.arange(lengths.shape[0], device=input_ids.device), lengths, output_size=tokens
+    segment_ids = torch.repeat_interleave(  # output_size given: no device->host sync
+        torch.arange(lengths.shape[0], device=input_ids.device), lengths, output_size=input_ids.shape[1]
     )
     out = model(
         input_ids=input_ids,

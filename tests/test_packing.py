@@ -35,3 +35,41 @@ def test_packed_equals_padded(minilm_dir, pooling):
     for gp, gq in zip(grad_padded, grad_packed):
         if gp is not None:
             torch.testing.assert_close(gq, gp, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_bucketed_packing_adds_only_isolated_padding(minilm_dir, pooling):
+    """Padding a packed batch to a bucketed length (static shapes for CUDA graphs) changes nothing."""
+    from mirrorfast.data import PAD_SEGMENT_MAX, PAD_SEGMENTS
+    from mirrorfast.kernels import info_nce
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    torch.manual_seed(1)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = BertModel(config).double()
+    encoder = Encoder(model, tok, pooling, 24, "tiny")
+    tt = TokenizedTexts.build(tok, TEXTS, 24)
+    rows = np.array([4, 0, 2, 1, 3])
+    views = [(tt, rows), (tt, rows[::-1])]
+    plain = packed_batch(views)
+    bucketed = packed_batch(views, tok.pad_token_id, bucket=64)
+    assert bucketed.input_ids.shape[1] % 64 == 0 and bucketed.input_ids.shape[1] >= plain.input_ids.shape[1] + 5
+    assert bucketed.cu_seqlens.shape[0] == plain.cu_seqlens.shape[0] + PAD_SEGMENTS
+    pad_lengths = (bucketed.cu_seqlens[1:] - bucketed.cu_seqlens[:-1])[-PAD_SEGMENTS:]
+    assert (pad_lengths >= 1).all() and (pad_lengths <= PAD_SEGMENT_MAX).all()
+    assert bucketed.tokens == plain.tokens and bucketed.views == plain.views == 10
+
+    losses, grads = [], []
+    with packed_attention(model):
+        for batch in (plain, bucketed):
+            embeddings = encoder.embed_batch(batch)
+            assert embeddings.shape == (10, 32)
+            loss = info_nce(embeddings[:5], embeddings[5:], 0.05, backend="torch")
+            losses.append(loss)
+            grads.append(torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad],
+                                             allow_unused=True))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-10, atol=1e-12)
+    for a, b in zip(*grads):
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-12)

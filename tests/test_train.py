@@ -191,3 +191,10 @@ def test_non_finite_loss_stops_and_writes_nothing(tiny_bert_dir, corpus, tmp_pat
     err = capsys.readouterr().err
     assert "not finite" in err and "Traceback" not in err
     assert not out.exists() and not list(tmp_path.glob(".o.*"))
+
+
+def test_cuda_graphs_needs_a_gpu(tiny_bert_dir, corpus, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("checks the refusal on a machine without CUDA")
+    assert run_cli(*tiny_args(tiny_bert_dir, corpus, tmp_path / "o", "--cuda-graphs", "--bf16")) == 2
+    assert "--cuda-graphs needs a CUDA GPU" in capsys.readouterr().err

@@ -1,0 +1,64 @@
+"""CUDA-graph replay of the whole training step (forward, loss, backward, AdamW), one graph per batch shape.
+
+Why: an eager BERT step launches on the order of a thousand kernels from Python, and on the GPU machines
+we measured, that host work, not the GPU, sets the step time (benchmarks/RESULTS.md). Packed batches are
+padded to a bucketed token count (mirrorfast.data.packed_batch(bucket=...)), so an epoch has only a
+few shapes. The first batch of each shape runs eagerly (it is a real step, and it warms up lazily
+initialized state: Triton JIT, cuBLAS workspaces, optimizer moments); then that shape is captured and
+every later batch of it is copied into the graph's static inputs and replayed.
+
+Requirements (checked by the trainer): CUDA, packed attention, bf16 autocast (no host-side loss scaling),
+AdamW(fused=True, capturable=True). Dropout stays random: replays advance the CUDA generator's offset.
+"""
+
+from typing import Callable
+
+import torch
+
+from mirrorfast.data import Batch
+
+
+class GraphedStep:
+    """Calls `step(batch) -> loss` eagerly for a new shape, then replays a captured graph of it."""
+
+    def __init__(self, step: Callable[[Batch], torch.Tensor]):
+        self.step = step
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Batch, torch.Tensor]] = {}
+        self.eager_steps = 0
+
+    @staticmethod
+    def shape_key(batch: Batch) -> tuple:
+        return (*(tuple(t.shape) for t in batch.tensors()), batch.max_len, batch.views)
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        key = self.shape_key(batch)
+        captured = self.graphs.get(key)
+        if captured is None:
+            loss = self._eager_on_side_stream(batch)
+            self.graphs[key] = self._capture(batch)
+            return loss
+        graph, static_batch, static_loss = captured
+        for static, new in zip(static_batch.tensors(), batch.tensors()):
+            static.copy_(new, non_blocking=True)
+        graph.replay()
+        return static_loss  # read (asynchronously) before the next replay of this graph overwrites it
+
+    def _eager_on_side_stream(self, batch: Batch) -> torch.Tensor:
+        # PyTorch's recipe: warm up on a side stream so no lazy initialization happens inside a capture.
+        self.eager_steps += 1
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            loss = self.step(batch)
+        torch.cuda.current_stream().wait_stream(side)
+        return loss
+
+    def _capture(self, batch: Batch):
+        static_batch = Batch(*(None if t is None else t.clone() for t in
+                               (batch.input_ids, batch.attention_mask, batch.position_ids, batch.cu_seqlens)),
+                             max_len=batch.max_len, tokens=batch.tokens, views=batch.views)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the trainer's background thread (tokenizing the next epoch) may run meanwhile.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            static_loss = self.step(static_batch)
+        return graph, static_batch, static_loss
