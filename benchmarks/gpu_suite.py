@@ -34,8 +34,6 @@ import argparse
 import contextlib
 import fnmatch
 import gc
-import importlib
-import importlib.util
 import json
 import math
 import os
@@ -52,33 +50,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from from_checkout import ensure_importable  # noqa: E402
 
 
-def _bootstrap() -> None:
-    """Make `mirrorfast` (and `mirrorfast.kernels`, which lives in ./kernels) importable from a plain
-    checkout, e.g. on a GPU machine where the package is not pip-installed."""
-    try:
-        importlib.import_module("mirrorfast.kernels")
-        return
-    except ImportError:
-        pass
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    for name in [m for m in sys.modules if m == "mirrorfast" or m.startswith("mirrorfast.")]:
-        del sys.modules[name]
-    importlib.import_module("mirrorfast")
-    try:
-        importlib.import_module("mirrorfast.kernels")
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(
-            "mirrorfast.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["mirrorfast.kernels"] = module
-        spec.loader.exec_module(module)
-
-
-_bootstrap()
+ensure_importable()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

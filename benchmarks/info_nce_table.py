@@ -20,40 +20,17 @@ Without CUDA it prints that it needs one and exits 0. Exit code 1 if a check fai
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from from_checkout import ensure_importable  # noqa: E402
 DEVICE = "cuda"  # "cpu" only for --cpu-smoke (Triton interpreter, tiny shapes: a check of this script)
 EPS = 1e-12
 GRAD_SCALE = 2.0**16  # grad_output for the table's error column (as a GradScaler would scale the loss)
 TOL = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 1e-2}
-
-
-def _bootstrap() -> None:
-    """Make `mirrorfast.kernels` (./kernels) importable from a plain checkout (no pip install)."""
-    try:
-        importlib.import_module("mirrorfast.kernels")
-        return
-    except ImportError:
-        pass
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    for name in [m for m in sys.modules if m == "mirrorfast" or m.startswith("mirrorfast.")]:
-        del sys.modules[name]
-    importlib.import_module("mirrorfast")
-    try:
-        importlib.import_module("mirrorfast.kernels")
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(
-            "mirrorfast.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["mirrorfast.kernels"] = module
-        spec.loader.exec_module(module)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -410,7 +387,7 @@ def main(argv=None) -> int:
         global DEVICE
         DEVICE = "cpu"
         os.environ["TRITON_INTERPRET"] = "1"
-        _bootstrap()
+        ensure_importable()
         ok = run_checks(True)
         for spec in args.sweep:
             parts = spec.split(",")
@@ -425,7 +402,7 @@ def main(argv=None) -> int:
     except ImportError as exc:
         print(f"info_nce_table: needs triton for the fused kernel ({exc}); nothing measured.")
         return 0
-    _bootstrap()
+    ensure_importable()
     start = time.time()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}", flush=True)
     ok = True if args.no_checks else run_checks(args.quick)

@@ -18,7 +18,7 @@ onnxruntime-gpu first on PYTHONPATH; otherwise they are listed as skipped):
   OnnxEncoder.encode (CUDA)               the serving path: tokenization + host I/O + fp16 model
   PyTorch fp32 / onnxruntime fp32 / int8 (CPU)
 
-It prints one table and writes nothing. The project must be installed (pip install -e . --no-deps).
+It prints one table and writes nothing. It runs from a plain checkout (no install needed).
 """
 
 from __future__ import annotations
@@ -39,11 +39,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-try:
-    from mirrorfast.export import OnnxEncoder, export_model
-    from mirrorfast.export.onnx import SentenceEmbeddingGraph
-except ImportError as exc:  # pragma: no cover - a clear message on a bare machine
-    sys.exit(f"cannot import mirrorfast ({exc}); install the project first: pip install -e . --no-deps")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from from_checkout import ensure_importable  # noqa: E402
+
+ensure_importable()  # works from a plain checkout too (the GPU machine)
+from mirrorfast.export import OnnxEncoder, export_model  # noqa: E402
+from mirrorfast.export.onnx import SentenceEmbeddingGraph  # noqa: E402
 
 WORDS = ("the a man woman dog cat plays runs eats sits on in with near guitar field street red small "
          "quickly slowly music food car train city river young old happy table chair window light").split()

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from mirrorfast.errors import MirrorfastError
+from mirrorfast.textfile import read_utf8
 
 EXPORT_JSON = "export.json"
 EXPORT_FORMAT = "mirrorfast-onnx"
@@ -227,16 +228,7 @@ class EncodeSummary:
 
 def read_lines(path: str | os.PathLike) -> tuple[list[str], int]:
     """One text per line (UTF-8, optional BOM, \\n or \\r\\n); -> (non-blank lines, blank lines skipped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MirrorfastError(f"input file {path} not found")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise MirrorfastError(f"{path}: line {line} is not valid UTF-8") from None
-    lines = text.split("\n")
+    lines = read_utf8(path, "input file").split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the final newline ends the last line; it does not start a blank one
     lines = [line[:-1] if line.endswith("\r") else line for line in lines]

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from mirrorfast.errors import MirrorfastError
+from mirrorfast.textfile import read_utf8
 
 PAIR_SEPARATOR = "||"
 
@@ -32,19 +33,7 @@ class Corpus:
 
 def _read_lines(path: Path) -> list[tuple[int, str]]:
     """(line number, stripped text) for every non-blank line of a UTF-8 file."""
-    if not path.exists():
-        raise MirrorfastError(f"corpus file {path} not found")
-    if not path.is_file():
-        raise MirrorfastError(f"corpus {path} is not a file")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise MirrorfastError(f"{path}: line {line} is not valid UTF-8 (byte {raw[exc.start]:#04x})") from None
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), start=1)]
+    lines = [(n, line.strip()) for n, line in enumerate(read_utf8(path, "corpus file").splitlines(), start=1)]
     return [(n, s) for n, s in lines if s]
 
 

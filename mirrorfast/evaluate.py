@@ -14,6 +14,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from mirrorfast.errors import MirrorfastError
+from mirrorfast.textfile import read_utf8
 
 
 class TextEncoder(Protocol):
@@ -29,16 +30,6 @@ class PairSet:
     left: list[str]
     right: list[str]
     scores: np.ndarray
-
-
-def _read_text(path: Path) -> str:
-    if not path.is_file():
-        raise MirrorfastError(f"evaluation file {path} not found")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise MirrorfastError(f"{path}: line {line} is not valid UTF-8") from None
 
 
 def _pairs(path: Path, kind: str, rows, first_line: int) -> PairSet:
@@ -62,13 +53,13 @@ def _pairs(path: Path, kind: str, rows, first_line: int) -> PairSet:
 def read_sts(path: str | Path) -> PairSet:
     """`sentence1,sentence2,score` CSV (quoted as needed), no header."""
     path = Path(path)
-    return _pairs(path, "sts", csv.reader(io.StringIO(_read_text(path))), first_line=1)
+    return _pairs(path, "sts", csv.reader(io.StringIO(read_utf8(path, "evaluation file"))), first_line=1)
 
 
 def read_words(path: str | Path) -> PairSet:
     """`word1<TAB>word2<TAB>score` with a header line."""
     path = Path(path)
-    rows = csv.reader(io.StringIO(_read_text(path)), delimiter="\t", quoting=csv.QUOTE_NONE)
+    rows = csv.reader(io.StringIO(read_utf8(path, "evaluation file")), delimiter="\t", quoting=csv.QUOTE_NONE)
     next(rows, None)
     return _pairs(path, "words", rows, first_line=2)
 
