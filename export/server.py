@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import concurrent.futures
 import contextlib
 import copy
 import hmac
@@ -34,7 +33,6 @@ import socket
 import sys
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -45,6 +43,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mirrorfast.errors import MirrorfastError
+from mirrorfast.export.batching import Batcher, QueueFull, TokenCounter
 
 logger = logging.getLogger("mirrorfast.serve")
 
@@ -147,242 +146,6 @@ class Metrics:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
-
-
-# ----------------------------------------------------------------------------------------- batcher
-class QueueFull(Exception):
-    """The bounded queue has no room for this request."""
-
-
-class _Job:
-    __slots__ = ("texts", "lengths", "vectors", "remaining", "loop", "future", "enqueued", "dead")
-
-    def __init__(self, texts: list[str], lengths: list[int], dim: int, loop, future) -> None:
-        self.texts = texts
-        self.lengths = lengths
-        self.vectors = np.empty((len(texts), dim), dtype=np.float32)
-        self.remaining = len(texts)
-        self.loop = loop
-        self.future = future
-        self.enqueued = 0.0
-        self.dead = False  # cancelled by the client or failed: skip its remaining inputs
-
-
-def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
-
-
-class Batcher:
-    """One inference thread fed by a bounded FIFO of inputs; merges concurrent requests into batches.
-
-    `submit` is called on the event loop and returns an awaitable; the worker resolves it with
-    loop.call_soon_threadsafe. The queue holds (job, index) pairs so a large request can span batches.
-    """
-
-    def __init__(
-        self,
-        encode: Callable[[list[str]], np.ndarray],
-        dim: int,
-        max_batch_tokens: int,
-        batch_wait_s: float,
-        max_queue: int,
-        metrics: Metrics | None = None,
-    ) -> None:
-        self._encode = encode
-        self._dim = dim
-        self._budget = max_batch_tokens
-        self._wait = batch_wait_s
-        self._max_queue = max_queue
-        self._metrics = metrics
-        self._items: deque[tuple[_Job, int]] = deque()
-        self._cond = threading.Condition()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        self.batches = 0
-
-    # -- lifecycle
-    def start(self) -> None:
-        with self._cond:
-            if self._thread is not None:
-                return
-            self._stopping = False
-            self._thread = threading.Thread(target=self._run, name="mirrorfast-inference", daemon=True)
-            self._thread.start()
-
-    def stop(self, timeout: float | None = None) -> None:
-        """Finish every queued input, then end the worker."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-            thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
-        with self._cond:
-            self._thread = None
-
-    @property
-    def queued(self) -> int:
-        return len(self._items)
-
-    # -- producer side (event loop)
-    def submit(self, texts: list[str], lengths: list[int]) -> asyncio.Future:
-        loop = asyncio.get_running_loop()
-        job = _Job(texts, lengths, self._dim, loop, loop.create_future())
-        with self._cond:
-            if self._stopping or self._thread is None:
-                raise RuntimeError("the inference worker is not running")
-            if self._items and len(self._items) + len(texts) > self._max_queue:
-                raise QueueFull()
-            job.enqueued = time.monotonic()
-            self._items.extend((job, i) for i in range(len(texts)))
-            if self._metrics is not None:
-                self._metrics.queue_depth.set(len(self._items))
-            self._cond.notify()
-        return job.future
-
-    # -- worker side
-    def _take_batch(self) -> list[tuple[_Job, int]] | None:
-        """Block until a batch is ready; None when stopping with nothing left."""
-        with self._cond:
-            while True:
-                # drop inputs of dead/cancelled jobs at the head
-                while self._items and (self._items[0][0].dead or self._items[0][0].future.cancelled()):
-                    self._items.popleft()
-                if self._items:
-                    break
-                if self._stopping:
-                    return None
-                self._cond.wait()
-            deadline = self._items[0][0].enqueued + self._wait
-            while True:
-                n, longest, full = 0, 0, False
-                for job, i in self._items:
-                    length = job.lengths[i]
-                    if n and (n + 1) * max(longest, length) > self._budget:
-                        full = True
-                        break
-                    n += 1
-                    longest = max(longest, length)
-                remaining = deadline - time.monotonic()
-                if full or remaining <= 0 or self._stopping:
-                    break
-                self._cond.wait(remaining)
-            batch = [self._items.popleft() for _ in range(n)]
-            if self._metrics is not None:
-                self._metrics.queue_depth.set(len(self._items))
-        return batch
-
-    def _run(self) -> None:
-        while True:
-            batch = self._take_batch()
-            if batch is None:
-                return
-            batch = [(job, i) for job, i in batch if not job.dead and not job.future.cancelled()]
-            if not batch:
-                continue
-            texts = [job.texts[i] for job, i in batch]
-            longest = max(job.lengths[i] for job, i in batch)
-            try:
-                vectors = self._encode(texts)
-                if vectors.shape != (len(texts), self._dim):
-                    raise RuntimeError(f"the encoder returned shape {vectors.shape} for {len(texts)} inputs")
-            except BaseException as exc:  # noqa: BLE001 - reported to the requests, the worker goes on
-                logger.exception("inference failed for a batch of %d inputs", len(texts))
-                for job in {id(j): j for j, _ in batch}.values():
-                    if not job.dead:
-                        job.dead = True
-                        self._call(job, None, exc)
-                continue
-            self.batches += 1
-            if self._metrics is not None:
-                self._metrics.batch_size.observe(len(texts))
-                self._metrics.batch_tokens.observe(len(texts) * longest)
-            for k, (job, i) in enumerate(batch):
-                job.vectors[i] = vectors[k]
-                job.remaining -= 1
-                if job.remaining == 0:
-                    self._call(job, job.vectors, None)
-
-    @staticmethod
-    def _call(job: _Job, result, error) -> None:
-        try:
-            job.loop.call_soon_threadsafe(_resolve, job.future, result, error)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass
-
-
-# ---------------------------------------------------------------------------------- token counting
-class TokenCounter:
-    """Counts tokens (incl. special tokens, untruncated) with private copies of the encoder's tokenizer,
-    so counting never races the inference worker's tokenizer (whose truncation settings `encode` changes).
-
-    Small requests are counted inline on the event loop (a thread hop costs more than tokenizing a few
-    sentences); large ones on a dedicated thread with a second copy, so the loop stays responsive.
-    """
-
-    INLINE_CHARS = 4096
-
-    def __init__(self, encoder) -> None:
-        self._inline = self._make_counter(encoder)
-        self._pooled = self._make_counter(encoder)
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mirrorfast-tokenize")
-
-    @staticmethod
-    def _make_counter(encoder) -> Callable[[list[str]], list[int]]:
-        tok = getattr(encoder, "tokenizer", None)
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:  # pragma: no cover
-            Tokenizer = None  # type: ignore[assignment]
-        backend = getattr(tok, "backend_tokenizer", None)  # a fast HF tokenizer's Rust core: 5-10x less overhead
-        if Tokenizer is not None and isinstance(backend, Tokenizer):
-            tok = backend
-        if Tokenizer is not None and isinstance(tok, Tokenizer):
-            own = Tokenizer.from_str(tok.to_str())
-            own.no_truncation()
-            own.no_padding()
-            return lambda texts: [len(e.ids) for e in own.encode_batch(texts, add_special_tokens=True)]
-        if tok is not None and callable(tok):
-            try:
-                own = copy.deepcopy(tok)
-            except Exception:  # noqa: BLE001
-                own = None
-            if own is not None:
-                with contextlib.suppress(Exception):
-                    own.model_max_length = 1 << 30  # silence "sequence longer than ..." warnings
-
-                def count(texts: list[str]) -> list[int]:
-                    out = own(texts, add_special_tokens=True, truncation=False, padding=False,
-                              return_attention_mask=False, return_token_type_ids=False)
-                    return [len(ids) for ids in out["input_ids"]]
-
-                count(["warm up"])  # settle the copy's truncation/padding state before any concurrency
-                return count
-        # last resort: the encoder's own method, behind one lock
-        lock = threading.Lock()
-
-        def locked(texts: list[str]) -> list[int]:
-            with lock:
-                return [int(n) for n in encoder.count_tokens(texts)]
-
-        return locked
-
-    def count_sync(self, texts: list[str]) -> list[int]:
-        return self._pooled(texts)
-
-    async def count(self, texts: list[str]) -> list[int]:
-        if sum(len(t) for t in texts) <= self.INLINE_CHARS:
-            return self._inline(texts)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._pooled, texts)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------------------ errors

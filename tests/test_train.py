@@ -9,7 +9,6 @@ import torch
 
 from mirrorfast.cli import main
 from mirrorfast.config import TrainConfig
-from mirrorfast.errors import MirrorfastError
 from mirrorfast.trainer import train
 
 SENTENCES = [
