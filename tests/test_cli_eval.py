@@ -1,0 +1,60 @@
+"""`mirrorfast eval` on a model directory and on its ONNX export: same pairs, same scores."""
+
+import json
+import random
+
+import pytest
+
+from mirrorfast.cli import main
+
+WORDS = "cat dog tree river music train bread rain city car book song road light water stone".split()
+
+
+@pytest.fixture
+def eval_files(tmp_path):
+    rng = random.Random(5)
+    sts, words = tmp_path / "sts.csv", tmp_path / "words.tsv"
+    sts.write_text("".join(
+        f'"{" ".join(rng.sample(WORDS, 5))}","{" ".join(rng.sample(WORDS, 4))}",{rng.uniform(0, 5):.2f}\n'
+        for _ in range(30)), encoding="utf-8")
+    words.write_text("word1\tword2\tscore\n" + "".join(
+        f"{rng.choice(WORDS)}\t{rng.choice(WORDS)}\t{rng.uniform(0, 10):.2f}\n" for _ in range(30)), encoding="utf-8")
+    return sts, words
+
+
+def eval_json(capsys, *args) -> dict:
+    capsys.readouterr()
+    assert main(["eval", *map(str, args), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_export_dir_scores_like_the_model(tiny_bert_dir, eval_files, tmp_path, capsys):
+    sts, words = eval_files
+    exported = tmp_path / "exported"
+    assert main(["export", str(tiny_bert_dir), str(exported)]) == 0
+    torch_result = eval_json(capsys, tiny_bert_dir, "--sts", sts, "--words", words)
+    onnx_result = eval_json(capsys, exported, "--sts", sts, "--words", words)
+    assert torch_result["pooling"] == onnx_result["pooling"] == "cls"
+    assert [r["kind"] for r in onnx_result["results"]] == ["sts", "words"]
+    for a, b in zip(torch_result["results"], onnx_result["results"]):
+        assert a["pairs"] == b["pairs"] == 30
+        assert abs(a["spearman"] - b["spearman"]) < 0.05
+
+    # The pooling of an export lives in its graph: it cannot be overridden.
+    assert main(["eval", str(exported), "--sts", str(sts), "--pooling", "mean"]) == 2
+    assert "pooling is inside the graph" in capsys.readouterr().err
+
+
+def test_eval_errors(tiny_bert_dir, eval_files, tmp_path, capsys):
+    sts, _ = eval_files
+    bad = tmp_path / "bad.csv"
+    bad.write_text("only,two\n")
+    for args, message in [
+        ([tiny_bert_dir], "give at least one"),
+        ([tiny_bert_dir, "--sts", tmp_path / "missing.csv"], "not found"),
+        ([tiny_bert_dir, "--sts", bad], "line 1 has 2 fields"),
+        ([tmp_path / "nomodel", "--sts", sts], "model directory"),
+    ]:
+        assert main(["eval", *map(str, args)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (args, err)
