@@ -6,7 +6,7 @@ unpadded attention.
 """
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -133,31 +133,40 @@ class TokenizedTexts:
 class Batch:
     """2N views: rows 0..N-1 are the first views, N..2N-1 their positives.
 
-    padded: input_ids / attention_mask are (2N, L). packed: input_ids / position_ids are (1, T) and
-    cu_seqlens (S + 1,) int32 marks where each of S segments starts: the 2N views, then (when the batch
-    is padded to a bucketed T) a few segments of padding tokens; max_len is a host int (no device sync).
+    padded: input_ids / attention_mask are (2N, L), the views sorted by length and cut into `chunks`
+    (start, end, width) that are encoded separately, each at its own width; `restore` (2N,) puts the
+    pooled rows back in view order. packed: input_ids / position_ids are (1, T) and cu_seqlens (S + 1,)
+    int32 marks where each of S segments starts: the 2N views, then (when the batch is padded to a
+    bucketed T) a few segments of padding tokens; max_len is a host int (no device sync).
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None
     cu_seqlens: torch.Tensor | None = None
+    restore: torch.Tensor | None = None
+    chunks: tuple[tuple[int, int, int], ...] = ()
     max_len: int = 0
     tokens: int = 0  # real (non-pad) tokens
     views: int = 0  # 2N
+
+    TENSORS = ("input_ids", "attention_mask", "position_ids", "cu_seqlens", "restore")
 
     @property
     def packed(self) -> bool:
         return self.cu_seqlens is not None
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.input_ids, self.attention_mask, self.position_ids, self.cu_seqlens) if t is not None]
+        return [t for t in (getattr(self, name) for name in self.TENSORS) if t is not None]
+
+    def with_tensors(self, change) -> "Batch":
+        """A copy with change(tensor) applied to every tensor field."""
+        return replace(self, **{name: None if getattr(self, name) is None else change(getattr(self, name))
+                                for name in self.TENSORS})
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         pin = non_blocking and torch.device(device).type == "cuda"
-        move = lambda t: None if t is None else (t.pin_memory() if pin else t).to(device, non_blocking=non_blocking)  # noqa: E731
-        return Batch(move(self.input_ids), move(self.attention_mask), move(self.position_ids),
-                     move(self.cu_seqlens), self.max_len, self.tokens, self.views)
+        return self.with_tensors(lambda t: (t.pin_memory() if pin else t).to(device, non_blocking=non_blocking))
 
 
 def _gather(views: list[tuple[TokenizedTexts, np.ndarray]]) -> tuple[list[np.ndarray], np.ndarray]:
@@ -169,17 +178,28 @@ def _gather(views: list[tuple[TokenizedTexts, np.ndarray]]) -> tuple[list[np.nda
     return pieces, np.concatenate(lengths)
 
 
-def padded_batch(views, pad_id: int, pad_to_multiple_of: int = 8) -> Batch:
-    """Views padded (right) to the longest in the batch, rounded up to a multiple (fewer shapes)."""
+# Padding to the longest view of a batch triples the work on the paper's sentences (mean 14 tokens,
+# longest 40-70): padded batches are sorted by length and encoded in chunks of about this many views,
+# each padded only to its own longest (2-core CPU, MiniLM, 400 views fwd+bwd: 10.5 s -> 4.1 s).
+VIEWS_PER_CHUNK = 64
+
+
+def padded_batch(views, pad_id: int, pad_to_multiple_of: int = 8, views_per_chunk: int = VIEWS_PER_CHUNK) -> Batch:
+    """Views sorted by length, right-padded per chunk (widths rounded up to a multiple: fewer shapes)."""
     pieces, lengths = _gather(views)
-    width = int(lengths.max())
-    width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    order = np.argsort(-lengths, kind="stable")  # longest first: chunk 0 sets the array's width
+    round_up = lambda n: -(-int(n) // pad_to_multiple_of) * pad_to_multiple_of  # noqa: E731
+    width = round_up(lengths.max())
     ids = np.full((len(pieces), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(pieces), width), dtype=np.int64)
-    for i, p in enumerate(pieces):
-        ids[i, : len(p)] = p
-        mask[i, : len(p)] = 1
-    return Batch(torch.from_numpy(ids), torch.from_numpy(mask), tokens=int(lengths.sum()), views=len(pieces))
+    for row, i in enumerate(order):
+        ids[row, : lengths[i]] = pieces[i]
+        mask[row, : lengths[i]] = 1
+    n_chunks = max(1, round(len(pieces) / views_per_chunk))
+    bounds = np.linspace(0, len(pieces), n_chunks + 1).round().astype(int)
+    chunks = tuple((int(a), int(b), round_up(lengths[order[a]])) for a, b in zip(bounds[:-1], bounds[1:]) if b > a)
+    return Batch(torch.from_numpy(ids), torch.from_numpy(mask), restore=torch.from_numpy(np.argsort(order)),
+                 chunks=chunks, tokens=int(lengths.sum()), views=len(pieces))
 
 
 # Static shapes for CUDA graphs: T is rounded up to a multiple of PACK_BUCKET tokens, and the padding

@@ -28,7 +28,7 @@ class GraphedStep:
 
     @staticmethod
     def shape_key(batch: Batch) -> tuple:
-        return (*(tuple(t.shape) for t in batch.tensors()), batch.max_len, batch.views)
+        return (*(tuple(t.shape) for t in batch.tensors()), batch.chunks, batch.max_len, batch.views)
 
     def __call__(self, batch: Batch) -> torch.Tensor:
         key = self.shape_key(batch)
@@ -54,9 +54,7 @@ class GraphedStep:
         return loss
 
     def _capture(self, batch: Batch):
-        static_batch = Batch(*(None if t is None else t.clone() for t in
-                               (batch.input_ids, batch.attention_mask, batch.position_ids, batch.cu_seqlens)),
-                             max_len=batch.max_len, tokens=batch.tokens, views=batch.views)
+        static_batch = batch.with_tensors(torch.clone)
         graph = torch.cuda.CUDAGraph()
         # thread_local: the trainer's background thread (tokenizing the next epoch) may run meanwhile.
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):

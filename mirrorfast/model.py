@@ -141,7 +141,9 @@ class Encoder(nn.Module):
                 self.model, batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_len
             )
             return packed_pool(hidden, batch.cu_seqlens, segment_ids, self.pooling)[: batch.views]  # no pad segments
-        return self(batch.input_ids, batch.attention_mask)
+        pooled = [self(batch.input_ids[start:end, :width], batch.attention_mask[start:end, :width])
+                  for start, end, width in batch.chunks]
+        return torch.cat(pooled)[batch.restore]
 
     @torch.inference_mode()
     def encode(self, texts: list[str], batch_size: int = 64, normalize: bool = False) -> np.ndarray:

@@ -74,19 +74,26 @@ def test_padded_and_packed_batches_hold_the_same_tokens(minilm_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(minilm_dir)
-    texts = ["a", "a longer sentence with more words", "mid length text", "naïve café 東京 😀"]
-    tt = TokenizedTexts.build(tok, texts, max_length=6)
-    assert (np.diff(tt.offsets) <= 6).all()
-    rows = np.array([3, 1])
+    texts = ["a", "a longer sentence with more words than the others", "mid length text", "naïve café 東京 😀"]
+    tt = TokenizedTexts.build(tok, texts, max_length=9)
+    assert (np.diff(tt.offsets) <= 9).all()
+    rows = np.array([0, 1, 2, 3])
     views = [(tt, rows), (tt, rows[::-1])]
-    padded = padded_batch(views, tok.pad_token_id, pad_to_multiple_of=8)
+    padded = padded_batch(views, tok.pad_token_id, pad_to_multiple_of=4, views_per_chunk=3)
     packed = packed_batch(views)
-    assert padded.input_ids.shape == (4, 8) and packed.input_ids.shape[0] == 1
-    lengths = padded.attention_mask.sum(1)
-    assert packed.cu_seqlens.tolist() == [0, *np.cumsum(lengths.numpy()).tolist()]
-    assert padded.tokens == packed.tokens == int(lengths.sum())
-    for i in range(4):
-        start, end = packed.cu_seqlens[i].item(), packed.cu_seqlens[i + 1].item()
-        assert packed.input_ids[0, start:end].tolist() == padded.input_ids[i, : lengths[i]].tolist()
+    view_lengths = np.diff(packed.cu_seqlens.numpy())
+    assert padded.tokens == packed.tokens == int(view_lengths.sum()) and padded.views == packed.views == 8
+    assert padded.input_ids.shape == (8, 12) and packed.input_ids.shape == (1, view_lengths.sum())
+    # Padded rows are sorted longest first; `restore` maps view i to its row.
+    row_lengths = padded.attention_mask.sum(1).numpy()
+    assert (np.diff(row_lengths) <= 0).all()
+    for view in range(8):
+        row = int(padded.restore[view])
+        start, end = packed.cu_seqlens[view].item(), packed.cu_seqlens[view + 1].item()
+        assert padded.input_ids[row, : row_lengths[row]].tolist() == packed.input_ids[0, start:end].tolist()
         assert packed.position_ids[0, start:end].tolist() == list(range(end - start))
-    assert packed.max_len == int(lengths.max())
+    assert packed.max_len == int(view_lengths.max())
+    # Chunks cover every row once, each as wide as its longest row (rounded up to the multiple).
+    assert [c[:2] for c in padded.chunks] == [(0, 3), (3, 5), (5, 8)]
+    for start, end, width in padded.chunks:
+        assert width % 4 == 0 and row_lengths[start] <= width < row_lengths[start] + 4

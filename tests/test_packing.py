@@ -73,3 +73,20 @@ def test_bucketed_packing_adds_only_isolated_padding(minilm_dir, pooling):
     for a, b in zip(*grads):
         if a is not None:
             torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-12)
+
+
+def test_chunked_padding_equals_one_padded_batch(minilm_dir):
+    """Encoding a padded batch in length-sorted chunks (each at its own width) changes nothing."""
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    torch.manual_seed(2)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    encoder = Encoder(BertModel(config).double(), tok, "mean", 24, "tiny")
+    tt = TokenizedTexts.build(tok, TEXTS, 24)
+    rows = np.array([4, 0, 2, 1, 3])
+    views = [(tt, rows), (tt, rows[::-1])]
+    whole = padded_batch(views, tok.pad_token_id, views_per_chunk=1000)
+    chunked = padded_batch(views, tok.pad_token_id, views_per_chunk=2)
+    assert len(whole.chunks) == 1 and len(chunked.chunks) == 5
+    assert chunked.chunks[-1][2] < whole.input_ids.shape[1]  # the short views really ran narrower
+    torch.testing.assert_close(encoder.embed_batch(chunked), encoder.embed_batch(whole), rtol=1e-9, atol=1e-9)
