@@ -8,6 +8,7 @@
 set -uo pipefail
 out=${OUT:-gpu-out}
 mkdir -p "$out"
+python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || { echo "run_gpu_checks: no CUDA GPU here"; exit 1; }
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 [ -d /tmp/ortsite ] && export PYTHONPATH=/tmp/ortsite${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
