@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from mirrorfast.data import Batch
+from mirrorfast.errors import MirrorfastError
 
 
 class GraphedStep:
@@ -56,7 +57,12 @@ class GraphedStep:
     def _capture(self, batch: Batch):
         static_batch = batch.with_tensors(torch.clone)
         graph = torch.cuda.CUDAGraph()
-        # thread_local: the trainer's background thread (tokenizing the next epoch) may run meanwhile.
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            static_loss = self.step(static_batch)
+        try:
+            # thread_local: the trainer's background thread (tokenizing the next epoch) may run meanwhile.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                static_loss = self.step(static_batch)
+        except RuntimeError as exc:  # e.g. an operation that synchronizes with the host inside the step
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise MirrorfastError(f"--cuda-graphs: capturing the training step failed ({first_line}); "
+                                  "train without --cuda-graphs") from exc
         return graph, static_batch, static_loss
