@@ -13,17 +13,21 @@ TEXTS = ["hi", "a considerably longer sentence, with punctuation and more words"
          "naïve café 東京 😀", "x y"]
 
 
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
-def test_packed_equals_padded(minilm_dir, pooling):
+def tiny_setup(minilm_dir, pooling: str, seed: int):
+    """A float64 tiny BERT without dropout (results comparable to ~1e-9), and the 10 views of TEXTS."""
     tok = AutoTokenizer.from_pretrained(minilm_dir)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = BertModel(config).double()
-    encoder = Encoder(model, tok, pooling, 24, "tiny")
     tt = TokenizedTexts.build(tok, TEXTS, 24)
     rows = np.array([4, 0, 2, 1, 3])
-    views = [(tt, rows), (tt, rows[::-1])]
+    return tok, model, Encoder(model, tok, pooling, 24, "tiny"), [(tt, rows), (tt, rows[::-1])]
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_packed_equals_padded(minilm_dir, pooling):
+    tok, model, encoder, views = tiny_setup(minilm_dir, pooling, seed=0)
 
     padded = encoder.embed_batch(padded_batch(views, tok.pad_token_id))
     grad_padded = torch.autograd.grad(padded.square().sum(), list(model.parameters()), allow_unused=True)
@@ -43,15 +47,7 @@ def test_bucketed_packing_adds_only_isolated_padding(minilm_dir, pooling):
     from mirrorfast.data import PAD_SEGMENT_MAX, PAD_SEGMENTS
     from mirrorfast.kernels import info_nce
 
-    tok = AutoTokenizer.from_pretrained(minilm_dir)
-    torch.manual_seed(1)
-    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = BertModel(config).double()
-    encoder = Encoder(model, tok, pooling, 24, "tiny")
-    tt = TokenizedTexts.build(tok, TEXTS, 24)
-    rows = np.array([4, 0, 2, 1, 3])
-    views = [(tt, rows), (tt, rows[::-1])]
+    tok, model, encoder, views = tiny_setup(minilm_dir, pooling, seed=1)
     plain = packed_batch(views)
     bucketed = packed_batch(views, tok.pad_token_id, bucket=64)
     assert bucketed.input_ids.shape[1] % 64 == 0 and bucketed.input_ids.shape[1] >= plain.input_ids.shape[1] + 5
@@ -77,14 +73,7 @@ def test_bucketed_packing_adds_only_isolated_padding(minilm_dir, pooling):
 
 def test_chunked_padding_equals_one_padded_batch(minilm_dir):
     """Encoding a padded batch in length-sorted chunks (each at its own width) changes nothing."""
-    tok = AutoTokenizer.from_pretrained(minilm_dir)
-    torch.manual_seed(2)
-    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    encoder = Encoder(BertModel(config).double(), tok, "mean", 24, "tiny")
-    tt = TokenizedTexts.build(tok, TEXTS, 24)
-    rows = np.array([4, 0, 2, 1, 3])
-    views = [(tt, rows), (tt, rows[::-1])]
+    tok, model, encoder, views = tiny_setup(minilm_dir, "mean", seed=2)
     whole = padded_batch(views, tok.pad_token_id, views_per_chunk=1000)
     chunked = padded_batch(views, tok.pad_token_id, views_per_chunk=2)
     assert len(whole.chunks) == 1 and len(chunked.chunks) >= 2
