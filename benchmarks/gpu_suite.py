@@ -433,11 +433,12 @@ ROWS = {  # recipe -> (kind, precision, environment)
     "reference": ("reference", "fp16", {}),
     "fp16": ("mirrorfast", "fp16", {}),
     "bf16": ("mirrorfast", "bf16", {}),
-    "bf16-graphs": ("mirrorfast", "bf16", {}),  # TrainConfig(cuda_graphs=True): the whole step replayed
+    "fp16-graphs": ("mirrorfast", "fp16", {}),  # TrainConfig(cuda_graphs=True): the whole step replayed
+    "bf16-graphs": ("mirrorfast", "bf16", {}),
     "bf16-torchloss": ("mirrorfast", "bf16", {"MIRRORFAST_KERNELS": "torch"}),  # optional: loss kernel off
 }
-DEFAULT_ROWS = ["bert:reference", "bert:fp16", "bert:bf16", "bert:bf16-graphs", "minilm:reference", "minilm:fp16",
-                "minilm:bf16", "minilm:bf16-graphs"]
+DEFAULT_ROWS = ["bert:reference", "bert:fp16", "bert:bf16", "bert:fp16-graphs", "bert:bf16-graphs", "minilm:reference",
+                "minilm:fp16", "minilm:bf16", "minilm:bf16-graphs"]
 ALL_ROWS = [f"{m}:{r}" for m in ("bert", "minilm") for r in ROWS]
 
 

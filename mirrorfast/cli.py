@@ -42,7 +42,7 @@ def _add_train(sub) -> None:
     p.add_argument("--attention", choices=["auto", "padded", "packed"], default="auto",
                    help="packed = unpadded variable-length attention (default on CUDA with --fp16/--bf16)")
     p.add_argument("--cuda-graphs", action="store_true",
-                   help="experimental: capture the training step in CUDA graphs (needs CUDA, --bf16, packed attention)")
+                   help="experimental: capture the training step in CUDA graphs (needs CUDA, --fp16/--bf16, packed attention)")
     p.add_argument("--keep-duplicates", action="store_true", help="do not remove exact duplicate strings")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max-steps", type=int, help="stop after this many steps")

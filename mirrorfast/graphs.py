@@ -7,8 +7,10 @@ few shapes. The first batch of each shape runs eagerly (it is a real step, and i
 initialized state: Triton JIT, cuBLAS workspaces, optimizer moments); then that shape is captured and
 every later batch of it is copied into the graph's static inputs and replayed.
 
-Requirements (checked by the trainer): CUDA, packed attention, bf16 autocast (no host-side loss scaling),
-AdamW(fused=True, capturable=True). Dropout stays random: replays advance the CUDA generator's offset.
+Requirements (checked by the trainer): CUDA, packed attention, fp16 or bf16 autocast, AdamW(fused=True,
+capturable=True). With fp16 the GradScaler's inf check and scale update are device ops when the optimizer
+is fused (no host decision), so they are captured too. Dropout stays random: replays advance the CUDA
+generator's offset.
 """
 
 from typing import Callable

@@ -89,8 +89,8 @@ def use_packing(cfg: TrainConfig, encoder: Encoder, device: torch.device, dtype:
 def check_graphable(device: torch.device, dtype: torch.dtype | None, packed: bool) -> None:
     if device.type != "cuda":
         raise MirrorfastError("--cuda-graphs needs a CUDA GPU")
-    if dtype is not torch.bfloat16:
-        raise MirrorfastError("--cuda-graphs needs --bf16 (fp16's gradient scaler and fp32 are not captured yet)")
+    if dtype is None:
+        raise MirrorfastError("--cuda-graphs needs --bf16 or --fp16 (packed attention runs in half precision)")
     if not packed:
         raise MirrorfastError("--cuda-graphs needs packed attention (--attention auto or packed)")
 
