@@ -405,7 +405,8 @@ def create_app(encoder, config: ServeConfig | None = None):
     async def server_error(_request, _exc: Exception):  # Starlette logs and re-raises; _Edge absorbs it
         return api_error_response(ApiError(500, "internal server error", "server_error"))
 
-    async def read_json(request: Request) -> Any:
+    async def read_json_object(request: Request) -> dict:
+        """The request body as a JSON object (400 for bad JSON or content type, 422 for another JSON type)."""
         ctype = request.headers.get("content-type", "")
         media = ctype.split(";", 1)[0].strip().lower()
         if media != "application/json" and not media.endswith("+json"):
@@ -415,11 +416,14 @@ def create_app(encoder, config: ServeConfig | None = None):
         if not raw.strip():
             raise ApiError(400, "request body is empty; expected a JSON object", code="invalid_json")
         try:
-            return json.loads(raw)
+            body = json.loads(raw)
         except RecursionError:
             raise ApiError(400, "request body is not valid JSON: nested too deeply", code="invalid_json") from None
         except ValueError as exc:
             raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(422, f"request body must be a JSON object, got {_json_type(body)}", code="invalid_type")
+        return body
 
     async def embed_texts(texts: list[str], param: str) -> tuple[np.ndarray, int]:
         try:
@@ -464,10 +468,7 @@ def create_app(encoder, config: ServeConfig | None = None):
     @app.post(EMBEDDINGS_ROUTE)
     async def openai_embeddings(request: Request):
         try:
-            body = await read_json(request)
-            if not isinstance(body, dict):
-                raise ApiError(422, f"request body must be a JSON object, got {_json_type(body)}",
-                               code="invalid_type")
+            body = await read_json_object(request)
             texts = _parse_texts(body.get("input"), "input", config.max_inputs)
             model = body.get("model")
             if model is not None and not isinstance(model, str):
@@ -501,10 +502,7 @@ def create_app(encoder, config: ServeConfig | None = None):
     @app.post(EMBED_ROUTE)
     async def embed(request: Request):
         try:
-            body = await read_json(request)
-            if not isinstance(body, dict):
-                raise ApiError(422, f"request body must be a JSON object, got {_json_type(body)}",
-                               code="invalid_type")
+            body = await read_json_object(request)
             texts = _parse_texts(body.get("inputs"), "inputs", config.max_inputs)
             vectors, _ = await embed_texts(texts, "inputs")
         except ApiError as err:
