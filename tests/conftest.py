@@ -52,3 +52,13 @@ def tiny_bert_dir(tmp_path_factory, minilm_dir) -> Path:
     BertModel(config).save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def minilm_export(minilm_dir, tmp_path_factory) -> Path:
+    """The packaged MiniLM exported once per session (fp32 + fp16 + int8), shared by the ONNX tests."""
+    from mirrorfast.export.onnx import export_model
+
+    out = tmp_path_factory.mktemp("minilm") / "minilm-export"
+    export_model(minilm_dir, out, fp16=True, int8=True)
+    return out

@@ -320,15 +320,6 @@ def test_cli_export_end_to_end(tiny_bert_dir, tmp_path, capsys):
 
 
 # -------------------------------------------------------------------------------------- MiniLM (slow)
-@pytest.fixture(scope="module")
-def minilm_export(minilm_dir, tmp_path_factory) -> Path:
-    """The packaged MiniLM exported once per session (fp32 + fp16 + int8); test_runtime.py reuses it."""
-    out = tmp_path_factory.getbasetemp() / "minilm-export"
-    if not (out / "export.json").is_file():
-        export_model(minilm_dir, out, fp16=True, int8=True)
-    return out
-
-
 @pytest.mark.slow
 def test_minilm_export_parity(minilm_export, minilm_dir):
     manifest = json.loads((minilm_export / "export.json").read_text())

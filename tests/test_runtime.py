@@ -228,15 +228,6 @@ def test_cli_encode_errors(tiny_export, tmp_path, capsys):
 
 # -------------------------------------------------------------------------------------- MiniLM (slow)
 @pytest.fixture(scope="module")
-def minilm_export(minilm_dir, tmp_path_factory) -> Path:
-    """The MiniLM export of test_export.py (same session directory), made here when run alone."""
-    out = tmp_path_factory.getbasetemp() / "minilm-export"
-    if not (out / "export.json").is_file():
-        export_model(minilm_dir, out, fp16=True, int8=True)
-    return out
-
-
-@pytest.fixture(scope="module")
 def minilm_torch(minilm_dir):
     return load_encoder(minilm_dir).eval()
 
