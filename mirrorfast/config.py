@@ -3,7 +3,7 @@
 Fields left as None take their value from the preset of `level`; anything set explicitly wins.
 """
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 
 from mirrorfast.errors import MirrorfastError
 
@@ -44,7 +44,6 @@ class TrainConfig:
     output: str = "./mirrorfast-out"
     overwrite: bool = False
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
     def resolved(self) -> "TrainConfig":
         """A copy with preset values filled in and every field validated."""
@@ -78,7 +77,5 @@ class TrainConfig:
                 raise MirrorfastError(message)
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("extra", "progress")}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "progress"}
 
-
-__all__ = ["PRESETS", "TrainConfig", "asdict"]

