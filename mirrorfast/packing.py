@@ -79,13 +79,14 @@ def packed_attention(model):
 
 def packed_hidden(model, input_ids, position_ids, cu_seqlens, max_len: int):
     """input_ids, position_ids: (1, T); cu_seqlens: (S + 1,) int32 -> (T, H) last hidden state, (T,) segment ids."""
+    offset = position_offset(model)
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     segment_ids = torch.repeat_interleave(  # output_size given: no device->host sync
         torch.arange(lengths.shape[0], device=input_ids.device), lengths, output_size=input_ids.shape[1]
     )
     out = model(
         input_ids=input_ids,
-        position_ids=position_ids + position_offset(model),
+        position_ids=position_ids + offset if offset else position_ids,
         token_type_ids=torch.zeros_like(input_ids),
         cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
         max_length_q=max_len, max_length_k=max_len,
