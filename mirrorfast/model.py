@@ -125,11 +125,23 @@ class Encoder(nn.Module):
 
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         """(B, L) token ids and mask -> (B, H) pooled embeddings (not normalized)."""
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        kwargs = {"input_ids": input_ids, "attention_mask": self._attention_bias(attention_mask)}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         hidden = self.model(**kwargs).last_hidden_state
         return pool(hidden, attention_mask, self.pooling)
+
+    def _attention_bias(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The (B, L) padding mask as the model's attention takes it, without a host synchronization.
+
+        Given a 2D mask, transformers' SDPA path asks the GPU whether it has any padding
+        (`mask.all()`, a device->host sync each call) to maybe drop it; a ready (B, 1, 1, L) boolean mask
+        is used as is (keys masked, as transformers' own mask does). Other attention paths build theirs
+        without such a check.
+        """
+        if self.model.config._attn_implementation == "sdpa":
+            return attention_mask[:, None, None, :].bool()
+        return attention_mask
 
     def embed_batch(self, batch) -> torch.Tensor:
         """A mirrorfast.data.Batch (padded or packed) -> (B, H) pooled embeddings."""
