@@ -88,9 +88,12 @@ class OnnxEncoder:
 
     provider: "auto" (CUDA when onnxruntime-gpu and a GPU are there, else CPU), "cpu" or "cuda".
     int8: use model_int8.onnx (CPU only; the export must have been made with --int8).
+    io_binding: run through onnxruntime's I/O binding, which fetches only `sentence_embedding` from the
+    device (not the much larger token_embeddings); None (default) means on for CUDA, off for the CPU.
     """
 
-    def __init__(self, path: str | os.PathLike, provider: str = "auto", int8: bool = False):
+    def __init__(self, path: str | os.PathLike, provider: str = "auto", int8: bool = False,
+                 io_binding: bool | None = None):
         if provider not in PROVIDERS:
             raise MirrorfastError(f"provider must be one of {PROVIDERS}, got {provider!r}")
         if int8 and provider == "cuda":
@@ -132,6 +135,7 @@ class OnnxEncoder:
             file = models["int8"] if int8 else models["fp32"]
             self.session = self._session(export_dir / file, [_CPU_EP])
         self.provider = "cuda" if self.session.get_providers()[0] == _CUDA_EP else "cpu"
+        self.io_binding = self.provider == "cuda" if io_binding is None else bool(io_binding)
         self.model_path = export_dir / file
         self._input_names = [i.name for i in self.session.get_inputs()]
         self.tokenizer = self._load_tokenizer(export_dir)
@@ -163,7 +167,8 @@ class OnnxEncoder:
         return tokenizer
 
     def __repr__(self) -> str:
-        return f"OnnxEncoder({self.name!r}, file={self.model_path.name}, provider={self.provider}, dim={self.dim})"
+        return (f"OnnxEncoder({self.name!r}, file={self.model_path.name}, provider={self.provider}, "
+                f"io_binding={self.io_binding}, dim={self.dim})")
 
     # ------------------------------------------------------------------------------------ encoding
     def _token_ids(self, texts: list[str], truncate: bool) -> list[list[int]]:
@@ -189,11 +194,11 @@ class OnnxEncoder:
         return {name: feeds[name] for name in self._input_names}
 
     def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        if self.provider == "cuda":
+        if self.io_binding:
             binding = self.session.io_binding()
             for name, array in feeds.items():
-                binding.bind_cpu_input(name, array)
-            binding.bind_output(_OUTPUT, "cuda")
+                binding.bind_cpu_input(name, array)  # one host->device copy per input
+            binding.bind_output(_OUTPUT, self.provider)  # left on the device, then copied alone
             self.session.run_with_iobinding(binding)
             return binding.copy_outputs_to_cpu()[0]
         return self.session.run([_OUTPUT], feeds)[0]

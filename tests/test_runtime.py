@@ -130,6 +130,16 @@ def test_int8_encode_matches_pytorch(tiny_export, tiny_torch):
     assert _cos(got, tiny_torch.encode(SENTENCES, normalize=True)).min() >= 0.99
 
 
+def test_io_binding_path_gives_the_same_vectors(tiny_export, tiny_onnx):
+    """The I/O-binding route (the CUDA default) run on the CPU provider: same vectors, in input order."""
+    assert tiny_onnx.io_binding is False  # the CPU default
+    bound = OnnxEncoder(tiny_export, provider="cpu", io_binding=True)
+    assert bound.io_binding and "io_binding=True" in repr(bound)
+    texts = SENTENCES[::-1] + ["x"]
+    for batch_size in (1, 3, 64):
+        np.testing.assert_allclose(bound.encode(texts, batch_size=batch_size), tiny_onnx.encode(texts), atol=1e-6)
+
+
 @pytest.mark.parametrize("batch_size", [1, 3, 64])
 def test_output_order_is_input_order(tiny_onnx, batch_size):
     """Texts of shuffled lengths come back in input order, whatever the batching."""
