@@ -310,6 +310,9 @@ SWEEP_FWD_SMALL = [
 SWEEP_BWD_LARGE = [
     (64, 64, 64, 256, 8, 2), (128, 64, 64, 256, 8, 2), (64, 128, 64, 256, 8, 2), (64, 64, 32, 256, 8, 3),
     (64, 32, 64, 256, 8, 2), (128, 64, 32, 256, 8, 2),
+    # 512 gradient columns per program: the logit tiles recomputed twice instead of 3 times at D=768
+    # (a quarter of the second half masked), for a larger accumulator (register pressure).
+    (32, 64, 64, 512, 8, 2), (64, 64, 64, 512, 8, 2), (64, 32, 64, 512, 8, 2), (32, 128, 64, 512, 8, 3),
 ]
 SWEEP_BWD_SMALL = [
     (32, 64, 128, 128, 4, 2), (16, 64, 128, 256, 4, 2), (16, 64, 128, 128, 4, 2), (32, 64, 256, 128, 4, 2),

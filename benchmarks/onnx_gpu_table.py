@@ -2,6 +2,7 @@
 
     python benchmarks/onnx_gpu_table.py                       # GPU machine: BERT-base, batch 256 x 32 tokens
     python benchmarks/onnx_gpu_table.py --cpu-only --quick    # any machine: CPU rows on a small model
+    python benchmarks/onnx_gpu_table.py --gpu-only            # GPU machine, short of time: no CPU rows
 
 BERT-base is built from a config (random weights: hidden 768, 12 layers, 12 heads) with a generated
 WordPiece vocabulary, so nothing is downloaded; it goes through `mirrorfast.export.export_model` (fp16 for
@@ -212,6 +213,7 @@ def ort_cpu_rows(table: Table, export_dir: Path, feeds: dict, args, cpu_iters: i
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-only", action="store_true", help="skip every GPU row, even where there is a GPU")
+    parser.add_argument("--gpu-only", action="store_true", help="skip the CPU rows and the int8 export")
     parser.add_argument("--quick", action="store_true", help="small model (hidden 256, 4 layers), batch 32")
     parser.add_argument("--batch", type=int, default=None, help="sentences per batch (default 256; 32 with --quick)")
     parser.add_argument("--seq", type=int, default=32, help="tokens per sentence, [CLS]/[SEP] included (default 32)")
@@ -223,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     cpu_iters = args.cpu_iters or (5 if args.quick else 10)
     if args.seq < 3:
         parser.error("--seq must be at least 3")
+    if args.gpu_only and args.cpu_only:
+        parser.error("--gpu-only and --cpu-only exclude each other")
     started = time.perf_counter()
 
     import onnxruntime as ort
@@ -239,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = build_model(workdir, args.quick, max_length)
         t0 = time.perf_counter()
         export_dir = workdir / "export"
-        result = export_model(model_dir, export_dir, fp16=has_cuda and has_cuda_ep, int8=True, max_length=max_length)
+        result = export_model(model_dir, export_dir, fp16=has_cuda and has_cuda_ep, int8=not args.gpu_only,
+                              max_length=max_length)
         parity = ", ".join(f"{k} {v['min_cosine']:.5f} on {v['provider']}" for k, v in result.parity.items())
         print(f"exported {model_dir.name} in {time.perf_counter() - t0:.1f}s; parity min cosine: {parity}")
 
@@ -266,8 +271,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             why = "--cpu-only" if args.cpu_only else "no CUDA GPU for PyTorch"
             table.skip("GPU rows (PyTorch CUDA, onnxruntime CUDA EP)", why)
-        torch_rows(table, graph, feeds, "cpu", args, cpu_iters)
-        ort_cpu_rows(table, export_dir, feeds, args, cpu_iters)
+        if args.gpu_only:
+            table.skip("CPU rows (PyTorch, onnxruntime fp32 / int8)", "--gpu-only")
+        else:
+            torch_rows(table, graph, feeds, "cpu", args, cpu_iters)
+            ort_cpu_rows(table, export_dir, feeds, args, cpu_iters)
 
     print()
     print(f"## Inference, {'small BERT (hidden 256, 4 layers)' if args.quick else 'BERT-base'}, "
