@@ -1,87 +1,13 @@
-"""Contrastive losses. `info_nce` validates its inputs and dispatches to an implementation.
+"""mirrorfast.kernels: contrastive losses. `info_nce` (functional.py) validates and dispatches to the
+PyTorch reference (reference.py) or the fused Triton kernel (infonce_triton.py).
 
-Dispatch (explicit, visible): backend="torch" -> the PyTorch reference; backend="triton" -> the fused
-Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); backend="auto" -> Triton for
-CUDA tensors when Triton is importable, the reference otherwise. MIRRORFAST_KERNELS=torch forces the
-reference everywhere (debugging).
+When the repository root is on sys.path (`python -m pytest` in a checkout), this folder is also
+importable as a top-level `kernels`: the name under which transformers probes for Hugging Face's own
+`kernels` package. Under that name the module stays empty (no __version__, so transformers counts the
+package as absent) instead of loading a second copy of ours, which fails when mirrorfast is not installed.
 """
 
-import functools
-import os
+if __name__ == "mirrorfast.kernels":
+    from mirrorfast.kernels.functional import info_nce, info_nce_reference, resolve_backend
 
-import torch
-
-from mirrorfast.errors import MirrorfastError
-from mirrorfast.kernels.reference import info_nce_reference
-
-__all__ = ["info_nce", "info_nce_reference", "resolve_backend"]
-
-_REDUCTIONS = ("mean", "sum", "none")
-_BACKENDS = ("auto", "torch", "triton")
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_available() -> bool:
-    try:
-        from mirrorfast.kernels import infonce_triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The implementation `info_nce` will use for tensors on `device` ("torch" or "triton")."""
-    if backend not in _BACKENDS:
-        raise MirrorfastError(f"info_nce: backend must be one of {_BACKENDS}, got {backend!r}")
-    if os.environ.get("MIRRORFAST_KERNELS", "").lower() == "torch":
-        return "torch"
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "torch"
-    if backend == "triton":
-        if not _triton_available():
-            raise MirrorfastError("info_nce: backend='triton' asked for, but triton is not installed")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise MirrorfastError(
-                "info_nce: backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (the Triton interpreter)"
-            )
-    return backend
-
-
-def _validate(a: torch.Tensor, b: torch.Tensor, temperature: float, reduction: str) -> None:
-    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
-        raise MirrorfastError("info_nce: a and b must be torch tensors")
-    if a.dim() != 2 or b.dim() != 2:
-        raise MirrorfastError(f"info_nce: a and b must be 2-D (N, D), got shapes {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.shape != b.shape:
-        raise MirrorfastError(f"info_nce: a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.shape[0] < 1:
-        raise MirrorfastError("info_nce: need at least one pair (N >= 1), got N=0")
-    if a.shape[1] < 1:
-        raise MirrorfastError("info_nce: embedding dimension D must be >= 1, got D=0")
-    if not a.dtype.is_floating_point or not b.dtype.is_floating_point:
-        raise MirrorfastError(f"info_nce: inputs must be floating point, got {a.dtype} and {b.dtype}")
-    if a.device != b.device:
-        raise MirrorfastError(f"info_nce: a and b must be on the same device, got {a.device} and {b.device}")
-    if not (isinstance(temperature, (int, float)) and temperature > 0 and temperature == temperature):
-        raise MirrorfastError(f"info_nce: temperature must be a number > 0, got {temperature!r}")
-    if reduction not in _REDUCTIONS:
-        raise MirrorfastError(f"info_nce: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-
-
-def info_nce(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    temperature: float = 0.04,
-    reduction: str = "mean",
-    backend: str = "auto",
-) -> torch.Tensor:
-    """NT-Xent over the 2N views cat(a, b); a[i] and b[i] are a positive pair, all other rows negatives.
-
-    a, b: (N, D) floating tensors. Returns a scalar ("mean" over 2N rows, "sum") or (2N,) ("none"), fp32.
-    """
-    _validate(a, b, temperature, reduction)
-    if resolve_backend(backend, a.device) == "triton":
-        from mirrorfast.kernels.infonce_triton import info_nce_triton
-
-        return info_nce_triton(a, b, float(temperature), reduction)
-    return info_nce_reference(a, b, float(temperature), reduction)
+    __all__ = ["info_nce", "info_nce_reference", "resolve_backend"]

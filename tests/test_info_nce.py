@@ -94,3 +94,30 @@ def test_zero_row_is_finite():
 def test_validation(a, b, kwargs, message):
     with pytest.raises(MirrorfastError, match=message):
         info_nce(a, b, **kwargs)
+
+
+def test_package_works_without_triton():
+    """With triton not importable, mirrorfast.kernels imports, "auto" uses the reference (even for CUDA
+    tensors), and backend="triton" is one clear error. Run in a fresh interpreter with triton blocked."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import sys
+sys.modules["triton"] = None  # `import triton` now raises ImportError
+import torch
+from mirrorfast.errors import MirrorfastError
+from mirrorfast.kernels import info_nce, info_nce_reference, resolve_backend
+assert resolve_backend("auto", torch.device("cuda")) == "torch"
+a, b = torch.randn(4, 8), torch.randn(4, 8)
+assert torch.equal(info_nce(a, b, 0.1), info_nce_reference(a, b, 0.1, "mean"))
+try:
+    info_nce(a, b, 0.1, backend="triton")
+except MirrorfastError as exc:
+    print("error:", exc)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "MIRRORFAST_KERNELS": ""})
+    assert run.returncode == 0, run.stderr
+    assert "error: info_nce: backend='triton' asked for, but triton is not installed" in run.stdout
