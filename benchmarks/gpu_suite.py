@@ -574,8 +574,10 @@ def run_row(suite: Suite, name: str) -> dict:
     model_key, recipe = name.split(":")
     spec = suite.models[model_key]
     kind, precision, env = ROWS[recipe]
+    # On the CPU the reference runs in fp32, and the trainer turns fp16 into fp32 (bf16 stays bf16).
+    cpu_precision = "fp32" if kind == "reference" or precision == "fp16" else precision
     row = {"row": name, "model": spec.label, "model_key": model_key, "recipe": recipe, "kind": kind,
-           "precision": precision if suite.device.type == "cuda" or kind == "mirrorfast" else "fp32",
+           "precision": precision if suite.device.type == "cuda" else cpu_precision,
            "non_embedding_params": spec.params, "batch_strings": spec.batch_size}
     if spec.sts is not None:
         row["sts_before"] = suite.sts_before
