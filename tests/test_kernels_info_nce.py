@@ -201,6 +201,14 @@ def test_triton_block_configs(fused_norm, big):
 
 
 @needs_triton
+@pytest.mark.parametrize("n,d,dtype", [(5, 4096, torch.bfloat16), (600, 24, torch.float16)], ids=["D4096", "N600"])
+def test_triton_large_d_and_the_large_problem_branch(n, d, dtype):
+    """D = 4096 (16 gradient-column programs per row block, a 32-step Gram loop) and 2N = 1200 > 1024,
+    where pick_config takes its large-problem branch for real (not forced as in test_triton_block_configs)."""
+    check_against_definition("triton", n, d, dtype, "mean", seed=650 + n)
+
+
+@needs_triton
 def test_triton_fp16():
     check_against_definition("triton", 17, 33, torch.float16, "mean", seed=700)
 
