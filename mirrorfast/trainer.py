@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 import mirrorfast
 from mirrorfast.augment import masked_views
 from mirrorfast.config import TrainConfig
-from mirrorfast.data import (PACK_BUCKET, Batch, Corpus, TokenizedTexts, epoch_batches, load_corpus, load_pairs,
-                             packed_batch, padded_batch)
+from mirrorfast.data import (CUDA_WIDTH_MULTIPLE, PACK_BUCKET, Batch, Corpus, TokenizedTexts, epoch_batches,
+                             load_corpus, load_pairs, packed_batch, padded_batch)
 from mirrorfast.errors import MirrorfastError
 from mirrorfast.graphs import GraphedStep
 from mirrorfast.kernels import info_nce, resolve_backend
@@ -162,11 +162,12 @@ def training_step(encoder, batch: Batch, n: int, temperature: float, optimizer, 
     return loss.detach()
 
 
-def build_batches(views, rows_per_batch, packed: bool, pad_id: int, bucket: int | None) -> list[Batch]:
+def build_batches(views, rows_per_batch, packed: bool, pad_id: int, bucket: int | None,
+                  width_multiple: int = 1) -> list[Batch]:
     """CPU batches for one epoch (built in a background thread, which never touches the GPU)."""
     first, second = views
     return [packed_batch([(first, rows), (second, rows)], pad_id, bucket) if packed
-            else padded_batch([(first, rows), (second, rows)], pad_id) for rows in rows_per_batch]
+            else padded_batch([(first, rows), (second, rows)], pad_id, width_multiple) for rows in rows_per_batch]
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -230,7 +231,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
         total_steps = min(total_steps, cfg.max_steps)
     pad_id = encoder.tokenizer.pad_token_id
     bucket = PACK_BUCKET if cfg.cuda_graphs else None
-    prepare = lambda e: build_batches(source.epoch(e), schedules[e], packed, pad_id, bucket)  # noqa: E731
+    width_multiple = CUDA_WIDTH_MULTIPLE if device.type == "cuda" else 1
+    prepare = lambda e: build_batches(source.epoch(e), schedules[e], packed, pad_id, bucket, width_multiple)  # noqa: E731
     upload = lambda batches: [b.to(device, non_blocking=True) for b in batches]  # noqa: E731
     step_fn = lambda batch: training_step(  # noqa: E731
         encoder, batch, batch.views // 2, cfg.temperature, optimizer, scaler, autocast, loss_backend)

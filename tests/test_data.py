@@ -98,3 +98,8 @@ def test_padded_and_packed_batches_hold_the_same_tokens(minilm_dir):
     assert padded.chunks == ((0, 3, 12), (3, 8, 8))
     for start, end, width in padded.chunks:
         assert width % 4 == 0 and row_lengths[start] <= width < row_lengths[start] + 4
+    # By default (the CPU trainer) no rounding: every chunk exactly as wide as its longest view.
+    exact = padded_batch(views, tok.pad_token_id, views_per_chunk=3)
+    assert exact.input_ids.shape == (8, row_lengths.max())
+    for start, end, width in exact.chunks:
+        assert width == row_lengths[start]
