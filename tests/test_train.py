@@ -197,3 +197,25 @@ def test_cuda_graphs_needs_a_gpu(tiny_bert_dir, corpus, tmp_path, capsys):
         pytest.skip("checks the refusal on a machine without CUDA")
     assert run_cli(*tiny_args(tiny_bert_dir, corpus, tmp_path / "o", "--cuda-graphs", "--bf16")) == 2
     assert "--cuda-graphs needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_cpu_bf16_hint(tmp_path, monkeypatch):
+    from mirrorfast import trainer
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n\n")
+    assert trainer.cpu_has_native_bf16(str(info))
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
+    assert not trainer.cpu_has_native_bf16(str(info))
+    assert not trainer.cpu_has_native_bf16(str(tmp_path / "missing"))
+
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda native=native: native)
+        logs = []
+        assert trainer.autocast_dtype("fp32", cpu, logs.append) is None
+        assert trainer.autocast_dtype("fp16", cpu, logs.append) is None
+        assert trainer.autocast_dtype("bf16", cpu, logs.append) is torch.bfloat16
+        hinted = [m for m in logs if "--bf16 trained 1.6x faster" in m]
+        assert len(hinted) == (2 if native else 0), logs
+        assert sum("--fp16 needs a GPU" in m for m in logs) == 1
