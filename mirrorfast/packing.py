@@ -2,8 +2,8 @@
 
 The sentences of the paper's corpus average 14 tokens while a batch's longest is 40-70, so padding
 triples the work. Packed, each view attends only to itself: on CUDA through FlashAttention's
-variable-length kernel (with attention dropout, as the padded model has), elsewhere through SDPA with
-a block-diagonal mask (slow for large T; used by the tests to check packing against padding).
+variable-length kernel (with attention dropout, as the padded model has), elsewhere through SDPA over
+the views gathered into a padded batch (only attention sees padding there).
 The model itself is the Hugging Face one: we only register an attention function for it.
 """
 
@@ -30,10 +30,20 @@ def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, sc
             q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, dropout, False, False, scale=scaling
         )[0]
         return out.unsqueeze(0), None
+    # Elsewhere (the CPU): gather the S views into a padded (S, heads, max_len, d) batch, attend with a
+    # key-padding mask, and gather the real tokens back. Only attention sees padding; every other layer
+    # (the GEMMs: most of the work) runs on the T real tokens.
     segment = kwargs["segment_ids"]  # (T,) view index of each token
-    block_diagonal = segment[:, None] == segment[None, :]
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=block_diagonal, dropout_p=dropout, scale=scaling)
-    return out.transpose(1, 2), None
+    starts = cu_seqlens[:-1].long()  # (S,)
+    n_views, heads, total, head_dim = starts.shape[0], *query.shape[1:]
+    slots = torch.arange(max_len, device=query.device)  # (L,)
+    key_ok = slots[None, :] < (cu_seqlens[1:].long() - starts)[:, None]  # (S, L)
+    gather = (starts[:, None] + slots[None, :]).clamp_(max=total - 1)  # (S, L) token of each slot
+    q, k, v = (t[0][:, gather].transpose(0, 1) for t in (query, key, value))  # (S, heads, L, d)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_ok[:, None, None, :], dropout_p=dropout, scale=scaling)
+    slot_of_token = segment * max_len + torch.arange(total, device=query.device) - starts[segment]  # (T,)
+    out = out.transpose(1, 2).reshape(n_views * max_len, heads, head_dim)[slot_of_token]  # (T, heads, d)
+    return out.unsqueeze(0), None
 
 
 def _no_mask(*args, **kwargs):
