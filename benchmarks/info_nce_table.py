@@ -306,17 +306,21 @@ SWEEP_FWD_SMALL = [
     (32, 64, 128, 4, 2, False), (16, 64, 128, 4, 2, False), (32, 64, 256, 4, 2, False), (16, 64, 256, 4, 2, False),
     (32, 128, 128, 4, 2, False), (32, 64, 128, 4, 2, True),
 ]
-# (BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DC, num_warps, num_stages)
+# (BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DC, num_warps, num_stages[, chunks of BLOCK_DC per program])
 SWEEP_BWD_LARGE = [
     (64, 64, 64, 256, 8, 2), (128, 64, 64, 256, 8, 2), (64, 128, 64, 256, 8, 2), (64, 64, 32, 256, 8, 3),
     (64, 32, 64, 256, 8, 2), (128, 64, 32, 256, 8, 2),
     # 512 gradient columns per program: the logit tiles recomputed twice instead of 3 times at D=768
     # (a quarter of the second half masked), for a larger accumulator (register pressure).
     (32, 64, 64, 512, 8, 2), (64, 64, 64, 512, 8, 2), (64, 32, 64, 512, 8, 2), (32, 128, 64, 512, 8, 3),
+    # several accumulators per program, one logit tile for all (at D=768, 3 x 256: computed once, not 3x)
+    (64, 64, 64, 256, 8, 2, 3), (64, 64, 64, 256, 16, 2, 3), (64, 32, 64, 256, 8, 2, 3), (32, 64, 64, 256, 8, 2, 3),
+    (64, 64, 64, 128, 8, 2, 3), (128, 64, 64, 128, 8, 2, 3), (64, 128, 64, 128, 8, 2, 3),
 ]
 SWEEP_BWD_SMALL = [
     (32, 64, 128, 128, 4, 2), (16, 64, 128, 256, 4, 2), (16, 64, 128, 128, 4, 2), (32, 64, 256, 128, 4, 2),
     (16, 64, 256, 256, 4, 2), (32, 32, 128, 256, 4, 2),
+    (16, 64, 128, 256, 4, 2, 3), (32, 64, 128, 256, 8, 2, 3), (16, 64, 128, 128, 4, 2, 3),
 ]
 
 

@@ -22,14 +22,15 @@ Launches (forward + backward = 3 Triton launches + 1 torch reduction for "mean"/
 1. forward `_infonce_fwd_kernel`, grid (2 cdiv(N, BLOCK_M),): each program owns BLOCK_M rows, loops over
    all 2 cdiv(N, BLOCK_N) column blocks (Gram tile over D in BLOCK_D steps) with an online (running max)
    logsumexp, and picks the positive logit on the way. Writes lse2 (2N,) and loss (2N,), fp32.
-2. backward `_infonce_bwd_kernel`, grid (2 cdiv(N, BLOCK_M), cdiv(D, BLOCK_DC)): each program owns
-   BLOCK_M rows and BLOCK_DC columns of the gradient and loops over all column blocks J, recomputing the
-   logit tile from the saved lse. With G_ij = w_i (P_ij - [j = p(i)]) (w_i = d loss / d loss_i):
+2. backward `_infonce_bwd_kernel`, grid (2 cdiv(N, BLOCK_M), cdiv(D, NUM_DC BLOCK_DC)): each program owns
+   BLOCK_M rows and NUM_DC chunks of BLOCK_DC columns of the gradient (one register accumulator per
+   chunk) and loops over all column blocks J, recomputing the logit tile from the saved lse. With G_ij = w_i (P_ij - [j = p(i)]) (w_i = d loss / d loss_i):
        dz_i = 1/T sum_j (G_ij + G_ji) z_j          (s is symmetric, so G_ji comes from the same tile)
        dx_i = rinv_i (dz_i - z_i (z_i . dz_i))      (no projection where the norm was clamped to eps)
    and z_i . dz_i = sum_j (G_ij + G_ji) s_ij is accumulated from the tiles, so a program never needs the
-   whole of dz_i. The logit tiles are recomputed once per BLOCK_DC columns of D (cdiv(D, BLOCK_DC)
-   times): the price of keeping the gradient accumulator in registers. Every gradient element is written
+   whole of dz_i. The logit tiles are recomputed once per NUM_DC BLOCK_DC columns of D
+   (cdiv(D, NUM_DC BLOCK_DC) times): the price of keeping the gradient accumulators in registers; more
+   chunks per program mean fewer recomputes and more registers (a tuning choice, `KernelConfig.bwd_chunks`). Every gradient element is written
    by exactly one program: no atomics, bit-identical results run to run. No host synchronization
    anywhere (CUDA-graph capturable).
 Saved for backward: the inputs (kept alive by autograd anyway), norm (2N,) and lse2 (2N,) in fp32.
@@ -181,6 +182,39 @@ def _infonce_fwd_kernel(
 
 
 @triton.jit
+def _gz_chunk(acc, gs, xj, rinv_j, DOT_PRECISION: tl.constexpr, MM_FP16: tl.constexpr):
+    # acc (BLOCK_M, BLOCK_DC) += gs (BLOCK_M, BLOCK_N) @ z_J, z_J = x_J * rinv_J restricted to one chunk of
+    # gradient columns (xj: (BLOCK_N, BLOCK_DC)). For 16-bit inputs both operands are rounded to fp16,
+    # bf16 inputs included: |z| <= 1 and |gs| <= 2 * G_SCALE fit fp16's range, and its 11-bit mantissa makes
+    # this product 8x more accurate than bf16 at the same speed.
+    zj = xj.to(tl.float32) * rinv_j[:, None]
+    if MM_FP16:
+        return _dot(gs.to(tl.float16), zj.to(tl.float16), acc, DOT_PRECISION, False)
+    else:
+        return _dot(gs, zj, acc, DOT_PRECISION, False)
+
+
+@triton.jit
+def _load_cols(base, loc, stride, ok, offs_c, D):
+    # x rows `loc` of one segment, gradient columns offs_c: (rows, BLOCK_DC), zeros outside.
+    ptrs = base + loc.to(tl.int64)[:, None] * stride + offs_c[None, :]
+    return tl.load(ptrs, mask=ok[:, None] & (offs_c < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _store_dx(acc, zdz, rinv_i, seg_i, loc_i, row_ok, base_i, stride_i, offs_c, D, da_ptr, db_ptr,
+              stride_da, stride_db, dz_scale):
+    # dx_i = rinv_i (dz_i - z_i (z_i . dz_i)) for one chunk of gradient columns, stored in x's dtype.
+    xi = _load_cols(base_i, loc_i, stride_i, row_ok, offs_c, D)  # (BLOCK_M, BLOCK_DC)
+    zi = xi.to(tl.float32) * rinv_i[:, None]
+    dx = (acc * dz_scale - zi * zdz[:, None]) * rinv_i[:, None]
+    out_base = tl.where(seg_i == 1, db_ptr, da_ptr)
+    out_stride = tl.where(seg_i == 1, stride_db, stride_da)
+    out_ptrs = out_base + loc_i.to(tl.int64)[:, None] * out_stride + offs_c[None, :]
+    tl.store(out_ptrs, dx.to(xi.dtype), mask=row_ok[:, None] & (offs_c < D)[None, :])
+
+
+@triton.jit
 def _infonce_bwd_kernel(
     a_ptr, b_ptr,  # a, b: (N, D), unit stride along D
     norm_ptr,  # norm: (2N,) fp32, saved by the forward
@@ -195,14 +229,15 @@ def _infonce_bwd_kernel(
     eps,
     G_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
+    NUM_DC: tl.constexpr,  # chunks of BLOCK_DC gradient columns per program (1 to 4), one accumulator each
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     MM_FP16: tl.constexpr,  # 16-bit inputs: the (G + G^T) z product runs in fp16 (also for bf16 inputs)
 ):
     seg_i, loc_i, base_i, stride_i = _block(tl.program_id(0), N, a_ptr, b_ptr, stride_a, stride_b, BLOCK_M)
     row_ok = loc_i < N  # (BLOCK_M,)
     rows = seg_i * N + loc_i  # (BLOCK_M,)
-    offs_c = tl.program_id(1) * BLOCK_DC + tl.arange(0, BLOCK_DC)  # (BLOCK_DC,) gradient columns here
-    c_ok = offs_c < D
+    # This program's gradient columns: NUM_DC chunks of BLOCK_DC, starting at offs_c0.
+    offs_c0 = tl.program_id(1) * (NUM_DC * BLOCK_DC) + tl.arange(0, BLOCK_DC)  # (BLOCK_DC,)
 
     norm_i = tl.load(norm_ptr + rows, mask=row_ok, other=1.0)
     rinv_i = 1.0 / tl.maximum(norm_i, eps)  # (BLOCK_M,)
@@ -210,7 +245,11 @@ def _infonce_bwd_kernel(
     wref = tl.maximum(tl.abs(tl.load(wref_ptr).to(tl.float32)), 1e-30)
     u_i = tl.load(w_ptr + rows * w_stride, mask=row_ok, other=0.0).to(tl.float32) / wref  # (BLOCK_M,) in [-1, 1]
 
-    acc = tl.zeros((BLOCK_M, BLOCK_DC), dtype=tl.float32)  # sum_j g_ij z_j * G_SCALE
+    # sum_j g_ij z_j * G_SCALE, one (BLOCK_M, BLOCK_DC) accumulator per chunk (unused ones are dead code)
+    acc0 = tl.zeros((BLOCK_M, BLOCK_DC), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_M, BLOCK_DC), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_DC), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_M, BLOCK_DC), dtype=tl.float32)
     zdz = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sum_j g_ij s2_ij
     for jb in range(0, 2 * tl.cdiv(N, BLOCK_N)):
         seg_j, loc_j, base_j, stride_j = _block(jb, N, a_ptr, b_ptr, stride_a, stride_b, BLOCK_N)
@@ -220,10 +259,9 @@ def _infonce_bwd_kernel(
         rinv_j = 1.0 / tl.maximum(norm_j, eps)  # (BLOCK_N,)
         lse_j = tl.load(lse_ptr + cols, mask=col_ok, other=0.0)
         u_j = tl.load(w_ptr + cols * w_stride, mask=col_ok, other=0.0).to(tl.float32) / wref
-        # x_J restricted to this program's gradient columns, (BLOCK_N, BLOCK_DC). Loaded first: it is used
-        # after the Gram loop below, which hides the load's latency.
-        xj_ptrs = base_j + loc_j.to(tl.int64)[:, None] * stride_j + offs_c[None, :]
-        xj = tl.load(xj_ptrs, mask=col_ok[:, None] & c_ok[None, :], other=0.0)
+        # x_J in the first chunk's columns, (BLOCK_N, BLOCK_DC). Loaded first: it is used after the Gram
+        # loop below, which hides the load's latency.
+        xj0 = _load_cols(base_j, loc_j, stride_j, col_ok, offs_c0, D)
 
         # Recompute the logit tile (same arithmetic as the forward).
         gram = _gram_tile(base_i, loc_i, stride_i, row_ok, base_j, loc_j, stride_j, col_ok, D,
@@ -238,27 +276,34 @@ def _infonce_bwd_kernel(
         g = u_i[:, None] * (p_ij - is_pos) + u_j[None, :] * (p_ji - is_pos)  # (G + G^T) / wref, |g| <= 2
         zdz += tl.sum(g * s2, axis=1)
 
-        # z_J (this program's gradient columns). For 16-bit inputs both operands are rounded
-        # to fp16, bf16 inputs included: |z| <= 1 and |g| * G_SCALE <= 16384 fit fp16's range, and its
-        # 11-bit mantissa makes this product 8x more accurate than bf16 at the same speed.
-        zj = xj.to(tl.float32) * rinv_j[:, None]  # (BLOCK_N, BLOCK_DC)
         gs = g * G_SCALE  # (BLOCK_M, BLOCK_N)
-        if MM_FP16:
-            acc = _dot(gs.to(tl.float16), zj.to(tl.float16), acc, DOT_PRECISION, False)
-        else:
-            acc = _dot(gs, zj, acc, DOT_PRECISION, False)
+        acc0 = _gz_chunk(acc0, gs, xj0, rinv_j, DOT_PRECISION, MM_FP16)
+        # More chunks per program: the logit tile above serves NUM_DC chunks instead of one.
+        if NUM_DC > 1:
+            xj1 = _load_cols(base_j, loc_j, stride_j, col_ok, offs_c0 + BLOCK_DC, D)
+            acc1 = _gz_chunk(acc1, gs, xj1, rinv_j, DOT_PRECISION, MM_FP16)
+        if NUM_DC > 2:
+            xj2 = _load_cols(base_j, loc_j, stride_j, col_ok, offs_c0 + 2 * BLOCK_DC, D)
+            acc2 = _gz_chunk(acc2, gs, xj2, rinv_j, DOT_PRECISION, MM_FP16)
+        if NUM_DC > 3:
+            xj3 = _load_cols(base_j, loc_j, stride_j, col_ok, offs_c0 + 3 * BLOCK_DC, D)
+            acc3 = _gz_chunk(acc3, gs, xj3, rinv_j, DOT_PRECISION, MM_FP16)
 
-    # dz_i (this program's columns) and z_i . dz_i, then back through the L2 normalization.
-    dz = acc * (wref * out_scale)  # (BLOCK_M, BLOCK_DC)
+    # z_i . dz_i, then dx through the L2 normalization, chunk by chunk.
     zdz = zdz * (wref * c_scale)  # (BLOCK_M,)
     zdz = tl.where(norm_i > eps, zdz, 0.0)  # clamped norm: x / eps is linear, no projection
-    xi = tl.load(base_i + loc_i.to(tl.int64)[:, None] * stride_i + offs_c[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-    zi = xi.to(tl.float32) * rinv_i[:, None]  # (BLOCK_M, BLOCK_DC)
-    dx = (dz - zi * zdz[:, None]) * rinv_i[:, None]
-    out_base = tl.where(seg_i == 1, db_ptr, da_ptr)
-    out_stride = tl.where(seg_i == 1, stride_db, stride_da)
-    out_ptrs = out_base + loc_i.to(tl.int64)[:, None] * out_stride + offs_c[None, :]
-    tl.store(out_ptrs, dx.to(xi.dtype), mask=row_ok[:, None] & c_ok[None, :])
+    dz_scale = wref * out_scale
+    _store_dx(acc0, zdz, rinv_i, seg_i, loc_i, row_ok, base_i, stride_i, offs_c0, D, da_ptr, db_ptr,
+              stride_da, stride_db, dz_scale)
+    if NUM_DC > 1:
+        _store_dx(acc1, zdz, rinv_i, seg_i, loc_i, row_ok, base_i, stride_i, offs_c0 + BLOCK_DC, D, da_ptr, db_ptr,
+                  stride_da, stride_db, dz_scale)
+    if NUM_DC > 2:
+        _store_dx(acc2, zdz, rinv_i, seg_i, loc_i, row_ok, base_i, stride_i, offs_c0 + 2 * BLOCK_DC, D, da_ptr,
+                  db_ptr, stride_da, stride_db, dz_scale)
+    if NUM_DC > 3:
+        _store_dx(acc3, zdz, rinv_i, seg_i, loc_i, row_ok, base_i, stride_i, offs_c0 + 3 * BLOCK_DC, D, da_ptr,
+                  db_ptr, stride_da, stride_db, dz_scale)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -282,6 +327,7 @@ class KernelConfig:
     bwd_dc: int  # backward: gradient columns per program (grid dimension 1 = cdiv(D, bwd_dc))
     bwd_warps: int
     bwd_stages: int
+    bwd_chunks: int = 1  # backward: chunks of bwd_dc columns per program (1-4), sharing one logit tile
 
 
 def _clamp_block(block: int, extent: int) -> int:
@@ -371,12 +417,15 @@ def _backward(a, b, norm, lse2, grad, temperature: float, reduction: str, cfg: K
         w_scale = 1.0 / n2 if reduction == "mean" else 1.0
     da = torch.empty((n, d), device=a.device, dtype=a.dtype)
     db = torch.empty((n, d), device=a.device, dtype=a.dtype)
-    grid = (2 * triton.cdiv(n, cfg.bwd_m), triton.cdiv(d, cfg.bwd_dc))
+    if not 1 <= cfg.bwd_chunks <= 4:
+        raise ValueError(f"bwd_chunks must be 1 to 4, got {cfg.bwd_chunks}")
+    grid = (2 * triton.cdiv(n, cfg.bwd_m), triton.cdiv(d, cfg.bwd_dc * cfg.bwd_chunks))
     _infonce_bwd_kernel[grid](
         a, b, norm, lse2, w, wref, da, db,
         n, d, a.stride(0), b.stride(0), da.stride(0), db.stride(0), w_stride,
         _LOG2E / temperature, w_scale / (temperature * _G_SCALE), w_scale * _LN2, _EPS,
         G_SCALE=_G_SCALE, BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, BLOCK_D=cfg.bwd_d, BLOCK_DC=cfg.bwd_dc,
+        NUM_DC=cfg.bwd_chunks,
         DOT_PRECISION=_dot_precision(a.dtype), DOT_UPCAST=_dot_upcast(a), MM_FP16=a.dtype != torch.float32,
         num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages,
     )

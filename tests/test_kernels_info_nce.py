@@ -201,6 +201,26 @@ def test_triton_block_configs(fused_norm, big):
 
 
 @needs_triton
+@pytest.mark.parametrize("chunks,d", [(2, 37), (3, 37), (4, 70), (3, 130)])
+def test_triton_backward_chunks_per_program(chunks, d):
+    """Several chunks of gradient columns per backward program (one logit tile serves them all): ragged D,
+    chunks partly or wholly past D (D=37 with 2 x 16 columns: the second program's second chunk is empty)."""
+    config = KernelConfig(16, 16, 16, 4, 2, False, 16, 16, 16, 16, 4, 2, chunks)
+    for i, (dtype, reduction) in enumerate(((torch.float32, "none"), (torch.bfloat16, "mean"))):
+        check_against_definition("triton", 19, d, dtype, reduction, seed=640 + 10 * chunks + i, config=config)
+
+
+def test_backward_chunks_out_of_range():
+    if _TRITON_ERR is not None:
+        pytest.skip(f"triton unavailable: {_TRITON_ERR}")
+    a, b = make_inputs(3, 8, torch.float32, seed=660, device=DEVICE)
+    a.requires_grad_(True)
+    loss = info_nce_triton(a, b, 0.1, "mean", config=KernelConfig(16, 16, 16, 4, 2, False, 16, 16, 16, 16, 4, 2, 5))
+    with pytest.raises(ValueError, match="bwd_chunks must be 1 to 4"):
+        loss.backward()
+
+
+@needs_triton
 @pytest.mark.parametrize("n,d,dtype", [(5, 4096, torch.bfloat16), (600, 24, torch.float16)], ids=["D4096", "N600"])
 def test_triton_large_d_and_the_large_problem_branch(n, d, dtype):
     """D = 4096 (16 gradient-column programs per row block, a 32-step Gram loop) and 2N = 1200 > 1024,
