@@ -1,0 +1,36 @@
+"""The standalone GPU scripts still run here (CPU paths), so a GPU session does not find them broken.
+
+benchmarks/info_nce_table.py --cpu-smoke: its correctness checks and a block-size sweep through the
+Triton interpreter. benchmarks/onnx_gpu_table.py --cpu-only --quick: export + the CPU rows of its table.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str, timeout: int = 600) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=dict(os.environ), capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def test_info_nce_table_checks_and_sweep():
+    pytest.importorskip("triton")
+    out = _run("benchmarks/info_nce_table.py", "--cpu-smoke", "--sweep", "7,40,float16")
+    assert "PASS" in out and "FAIL" not in out, out
+    assert out.count("  fwd (") >= 6 and out.count("  bwd (") >= 9, out
+    assert ", 3):" in out, "the sweep should include configs with several backward chunks per program"
+
+
+def test_onnx_table_cpu_rows():
+    out = _run("benchmarks/onnx_gpu_table.py", "--cpu-only", "--quick", "--cpu-iters", "3", "--cpu-seconds", "5")
+    for row in ("PyTorch fp32 (CPU)", "onnxruntime CPU EP fp32 model.onnx", "onnxruntime CPU EP int8 model_int8.onnx"):
+        assert row in out, out
+    assert "GPU rows (PyTorch CUDA, onnxruntime CUDA EP): skipped (--cpu-only)" in out, out
