@@ -4,8 +4,9 @@ Why: an eager BERT step launches on the order of a thousand kernels from Python,
 we measured, that host work, not the GPU, sets the step time (benchmarks/RESULTS.md). Packed batches are
 padded to a bucketed token count (mirrorfast.data.packed_batch(bucket=...)), so an epoch has only a
 few shapes. The first batch of each shape runs eagerly (it is a real step, and it warms up lazily
-initialized state: Triton JIT, cuBLAS workspaces, optimizer moments); then that shape is captured and
-every later batch of it is copied into the graph's static inputs and replayed.
+initialized state: Triton JIT, cuBLAS workspaces, optimizer moments); the second one is captured (a
+capture records without running) and replayed, and so is every later batch of that shape: copied into
+the graph's static inputs, then replayed. A shape seen once (an epoch's short last batch) is never captured.
 
 Requirements (checked by the trainer): CUDA, packed attention, fp16 or bf16 autocast, AdamW(fused=True,
 capturable=True). With fp16 the GradScaler's inf check and scale update are device ops when the optimizer
@@ -22,11 +23,12 @@ from mirrorfast.errors import MirrorfastError
 
 
 class GraphedStep:
-    """Calls `step(batch) -> loss` eagerly for a new shape, then replays a captured graph of it."""
+    """Calls `step(batch) -> loss` eagerly the first time a shape comes, then captures it and replays it."""
 
     def __init__(self, step: Callable[[Batch], torch.Tensor]):
         self.step = step
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Batch, torch.Tensor]] = {}
+        self.seen: set[tuple] = set()  # shapes that ran eagerly once
 
     @staticmethod
     def shape_key(batch: Batch) -> tuple:
@@ -36,9 +38,10 @@ class GraphedStep:
         key = self.shape_key(batch)
         captured = self.graphs.get(key)
         if captured is None:
-            loss = self._eager_on_side_stream(batch)
-            self.graphs[key] = self._capture(batch)
-            return loss
+            if key not in self.seen:
+                self.seen.add(key)
+                return self._eager_on_side_stream(batch)
+            captured = self.graphs[key] = self._capture(batch)
         graph, static_batch, static_loss = captured
         for static, new in zip(static_batch.tensors(), batch.tensors()):
             static.copy_(new, non_blocking=True)
