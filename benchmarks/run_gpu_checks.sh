@@ -20,7 +20,7 @@
 #                                          bash .ortgpu/p5/install.sh && BUDGET=540 bash benchmarks/run_gpu_checks.sh"
 # Without onnxruntime-gpu the ONNX part still runs and lists its CUDA EP rows as skipped.
 # A session that would rather tune the InfoNCE kernel than measure ONNX on the GPU: skip calls 2-6 and run
-# `bash benchmarks/run_gpu_checks.sh suite kernel tests sweep` in call 1 (the sweep compares block sizes,
+# `bash benchmarks/run_gpu_checks.sh suite sweep tests` in call 1 (the sweep compares block sizes,
 # including several gradient-column chunks per backward program, KernelConfig.bwd_chunks).
 set -uo pipefail
 out=${OUT:-gpu-out}
