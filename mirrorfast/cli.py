@@ -37,7 +37,7 @@ def _add_train(sub) -> None:
     p.add_argument("--pooling", choices=["cls", "mean"], default="cls", help="[CLS] (default) or masked mean")
     prec = p.add_mutually_exclusive_group()
     prec.add_argument("--fp16", action="store_true", help="fp16 autocast + gradient scaling (GPU)")
-    prec.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    prec.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU; also on CPUs with native bf16, e.g. AVX-512 BF16 or AMX)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--attention", choices=["auto", "padded", "packed"], default="auto",
                    help="packed = unpadded variable-length attention (default on CUDA with --fp16/--bf16)")
