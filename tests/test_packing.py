@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertModel
+from transformers import AutoTokenizer, BertConfig, BertModel, RobertaConfig, RobertaModel
 
 from mirrorfast.data import TokenizedTexts, packed_batch, padded_batch
 from mirrorfast.model import Encoder
@@ -13,21 +13,26 @@ TEXTS = ["hi", "a considerably longer sentence, with punctuation and more words"
          "naïve café 東京 😀", "x y"]
 
 
-def tiny_setup(minilm_dir, pooling: str, seed: int):
-    """A float64 tiny BERT without dropout (results comparable to ~1e-9), and the 10 views of TEXTS."""
+def tiny_setup(minilm_dir, pooling: str, seed: int, arch: str = "bert"):
+    """A float64 tiny BERT (or RoBERTa) without dropout (results comparable to ~1e-9), and the 10 views of TEXTS."""
     tok = AutoTokenizer.from_pretrained(minilm_dir)
     torch.manual_seed(seed)
-    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = BertModel(config).double()
+    sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if arch == "roberta":  # positions numbered from pad_token_id + 1, as RoBERTa does
+        config = RobertaConfig(**sizes, pad_token_id=tok.pad_token_id, max_position_embeddings=24 + tok.pad_token_id + 2)
+        model = RobertaModel(config).double()
+    else:
+        model = BertModel(BertConfig(**sizes)).double()
     tt = TokenizedTexts.build(tok, TEXTS, 24)
     rows = np.array([4, 0, 2, 1, 3])
     return tok, model, Encoder(model, tok, pooling, 24, "tiny"), [(tt, rows), (tt, rows[::-1])]
 
 
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
-def test_packed_equals_padded(minilm_dir, pooling):
-    tok, model, encoder, views = tiny_setup(minilm_dir, pooling, seed=0)
+def test_packed_equals_padded(minilm_dir, pooling, arch):
+    tok, model, encoder, views = tiny_setup(minilm_dir, pooling, seed=0, arch=arch)
 
     padded = encoder.embed_batch(padded_batch(views, tok.pad_token_id))
     grad_padded = torch.autograd.grad(padded.square().sum(), list(model.parameters()), allow_unused=True)
