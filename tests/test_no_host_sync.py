@@ -6,6 +6,7 @@ impossible to capture in a CUDA graph (`--cuda-graphs`). Those operations reach 
 CPU exactly as they would on CUDA, so a TorchDispatchMode that records them finds them here, without a GPU.
 """
 
+import contextlib
 import traceback
 
 import numpy as np
@@ -110,7 +111,7 @@ def test_training_step_has_no_host_sync(minilm_dir, layout, pooling, loss_backen
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
     n = len(TEXTS)
     before = [p.detach().clone() for p in encoder.parameters()]
-    with packed_attention(encoder.model) if batch.packed else _nothing():
+    with packed_attention(encoder.model) if batch.packed else contextlib.nullcontext():
         with HostSyncRecorder() as rec:
             for _ in range(2):
                 loss = training_step(encoder, batch, n, 0.05, optimizer, scaler, autocast, loss_backend)
@@ -129,10 +130,3 @@ def test_info_nce_triton_wrapper_has_no_host_sync(reduction):
     assert rec.found == [], "\n".join(rec.found)
     assert a.grad is not None and torch.isfinite(a.grad).all()
 
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
