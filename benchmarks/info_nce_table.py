@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """InfoNCE (NT-Xent) forward+backward on a GPU: fused Triton kernel vs PyTorch eager vs torch.compile.
 
-    python benchmarks/info_nce_table.py              # checks + table, a few sizes (< 3 min on an H100/H200)
+    python benchmarks/info_nce_table.py              # checks + table, a few sizes (the issue asks < 3 min on an H100/H200)
     python benchmarks/info_nce_table.py --quick      # checks + table at N=200 and N=16384 (D=768) only
     python benchmarks/info_nce_table.py --sweep 16384,768   # time candidate block configs (tuning)
 

@@ -36,7 +36,7 @@ class TrainConfig:
     pooling: str = "cls"
     precision: str = "fp32"
     device: str = "auto"
-    attention: str = "auto"  # packed (unpadded varlen) on CUDA, padded elsewhere
+    attention: str = "auto"  # packed (unpadded varlen) on CUDA with fp16/bf16, padded elsewhere
     cuda_graphs: bool = False  # replay the whole step from CUDA graphs (experimental: CUDA, fp16/bf16, packed)
     dedup: bool = True
     seed: int = 42

@@ -178,9 +178,10 @@ def _gather(views: list[tuple[TokenizedTexts, np.ndarray]]) -> tuple[list[np.nda
     return pieces, np.concatenate(lengths)
 
 
-# Padding to the longest view of a batch triples the work on the paper's sentences (mean 14 tokens,
-# longest 40-70): padded batches are sorted by length and encoded in chunks of about this many views,
-# each padded only to its own longest (2-core CPU, MiniLM, 400 views fwd+bwd: 10.5 s -> 3.9 s).
+# Padding to the longest view of a batch wastes most of the work on the paper's sentences (mean 14.4
+# tokens, a batch's longest 40-70: ../shared/notes/gpu-measurements.md): padded batches are sorted by
+# length and encoded in chunks of about this many views, each padded only to its own longest (2-core CPU,
+# MiniLM, 400 views fwd+bwd, 2026-11-26: 10.45 s -> 3.93 s, benchmarks/RESULTS.md).
 VIEWS_PER_CHUNK = 64
 # On CUDA the trainer rounds chunk widths up to a multiple of 8 (tensor-core friendly, fewer distinct
 # shapes). On the CPU rounding only adds work: the word preset's 3-5 token views padded to 8 made a
