@@ -24,9 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from from_checkout import ensure_importable  # noqa: E402
+
 DEVICE = "cuda"  # "cpu" only for --cpu-smoke (Triton interpreter, tiny shapes: a check of this script)
 EPS = 1e-12
 GRAD_SCALE = 2.0**16  # grad_output for the table's error column (as a GradScaler would scale the loss)
@@ -230,7 +230,8 @@ def run_checks(quick: bool) -> bool:
 # ------------------------------------------------------------------------------------------------ table
 
 
-def _peak_extra_mib(fn) -> float:
+def peak_extra_mib(fn) -> float:
+    """MiB allocated by fn() beyond what was allocated before it (CUDA), its output included."""
     import torch
 
     torch.cuda.synchronize()
@@ -252,7 +253,6 @@ def run_table(sizes, quick: bool) -> None:
 
     temperature = 0.04
     warmup, rep = (10, 50) if quick else (25, 100)
-    rows = []
     print(f"\n{'N':>6} {'D':>5}  {'impl':<16} {'fwd+bwd us':>11} {'peak MiB':>9} {'max rel err':>11}", flush=True)
     for n, d in sizes:
         a, b = make_inputs(n, d, torch.float16, 100 + n, scale_rows=False)
@@ -277,13 +277,12 @@ def run_table(sizes, quick: bool) -> None:
                 out = (loss, *torch.autograd.grad(loss, (a, b), grad_outputs=torch.full_like(loss, GRAD_SCALE)))
                 err = max(rel_err(o, r) for o, r in zip(out, ref))
                 del out, loss
-                mib = _peak_extra_mib(step)
+                mib = peak_extra_mib(step)
                 us = 1e3 * triton.testing.do_bench(step, warmup=warmup, rep=rep, return_mode="median")
                 line = f"{n:>6} {d:>5}  {name:<16} {us:>11.1f} {mib:>9.1f} {err:>11.1e}"
             except Exception as exc:  # noqa: BLE001  (torch.compile fails on some images)
                 line = f"{n:>6} {d:>5}  {name:<16} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             print(line, flush=True)
-            rows.append(line)
             if name == "triton" and 2 * n <= 4096:
                 try:
                     us = 1e3 * triton.testing.do_bench_cudagraph(step, rep=rep, return_mode="median")
@@ -374,6 +373,12 @@ def run_sweep(n: int, d: int, dtype_name: str) -> None:
             print(f"  bwd {bc}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
 
 
+def run_sweeps(specs: list[str]) -> None:
+    for spec in specs:  # "N,D[,dtype]"
+        parts = spec.split(",")
+        run_sweep(int(parts[0]), int(parts[1]), parts[2] if len(parts) > 2 else "float16")
+
+
 # ------------------------------------------------------------------------------------------------- main
 
 
@@ -396,9 +401,7 @@ def main(argv=None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
         ensure_importable()
         ok = run_checks(True)
-        for spec in args.sweep:
-            parts = spec.split(",")
-            run_sweep(int(parts[0]), int(parts[1]), parts[2] if len(parts) > 2 else "float16")
+        run_sweeps(args.sweep)
         return 0 if ok else 1
     if not torch.cuda.is_available():
         print("info_nce_table: needs CUDA (an NVIDIA GPU) to compare the Triton kernel with PyTorch; "
@@ -414,9 +417,7 @@ def main(argv=None) -> int:
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}", flush=True)
     ok = True if args.no_checks else run_checks(args.quick)
     if args.sweep:
-        for spec in args.sweep:
-            parts = spec.split(",")
-            run_sweep(int(parts[0]), int(parts[1]), parts[2] if len(parts) > 2 else "float16")
+        run_sweeps(args.sweep)
     else:
         sizes = [(200, 768), (16384, 768)] if args.quick else [(200, 768), (1024, 768), (4096, 768), (16384, 768), (200, 384)]
         run_table(sizes, args.quick)

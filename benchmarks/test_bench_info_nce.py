@@ -16,6 +16,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # same rule as tests/conftest.py
 
+from info_nce_table import peak_extra_mib  # noqa: E402  (benchmarks/ is on sys.path under pytest)
 from mirrorfast.kernels import info_nce, info_nce_reference  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -41,17 +42,6 @@ def _make_step(loss_fn, a, b):
         return loss, grads
 
     return step
-
-
-def _peak_extra_mib(step):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    out = step()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del out
-    return peak / 2**20
 
 
 def _loss_fn(impl):
@@ -81,7 +71,7 @@ def test_info_nce_fwd_bwd_gpu(benchmark, n, d, impl):
     benchmark.group = f"info_nce fwd+bwd fp16 N={n} D={d}"
     benchmark.extra_info.update(
         impl=impl, n=n, d=d, dtype="float16", device=torch.cuda.get_device_name(),
-        peak_extra_mib=round(_peak_extra_mib(step), 2),
+        peak_extra_mib=round(peak_extra_mib(step), 2),
     )
     benchmark(step)
 

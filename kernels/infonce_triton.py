@@ -324,10 +324,14 @@ class KernelConfig:
     bwd_m: int  # backward: rows per program
     bwd_n: int  # backward: columns per tile
     bwd_d: int  # backward: D step of the recomputed Gram tile
-    bwd_dc: int  # backward: gradient columns per program (grid dimension 1 = cdiv(D, bwd_dc))
+    bwd_dc: int  # backward: gradient columns per chunk (grid dimension 1 = cdiv(D, bwd_dc * bwd_chunks))
     bwd_warps: int
     bwd_stages: int
     bwd_chunks: int = 1  # backward: chunks of bwd_dc columns per program (1-4), sharing one logit tile
+
+    def __post_init__(self):
+        if not 1 <= self.bwd_chunks <= 4:  # the kernel has four accumulators
+            raise ValueError(f"bwd_chunks must be 1 to 4, got {self.bwd_chunks}")
 
 
 def _clamp_block(block: int, extent: int) -> int:
@@ -417,8 +421,6 @@ def _backward(a, b, norm, lse2, grad, temperature: float, reduction: str, cfg: K
         w_scale = 1.0 / n2 if reduction == "mean" else 1.0
     da = torch.empty((n, d), device=a.device, dtype=a.dtype)
     db = torch.empty((n, d), device=a.device, dtype=a.dtype)
-    if not 1 <= cfg.bwd_chunks <= 4:
-        raise ValueError(f"bwd_chunks must be 1 to 4, got {cfg.bwd_chunks}")
     grid = (2 * triton.cdiv(n, cfg.bwd_m), triton.cdiv(d, cfg.bwd_dc * cfg.bwd_chunks))
     _infonce_bwd_kernel[grid](
         a, b, norm, lse2, w, wref, da, db,
@@ -457,8 +459,6 @@ class InfoNCEFunction(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad):
         a, b, norm, lse2 = ctx.saved_tensors
-        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-            return None, None, None, None, None
         da, db = _backward(a, b, norm, lse2, grad, ctx.temperature, ctx.reduction, ctx.cfg)
         return (da if ctx.needs_input_grad[0] else None), (db if ctx.needs_input_grad[1] else None), None, None, None
 
