@@ -66,6 +66,7 @@ def test_package_works_without_triton():
 import sys
 sys.modules["triton"] = None  # `import triton` now raises ImportError
 import torch
+from mirrorfast.errors import MirrorfastError
 from mirrorfast.kernels import info_nce, info_nce_reference, resolve_backend
 assert resolve_backend("auto", torch.device("cuda")) == "torch"
 a, b = torch.randn(4, 8), torch.randn(4, 8)
