@@ -92,7 +92,7 @@ def test_step_mirrorfast(benchmark, tiny_bert):
     autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else contextlib.nullcontext()
 
     def step():
-        loss = training_step(encoder, batch, len(TEXTS), 0.04, optimizer, scaler, autocast)
+        loss = training_step(encoder, batch, 0.04, optimizer, scaler, autocast)
         _sync()
         return loss
 

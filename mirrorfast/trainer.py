@@ -89,17 +89,19 @@ def autocast_dtype(precision: str, device: torch.device, log: Callable[[str], No
 
 
 def use_packing(cfg: TrainConfig, encoder: Encoder, device: torch.device, dtype: torch.dtype | None) -> bool:
-    """Packed (unpadded) attention needs FlashAttention: CUDA, fp16/bf16, a supported architecture."""
+    """Packed (unpadded) attention needs FlashAttention: CUDA, fp16/bf16, a supported architecture. DropHead
+    draws one mask per sequence, and a packed batch is one sequence of all views: it trains padded."""
     if cfg.attention == "padded":
         return False
-    fast_ok = device.type == "cuda" and dtype is not None and supports_packing(encoder.model)
     if cfg.attention == "packed":
         if not supports_packing(encoder.model):
             raise MirrorfastError(f"--attention packed does not support model type {encoder.model.config.model_type!r}")
         if device.type == "cuda" and dtype is None:
             raise MirrorfastError("--attention packed on CUDA needs --fp16 or --bf16 (FlashAttention)")
+        if cfg.drophead > 0:
+            raise MirrorfastError("--drophead needs padded batches (one mask per view): use --attention auto or padded")
         return True
-    return fast_ok
+    return device.type == "cuda" and dtype is not None and cfg.drophead == 0 and supports_packing(encoder.model)
 
 
 def check_graphable(device: torch.device, dtype: torch.dtype | None, packed: bool) -> None:
@@ -166,9 +168,10 @@ class LossMonitor:
 
 
 # -------------------------------------------------------------------------------------------- step
-def training_step(encoder, batch: Batch, n: int, temperature: float, optimizer, scaler, autocast,
+def training_step(encoder, batch: Batch, temperature: float, optimizer, scaler, autocast,
                   loss_backend: str = "auto") -> torch.Tensor:
     """One Mirror-BERT step on 2N views (rows i and N+i are the two views of string i)."""
+    n = batch.views // 2
     with autocast:
         views = encoder.embed_batch(batch)  # (2N, H)
         loss = info_nce(views[:n], views[n:], temperature, backend=loss_backend)
@@ -252,7 +255,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     prepare = lambda e: build_batches(source.epoch(e), schedules[e], packed, pad_id, bucket, width_multiple)  # noqa: E731
     upload = lambda batches: [b.to(device, non_blocking=True) for b in batches]  # noqa: E731
     step_fn = lambda batch: training_step(  # noqa: E731
-        encoder, batch, batch.views // 2, cfg.temperature, optimizer, scaler, autocast, loss_backend)
+        encoder, batch, cfg.temperature, optimizer, scaler, autocast, loss_backend)
     run_step = GraphedStep(step_fn) if cfg.cuda_graphs else step_fn
 
     monitor = LossMonitor(device)

@@ -109,12 +109,11 @@ def test_training_step_has_no_host_sync(minilm_dir, layout, pooling, loss_backen
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-4, fused=True)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)  # enabled: the fp16 route (device-side inf check)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
-    n = len(TEXTS)
     before = [p.detach().clone() for p in encoder.parameters()]
     with packed_attention(encoder.model) if batch.packed else contextlib.nullcontext():
         with HostSyncRecorder() as rec:
             for _ in range(2):
-                loss = training_step(encoder, batch, n, 0.05, optimizer, scaler, autocast, loss_backend)
+                loss = training_step(encoder, batch, 0.05, optimizer, scaler, autocast, loss_backend)
     assert rec.found == [], "host synchronizations in the training step:\n" + "\n".join(rec.found)
     assert torch.isfinite(loss) and loss.shape == ()
     assert any(not torch.equal(b, p) for b, p in zip(before, encoder.parameters())), "the step changed nothing"

@@ -219,3 +219,18 @@ def test_cpu_bf16_hint(tmp_path, monkeypatch):
         hinted = [m for m in logs if "--bf16 trained 1.6x faster" in m]
         assert len(hinted) == (2 if native else 0), logs
         assert sum("--fp16 needs a GPU" in m for m in logs) == 1
+
+
+def test_drophead_trains_padded(tiny_bert_dir, corpus, tmp_path, capsys):
+    """DropHead draws one mask per sequence; a packed batch is one sequence of all views, so DropHead
+    trains padded: `auto` picks padded even where it would pack, explicit packed is refused."""
+    from mirrorfast.model import load_encoder
+    from mirrorfast.trainer import use_packing
+
+    encoder = load_encoder(tiny_bert_dir)
+    cuda = torch.device("cuda")  # a device object only: use_packing decides without touching a GPU
+    base = TrainConfig(model=str(tiny_bert_dir), corpus=str(corpus))
+    assert use_packing(base, encoder, cuda, torch.float16)
+    assert not use_packing(TrainConfig(**{**base.__dict__, "drophead": 0.1}), encoder, cuda, torch.float16)
+    assert run_cli(*tiny_args(tiny_bert_dir, corpus, tmp_path / "o", "--attention", "packed", "--drophead", "0.1")) == 2
+    assert "--drophead needs padded batches" in capsys.readouterr().err
