@@ -137,20 +137,22 @@ class Batch:
     (start, end, width) that are encoded separately, each at its own width; `restore` (2N,) puts the
     pooled rows back in view order. packed: input_ids / position_ids are (1, T) and cu_seqlens (S + 1,)
     int32 marks where each of S segments starts: the 2N views, then (when the batch is padded to a
-    bucketed T) a few segments of padding tokens; max_len is a host int (no device sync).
+    bucketed T) a few segments of padding tokens; segment_ids (T,) is each token's segment (all built on
+    the host, off the training step); max_len is a host int (no device sync).
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None
     cu_seqlens: torch.Tensor | None = None
+    segment_ids: torch.Tensor | None = None
     restore: torch.Tensor | None = None
     chunks: tuple[tuple[int, int, int], ...] = ()
     max_len: int = 0
     tokens: int = 0  # real (non-pad) tokens
     views: int = 0  # 2N
 
-    TENSORS = ("input_ids", "attention_mask", "position_ids", "cu_seqlens", "restore")
+    TENSORS = ("input_ids", "attention_mask", "position_ids", "cu_seqlens", "segment_ids", "restore")
 
     @property
     def packed(self) -> bool:
@@ -242,9 +244,11 @@ def packed_batch(views, pad_id: int = 0, bucket: int | None = None) -> Batch:
     cu = np.zeros(len(pieces) + 1, dtype=np.int32)
     np.cumsum(lengths, out=cu[1:])
     ids = np.concatenate(pieces)
-    positions = np.arange(len(ids), dtype=np.int64) - np.repeat(cu[:-1].astype(np.int64), lengths)
+    segments = np.repeat(np.arange(len(pieces), dtype=np.int64), lengths)  # (T,) segment of each token
+    positions = np.arange(len(ids), dtype=np.int64) - cu[:-1].astype(np.int64)[segments]
     return Batch(torch.from_numpy(ids)[None], position_ids=torch.from_numpy(positions)[None],
-                 cu_seqlens=torch.from_numpy(cu), max_len=max_len, tokens=real_tokens, views=n_views)
+                 cu_seqlens=torch.from_numpy(cu), segment_ids=torch.from_numpy(segments), max_len=max_len,
+                 tokens=real_tokens, views=n_views)
 
 
 def epoch_batches(n: int, batch_size: int, rng: random.Random) -> list[np.ndarray]:

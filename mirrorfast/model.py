@@ -15,6 +15,7 @@ from torch import nn
 
 from mirrorfast.errors import MirrorfastError
 from mirrorfast.hub import cache_dir, resolve_hub_id
+from mirrorfast.packing import packed_hidden, packed_pool
 
 POOLINGS = ("cls", "mean")
 MIRRORFAST_JSON = "mirrorfast.json"
@@ -147,12 +148,9 @@ class Encoder(nn.Module):
     def embed_batch(self, batch) -> torch.Tensor:
         """A mirrorfast.data.Batch (padded or packed) -> (B, H) pooled embeddings."""
         if batch.packed:
-            from mirrorfast.packing import packed_hidden, packed_pool
-
-            hidden, segment_ids = packed_hidden(
-                self.model, batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_len
-            )
-            return packed_pool(hidden, batch.cu_seqlens, segment_ids, self.pooling)[: batch.views]  # no pad segments
+            hidden = packed_hidden(self.model, batch.input_ids, batch.position_ids, batch.cu_seqlens,
+                                   batch.segment_ids, batch.max_len)
+            return packed_pool(hidden, batch.cu_seqlens, batch.segment_ids, self.pooling)[: batch.views]  # no pad segments
         pooled = [self(batch.input_ids[start:end, :width], batch.attention_mask[start:end, :width])
                   for start, end, width in batch.chunks]
         return torch.cat(pooled)[batch.restore]

@@ -31,19 +31,25 @@ def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         )[0]
         return out.unsqueeze(0), None
     # Elsewhere (the CPU): gather the S views into a padded (S, heads, max_len, d) batch, attend with a
-    # key-padding mask, and gather the real tokens back. Only attention sees padding; every other layer
-    # (the GEMMs: most of the work) runs on the T real tokens.
-    segment = kwargs["segment_ids"]  # (T,) view index of each token
-    starts = cu_seqlens[:-1].long()  # (S,)
-    n_views, heads, total, head_dim = starts.shape[0], *query.shape[1:]
-    slots = torch.arange(max_len, device=query.device)  # (L,)
-    key_ok = slots[None, :] < (cu_seqlens[1:].long() - starts)[:, None]  # (S, L)
-    gather = (starts[:, None] + slots[None, :]).clamp_(max=total - 1)  # (S, L) token of each slot
+    # key-padding mask, and gather the real tokens back (index from `padded_index`, once per forward).
+    gather, key_ok, slot_of_token = kwargs["padded_index"]
+    n_views, heads, head_dim = gather.shape[0], query.shape[1], query.shape[3]
     q, k, v = (t[0][:, gather].transpose(0, 1) for t in (query, key, value))  # (S, heads, L, d)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_ok[:, None, None, :], dropout_p=dropout, scale=scaling)
-    slot_of_token = segment * max_len + torch.arange(total, device=query.device) - starts[segment]  # (T,)
     out = out.transpose(1, 2).reshape(n_views * max_len, heads, head_dim)[slot_of_token]  # (T, heads, d)
     return out.unsqueeze(0), None
+
+
+def _padded_index(cu_seqlens, segment_ids, max_len: int):
+    """For the non-FlashAttention path: (S, L) token of each padded slot, (S, L) which slots are real,
+    (T,) the slot of each token."""
+    starts = cu_seqlens[:-1].long()  # (S,)
+    total = segment_ids.shape[0]
+    slots = torch.arange(max_len, device=segment_ids.device)  # (L,)
+    key_ok = slots[None, :] < (cu_seqlens[1:].long() - starts)[:, None]
+    gather = (starts[:, None] + slots[None, :]).clamp_(max=total - 1)
+    slot_of_token = segment_ids * max_len + torch.arange(total, device=segment_ids.device) - starts[segment_ids]
+    return gather, key_ok, slot_of_token
 
 
 def _no_mask(*args, **kwargs):
@@ -87,22 +93,20 @@ def packed_attention(model):
         model.set_attn_implementation(previous)
 
 
-def packed_hidden(model, input_ids, position_ids, cu_seqlens, max_len: int):
-    """input_ids, position_ids: (1, T); cu_seqlens: (S + 1,) int32 -> (T, H) last hidden state, (T,) segment ids."""
+def packed_hidden(model, input_ids, position_ids, cu_seqlens, segment_ids, max_len: int):
+    """input_ids, position_ids: (1, T); cu_seqlens: (S + 1,) int32; segment_ids: (T,) -> (T, H) last hidden state."""
     offset = position_offset(model)
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    segment_ids = torch.repeat_interleave(  # output_size given: no device->host sync
-        torch.arange(lengths.shape[0], device=input_ids.device), lengths, output_size=input_ids.shape[1]
-    )
+    # FlashAttention (CUDA) takes cu_seqlens; elsewhere attention gathers views into a padded batch.
+    padded_index = None if input_ids.is_cuda else _padded_index(cu_seqlens, segment_ids, max_len)
     out = model(
         input_ids=input_ids,
         position_ids=position_ids + offset if offset else position_ids,
         token_type_ids=torch.zeros_like(input_ids),
         cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
         max_length_q=max_len, max_length_k=max_len,
-        segment_ids=segment_ids,
+        padded_index=padded_index,
     )
-    return out.last_hidden_state[0], segment_ids
+    return out.last_hidden_state[0]
 
 
 def packed_pool(hidden, cu_seqlens, segment_ids, pooling: str):

@@ -92,6 +92,7 @@ def test_padded_and_packed_batches_hold_the_same_tokens(minilm_dir):
         start, end = packed.cu_seqlens[view].item(), packed.cu_seqlens[view + 1].item()
         assert padded.input_ids[row, : row_lengths[row]].tolist() == packed.input_ids[0, start:end].tolist()
         assert packed.position_ids[0, start:end].tolist() == list(range(end - start))
+        assert packed.segment_ids[start:end].tolist() == [view] * (end - start)
     assert packed.max_len == int(view_lengths.max())
     # Chunks cover every row once, each as wide as its longest row (rounded up to the multiple);
     # neighbours of the same width are one chunk (rows 3-4 and 5-7 both round to width 8).
