@@ -522,7 +522,7 @@ def _recipe_path(logs: list[str]) -> str:
     """attention/loss/precision as the trainer chose them (its `recipe:` log line), e.g. packed/triton-loss/bf16."""
     line = next((entry for entry in logs if entry.startswith("recipe:")), "")
     values = dict(p.split("=", 1) for p in line.split() if "=" in p)
-    precision = {"torch.float16": "fp16", "torch.bfloat16": "bf16"}.get(values.get("precision"), values.get("precision", "?"))
+    precision = values.get("precision", "?")
     graphs = "/cuda-graphs" if values.get("cuda_graphs") == "True" else ""
     return f"{values.get('attention', '?')}/{values.get('loss', '?')}-loss/{precision}{graphs}"
 

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mirrorfast.errors import MirrorfastError
+from mirrorfast.errors import MirrorfastError, first_line
+from mirrorfast.evaluate import cosine_rows
 from mirrorfast.model import Encoder, load_encoder, pool
 from mirrorfast.export.runtime import EXPORT_FORMAT, EXPORT_JSON
 from mirrorfast.output import atomic_directory, check_destination
@@ -170,7 +171,7 @@ def _torch_export(graph: SentenceEmbeddingGraph, example: dict, path: Path, opse
                 training=torch.onnx.TrainingMode.EVAL,
             )
         except Exception as exc:  # the exporter raises many types; the user needs one line
-            raise MirrorfastError(f"ONNX export failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+            raise MirrorfastError(f"ONNX export failed: {type(exc).__name__}: {first_line(exc)}") from exc
     graph.eval()  # the exporter restores the training flag it found; make sure it is eval
     _fix_output_shapes(path, int(graph.model.config.hidden_size))
 
@@ -189,11 +190,6 @@ def _fix_output_shapes(path: Path, hidden: int) -> None:
             else:
                 dim.dim_value = value
     onnx.save(model, str(path))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # ------------------------------------------------------------------------------------ fp16 and int8
@@ -224,7 +220,7 @@ def _write_fp16(fp32_path: Path, out_path: Path, num_heads: int, hidden_size: in
             optimized.convert_float_to_float16(keep_io_types=True)
             optimized.save_model_to_file(str(out_path))
     except Exception as exc:
-        raise MirrorfastError(f"fp16 optimization failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise MirrorfastError(f"fp16 optimization failed: {type(exc).__name__}: {first_line(exc)}") from exc
     return {"optimizer": "onnxruntime.transformers.optimizer (model_type=bert, use_gpu=True, opt_level=0)",
             "fused_operators": fused, "keep_io_types": True}
 
@@ -268,7 +264,7 @@ def _write_int8(fp32_path: Path, out_path: Path) -> dict:
                 nodes_to_exclude=excluded, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
             )
     except Exception as exc:
-        raise MirrorfastError(f"int8 quantization failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise MirrorfastError(f"int8 quantization failed: {type(exc).__name__}: {first_line(exc)}") from exc
     return {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8", "per_channel": True,
             "kept_fp32": excluded}
 
@@ -338,12 +334,6 @@ def parity_cases(tokenizer, max_length: int, input_names: list[str]) -> list[Par
     return cases
 
 
-def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a.astype(np.float64)
-    b = b.astype(np.float64)
-    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-
-
 def _reference(graph: SentenceEmbeddingGraph, cases: list[ParityCase]) -> list[np.ndarray]:
     out = []
     with torch.inference_mode():
@@ -365,7 +355,7 @@ def _parity_session(path: Path, prefer_cuda: bool):
     try:
         session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:
-        raise MirrorfastError(f"{path.name} does not load in onnxruntime: {_first_line(exc)}") from exc
+        raise MirrorfastError(f"{path.name} does not load in onnxruntime: {first_line(exc)}") from exc
     return session, session.get_providers()[0]
 
 
@@ -383,7 +373,7 @@ def check_parity(path: Path, reference: list[np.ndarray], cases: list[ParityCase
             raise MirrorfastError(
                 f"parity check failed for {path.name}: output shape {got.shape}, expected {ref.shape}"
             )
-        cos = _cosine_rows(got, ref)
+        cos = cosine_rows(got, ref)
         if not np.all(np.isfinite(got)):
             cos = np.where(np.isfinite(got).all(1), cos, -1.0)
         i = int(np.argmin(cos))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mirrorfast.errors import MirrorfastError
+from mirrorfast.errors import MirrorfastError, first_line
 from mirrorfast.textfile import read_utf8
 
 EXPORT_JSON = "export.json"
@@ -152,8 +152,7 @@ class OnnxEncoder:
         try:
             return ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise MirrorfastError(f"cannot load {path}: {first}") from None
+            raise MirrorfastError(f"cannot load {path}: {first_line(exc)}") from None
 
     @staticmethod
     def _load_tokenizer(export_dir: Path):
@@ -162,8 +161,7 @@ class OnnxEncoder:
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(export_dir))
         except (OSError, ValueError, KeyError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise MirrorfastError(f"cannot load the tokenizer of {export_dir}: {first}") from None
+            raise MirrorfastError(f"cannot load the tokenizer of {export_dir}: {first_line(exc)}") from None
         return tokenizer
 
     def __repr__(self) -> str:

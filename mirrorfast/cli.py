@@ -97,12 +97,10 @@ def _cmd_eval(args) -> int:
 
     if not args.sts and not args.words:
         raise MirrorfastError("give at least one --sts FILE.csv or --words FILE.tsv")
-    for path in args.sts:  # read the files before loading a model: bad input fails fast
-        read_sts(path)
-    for path in args.words:
-        read_words(path)
+    # Read the files before loading a model: bad input fails fast.
+    sets = [read_sts(path) for path in args.sts] + [read_words(path) for path in args.words]
     encoder, name, pooling = _load_any_encoder(Path(args.model_dir), args.pooling)
-    results = evaluate(encoder, args.sts, args.words)
+    results = evaluate(encoder, sets)
     if args.json:
         print(json.dumps({"model": name, "pooling": pooling, "results": results}))
         return 0
@@ -118,15 +116,13 @@ def _load_any_encoder(path, pooling):
     """An ONNX export directory (export.json) or a PyTorch model directory -> (encoder, name, pooling)."""
     from mirrorfast.model import load_encoder
 
-    if (path / "export.json").is_file():
-        from mirrorfast.export.runtime import OnnxEncoder
+    from mirrorfast.export.runtime import EXPORT_JSON, OnnxEncoder
 
+    if (path / EXPORT_JSON).is_file():
         if pooling:
             raise MirrorfastError("--pooling cannot change an ONNX export: its pooling is inside the graph")
-        import json
-
         encoder = OnnxEncoder(path)
-        return encoder, str(path), json.loads((path / "export.json").read_text(encoding="utf-8")).get("pooling")
+        return encoder, str(path), encoder.pooling
     if not path.is_dir():
         raise MirrorfastError(f"model directory {path} not found")
     encoder = load_encoder(path, pooling=pooling)

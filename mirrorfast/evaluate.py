@@ -81,9 +81,8 @@ def spearman(encoder: TextEncoder, pairs: PairSet, batch_size: int = 128) -> flo
     return float(spearmanr(cosine_rows(a, b), pairs.scores).correlation * 100.0)
 
 
-def evaluate(encoder: TextEncoder, sts_files=(), word_files=()) -> list[dict]:
-    """One result dict per file: {"file", "kind", "pairs", "spearman"}."""
-    sets = [read_sts(f) for f in sts_files] + [read_words(f) for f in word_files]
+def evaluate(encoder: TextEncoder, sets: list[PairSet]) -> list[dict]:
+    """One result dict per pair set (read_sts / read_words): {"file", "kind", "pairs", "spearman"}."""
     return [
         {"file": str(s.path), "kind": s.kind, "pairs": len(s.scores), "spearman": round(spearman(encoder, s), 4)}
         for s in sets

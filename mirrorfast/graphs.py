@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from mirrorfast.data import Batch
-from mirrorfast.errors import MirrorfastError
+from mirrorfast.errors import MirrorfastError, first_line
 
 
 class GraphedStep:
@@ -65,7 +65,6 @@ class GraphedStep:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 static_loss = self.step(static_batch)
         except RuntimeError as exc:  # e.g. an operation that synchronizes with the host inside the step
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise MirrorfastError(f"--cuda-graphs: capturing the training step failed ({first_line}); "
+            raise MirrorfastError(f"--cuda-graphs: capturing the training step failed ({first_line(exc)}); "
                                   "train without --cuda-graphs") from exc
         return graph, static_batch, static_loss

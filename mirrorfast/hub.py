@@ -23,9 +23,13 @@ def hub_offline() -> bool:
     return any(os.environ.get(name, "").upper() in _TRUE for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
+def _endpoint():
+    return urlparse(os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT)
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """One TCP connection to the hub endpoint (HF_ENDPOINT), at most `timeout` seconds."""
-    url = urlparse(os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT)
+    url = _endpoint()
     port = url.port or (80 if url.scheme == "http" else 443)
     try:
         with socket.create_connection((url.hostname, port), timeout=timeout):
@@ -52,7 +56,6 @@ def resolve_hub_id(repo_id: str) -> tuple[str, bool]:
     if hub_offline():
         raise MirrorfastError(f"{where}, and the hub is switched off (HF_HUB_OFFLINE): pass a model directory")
     if not hub_reachable():
-        host = urlparse(os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).hostname
-        raise MirrorfastError(f"{where}, and {host} cannot be reached: pass a model directory "
+        raise MirrorfastError(f"{where}, and {_endpoint().hostname} cannot be reached: pass a model directory "
                               "(or download the model where there is network)")
     return f"{repo_id} (Hugging Face hub id, downloaded from the hub)", False

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mirrorfast.errors import MirrorfastError
+from mirrorfast.errors import MirrorfastError, first_line
 from mirrorfast.hub import cache_dir, resolve_hub_id
 from mirrorfast.packing import packed_hidden, packed_pool
 
@@ -216,8 +216,7 @@ def load_encoder(
         tokenizer = AutoTokenizer.from_pretrained(source, **where)
         model = AutoModel.from_pretrained(source, dtype=torch.float32, **where)  # fp32 master weights
     except (OSError, ValueError, KeyError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MirrorfastError(f"cannot load model {name_or_path or source}: {first_line}") from None
+        raise MirrorfastError(f"cannot load model {name_or_path or source}: {first_line(exc)}") from None
     if tokenizer.pad_token is None:
         raise MirrorfastError(f"the tokenizer of {source} has no padding token; it cannot batch")
     pooling = pooling or (saved or {}).get("pooling") or "cls"

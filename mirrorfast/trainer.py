@@ -46,6 +46,9 @@ class TrainResult:
     setup_seconds: float = 0.0
 
 
+PRECISION_NAMES = {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}  # autocast dtype -> name
+
+
 def is_mirrorfast_output(path: Path) -> bool:
     return (path / MIRRORFAST_JSON).is_file()
 
@@ -228,7 +231,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     loss_backend = resolve_backend("auto", device)
     log(f"recipe: level={cfg.level} T={cfg.temperature} mask_span={cfg.mask_span} max_length={cfg.max_length} "
         f"epochs={cfg.epochs} batch={batch_size} lr={cfg.lr} dropout={cfg.dropout} drophead={cfg.drophead} "
-        f"pooling={cfg.pooling} precision={dtype or 'fp32'} attention={'packed' if packed else 'padded'} "
+        f"pooling={cfg.pooling} precision={PRECISION_NAMES[dtype]} attention={'packed' if packed else 'padded'} "
         f"loss={loss_backend} cuda_graphs={cfg.cuda_graphs}")
 
     encoder.to(device).train()
@@ -326,7 +329,7 @@ def _metadata(cfg, corpus, encoder, device, dtype, packed, result: TrainResult) 
         "corpus": {"source": corpus.description, "size": len(corpus),
                    "duplicates_removed": corpus.duplicates_removed},
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-        "precision": {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype],
+        "precision": PRECISION_NAMES[dtype],
         "attention": "packed" if packed else "padded",
         "steps": result.steps,
         "epoch_seconds": [round(s, 4) for s in result.epoch_seconds],
