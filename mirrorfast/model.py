@@ -115,15 +115,9 @@ class Encoder(nn.Module):
     def dim(self) -> int:
         return int(self.model.config.hidden_size)
 
-    def tokenize(self, texts: list[str], max_length: int | None = None, pad_to_multiple_of: int | None = None):
-        return self.tokenizer(
-            list(texts),
-            padding=True,
-            truncation=True,
-            max_length=max_length or self.max_length,
-            pad_to_multiple_of=pad_to_multiple_of,
-            return_tensors="pt",
-        )
+    def tokenize(self, texts: list[str]):
+        return self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                              return_tensors="pt")
 
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         """(B, L) token ids and mask -> (B, H) pooled embeddings (not normalized)."""

@@ -11,13 +11,13 @@ import math
 import random
 import resource
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -119,19 +119,18 @@ def check_graphable(device: torch.device, dtype: torch.dtype | None, packed: boo
 class ViewSource:
     """Tokenized views per epoch: the first view once; the second re-masked (or the pair's side) per epoch."""
 
-    def __init__(self, corpus: Corpus, encoder: Encoder, cfg: TrainConfig):
+    def __init__(self, corpus: Corpus, tokenizer, cfg: TrainConfig):
         self.corpus, self.cfg = corpus, cfg
-        self.tokenizer = encoder.tokenizer
-        self.mask_token = encoder.tokenizer.mask_token
+        self.tokenizer = tokenizer
+        self.mask_token = tokenizer.mask_token
         if cfg.mask_span > 0 and corpus.second is None and self.mask_token is None:
             raise MirrorfastError("this tokenizer has no mask token; use --mask-span 0")
         self.first = TokenizedTexts.build(self.tokenizer, corpus.first, cfg.max_length)
-        fixed = corpus.second if corpus.second is not None else (corpus.first if cfg.mask_span == 0 else None)
-        self.fixed_second = None
-        if fixed is corpus.first:
+        self.fixed_second = None  # None: the second view is re-masked every epoch
+        if corpus.second is not None:
+            self.fixed_second = TokenizedTexts.build(self.tokenizer, corpus.second, cfg.max_length)
+        elif cfg.mask_span == 0:
             self.fixed_second = self.first
-        elif fixed is not None:
-            self.fixed_second = TokenizedTexts.build(self.tokenizer, fixed, cfg.max_length)
 
     def epoch(self, epoch: int) -> tuple[TokenizedTexts, TokenizedTexts]:
         if self.fixed_second is not None:
@@ -146,7 +145,7 @@ class LossMonitor:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.pending: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []
+        self.pending: deque[tuple[int, torch.Tensor, torch.cuda.Event | None]] = deque()
         self.values: list[float] = []
 
     def push(self, step: int, loss: torch.Tensor) -> None:
@@ -161,7 +160,7 @@ class LossMonitor:
     def poll(self, wait: bool = False) -> list[tuple[int, float]]:
         done = []
         while self.pending and (wait or self.pending[0][2] is None or self.pending[0][2].query()):
-            step, host, event = self.pending.pop(0)
+            step, host, event = self.pending.popleft()
             if event is not None:
                 event.synchronize()
             value = float(host)
@@ -208,8 +207,6 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     if save:
         check_destination(out_dir, is_mirrorfast_output, cfg.overwrite, "mirrorfast output")
 
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
     corpus = load_pairs(cfg.pairs, cfg.dedup) if cfg.pairs else load_corpus(cfg.corpus, cfg.dedup)
@@ -246,7 +243,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     autocast = (torch.autocast(device.type, dtype=dtype, cache_enabled=not cfg.cuda_graphs)
                 if dtype is not None else contextlib.nullcontext())
 
-    source = ViewSource(corpus, encoder, cfg)
+    source = ViewSource(corpus, encoder.tokenizer, cfg)
     batch_rng = random.Random(cfg.seed)
     schedules = [epoch_batches(len(corpus), batch_size, batch_rng) for _ in range(cfg.epochs)]
     total_steps = sum(len(s) for s in schedules)

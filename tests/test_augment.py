@@ -36,16 +36,26 @@ def test_short_strings_and_k0_untouched():
     assert mask_span("y" * MIN_LENGTH_TO_MASK, 5, "[MASK]", rng) != "y" * MIN_LENGTH_TO_MASK
 
 
-def test_uses_each_tokenizers_mask_token(minilm_dir, tmp_path):
-    from transformers import AutoTokenizer, RobertaTokenizerFast
+def test_training_views_use_each_tokenizers_mask_token(tmp_path):
+    """The trainer's second views carry the model's own mask token: <mask> (one token id) for a RoBERTa-style
+    tokenizer, not BERT's [MASK] (which this vocabulary would split into pieces)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import RobertaTokenizerFast
 
-    bert = AutoTokenizer.from_pretrained(minilm_dir)
-    assert "[MASK]" in mask_span(TEXT, 5, bert.mask_token, random.Random(0))
+    from mirrorfast.config import TrainConfig
+    from mirrorfast.data import load_corpus
+    from mirrorfast.trainer import ViewSource
+
     # A RoBERTa-style tokenizer built locally (no download) whose mask token is <mask>.
-    vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", "<mask>", "the"])}
+    words = TEXT.replace(",", " ").replace(".", " ").split()
+    vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", "<mask>", *dict.fromkeys(words)])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     roberta = RobertaTokenizerFast(tokenizer_object=backend, mask_token="<mask>")
-    masked = mask_span(TEXT, 5, roberta.mask_token, random.Random(0))
-    assert "<mask>" in masked and "[MASK]" not in masked
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(f"{TEXT}\n{TEXT} again\n", encoding="utf-8")
+    cfg = TrainConfig(corpus=str(corpus), level="sentence").resolved()
+    _, second = ViewSource(load_corpus(str(corpus)), roberta, cfg).epoch(0)
+    for i in range(2):
+        ids = second.ids[second.offsets[i] : second.offsets[i + 1]].tolist()
+        assert ids.count(roberta.mask_token_id) == 1, roberta.convert_ids_to_tokens(ids)

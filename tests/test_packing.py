@@ -36,10 +36,12 @@ def test_packed_equals_padded(minilm_dir, pooling, arch):
 
     padded = encoder.embed_batch(padded_batch(views, tok.pad_token_id))
     grad_padded = torch.autograd.grad(padded.square().sum(), list(model.parameters()), allow_unused=True)
+    before = model.config._attn_implementation
     with packed_attention(model):
+        assert model.config._attn_implementation == "mirrorfast_packed"
         packed = encoder.embed_batch(packed_batch(views))
         grad_packed = torch.autograd.grad(packed.square().sum(), list(model.parameters()), allow_unused=True)
-    assert model.config._attn_implementation != "mirrorfast_packed"  # restored afterwards
+    assert model.config._attn_implementation == before  # restored afterwards
     torch.testing.assert_close(packed, padded, rtol=1e-9, atol=1e-9)
     for gp, gq in zip(grad_padded, grad_packed):
         if gp is not None:

@@ -119,7 +119,7 @@ def test_view_source_masks_with_the_tokenizers_mask_token(tiny_bert_dir, corpus)
 
     encoder = load_encoder(tiny_bert_dir)
     cfg = TrainConfig(corpus=str(corpus), level="sentence").resolved()
-    first, second = ViewSource(load_corpus(str(corpus)), encoder, cfg).epoch(0)
+    first, second = ViewSource(load_corpus(str(corpus)), encoder.tokenizer, cfg).epoch(0)
     mask_id = encoder.tokenizer.mask_token_id
     assert mask_id not in first.ids.tolist()
     per_view = [second.ids[second.offsets[i] : second.offsets[i + 1]].tolist().count(mask_id)
