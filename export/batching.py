@@ -1,4 +1,4 @@
-"""The serving batcher: one inference thread fed by a bounded queue, and token counting off that thread.
+"""The serving batcher: one inference thread fed by a bounded queue, and tokenizing off that thread.
 
 Concurrent requests are merged into batches that close at a padded-token budget or after a short wait;
 each request gets exactly its own vectors back, in order (see export/server.py for the request path).
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import copy
 import logging
 import threading
@@ -30,13 +29,13 @@ class QueueFull(Exception):
 
 
 class _Job:
-    __slots__ = ("texts", "lengths", "vectors", "remaining", "loop", "future", "enqueued", "dead")
+    __slots__ = ("inputs", "lengths", "vectors", "remaining", "loop", "future", "enqueued", "dead")
 
-    def __init__(self, texts: list[str], lengths: list[int], dim: int, loop, future) -> None:
-        self.texts = texts
+    def __init__(self, inputs: list, lengths: list[int], dim: int, loop, future) -> None:
+        self.inputs = inputs
         self.lengths = lengths
-        self.vectors = np.empty((len(texts), dim), dtype=np.float32)
-        self.remaining = len(texts)
+        self.vectors = np.empty((len(inputs), dim), dtype=np.float32)
+        self.remaining = len(inputs)
         self.loop = loop
         self.future = future
         self.enqueued = 0.0
@@ -61,7 +60,7 @@ class Batcher:
 
     def __init__(
         self,
-        encode: Callable[[list[str]], np.ndarray],
+        encode: Callable[[list], np.ndarray],  # inputs (token id rows when serving) -> (n, dim)
         dim: int,
         max_batch_tokens: int,
         batch_wait_s: float,
@@ -78,7 +77,6 @@ class Batcher:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.batches = 0
 
     # -- lifecycle
     def start(self) -> None:
@@ -105,16 +103,16 @@ class Batcher:
         return len(self._items)
 
     # -- producer side (event loop)
-    def submit(self, texts: list[str], lengths: list[int]) -> asyncio.Future:
+    def submit(self, inputs: list, lengths: list[int]) -> asyncio.Future:
         loop = asyncio.get_running_loop()
-        job = _Job(texts, lengths, self._dim, loop, loop.create_future())
+        job = _Job(inputs, lengths, self._dim, loop, loop.create_future())
         with self._cond:
             if self._stopping or self._thread is None:
                 raise RuntimeError("the inference worker is not running")
-            if self._items and len(self._items) + len(texts) > self._max_queue:
+            if self._items and len(self._items) + len(inputs) > self._max_queue:
                 raise QueueFull()
             job.enqueued = time.monotonic()
-            self._items.extend((job, i) for i in range(len(texts)))
+            self._items.extend((job, i) for i in range(len(inputs)))
             if self._metrics is not None:
                 self._metrics.queue_depth.set(len(self._items))
             self._cond.notify()
@@ -160,23 +158,22 @@ class Batcher:
             batch = [(job, i) for job, i in batch if not job.dead and not job.future.cancelled()]
             if not batch:
                 continue
-            texts = [job.texts[i] for job, i in batch]
+            inputs = [job.inputs[i] for job, i in batch]
             longest = max(job.lengths[i] for job, i in batch)
             try:
-                vectors = self._encode(texts)
-                if vectors.shape != (len(texts), self._dim):
-                    raise RuntimeError(f"the encoder returned shape {vectors.shape} for {len(texts)} inputs")
+                vectors = self._encode(inputs)
+                if vectors.shape != (len(inputs), self._dim):
+                    raise RuntimeError(f"the encoder returned shape {vectors.shape} for {len(inputs)} inputs")
             except BaseException as exc:  # noqa: BLE001 - reported to the requests, the worker goes on
-                logger.exception("inference failed for a batch of %d inputs", len(texts))
+                logger.exception("inference failed for a batch of %d inputs", len(inputs))
                 for job in {id(j): j for j, _ in batch}.values():
                     if not job.dead:
                         job.dead = True
                         self._call(job, None, exc)
                 continue
-            self.batches += 1
             if self._metrics is not None:
-                self._metrics.batch_size.observe(len(texts))
-                self._metrics.batch_tokens.observe(len(texts) * longest)
+                self._metrics.batch_size.observe(len(inputs))
+                self._metrics.batch_tokens.observe(len(inputs) * longest)
             for k, (job, i) in enumerate(batch):
                 job.vectors[i] = vectors[k]
                 job.remaining -= 1
@@ -191,66 +188,66 @@ class Batcher:
             pass
 
 
-# ---------------------------------------------------------------------------------- token counting
-class TokenCounter:
-    """Counts tokens (incl. special tokens, untruncated) with private copies of the encoder's tokenizer,
-    so counting never races the inference worker's tokenizer (whose truncation settings `encode` changes).
+# -------------------------------------------------------------------------------------- tokenizing
+Rows = list[list[int]]
 
-    Small requests are counted inline on the event loop (a thread hop costs more than tokenizing a few
-    sentences); large ones on a dedicated thread with a second copy, so the loop stays responsive.
+
+class Tokenizing:
+    """Tokenizes requests once, off the inference thread: token ids (special tokens included) for the
+    worker, and each text's untruncated length for validation. Texts longer than `truncate_to` (when set)
+    get the tokenizer's own truncation, which keeps the special tokens.
+
+    Private copies of the encoder's tokenizer, so this never races anything else using it. Small requests
+    are tokenized inline on the event loop (a thread hop costs more than a few sentences); large ones on a
+    dedicated thread with a second copy, so the loop stays responsive.
     """
 
     INLINE_CHARS = 4096
 
-    def __init__(self, encoder) -> None:
-        self._inline = self._make_counter(encoder)
-        self._pooled = self._make_counter(encoder)
+    def __init__(self, encoder, truncate_to: int | None) -> None:
+        self._inline = self._make(encoder.tokenizer, truncate_to)
+        self._pooled = self._make(encoder.tokenizer, truncate_to)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mirrorfast-tokenize")
 
     @staticmethod
-    def _make_counter(encoder) -> Callable[[list[str]], list[int]]:
-        tok = getattr(encoder, "tokenizer", None)
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:  # pragma: no cover
-            Tokenizer = None  # type: ignore[assignment]
-        backend = getattr(tok, "backend_tokenizer", None)  # a fast HF tokenizer's Rust core, called directly: less Python per call
-        if Tokenizer is not None and isinstance(backend, Tokenizer):
-            tok = backend
-        if Tokenizer is not None and isinstance(tok, Tokenizer):
-            own = Tokenizer.from_str(tok.to_str())
-            own.no_truncation()
-            own.no_padding()
-            return lambda texts: [len(e.ids) for e in own.encode_batch(texts, add_special_tokens=True)]
-        if tok is not None and callable(tok):
-            try:
-                own = copy.deepcopy(tok)
-            except Exception:  # noqa: BLE001
-                own = None
-            if own is not None:
-                with contextlib.suppress(Exception):
-                    own.model_max_length = 1 << 30  # silence "sequence longer than ..." warnings
+    def _make(tokenizer, truncate_to: int | None) -> Callable[[list[str]], tuple[Rows, list[int]]]:
+        """-> tokenize(texts) -> (rows, untruncated lengths)."""
+        from tokenizers import Tokenizer
 
-                def count(texts: list[str]) -> list[int]:
-                    out = own(texts, add_special_tokens=True, truncation=False, padding=False,
-                              return_attention_mask=False, return_token_type_ids=False)
-                    return [len(ids) for ids in out["input_ids"]]
+        core = getattr(tokenizer, "backend_tokenizer", None)  # a fast HF tokenizer's Rust core, called directly
+        if isinstance(core, Tokenizer):
+            whole, cut = Tokenizer.from_str(core.to_str()), Tokenizer.from_str(core.to_str())
+            whole.no_truncation()
+            whole.no_padding()
+            cut.no_padding()
+            if truncate_to:
+                cut.enable_truncation(truncate_to)
+            full = lambda texts: [e.ids for e in whole.encode_batch(texts, add_special_tokens=True)]  # noqa: E731
+            short = lambda texts: [e.ids for e in cut.encode_batch(texts, add_special_tokens=True)]  # noqa: E731
+        else:  # a slow (Python) tokenizer: its own truncation arguments
+            own = copy.deepcopy(tokenizer)
+            own.model_max_length = 1 << 30  # silence "sequence longer than ..." warnings
+            options = dict(add_special_tokens=True, padding=False, return_attention_mask=False,
+                           return_token_type_ids=False)
+            full = lambda texts: own(texts, truncation=False, **options)["input_ids"]  # noqa: E731
+            short = lambda texts: own(texts, truncation=True, max_length=truncate_to, **options)["input_ids"]  # noqa: E731
+            full(["warm up"])  # settle the copy's state before any concurrency
 
-                count(["warm up"])  # settle the copy's truncation/padding state before any concurrency
-                return count
-        # last resort: the encoder's own method, behind one lock
-        lock = threading.Lock()
+        def tokenize(texts: list[str]) -> tuple[Rows, list[int]]:
+            rows = full(texts)
+            lengths = [len(r) for r in rows]
+            over = [i for i, n in enumerate(lengths) if truncate_to and n > truncate_to]
+            if over:
+                for i, row in zip(over, short([texts[i] for i in over])):
+                    rows[i] = row
+            return rows, lengths
 
-        def locked(texts: list[str]) -> list[int]:
-            with lock:
-                return [int(n) for n in encoder.count_tokens(texts)]
+        return tokenize
 
-        return locked
-
-    def count_sync(self, texts: list[str]) -> list[int]:
+    def tokenize_sync(self, texts: list[str]) -> tuple[Rows, list[int]]:
         return self._pooled(texts)
 
-    async def count(self, texts: list[str]) -> list[int]:
+    async def tokenize(self, texts: list[str]) -> tuple[Rows, list[int]]:
         if sum(len(t) for t in texts) <= self.INLINE_CHARS:
             return self._inline(texts)
         loop = asyncio.get_running_loop()

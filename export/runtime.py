@@ -169,8 +169,12 @@ class OnnxEncoder:
                 f"io_binding={self.io_binding}, dim={self.dim})")
 
     # ------------------------------------------------------------------------------------ encoding
-    def _token_ids(self, texts: list[str], truncate: bool) -> list[list[int]]:
-        kwargs = {"truncation": True, "max_length": self.max_length} if truncate else {"truncation": False}
+    def token_ids(self, texts: list[str], max_length: int | None = None) -> list[list[int]]:
+        """Token ids per text, special tokens included, truncated to max_length (None: not truncated)."""
+        texts = _as_texts(texts)
+        if not texts:
+            return []
+        kwargs = {"truncation": True, "max_length": max_length} if max_length else {"truncation": False}
         return self.tokenizer(
             texts, add_special_tokens=True, return_attention_mask=False, return_token_type_ids=False,
             verbose=False, **kwargs,
@@ -178,8 +182,7 @@ class OnnxEncoder:
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens per text, special tokens included, before truncation to max_length."""
-        texts = _as_texts(texts)
-        return [len(ids) for ids in self._token_ids(texts, truncate=False)] if texts else []
+        return [len(ids) for ids in self.token_ids(texts)]
 
     def _feeds(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
         width = max(len(r) for r in rows)
@@ -207,14 +210,18 @@ class OnnxEncoder:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise MirrorfastError(f"batch size must be a positive integer, got {batch_size!r}")
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        if not texts:
-            return out
-        ids = self._token_ids(texts, truncate=True)
+        ids = self.token_ids(texts, self.max_length)
         order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            out[idx] = self._run(self._feeds([ids[i] for i in idx]))
+            out[idx] = self.encode_ids([ids[i] for i in idx])
         return out
+
+    def encode_ids(self, rows: list[list[int]]) -> np.ndarray:
+        """Already tokenized texts (each within max_length), one model call -> float32 (len(rows), dim)."""
+        if not rows:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.asarray(self._run(self._feeds(rows)), dtype=np.float32)
 
 
 # ----------------------------------------------------------------------------------- encode a file

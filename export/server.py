@@ -2,8 +2,8 @@
 
 Shape of a request:
 
-    HTTP (uvicorn) -> _Edge (metrics, auth, body-size limit) -> FastAPI route (parse, validate, count
-    tokens) -> Batcher queue -> the one inference thread (OnnxEncoder.encode) -> route (JSON) -> HTTP
+    HTTP (uvicorn) -> _Edge (metrics, auth, body-size limit) -> FastAPI route (parse, tokenize once,
+    validate) -> Batcher queue -> the one inference thread (OnnxEncoder.encode_ids) -> route (JSON) -> HTTP
 
 * Every request goes through a single inference worker thread that owns the OnnxEncoder. Concurrent
   requests are merged into batches; a batch closes when adding the next input would exceed
@@ -12,8 +12,8 @@ Shape of a request:
   several batches; each gets back exactly its own vectors, in order.
 * The queue is bounded (`max_queue` inputs waiting for the worker); a request that does not fit gets
   503 with Retry-After instead of waiting behind an unbounded queue.
-* Token counting for validation uses private copies of the tokenizer (inline for small requests, on a
-  helper thread for large ones), so it never races the worker's tokenizer.
+* Each request is tokenized once, with private copies of the tokenizer (inline for small requests, on a
+  helper thread for large ones); the token ids travel through the queue, so the worker only runs the model.
 * Errors are JSON in the OpenAI shape {"error": {"message", "type", "param", "code"}}.
 
 The server knows only export directories (through OnnxEncoder), never PyTorch models.
@@ -43,7 +43,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mirrorfast.errors import MirrorfastError
-from mirrorfast.export.batching import Batcher, QueueFull, TokenCounter
+from mirrorfast.export.batching import Batcher, QueueFull, Tokenizing
 
 logger = logging.getLogger("mirrorfast.serve")
 
@@ -306,21 +306,10 @@ class _State:
         self.config = config
         self.metrics = metrics
         self.dim = int(encoder.dim)
-        self.counter = TokenCounter(encoder)
-        max_tokens = int(config.max_input_tokens)
-        worker_encoder = encoder
-        if config.truncate and max_tokens < int(encoder.max_length):
-            # OnnxEncoder truncates to its max_length: the worker gets a view of the encoder (same session
-            # and tokenizer) that truncates to --max-input-tokens instead.
-            worker_encoder = copy.copy(encoder)
-            worker_encoder.max_length = max_tokens
-
-        def encode(texts: list[str]) -> np.ndarray:
-            return np.asarray(worker_encoder.encode(texts, batch_size=len(texts)), dtype=np.float32)
-
-        self.batcher = Batcher(encode, self.dim, config.max_batch_tokens, config.batch_wait_ms / 1000.0,
-                               config.max_queue, metrics)
-        self.max_tokens = max_tokens
+        # Each request is tokenized once, on the request side; the inference thread only runs the model.
+        self.tokenizing = Tokenizing(encoder, config.max_input_tokens if config.truncate else None)
+        self.batcher = Batcher(encoder.encode_ids, self.dim, config.max_batch_tokens,
+                               config.batch_wait_ms / 1000.0, config.max_queue, metrics)
 
 
 def _parse_texts(value: Any, param: str, max_inputs: int) -> list[str]:
@@ -376,7 +365,7 @@ def create_app(encoder, config: ServeConfig | None = None):
         finally:
             # uvicorn has already waited for the requests in flight; drain whatever is left anyway
             await asyncio.to_thread(state.batcher.stop)
-            state.counter.close()
+            state.tokenizing.close()
 
     app = FastAPI(title="mirrorfast", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.mirrorfast = state
@@ -427,25 +416,22 @@ def create_app(encoder, config: ServeConfig | None = None):
 
     async def embed_texts(texts: list[str], param: str) -> tuple[np.ndarray, int]:
         try:
-            counts = await state.counter.count(texts)
+            rows, counts = await state.tokenizing.tokenize(texts)
         except Exception as exc:  # noqa: BLE001 - a text the tokenizer cannot take is the client's problem
             raise ApiError(422, f"'{param}' could not be tokenized: {exc}", param=param,
                            code="invalid_input") from None
-        limit = state.max_tokens
-        lengths = []
+        limit = config.max_input_tokens
         for i, n in enumerate(counts):
-            if n > limit:
-                if not config.truncate:
-                    where = f"{param}[{i}]" if len(texts) > 1 or param == "inputs" else f"'{param}'"
-                    raise ApiError(
-                        422, f"{where} is {n} tokens long; the limit is {limit} tokens per input "
-                             "(the server was not started with --truncate)",
-                        param=param, code="input_too_long", index=i,
-                    )
-                n = limit
-            lengths.append(n)
+            if n > limit and not config.truncate:
+                where = f"{param}[{i}]" if len(texts) > 1 or param == "inputs" else f"'{param}'"
+                raise ApiError(
+                    422, f"{where} is {n} tokens long; the limit is {limit} tokens per input "
+                         "(the server was not started with --truncate)",
+                    param=param, code="input_too_long", index=i,
+                )
+        lengths = [len(row) for row in rows]  # after truncation
         try:
-            future = state.batcher.submit(texts, lengths)
+            future = state.batcher.submit(rows, lengths)
         except QueueFull:
             metrics.rejected.inc()
             raise ApiError(503, "the server is overloaded (queue full); retry later", "server_overloaded",

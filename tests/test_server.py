@@ -182,15 +182,22 @@ def test_openai_client(server, expected):
         client.embeddings.create(input=[], model="m")
 
 
-def test_token_counting_matches_encoder(encoder):
-    from mirrorfast.export.server import TokenCounter
+@pytest.mark.parametrize("truncate_to", [None, 16])
+def test_request_tokenizing_matches_the_encoder(encoder, truncate_to):
+    """The server's one tokenization (private Rust-tokenizer copies) gives the encoder's own token ids,
+    truncated as the encoder's tokenizer truncates (special tokens kept), and untruncated lengths."""
+    from mirrorfast.export.batching import Tokenizing
 
     texts = SENTENCES + ["word " * 300, "🙂 e\u0301 שלום"]
-    counter = TokenCounter(encoder)
+    tokenizing = Tokenizing(encoder, truncate_to)
     try:
-        assert counter.count_sync(texts) == [int(n) for n in encoder.count_tokens(texts)]
+        rows, lengths = tokenizing.tokenize_sync(texts)
     finally:
-        counter.close()
+        tokenizing.close()
+    assert lengths == encoder.count_tokens(texts)
+    assert rows == encoder.token_ids(texts, truncate_to)
+    if truncate_to:
+        assert max(len(r) for r in rows) == truncate_to < max(lengths)
 
 
 # ------------------------------------------------------------------------------------ bad inputs
@@ -359,13 +366,10 @@ class _GatedEncoder:
         for name in ("tokenizer", "max_length", "dim", "provider", "name", "normalized"):
             setattr(self, name, getattr(inner, name))
 
-    def encode(self, texts, batch_size=64):
+    def encode_ids(self, rows):
         self.entered.set()
         self.gate.wait(30)
-        return self.inner.encode(texts, batch_size=batch_size)
-
-    def count_tokens(self, texts):
-        return self.inner.count_tokens(texts)
+        return self.inner.encode_ids(rows)
 
 
 def test_full_queue_is_503_with_retry_after(encoder, expected):
@@ -399,11 +403,13 @@ def test_full_queue_is_503_with_retry_after(encoder, expected):
 def test_inference_failure_is_a_json_500_and_the_worker_goes_on(encoder, expected):
     from mirrorfast.export.server import ServeConfig, create_app
 
+    boom = encoder.token_ids(["boom"])[0]
+
     class Flaky(_GatedEncoder):
-        def encode(self, texts, batch_size=64):
-            if any("boom" in t for t in texts):
+        def encode_ids(self, rows):
+            if boom in rows:
                 raise RuntimeError("simulated onnxruntime failure")
-            return self.inner.encode(texts, batch_size=batch_size)
+            return self.inner.encode_ids(rows)
 
     flaky = Flaky(encoder)
     with live_server(create_app(flaky, ServeConfig(batch_wait_ms=0))) as url:
@@ -454,6 +460,15 @@ def test_truncate(encoder):
         got = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
         np.testing.assert_allclose(got, encoder.encode([long_text, "short"]), atol=ATOL)
         assert r.json()["usage"]["prompt_tokens"] == encoder.max_length + encoder.count_tokens(["short"])[0]
+    # a limit below the model's: cut to 16 tokens, as the encoder's tokenizer cuts (special tokens kept)
+    app = create_app(encoder, ServeConfig(truncate=True, max_input_tokens=16))
+    with live_server(app) as url:
+        r = httpx.post(f"{url}/v1/embeddings", json={"input": [long_text, "short"]})
+        assert r.status_code == 200, r.text
+        got = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
+        np.testing.assert_allclose(got, encoder.encode_ids(encoder.token_ids([long_text, "short"], 16)), atol=ATOL)
+        assert not np.allclose(got[0], encoder.encode([long_text])[0], atol=1e-3)  # really cut shorter
+        assert r.json()["usage"]["prompt_tokens"] == 16 + encoder.count_tokens(["short"])[0]
 
 
 # ------------------------------------------------------------------------------------- the batcher
