@@ -45,6 +45,7 @@ from from_checkout import ensure_importable  # noqa: E402
 
 ensure_importable()  # works from a plain checkout too (the GPU machine)
 from mirrorfast.export import OnnxEncoder, export_model  # noqa: E402
+from mirrorfast.export.runtime import open_session  # noqa: E402
 from mirrorfast.export.onnx import SentenceEmbeddingGraph  # noqa: E402
 
 WORDS = ("the a man woman dog cat plays runs eats sits on in with near guitar field street red small "
@@ -154,20 +155,11 @@ def torch_rows(table: Table, graph: torch.nn.Module, feeds: dict, device: str, a
         table.add("PyTorch fp32 (CPU)", "cpu", ms, n, note=f"{torch.get_num_threads()} threads")
 
 
-def _session(path: Path, providers):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=providers)
-
-
 def ort_cuda_rows(table: Table, export_dir: Path, feeds: dict, texts: list[str], hidden: int, args) -> None:
     import onnxruntime as ort
 
     for label, file in (("fp32 model.onnx", "model.onnx"), ("fp16 model_fp16.onnx", "model_fp16.onnx")):
-        session = _session(export_dir / file, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+        session = open_session(export_dir / file, ["CUDAExecutionProvider", "CPUExecutionProvider"])
         if session.get_providers()[0] != "CUDAExecutionProvider":
             table.skip(f"onnxruntime CUDA EP {label}", "the CUDA EP did not start on this machine")
             return
@@ -203,7 +195,7 @@ def ort_cuda_rows(table: Table, export_dir: Path, feeds: dict, texts: list[str],
 
 def ort_cpu_rows(table: Table, export_dir: Path, feeds: dict, args, cpu_iters: int) -> None:
     for label, file in (("fp32 model.onnx", "model.onnx"), ("int8 model_int8.onnx", "model_int8.onnx")):
-        session = _session(export_dir / file, ["CPUExecutionProvider"])
+        session = open_session(export_dir / file, ["CPUExecutionProvider"])
         names = [i.name for i in session.get_inputs()]
         inputs = {k: feeds[k] for k in names}
         ms, n = measure(lambda: session.run(["sentence_embedding"], inputs), 1, cpu_iters, args.cpu_seconds)

@@ -38,7 +38,7 @@ from torch import nn
 from mirrorfast.errors import MirrorfastError, first_line
 from mirrorfast.evaluate import cosine_rows
 from mirrorfast.model import Encoder, load_encoder, pool
-from mirrorfast.export.runtime import EXPORT_FORMAT, EXPORT_JSON
+from mirrorfast.export.runtime import EXPORT_FORMAT, EXPORT_JSON, open_session, pad_right
 from mirrorfast.output import atomic_directory, check_destination
 
 EXPORT_FORMAT_VERSION = 1
@@ -293,16 +293,6 @@ class ParityCase:
     feeds: dict[str, np.ndarray]
 
 
-def _pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = r
-        mask[i, : len(r)] = 1
-    return ids, mask
-
-
 def parity_cases(tokenizer, max_length: int, input_names: list[str]) -> list[ParityCase]:
     """Batch 1 and several, right-padded, lengths from 1 to max_length, non-ASCII text."""
     long_text = _LONG_TEXT * (max_length // 8 + 2)
@@ -320,7 +310,7 @@ def parity_cases(tokenizer, max_length: int, input_names: list[str]) -> list[Par
     long = rows_of([max_length // 2, max_length - 1, max_length])
 
     def case(name: str, rows: list[list[int]]) -> ParityCase:
-        ids, mask = _pad(rows, pad_id)
+        ids, mask = pad_right(rows, pad_id)
         feeds = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in input_names:
             feeds["token_type_ids"] = np.zeros_like(ids)
@@ -346,16 +336,10 @@ def _reference(graph: SentenceEmbeddingGraph, cases: list[ParityCase]) -> list[n
 def _parity_session(path: Path, prefer_cuda: bool):
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
     providers = ["CPUExecutionProvider"]
     if prefer_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    try:
-        session = ort.InferenceSession(str(path), options, providers=providers)
-    except Exception as exc:
-        raise MirrorfastError(f"{path.name} does not load in onnxruntime: {first_line(exc)}") from exc
+    session = open_session(path, providers)
     return session, session.get_providers()[0]
 
 

@@ -73,6 +73,29 @@ def is_export_dir(path: str | os.PathLike) -> bool:
     return True
 
 
+def open_session(path: Path, providers: list[str]):
+    """An onnxruntime session with all graph optimizations; MirrorfastError when the file will not load."""
+    ort = _import_onnxruntime()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only (a CUDA EP without a GPU would warn on every load)
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        raise MirrorfastError(f"cannot load {path}: {first_line(exc)}") from None
+
+
+def pad_right(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token id rows -> (ids, attention_mask), int64 (len(rows), longest), padded on the right."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
 def _as_texts(texts) -> list[str]:
     if isinstance(texts, (str, bytes)):
         raise MirrorfastError("encode takes a list of texts, not a single string")
@@ -118,7 +141,6 @@ class OnnxEncoder:
         self.max_length = int(manifest["max_length"])
         self.normalized = bool(manifest.get("normalized", True))
         self.pooling = manifest.get("pooling")
-        self._ort = ort
         self.session = None
         if provider == "cuda" or (provider == "auto" and has_cuda_ep and not int8):
             file = models.get("fp16") or models["fp32"]
@@ -145,14 +167,7 @@ class OnnxEncoder:
     def _session(self, path: Path, providers: list[str]):
         if not path.is_file():
             raise MirrorfastError(f"{path} is missing from the export directory")
-        ort = self._ort
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3  # errors only (a CUDA EP without a GPU would warn on every load)
-        try:
-            return ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
-            raise MirrorfastError(f"cannot load {path}: {first_line(exc)}") from None
+        return open_session(path, providers)
 
     @staticmethod
     def _load_tokenizer(export_dir: Path):
@@ -185,12 +200,7 @@ class OnnxEncoder:
         return [len(ids) for ids in self.token_ids(texts)]
 
     def _feeds(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
-        width = max(len(r) for r in rows)
-        ids = np.full((len(rows), width), self._pad_id, dtype=np.int64)
-        mask = np.zeros((len(rows), width), dtype=np.int64)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = r
-            mask[i, : len(r)] = 1
+        ids, mask = pad_right(rows, self._pad_id)
         feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
         return {name: feeds[name] for name in self._input_names}
 
@@ -246,8 +256,8 @@ def read_lines(path: str | os.PathLike) -> tuple[list[str], int]:
     return kept, len(lines) - len(kept)
 
 
-def save_npy_atomic(array: np.ndarray, output: str | os.PathLike) -> Path:
-    """np.save to a temporary sibling, then rename: `output` is never left half-written."""
+def check_npy_output(output: str | os.PathLike) -> Path:
+    """A .npy path in an existing directory (checked before any work is done)."""
     output = Path(output)
     if output.suffix != ".npy":
         raise MirrorfastError(f"output file {output} must end in .npy")
@@ -255,6 +265,12 @@ def save_npy_atomic(array: np.ndarray, output: str | os.PathLike) -> Path:
         raise MirrorfastError(f"output directory {output.parent} does not exist")
     if output.is_dir():
         raise MirrorfastError(f"output {output} is a directory")
+    return output
+
+
+def save_npy_atomic(array: np.ndarray, output: str | os.PathLike) -> Path:
+    """np.save to a temporary sibling, then rename: `output` is never left half-written."""
+    output = check_npy_output(output)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
     except OSError as exc:
@@ -283,11 +299,7 @@ def encode_file(
     texts, blank = read_lines(input_path)
     if not texts:
         raise MirrorfastError(f"{input_path} has no non-blank lines to encode")
-    output = Path(output_path)
-    if output.suffix != ".npy":
-        raise MirrorfastError(f"output file {output} must end in .npy")
-    if not output.parent.is_dir():
-        raise MirrorfastError(f"output directory {output.parent} does not exist")
+    output = check_npy_output(output_path)
     encoder = OnnxEncoder(export_dir, provider=provider, int8=int8)
     start = time.perf_counter()
     vectors = encoder.encode(texts, batch_size=batch_size)

@@ -549,14 +549,12 @@ def _address(sock: socket.socket) -> str:
 
 
 def load_encoder(export_dir: str | Path, provider: str = "auto", int8: bool = False):
-    from mirrorfast.export.runtime import OnnxEncoder, is_export_dir
+    from mirrorfast.export.runtime import OnnxEncoder
 
     path = Path(export_dir)
     if not path.exists():
         raise MirrorfastError(f"{path} does not exist")
-    if not is_export_dir(path):
-        raise MirrorfastError(f"{path} is not an export directory (create one with: mirrorfast export MODEL_DIR OUT_DIR)")
-    try:
+    try:  # OnnxEncoder says exactly what is wrong with a directory that is not an export
         return OnnxEncoder(path, provider=provider, int8=int8)
     except MirrorfastError:
         raise

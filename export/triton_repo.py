@@ -37,12 +37,8 @@ _TRITON_TYPES = {
 
 def _model_name(export_dir: Path, explicit: str | None) -> str:
     name = explicit
-    if name is None:
-        name = _manifest(export_dir).get("name")
-        if not isinstance(name, str) or not name.strip():
-            name = export_dir.resolve().name
-        name = Path(name).name  # "org/model" -> "model"
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._-") or "mirrorfast"
+    if name is None:  # the export folder's name, made a valid Triton name
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", export_dir.resolve().name).strip("._-") or "mirrorfast"
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
         raise MirrorfastError(f"Triton model name {name!r} must be letters, digits, '_', '.', '-'")
     return name
@@ -98,11 +94,13 @@ def _merge(declared: list, inferred: list) -> list:
     return merged
 
 
-def triton_tensors(onnx_path: str | Path, max_batch_size: int) -> tuple[list[dict], list[dict]]:
-    """[{name, data_type, dims}] for inputs and outputs, as Triton wants them (batch dim dropped)."""
+def triton_tensors(onnx_path: str | Path, max_batch_size: int, model=None) -> tuple[list[dict], list[dict]]:
+    """[{name, data_type, dims}] for inputs and outputs, as Triton wants them (batch dim dropped).
+    `model`: the graph already loaded from onnx_path (without external data), if the caller has it."""
     import onnx
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    if model is None:
+        model = onnx.load(str(onnx_path), load_external_data=False)
     inputs, outputs = _tensors(model)
     # Exporters often leave symbolic dims the graph fixes (e.g. the width after a normalizing Div):
     # ONNX shape inference with data propagation pins them; a dim stays dynamic only if it is.
@@ -133,10 +131,9 @@ def triton_tensors(onnx_path: str | Path, max_batch_size: int) -> tuple[list[dic
     return convert(inputs, "input"), convert(outputs, "output")
 
 
-def _external_files(onnx_path: Path) -> list[str]:
+def _external_files(model) -> list[str]:
     import onnx
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
     found = []
     for tensor in model.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
@@ -236,16 +233,18 @@ def write_triton_repo(
 
     name = _model_name(export_dir, model_name)
     try:
-        inputs, outputs = triton_tensors(onnx_path, int(max_batch_size))
-        external = _external_files(onnx_path)
+        import onnx
+
+        graph = onnx.load(str(onnx_path), load_external_data=False)
+        inputs, outputs = triton_tensors(onnx_path, int(max_batch_size), graph)
+        external = _external_files(graph)
     except MirrorfastError:
         raise
     except Exception as exc:  # noqa: BLE001 - a broken graph is a user-facing failure
         raise MirrorfastError(f"cannot read {onnx_path}: {exc}") from None
 
     model_dir = repo_dir / name
-    check_destination(model_dir, _is_ours, overwrite or False, "Triton model folder")
-    repo_dir.mkdir(parents=True, exist_ok=True)
+    check_destination(model_dir, _is_ours, overwrite, "Triton model folder")  # creates repo_dir
     text = render_config(name, "model.onnx", inputs, outputs, int(max_batch_size), int(max_queue_delay_us),
                          preferred, instance_kind, int(instance_count), source=str(export_dir.resolve()))
     try:
