@@ -55,6 +55,17 @@ def tiny_bert_dir(tmp_path_factory, minilm_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_export(tiny_bert_dir, tmp_path_factory) -> Path:
+    """The tiny BERT exported once per session (fp32 + int8, max length 48), shared by the runtime,
+    server and Triton-repository tests."""
+    from mirrorfast.export.onnx import export_model
+
+    out = tmp_path_factory.mktemp("tiny") / "tiny-export"
+    export_model(tiny_bert_dir, out, int8=True, max_length=48)
+    return out
+
+
+@pytest.fixture(scope="session")
 def minilm_export(minilm_dir, tmp_path_factory) -> Path:
     """The packaged MiniLM exported once per session (fp32 + fp16 + int8), shared by the ONNX tests."""
     from mirrorfast.export.onnx import export_model

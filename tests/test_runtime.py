@@ -38,13 +38,6 @@ def _cos(a, b):
 
 
 @pytest.fixture(scope="module")
-def tiny_export(tiny_bert_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runtime") / "tiny-export"
-    export_model(tiny_bert_dir, out, int8=True, max_length=48)
-    return out
-
-
-@pytest.fixture(scope="module")
 def tiny_onnx(tiny_export):
     return OnnxEncoder(tiny_export, provider="cpu")
 

@@ -46,19 +46,10 @@ SENTENCES = [
 
 # -------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="session")
-def export_dir(tiny_bert_dir, tmp_path_factory) -> Path:
-    from mirrorfast.export.onnx import export_model
-
-    out = tmp_path_factory.mktemp("serve") / "tiny-export"
-    export_model(tiny_bert_dir, out)
-    return out
-
-
-@pytest.fixture(scope="session")
-def encoder(export_dir):
+def encoder(tiny_export):
     from mirrorfast.export.runtime import OnnxEncoder
 
-    return OnnxEncoder(export_dir, provider="cpu")
+    return OnnxEncoder(tiny_export, provider="cpu")
 
 
 @pytest.fixture(scope="session")
@@ -518,21 +509,21 @@ def test_serve_refuses_a_non_export_dir(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_serve_refuses_bad_limits(export_dir, capsys):
+def test_serve_refuses_bad_limits(tiny_export, capsys):
     from mirrorfast.cli import main
 
-    assert main(["serve", str(export_dir), "--port", "0", "--max-input-tokens", "100000"]) == 2
+    assert main(["serve", str(tiny_export), "--port", "0", "--max-input-tokens", "100000"]) == 2
     assert "exceeds the model's maximum length" in capsys.readouterr().err
-    assert main(["serve", str(export_dir), "--port", "0", "--max-inputs", "0"]) == 2
+    assert main(["serve", str(tiny_export), "--port", "0", "--max-inputs", "0"]) == 2
     assert "--max-inputs must be at least 1" in capsys.readouterr().err
 
 
-def test_sigterm_finishes_requests_in_flight(export_dir, encoder):
+def test_sigterm_finishes_requests_in_flight(tiny_export, encoder):
     """`python -m mirrorfast.cli serve` as a subprocess: heavy requests in flight, SIGTERM, all get 200."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mirrorfast.cli", "serve", str(export_dir), "--port", "0", "--provider", "cpu",
-         "--max-inputs", "1024", "--max-batch-tokens", "256", "--max-input-tokens", "64", "--max-queue", "8000"],
+        [sys.executable, "-m", "mirrorfast.cli", "serve", str(tiny_export), "--port", "0", "--provider", "cpu",
+         "--max-inputs", "1024", "--max-batch-tokens", "256", "--max-input-tokens", "48", "--max-queue", "8000"],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=ROOT,
     )
     lines: list[str] = []

@@ -15,12 +15,8 @@ ort = pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture(scope="session")
-def export_dir(tiny_bert_dir, tmp_path_factory) -> Path:
-    from mirrorfast.export.onnx import export_model
-
-    out = tmp_path_factory.mktemp("triton-src") / "tiny-export"
-    export_model(tiny_bert_dir, out)
-    return out
+def export_dir(tiny_export) -> Path:
+    return tiny_export
 
 
 # ------------------------------------------------------------------- a small protobuf-text parser
@@ -184,8 +180,8 @@ def test_failures_leave_nothing_behind(export_dir, tmp_path, monkeypatch):
     with pytest.raises(MirrorfastError, match="not a directory"):
         triton_repo.write_triton_repo(tmp_path / "missing", repo)
     assert not repo.exists()
-    with pytest.raises(MirrorfastError, match="no int8 model"):
-        triton_repo.write_triton_repo(export_dir, repo, precision="int8")
+    with pytest.raises(MirrorfastError, match="no fp16 model"):
+        triton_repo.write_triton_repo(export_dir, repo, precision="fp16")
     with pytest.raises(MirrorfastError, match="max_batch_size"):
         triton_repo.write_triton_repo(export_dir, repo, max_batch_size=0)
 
