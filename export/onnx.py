@@ -469,7 +469,7 @@ def export_model(
             "dynamic_axes": {"batch": "dim 0 of every input and output",
                              "sequence": "dim 1 of every input and of token_embeddings"},
             "models": files,
-            "files": sorted(p.name for p in tmp.iterdir()) + [EXPORT_JSON],
+            "files": sorted({p.name for p in tmp.iterdir()} | {EXPORT_JSON}),
             "parity": parity,
             "parity_reference": "PyTorch model in eval mode (float32, CPU)",
             **details,
@@ -478,6 +478,5 @@ def export_model(
             "onnxruntime_version": onnxruntime.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
-        manifest["files"] = sorted(set(manifest["files"]))
         (tmp / EXPORT_JSON).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return ExportResult(out_dir, files, manifest)
