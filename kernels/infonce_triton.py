@@ -349,11 +349,12 @@ def pick_config(n2: int, d: int, dtype: torch.dtype) -> KernelConfig:
     """Heuristic block sizes for 2N = n2 rows of dimension d (a fixed table: no autotuning).
 
     Small problems (2N <= 1024) are latency bound: small row blocks (more programs), wide D steps (short
-    serial loops). Larger ones: the largest row block that still gives ~_MIN_PROGRAMS programs; the
-    backward keeps a BLOCK_M x BLOCK_DC fp32 gradient accumulator in registers (BLOCK_DC = 256, so the
-    logit tiles are recomputed cdiv(D, 256) times). The entries were picked from
-    `benchmarks/info_nce_table.py --sweep` runs (fp16, D=768, N=200 and N=16384).
-    fp32 inputs use ieee dots (no tensor cores): modest tiles.
+    serial loops). Larger ones: the largest row block that still gives ~_MIN_PROGRAMS programs; each
+    backward program keeps 3 fp32 gradient accumulators of BLOCK_M x 128 in registers that share one
+    recomputed logit tile, so the tiles are recomputed cdiv(D, 384) times (2 at D=768, not 3).
+    The entries were picked from `benchmarks/info_nce_table.py --sweep` runs (fp16, D=768, N=200 and
+    N=16384; H200, 2026-11-26: backward 30.2 ms with 3 x 128 columns per program vs 43.5 ms with 1 x 256,
+    32.8 ms with 3 x 256, benchmarks/RESULTS.md). fp32 inputs use ieee dots (no tensor cores): modest tiles.
     """
     if dtype == torch.float32:
         if n2 <= 1024:
@@ -364,18 +365,19 @@ def pick_config(n2: int, d: int, dtype: torch.dtype) -> KernelConfig:
         cfg = (32, 128, 128, 4, 2, False, 16, 64, 128, 256, 4, 2)
     else:
         fwd_m = next((m for m in (128, 64) if triton.cdiv(n2, m) >= _MIN_PROGRAMS), 32)
-        bwd_dc = 256
-        d_blocks = triton.cdiv(d, bwd_dc)
+        bwd_dc = 128
+        chunks = min(3, triton.cdiv(d, bwd_dc))  # never a chunk wholly past D (its dots would be wasted)
+        d_blocks = triton.cdiv(d, bwd_dc * chunks)
         bwd_m = 64 if triton.cdiv(n2, 64) * d_blocks >= _MIN_PROGRAMS else 32
         cfg = (
             fwd_m, 256 if fwd_m >= 64 else 128, 64, 8 if fwd_m >= 64 else 4, 3, False,
-            bwd_m, 128 if bwd_m == 64 else 64, 64, bwd_dc, 8 if bwd_m == 64 else 4, 2,
+            bwd_m, 128 if bwd_m == 64 else 64, 64, bwd_dc, 8 if bwd_m == 64 else 4, 2, chunks,
         )
-    fm, fn, fd, fw, fs, fused, bm, bn, bd, bdc, bw, bs = cfg
+    fm, fn, fd, fw, fs, fused, bm, bn, bd, bdc, bw, bs, *chunks = cfg
     n = n2 // 2  # row blocks tile a and b separately
     return KernelConfig(
         _clamp_block(fm, n), _clamp_block(fn, n), _clamp_block(fd, d), fw, fs, fused,
-        _clamp_block(bm, n), _clamp_block(bn, n), _clamp_block(bd, d), _clamp_block(bdc, d), bw, bs,
+        _clamp_block(bm, n), _clamp_block(bn, n), _clamp_block(bd, d), _clamp_block(bdc, d), bw, bs, *chunks,
     )
 
 

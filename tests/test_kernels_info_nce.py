@@ -214,10 +214,13 @@ def test_backward_chunks_out_of_range():
 
 
 @needs_triton
-@pytest.mark.parametrize("n,d,dtype", [(5, 4096, torch.bfloat16), (600, 24, torch.float16)], ids=["D4096", "N600"])
-def test_triton_large_d_and_the_large_problem_branch(n, d, dtype):
+@pytest.mark.parametrize("n,d,dtype,chunks", [(5, 4096, torch.bfloat16, 1), (600, 140, torch.float16, 2)],
+                         ids=["D4096", "N600"])
+def test_triton_large_d_and_the_large_problem_branch(n, d, dtype, chunks):
     """D = 4096 (16 gradient-column programs per row block, a 32-step Gram loop) and 2N = 1200 > 1024,
-    where pick_config takes its large-problem branch for real (not forced as in test_triton_block_configs)."""
+    where pick_config takes its large-problem branch for real (not forced as in test_triton_block_configs),
+    with several gradient-column chunks per backward program (the second one ragged)."""
+    assert pick_config(2 * n, d, dtype).bwd_chunks == chunks  # the configuration this case is meant to cover
     check_against_definition("triton", n, d, dtype, "mean", seed=650 + n)
 
 
