@@ -431,14 +431,14 @@ def sts_before(suite: Suite) -> None:
 # ============================================================================ rows
 ROWS = {  # recipe -> (kind, precision, environment)
     "reference": ("reference", "fp16", {}),
-    "fp16": ("mirrorfast", "fp16", {}),
+    "fp16": ("mirrorfast", "fp16", {}),  # the trainer's defaults: on CUDA the step is replayed from CUDA graphs
     "bf16": ("mirrorfast", "bf16", {}),
-    "fp16-graphs": ("mirrorfast", "fp16", {}),  # TrainConfig(cuda_graphs=True): the whole step replayed
-    "bf16-graphs": ("mirrorfast", "bf16", {}),
+    "fp16-eager": ("mirrorfast", "fp16", {}),  # TrainConfig(cuda_graphs=False): every step launched from Python
+    "bf16-eager": ("mirrorfast", "bf16", {}),
     "bf16-torchloss": ("mirrorfast", "bf16", {"MIRRORFAST_KERNELS": "torch"}),  # optional: loss kernel off
 }
-DEFAULT_ROWS = ["bert:reference", "bert:fp16", "bert:bf16", "bert:fp16-graphs", "bert:bf16-graphs", "minilm:reference",
-                "minilm:fp16", "minilm:bf16", "minilm:bf16-graphs"]
+DEFAULT_ROWS = ["bert:reference", "bert:fp16", "bert:bf16", "bert:fp16-eager", "bert:bf16-eager", "minilm:reference",
+                "minilm:fp16", "minilm:bf16", "minilm:bf16-eager"]
 ALL_ROWS = [f"{m}:{r}" for m in ("bert", "minilm") for r in ROWS]
 
 
@@ -508,7 +508,7 @@ def run_reference(suite: Suite, spec: ModelSpec) -> dict:
 
 
 def _mirrorfast_config(suite: Suite, spec: ModelSpec, precision: str, epochs: int, output: Path,
-                       cuda_graphs: bool = False):
+                       cuda_graphs: bool | None = None):
     from mirrorfast.config import TrainConfig
 
     return TrainConfig(model=str(spec.dir), corpus=str(spec.corpus), level="sentence", precision=precision,
@@ -527,7 +527,7 @@ def _recipe_path(logs: list[str]) -> str:
     return f"{values.get('attention', '?')}/{values.get('loss', '?')}-loss/{precision}{graphs}"
 
 
-def run_mirrorfast(suite: Suite, spec: ModelSpec, precision: str, cuda_graphs: bool = False) -> dict:
+def run_mirrorfast(suite: Suite, spec: ModelSpec, precision: str, cuda_graphs: bool | None = None) -> dict:
     from mirrorfast.trainer import train
 
     logs: list[str] = []
@@ -584,7 +584,7 @@ def run_row(suite: Suite, name: str) -> dict:
     _reset_memory(suite.device)
     with _environment(env):
         row.update(run_reference(suite, spec) if kind == "reference"
-                   else run_mirrorfast(suite, spec, precision, cuda_graphs=recipe.endswith("-graphs")))
+                   else run_mirrorfast(suite, spec, precision, cuda_graphs=False if recipe.endswith("-eager") else None))
     row["status"] = "ok"
     return row
 
@@ -839,8 +839,8 @@ def main(argv=None) -> int:
 
     names = select_rows(args.rows)
     device = _device(args)
-    if device.type != "cuda" and not args.rows:  # CUDA graphs need CUDA: not a default row on the CPU
-        names = [n for n in names if not n.endswith("-graphs")]
+    if device.type != "cuda" and not args.rows:  # no CUDA graphs on the CPU: "-eager" rows would repeat others
+        names = [n for n in names if not n.endswith("-eager")]
     workdir = Path(tempfile.mkdtemp(prefix="mirrorfast-suite-"))
     suite = Suite(args, device, workdir)
     t_start = time.perf_counter()

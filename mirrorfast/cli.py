@@ -41,8 +41,9 @@ def _add_train(sub) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--attention", choices=["auto", "padded", "packed"], default="auto",
                    help="packed = unpadded variable-length attention (default on CUDA with --fp16/--bf16)")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="experimental: capture the training step in CUDA graphs (needs CUDA, --fp16/--bf16, packed attention)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay the training step from CUDA graphs (default: on wherever it applies, i.e. CUDA with "
+                   "--fp16/--bf16 and packed attention; --cuda-graphs insists, --no-cuda-graphs turns it off)")
     p.add_argument("--keep-duplicates", action="store_true", help="do not remove exact duplicate strings")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max-steps", type=int, help="stop after this many steps")

@@ -37,7 +37,7 @@ class TrainConfig:
     precision: str = "fp32"
     device: str = "auto"
     attention: str = "auto"  # packed (unpadded varlen) on CUDA with fp16/bf16, padded elsewhere
-    cuda_graphs: bool = False  # replay the whole step from CUDA graphs (experimental: CUDA, fp16/bf16, packed)
+    cuda_graphs: bool | None = None  # replay the step from CUDA graphs; None = wherever it applies (CUDA, fp16/bf16, packed)
     dedup: bool = True
     seed: int = 42
     max_steps: int | None = None  # stop early (smoke tests, benchmarks)

@@ -66,5 +66,5 @@ class GraphedStep:
                 static_loss = self.step(static_batch)
         except RuntimeError as exc:  # e.g. an operation that synchronizes with the host inside the step
             raise MirrorfastError(f"--cuda-graphs: capturing the training step failed ({first_line(exc)}); "
-                                  "train without --cuda-graphs") from exc
+                                  "train with --no-cuda-graphs") from exc
         return graph, static_batch, static_loss

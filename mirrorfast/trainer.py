@@ -107,6 +107,17 @@ def use_packing(cfg: TrainConfig, encoder: Encoder, device: torch.device, dtype:
     return device.type == "cuda" and dtype is not None and cfg.drophead == 0 and supports_packing(encoder.model)
 
 
+def use_cuda_graphs(cfg: TrainConfig, device: torch.device, dtype: torch.dtype | None, packed: bool) -> bool:
+    """CUDA graphs replay the whole step; on by default wherever they apply (measured faster on an H200,
+    benchmarks/RESULTS.md). --cuda-graphs insists (an error where they cannot apply), --no-cuda-graphs
+    turns them off."""
+    if cfg.cuda_graphs is None:
+        return device.type == "cuda" and dtype is not None and packed
+    if cfg.cuda_graphs:
+        check_graphable(device, dtype, packed)
+    return cfg.cuda_graphs
+
+
 def check_graphable(device: torch.device, dtype: torch.dtype | None, packed: bool) -> None:
     if device.type != "cuda":
         raise MirrorfastError("--cuda-graphs needs a CUDA GPU")
@@ -223,13 +234,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
         log(f"batch: the corpus has {len(corpus)} strings, fewer than --batch-size {cfg.batch_size}; "
             f"training with batches of {batch_size}")
     packed = use_packing(cfg, encoder, device, dtype)
-    if cfg.cuda_graphs:
-        check_graphable(device, dtype, packed)
+    graphs = use_cuda_graphs(cfg, device, dtype, packed)
     loss_backend = resolve_backend("auto", device)
     log(f"recipe: level={cfg.level} T={cfg.temperature} mask_span={cfg.mask_span} max_length={cfg.max_length} "
         f"epochs={cfg.epochs} batch={batch_size} lr={cfg.lr} dropout={cfg.dropout} drophead={cfg.drophead} "
         f"pooling={cfg.pooling} precision={PRECISION_NAMES[dtype]} attention={'packed' if packed else 'padded'} "
-        f"loss={loss_backend} cuda_graphs={cfg.cuda_graphs}")
+        f"loss={loss_backend} cuda_graphs={graphs}")
 
     encoder.to(device).train()
     if device.type == "cuda":
@@ -237,10 +247,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     params = [p for p in encoder.parameters() if p.requires_grad]
     # Fused AdamW: one kernel for all parameters instead of a loop of per-tensor kernels.
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True,
-                                  capturable=cfg.cuda_graphs)
+                                  capturable=graphs)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     # CUDA graphs record the weight casts themselves; autocast's cast cache must not carry across captures.
-    autocast = (torch.autocast(device.type, dtype=dtype, cache_enabled=not cfg.cuda_graphs)
+    autocast = (torch.autocast(device.type, dtype=dtype, cache_enabled=not graphs)
                 if dtype is not None else contextlib.nullcontext())
 
     source = ViewSource(corpus, encoder.tokenizer, cfg)
@@ -250,13 +260,13 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     pad_id = encoder.tokenizer.pad_token_id
-    bucket = PACK_BUCKET if cfg.cuda_graphs else None
+    bucket = PACK_BUCKET if graphs else None
     width_multiple = CUDA_WIDTH_MULTIPLE if device.type == "cuda" else 1
     prepare = lambda e: build_batches(source.epoch(e), schedules[e], packed, pad_id, bucket, width_multiple)  # noqa: E731
     upload = lambda batches: [b.to(device, non_blocking=True) for b in batches]  # noqa: E731
     step_fn = lambda batch: training_step(  # noqa: E731
         encoder, batch, cfg.temperature, optimizer, scaler, autocast, loss_backend)
-    run_step = GraphedStep(step_fn) if cfg.cuda_graphs else step_fn
+    run_step = GraphedStep(step_fn) if graphs else step_fn
 
     monitor = LossMonitor(device)
     epoch_seconds: list[float] = []
@@ -298,7 +308,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
         f"{result.tokens_per_second:,.0f} tokens/s, final loss {result.final_loss:.4f}, "
         f"peak memory {result.peak_memory_bytes / 2**20:,.0f} MiB")
     if save:
-        metadata = _metadata(cfg, corpus, encoder, device, dtype, packed, result)
+        metadata = _metadata(cfg, corpus, encoder, device, dtype, packed, graphs, result)
         with atomic_directory(out_dir) as tmp:
             save_encoder(encoder, tmp, metadata)
         log(f"saved: {out_dir} (Hugging Face + sentence-transformers + mirrorfast.json)")
@@ -317,7 +327,7 @@ def _report(new: list[tuple[int, float]], bar, cfg: TrainConfig, tokens_seen: in
         bar.set_postfix(loss=f"{new[-1][1]:.4f}", tok_s=f"{tokens_seen / elapsed:,.0f}", refresh=False)
 
 
-def _metadata(cfg, corpus, encoder, device, dtype, packed, result: TrainResult) -> dict:
+def _metadata(cfg, corpus, encoder, device, dtype, packed, graphs, result: TrainResult) -> dict:
     return {
         "mirrorfast_version": mirrorfast.__version__,
         "base_model": encoder.source,
@@ -328,6 +338,7 @@ def _metadata(cfg, corpus, encoder, device, dtype, packed, result: TrainResult) 
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
         "precision": PRECISION_NAMES[dtype],
         "attention": "packed" if packed else "padded",
+        "cuda_graphs": graphs,
         "steps": result.steps,
         "epoch_seconds": [round(s, 4) for s in result.epoch_seconds],
         "tokens_per_second": round(result.tokens_per_second, 1),

@@ -9,6 +9,7 @@ import torch
 
 from mirrorfast.cli import main
 from mirrorfast.config import TrainConfig
+from mirrorfast.errors import MirrorfastError
 from mirrorfast.trainer import train
 
 SENTENCES = [
@@ -197,6 +198,30 @@ def test_cuda_graphs_needs_a_gpu(tiny_bert_dir, corpus, tmp_path, capsys):
         pytest.skip("checks the refusal on a machine without CUDA")
     assert run_cli(*tiny_args(tiny_bert_dir, corpus, tmp_path / "o", "--cuda-graphs", "--bf16")) == 2
     assert "--cuda-graphs needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_cuda_graphs_on_wherever_they_apply(tiny_bert_dir, corpus, tmp_path):
+    """Default (None): on exactly for CUDA + fp16/bf16 + packed attention; --no-cuda-graphs turns them off;
+    --cuda-graphs insists and is refused where they cannot apply. The decision is recorded in the output."""
+    from mirrorfast.trainer import use_cuda_graphs
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # device objects only: nothing touches a GPU
+    auto = TrainConfig(model=str(tiny_bert_dir), corpus=str(corpus))
+    for device, dtype, packed, expected in [(cuda, torch.float16, True, True), (cuda, torch.bfloat16, True, True),
+                                            (cuda, None, False, False), (cuda, torch.float16, False, False),
+                                            (cpu, torch.bfloat16, True, False), (cpu, None, False, False)]:
+        assert use_cuda_graphs(auto, device, dtype, packed) is expected, (device, dtype, packed)
+    off = TrainConfig(**{**auto.__dict__, "cuda_graphs": False})
+    assert not use_cuda_graphs(off, cuda, torch.float16, True)
+    on = TrainConfig(**{**auto.__dict__, "cuda_graphs": True})
+    assert use_cuda_graphs(on, cuda, torch.bfloat16, True)
+    with pytest.raises(MirrorfastError, match="needs packed attention"):
+        use_cuda_graphs(on, cuda, torch.bfloat16, False)
+
+    out = tmp_path / "o"
+    assert run_cli(*tiny_args(tiny_bert_dir, corpus, out, "--device", "cpu", "--bf16")) == 0
+    assert json.loads((out / "mirrorfast.json").read_text())["cuda_graphs"] is False
+    assert run_cli(*tiny_args(tiny_bert_dir, corpus, out, "--device", "cpu", "--no-cuda-graphs")) == 0
 
 
 def test_cpu_bf16_hint(tmp_path, monkeypatch):
