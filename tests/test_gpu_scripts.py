@@ -2,6 +2,7 @@
 
 benchmarks/info_nce_table.py --cpu-smoke: its correctness checks and a block-size sweep through the
 Triton interpreter. benchmarks/onnx_gpu_table.py --cpu-only --quick: export + the CPU rows of its table.
+benchmarks/profile_step.py --tiny --device cpu: a profiled training run of a 2-layer BERT.
 """
 
 import os
@@ -34,3 +35,12 @@ def test_onnx_table_cpu_rows():
     for row in ("PyTorch fp32 (CPU)", "onnxruntime CPU EP fp32 model.onnx", "onnxruntime CPU EP int8 model_int8.onnx"):
         assert row in out, out
     assert "GPU rows (PyTorch CUDA, onnxruntime CUDA EP): skipped (--cpu-only)" in out, out
+
+
+def test_profile_step_cpu():
+    data = ROOT.parent / "shared" / "data"
+    if not data.is_dir() and not os.environ.get("MIRRORFAST_DATA"):
+        pytest.skip(f"the paper's corpus is not under {data} (see ../shared/data/README)")
+    out = _run("benchmarks/profile_step.py", "--tiny", "--device", "cpu", "--epochs", "1", "--rows", "5")
+    assert "CPU: tiny-bert, bf16, cuda_graphs=False; 3 steps" in out, out
+    assert "ms per step" in out and "aten::" in out, out
