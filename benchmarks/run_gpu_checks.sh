@@ -2,7 +2,8 @@
 # Every GPU check of the project in one command, for the lent GPU machine (or any CUDA box), from the
 # repository root. Logs and JSON go to $OUT (the device tool's folder) or ./gpu-out.
 #
-#   bash benchmarks/run_gpu_checks.sh [PART ...]     PART: suite onnx kernel tests sweep (default: the first 4)
+#   bash benchmarks/run_gpu_checks.sh [PART ...]     PART: suite onnx kernel tests sweep profile
+#                                                    (default: suite onnx kernel tests)
 #
 # The whole run shares one time budget (BUDGET seconds, default 560: one device call may run 600 s), and
 # the parts run in order of what is least measured: the training suite (issue 6), the ONNX GPU table
@@ -18,6 +19,9 @@
 #   2-5:  carry [".ortgpu/pN"]    command "mkdir -p /tmp/ort && cp .ortgpu/pN/* /tmp/ort/"
 #   6:    carry [".ortgpu/p5"]    command "mkdir -p /tmp/ort && cp .ortgpu/p5/* /tmp/ort/ &&
 #                                          bash .ortgpu/p5/install.sh && BUDGET=540 bash benchmarks/run_gpu_checks.sh"
+# Seen on an H200, 2026-11-26: each transfer call took ~5 s of device time, the machine's first start
+# ~25 s; the parts took suite 76 s, onnx 46 s, tests 76 s, sweep 50 s, kernel 40 s.
+# $OUT returns at most 8 files: the parts write one log each, the device facts go into summary.txt.
 # Without onnxruntime-gpu the ONNX part still runs and lists its CUDA EP rows as skipped.
 # A session that would rather tune the InfoNCE kernel than measure ONNX on the GPU: skip calls 2-6 and run
 # `bash benchmarks/run_gpu_checks.sh suite sweep tests` in call 1 (the sweep compares block sizes,
@@ -32,8 +36,9 @@ parts=("$@")
 python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || { echo "run_gpu_checks: no CUDA GPU here"; exit 1; }
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 [ -d /tmp/ortsite ] && export PYTHONPATH=/tmp/ortsite${PYTHONPATH:+:$PYTHONPATH}
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
-python3 - <<'EOS' 2>&1 | tee -a "$out/device.txt"
+facts=/tmp/mirrorfast-device.txt
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$facts"
+python3 - <<'EOS' 2>&1 | tee -a "$facts"
 import importlib
 for name in ("torch", "triton", "transformers", "onnxruntime"):
     try:
@@ -43,9 +48,10 @@ for name in ("torch", "triton", "transformers", "onnxruntime"):
     except Exception as exc:  # a missing or broken package is a fact worth logging, not a stop
         print(name, "unavailable:", type(exc).__name__, exc)
 EOS
-date -u +"%Y-%m-%d %H:%M UTC" | tee -a "$out/device.txt"
+date -u +"%Y-%m-%d %H:%M UTC" | tee -a "$facts"
 # The kernel tests import the installed package: install it without dependencies (no network needed).
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$out/pip.log" 2>&1 || echo "pip install -e . failed (see pip.log)"
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/tmp/mirrorfast-pip.log 2>&1 ||
+  { echo "pip install -e . failed:"; tail -5 /tmp/mirrorfast-pip.log; }
 
 summary=()
 # run NAME CAP LOG COMMAND...: at most CAP seconds and never past the budget; output to $out/LOG.
@@ -70,8 +76,9 @@ for part in "${parts[@]}"; do
     kernel) run "InfoNCE table" 110 info_nce_table.log python3 benchmarks/info_nce_table.py --quick ;;
     tests)  run "kernel tests (compiled)" 100 kernel_tests.log python3 -m pytest -q -p no:cacheprovider tests/test_kernels_info_nce.py ;;
     sweep)  run "InfoNCE block sweep" 300 sweep.log python3 benchmarks/info_nce_table.py --no-checks --sweep 16384,768 --sweep 200,768 ;;
-    *) echo "unknown part $part (suite onnx kernel tests sweep)"; exit 2 ;;
+    profile) run "step profile" 200 profile.log python3 benchmarks/profile_step.py ;;
+    *) echo "unknown part $part (suite onnx kernel tests sweep profile)"; exit 2 ;;
   esac
 done
 echo "=== summary ($((SECONDS - start))s of ${budget}s)"
-printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
+{ cat "$facts"; printf '%s\n' "${summary[@]}"; } | tee "$out/summary.txt"
