@@ -429,16 +429,20 @@ def sts_before(suite: Suite) -> None:
 
 
 # ============================================================================ rows
-ROWS = {  # recipe -> (kind, precision, environment)
+_SDPA = {"MIRRORFAST_PACKED_ATTENTION": "sdpa"}  # packed views gathered into a padded SDPA batch on CUDA too
+ROWS = {  # recipe -> (kind, precision, environment); "-eager" rows: TrainConfig(cuda_graphs=False)
     "reference": ("reference", "fp16", {}),
     "fp16": ("mirrorfast", "fp16", {}),  # the trainer's defaults: on CUDA the step is replayed from CUDA graphs
     "bf16": ("mirrorfast", "bf16", {}),
-    "fp16-eager": ("mirrorfast", "fp16", {}),  # TrainConfig(cuda_graphs=False): every step launched from Python
+    "fp16-eager": ("mirrorfast", "fp16", {}),  # every step launched from Python
     "bf16-eager": ("mirrorfast", "bf16", {}),
+    "bf16-sdpa": ("mirrorfast", "bf16", _SDPA),  # attention kernel A/B against FlashAttention varlen
+    "bf16-eager-sdpa": ("mirrorfast", "bf16", _SDPA),
     "bf16-torchloss": ("mirrorfast", "bf16", {"MIRRORFAST_KERNELS": "torch"}),  # optional: loss kernel off
 }
-DEFAULT_ROWS = ["bert:reference", "bert:fp16", "bert:bf16", "bert:fp16-eager", "bert:bf16-eager", "minilm:reference",
-                "minilm:fp16", "minilm:bf16", "minilm:bf16-eager"]
+DEFAULT_ROWS = ["bert:reference", "bert:fp16", "bert:bf16", "bert:fp16-eager", "bert:bf16-eager", "bert:bf16-sdpa",
+                "bert:bf16-eager-sdpa", "minilm:reference", "minilm:fp16", "minilm:bf16", "minilm:bf16-eager"]
+CUDA_ONLY = ("-eager", "-sdpa")  # on the CPU these rows would repeat others (no graphs; the CPU always gathers)
 ALL_ROWS = [f"{m}:{r}" for m in ("bert", "minilm") for r in ROWS]
 
 
@@ -584,7 +588,7 @@ def run_row(suite: Suite, name: str) -> dict:
     _reset_memory(suite.device)
     with _environment(env):
         row.update(run_reference(suite, spec) if kind == "reference"
-                   else run_mirrorfast(suite, spec, precision, cuda_graphs=False if recipe.endswith("-eager") else None))
+                   else run_mirrorfast(suite, spec, precision, cuda_graphs=False if "-eager" in recipe else None))
     row["status"] = "ok"
     return row
 
@@ -839,8 +843,8 @@ def main(argv=None) -> int:
 
     names = select_rows(args.rows)
     device = _device(args)
-    if device.type != "cuda" and not args.rows:  # no CUDA graphs on the CPU: "-eager" rows would repeat others
-        names = [n for n in names if not n.endswith("-eager")]
+    if device.type != "cuda" and not args.rows:
+        names = [n for n in names if not any(tag in n for tag in CUDA_ONLY)]
     workdir = Path(tempfile.mkdtemp(prefix="mirrorfast-suite-"))
     suite = Suite(args, device, workdir)
     t_start = time.perf_counter()

@@ -5,9 +5,14 @@ triples the work. Packed, each view attends only to itself: on CUDA through Flas
 variable-length kernel (with attention dropout, as the padded model has), elsewhere through SDPA over
 the views gathered into a padded batch (only attention sees padding there).
 The model itself is the Hugging Face one: we only register an attention function for it.
+
+MIRRORFAST_PACKED_ATTENTION=sdpa makes CUDA take the gathered-SDPA path too (an explicit override for
+measuring it against FlashAttention: on an H200 the variable-length kernels spent 555 µs per BERT-base layer
+on views of ~14 tokens, benchmarks/RESULTS.md); the default, "flash", is FlashAttention on CUDA.
 """
 
 import contextlib
+import os
 
 import torch
 import torch.nn.functional as F
@@ -18,20 +23,23 @@ ATTENTION_NAME = "mirrorfast_packed"
 # Model types whose attention goes through transformers' attention interface and whose position ids
 # we know how to restart per view.
 PACKED_MODEL_TYPES = {"bert": 0, "roberta": None, "xlm-roberta": None, "camembert": None}
+ATTENTION_ENV = "MIRRORFAST_PACKED_ATTENTION"
+CUDA_KERNELS = ("flash", "sdpa")
 
 
 def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """query/key/value: (1, heads, T, d). Returns ((1, T, heads, d), None) like HF's attention functions."""
     cu_seqlens = kwargs["cu_seq_lens_q"]  # (B + 1,) int32
     max_len = kwargs["max_length_q"]  # host int
-    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
+    if kwargs["padded_index"] is None:  # FlashAttention (packed_hidden decided: CUDA, half precision)
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, d)
         out = torch.ops.aten._flash_attention_forward(
             q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, dropout, False, False, scale=scaling
         )[0]
         return out.unsqueeze(0), None
-    # Elsewhere (the CPU): gather the S views into a padded (S, heads, max_len, d) batch, attend with a
-    # key-padding mask, and gather the real tokens back (index from `padded_index`, once per forward).
+    # Elsewhere (the CPU, or CUDA with MIRRORFAST_PACKED_ATTENTION=sdpa): gather the S views into a padded
+    # (S, heads, max_len, d) batch, attend with a key-padding mask, and gather the real tokens back (index
+    # from `padded_index`, once per forward).
     gather, key_ok, slot_of_token = kwargs["padded_index"]
     n_views, heads, head_dim = gather.shape[0], query.shape[1], query.shape[3]
     q, k, v = (t[0][:, gather].transpose(0, 1) for t in (query, key, value))  # (S, heads, L, d)
@@ -50,6 +58,19 @@ def _padded_index(cu_seqlens, segment_ids, max_len: int):
     gather = (starts[:, None] + slots[None, :]).clamp_(max=total - 1)
     slot_of_token = segment_ids * max_len + torch.arange(total, device=segment_ids.device) - starts[segment_ids]
     return gather, key_ok, slot_of_token
+
+
+def cuda_kernel() -> str:
+    """The packed-attention kernel on CUDA: "flash" (default) or "sdpa" ($MIRRORFAST_PACKED_ATTENTION)."""
+    choice = os.environ.get(ATTENTION_ENV, "flash").strip().lower() or "flash"
+    if choice not in CUDA_KERNELS:
+        raise MirrorfastError(f"{ATTENTION_ENV} must be one of {CUDA_KERNELS}, got {choice!r}")
+    return choice
+
+
+def uses_flash(input_ids) -> bool:
+    """FlashAttention's variable-length kernel for this batch, or the gathered-SDPA path."""
+    return input_ids.is_cuda and cuda_kernel() == "flash"
 
 
 def _no_mask(*args, **kwargs):
@@ -85,6 +106,7 @@ def packed_attention(model):
     """Switch the model to packed attention for the duration (the saved model keeps its own)."""
     _register()
     position_offset(model)  # validates the model type
+    cuda_kernel()  # validates the override before any work
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION_NAME)
     try:
@@ -97,7 +119,7 @@ def packed_hidden(model, input_ids, position_ids, cu_seqlens, segment_ids, max_l
     """input_ids, position_ids: (1, T); cu_seqlens: (S + 1,) int32; segment_ids: (T,) -> (T, H) last hidden state."""
     offset = position_offset(model)
     # FlashAttention (CUDA) takes cu_seqlens; elsewhere attention gathers views into a padded batch.
-    padded_index = None if input_ids.is_cuda else _padded_index(cu_seqlens, segment_ids, max_len)
+    padded_index = None if uses_flash(input_ids) else _padded_index(cu_seqlens, segment_ids, max_len)
     out = model(
         input_ids=input_ids,
         position_ids=position_ids + offset if offset else position_ids,

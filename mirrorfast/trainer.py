@@ -31,7 +31,7 @@ from mirrorfast.graphs import GraphedStep
 from mirrorfast.kernels import info_nce, resolve_backend
 from mirrorfast.model import MIRRORFAST_JSON, Encoder, enable_drophead, load_encoder, save_encoder
 from mirrorfast.output import atomic_directory, check_destination
-from mirrorfast.packing import packed_attention, supports_packing
+from mirrorfast.packing import cuda_kernel, packed_attention, supports_packing
 
 
 @dataclass
@@ -236,9 +236,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     packed = use_packing(cfg, encoder, device, dtype)
     graphs = use_cuda_graphs(cfg, device, dtype, packed)
     loss_backend = resolve_backend("auto", device)
+    attention = "padded" if not packed else "packed" if device.type != "cuda" or cuda_kernel() == "flash" else "packed-sdpa"
     log(f"recipe: level={cfg.level} T={cfg.temperature} mask_span={cfg.mask_span} max_length={cfg.max_length} "
         f"epochs={cfg.epochs} batch={batch_size} lr={cfg.lr} dropout={cfg.dropout} drophead={cfg.drophead} "
-        f"pooling={cfg.pooling} precision={PRECISION_NAMES[dtype]} attention={'packed' if packed else 'padded'} "
+        f"pooling={cfg.pooling} precision={PRECISION_NAMES[dtype]} attention={attention} "
         f"loss={loss_backend} cuda_graphs={graphs}")
 
     encoder.to(device).train()
@@ -308,7 +309,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
         f"{result.tokens_per_second:,.0f} tokens/s, final loss {result.final_loss:.4f}, "
         f"peak memory {result.peak_memory_bytes / 2**20:,.0f} MiB")
     if save:
-        metadata = _metadata(cfg, corpus, encoder, device, dtype, packed, graphs, result)
+        metadata = _metadata(cfg, corpus, encoder, device, dtype, attention, graphs, result)
         with atomic_directory(out_dir) as tmp:
             save_encoder(encoder, tmp, metadata)
         log(f"saved: {out_dir} (Hugging Face + sentence-transformers + mirrorfast.json)")
@@ -327,7 +328,7 @@ def _report(new: list[tuple[int, float]], bar, cfg: TrainConfig, tokens_seen: in
         bar.set_postfix(loss=f"{new[-1][1]:.4f}", tok_s=f"{tokens_seen / elapsed:,.0f}", refresh=False)
 
 
-def _metadata(cfg, corpus, encoder, device, dtype, packed, graphs, result: TrainResult) -> dict:
+def _metadata(cfg, corpus, encoder, device, dtype, attention: str, graphs: bool, result: TrainResult) -> dict:
     return {
         "mirrorfast_version": mirrorfast.__version__,
         "base_model": encoder.source,
@@ -337,7 +338,7 @@ def _metadata(cfg, corpus, encoder, device, dtype, packed, graphs, result: Train
                    "duplicates_removed": corpus.duplicates_removed},
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
         "precision": PRECISION_NAMES[dtype],
-        "attention": "packed" if packed else "padded",
+        "attention": attention,
         "cuda_graphs": graphs,
         "steps": result.steps,
         "epoch_seconds": [round(s, 4) for s in result.epoch_seconds],

@@ -86,3 +86,26 @@ def test_chunked_padding_equals_one_padded_batch(minilm_dir):
     assert len(whole.chunks) == 1 and len(chunked.chunks) >= 2
     assert chunked.chunks[-1][2] < whole.input_ids.shape[1]  # the short views really ran narrower
     torch.testing.assert_close(encoder.embed_batch(chunked), encoder.embed_batch(whole), rtol=1e-9, atol=1e-9)
+
+
+def test_cuda_kernel_override_is_validated(minilm_dir, monkeypatch):
+    """MIRRORFAST_PACKED_ATTENTION picks FlashAttention or the gathered-SDPA path on CUDA; anything else is
+    one clear error as packed attention is switched on (before any work). The CPU always gathers, so here
+    "sdpa" gives exactly the default's embeddings."""
+    from mirrorfast.errors import MirrorfastError
+    from mirrorfast.packing import ATTENTION_ENV, cuda_kernel, uses_flash
+
+    tok, model, encoder, views = tiny_setup(minilm_dir, "cls", seed=2)
+    with packed_attention(model):
+        default = encoder.embed_batch(packed_batch(views))
+    for value, kernel in (("", "flash"), ("flash", "flash"), (" SDPA ", "sdpa")):
+        monkeypatch.setenv(ATTENTION_ENV, value)
+        assert cuda_kernel() == kernel
+        assert not uses_flash(torch.zeros(1, 3, dtype=torch.long))  # CPU tensors never take FlashAttention
+    with packed_attention(model):
+        torch.testing.assert_close(encoder.embed_batch(packed_batch(views)), default, rtol=0, atol=0)
+    monkeypatch.setenv(ATTENTION_ENV, "xformers")
+    with pytest.raises(MirrorfastError, match="MIRRORFAST_PACKED_ATTENTION must be one of"):
+        with packed_attention(model):
+            pass
+    assert model.config._attn_implementation != "mirrorfast_packed"  # nothing was switched
