@@ -20,6 +20,7 @@ Without CUDA it prints that it needs one and exits 0. Exit code 1 if a check fai
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -316,6 +317,16 @@ SWEEP_BWD_LARGE = [
     (64, 64, 64, 256, 8, 2, 3), (64, 64, 64, 256, 16, 2, 3), (64, 32, 64, 256, 8, 2, 3), (32, 64, 64, 256, 8, 2, 3),
     (64, 64, 64, 128, 8, 2, 3), (128, 64, 64, 128, 8, 2, 3), (64, 128, 64, 128, 8, 2, 3),
 ]
+# fp32 inputs (in training: the [CLS] embeddings out of a LayerNorm that autocast keeps in fp32), each
+# config timed with exact fp32 dots ("ieee", the default) and with three tf32 tensor-core products ("tf32x3").
+SWEEP_FWD_FP32 = [
+    (32, 32, 32, 4, 2, True), (32, 64, 64, 4, 2, False), (32, 128, 64, 8, 2, False), (16, 64, 128, 4, 2, False),
+    (32, 64, 32, 4, 3, False),
+]
+SWEEP_BWD_FP32 = [
+    (32, 32, 32, 64, 4, 2), (16, 64, 64, 128, 4, 2), (32, 64, 64, 128, 8, 2), (16, 32, 64, 256, 4, 2),
+    (16, 64, 64, 128, 4, 2, 3),
+]
 SWEEP_BWD_SMALL = [
     (32, 64, 128, 128, 4, 2), (16, 64, 128, 256, 4, 2), (16, 64, 128, 128, 4, 2), (32, 64, 256, 128, 4, 2),
     (16, 64, 256, 256, 4, 2), (32, 32, 128, 256, 4, 2),
@@ -337,8 +348,9 @@ def run_sweep(n: int, d: int, dtype_name: str) -> None:
     large = 2 * n > 1024
     default = pick_config(2 * n, d, dtype)
     print(f"\nsweep N={n} D={d} {dtype_name}; heuristic: {default}", flush=True)
-    fwd_list = SWEEP_FWD_LARGE if large else SWEEP_FWD_SMALL
-    bwd_list = SWEEP_BWD_LARGE if large else SWEEP_BWD_SMALL
+    fwd_list = SWEEP_FWD_FP32 if dtype == torch.float32 else SWEEP_FWD_LARGE if large else SWEEP_FWD_SMALL
+    bwd_list = SWEEP_BWD_FP32 if dtype == torch.float32 else SWEEP_BWD_LARGE if large else SWEEP_BWD_SMALL
+    precisions = ("ieee", "tf32x3") if dtype == torch.float32 else ("ieee",)  # ignored for 16-bit inputs
     base_b = (default.bwd_m, default.bwd_n, default.bwd_d, default.bwd_dc, default.bwd_warps, default.bwd_stages)
     base_f = (default.fwd_m, default.fwd_n, default.fwd_d, default.fwd_warps, default.fwd_stages, default.fused_norm)
     graph = 2 * n <= 4096 and DEVICE == "cuda"
@@ -352,25 +364,26 @@ def run_sweep(n: int, d: int, dtype_name: str) -> None:
         gus = 1e3 * triton.testing.do_bench_cudagraph(fn, rep=30, return_mode="median") if graph else float("nan")
         return us, gus
 
-    for f in fwd_list:
-        cfg = KernelConfig(*f, *base_b)
+    tag = lambda config, p: f"{config}{' ' + p if len(precisions) > 1 else ''}"  # noqa: E731
+    for f, p in ((f, p) for f in fwd_list for p in precisions):
+        cfg = KernelConfig(*f, *base_b, fp32_dot=p)
         try:
             norm, lse2, loss = _forward(a, b, temperature, cfg)
             err = rel_err(loss.double().mean(), ref_loss)
             us, gus = time_it(lambda: _forward(a, b, temperature, cfg))
-            print(f"  fwd {f}: {us:9.1f} us  (graph {gus:9.1f})  loss err {err:.1e}", flush=True)
+            print(f"  fwd {tag(f, p)}: {us:9.1f} us  (graph {gus:9.1f})  loss err {err:.1e}", flush=True)
         except Exception as exc:  # noqa: BLE001
-            print(f"  fwd {f}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
+            print(f"  fwd {tag(f, p)}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
     norm, lse2, loss = _forward(a, b, temperature, default)
-    for bc in bwd_list:
-        cfg = KernelConfig(*base_f, *bc)
+    for bc, p in ((bc, p) for bc in bwd_list for p in precisions):
+        cfg = dataclasses.replace(KernelConfig(*base_f, *bc), fp32_dot=p)
         try:
             da, db = _backward(a, b, norm, lse2, grad, temperature, "mean", cfg)
             err = max(rel_err(da, ref_ga), rel_err(db, ref_gb))
             us, gus = time_it(lambda: _backward(a, b, norm, lse2, grad, temperature, "mean", cfg))
-            print(f"  bwd {bc}: {us:9.1f} us  (graph {gus:9.1f})  grad err {err:.1e}", flush=True)
+            print(f"  bwd {tag(bc, p)}: {us:9.1f} us  (graph {gus:9.1f})  grad err {err:.1e}", flush=True)
         except Exception as exc:  # noqa: BLE001
-            print(f"  bwd {bc}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
+            print(f"  bwd {tag(bc, p)}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
 
 
 def run_sweeps(specs: list[str]) -> None:

@@ -11,7 +11,8 @@ Layout of the work
   scalar base pointer, and its loads are provably contiguous: they vectorize and are pipelined.
   Rows may have any stride; the last dimension must be unit-stride (the wrapper makes it so).
 * We never normalize into a buffer. A tile of logits is the raw Gram tile x_I x_J^T (`tl.dot`, fp32
-  accumulation, inputs in their own dtype; fp32 inputs use input_precision="ieee", never tf32),
+  accumulation, inputs in their own dtype; fp32 inputs use input_precision="ieee" (or "tf32x3" if a
+  KernelConfig asks), never plain tf32),
   rescaled by rinv_I rinv_J / T, with rinv = 1 / max(||x||, eps). Products of fp16/bf16 values are exact
   in fp32, so this is at least as accurate as normalizing first.
 * Logits are handled in base 2 (s2 = s * log2(e)) so the softmax uses exp2.
@@ -137,7 +138,7 @@ def _infonce_fwd_kernel(
     eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     FUSED_NORM: tl.constexpr,  # compute the norms here instead of reading them
-    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (never tf32); ignored for 16-bit inputs
+    DOT_PRECISION: tl.constexpr,  # fp32 inputs: "ieee" (default) or "tf32x3", never plain tf32; ignored for 16-bit
     DOT_UPCAST: tl.constexpr,  # interpreter only: feed tl.dot fp32 copies (its bf16 dot is broken)
 ):
     # This program: rows loc_i of segment seg_i (x row seg_i * N + loc_i); its positives are the same
@@ -328,10 +329,15 @@ class KernelConfig:
     bwd_warps: int
     bwd_stages: int
     bwd_chunks: int = 1  # backward: chunks of bwd_dc columns per program (1-4), sharing one logit tile
+    # fp32 inputs: "ieee" (exact fp32 FMA, no tensor cores) or "tf32x3" (three tf32 tensor-core products
+    # per dot, close to fp32 accuracy); 16-bit inputs ignore it. ieee until a GPU sweep says otherwise.
+    fp32_dot: str = "ieee"
 
     def __post_init__(self):
         if not 1 <= self.bwd_chunks <= 4:  # the kernel has four accumulators
             raise ValueError(f"bwd_chunks must be 1 to 4, got {self.bwd_chunks}")
+        if self.fp32_dot not in ("ieee", "tf32x3"):
+            raise ValueError(f"fp32_dot must be 'ieee' or 'tf32x3', got {self.fp32_dot!r}")
 
 
 def _clamp_block(block: int, extent: int) -> int:
@@ -381,8 +387,8 @@ def pick_config(n2: int, d: int, dtype: torch.dtype) -> KernelConfig:
     )
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # the latter is ignored for 16-bit inputs
+def _dot_precision(dtype: torch.dtype, cfg: KernelConfig) -> str:
+    return cfg.fp32_dot if dtype == torch.float32 else "tf32"  # the latter is ignored for 16-bit inputs
 
 
 def _dot_upcast(x: torch.Tensor) -> bool:
@@ -404,7 +410,7 @@ def _forward(a, b, temperature: float, cfg: KernelConfig):
     _infonce_fwd_kernel[(2 * triton.cdiv(n, cfg.fwd_m),)](
         a, b, norm, lse2, loss, n, d, a.stride(0), b.stride(0), _LOG2E / temperature, _EPS,
         BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, BLOCK_D=cfg.fwd_d, FUSED_NORM=cfg.fused_norm,
-        DOT_PRECISION=_dot_precision(a.dtype), DOT_UPCAST=_dot_upcast(a), num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+        DOT_PRECISION=_dot_precision(a.dtype, cfg), DOT_UPCAST=_dot_upcast(a), num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
     )
     return norm, lse2, loss
 
@@ -430,7 +436,7 @@ def _backward(a, b, norm, lse2, grad, temperature: float, reduction: str, cfg: K
         _LOG2E / temperature, w_scale / (temperature * _G_SCALE), w_scale * _LN2, _EPS,
         G_SCALE=_G_SCALE, BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, BLOCK_D=cfg.bwd_d, BLOCK_DC=cfg.bwd_dc,
         NUM_DC=cfg.bwd_chunks,
-        DOT_PRECISION=_dot_precision(a.dtype), DOT_UPCAST=_dot_upcast(a), MM_FP16=a.dtype != torch.float32,
+        DOT_PRECISION=_dot_precision(a.dtype, cfg), DOT_UPCAST=_dot_upcast(a), MM_FP16=a.dtype != torch.float32,
         num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages,
     )
     return da, db

@@ -211,6 +211,16 @@ def test_backward_chunks_out_of_range():
     for chunks in (0, 5):
         with pytest.raises(ValueError, match="bwd_chunks must be 1 to 4"):
             KernelConfig(16, 16, 16, 4, 2, False, 16, 16, 16, 16, 4, 2, chunks)
+    with pytest.raises(ValueError, match="fp32_dot must be"):
+        KernelConfig(16, 16, 16, 4, 2, False, 16, 16, 16, 16, 4, 2, fp32_dot="tf32")
+
+
+@needs_triton
+def test_triton_fp32_tf32x3_dots():
+    """fp32 inputs through three-tf32 dots still meet the fp32 tolerance (1e-4). The interpreter computes
+    every dot in fp32, so here this checks the plumbing; compiled on a GPU it checks the precision."""
+    config = KernelConfig(16, 16, 16, 4, 2, False, 16, 16, 16, 16, 4, 2, 2, fp32_dot="tf32x3")
+    check_against_definition("triton", 19, 37, torch.float32, "mean", seed=660, config=config)
 
 
 @needs_triton
