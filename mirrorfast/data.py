@@ -216,31 +216,38 @@ def padded_batch(views, pad_id: int, pad_to_multiple_of: int = 1, views_per_chun
 
 
 # Static shapes for CUDA graphs: T is rounded up to a multiple of PACK_BUCKET tokens, and the padding
-# goes into PAD_SEGMENTS segments of at most PAD_SEGMENT_MAX tokens each (never longer than the static
-# max_len given to the attention kernel, never empty).
+# goes into a fixed number of segments of at most PAD_SEGMENT_MAX tokens each (never longer than the
+# static max_len given to the attention kernel, never empty).
 PACK_BUCKET = 512
-PAD_SEGMENTS = 5
-PAD_SEGMENT_MAX = 128
+PAD_SEGMENT_MAX = 128  # FlashAttention's tile
+SDPA_PAD_SEGMENT_MAX = 64  # the gathered-SDPA path pads every view to max_len: keep max_len short
 
 
-def packed_batch(views, pad_id: int = 0, bucket: int | None = None) -> Batch:
+def pad_segments(bucket: int, segment_max: int) -> int:
+    """Padding segments per bucketed batch: the padding (from k to bucket - 1 + k tokens for k segments)
+    always fits k segments of at most segment_max tokens (5 for 512 / 128, 9 for 512 / 64)."""
+    return -(-(bucket - 1) // (segment_max - 1))
+
+
+def packed_batch(views, pad_id: int = 0, bucket: int | None = None, pad_segment_max: int = PAD_SEGMENT_MAX) -> Batch:
     """Views concatenated without padding; positions restart at 0 for each view.
 
-    With `bucket`, T is rounded up to a multiple of it (at least PAD_SEGMENTS padding tokens) and the
-    padding forms PAD_SEGMENTS extra segments, so that every batch of an epoch has one of a few shapes.
+    With `bucket`, T is rounded up to a multiple of it (with at least one padding token per padding
+    segment) and the padding forms pad_segments(bucket, pad_segment_max) extra segments, so that every
+    batch of an epoch has one of a few shapes; max_len is then at least pad_segment_max.
     """
     pieces, lengths = _gather(views)
     n_views, real_tokens, max_len = len(pieces), int(lengths.sum()), int(lengths.max())
     if bucket:
-        total = -(-(real_tokens + PAD_SEGMENTS) // bucket) * bucket
+        segments = pad_segments(bucket, pad_segment_max)
+        total = -(-(real_tokens + segments) // bucket) * bucket
         pad = total - real_tokens
-        pad_lengths = np.full(PAD_SEGMENTS, pad // PAD_SEGMENTS, dtype=np.int64)
-        pad_lengths[: pad % PAD_SEGMENTS] += 1
-        if pad_lengths.max() > PAD_SEGMENT_MAX:
-            raise ValueError(f"bucket {bucket} needs padding segments over {PAD_SEGMENT_MAX} tokens")
+        pad_lengths = np.full(segments, pad // segments, dtype=np.int64)
+        pad_lengths[: pad % segments] += 1
+        assert pad_lengths.max() <= pad_segment_max and pad_lengths.min() >= 1  # pad_segments guarantees it
         pieces = pieces + [np.full(n, pad_id, dtype=np.int64) for n in pad_lengths]
         lengths = np.concatenate([lengths, pad_lengths])
-        max_len = max(max_len, PAD_SEGMENT_MAX)
+        max_len = max(max_len, pad_segment_max)
     cu = np.zeros(len(pieces) + 1, dtype=np.int32)
     np.cumsum(lengths, out=cu[1:])
     ids = np.concatenate(pieces)

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 import mirrorfast
 from mirrorfast.augment import masked_views
 from mirrorfast.config import TrainConfig
-from mirrorfast.data import (CUDA_WIDTH_MULTIPLE, PACK_BUCKET, Batch, Corpus, TokenizedTexts, epoch_batches,
-                             load_corpus, load_pairs, packed_batch, padded_batch)
+from mirrorfast.data import (CUDA_WIDTH_MULTIPLE, PACK_BUCKET, PAD_SEGMENT_MAX, SDPA_PAD_SEGMENT_MAX, Batch, Corpus,
+                             TokenizedTexts, epoch_batches, load_corpus, load_pairs, packed_batch, padded_batch)
 from mirrorfast.errors import MirrorfastError
 from mirrorfast.graphs import GraphedStep
 from mirrorfast.kernels import info_nce, resolve_backend
@@ -196,10 +196,10 @@ def training_step(encoder, batch: Batch, temperature: float, optimizer, scaler, 
 
 
 def build_batches(views, rows_per_batch, packed: bool, pad_id: int, bucket: int | None,
-                  width_multiple: int = 1) -> list[Batch]:
+                  width_multiple: int = 1, pad_segment_max: int = PAD_SEGMENT_MAX) -> list[Batch]:
     """CPU batches for one epoch (built in a background thread, which never touches the GPU)."""
     first, second = views
-    return [packed_batch([(first, rows), (second, rows)], pad_id, bucket) if packed
+    return [packed_batch([(first, rows), (second, rows)], pad_id, bucket, pad_segment_max) if packed
             else padded_batch([(first, rows), (second, rows)], pad_id, width_multiple) for rows in rows_per_batch]
 
 
@@ -263,7 +263,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     pad_id = encoder.tokenizer.pad_token_id
     bucket = PACK_BUCKET if graphs else None
     width_multiple = CUDA_WIDTH_MULTIPLE if device.type == "cuda" else 1
-    prepare = lambda e: build_batches(source.epoch(e), schedules[e], packed, pad_id, bucket, width_multiple)  # noqa: E731
+    segment_max = SDPA_PAD_SEGMENT_MAX if attention == "packed-sdpa" else PAD_SEGMENT_MAX
+    prepare = lambda e: build_batches(source.epoch(e), schedules[e], packed, pad_id, bucket, width_multiple,  # noqa: E731
+                                      segment_max)
     upload = lambda batches: [b.to(device, non_blocking=True) for b in batches]  # noqa: E731
     step_fn = lambda batch: training_step(  # noqa: E731
         encoder, batch, cfg.temperature, optimizer, scaler, autocast, loss_backend)

@@ -48,19 +48,22 @@ def test_packed_equals_padded(minilm_dir, pooling, arch):
             torch.testing.assert_close(gq, gp, rtol=1e-7, atol=1e-9)
 
 
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
-def test_bucketed_packing_adds_only_isolated_padding(minilm_dir, pooling):
+@pytest.mark.parametrize("pooling,segment_max", [("cls", 128), ("mean", 128), ("cls", 9)])
+def test_bucketed_packing_adds_only_isolated_padding(minilm_dir, pooling, segment_max):
     """Padding a packed batch to a bucketed length (static shapes for CUDA graphs) changes nothing."""
-    from mirrorfast.data import PAD_SEGMENT_MAX, PAD_SEGMENTS
+    from mirrorfast.data import pad_segments
     from mirrorfast.kernels import info_nce
 
     tok, model, encoder, views = tiny_setup(minilm_dir, pooling, seed=1)
     plain = packed_batch(views)
-    bucketed = packed_batch(views, tok.pad_token_id, bucket=64)
-    assert bucketed.input_ids.shape[1] % 64 == 0 and bucketed.input_ids.shape[1] >= plain.input_ids.shape[1] + 5
-    assert bucketed.cu_seqlens.shape[0] == plain.cu_seqlens.shape[0] + PAD_SEGMENTS
-    pad_lengths = (bucketed.cu_seqlens[1:] - bucketed.cu_seqlens[:-1])[-PAD_SEGMENTS:]
-    assert (pad_lengths >= 1).all() and (pad_lengths <= PAD_SEGMENT_MAX).all()
+    bucketed = packed_batch(views, tok.pad_token_id, bucket=64, pad_segment_max=segment_max)
+    k = pad_segments(64, segment_max)
+    assert k == (1 if segment_max == 128 else 8)
+    assert bucketed.input_ids.shape[1] % 64 == 0 and bucketed.input_ids.shape[1] >= plain.input_ids.shape[1] + k
+    assert bucketed.cu_seqlens.shape[0] == plain.cu_seqlens.shape[0] + k
+    pad_lengths = (bucketed.cu_seqlens[1:] - bucketed.cu_seqlens[:-1])[-k:]
+    assert (pad_lengths >= 1).all() and (pad_lengths <= segment_max).all()
+    assert bucketed.max_len == max(plain.max_len, segment_max)
     assert bucketed.tokens == plain.tokens and bucketed.views == plain.views == 10
 
     losses, grads = [], []
