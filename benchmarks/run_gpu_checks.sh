@@ -18,9 +18,11 @@
 #   1:    carry [".gpu"]          command "true"   (starts the machine; .gpu stays for the later calls)
 #   2-5:  carry [".ortgpu/pN"]    command "mkdir -p /tmp/ort && cp .ortgpu/pN/* /tmp/ort/"
 #   6:    carry [".ortgpu/p5"]    command "mkdir -p /tmp/ort && cp .ortgpu/p5/* /tmp/ort/ &&
-#                                          bash .ortgpu/p5/install.sh && BUDGET=540 bash benchmarks/run_gpu_checks.sh"
+#                                          bash .ortgpu/p5/install.sh; BUDGET=540 bash benchmarks/run_gpu_checks.sh
+#                                          suite onnx kernel tests sweep"
 # Seen on an H200, 2026-11-26: each transfer call took ~5 s of device time, the machine's first start
-# ~25 s; the parts took suite 76 s, onnx 46 s, tests 76 s, sweep 50 s, kernel 40 s.
+# ~25 s; the parts took suite 76 s (9 rows then; 11 now), onnx 46 s, tests 76 s, sweep 50 s (without the
+# fp32 sweep added since), kernel 40 s: the 6 calls used ~350 s, leaving room for a second, targeted call.
 # $OUT returns at most 8 files: the parts write one log each, the device facts go into summary.txt.
 # Without onnxruntime-gpu the ONNX part still runs and lists its CUDA EP rows as skipped.
 # A session that would rather tune the InfoNCE kernel than measure ONNX on the GPU: skip calls 2-6 and run
