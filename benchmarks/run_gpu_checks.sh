@@ -77,7 +77,7 @@ for part in "${parts[@]}"; do
     onnx)   run "ONNX GPU table" 160 onnx_gpu_table.log env -u TOKENIZERS_PARALLELISM python3 benchmarks/onnx_gpu_table.py --gpu-only ;;
     kernel) run "InfoNCE table" 110 info_nce_table.log python3 benchmarks/info_nce_table.py --quick ;;
     tests)  run "kernel tests (compiled)" 100 kernel_tests.log python3 -m pytest -q -p no:cacheprovider tests/test_kernels_info_nce.py ;;
-    sweep)  run "InfoNCE block sweep" 300 sweep.log python3 benchmarks/info_nce_table.py --no-checks --sweep 16384,768 --sweep 200,768 --sweep 200,768,float32 ;;
+    sweep)  run "InfoNCE block sweep" 300 sweep.log python3 benchmarks/info_nce_table.py --no-checks --sweep 16384,768 --sweep 200,768 --sweep 200,768,float32 --sweep 200,384,float32 ;;
     profile) run "step profile" 200 profile.log python3 benchmarks/profile_step.py ;;
     *) echo "unknown part $part (suite onnx kernel tests sweep profile)"; exit 2 ;;
   esac
