@@ -68,9 +68,24 @@ def cuda_kernel() -> str:
     return choice
 
 
+def flash_supported(device: torch.device) -> bool:
+    """PyTorch's FlashAttention kernels run on this device: a CUDA build that has them and an Ampere or
+    newer GPU (compute capability 8.0+; a T4 or V100 has not)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    built = getattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)()
+    return bool(built) and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def cuda_path(device: torch.device) -> str:
+    """Which packed attention runs on this CUDA device: "flash", or "sdpa" when asked for or when the GPU
+    cannot run FlashAttention."""
+    return "flash" if cuda_kernel() == "flash" and flash_supported(device) else "sdpa"
+
+
 def uses_flash(input_ids) -> bool:
     """FlashAttention's variable-length kernel for this batch, or the gathered-SDPA path."""
-    return input_ids.is_cuda and cuda_kernel() == "flash"
+    return input_ids.is_cuda and cuda_path(input_ids.device) == "flash"
 
 
 def _no_mask(*args, **kwargs):

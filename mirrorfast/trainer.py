@@ -31,7 +31,7 @@ from mirrorfast.graphs import GraphedStep
 from mirrorfast.kernels import info_nce, resolve_backend
 from mirrorfast.model import MIRRORFAST_JSON, Encoder, enable_drophead, load_encoder, save_encoder
 from mirrorfast.output import atomic_directory, check_destination
-from mirrorfast.packing import cuda_kernel, packed_attention, supports_packing
+from mirrorfast.packing import cuda_path, flash_supported, packed_attention, supports_packing
 
 
 @dataclass
@@ -92,8 +92,9 @@ def autocast_dtype(precision: str, device: torch.device, log: Callable[[str], No
 
 
 def use_packing(cfg: TrainConfig, encoder: Encoder, device: torch.device, dtype: torch.dtype | None) -> bool:
-    """Packed (unpadded) attention needs FlashAttention: CUDA, fp16/bf16, a supported architecture. DropHead
-    draws one mask per sequence, and a packed batch is one sequence of all views: it trains padded."""
+    """`auto` packs where FlashAttention runs: CUDA, fp16/bf16, an sm80+ GPU, a supported architecture
+    (explicit `packed` also runs elsewhere, through the gathered-SDPA path). DropHead draws one mask per
+    sequence, and a packed batch is one sequence of all views: it trains padded."""
     if cfg.attention == "padded":
         return False
     if cfg.attention == "packed":
@@ -104,7 +105,8 @@ def use_packing(cfg: TrainConfig, encoder: Encoder, device: torch.device, dtype:
         if cfg.drophead > 0:
             raise MirrorfastError("--drophead needs padded batches (one mask per view): use --attention auto or padded")
         return True
-    return device.type == "cuda" and dtype is not None and cfg.drophead == 0 and supports_packing(encoder.model)
+    return (device.type == "cuda" and dtype is not None and cfg.drophead == 0 and supports_packing(encoder.model)
+            and flash_supported(device))
 
 
 def use_cuda_graphs(cfg: TrainConfig, device: torch.device, dtype: torch.dtype | None, packed: bool) -> bool:
@@ -234,9 +236,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
         log(f"batch: the corpus has {len(corpus)} strings, fewer than --batch-size {cfg.batch_size}; "
             f"training with batches of {batch_size}")
     packed = use_packing(cfg, encoder, device, dtype)
+    if cfg.attention == "auto" and device.type == "cuda" and dtype is not None and not flash_supported(device):
+        log("attention: padded batches: FlashAttention needs an Ampere or newer GPU (sm80+); "
+            "--attention packed runs unpadded through PyTorch SDPA instead")
     graphs = use_cuda_graphs(cfg, device, dtype, packed)
     loss_backend = resolve_backend("auto", device)
-    attention = "padded" if not packed else "packed" if device.type != "cuda" or cuda_kernel() == "flash" else "packed-sdpa"
+    attention = "padded" if not packed else "packed" if device.type != "cuda" or cuda_path(device) == "flash" else "packed-sdpa"
     log(f"recipe: level={cfg.level} T={cfg.temperature} mask_span={cfg.mask_span} max_length={cfg.max_length} "
         f"epochs={cfg.epochs} batch={batch_size} lr={cfg.lr} dropout={cfg.dropout} drophead={cfg.drophead} "
         f"pooling={cfg.pooling} precision={PRECISION_NAMES[dtype]} attention={attention} "

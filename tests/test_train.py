@@ -200,6 +200,26 @@ def test_cuda_graphs_needs_a_gpu(tiny_bert_dir, corpus, tmp_path, capsys):
     assert "--cuda-graphs needs a CUDA GPU" in capsys.readouterr().err
 
 
+def test_auto_packs_only_where_flash_attention_runs(tiny_bert_dir, corpus, monkeypatch):
+    """A T4 or V100 (no FlashAttention) trains padded under `auto`; explicit packed still runs there, through
+    the gathered-SDPA path; on an sm80+ GPU `auto` packs with FlashAttention."""
+    from mirrorfast import packing, trainer
+    from mirrorfast.model import load_encoder
+    from mirrorfast.trainer import use_packing
+
+    encoder = load_encoder(tiny_bert_dir)
+    cuda = torch.device("cuda")  # a device object only: nothing touches a GPU
+    auto = TrainConfig(model=str(tiny_bert_dir), corpus=str(corpus))
+    packed = TrainConfig(**{**auto.__dict__, "attention": "packed"})
+    assert not packing.flash_supported(torch.device("cpu"))
+    for supported in (False, True):
+        monkeypatch.setattr(trainer, "flash_supported", lambda device, s=supported: s)
+        monkeypatch.setattr(packing, "flash_supported", lambda device, s=supported: s)
+        assert use_packing(auto, encoder, cuda, torch.float16) is supported
+        assert use_packing(packed, encoder, cuda, torch.float16)
+        assert packing.cuda_path(cuda) == ("flash" if supported else "sdpa")
+
+
 def test_cuda_graphs_on_wherever_they_apply(tiny_bert_dir, corpus, tmp_path):
     """Default (None): on exactly for CUDA + fp16/bf16 + packed attention; --no-cuda-graphs turns them off;
     --cuda-graphs insists and is refused where they cannot apply. The decision is recorded in the output."""
@@ -246,12 +266,14 @@ def test_cpu_bf16_hint(tmp_path, monkeypatch):
         assert sum("--fp16 needs a GPU" in m for m in logs) == 1
 
 
-def test_drophead_trains_padded(tiny_bert_dir, corpus, tmp_path, capsys):
+def test_drophead_trains_padded(tiny_bert_dir, corpus, tmp_path, capsys, monkeypatch):
     """DropHead draws one mask per sequence; a packed batch is one sequence of all views, so DropHead
     trains padded: `auto` picks padded even where it would pack, explicit packed is refused."""
+    from mirrorfast import trainer
     from mirrorfast.model import load_encoder
     from mirrorfast.trainer import use_packing
 
+    monkeypatch.setattr(trainer, "flash_supported", lambda device: True)  # as on an sm80+ GPU
     encoder = load_encoder(tiny_bert_dir)
     cuda = torch.device("cuda")  # a device object only: use_packing decides without touching a GPU
     base = TrainConfig(model=str(tiny_bert_dir), corpus=str(corpus))
