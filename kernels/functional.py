@@ -2,8 +2,9 @@
 
 Dispatch (explicit, visible): backend="torch" -> the PyTorch reference; backend="triton" -> the fused
 Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); backend="auto" -> Triton for
-CUDA tensors when Triton is importable, the reference otherwise. MIRRORFAST_KERNELS=torch forces the
-reference everywhere (debugging).
+CUDA tensors on an Ampere or newer GPU (compute capability 8.0+: the kernel is tested compiled on Hopper)
+when Triton is importable, the reference otherwise. MIRRORFAST_KERNELS=torch forces the reference
+everywhere (debugging).
 """
 
 import functools
@@ -18,6 +19,7 @@ __all__ = ["info_nce", "info_nce_reference", "resolve_backend"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 _BACKENDS = ("auto", "torch", "triton")
+_MIN_CAPABILITY = (8, 0)  # "auto" uses the kernel from Ampere on; backend="triton" may force it elsewhere
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,7 +38,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if os.environ.get("MIRRORFAST_KERNELS", "").lower() == "torch":
         return "torch"
     if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+        return "triton" if device.type == "cuda" and _triton_available() and _capable(device) else "torch"
     if backend == "triton":
         if not _triton_available():
             raise MirrorfastError("info_nce: backend='triton' asked for, but triton is not installed")
@@ -45,6 +47,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 "info_nce: backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (the Triton interpreter)"
             )
     return backend
+
+
+def _capable(device: torch.device) -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= _MIN_CAPABILITY
 
 
 def _validate(a: torch.Tensor, b: torch.Tensor, temperature: float, reduction: str) -> None:

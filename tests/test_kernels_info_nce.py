@@ -309,6 +309,20 @@ def test_env_forces_torch(monkeypatch):
     assert torch.equal(out, info_nce_reference(a, b, 0.5, "sum"))
 
 
+def test_auto_uses_the_kernel_from_ampere_on(monkeypatch):
+    """backend="auto" on CUDA tensors: the kernel on compute capability 8.0+ (tested compiled on Hopper),
+    the reference on older GPUs (a T4 is 7.5); explicit "triton" still forces the kernel."""
+    if _TRITON_ERR is not None:
+        pytest.skip(f"triton unavailable: {_TRITON_ERR}")
+    monkeypatch.delenv("MIRRORFAST_KERNELS", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cuda = torch.device("cuda")
+    for capability, expected in (((7, 5), "torch"), ((8, 0), "triton"), ((9, 0), "triton")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert resolve_backend("auto", cuda) == expected, capability
+        assert resolve_backend("triton", cuda) == "triton"
+
+
 def test_auto_on_cpu_is_torch(monkeypatch):
     monkeypatch.delenv("MIRRORFAST_KERNELS", raising=False)
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
