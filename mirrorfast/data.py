@@ -253,6 +253,9 @@ def packed_batch(views, pad_id: int = 0, bucket: int | None = None, pad_segment_
     ids = np.concatenate(pieces)
     segments = np.repeat(np.arange(len(pieces), dtype=np.int64), lengths)  # (T,) segment of each token
     positions = np.arange(len(ids), dtype=np.int64) - cu[:-1].astype(np.int64)[segments]
+    # Padding segments are isolated and never read: position 0, which every model has (a 128-token
+    # padding segment would index past a model with fewer positions).
+    positions[real_tokens:] = 0
     return Batch(torch.from_numpy(ids)[None], position_ids=torch.from_numpy(positions)[None],
                  cu_seqlens=torch.from_numpy(cu), segment_ids=torch.from_numpy(segments), max_len=max_len,
                  tokens=real_tokens, views=n_views)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import AutoTokenizer, BertConfig, BertModel
+from transformers import AutoTokenizer, BertConfig, BertModel, RobertaConfig, RobertaModel
 
 from mirrorfast.data import PACK_BUCKET, TokenizedTexts, packed_batch, padded_batch
 from mirrorfast.kernels import info_nce
@@ -84,11 +84,15 @@ TEXTS = ["hi", "a considerably longer sentence, with punctuation and more words"
          "naïve café 東京 😀", "x y", "another one", "the last of the batch, a little longer"]
 
 
-def _tiny_step_setup(minilm_dir, pooling):
+def _tiny_step_setup(minilm_dir, pooling, arch: str = "bert"):
     tok = AutoTokenizer.from_pretrained(minilm_dir)
     torch.manual_seed(0)
-    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
-    model = BertModel(config).train()
+    sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    if arch == "roberta":  # the RoBERTa family (also XLM-R, CamemBERT) packs too, so it is graphed by default
+        model = RobertaModel(RobertaConfig(**sizes, pad_token_id=tok.pad_token_id,
+                                           max_position_embeddings=24 + tok.pad_token_id + 2)).train()
+    else:
+        model = BertModel(BertConfig(**sizes)).train()
     encoder = Encoder(model, tok, pooling, 24, "tiny")
     first = TokenizedTexts.build(tok, TEXTS, 24)
     second = TokenizedTexts.build(tok, [t.replace("a", tok.mask_token) for t in TEXTS], 24)
@@ -96,12 +100,14 @@ def _tiny_step_setup(minilm_dir, pooling):
     return tok, encoder, [(first, rows), (second, rows)]
 
 
-@pytest.mark.parametrize("layout", ["packed", "packed-bucketed", "padded"])
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
-@pytest.mark.parametrize("loss_backend", ["torch", "triton"])
-def test_training_step_has_no_host_sync(minilm_dir, layout, pooling, loss_backend):
+@pytest.mark.parametrize("layout,pooling,loss_backend,arch", [
+    *((layout, pooling, loss, "bert") for layout in ("packed", "packed-bucketed", "padded")
+      for pooling in ("cls", "mean") for loss in ("torch", "triton")),
+    ("packed-bucketed", "cls", "triton", "roberta"),
+])
+def test_training_step_has_no_host_sync(minilm_dir, layout, pooling, loss_backend, arch):
     """Forward, loss, backward, GradScaler and fused AdamW, as the trainer runs them (two steps)."""
-    tok, encoder, views = _tiny_step_setup(minilm_dir, pooling)
+    tok, encoder, views = _tiny_step_setup(minilm_dir, pooling, arch)
     if layout == "padded":
         batch = padded_batch(views, tok.pad_token_id, views_per_chunk=4)
     else:

@@ -64,6 +64,8 @@ def test_bucketed_packing_adds_only_isolated_padding(minilm_dir, pooling, segmen
     pad_lengths = (bucketed.cu_seqlens[1:] - bucketed.cu_seqlens[:-1])[-k:]
     assert (pad_lengths >= 1).all() and (pad_lengths <= segment_max).all()
     assert bucketed.max_len == max(plain.max_len, segment_max)
+    real = plain.input_ids.shape[1]  # padding positions are 0 (valid in any model, however few positions)
+    assert (bucketed.position_ids[0, real:] == 0).all() and torch.equal(bucketed.position_ids[0, :real], plain.position_ids[0])
     assert bucketed.tokens == plain.tokens and bucketed.views == plain.views == 10
 
     losses, grads = [], []
