@@ -221,6 +221,7 @@ def padded_batch(views, pad_id: int, pad_to_multiple_of: int = 1, views_per_chun
 PACK_BUCKET = 512
 PAD_SEGMENT_MAX = 128  # FlashAttention's tile
 SDPA_PAD_SEGMENT_MAX = 64  # the gathered-SDPA path pads every view to max_len: keep max_len short
+MAX_LEN_MULTIPLE = 32
 
 
 def pad_segments(bucket: int, segment_max: int) -> int:
@@ -234,7 +235,8 @@ def packed_batch(views, pad_id: int = 0, bucket: int | None = None, pad_segment_
 
     With `bucket`, T is rounded up to a multiple of it (with at least one padding token per padding
     segment) and the padding forms pad_segments(bucket, pad_segment_max) extra segments, so that every
-    batch of an epoch has one of a few shapes; max_len is then at least pad_segment_max.
+    batch of an epoch has one of a few shapes; max_len is then at least pad_segment_max and a multiple of
+    MAX_LEN_MULTIPLE (views longer than the padding segments give a few max_len values, not one per batch).
     """
     pieces, lengths = _gather(views)
     n_views, real_tokens, max_len = len(pieces), int(lengths.sum()), int(lengths.max())
@@ -247,7 +249,7 @@ def packed_batch(views, pad_id: int = 0, bucket: int | None = None, pad_segment_
         assert pad_lengths.max() <= pad_segment_max and pad_lengths.min() >= 1  # pad_segments guarantees it
         pieces = pieces + [np.full(n, pad_id, dtype=np.int64) for n in pad_lengths]
         lengths = np.concatenate([lengths, pad_lengths])
-        max_len = max(max_len, pad_segment_max)
+        max_len = max(-(-max_len // MAX_LEN_MULTIPLE) * MAX_LEN_MULTIPLE, pad_segment_max)
     cu = np.zeros(len(pieces) + 1, dtype=np.int32)
     np.cumsum(lengths, out=cu[1:])
     ids = np.concatenate(pieces)

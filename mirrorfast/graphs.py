@@ -23,12 +23,20 @@ from mirrorfast.errors import MirrorfastError, first_line
 
 
 class GraphedStep:
-    """Calls `step(batch) -> loss` eagerly the first time a shape comes, then captures it and replays it."""
+    """Calls `step(batch) -> loss` eagerly the first time a shape comes, then captures it and replays it.
 
-    def __init__(self, step: Callable[[Batch], torch.Tensor]):
+    At most `max_graphs` shapes are captured (each graph keeps its own activation memory); batches of further
+    shapes run eagerly, and `log` says so once.
+    """
+
+    def __init__(self, step: Callable[[Batch], torch.Tensor], max_graphs: int = 16,
+                 log: Callable[[str], None] = lambda message: None):
         self.step = step
+        self.max_graphs = max_graphs
+        self.log = log
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Batch, torch.Tensor]] = {}
         self.seen: set[tuple] = set()  # shapes that ran eagerly once
+        self.full = False  # max_graphs reached (logged once)
 
     @staticmethod
     def shape_key(batch: Batch) -> tuple:
@@ -38,7 +46,10 @@ class GraphedStep:
         key = self.shape_key(batch)
         captured = self.graphs.get(key)
         if captured is None:
-            if key not in self.seen:
+            if key in self.seen and len(self.graphs) >= self.max_graphs and not self.full:
+                self.full = True
+                self.log(f"cuda graphs: {self.max_graphs} batch shapes captured; further shapes run eagerly")
+            if key not in self.seen or self.full:
                 self.seen.add(key)
                 return self._eager_on_side_stream(batch)
             captured = self.graphs[key] = self._capture(batch)

@@ -274,7 +274,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     upload = lambda batches: [b.to(device, non_blocking=True) for b in batches]  # noqa: E731
     step_fn = lambda batch: training_step(  # noqa: E731
         encoder, batch, cfg.temperature, optimizer, scaler, autocast, loss_backend)
-    run_step = GraphedStep(step_fn) if graphs else step_fn
+    run_step = GraphedStep(step_fn, log=log) if graphs else step_fn
 
     monitor = LossMonitor(device)
     epoch_seconds: list[float] = []

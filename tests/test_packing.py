@@ -63,7 +63,7 @@ def test_bucketed_packing_adds_only_isolated_padding(minilm_dir, pooling, segmen
     assert bucketed.cu_seqlens.shape[0] == plain.cu_seqlens.shape[0] + k
     pad_lengths = (bucketed.cu_seqlens[1:] - bucketed.cu_seqlens[:-1])[-k:]
     assert (pad_lengths >= 1).all() and (pad_lengths <= segment_max).all()
-    assert bucketed.max_len == max(plain.max_len, segment_max)
+    assert bucketed.max_len == max(-(-plain.max_len // 32) * 32, segment_max)  # MAX_LEN_MULTIPLE
     real = plain.input_ids.shape[1]  # padding positions are 0 (valid in any model, however few positions)
     assert (bucketed.position_ids[0, real:] == 0).all() and torch.equal(bucketed.position_ids[0, :real], plain.position_ids[0])
     assert bucketed.tokens == plain.tokens and bucketed.views == plain.views == 10
@@ -114,3 +114,18 @@ def test_cuda_kernel_override_is_validated(minilm_dir, monkeypatch):
         with packed_attention(model):
             pass
     assert model.config._attn_implementation != "mirrorfast_packed"  # nothing was switched
+
+
+def test_bucketed_max_len_takes_few_values(minilm_dir):
+    """With bucketing (CUDA graphs) max_len is static per shape: at least the padding-segment cap, rounded
+    up to a multiple of MAX_LEN_MULTIPLE beyond it, so long views give a few shapes, not one per batch."""
+    from mirrorfast.data import MAX_LEN_MULTIPLE
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    for words, expected in ((3, 128), (140, 160), (150, 160), (160, 192)):
+        tt = TokenizedTexts.build(tok, ["x " * words, "y"], 512)
+        rows = np.array([0, 1])
+        longest = int(tt.lengths(rows).max())
+        batch = packed_batch([(tt, rows), (tt, rows)], tok.pad_token_id, bucket=512)
+        assert batch.max_len == max(128, -(-longest // MAX_LEN_MULTIPLE) * MAX_LEN_MULTIPLE) == expected, words
+        assert batch.max_len >= longest and packed_batch([(tt, rows), (tt, rows)]).max_len == longest
