@@ -430,6 +430,7 @@ def sts_before(suite: Suite) -> None:
 
 # ============================================================================ rows
 _SDPA = {"MIRRORFAST_PACKED_ATTENTION": "sdpa"}  # packed views gathered into a padded SDPA batch on CUDA too
+_TRITON = {"MIRRORFAST_PACKED_ATTENTION": "triton"}  # one tile per (view, head): kernels/packed_attention_triton
 ROWS = {  # recipe -> (kind, precision, environment); "-eager" rows: TrainConfig(cuda_graphs=False)
     "reference": ("reference", "fp16", {}),
     "fp16": ("mirrorfast", "fp16", {}),  # the trainer's defaults: on CUDA the step is replayed from CUDA graphs
@@ -438,11 +439,14 @@ ROWS = {  # recipe -> (kind, precision, environment); "-eager" rows: TrainConfig
     "bf16-eager": ("mirrorfast", "bf16", {}),
     "bf16-sdpa": ("mirrorfast", "bf16", _SDPA),  # attention kernel A/B against FlashAttention varlen
     "bf16-eager-sdpa": ("mirrorfast", "bf16", _SDPA),
+    "bf16-triton": ("mirrorfast", "bf16", _TRITON),
+    "bf16-eager-triton": ("mirrorfast", "bf16", _TRITON),
     "bf16-torchloss": ("mirrorfast", "bf16", {"MIRRORFAST_KERNELS": "torch"}),  # optional: loss kernel off
 }
 DEFAULT_ROWS = ["bert:reference", "bert:fp16", "bert:bf16", "bert:fp16-eager", "bert:bf16-eager", "bert:bf16-sdpa",
-                "bert:bf16-eager-sdpa", "minilm:reference", "minilm:fp16", "minilm:bf16", "minilm:bf16-eager"]
-CUDA_ONLY = ("-eager", "-sdpa")  # on the CPU these rows would repeat others (no graphs; the CPU always gathers)
+                "bert:bf16-eager-sdpa", "bert:bf16-triton", "bert:bf16-eager-triton", "minilm:reference",
+                "minilm:fp16", "minilm:bf16", "minilm:bf16-eager", "minilm:bf16-triton"]
+CUDA_ONLY = ("-eager", "-sdpa", "-triton")  # on the CPU these would repeat other rows (no graphs; the CPU gathers)
 ALL_ROWS = [f"{m}:{r}" for m in ("bert", "minilm") for r in ROWS]
 
 

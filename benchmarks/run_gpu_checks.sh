@@ -2,7 +2,7 @@
 # Every GPU check of the project in one command, for the lent GPU machine (or any CUDA box), from the
 # repository root. Logs and JSON go to $OUT (the device tool's folder) or ./gpu-out.
 #
-#   bash benchmarks/run_gpu_checks.sh [PART ...]     PART: suite onnx kernel tests sweep profile
+#   bash benchmarks/run_gpu_checks.sh [PART ...]     PART: suite onnx kernel tests sweep profile attention
 #                                                    (default: suite onnx kernel tests)
 #
 # The whole run shares one time budget (BUDGET seconds, default 560: one device call may run 600 s), and
@@ -19,7 +19,8 @@
 #   2-5:  carry [".ortgpu/pN"]    command "mkdir -p /tmp/ort && cp .ortgpu/pN/* /tmp/ort/"
 #   6:    carry [".ortgpu/p5"]    command "mkdir -p /tmp/ort && cp .ortgpu/p5/* /tmp/ort/ &&
 #                                          bash .ortgpu/p5/install.sh; BUDGET=540 bash benchmarks/run_gpu_checks.sh
-#                                          suite onnx kernel tests sweep"
+#                                          suite tests attention onnx kernel sweep"
+#         (tests before the attention benchmark: the one-tile Triton attention kernel has never run compiled)
 # Seen on an H200, 2026-11-26: each transfer call took ~5 s of device time, the machine's first start
 # ~25 s; the parts took suite 76 s (9 rows then; 11 now), onnx 46 s, tests 76 s, sweep 50 s (without the
 # fp32 sweep added since), kernel 40 s: the 6 calls used ~350 s, leaving room for a second, targeted call.
@@ -76,10 +77,11 @@ for part in "${parts[@]}"; do
     suite)  run "training suite" 260 gpu_suite.log python3 benchmarks/gpu_suite.py --json "$out/gpu_suite.json" ;;
     onnx)   run "ONNX GPU table" 160 onnx_gpu_table.log env -u TOKENIZERS_PARALLELISM python3 benchmarks/onnx_gpu_table.py --gpu-only ;;
     kernel) run "InfoNCE table" 110 info_nce_table.log python3 benchmarks/info_nce_table.py --quick ;;
-    tests)  run "kernel tests (compiled)" 100 kernel_tests.log python3 -m pytest -q -p no:cacheprovider tests/test_kernels_info_nce.py ;;
+    tests)  run "kernel tests (compiled)" 120 kernel_tests.log python3 -m pytest -q -p no:cacheprovider tests/test_kernels_info_nce.py tests/test_packed_attention_kernel.py ;;
+    attention) run "packed attention kernels" 90 attention.log python3 -m pytest -q -p no:cacheprovider benchmarks/test_bench_packed_attention.py --benchmark-only --benchmark-columns=min,median,mean ;;
     sweep)  run "InfoNCE block sweep" 300 sweep.log python3 benchmarks/info_nce_table.py --no-checks --sweep 16384,768 --sweep 200,768 --sweep 200,768,float32 --sweep 200,384,float32 ;;
     profile) run "step profile" 200 profile.log python3 benchmarks/profile_step.py ;;
-    *) echo "unknown part $part (suite onnx kernel tests sweep profile)"; exit 2 ;;
+    *) echo "unknown part $part (suite onnx kernel tests sweep profile attention)"; exit 2 ;;
   esac
 done
 echo "=== summary ($((SECONDS - start))s of ${budget}s)"

@@ -220,7 +220,7 @@ def padded_batch(views, pad_id: int, pad_to_multiple_of: int = 1, views_per_chun
 # static max_len given to the attention kernel, never empty).
 PACK_BUCKET = 512
 PAD_SEGMENT_MAX = 128  # FlashAttention's tile
-SDPA_PAD_SEGMENT_MAX = 64  # the gathered-SDPA path pads every view to max_len: keep max_len short
+TILE_PAD_SEGMENT_MAX = 64  # the gathered-SDPA path and the Triton kernel pad every view to max_len: keep it short
 MAX_LEN_MULTIPLE = 32
 
 

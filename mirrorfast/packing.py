@@ -6,12 +6,15 @@ variable-length kernel (with attention dropout, as the padded model has), elsewh
 the views gathered into a padded batch (only attention sees padding there).
 The model itself is the Hugging Face one: we only register an attention function for it.
 
-MIRRORFAST_PACKED_ATTENTION=sdpa makes CUDA take the gathered-SDPA path too (an explicit override for
-measuring it against FlashAttention: on an H200 the variable-length kernels spent 555 µs per BERT-base layer
-on views of ~14 tokens, benchmarks/RESULTS.md); the default, "flash", is FlashAttention on CUDA.
+MIRRORFAST_PACKED_ATTENTION overrides the CUDA kernel, to measure the alternatives against FlashAttention
+(on an H200 its variable-length kernels spent 555 µs per BERT-base layer on views of ~14 tokens,
+benchmarks/RESULTS.md): "sdpa" takes the gathered-SDPA path there too; "triton" holds each (view, head) in
+one tile of mirrorfast.kernels.packed_attention_triton (views up to 128 tokens; longer batches fall back).
+The default, "flash", is FlashAttention wherever it runs.
 """
 
 import contextlib
+import importlib.util
 import os
 
 import torch
@@ -24,19 +27,25 @@ ATTENTION_NAME = "mirrorfast_packed"
 # we know how to restart per view.
 PACKED_MODEL_TYPES = {"bert": 0, "roberta": None, "xlm-roberta": None, "camembert": None}
 ATTENTION_ENV = "MIRRORFAST_PACKED_ATTENTION"
-CUDA_KERNELS = ("flash", "sdpa")
+CUDA_KERNELS = ("flash", "sdpa", "triton")
 
 
 def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """query/key/value: (1, heads, T, d). Returns ((1, T, heads, d), None) like HF's attention functions."""
     cu_seqlens = kwargs["cu_seq_lens_q"]  # (B + 1,) int32
     max_len = kwargs["max_length_q"]  # host int
-    if kwargs["padded_index"] is None:  # FlashAttention (packed_hidden decided: CUDA, half precision)
+    kernel = kwargs["packed_kernel"]  # decided once per forward by packed_hidden
+    if kernel == "flash":  # CUDA, half precision
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, d)
         out = torch.ops.aten._flash_attention_forward(
             q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, dropout, False, False, scale=scaling
         )[0]
         return out.unsqueeze(0), None
+    if kernel == "triton":
+        from mirrorfast.kernels.packed_attention_triton import packed_attention_triton
+
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, d)
+        return packed_attention_triton(q, k, v, cu_seqlens, max_len, dropout, scaling).unsqueeze(0), None
     # Elsewhere (the CPU, or CUDA with MIRRORFAST_PACKED_ATTENTION=sdpa): gather the S views into a padded
     # (S, heads, max_len, d) batch, attend with a key-padding mask, and gather the real tokens back (index
     # from `padded_index`, once per forward).
@@ -61,10 +70,13 @@ def _padded_index(cu_seqlens, segment_ids, max_len: int):
 
 
 def cuda_kernel() -> str:
-    """The packed-attention kernel on CUDA: "flash" (default) or "sdpa" ($MIRRORFAST_PACKED_ATTENTION)."""
+    """The packed-attention kernel asked for on CUDA: "flash" (default), "sdpa" or "triton"
+    ($MIRRORFAST_PACKED_ATTENTION)."""
     choice = os.environ.get(ATTENTION_ENV, "flash").strip().lower() or "flash"
     if choice not in CUDA_KERNELS:
         raise MirrorfastError(f"{ATTENTION_ENV} must be one of {CUDA_KERNELS}, got {choice!r}")
+    if choice == "triton" and importlib.util.find_spec("triton") is None:
+        raise MirrorfastError(f"{ATTENTION_ENV}=triton needs triton, which is not installed")
     return choice
 
 
@@ -77,15 +89,18 @@ def flash_supported(device: torch.device) -> bool:
     return bool(built) and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def cuda_path(device: torch.device) -> str:
-    """Which packed attention runs on this CUDA device: "flash", or "sdpa" when asked for or when the GPU
-    cannot run FlashAttention."""
-    return "flash" if cuda_kernel() == "flash" and flash_supported(device) else "sdpa"
+def packed_kernel(device: torch.device, max_len: int = 0) -> str:
+    """The attention packed batches use on `device`: "flash" (FlashAttention varlen), "sdpa" (views gathered
+    into a padded SDPA batch: the CPU, GPUs without FlashAttention, or asked for) or "triton" (asked for;
+    on the CPU only under TRITON_INTERPRET=1, as tests run it). A batch with views longer than the Triton
+    kernel's tile (max_len) falls back to the other two."""
+    choice = cuda_kernel()
+    flash = "flash" if flash_supported(device) else "sdpa"  # always "sdpa" off CUDA
+    if choice == "triton" and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        from mirrorfast.kernels.packed_attention_triton import MAX_VIEW_TOKENS  # triton is there (cuda_kernel)
 
-
-def uses_flash(input_ids) -> bool:
-    """FlashAttention's variable-length kernel for this batch, or the gathered-SDPA path."""
-    return input_ids.is_cuda and cuda_path(input_ids.device) == "flash"
+        return "triton" if max_len <= MAX_VIEW_TOKENS else flash
+    return "sdpa" if choice == "sdpa" else flash
 
 
 def _no_mask(*args, **kwargs):
@@ -133,15 +148,16 @@ def packed_attention(model):
 def packed_hidden(model, input_ids, position_ids, cu_seqlens, segment_ids, max_len: int):
     """input_ids, position_ids: (1, T); cu_seqlens: (S + 1,) int32; segment_ids: (T,) -> (T, H) last hidden state."""
     offset = position_offset(model)
-    # FlashAttention (CUDA) takes cu_seqlens; elsewhere attention gathers views into a padded batch.
-    padded_index = None if uses_flash(input_ids) else _padded_index(cu_seqlens, segment_ids, max_len)
+    # FlashAttention and the Triton kernel take cu_seqlens; the SDPA path gathers views into a padded batch.
+    kernel = packed_kernel(input_ids.device, max_len)
+    padded_index = _padded_index(cu_seqlens, segment_ids, max_len) if kernel == "sdpa" else None
     out = model(
         input_ids=input_ids,
         position_ids=position_ids + offset if offset else position_ids,
         token_type_ids=torch.zeros_like(input_ids),
         cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
         max_length_q=max_len, max_length_k=max_len,
-        padded_index=padded_index,
+        padded_index=padded_index, packed_kernel=kernel,
     )
     return out.last_hidden_state[0]
 

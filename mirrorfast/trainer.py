@@ -24,14 +24,14 @@ from tqdm.auto import tqdm
 import mirrorfast
 from mirrorfast.augment import masked_views
 from mirrorfast.config import TrainConfig
-from mirrorfast.data import (CUDA_WIDTH_MULTIPLE, PACK_BUCKET, PAD_SEGMENT_MAX, SDPA_PAD_SEGMENT_MAX, Batch, Corpus,
+from mirrorfast.data import (CUDA_WIDTH_MULTIPLE, PACK_BUCKET, PAD_SEGMENT_MAX, TILE_PAD_SEGMENT_MAX, Batch, Corpus,
                              TokenizedTexts, epoch_batches, load_corpus, load_pairs, packed_batch, padded_batch)
 from mirrorfast.errors import MirrorfastError
 from mirrorfast.graphs import GraphedStep
 from mirrorfast.kernels import info_nce, resolve_backend
 from mirrorfast.model import MIRRORFAST_JSON, Encoder, enable_drophead, load_encoder, save_encoder
 from mirrorfast.output import atomic_directory, check_destination
-from mirrorfast.packing import cuda_path, flash_supported, packed_attention, supports_packing
+from mirrorfast.packing import flash_supported, packed_attention, packed_kernel, supports_packing
 
 
 @dataclass
@@ -241,7 +241,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
             "--attention packed runs unpadded through PyTorch SDPA instead")
     graphs = use_cuda_graphs(cfg, device, dtype, packed)
     loss_backend = resolve_backend("auto", device)
-    attention = "padded" if not packed else "packed" if device.type != "cuda" or cuda_path(device) == "flash" else "packed-sdpa"
+    kernel = packed_kernel(device, cfg.max_length) if packed and device.type == "cuda" else None
+    attention = "padded" if not packed else "packed" if kernel in (None, "flash") else f"packed-{kernel}"
     log(f"recipe: level={cfg.level} T={cfg.temperature} mask_span={cfg.mask_span} max_length={cfg.max_length} "
         f"epochs={cfg.epochs} batch={batch_size} lr={cfg.lr} dropout={cfg.dropout} drophead={cfg.drophead} "
         f"pooling={cfg.pooling} precision={PRECISION_NAMES[dtype]} attention={attention} "
@@ -268,7 +269,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     pad_id = encoder.tokenizer.pad_token_id
     bucket = PACK_BUCKET if graphs else None
     width_multiple = CUDA_WIDTH_MULTIPLE if device.type == "cuda" else 1
-    segment_max = SDPA_PAD_SEGMENT_MAX if attention == "packed-sdpa" else PAD_SEGMENT_MAX
+    segment_max = TILE_PAD_SEGMENT_MAX if attention in ("packed-sdpa", "packed-triton") else PAD_SEGMENT_MAX
     prepare = lambda e: build_batches(source.epoch(e), schedules[e], packed, pad_id, bucket, width_multiple,  # noqa: E731
                                       segment_max)
     upload = lambda batches: [b.to(device, non_blocking=True) for b in batches]  # noqa: E731

@@ -100,13 +100,18 @@ def _tiny_step_setup(minilm_dir, pooling, arch: str = "bert"):
     return tok, encoder, [(first, rows), (second, rows)]
 
 
-@pytest.mark.parametrize("layout,pooling,loss_backend,arch", [
-    *((layout, pooling, loss, "bert") for layout in ("packed", "packed-bucketed", "padded")
+@pytest.mark.parametrize("layout,pooling,loss_backend,arch,attention", [
+    *((layout, pooling, loss, "bert", "flash") for layout in ("packed", "packed-bucketed", "padded")
       for pooling in ("cls", "mean") for loss in ("torch", "triton")),
-    ("packed-bucketed", "cls", "triton", "roberta"),
+    ("packed-bucketed", "cls", "triton", "roberta", "flash"),
+    ("packed-bucketed", "mean", "triton", "bert", "triton"),  # the one-tile Triton attention kernel
 ])
-def test_training_step_has_no_host_sync(minilm_dir, layout, pooling, loss_backend, arch):
-    """Forward, loss, backward, GradScaler and fused AdamW, as the trainer runs them (two steps)."""
+def test_training_step_has_no_host_sync(minilm_dir, layout, pooling, loss_backend, arch, attention, monkeypatch):
+    """Forward, loss, backward, GradScaler and fused AdamW, as the trainer runs them (two steps). The
+    packed-attention override is "flash" (on the CPU: the gathered-SDPA path) or "triton"."""
+    from mirrorfast.packing import ATTENTION_ENV
+
+    monkeypatch.setenv(ATTENTION_ENV, attention)
     tok, encoder, views = _tiny_step_setup(minilm_dir, pooling, arch)
     if layout == "padded":
         batch = padded_batch(views, tok.pad_token_id, views_per_chunk=4)

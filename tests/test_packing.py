@@ -94,27 +94,50 @@ def test_chunked_padding_equals_one_padded_batch(minilm_dir):
 
 
 def test_cuda_kernel_override_is_validated(minilm_dir, monkeypatch):
-    """MIRRORFAST_PACKED_ATTENTION picks FlashAttention or the gathered-SDPA path on CUDA; anything else is
-    one clear error as packed attention is switched on (before any work). The CPU always gathers, so here
-    "sdpa" gives exactly the default's embeddings."""
+    """MIRRORFAST_PACKED_ATTENTION picks FlashAttention, the gathered-SDPA path or the one-tile Triton kernel;
+    anything else is one clear error as packed attention is switched on (before any work). The CPU gathers
+    (or runs the Triton kernel under the interpreter, as here), and every path gives the same embeddings."""
     from mirrorfast.errors import MirrorfastError
-    from mirrorfast.packing import ATTENTION_ENV, cuda_kernel, uses_flash
+    from mirrorfast.packing import ATTENTION_ENV, cuda_kernel, packed_kernel
 
     tok, model, encoder, views = tiny_setup(minilm_dir, "cls", seed=2)
     with packed_attention(model):
         default = encoder.embed_batch(packed_batch(views))
-    for value, kernel in (("", "flash"), ("flash", "flash"), (" SDPA ", "sdpa")):
+    cpu = torch.device("cpu")
+    for value, kernel, on_cpu in (("", "flash", "sdpa"), ("flash", "flash", "sdpa"), (" SDPA ", "sdpa", "sdpa"),
+                                  ("triton", "triton", "triton")):
         monkeypatch.setenv(ATTENTION_ENV, value)
         assert cuda_kernel() == kernel
-        assert not uses_flash(torch.zeros(1, 3, dtype=torch.long))  # CPU tensors never take FlashAttention
-    with packed_attention(model):
-        torch.testing.assert_close(encoder.embed_batch(packed_batch(views)), default, rtol=0, atol=0)
+        assert packed_kernel(cpu, 20) == on_cpu  # TRITON_INTERPRET=1 here (conftest)
+        with packed_attention(model):  # the same computation exactly, or (Triton kernel) up to rounding
+            exact = 0 if on_cpu == "sdpa" else 1e-7
+            torch.testing.assert_close(encoder.embed_batch(packed_batch(views)), default, rtol=exact, atol=exact)
+    assert packed_kernel(cpu, 200) == "sdpa"  # views over the Triton kernel's tile fall back
     monkeypatch.setenv(ATTENTION_ENV, "xformers")
     with pytest.raises(MirrorfastError, match="MIRRORFAST_PACKED_ATTENTION must be one of"):
         with packed_attention(model):
             pass
     assert model.config._attn_implementation != "mirrorfast_packed"  # nothing was switched
 
+
+def test_triton_packed_attention_in_the_model(minilm_dir, monkeypatch):
+    """The one-tile Triton kernel inside a real (float32, dropout-free) BERT: packed equals padded, forward and
+    gradients (the Triton interpreter here; compiled on a GPU)."""
+    pytest.importorskip("triton")
+    from mirrorfast.packing import ATTENTION_ENV
+
+    monkeypatch.setenv(ATTENTION_ENV, "triton")
+    tok, model, encoder, views = tiny_setup(minilm_dir, "mean", seed=3)
+    model.float()
+    padded = encoder.embed_batch(padded_batch(views, tok.pad_token_id))
+    grad_padded = torch.autograd.grad(padded.square().sum(), list(model.parameters()), allow_unused=True)
+    with packed_attention(model):
+        packed = encoder.embed_batch(packed_batch(views, tok.pad_token_id, bucket=64, pad_segment_max=16))
+        grad_packed = torch.autograd.grad(packed.square().sum(), list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    for gp, gq in zip(grad_padded, grad_packed):
+        if gp is not None:
+            torch.testing.assert_close(gq, gp, rtol=1e-4, atol=1e-5)
 
 def test_bucketed_max_len_takes_few_values(minilm_dir):
     """With bucketing (CUDA graphs) max_len is static per shape: at least the padding-segment cap, rounded

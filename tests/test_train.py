@@ -217,7 +217,7 @@ def test_auto_packs_only_where_flash_attention_runs(tiny_bert_dir, corpus, monke
         monkeypatch.setattr(packing, "flash_supported", lambda device, s=supported: s)
         assert use_packing(auto, encoder, cuda, torch.float16) is supported
         assert use_packing(packed, encoder, cuda, torch.float16)
-        assert packing.cuda_path(cuda) == ("flash" if supported else "sdpa")
+        assert packing.packed_kernel(cuda, 50) == ("flash" if supported else "sdpa")
 
 
 def test_cuda_graphs_on_wherever_they_apply(tiny_bert_dir, corpus, tmp_path):

@@ -1,0 +1,195 @@
+"""Attention over packed short views in one tile each: kernels, launch helpers, autograd.Function and
+`packed_attention_triton`.
+
+Why: Mirror-BERT's views are short (the paper's sentences average 14 tokens, at most max_length 50), and
+FlashAttention's variable-length kernels work in 128-token tiles: on an H200 they spent 555 µs per BERT-base
+layer (forward + backward) on such views (benchmarks/RESULTS.md). Here one program owns one (view, head)
+and holds the whole view in a single BLOCK_L x BLOCK_L tile (BLOCK_L = max_len rounded up to a power of two,
+at most 128): logits, softmax, dropout and the output in registers, nothing written but the output.
+
+Definition, per view v (tokens cu_seqlens[v] .. cu_seqlens[v+1]) and head h:
+    P = softmax(Q K^T * scale) over the view's own keys;  O = dropout(P) V
+dropout(P) = P * keep / (1 - p) with keep ~ Bernoulli(1 - p), drawn with Philox from a seed held in a
+device tensor (drawn by torch per forward: new masks on every CUDA-graph replay) and the element's
+(view, head, row, column) index, so the backward redraws the same mask instead of storing it.
+
+Backward (recomputes P and the mask; no logsumexp saved): dPd = dO V^T, dP = dPd * keep / (1 - p),
+dS = P (dP - rowsum(P dP)), dQ = dS K * scale, dK = dS^T Q * scale, dV = dropout(P)^T dO. Every gradient row
+belongs to one view and is written by exactly one program: no atomics, bit-identical reruns. No host
+synchronization (CUDA-graph capturable); max_len is a host int given by the caller.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["packed_attention_triton", "PackedAttentionFunction", "MAX_VIEW_TOKENS"]
+
+MAX_VIEW_TOKENS = 128  # one register tile per (view, head): longer views go to FlashAttention
+
+
+@triton.jit
+def _dot(x, y, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    # fp32-accumulated x @ y. UPCAST under TRITON_INTERPRET=1 only (its 16-bit dot is not faithful); IEEE for
+    # fp32 inputs (exact products, as the reference).
+    if UPCAST or IEEE:
+        return tl.dot(x.to(tl.float32), y.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(x, y)
+
+
+@triton.jit
+def _view_tiles(q_ptr, k_ptr, v_ptr, cu_ptr, stride_t, stride_h, head, view, D,
+                BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    # This view's rows of Q, K, V for one head: (BLOCK_L, BLOCK_D) each, zeros past the view and past D.
+    start = tl.load(cu_ptr + view)
+    n = tl.load(cu_ptr + view + 1) - start
+    offs_l = tl.arange(0, BLOCK_L)  # (BLOCK_L,)
+    offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    row_ok = offs_l < n
+    mask = row_ok[:, None] & (offs_d < D)[None, :]
+    offsets = (start + offs_l).to(tl.int64)[:, None] * stride_t + head * stride_h + offs_d[None, :]
+    q = tl.load(q_ptr + offsets, mask=mask, other=0.0)
+    k = tl.load(k_ptr + offsets, mask=mask, other=0.0)
+    v = tl.load(v_ptr + offsets, mask=mask, other=0.0)
+    return q, k, v, offsets, mask, row_ok
+
+
+@triton.jit
+def _probabilities(q, k, row_ok, scale, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    # Softmax over the view's keys, (BLOCK_L, BLOCK_L) fp32; rows past the view are never stored.
+    s = _dot(q, tl.trans(k), UPCAST, IEEE) * scale
+    s = tl.where(row_ok[None, :], s, float("-inf"))  # keys past the view
+    s = s - tl.max(s, axis=1)[:, None]
+    p = tl.exp(s)
+    return p / tl.sum(p, axis=1)[:, None]
+
+
+@triton.jit
+def _keep(seed_ptr, view, head, H, BLOCK_L: tl.constexpr):
+    # Dropout's keep draws, (BLOCK_L, BLOCK_L) uniform [0, 1), one Philox stream element per
+    # (view, head, row, column): the forward and the backward draw the same numbers.
+    offs_l = tl.arange(0, BLOCK_L)
+    base = (view * H + head) * (BLOCK_L * BLOCK_L)
+    return tl.rand(tl.load(seed_ptr), base + offs_l[:, None] * BLOCK_L + offs_l[None, :])
+
+
+@triton.jit
+def _packed_attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr,  # (T, H, D), same strides, unit stride along D
+    o_ptr,  # (T, H, D) out, same strides as q
+    cu_ptr,  # (S + 1,) int32 view boundaries
+    seed_ptr,  # (1,) int64 Philox seed (read only if DROPOUT)
+    stride_t, stride_h, H, D,
+    scale, p_drop,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    view, head = tl.program_id(0), tl.program_id(1)
+    q, k, v, offsets, mask, row_ok = _view_tiles(q_ptr, k_ptr, v_ptr, cu_ptr, stride_t, stride_h, head, view, D,
+                                                 BLOCK_L, BLOCK_D)
+    p = _probabilities(q, k, row_ok, scale, UPCAST, IEEE)  # (BLOCK_L, BLOCK_L)
+    if DROPOUT:
+        p = tl.where(_keep(seed_ptr, view, head, H, BLOCK_L) >= p_drop, p / (1.0 - p_drop), 0.0)
+    o = _dot(p.to(v.dtype), v, UPCAST, IEEE)  # (BLOCK_L, BLOCK_D)
+    tl.store(o_ptr + offsets, o.to(q.dtype), mask=mask)
+
+
+@triton.jit
+def _packed_attention_bwd_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr,  # (T, H, D), same strides
+    dq_ptr, dk_ptr, dv_ptr,  # (T, H, D) out, same strides
+    cu_ptr, seed_ptr,
+    stride_t, stride_h, H, D,
+    scale, p_drop,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    view, head = tl.program_id(0), tl.program_id(1)
+    q, k, v, offsets, mask, row_ok = _view_tiles(q_ptr, k_ptr, v_ptr, cu_ptr, stride_t, stride_h, head, view, D,
+                                                 BLOCK_L, BLOCK_D)
+    do = tl.load(do_ptr + offsets, mask=mask, other=0.0)  # (BLOCK_L, BLOCK_D), zero rows past the view
+    p = _probabilities(q, k, row_ok, scale, UPCAST, IEEE)  # (BLOCK_L, BLOCK_L)
+    dp = _dot(do, tl.trans(v), UPCAST, IEEE)  # d(dropped P), (BLOCK_L, BLOCK_L)
+    if DROPOUT:
+        keep = _keep(seed_ptr, view, head, H, BLOCK_L) >= p_drop
+        pd = tl.where(keep, p / (1.0 - p_drop), 0.0)
+        dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
+    else:
+        pd = p
+    ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])  # softmax backward, (BLOCK_L, BLOCK_L)
+    dq = _dot(ds.to(k.dtype), k, UPCAST, IEEE) * scale
+    dk = _dot(tl.trans(ds).to(q.dtype), q, UPCAST, IEEE) * scale
+    dv = _dot(tl.trans(pd).to(do.dtype), do, UPCAST, IEEE)
+    tl.store(dq_ptr + offsets, dq.to(q.dtype), mask=mask)
+    tl.store(dk_ptr + offsets, dk.to(q.dtype), mask=mask)
+    tl.store(dv_ptr + offsets, dv.to(q.dtype), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch helpers and autograd
+# ----------------------------------------------------------------------------------------------------
+
+
+def _blocks(max_len: int, head_dim: int) -> tuple[int, int]:
+    # tl.dot needs every dimension >= 16.
+    return max(16, triton.next_power_of_2(max_len)), max(16, triton.next_power_of_2(head_dim))
+
+
+def _launch_args(q: torch.Tensor, max_len: int, dropout_p: float):
+    block_l, block_d = _blocks(max_len, q.shape[2])
+    flags = dict(BLOCK_L=block_l, BLOCK_D=block_d, DROPOUT=dropout_p > 0,
+                 UPCAST=q.device.type == "cpu" and q.dtype != torch.float32, IEEE=q.dtype == torch.float32,
+                 num_warps=4 if block_l <= 64 else 8)
+    return flags
+
+
+class PackedAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_len: int, dropout_p: float, scale: float):
+        n_views, heads = cu_seqlens.shape[0] - 1, q.shape[1]
+        # A fresh seed per call from torch's generator (on CUDA also inside a captured graph: each replay
+        # draws anew); only read when dropout is on.
+        seed = (torch.randint(0, 2**31 - 1, (1,), device=q.device, dtype=torch.int64) if dropout_p > 0
+                else torch.zeros(1, device=q.device, dtype=torch.int64))
+        out = torch.empty_like(q)
+        flags = _launch_args(q, max_len, dropout_p)
+        _packed_attention_fwd_kernel[(n_views, heads)](
+            q, k, v, out, cu_seqlens, seed, q.stride(0), q.stride(1), heads, q.shape[2],
+            float(scale), float(dropout_p), **flags,
+        )
+        ctx.save_for_backward(q, k, v, cu_seqlens, seed)
+        ctx.max_len, ctx.dropout_p, ctx.scale = max_len, dropout_p, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, cu_seqlens, seed = ctx.saved_tensors
+        grad_out = grad_out.to(q.dtype).contiguous()  # the kernels read it with q's (contiguous) strides
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
+        n_views, heads = cu_seqlens.shape[0] - 1, q.shape[1]
+        flags = _launch_args(q, ctx.max_len, ctx.dropout_p)
+        _packed_attention_bwd_kernel[(n_views, heads)](
+            q, k, v, grad_out, dq, dk, dv, cu_seqlens, seed, q.stride(0), q.stride(1), heads, q.shape[2],
+            float(ctx.scale), float(ctx.dropout_p), **flags,
+        )
+        return dq, dk, dv, None, None, None, None
+
+
+def packed_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                            max_len: int, dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor:
+    """q, k, v: (T, H, D) of the packed views (fp16/bf16/fp32); cu_seqlens: (S + 1,) int32 view boundaries;
+    max_len: a host int >= the longest view, at most MAX_VIEW_TOKENS. Returns (T, H, D) in q's dtype."""
+    if not 1 <= max_len <= MAX_VIEW_TOKENS:
+        raise ValueError(f"packed_attention_triton: max_len must be 1..{MAX_VIEW_TOKENS}, got {max_len}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"packed_attention_triton: dropout_p must be in [0, 1), got {dropout_p}")
+    if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"packed_attention_triton: q, k, v must be (T, H, D) alike, got {q.shape}, {k.shape}, {v.shape}")
+    # One layout for all (inputs, output, gradients): contiguous (T, H, D). Attention functions of Hugging Face
+    # models hand over views that are contiguous in this order already (no copy then).
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if (cu_seqlens.shape[0] - 1) * q.shape[1] * triton.next_power_of_2(max(max_len, 16)) ** 2 >= 2**31:
+        raise ValueError("packed_attention_triton: too many views x heads for 32-bit dropout offsets")
+    scale = q.shape[2] ** -0.5 if scale is None else scale
+    return PackedAttentionFunction.apply(q, k, v, cu_seqlens.to(torch.int32), int(max_len), float(dropout_p), float(scale))

@@ -1,0 +1,124 @@
+"""mirrorfast.kernels.packed_attention_triton (attention over packed short views, one tile per view and head)
+against an independent float64 definition; dropout checked through its own mask.
+
+Without a GPU the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py)."""
+
+import math
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+from mirrorfast.kernels.packed_attention_triton import packed_attention_triton  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def _views(lengths, heads, dim, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, heads, dim, generator=g).to(DEVICE, dtype) for _ in range(3))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    return q, k, v, cu
+
+
+def _definition(q, k, v, cu, scale, keep=None, p=0.0):
+    """float64, view by view: softmax(q k^T scale) (dropped and rescaled where keep is given) v."""
+    out = []
+    for s in range(cu.shape[0] - 1):
+        a, b = int(cu[s]), int(cu[s + 1])
+        qs, ks, vs = (t[a:b].double().transpose(0, 1) for t in (q, k, v))  # (H, n, D)
+        probs = torch.softmax(qs @ ks.transpose(1, 2) * scale, dim=-1)
+        if keep is not None:
+            probs = probs * keep[s][:, : b - a, : b - a].double() / (1 - p)
+        out.append((probs @ vs).transpose(0, 1))
+    return torch.cat(out)
+
+
+def _grads(fn, inputs, grad_out):
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+    return out.detach(), grads
+
+
+def _rel(x, ref):
+    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("lengths,dim,dtype", [
+    ([1, 5, 17, 3], 64, torch.float32),
+    ([7, 1, 30, 12, 2], 24, torch.bfloat16),  # ragged head dim (24 -> a 32-wide tile), one-token views
+    ([50, 33, 14], 64, torch.float16),
+    ([64, 9], 16, torch.float32),  # a view exactly filling its tile
+    ([100, 3], 32, torch.float32),  # 128-token tiles
+])
+def test_matches_definition_without_dropout(lengths, dim, dtype):
+    heads = 3
+    q, k, v, cu = _views(lengths, heads, dim, dtype, seed=sum(lengths) + dim)
+    scale = 1 / math.sqrt(dim)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    out, grads = _grads(lambda a, b, c: packed_attention_triton(a, b, c, cu, max(lengths)), (q, k, v), grad_out)
+    ref, ref_grads = _grads(lambda a, b, c: _definition(a, b, c, cu, scale), (q.double(), k.double(), v.double()),
+                            grad_out)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert _rel(out, ref) <= TOL[dtype]
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == dtype and _rel(got, want) <= TOL[dtype] * 2
+
+
+def _keep_mask(cu, heads, max_len, p, seed):
+    """The kernel's own keep mask, read back through attention with uniform weights over one-hot values:
+    q = k = 0 gives P = 1/n, and v = I makes O[i, j] = keep_ij / ((1 - p) n)."""
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    dim = max(16, max_len)
+    q = torch.zeros(int(cu[-1]), heads, dim, device=DEVICE)
+    v = torch.cat([torch.eye(n, dim, device=DEVICE)[:, None, :].expand(n, heads, dim) for n in lengths])
+    torch.manual_seed(seed)
+    out = packed_attention_triton(q, q, v, cu, max_len, p)
+    keep = []
+    for s, n in enumerate(lengths):
+        a = int(cu[s])
+        block = out[a : a + n, :, :n].transpose(0, 1) * (1 - p) * n  # (H, n, n): 1 kept, 0 dropped
+        assert torch.allclose(block, block.round(), atol=1e-4)
+        keep.append(block.round())
+    return keep
+
+
+def test_dropout_matches_definition_with_its_mask():
+    """Forward and backward use one mask: the definition with that mask gives the same output and gradients."""
+    lengths, heads, dim, p, seed = [9, 1, 20, 6], 2, 32, 0.3, 1234
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    keep = _keep_mask(cu, heads, max(lengths), p, seed)
+    kept = torch.cat([m.flatten() for m in keep])
+    assert 0.5 < kept.mean().item() < 0.9  # about 1 - p of the entries kept
+    q, k, v, _ = _views(lengths, heads, dim, torch.float32, seed=5)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+
+    def dropped(a, b, c):
+        torch.manual_seed(seed)  # the same seed draw as when the mask was read
+        return packed_attention_triton(a, b, c, cu, max(lengths), p)
+
+    out, grads = _grads(dropped, (q, k, v), grad_out)
+    ref, ref_grads = _grads(lambda a, b, c: _definition(a, b, c, cu, dim ** -0.5, keep, p),
+                            (q.double(), k.double(), v.double()), grad_out)
+    assert _rel(out, ref) <= 1e-5
+    for got, want in zip(grads, ref_grads):
+        assert _rel(got, want) <= 1e-5
+    torch.manual_seed(seed + 1)  # another draw, another mask
+    assert not torch.equal(packed_attention_triton(q, k, v, cu, max(lengths), p), out)
+
+
+def test_deterministic_and_validated():
+    q, k, v, cu = _views([4, 11, 2], 2, 16, torch.float32, seed=3)
+    grad_out = torch.randn(q.shape).to(DEVICE)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        runs.append(_grads(lambda a, b, c: packed_attention_triton(a, b, c, cu, 11, 0.1), (q, k, v), grad_out))
+    assert torch.equal(runs[0][0], runs[1][0]) and all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    with pytest.raises(ValueError, match="max_len must be 1..128"):
+        packed_attention_triton(q, k, v, cu, 129)
+    with pytest.raises(ValueError, match="dropout_p"):
+        packed_attention_triton(q, k, v, cu, 11, 1.0)
