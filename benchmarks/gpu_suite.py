@@ -306,10 +306,10 @@ def _subset_corpus(source: Path, n: int | None, dest: Path) -> Path:
     return dest
 
 
-def _minilm_source(args) -> Path:
+def _minilm_source(given: str | None = None) -> Path:
     """--minilm, else the packaged all-MiniLM-L6-v2, else the fp16 copy that --prepare-carry left in .gpu."""
-    if args.minilm:
-        return Path(args.minilm)
+    if given:
+        return Path(given)
     try:
         from mirrorfast.model import default_model_path
 
@@ -363,7 +363,7 @@ def model_label(key: str, tiny: bool) -> str:
 def _prepare_model(suite: Suite, key: str) -> ModelSpec:
     args, work = suite.args, suite.workdir
     corpus = _data_file(args.corpus, CORPUS_NAME)
-    source = _minilm_source(args)  # BERT-base borrows its tokenizer (the same uncased BERT vocab)
+    source = _minilm_source(args.minilm)  # BERT-base borrows its tokenizer (the same uncased BERT vocab)
     if key == "bert":
         n = args.sentences or (48 if args.tiny else 4000 if args.quick else None)
         bert = _random_bert_dir(work, args.tiny, source)
@@ -794,7 +794,7 @@ def prepare_carry(args) -> int:
         if src.resolve() != target.resolve():
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, target)
-    source = _minilm_source(args)
+    source = _minilm_source(args.minilm)
     out = dest / "minilm-fp16"
     AutoModel.from_pretrained(source, dtype=torch.float16).save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(source).save_pretrained(out)

@@ -20,7 +20,6 @@ Without CUDA it prints that it needs one and exits 0. Exit code 1 if a check fai
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -119,6 +118,7 @@ def fwd_bwd(loss_fn, a, b, grad=None):
 def run_checks(quick: bool) -> bool:
     import torch
 
+    from mirrorfast.graphs import capture, on_side_stream
     from mirrorfast.kernels import info_nce, info_nce_reference
 
     ok = True
@@ -212,14 +212,8 @@ def run_checks(quick: bool) -> bool:
             loss = info_nce(a, b, 0.04, "mean", backend="triton")
             return (loss, *torch.autograd.grad(loss, (a, b)))
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            eager = step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static = step()
+        eager = on_side_stream(step)  # the trainer's warm-up and capture (mirrorfast.graphs)
+        graph, static = capture(step)
         graph.replay()
         torch.cuda.synchronize()
         report(all(torch.equal(e, s) for e, s in zip(eager, static)), "CUDA graph capture + replay == eager")
@@ -376,7 +370,7 @@ def run_sweep(n: int, d: int, dtype_name: str) -> None:
             print(f"  fwd {tag(f, p)}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
     norm, lse2, loss = _forward(a, b, temperature, default)
     for bc, p in ((bc, p) for bc in bwd_list for p in precisions):
-        cfg = dataclasses.replace(KernelConfig(*base_f, *bc), fp32_dot=p)
+        cfg = KernelConfig(*base_f, *bc, fp32_dot=p)
         try:
             da, db = _backward(a, b, norm, lse2, grad, temperature, "mean", cfg)
             err = max(rel_err(da, ref_ga), rel_err(db, ref_gb))

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     from mirrorfast.trainer import train
 
     work = Path(tempfile.mkdtemp(prefix="mirrorfast-profile-"))
-    model = gpu_suite._random_bert_dir(work, args.tiny, gpu_suite._minilm_source(argparse.Namespace(minilm=None)))
+    model = gpu_suite._random_bert_dir(work, args.tiny, gpu_suite._minilm_source())
     n = args.sentences or (48 if args.tiny else None)
     corpus = gpu_suite._subset_corpus(gpu_suite._data_file(args.corpus, gpu_suite.CORPUS_NAME), n, work / "corpus.txt")
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())

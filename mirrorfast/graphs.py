@@ -22,6 +22,26 @@ from mirrorfast.data import Batch
 from mirrorfast.errors import MirrorfastError, first_line
 
 
+def on_side_stream(fn: Callable, *args):
+    """fn(*args) on a side stream, the current stream waiting for it: PyTorch's warm-up recipe, so that lazy
+    initialization (Triton JIT, cuBLAS workspaces, optimizer state) never happens inside a capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = fn(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    return out
+
+
+def capture(fn: Callable, *args) -> tuple[torch.cuda.CUDAGraph, object]:
+    """Record fn(*args) into a CUDA graph (nothing runs); returns the graph and fn's (static) outputs.
+    thread_local: another thread of the process (the trainer's tokenizing one) may run meanwhile."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        out = fn(*args)
+    return graph, out
+
+
 class GraphedStep:
     """Calls `step(batch) -> loss` eagerly the first time a shape comes, then captures it and replays it.
 
@@ -36,7 +56,7 @@ class GraphedStep:
         self.log = log
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Batch, torch.Tensor]] = {}
         self.seen: set[tuple] = set()  # shapes that ran eagerly once
-        self.full = False  # max_graphs reached (logged once)
+        self.said_full = False
 
     @staticmethod
     def shape_key(batch: Batch) -> tuple:
@@ -46,13 +66,14 @@ class GraphedStep:
         key = self.shape_key(batch)
         captured = self.graphs.get(key)
         if captured is None:
-            if key in self.seen and len(self.graphs) >= self.max_graphs and not self.full:
-                self.full = True
-                self.log(f"cuda graphs: {self.max_graphs} batch shapes captured; further shapes run eagerly")
-            if key not in self.seen or self.full:
+            if key in self.seen and len(self.graphs) < self.max_graphs:
+                captured = self.graphs[key] = self._capture(batch)
+            else:
+                if key in self.seen and not self.said_full:
+                    self.said_full = True
+                    self.log(f"cuda graphs: {self.max_graphs} batch shapes captured; further shapes run eagerly")
                 self.seen.add(key)
                 return self._eager_on_side_stream(batch)
-            captured = self.graphs[key] = self._capture(batch)
         graph, static_batch, static_loss = captured
         for static, new in zip(static_batch.tensors(), batch.tensors()):
             static.copy_(new, non_blocking=True)
@@ -60,21 +81,12 @@ class GraphedStep:
         return static_loss  # read (asynchronously) before the next replay of this graph overwrites it
 
     def _eager_on_side_stream(self, batch: Batch) -> torch.Tensor:
-        # PyTorch's recipe: warm up on a side stream so no lazy initialization happens inside a capture.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            loss = self.step(batch)
-        torch.cuda.current_stream().wait_stream(side)
-        return loss
+        return on_side_stream(self.step, batch)
 
     def _capture(self, batch: Batch):
         static_batch = batch.with_tensors(torch.clone)
-        graph = torch.cuda.CUDAGraph()
         try:
-            # thread_local: the trainer's background thread (tokenizing the next epoch) may run meanwhile.
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                static_loss = self.step(static_batch)
+            graph, static_loss = capture(self.step, static_batch)
         except RuntimeError as exc:  # e.g. an operation that synchronizes with the host inside the step
             raise MirrorfastError(f"--cuda-graphs: capturing the training step failed ({first_line(exc)}); "
                                   "train with --no-cuda-graphs") from exc

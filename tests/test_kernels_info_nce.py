@@ -219,7 +219,11 @@ def test_backward_chunks_out_of_range():
 def test_triton_fp32_tf32x3_dots():
     """fp32 inputs through three-tf32 dots still meet the fp32 tolerance (1e-4). The interpreter computes
     every dot in fp32, so here this checks the plumbing; compiled on a GPU it checks the precision."""
+    from mirrorfast.kernels.infonce_triton import _dot_precision
+
     config = KernelConfig(16, 16, 16, 4, 2, False, 16, 16, 16, 16, 4, 2, 2, fp32_dot="tf32x3")
+    assert _dot_precision(torch.float32, config) == "tf32x3"  # what both kernels are launched with
+    assert _dot_precision(torch.bfloat16, config) == "tf32"  # (ignored by 16-bit dots)
     check_against_definition("triton", 19, 37, torch.float32, "mean", seed=660, config=config)
 
 
@@ -370,14 +374,10 @@ def test_cuda_graph_capture():  # pragma: no cover - GPU only
         loss = info_nce(a, b, 0.05, "mean", backend="triton")
         return (loss, *torch.autograd.grad(loss, (a, b)))
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        eager = step()  # compiles the kernels outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = step()
+    from mirrorfast.graphs import capture, on_side_stream
+
+    eager = on_side_stream(step)  # compiles the kernels outside the capture
+    graph, static = capture(step)
     graph.replay()
     torch.cuda.synchronize()
     for e, s in zip(eager, static):
