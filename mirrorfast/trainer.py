@@ -91,7 +91,8 @@ def autocast_dtype(precision: str, device: torch.device, log: Callable[[str], No
     return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
-def use_packing(cfg: TrainConfig, encoder: Encoder, device: torch.device, dtype: torch.dtype | None) -> bool:
+def use_packing(cfg: TrainConfig, encoder: Encoder, device: torch.device, dtype: torch.dtype | None,
+                log: Callable[[str], None] = lambda message: None) -> bool:
     """`auto` packs where FlashAttention runs: CUDA, fp16/bf16, an sm80+ GPU, a supported architecture
     (explicit `packed` also runs elsewhere, through the gathered-SDPA path). DropHead draws one mask per
     sequence, and a packed batch is one sequence of all views: it trains padded."""
@@ -105,8 +106,13 @@ def use_packing(cfg: TrainConfig, encoder: Encoder, device: torch.device, dtype:
         if cfg.drophead > 0:
             raise MirrorfastError("--drophead needs padded batches (one mask per view): use --attention auto or padded")
         return True
-    return (device.type == "cuda" and dtype is not None and cfg.drophead == 0 and supports_packing(encoder.model)
-            and flash_supported(device))
+    if not (device.type == "cuda" and dtype is not None and cfg.drophead == 0 and supports_packing(encoder.model)):
+        return False
+    if not flash_supported(device):
+        log("attention: padded batches: FlashAttention needs an Ampere or newer GPU (sm80+); "
+            "--attention packed runs unpadded through PyTorch SDPA instead")
+        return False
+    return True
 
 
 def use_cuda_graphs(cfg: TrainConfig, device: torch.device, dtype: torch.dtype | None, packed: bool) -> bool:
@@ -235,10 +241,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     if batch_size < cfg.batch_size:
         log(f"batch: the corpus has {len(corpus)} strings, fewer than --batch-size {cfg.batch_size}; "
             f"training with batches of {batch_size}")
-    packed = use_packing(cfg, encoder, device, dtype)
-    if cfg.attention == "auto" and device.type == "cuda" and dtype is not None and not flash_supported(device):
-        log("attention: padded batches: FlashAttention needs an Ampere or newer GPU (sm80+); "
-            "--attention packed runs unpadded through PyTorch SDPA instead")
+    packed = use_packing(cfg, encoder, device, dtype, log)
     graphs = use_cuda_graphs(cfg, device, dtype, packed)
     loss_backend = resolve_backend("auto", device)
     kernel = packed_kernel(device, cfg.max_length) if packed and device.type == "cuda" else None

@@ -215,7 +215,9 @@ def test_auto_packs_only_where_flash_attention_runs(tiny_bert_dir, corpus, monke
     for supported in (False, True):
         monkeypatch.setattr(trainer, "flash_supported", lambda device, s=supported: s)
         monkeypatch.setattr(packing, "flash_supported", lambda device, s=supported: s)
-        assert use_packing(auto, encoder, cuda, torch.float16) is supported
+        logs = []
+        assert use_packing(auto, encoder, cuda, torch.float16, logs.append) is supported
+        assert ("FlashAttention needs an Ampere" in "".join(logs)) is not supported  # said once, only when it matters
         assert use_packing(packed, encoder, cuda, torch.float16)
         assert packing.packed_kernel(cuda, 50) == ("flash" if supported else "sdpa")
 
