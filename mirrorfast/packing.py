@@ -35,17 +35,17 @@ def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     cu_seqlens = kwargs["cu_seq_lens_q"]  # (B + 1,) int32
     max_len = kwargs["max_length_q"]  # host int
     kernel = kwargs["packed_kernel"]  # decided once per forward by packed_hidden
-    if kernel == "flash":  # CUDA, half precision
+    if kernel in ("flash", "triton"):  # both take the packed (T, heads, d) layout and cu_seqlens
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, d)
-        out = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, dropout, False, False, scale=scaling
-        )[0]
-        return out.unsqueeze(0), None
-    if kernel == "triton":
-        from mirrorfast.kernels.packed_attention_triton import packed_attention_triton
+        if kernel == "flash":  # CUDA, half precision
+            out = torch.ops.aten._flash_attention_forward(
+                q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, dropout, False, False, scale=scaling
+            )[0]
+        else:
+            from mirrorfast.kernels.packed_attention_triton import packed_attention_triton
 
-        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, d)
-        return packed_attention_triton(q, k, v, cu_seqlens, max_len, dropout, scaling).unsqueeze(0), None
+            out = packed_attention_triton(q, k, v, cu_seqlens, max_len, dropout, scaling)
+        return out.unsqueeze(0), None
     # Elsewhere (the CPU, or CUDA with MIRRORFAST_PACKED_ATTENTION=sdpa): gather the S views into a padded
     # (S, heads, max_len, d) batch, attend with a key-padding mask, and gather the real tokens back (index
     # from `padded_index`, once per forward).
