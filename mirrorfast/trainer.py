@@ -189,12 +189,23 @@ class LossMonitor:
 
 
 # -------------------------------------------------------------------------------------------- step
+def loss_dtype(views: torch.Tensor) -> torch.Tensor:
+    """Under autocast, the views in the autocast dtype: autocast runs the reference loss's z @ z.T in it,
+    and the fused kernel's half-precision path (tensor cores, fp32 accumulation, fp32 loss) is the fast one.
+    The last LayerNorm hands the [CLS] rows over in fp32, which would take the kernel's exact-fp32 path
+    (1.6 ms of a 23 ms BERT-base step on an H200, benchmarks/RESULTS.md)."""
+    device_type = views.device.type
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return views.to(torch.get_autocast_dtype(device_type))
+    return views
+
+
 def training_step(encoder, batch: Batch, temperature: float, optimizer, scaler, autocast,
                   loss_backend: str = "auto") -> torch.Tensor:
     """One Mirror-BERT step on 2N views (rows i and N+i are the two views of string i)."""
     n = batch.views // 2
     with autocast:
-        views = encoder.embed_batch(batch)  # (2N, H)
+        views = loss_dtype(encoder.embed_batch(batch))  # (2N, H)
         loss = info_nce(views[:n], views[n:], temperature, backend=loss_backend)
     scaler.scale(loss).backward()
     scaler.step(optimizer)  # fused AdamW takes the scaler's inf check on the device: no sync

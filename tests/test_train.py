@@ -113,6 +113,37 @@ def test_drophead_zeroes_whole_heads(tiny_bert_dir):
     assert not (captured[-1].view(2, -1, 4, 8) == 0).all(dim=(1, 3)).any()
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_the_loss_reads_the_views_in_the_autocast_dtype(tiny_bert_dir, precision):
+    """Under autocast the step hands InfoNCE the views in the autocast dtype (the kernel's tensor-core path,
+    as autocast runs the reference's z @ z.T); without autocast, in fp32."""
+    from mirrorfast.data import TokenizedTexts, padded_batch
+    from mirrorfast.kernels import info_nce_reference
+    from mirrorfast.model import load_encoder
+    from mirrorfast.trainer import training_step
+
+    encoder = load_encoder(tiny_bert_dir, dropout=0.0).eval()  # no dropout: the same views twice
+    rows = np.arange(6)
+    first = TokenizedTexts.build(encoder.tokenizer, SENTENCES[:6], 24)
+    second = TokenizedTexts.build(encoder.tokenizer, [s.replace("a", "[MASK]") for s in SENTENCES[:6]], 24)
+    batch = padded_batch([(first, rows), (second, rows)], encoder.tokenizer.pad_token_id)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else torch.autocast("cpu", enabled=False)
+    with torch.no_grad(), autocast:
+        views = encoder.embed_batch(batch)
+    assert views.dtype == torch.float32  # the last LayerNorm runs in fp32 under autocast too
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    expected = info_nce_reference(views[:6].to(dtype), views[6:].to(dtype), 0.04, "mean")
+    unrounded = info_nce_reference(views[:6], views[6:], 0.04, "mean")
+
+    optimizer = torch.optim.SGD(encoder.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loss = training_step(encoder, batch, 0.04, optimizer, scaler, autocast, "torch")
+    assert loss.dtype == torch.float32
+    assert loss.item() == expected.item()
+    if precision == "bf16":
+        assert loss.item() != unrounded.item(), "the bf16 rounding of the views did not reach the loss"
+
+
 def test_view_source_masks_with_the_tokenizers_mask_token(tiny_bert_dir, corpus):
     from mirrorfast.data import load_corpus
     from mirrorfast.model import load_encoder
