@@ -431,7 +431,8 @@ def sts_before(suite: Suite) -> None:
 # ============================================================================ rows
 _SDPA = {"MIRRORFAST_PACKED_ATTENTION": "sdpa"}  # packed views gathered into a padded SDPA batch on CUDA too
 _TRITON = {"MIRRORFAST_PACKED_ATTENTION": "triton"}  # one tile per (view, head): kernels/packed_attention_triton
-ROWS = {  # recipe -> (kind, precision, environment); "-eager" rows: TrainConfig(cuda_graphs=False)
+ROWS = {  # recipe -> (kind, precision, environment); "-eager" rows: TrainConfig(cuda_graphs=False); "-half" rows:
+    # TrainConfig(half_model=True) (the model in fp16/bf16 + fp32 master weights instead of autocast)
     "reference": ("reference", "fp16", {}),
     "fp16": ("mirrorfast", "fp16", {}),  # the trainer's defaults: on CUDA the step is replayed from CUDA graphs
     "bf16": ("mirrorfast", "bf16", {}),
@@ -441,12 +442,16 @@ ROWS = {  # recipe -> (kind, precision, environment); "-eager" rows: TrainConfig
     "bf16-eager-sdpa": ("mirrorfast", "bf16", _SDPA),
     "bf16-triton": ("mirrorfast", "bf16", _TRITON),
     "bf16-eager-triton": ("mirrorfast", "bf16", _TRITON),
+    "fp16-half": ("mirrorfast", "fp16", {}),
+    "bf16-half": ("mirrorfast", "bf16", {}),
     "bf16-torchloss": ("mirrorfast", "bf16", {"MIRRORFAST_KERNELS": "torch"}),  # optional: loss kernel off
 }
 DEFAULT_ROWS = ["bert:reference", "bert:fp16", "bert:bf16", "bert:fp16-eager", "bert:bf16-eager", "bert:bf16-sdpa",
-                "bert:bf16-eager-sdpa", "bert:bf16-triton", "bert:bf16-eager-triton", "minilm:reference",
-                "minilm:fp16", "minilm:bf16", "minilm:bf16-eager", "minilm:bf16-triton"]
-CUDA_ONLY = ("-eager", "-sdpa", "-triton")  # on the CPU these would repeat other rows (no graphs; the CPU gathers)
+                "bert:bf16-eager-sdpa", "bert:bf16-triton", "bert:bf16-eager-triton", "bert:fp16-half",
+                "bert:bf16-half", "minilm:reference", "minilm:fp16", "minilm:bf16", "minilm:bf16-eager",
+                "minilm:bf16-triton", "minilm:bf16-half"]
+# On the CPU these would repeat other rows (no graphs; the CPU gathers; fp16 trains in fp32 there, so no half model).
+CUDA_ONLY = ("-eager", "-sdpa", "-triton", "fp16-half")
 ALL_ROWS = [f"{m}:{r}" for m in ("bert", "minilm") for r in ROWS]
 
 
@@ -515,12 +520,11 @@ def run_reference(suite: Suite, spec: ModelSpec) -> dict:
     return row
 
 
-def _mirrorfast_config(suite: Suite, spec: ModelSpec, precision: str, epochs: int, output: Path,
-                       cuda_graphs: bool | None = None):
+def _mirrorfast_config(suite: Suite, spec: ModelSpec, precision: str, epochs: int, output: Path, options: dict):
     from mirrorfast.config import TrainConfig
 
     return TrainConfig(model=str(spec.dir), corpus=str(spec.corpus), level="sentence", precision=precision,
-                       cuda_graphs=cuda_graphs,
+                       **options,
                        device=suite.args.device, epochs=epochs, batch_size=spec.batch_size, lr=2e-5,
                        weight_decay=0.01, dropout=0.1, pooling="cls", max_length=50, dedup=False, seed=suite.args.seed,
                        output=str(output), overwrite=True, progress=False)
@@ -532,10 +536,16 @@ def _recipe_path(logs: list[str]) -> str:
     values = dict(p.split("=", 1) for p in line.split() if "=" in p)
     precision = values.get("precision", "?")
     graphs = "/cuda-graphs" if values.get("cuda_graphs") == "True" else ""
-    return f"{values.get('attention', '?')}/{values.get('loss', '?')}-loss/{precision}{graphs}"
+    half = "-model" if values.get("half_model") == "True" else ""
+    return f"{values.get('attention', '?')}/{values.get('loss', '?')}-loss/{precision}{half}{graphs}"
 
 
-def run_mirrorfast(suite: Suite, spec: ModelSpec, precision: str, cuda_graphs: bool | None = None) -> dict:
+def train_options(recipe: str) -> dict:
+    """TrainConfig fields a mirrorfast row sets beyond the suite's recipe (from its name)."""
+    return {"cuda_graphs": False if "-eager" in recipe else None, "half_model": "-half" in recipe}
+
+
+def run_mirrorfast(suite: Suite, spec: ModelSpec, precision: str, options: dict) -> dict:
     from mirrorfast.trainer import train
 
     logs: list[str] = []
@@ -544,7 +554,7 @@ def run_mirrorfast(suite: Suite, spec: ModelSpec, precision: str, cuda_graphs: b
     # model and precision in the process).
     t0 = time.perf_counter()
     result = train(_mirrorfast_config(suite, spec, precision, suite.args.epochs, suite.workdir / "unused",
-                                      cuda_graphs), log=log, save=False)
+                                      options), log=log, save=False)
     wall = time.perf_counter() - t0
     peaks = [_peak_memory(suite.device)]
     extra = {}
@@ -554,7 +564,7 @@ def run_mirrorfast(suite: Suite, spec: ModelSpec, precision: str, cuda_graphs: b
         _reset_memory(suite.device)
         out_dir = suite.workdir / f"trained-{spec.key}-{precision}"
         shutil.rmtree(out_dir, ignore_errors=True)
-        quality = train(_mirrorfast_config(suite, spec, precision, 1, out_dir, cuda_graphs), log=lambda m: None,
+        quality = train(_mirrorfast_config(suite, spec, precision, 1, out_dir, options), log=lambda m: None,
                         save=True)
         peaks.append(_peak_memory(suite.device))
         extra["quality_run_epoch_seconds"] = [round(s, 4) for s in quality.epoch_seconds]
@@ -592,7 +602,7 @@ def run_row(suite: Suite, name: str) -> dict:
     _reset_memory(suite.device)
     with _environment(env):
         row.update(run_reference(suite, spec) if kind == "reference"
-                   else run_mirrorfast(suite, spec, precision, cuda_graphs=False if "-eager" in recipe else None))
+                   else run_mirrorfast(suite, spec, precision, train_options(recipe)))
     row["status"] = "ok"
     return row
 
@@ -693,7 +703,8 @@ def render(meta: dict, rows: list[dict], checks: list[dict], args) -> str:
         lines.append("-" * len(header))
         for r in group:
             r["label"] = ("reference " if r["kind"] == "reference" else "mirrorfast ") + r["precision"] + \
-                (" torch-loss" if r["recipe"].endswith("torchloss") else "")
+                (" torch-loss" if r["recipe"].endswith("torchloss") else "") + \
+                (" half-model" if r["recipe"].endswith("-half") else "")
             if r["status"] != "ok":
                 lines.append(f"{r['label'].ljust(COLUMNS[0][1])} | FAILED: {r.get('error', '?')}")
                 continue

@@ -44,6 +44,9 @@ def _add_train(sub) -> None:
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="replay the training step from CUDA graphs (default: on wherever it applies, i.e. CUDA with "
                    "--fp16/--bf16 and packed attention; --cuda-graphs insists, --no-cuda-graphs turns it off)")
+    p.add_argument("--half-model", action="store_true",
+                   help="with --fp16/--bf16: run the model itself in half precision and step fp32 master weights "
+                   "(no casts inside the model) instead of autocast; the saved model is fp32")
     p.add_argument("--keep-duplicates", action="store_true", help="do not remove exact duplicate strings")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max-steps", type=int, help="stop after this many steps")
@@ -65,7 +68,8 @@ def _cmd_train(args) -> int:
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, dropout=args.dropout,
         drophead=args.drophead, pooling=args.pooling,
         precision="fp16" if args.fp16 else "bf16" if args.bf16 else "fp32",
-        device=args.device, attention=args.attention, cuda_graphs=args.cuda_graphs, dedup=not args.keep_duplicates, seed=args.seed,
+        device=args.device, attention=args.attention, cuda_graphs=args.cuda_graphs, half_model=args.half_model,
+        dedup=not args.keep_duplicates, seed=args.seed,
         max_steps=args.max_steps, output=args.output, overwrite=args.overwrite, progress=not args.no_progress,
     )
     train(config, log=_log)

@@ -38,6 +38,7 @@ class TrainConfig:
     device: str = "auto"
     attention: str = "auto"  # packed (unpadded varlen) on CUDA with fp16/bf16, padded elsewhere
     cuda_graphs: bool | None = None  # replay the step from CUDA graphs; None = wherever it applies (CUDA, fp16/bf16, packed)
+    half_model: bool = False  # fp16/bf16 model + fp32 master weights instead of autocast (mirrorfast.halfmodel)
     dedup: bool = True
     seed: int = 42
     max_steps: int | None = None  # stop early (smoke tests, benchmarks)
@@ -69,6 +70,7 @@ class TrainConfig:
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
             (self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}"),
             (self.attention in ATTENTION, f"--attention must be one of {ATTENTION}, got {self.attention!r}"),
+            (not self.half_model or self.precision != "fp32", "--half-model needs --fp16 or --bf16"),
             (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}"),
             (self.corpus is not None or self.pairs is not None, "give a --corpus or --pairs file"),
         ]

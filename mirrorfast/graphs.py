@@ -8,8 +8,8 @@ initialized state: Triton JIT, cuBLAS workspaces, optimizer moments); the second
 capture records without running) and replayed, and so is every later batch of that shape: copied into
 the graph's static inputs, then replayed. A shape seen once (an epoch's short last batch) is never captured.
 
-Requirements (checked by the trainer): CUDA, packed attention, fp16 or bf16 autocast, AdamW(fused=True,
-capturable=True). With fp16 the GradScaler's inf check and scale update are device ops when the optimizer
+Requirements (checked by the trainer): CUDA, packed attention, fp16 or bf16 (autocast or --half-model),
+AdamW(fused=True, capturable=True). With fp16 the GradScaler's inf check and scale update are device ops when the optimizer
 is fused (no host decision), so they are captured too. Dropout stays random: replays advance the CUDA
 generator's offset.
 """

@@ -5,6 +5,7 @@ sentence-transformers model (modules.json, 1_Pooling/) and a mirrorfast model (m
 which records the pooling and max length every consumer must use).
 """
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -92,6 +93,25 @@ def enable_drophead(model: nn.Module, p: float) -> int:
     if p > 0 and not hooked:
         raise MirrorfastError(f"--drophead is not supported for {type(model).__name__} (no BERT-style attention found)")
     return len(hooked)
+
+
+@contextlib.contextmanager
+def without_pooler(model: nn.Module):
+    """Detach the model's pooler (BERT/RoBERTa/MPNet: a dense + tanh over [CLS]) for the duration.
+
+    Our pooling reads the last hidden state, so the pooler's output is never used: in training it costs a
+    product per step and its weights get no gradient (an optimizer leaves them unchanged). Detached, its
+    weights stay out of the optimizer and of `--half-model`'s master copy, and are saved unchanged.
+    """
+    pooler = getattr(model, "pooler", None)
+    if not isinstance(pooler, nn.Module):
+        yield
+        return
+    model.pooler = None  # Hugging Face encoders skip a None pooler in forward
+    try:
+        yield
+    finally:
+        model.pooler = pooler
 
 
 class Encoder(nn.Module):

@@ -166,6 +166,9 @@ def packed_pool(hidden, cu_seqlens, segment_ids, pooling: str):
     """hidden: (T, H) -> (B, H): the first token of each view (cls) or each view's mean (mean)."""
     if pooling == "cls":
         return hidden[cu_seqlens[:-1].long()]
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(hidden.dtype)
-    sums = torch.zeros(lengths.shape[0], hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
-    return sums.index_add_(0, segment_ids, hidden) / lengths[:, None]
+    # Summed in fp32 at least (index_add_ accumulates in its output's dtype; a --half-model hidden state is
+    # fp16/bf16).
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(dtype)
+    sums = torch.zeros(lengths.shape[0], hidden.shape[1], dtype=dtype, device=hidden.device)
+    return (sums.index_add_(0, segment_ids, hidden.to(dtype)) / lengths[:, None]).to(hidden.dtype)

@@ -28,8 +28,9 @@ from mirrorfast.data import (CUDA_WIDTH_MULTIPLE, PACK_BUCKET, PAD_SEGMENT_MAX, 
                              TokenizedTexts, epoch_batches, load_corpus, load_pairs, packed_batch, padded_batch)
 from mirrorfast.errors import MirrorfastError
 from mirrorfast.graphs import GraphedStep
+from mirrorfast.halfmodel import HalfModel
 from mirrorfast.kernels import info_nce, resolve_backend
-from mirrorfast.model import MIRRORFAST_JSON, Encoder, enable_drophead, load_encoder, save_encoder
+from mirrorfast.model import MIRRORFAST_JSON, Encoder, enable_drophead, load_encoder, save_encoder, without_pooler
 from mirrorfast.output import atomic_directory, check_destination
 from mirrorfast.packing import flash_supported, packed_attention, packed_kernel, supports_packing
 
@@ -201,17 +202,39 @@ def loss_dtype(views: torch.Tensor) -> torch.Tensor:
 
 
 def training_step(encoder, batch: Batch, temperature: float, optimizer, scaler, autocast,
-                  loss_backend: str = "auto") -> torch.Tensor:
-    """One Mirror-BERT step on 2N views (rows i and N+i are the two views of string i)."""
+                  loss_backend: str = "auto", half: HalfModel | None = None) -> torch.Tensor:
+    """One Mirror-BERT step on 2N views (rows i and N+i are the two views of string i). With `half`
+    (--half-model) the optimizer steps the fp32 master weights of the half-precision model."""
     n = batch.views // 2
     with autocast:
         views = loss_dtype(encoder.embed_batch(batch))  # (2N, H)
         loss = info_nce(views[:n], views[n:], temperature, backend=loss_backend)
     scaler.scale(loss).backward()
+    if half is not None:
+        half.gather_grads()
     scaler.step(optimizer)  # fused AdamW takes the scaler's inf check on the device: no sync
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    if half is not None:
+        half.publish()
     return loss.detach()
+
+
+@contextlib.contextmanager
+def trained_parameters(model, dtype: torch.dtype | None, half_model: bool):
+    """For the duration of training: (the parameters the optimizer steps, the HalfModel or None).
+
+    The pooler is detached (its output is unused). With --half-model the model runs in `dtype` and the
+    optimizer steps its fp32 master copy; afterwards the model is fp32 again, with the master's values."""
+    with without_pooler(model):
+        if not half_model:
+            yield [p for p in model.parameters() if p.requires_grad], None
+            return
+        half = HalfModel(model, dtype)
+        try:
+            yield [half.master], half
+        finally:
+            half.release()
 
 
 def build_batches(views, rows_per_batch, packed: bool, pad_id: int, bucket: int | None,
@@ -254,25 +277,25 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
             f"training with batches of {batch_size}")
     packed = use_packing(cfg, encoder, device, dtype, log)
     graphs = use_cuda_graphs(cfg, device, dtype, packed)
+    half_model = cfg.half_model and dtype is not None
+    if cfg.half_model and not half_model:
+        log("half model: off (the CPU trains --fp16 in fp32)")
     loss_backend = resolve_backend("auto", device)
     kernel = packed_kernel(device, cfg.max_length) if packed and device.type == "cuda" else None
     attention = "padded" if not packed else "packed" if kernel in (None, "flash") else f"packed-{kernel}"
     log(f"recipe: level={cfg.level} T={cfg.temperature} mask_span={cfg.mask_span} max_length={cfg.max_length} "
         f"epochs={cfg.epochs} batch={batch_size} lr={cfg.lr} dropout={cfg.dropout} drophead={cfg.drophead} "
         f"pooling={cfg.pooling} precision={PRECISION_NAMES[dtype]} attention={attention} "
-        f"loss={loss_backend} cuda_graphs={graphs}")
+        f"loss={loss_backend} cuda_graphs={graphs} half_model={half_model}")
 
     encoder.to(device).train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    params = [p for p in encoder.parameters() if p.requires_grad]
-    # Fused AdamW: one kernel for all parameters instead of a loop of per-tensor kernels.
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True,
-                                  capturable=graphs)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     # CUDA graphs record the weight casts themselves; autocast's cast cache must not carry across captures.
+    # A --half-model model is in fp16/bf16 already: no autocast.
     autocast = (torch.autocast(device.type, dtype=dtype, cache_enabled=not graphs)
-                if dtype is not None else contextlib.nullcontext())
+                if dtype is not None and not half_model else contextlib.nullcontext())
 
     source = ViewSource(corpus, encoder.tokenizer, cfg)
     batch_rng = random.Random(cfg.seed)
@@ -287,16 +310,21 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     prepare = lambda e: build_batches(source.epoch(e), schedules[e], packed, pad_id, bucket, width_multiple,  # noqa: E731
                                       segment_max)
     upload = lambda batches: [b.to(device, non_blocking=True) for b in batches]  # noqa: E731
-    step_fn = lambda batch: training_step(  # noqa: E731
-        encoder, batch, cfg.temperature, optimizer, scaler, autocast, loss_backend)
-    run_step = GraphedStep(step_fn, log=log) if graphs else step_fn
 
     monitor = LossMonitor(device)
     epoch_seconds: list[float] = []
     tokens_seen, step = 0, 0
     bar = tqdm(total=total_steps, unit="step", disable=not cfg.progress, dynamic_ncols=True)
-    with ThreadPoolExecutor(max_workers=1) as pool, (packed_attention(encoder.model) if packed else contextlib.nullcontext()):
+    with (ThreadPoolExecutor(max_workers=1) as pool,
+          trained_parameters(encoder.model, dtype, half_model) as (params, half),
+          packed_attention(encoder.model) if packed else contextlib.nullcontext()):
         upcoming = pool.submit(prepare, 0)
+        # Fused AdamW: one kernel for all parameters instead of a loop of per-tensor kernels.
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True,
+                                      capturable=graphs)
+        step_fn = lambda batch: training_step(  # noqa: E731
+            encoder, batch, cfg.temperature, optimizer, scaler, autocast, loss_backend, half)
+        run_step = GraphedStep(step_fn, log=log) if graphs else step_fn
         first_batches = upload(upcoming.result())  # the first epoch's batches: setup, not training time
         setup_seconds = time.perf_counter() - t_setup
         t_train = time.perf_counter()
@@ -331,7 +359,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
         f"{result.tokens_per_second:,.0f} tokens/s, final loss {result.final_loss:.4f}, "
         f"peak memory {result.peak_memory_bytes / 2**20:,.0f} MiB")
     if save:
-        metadata = _metadata(cfg, corpus, encoder, device, dtype, attention, graphs, result)
+        metadata = _metadata(cfg, corpus, encoder, device, dtype, attention, graphs, half_model, result)
         with atomic_directory(out_dir) as tmp:
             save_encoder(encoder, tmp, metadata)
         log(f"saved: {out_dir} (Hugging Face + sentence-transformers + mirrorfast.json)")
@@ -350,7 +378,8 @@ def _report(new: list[tuple[int, float]], bar, cfg: TrainConfig, tokens_seen: in
         bar.set_postfix(loss=f"{new[-1][1]:.4f}", tok_s=f"{tokens_seen / elapsed:,.0f}", refresh=False)
 
 
-def _metadata(cfg, corpus, encoder, device, dtype, attention: str, graphs: bool, result: TrainResult) -> dict:
+def _metadata(cfg, corpus, encoder, device, dtype, attention: str, graphs: bool, half_model: bool,
+              result: TrainResult) -> dict:
     return {
         "mirrorfast_version": mirrorfast.__version__,
         "base_model": encoder.source,
@@ -362,6 +391,7 @@ def _metadata(cfg, corpus, encoder, device, dtype, attention: str, graphs: bool,
         "precision": PRECISION_NAMES[dtype],
         "attention": attention,
         "cuda_graphs": graphs,
+        "half_model": half_model,
         "steps": result.steps,
         "epoch_seconds": [round(s, 4) for s in result.epoch_seconds],
         "tokens_per_second": round(result.tokens_per_second, 1),

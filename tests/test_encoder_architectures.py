@@ -44,3 +44,24 @@ def test_padded_batch_equals_texts_alone(minilm_dir, name, pooling):
         alone = torch.cat([encoder(batch["input_ids"][i:i + 1, :n], batch["attention_mask"][i:i + 1, :n])
                            for i, n in enumerate(lengths)])
     torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["bert", "roberta", "xlm-roberta", "mpnet", "distilbert", "electra", "albert", "deberta-v2"])
+def test_training_without_the_pooler_changes_no_hidden_state(minilm_dir, name):
+    """Training detaches the pooler (`without_pooler`): every family still runs, with the same last hidden
+    state, and gets its pooler back afterwards."""
+    from mirrorfast.model import without_pooler
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(_config(name, tok.vocab_size, tok.pad_token_id)).eval()
+    pooler = getattr(model, "pooler", None)
+    batch = tok(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**batch).last_hidden_state
+        with without_pooler(model):
+            assert getattr(model, "pooler", None) is None
+            assert not any("pooler" in n for n, _ in model.named_parameters())
+            hidden = model(**batch).last_hidden_state
+    assert getattr(model, "pooler", None) is pooler
+    torch.testing.assert_close(hidden, expected, rtol=0, atol=0)

@@ -23,23 +23,25 @@ def test_gpu_suite_tiny_runs_and_prints_both_recipes(shared_data, minilm_dir, tm
     table = proc.stdout
     assert "FAILED" not in table, table
     # Rows are labelled by the precision they ran: on the CPU the fp16 recipe trains in fp32.
-    for label in ("reference fp32", "mirrorfast fp32", "mirrorfast bf16"):
-        assert table.count(label) == 2, f"{label!r} should appear once per model:\n{table}"
+    for label, count in (("reference fp32", 2), ("mirrorfast fp32", 2), ("mirrorfast bf16", 4),
+                         ("mirrorfast bf16 half-model", 2)):
+        assert table.count(label) == count, f"{label!r} should appear {count} times:\n{table}"
     assert "tiny BERT" in table and "all-MiniLM-L6-v2" in table, table
     assert "torch " in table and "transformers " in table, table
 
     report = json.loads(out_json.read_text())
     rows = {r["row"]: r for r in report["rows"]}
-    assert set(rows) == {f"{m}:{r}" for m in ("bert", "minilm") for r in ("reference", "fp16", "bf16")}
+    assert set(rows) == {f"{m}:{r}" for m in ("bert", "minilm") for r in ("reference", "fp16", "bf16", "bf16-half")}
     for row in rows.values():
         assert row["status"] == "ok", row
         assert row["steady_ms_per_step"] > 0 and row["steady_tokens_per_second"] > 0, row
         assert len(row["epoch_seconds"]) == 2, row
-    for recipe in ("reference", "fp16", "bf16"):
+    for recipe in ("reference", "fp16", "bf16", "bf16-half"):
         minilm = rows[f"minilm:{recipe}"]
         assert minilm["sts_before"] is not None and minilm["sts_after"] is not None, minilm
     assert rows["bert:fp16"]["speedup_steady"] > 0
     assert rows["bert:fp16"]["precision"] == "fp32" and rows["bert:bf16"]["precision"] == "bf16"
+    assert rows["bert:bf16-half"]["path"].endswith("/bf16-model") and rows["bert:bf16"]["path"].endswith("/bf16")
     # the reference and mirrorfast see the same data: same steps, (almost) the same real tokens per step
     assert rows["bert:reference"]["steps_per_epoch"] == rows["bert:fp16"]["steps_per_epoch"] == 3
     ref_tokens, mf_tokens = rows["bert:reference"]["tokens_per_step"], rows["bert:fp16"]["tokens_per_step"]

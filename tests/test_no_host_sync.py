@@ -100,16 +100,20 @@ def _tiny_step_setup(minilm_dir, pooling, arch: str = "bert"):
     return tok, encoder, [(first, rows), (second, rows)]
 
 
-@pytest.mark.parametrize("layout,pooling,loss_backend,arch,attention", [
-    *((layout, pooling, loss, "bert", "flash") for layout in ("packed", "packed-bucketed", "padded")
+@pytest.mark.parametrize("layout,pooling,loss_backend,arch,attention,half_model", [
+    *((layout, pooling, loss, "bert", "flash", False) for layout in ("packed", "packed-bucketed", "padded")
       for pooling in ("cls", "mean") for loss in ("torch", "triton")),
-    ("packed-bucketed", "cls", "triton", "roberta", "flash"),
-    ("packed-bucketed", "mean", "triton", "bert", "triton"),  # the one-tile Triton attention kernel
+    ("packed-bucketed", "cls", "triton", "roberta", "flash", False),
+    ("packed-bucketed", "mean", "triton", "bert", "triton", False),  # the one-tile Triton attention kernel
+    ("packed-bucketed", "mean", "triton", "bert", "flash", True),  # --half-model: master weights
+    ("padded", "cls", "torch", "bert", "flash", True),
 ])
-def test_training_step_has_no_host_sync(minilm_dir, layout, pooling, loss_backend, arch, attention, monkeypatch):
+def test_training_step_has_no_host_sync(minilm_dir, layout, pooling, loss_backend, arch, attention, half_model,
+                                        monkeypatch):
     """Forward, loss, backward, GradScaler and fused AdamW, as the trainer runs them (two steps). The
     packed-attention override is "flash" (on the CPU: the gathered-SDPA path) or "triton"."""
     from mirrorfast.packing import ATTENTION_ENV
+    from mirrorfast.trainer import trained_parameters
 
     monkeypatch.setenv(ATTENTION_ENV, attention)
     tok, encoder, views = _tiny_step_setup(minilm_dir, pooling, arch)
@@ -117,14 +121,15 @@ def test_training_step_has_no_host_sync(minilm_dir, layout, pooling, loss_backen
         batch = padded_batch(views, tok.pad_token_id, views_per_chunk=4)
     else:
         batch = packed_batch(views, tok.pad_token_id, bucket=PACK_BUCKET if layout == "packed-bucketed" else None)
-    optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-4, fused=True)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)  # enabled: the fp16 route (device-side inf check)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=not half_model)
     before = [p.detach().clone() for p in encoder.parameters()]
-    with packed_attention(encoder.model) if batch.packed else contextlib.nullcontext():
+    with (trained_parameters(encoder.model, torch.bfloat16, half_model) as (params, half),
+          packed_attention(encoder.model) if batch.packed else contextlib.nullcontext()):
+        optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
         with HostSyncRecorder() as rec:
             for _ in range(2):
-                loss = training_step(encoder, batch, 0.05, optimizer, scaler, autocast, loss_backend)
+                loss = training_step(encoder, batch, 0.05, optimizer, scaler, autocast, loss_backend, half)
     assert rec.found == [], "host synchronizations in the training step:\n" + "\n".join(rec.found)
     assert torch.isfinite(loss) and loss.shape == ()
     assert any(not torch.equal(b, p) for b, p in zip(before, encoder.parameters())), "the step changed nothing"
