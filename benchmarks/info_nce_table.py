@@ -310,6 +310,10 @@ SWEEP_BWD_LARGE = [
     # several accumulators per program, one logit tile for all (at D=768, 3 x 256: computed once, not 3x)
     (64, 64, 64, 256, 8, 2, 3), (64, 64, 64, 256, 16, 2, 3), (64, 32, 64, 256, 8, 2, 3), (32, 64, 64, 256, 8, 2, 3),
     (64, 64, 64, 128, 8, 2, 3), (128, 64, 64, 128, 8, 2, 3), (64, 128, 64, 128, 8, 2, 3),
+    # 128-row blocks with 16 warps: half the column-tile loads of 64-row blocks (the backward reads every
+    # column tile once per row block and D group: ~77 GB at N=16384 with the default), accumulators at
+    # 96 registers a thread
+    (128, 64, 64, 128, 16, 2, 3), (128, 128, 64, 128, 16, 2, 3), (128, 64, 64, 64, 16, 2, 4),
 ]
 # fp32 inputs (in training: the [CLS] embeddings out of a LayerNorm that autocast keeps in fp32), each
 # config timed with exact fp32 dots ("ieee", the default) and with three tf32 tensor-core products ("tf32x3").

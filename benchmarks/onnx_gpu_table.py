@@ -16,8 +16,9 @@ onnxruntime-gpu first on PYTHONPATH; otherwise they are listed as skipped):
   onnxruntime CUDA EP fp32 / fp16 export  "device-resident": inputs bound as CUDA OrtValues, output bound
                                           to a CUDA buffer (I/O binding), only run_with_iobinding timed;
                                           "host I/O included": numpy in, bind_cpu_input, numpy out;
-                                          fp16 also "CUDA graph": the same device-resident run replayed
-                                          from an onnxruntime CUDA graph (enable_cuda_graph: no launches)
+                                          fp16 also with other CUDA EP options (FP16_VARIANTS): replayed
+                                          from an onnxruntime CUDA graph (no launches), TunableOp (GEMM
+                                          kernels chosen by timing), both
   OnnxEncoder.encode (CUDA)               the serving path: tokenization + host I/O + fp16 model
   PyTorch fp32 / onnxruntime fp32 / int8 (CPU)
 
@@ -188,7 +189,7 @@ def ort_cuda_rows(table: Table, export_dir: Path, feeds: dict, texts: list[str],
         table.add(f"onnxruntime CUDA EP {label}, host I/O included", "cuda", ms, n, "PyTorch fp32",
                   "numpy in/out, I/O binding")
         if file == "model_fp16.onnx":
-            cuda_graph_row(table, export_dir / file, on_device, out, args)
+            fp16_variant_rows(table, export_dir / file, on_device, out, args)
 
     encoder = OnnxEncoder(export_dir, provider="cuda")
     ms, n = measure(lambda: encoder.encode(texts, batch_size=len(texts)), 5, args.iters, 30)
@@ -196,27 +197,39 @@ def ort_cuda_rows(table: Table, export_dir: Path, feeds: dict, texts: list[str],
               "tokenization + host I/O included")
 
 
-def cuda_graph_row(table: Table, path: Path, on_device: dict, out, args) -> None:
-    """The device-resident fp16 run replayed from an onnxruntime CUDA graph: the inputs and the output stay
-    bound to the same device buffers (a graph replays fixed addresses); the first run captures it."""
-    what = "onnxruntime CUDA EP fp16 model_fp16.onnx, CUDA graph"
+# CUDA EP provider options tried on the fp16 export, each against the plain run: (label, options, note).
+FP16_VARIANTS = (
+    ("CUDA graph", {"enable_cuda_graph": "1"}, "I/O binding, graph replay"),
+    ("TunableOp", {"tunable_op_enable": "1", "tunable_op_tuning_enable": "1"},
+     "I/O binding, kernels chosen by timing them on the first runs"),
+    ("CUDA graph + TunableOp", {"enable_cuda_graph": "1", "tunable_op_enable": "1", "tunable_op_tuning_enable": "1"},
+     "I/O binding, graph replay of the tuned kernels"),
+)
+
+
+def fp16_variant_rows(table: Table, path: Path, on_device: dict, out, args) -> None:
+    """The device-resident fp16 run with other CUDA EP options (FP16_VARIANTS). A CUDA graph replays fixed
+    addresses: inputs and output stay bound to the same device buffers, and the first run captures it.
+    TunableOp times the candidate kernels of its ops (GEMMs) on the first runs, during the warm-up."""
     expected = out.numpy().copy()  # the plain session's vectors, left in `out` by its last run
-    try:
-        session = open_session(path, [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), "CPUExecutionProvider"])
-        binding = session.io_binding()
-        for k, value in on_device.items():
-            binding.bind_ortvalue_input(k, value)
-        binding.bind_ortvalue_output("sentence_embedding", out)
-        session.run_with_iobinding(binding)  # warm-up and capture
-        ms, n = measure(lambda: session.run_with_iobinding(binding), 10, args.iters, 30, torch.cuda.synchronize)
-    except Exception as exc:  # noqa: BLE001 - e.g. nodes the CUDA EP leaves to the CPU make capture impossible
-        table.skip(what, f"failed: {str(exc).splitlines()[0][:200]}")
-        return
-    worst = float(np.abs(out.numpy() - expected).max())
-    if worst > 1e-3:  # the replayed graph must compute what the plain session computed
-        table.skip(what, f"replayed vectors differ from the plain run's by up to {worst:.2e}")
-        return
-    table.add(f"{what}, device-resident", "cuda", ms, n, "PyTorch fp32", "I/O binding, graph replay")
+    for label, options, note in FP16_VARIANTS:
+        what = f"onnxruntime CUDA EP fp16 model_fp16.onnx, {label}"
+        try:
+            session = open_session(path, [("CUDAExecutionProvider", options), "CPUExecutionProvider"])
+            binding = session.io_binding()
+            for k, value in on_device.items():
+                binding.bind_ortvalue_input(k, value)
+            binding.bind_ortvalue_output("sentence_embedding", out)
+            session.run_with_iobinding(binding)  # warm-up (capture, tuning)
+            ms, n = measure(lambda: session.run_with_iobinding(binding), 10, args.iters, 30, torch.cuda.synchronize)
+        except Exception as exc:  # noqa: BLE001 - e.g. nodes the CUDA EP leaves to the CPU make capture impossible
+            table.skip(what, f"failed: {str(exc).splitlines()[0][:200]}")
+            continue
+        worst = float(np.abs(out.numpy() - expected).max())
+        if worst > 1e-3:  # the variant must compute what the plain session computed
+            table.skip(what, f"its vectors differ from the plain run's by up to {worst:.2e}")
+            continue
+        table.add(f"{what}, device-resident", "cuda", ms, n, "PyTorch fp32", note)
 
 
 def ort_cpu_rows(table: Table, export_dir: Path, feeds: dict, args, cpu_iters: int) -> None:

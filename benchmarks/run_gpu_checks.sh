@@ -79,7 +79,7 @@ for part in "${parts[@]}"; do
     kernel) run "InfoNCE table" 110 info_nce_table.log python3 benchmarks/info_nce_table.py --quick ;;
     tests)  run "kernel tests (compiled)" 120 kernel_tests.log python3 -m pytest -q -p no:cacheprovider tests/test_kernels_info_nce.py tests/test_packed_attention_kernel.py ;;
     attention) run "packed attention kernels" 90 attention.log python3 -m pytest -q -p no:cacheprovider benchmarks/test_bench_packed_attention.py --benchmark-only --benchmark-columns=min,median,mean ;;
-    sweep)  run "InfoNCE block sweep" 300 sweep.log python3 benchmarks/info_nce_table.py --no-checks --sweep 16384,768 --sweep 200,768 --sweep 200,768,float32 --sweep 200,384,float32 ;;
+    sweep)  run "InfoNCE block sweep" 300 sweep.log python3 benchmarks/info_nce_table.py --no-checks --sweep 16384,768 --sweep 200,768 --sweep 200,768,bfloat16 --sweep 200,384,bfloat16 ;;
     profile) run "step profile" 200 profile.log python3 benchmarks/profile_step.py ;;
     *) echo "unknown part $part (suite onnx kernel tests sweep profile attention)"; exit 2 ;;
   esac

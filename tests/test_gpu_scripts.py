@@ -24,7 +24,8 @@ def _run(*args: str, timeout: int = 600) -> str:
 
 def test_info_nce_table_checks_and_sweep():
     pytest.importorskip("triton")
-    out = _run("benchmarks/info_nce_table.py", "--cpu-smoke", "--sweep", "7,40,float16", "--sweep", "5,24,float32")
+    out = _run("benchmarks/info_nce_table.py", "--cpu-smoke", "--sweep", "7,40,float16", "--sweep", "5,24,float32",
+               "--sweep", "6,16,bfloat16")
     assert "PASS" in out and "FAIL" not in out, out
     assert out.count("  fwd (") >= 6 + 10 and out.count("  bwd (") >= 9 + 10, out
     assert ", 3):" in out, "the sweep should include configs with several backward chunks per program"
