@@ -7,7 +7,7 @@ its GPU time on an H200 (benchmarks/RESULTS.md). With a half-precision model not
 updates stay fp32: lr x an AdamW step is ~1e-5 of a weight, far below bf16's resolution, so AdamW runs on an
 fp32 master copy of every trained parameter, held in one flat tensor:
 
-    backward -> one half-precision gradient per parameter -> one cat + one cast -> master.grad  (P,) fp32
+    backward -> one half-precision gradient per parameter -> one multi-tensor cast -> master.grad  (P,) fp32
     fused AdamW on master  ->  one cast into the model's parameters (views of one flat half buffer)
 
 What changes against autocast: the activations between operators (the residual stream, LayerNorm
@@ -42,6 +42,9 @@ class HalfModel:
         with torch.no_grad():
             self.master = nn.Parameter(torch.cat([p.reshape(-1).float() for p in self.params]))  # (P,) fp32
             self._half = self.master.to(dtype)  # (P,) the model's parameters are views of it
+        # master.grad's storage, kept across steps (a fixed address for CUDA graphs); a view per parameter
+        self._grad = torch.zeros_like(self.master)
+        self._grad_views = [g.view(p.shape) for p, g in zip(self.params, self._grad.split(self.numels))]
         for p, view in zip(self.params, self._half.split(self.numels)):
             p.data = view.view(p.shape)
         # Floating buffers (rare in encoders) go to the half dtype for the forward and come back unrounded.
@@ -49,13 +52,18 @@ class HalfModel:
         for name, buffer in self._buffers.items():
             _set_buffer(model, name, buffer.to(dtype))
 
+    @torch.no_grad()
     def gather_grads(self) -> None:
         """The model's half-precision gradients -> master.grad (fp32, flat); the model's grads are cleared.
         A parameter the loss did not reach gets zeros (as a flat tensor needs), not a skipped update."""
-        grads = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(n) for p, n in zip(self.params, self.numels)]
-        self.master.grad = torch.cat(grads).float()
-        for p in self.params:
+        reached = [(view, p.grad) for view, p in zip(self._grad_views, self.params) if p.grad is not None]
+        if reached:  # one multi-tensor kernel casts them all into their slices of the flat gradient
+            torch._foreach_copy_([view for view, _ in reached], [grad for _, grad in reached])
+        for view, p in zip(self._grad_views, self.params):
+            if p.grad is None:
+                view.zero_()
             p.grad = None
+        self.master.grad = self._grad
 
     @torch.no_grad()
     def publish(self) -> None:

@@ -115,6 +115,11 @@ def test_unused_parameters_get_zero_gradients_and_buffers_come_back_unrounded():
     grad = half.master.grad
     assert grad.dtype == torch.float32 and grad.shape == (2 * (12 + 3),)
     assert grad[:15].abs().sum() > 0 and torch.equal(grad[15:], torch.zeros(15))
+    net.unused(torch.randn(2, 4, dtype=torch.bfloat16)).sum().backward()  # now only the other one
+    half.gather_grads()
+    assert torch.equal(half.master.grad[:15], torch.zeros(15)) and half.master.grad[15:].abs().sum() > 0
+    half.gather_grads()  # no backward since: nothing reached, all zeros
+    assert torch.equal(half.master.grad, torch.zeros(30))
     half.release()
     assert net.table.dtype == torch.float32 and torch.equal(net.table, table)
 
