@@ -444,12 +444,13 @@ ROWS = {  # recipe -> (kind, precision, environment); "-eager" rows: TrainConfig
     "bf16-eager-triton": ("mirrorfast", "bf16", _TRITON),
     "fp16-half": ("mirrorfast", "fp16", {}),
     "bf16-half": ("mirrorfast", "bf16", {}),
+    "bf16-half-triton": ("mirrorfast", "bf16", _TRITON),  # both opt-ins together
     "bf16-torchloss": ("mirrorfast", "bf16", {"MIRRORFAST_KERNELS": "torch"}),  # optional: loss kernel off
 }
 DEFAULT_ROWS = ["bert:reference", "bert:fp16", "bert:bf16", "bert:fp16-eager", "bert:bf16-eager", "bert:bf16-sdpa",
                 "bert:bf16-eager-sdpa", "bert:bf16-triton", "bert:bf16-eager-triton", "bert:fp16-half",
-                "bert:bf16-half", "minilm:reference", "minilm:fp16", "minilm:bf16", "minilm:bf16-eager",
-                "minilm:bf16-triton", "minilm:bf16-half"]
+                "bert:bf16-half", "bert:bf16-half-triton", "minilm:reference", "minilm:fp16", "minilm:bf16",
+                "minilm:bf16-eager", "minilm:bf16-triton", "minilm:bf16-half", "minilm:bf16-half-triton"]
 # On the CPU these would repeat other rows (no graphs; the CPU gathers; fp16 trains in fp32 there, so no half model).
 CUDA_ONLY = ("-eager", "-sdpa", "-triton", "fp16-half")
 ALL_ROWS = [f"{m}:{r}" for m in ("bert", "minilm") for r in ROWS]
@@ -704,7 +705,7 @@ def render(meta: dict, rows: list[dict], checks: list[dict], args) -> str:
         for r in group:
             r["label"] = ("reference " if r["kind"] == "reference" else "mirrorfast ") + r["precision"] + \
                 (" torch-loss" if r["recipe"].endswith("torchloss") else "") + \
-                (" half-model" if r["recipe"].endswith("-half") else "")
+                (" half-model" if "-half" in r["recipe"] else "")
             if r["status"] != "ok":
                 lines.append(f"{r['label'].ljust(COLUMNS[0][1])} | FAILED: {r.get('error', '?')}")
                 continue

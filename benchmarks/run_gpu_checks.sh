@@ -22,7 +22,7 @@
 #                                          suite tests attention onnx kernel sweep"
 #         (tests before the attention benchmark: the one-tile Triton attention kernel has never run compiled)
 # Seen on an H200, 2026-11-26: each transfer call took ~5 s of device time, the machine's first start
-# ~25 s; the parts took suite 76 s (9 rows then; 11 now), onnx 46 s, tests 76 s, sweep 50 s (without the
+# ~25 s; the parts took suite 76 s (9 rows then; 19 now), onnx 46 s, tests 76 s, sweep 50 s (without the
 # fp32 sweep added since), kernel 40 s: the 6 calls used ~350 s, leaving room for a second, targeted call.
 # $OUT returns at most 8 files: the parts write one log each, the device facts go into summary.txt.
 # Without onnxruntime-gpu the ONNX part still runs and lists its CUDA EP rows as skipped.
