@@ -431,6 +431,7 @@ def sts_before(suite: Suite) -> None:
 # ============================================================================ rows
 _SDPA = {"MIRRORFAST_PACKED_ATTENTION": "sdpa"}  # packed views gathered into a padded SDPA batch on CUDA too
 _TRITON = {"MIRRORFAST_PACKED_ATTENTION": "triton"}  # one tile per (view, head): kernels/packed_attention_triton
+_FUSEDLN = {"MIRRORFAST_FUSED_LAYERNORM": "1"}  # dropout + residual + LayerNorm fused: mirrorfast/fused_norm.py
 ROWS = {  # recipe -> (kind, precision, environment); "-eager" rows: TrainConfig(cuda_graphs=False); "-half" rows:
     # TrainConfig(half_model=True) (the model in fp16/bf16 + fp32 master weights instead of autocast)
     "reference": ("reference", "fp16", {}),
@@ -445,14 +446,16 @@ ROWS = {  # recipe -> (kind, precision, environment); "-eager" rows: TrainConfig
     "fp16-half": ("mirrorfast", "fp16", {}),
     "bf16-half": ("mirrorfast", "bf16", {}),
     "bf16-half-triton": ("mirrorfast", "bf16", _TRITON),  # both opt-ins together
+    "bf16-fusedln": ("mirrorfast", "bf16", _FUSEDLN),
+    "bf16-half-triton-fusedln": ("mirrorfast", "bf16", {**_TRITON, **_FUSEDLN}),  # every opt-in
     "bf16-torchloss": ("mirrorfast", "bf16", {"MIRRORFAST_KERNELS": "torch"}),  # optional: loss kernel off
 }
-DEFAULT_ROWS = ["bert:reference", "bert:fp16", "bert:bf16", "bert:fp16-eager", "bert:bf16-eager", "bert:bf16-sdpa",
-                "bert:bf16-eager-sdpa", "bert:bf16-triton", "bert:bf16-eager-triton", "bert:fp16-half",
-                "bert:bf16-half", "bert:bf16-half-triton", "minilm:reference", "minilm:fp16", "minilm:bf16",
-                "minilm:bf16-eager", "minilm:bf16-triton", "minilm:bf16-half", "minilm:bf16-half-triton"]
+DEFAULT_ROWS = ["bert:reference", "bert:fp16", "bert:bf16", "bert:bf16-eager", "bert:bf16-sdpa", "bert:bf16-triton",
+                "bert:fp16-half", "bert:bf16-half", "bert:bf16-half-triton", "bert:bf16-fusedln",
+                "bert:bf16-half-triton-fusedln", "minilm:reference", "minilm:fp16", "minilm:bf16",
+                "minilm:bf16-triton", "minilm:bf16-half", "minilm:bf16-half-triton-fusedln"]
 # On the CPU these would repeat other rows (no graphs; the CPU gathers; fp16 trains in fp32 there, so no half model).
-CUDA_ONLY = ("-eager", "-sdpa", "-triton", "fp16-half")
+CUDA_ONLY = ("-eager", "-sdpa", "-triton", "fp16-half", "-fusedln")
 ALL_ROWS = [f"{m}:{r}" for m in ("bert", "minilm") for r in ROWS]
 
 
@@ -538,7 +541,8 @@ def _recipe_path(logs: list[str]) -> str:
     precision = values.get("precision", "?")
     graphs = "/cuda-graphs" if values.get("cuda_graphs") == "True" else ""
     half = "-model" if values.get("half_model") == "True" else ""
-    return f"{values.get('attention', '?')}/{values.get('loss', '?')}-loss/{precision}{half}{graphs}"
+    fused = "/fused-ln" if values.get("fused_layernorm") == "True" else ""
+    return f"{values.get('attention', '?')}/{values.get('loss', '?')}-loss/{precision}{half}{fused}{graphs}"
 
 
 def train_options(recipe: str) -> dict:
@@ -635,7 +639,7 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 
 COLUMNS = [  # header, width, row -> text
     ("recipe", 26, lambda r: r["label"]),
-    ("path", 29, lambda r: r.get("path", "")),
+    ("path", 44, lambda r: r.get("path", "")),
     ("setup s", 8, lambda r: _fmt(r.get("setup_seconds"), ".2f")),
     ("1st ep s", 9, lambda r: _fmt(r.get("first_epoch_seconds"), ".2f")),
     ("ms/step", 8, lambda r: _fmt(r.get("steady_ms_per_step"), ".1f")),

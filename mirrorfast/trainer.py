@@ -27,6 +27,7 @@ from mirrorfast.config import TrainConfig
 from mirrorfast.data import (CUDA_WIDTH_MULTIPLE, PACK_BUCKET, PAD_SEGMENT_MAX, TILE_PAD_SEGMENT_MAX, Batch, Corpus,
                              TokenizedTexts, epoch_batches, load_corpus, load_pairs, packed_batch, padded_batch)
 from mirrorfast.errors import MirrorfastError
+from mirrorfast.fused_norm import fused_layernorm_requested, fused_residual_layernorm
 from mirrorfast.graphs import GraphedStep
 from mirrorfast.halfmodel import HalfModel
 from mirrorfast.kernels import info_nce, resolve_backend
@@ -278,6 +279,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     packed = use_packing(cfg, encoder, device, dtype, log)
     graphs = use_cuda_graphs(cfg, device, dtype, packed)
     half_model = cfg.half_model and dtype is not None
+    fused_norm = fused_layernorm_requested(device)
     if cfg.half_model and not half_model:
         log("half model: off (the CPU trains --fp16 in fp32)")
     loss_backend = resolve_backend("auto", device)
@@ -286,7 +288,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     log(f"recipe: level={cfg.level} T={cfg.temperature} mask_span={cfg.mask_span} max_length={cfg.max_length} "
         f"epochs={cfg.epochs} batch={batch_size} lr={cfg.lr} dropout={cfg.dropout} drophead={cfg.drophead} "
         f"pooling={cfg.pooling} precision={PRECISION_NAMES[dtype]} attention={attention} "
-        f"loss={loss_backend} cuda_graphs={graphs} half_model={half_model}")
+        f"loss={loss_backend} cuda_graphs={graphs} half_model={half_model} fused_layernorm={fused_norm}")
 
     encoder.to(device).train()
     if device.type == "cuda":
@@ -317,7 +319,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     bar = tqdm(total=total_steps, unit="step", disable=not cfg.progress, dynamic_ncols=True)
     with (ThreadPoolExecutor(max_workers=1) as pool,
           trained_parameters(encoder.model, dtype, half_model) as (params, half),
-          packed_attention(encoder.model) if packed else contextlib.nullcontext()):
+          packed_attention(encoder.model) if packed else contextlib.nullcontext(),
+          fused_residual_layernorm(encoder.model) if fused_norm else contextlib.nullcontext()):
         upcoming = pool.submit(prepare, 0)
         # Fused AdamW: one kernel for all parameters instead of a loop of per-tensor kernels.
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True,
@@ -359,7 +362,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
         f"{result.tokens_per_second:,.0f} tokens/s, final loss {result.final_loss:.4f}, "
         f"peak memory {result.peak_memory_bytes / 2**20:,.0f} MiB")
     if save:
-        metadata = _metadata(cfg, corpus, encoder, device, dtype, attention, graphs, half_model, result)
+        metadata = _metadata(cfg, corpus, encoder, device, dtype, attention, graphs, half_model, fused_norm, result)
         with atomic_directory(out_dir) as tmp:
             save_encoder(encoder, tmp, metadata)
         log(f"saved: {out_dir} (Hugging Face + sentence-transformers + mirrorfast.json)")
@@ -379,7 +382,7 @@ def _report(new: list[tuple[int, float]], bar, cfg: TrainConfig, tokens_seen: in
 
 
 def _metadata(cfg, corpus, encoder, device, dtype, attention: str, graphs: bool, half_model: bool,
-              result: TrainResult) -> dict:
+              fused_norm: bool, result: TrainResult) -> dict:
     return {
         "mirrorfast_version": mirrorfast.__version__,
         "base_model": encoder.source,
@@ -392,6 +395,7 @@ def _metadata(cfg, corpus, encoder, device, dtype, attention: str, graphs: bool,
         "attention": attention,
         "cuda_graphs": graphs,
         "half_model": half_model,
+        "fused_layernorm": fused_norm,
         "steps": result.steps,
         "epoch_seconds": [round(s, 4) for s in result.epoch_seconds],
         "tokens_per_second": round(result.tokens_per_second, 1),

@@ -100,18 +100,20 @@ def _tiny_step_setup(minilm_dir, pooling, arch: str = "bert"):
     return tok, encoder, [(first, rows), (second, rows)]
 
 
-@pytest.mark.parametrize("layout,pooling,loss_backend,arch,attention,half_model", [
-    *((layout, pooling, loss, "bert", "flash", False) for layout in ("packed", "packed-bucketed", "padded")
+@pytest.mark.parametrize("layout,pooling,loss_backend,arch,attention,half_model,fused_norm", [
+    *((layout, pooling, loss, "bert", "flash", False, False) for layout in ("packed", "packed-bucketed", "padded")
       for pooling in ("cls", "mean") for loss in ("torch", "triton")),
-    ("packed-bucketed", "cls", "triton", "roberta", "flash", False),
-    ("packed-bucketed", "mean", "triton", "bert", "triton", False),  # the one-tile Triton attention kernel
-    ("packed-bucketed", "mean", "triton", "bert", "flash", True),  # --half-model: master weights
-    ("padded", "cls", "torch", "bert", "flash", True),
+    ("packed-bucketed", "cls", "triton", "roberta", "flash", False, False),
+    ("packed-bucketed", "mean", "triton", "bert", "triton", False, False),  # the one-tile Triton attention kernel
+    ("packed-bucketed", "mean", "triton", "bert", "flash", True, False),  # --half-model: master weights
+    ("padded", "cls", "torch", "bert", "flash", True, False),
+    ("packed-bucketed", "cls", "triton", "bert", "triton", True, True),  # + the fused residual LayerNorm
 ])
 def test_training_step_has_no_host_sync(minilm_dir, layout, pooling, loss_backend, arch, attention, half_model,
-                                        monkeypatch):
+                                        fused_norm, monkeypatch):
     """Forward, loss, backward, GradScaler and fused AdamW, as the trainer runs them (two steps). The
     packed-attention override is "flash" (on the CPU: the gathered-SDPA path) or "triton"."""
+    from mirrorfast.fused_norm import fused_residual_layernorm
     from mirrorfast.packing import ATTENTION_ENV
     from mirrorfast.trainer import trained_parameters
 
@@ -125,7 +127,8 @@ def test_training_step_has_no_host_sync(minilm_dir, layout, pooling, loss_backen
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=not half_model)
     before = [p.detach().clone() for p in encoder.parameters()]
     with (trained_parameters(encoder.model, torch.bfloat16, half_model) as (params, half),
-          packed_attention(encoder.model) if batch.packed else contextlib.nullcontext()):
+          packed_attention(encoder.model) if batch.packed else contextlib.nullcontext(),
+          fused_residual_layernorm(encoder.model) if fused_norm else contextlib.nullcontext()):
         optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
         with HostSyncRecorder() as rec:
             for _ in range(2):
