@@ -12,21 +12,23 @@
 # passed or timed out ends the log.
 #
 # Inputs: carry [".gpu"] (python benchmarks/gpu_suite.py --prepare-carry, 45 MiB) for the real corpus and
-# MiniLM; onnxruntime-gpu from ../shared/tools/ort-gpu-for-device.sh (a 255 MB wheel in 5 parts under
-# .ortgpu/, installed into /tmp/ortsite, which this script puts first on PYTHONPATH). One call carries at
-# most 64 MiB and the machine goes back after ~30 s idle, so a session chains 6 calls without pauses:
-#   1:    carry [".gpu"]          command "true"   (starts the machine; .gpu stays for the later calls)
-#   2-5:  carry [".ortgpu/pN"]    command "mkdir -p /tmp/ort && cp .ortgpu/pN/* /tmp/ort/"
-#   6:    carry [".ortgpu/p5"]    command "mkdir -p /tmp/ort && cp .ortgpu/p5/* /tmp/ort/ &&
-#                                          bash .ortgpu/p5/install.sh; BUDGET=540 bash benchmarks/run_gpu_checks.sh
-#                                          suite tests attention onnx kernel sweep"
-#         (tests before the attention benchmark: the one-tile Triton attention kernel has never run compiled)
+# MiniLM; onnxruntime-gpu from ../shared/tools/ort-gpu-for-device.sh (a 255 MB wheel in parts under .ortgpu/,
+# installed into /tmp/ortsite, which this script puts first on PYTHONPATH). One call carries at most 64 MiB
+# and the machine goes back after ~30 s idle, so a session chains 5 calls without pauses (the q parts are
+# the wheel re-split so that the smallest, q1, rides with .gpu in the first call; session 3 ran exactly this):
+#   1:    carry [".gpu", ".ortgpu/q1"]  command "mkdir -p /tmp/ort && cp .ortgpu/q1/* /tmp/ort/"
+#   2-4:  carry [".ortgpu/qN"]          command "mkdir -p /tmp/ort && cp .ortgpu/qN/* /tmp/ort/"
+#   5:    carry [".ortgpu/q5"]          command "mkdir -p /tmp/ort && cp .ortgpu/q5/* /tmp/ort/ &&
+#                                                bash .ortgpu/q5/install.sh; BUDGET=540 bash benchmarks/run_gpu_checks.sh
+#                                                suite tests attention onnx kernel sweep"
+#         (tests before the attention benchmark: the Triton attention and residual-LayerNorm kernels have
+#         never run compiled)
 # Seen on an H200, 2026-11-26: each transfer call took ~5 s of device time, the machine's first start
 # ~25 s; the parts took suite 76 s (9 rows then; 17 now), onnx 46 s, tests 76 s, sweep 50 s (without the
 # fp32 sweep added since), kernel 40 s: the 6 calls used ~350 s, leaving room for a second, targeted call.
 # $OUT returns at most 8 files: the parts write one log each, the device facts go into summary.txt.
 # Without onnxruntime-gpu the ONNX part still runs and lists its CUDA EP rows as skipped.
-# A session that would rather tune the InfoNCE kernel than measure ONNX on the GPU: skip calls 2-6 and run
+# A session that would rather tune the InfoNCE kernel than measure ONNX on the GPU: skip calls 2-5 and run
 # `bash benchmarks/run_gpu_checks.sh suite sweep tests` in call 1 (the sweep compares block sizes,
 # including several gradient-column chunks per backward program, KernelConfig.bwd_chunks).
 set -uo pipefail
@@ -78,7 +80,7 @@ for part in "${parts[@]}"; do
     onnx)   run "ONNX GPU table" 160 onnx_gpu_table.log env -u TOKENIZERS_PARALLELISM python3 benchmarks/onnx_gpu_table.py --gpu-only ;;
     kernel) run "InfoNCE table" 110 info_nce_table.log python3 benchmarks/info_nce_table.py --quick ;;
     tests)  run "kernel tests (compiled)" 180 kernel_tests.log python3 -m pytest -q -p no:cacheprovider tests/test_kernels_info_nce.py tests/test_packed_attention_kernel.py tests/test_residual_layernorm_kernel.py tests/test_fused_norm.py ;;
-    attention) run "packed attention kernels" 90 attention.log python3 -m pytest -q -p no:cacheprovider benchmarks/test_bench_packed_attention.py --benchmark-only --benchmark-columns=min,median,mean ;;
+    attention) run "packed attention + residual LayerNorm kernels" 120 attention.log python3 -m pytest -q -p no:cacheprovider benchmarks/test_bench_packed_attention.py benchmarks/test_bench_residual_layernorm.py --benchmark-only --benchmark-columns=min,median,mean ;;
     sweep)  run "InfoNCE block sweep" 300 sweep.log python3 benchmarks/info_nce_table.py --no-checks --sweep 16384,768 --sweep 200,768 --sweep 200,768,bfloat16 --sweep 200,384,bfloat16 ;;
     profile) run "step profile" 200 profile.log python3 benchmarks/profile_step.py ;;
     *) echo "unknown part $part (suite onnx kernel tests sweep profile attention)"; exit 2 ;;
