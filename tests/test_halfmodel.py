@@ -169,3 +169,39 @@ def test_half_model_is_off_where_fp16_falls_back_to_fp32(tiny_bert_dir, tmp_path
                       precision="fp16", half_model=True, device="cpu", progress=False)
     train(cfg, log=logs.append, save=False)
     assert any("half model: off" in line for line in logs) and any("half_model=False" in line for line in logs)
+
+
+class _CastCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts operators that change a floating tensor's dtype (casts), as a GPU would launch them."""
+
+    def __init__(self):
+        super().__init__()
+        self.casts = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        src = args[1] if name == "copy_" else args[0] if args else None
+        if (name in ("_to_copy", "copy_") and isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor)
+                and src.is_floating_point() and src.dtype != out.dtype):
+            self.casts.append((name, src.dtype, out.dtype, tuple(src.shape)))
+        return out
+
+
+@pytest.mark.parametrize("half_model", [False, True])
+def test_no_casts_inside_a_half_model(minilm_dir, half_model):
+    """Autocast casts every product's weight and input, and their gradients back (dozens per layer);
+    a --half-model model casts nothing in its forward and backward."""
+    tok, model, batch = _setup(minilm_dir, seed=4)
+    encoder = Encoder(model, tok, "cls", 24, "t")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=not half_model)
+    with trained_parameters(model, torch.bfloat16, half_model) as (params, half):
+        with _CastCounter() as counter:
+            with autocast:
+                views = encoder.embed_batch(batch)
+            views.float().square().sum().backward()  # a loss of our own: only the model is counted
+    inside = [c for c in counter.casts if c[3] != tuple(views.shape)]  # not our loss's views.float() (and back)
+    if half_model:
+        assert inside == [], inside
+    else:
+        assert len(inside) >= 2 * 12, inside  # 2 layers: q, k, v, output, FFN in and out weights and biases
