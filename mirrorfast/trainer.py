@@ -285,10 +285,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     loss_backend = resolve_backend("auto", device)
     kernel = packed_kernel(device, cfg.max_length) if packed and device.type == "cuda" else None
     attention = "padded" if not packed else "packed" if kernel in (None, "flash") else f"packed-{kernel}"
+    # How this run computes (logged, and recorded in mirrorfast.json).
+    paths = {"precision": PRECISION_NAMES[dtype], "attention": attention, "loss": loss_backend,
+             "cuda_graphs": graphs, "half_model": half_model, "fused_layernorm": fused_norm}
     log(f"recipe: level={cfg.level} T={cfg.temperature} mask_span={cfg.mask_span} max_length={cfg.max_length} "
         f"epochs={cfg.epochs} batch={batch_size} lr={cfg.lr} dropout={cfg.dropout} drophead={cfg.drophead} "
-        f"pooling={cfg.pooling} precision={PRECISION_NAMES[dtype]} attention={attention} "
-        f"loss={loss_backend} cuda_graphs={graphs} half_model={half_model} fused_layernorm={fused_norm}")
+        f"pooling={cfg.pooling} " + " ".join(f"{k}={v}" for k, v in paths.items()))
 
     encoder.to(device).train()
     if device.type == "cuda":
@@ -362,7 +364,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
         f"{result.tokens_per_second:,.0f} tokens/s, final loss {result.final_loss:.4f}, "
         f"peak memory {result.peak_memory_bytes / 2**20:,.0f} MiB")
     if save:
-        metadata = _metadata(cfg, corpus, encoder, device, dtype, attention, graphs, half_model, fused_norm, result)
+        metadata = _metadata(cfg, corpus, encoder, device, paths, result)
         with atomic_directory(out_dir) as tmp:
             save_encoder(encoder, tmp, metadata)
         log(f"saved: {out_dir} (Hugging Face + sentence-transformers + mirrorfast.json)")
@@ -381,8 +383,7 @@ def _report(new: list[tuple[int, float]], bar, cfg: TrainConfig, tokens_seen: in
         bar.set_postfix(loss=f"{new[-1][1]:.4f}", tok_s=f"{tokens_seen / elapsed:,.0f}", refresh=False)
 
 
-def _metadata(cfg, corpus, encoder, device, dtype, attention: str, graphs: bool, half_model: bool,
-              fused_norm: bool, result: TrainResult) -> dict:
+def _metadata(cfg, corpus, encoder, device, paths: dict, result: TrainResult) -> dict:
     return {
         "mirrorfast_version": mirrorfast.__version__,
         "base_model": encoder.source,
@@ -391,11 +392,7 @@ def _metadata(cfg, corpus, encoder, device, dtype, attention: str, graphs: bool,
         "corpus": {"source": corpus.description, "size": len(corpus),
                    "duplicates_removed": corpus.duplicates_removed},
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-        "precision": PRECISION_NAMES[dtype],
-        "attention": attention,
-        "cuda_graphs": graphs,
-        "half_model": half_model,
-        "fused_layernorm": fused_norm,
+        **paths,
         "steps": result.steps,
         "epoch_seconds": [round(s, 4) for s in result.epoch_seconds],
         "tokens_per_second": round(result.tokens_per_second, 1),
