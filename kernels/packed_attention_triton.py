@@ -4,14 +4,17 @@
 Why: Mirror-BERT's views are short (the paper's sentences average 14 tokens, at most max_length 50), and
 FlashAttention's variable-length kernels work in 128-token tiles: on an H200 they spent 555 µs per BERT-base
 layer (forward + backward) on such views (benchmarks/RESULTS.md). Here one program owns one (view, head)
-and holds the whole view in a single BLOCK_L x BLOCK_L tile (BLOCK_L = max_len rounded up to a power of two,
-at most 128): logits, softmax, dropout and the output in registers, nothing written but the output.
+and holds the whole view in a single BLOCK_L x BLOCK_L tile: logits, softmax, dropout and the output in
+registers, nothing written but the output. Tiles come in length classes (16, 32, 64, 128 tokens), one launch
+per class up to the batch's longest view; a program whose view belongs to another class returns at once, so
+a 14-token view gets a 16-token tile even when one view of the batch is 90 tokens long.
 
 Definition, per view v (tokens cu_seqlens[v] .. cu_seqlens[v+1]) and head h:
     P = softmax(Q K^T * scale) over the view's own keys;  O = dropout(P) V
 dropout(P) = P * keep / (1 - p) with keep ~ Bernoulli(1 - p), drawn with Philox from a seed held in a
 device tensor (drawn by torch per forward: new masks on every CUDA-graph replay) and the element's
-(view, head, row, column) index, so the backward redraws the same mask instead of storing it.
+(view, head, row, column) index (laid out as if every tile were MAX_VIEW_TOKENS wide, whatever its class),
+so the backward redraws the same mask instead of storing it.
 
 Backward (recomputes P and the mask; no logsumexp saved): dPd = dO V^T, dP = dPd * keep / (1 - p),
 dS = P (dP - rowsum(P dP)), dQ = dS K * scale, dK = dS^T Q * scale, dV = dropout(P)^T dO. Every gradient row
@@ -39,12 +42,17 @@ def _dot(x, y, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _view_tiles(q_ptr, k_ptr, v_ptr, cu_ptr, stride_t, stride_h, D, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    # This program's view and head (grid: views x heads) and their rows of Q, K, V: (BLOCK_L, BLOCK_D) each,
-    # zeros past the view and past D.
-    view, head = tl.program_id(0), tl.program_id(1)
+def _view(cu_ptr):
+    # This program's view (grid: views x heads): its index, first token and length.
+    view = tl.program_id(0)
     start = tl.load(cu_ptr + view)
-    n = tl.load(cu_ptr + view + 1) - start
+    return view, start, tl.load(cu_ptr + view + 1) - start
+
+
+@triton.jit
+def _view_tiles(q_ptr, k_ptr, v_ptr, start, n, stride_t, stride_h, D, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    # This program's head and the view's rows of Q, K, V: (BLOCK_L, BLOCK_D) each, zeros past the view and D.
+    head = tl.program_id(1)
     offs_l = tl.arange(0, BLOCK_L)  # (BLOCK_L,)
     offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     row_ok = offs_l < n
@@ -53,7 +61,7 @@ def _view_tiles(q_ptr, k_ptr, v_ptr, cu_ptr, stride_t, stride_h, D, BLOCK_L: tl.
     q = tl.load(q_ptr + offsets, mask=mask, other=0.0)
     k = tl.load(k_ptr + offsets, mask=mask, other=0.0)
     v = tl.load(v_ptr + offsets, mask=mask, other=0.0)
-    return view, head, q, k, v, offsets, mask, row_ok
+    return head, q, k, v, offsets, mask, row_ok
 
 
 @triton.jit
@@ -67,12 +75,13 @@ def _probabilities(q, k, row_ok, scale, UPCAST: tl.constexpr, IEEE: tl.constexpr
 
 
 @triton.jit
-def _keep(seed_ptr, view, head, H, BLOCK_L: tl.constexpr):
+def _keep(seed_ptr, view, head, H, BLOCK_L: tl.constexpr, MAX_L: tl.constexpr):
     # Dropout's keep draws, (BLOCK_L, BLOCK_L) uniform [0, 1), one Philox stream element per
-    # (view, head, row, column): the forward and the backward draw the same numbers.
+    # (view, head, row, column), indexed as in a MAX_L x MAX_L tile whatever BLOCK_L is: the forward and
+    # the backward draw the same numbers, and so does any length class.
     offs_l = tl.arange(0, BLOCK_L)
-    base = (view * H + head) * (BLOCK_L * BLOCK_L)
-    return tl.rand(tl.load(seed_ptr), base + offs_l[:, None] * BLOCK_L + offs_l[None, :])
+    base = (view * H + head) * (MAX_L * MAX_L)
+    return tl.rand(tl.load(seed_ptr), base + offs_l[:, None] * MAX_L + offs_l[None, :])
 
 
 @triton.jit
@@ -83,16 +92,18 @@ def _packed_attention_fwd_kernel(
     seed_ptr,  # (1,) int64 Philox seed (read only if DROPOUT)
     stride_t, stride_h, H, D,
     scale, p_drop,
-    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    LOW: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, MAX_L: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    view, head, q, k, v, offsets, mask, row_ok = _view_tiles(q_ptr, k_ptr, v_ptr, cu_ptr, stride_t, stride_h, D,
-                                                             BLOCK_L, BLOCK_D)
-    p = _probabilities(q, k, row_ok, scale, UPCAST, IEEE)  # (BLOCK_L, BLOCK_L)
-    if DROPOUT:
-        p = tl.where(_keep(seed_ptr, view, head, H, BLOCK_L) >= p_drop, p / (1.0 - p_drop), 0.0)
-    o = _dot(p.to(v.dtype), v, UPCAST, IEEE)  # (BLOCK_L, BLOCK_D)
-    tl.store(o_ptr + offsets, o.to(q.dtype), mask=mask)
+    view, start, n = _view(cu_ptr)
+    if (n > LOW) & (n <= BLOCK_L):  # this launch's length class: LOW < n <= BLOCK_L
+        head, q, k, v, offsets, mask, row_ok = _view_tiles(q_ptr, k_ptr, v_ptr, start, n, stride_t, stride_h, D,
+                                                           BLOCK_L, BLOCK_D)
+        p = _probabilities(q, k, row_ok, scale, UPCAST, IEEE)  # (BLOCK_L, BLOCK_L)
+        if DROPOUT:
+            p = tl.where(_keep(seed_ptr, view, head, H, BLOCK_L, MAX_L) >= p_drop, p / (1.0 - p_drop), 0.0)
+        o = _dot(p.to(v.dtype), v, UPCAST, IEEE)  # (BLOCK_L, BLOCK_D)
+        tl.store(o_ptr + offsets, o.to(q.dtype), mask=mask)
 
 
 @triton.jit
@@ -102,27 +113,29 @@ def _packed_attention_bwd_kernel(
     cu_ptr, seed_ptr,
     stride_t, stride_h, H, D,
     scale, p_drop,
-    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    LOW: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, MAX_L: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    view, head, q, k, v, offsets, mask, row_ok = _view_tiles(q_ptr, k_ptr, v_ptr, cu_ptr, stride_t, stride_h, D,
-                                                             BLOCK_L, BLOCK_D)
-    do = tl.load(do_ptr + offsets, mask=mask, other=0.0)  # (BLOCK_L, BLOCK_D), zero rows past the view
-    p = _probabilities(q, k, row_ok, scale, UPCAST, IEEE)  # (BLOCK_L, BLOCK_L)
-    dp = _dot(do, tl.trans(v), UPCAST, IEEE)  # d(dropped P), (BLOCK_L, BLOCK_L)
-    if DROPOUT:
-        keep = _keep(seed_ptr, view, head, H, BLOCK_L) >= p_drop
-        pd = tl.where(keep, p / (1.0 - p_drop), 0.0)
-        dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
-    else:
-        pd = p
-    ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])  # softmax backward, (BLOCK_L, BLOCK_L)
-    dq = _dot(ds.to(k.dtype), k, UPCAST, IEEE) * scale
-    dk = _dot(tl.trans(ds).to(q.dtype), q, UPCAST, IEEE) * scale
-    dv = _dot(tl.trans(pd).to(do.dtype), do, UPCAST, IEEE)
-    tl.store(dq_ptr + offsets, dq.to(q.dtype), mask=mask)
-    tl.store(dk_ptr + offsets, dk.to(q.dtype), mask=mask)
-    tl.store(dv_ptr + offsets, dv.to(q.dtype), mask=mask)
+    view, start, n = _view(cu_ptr)
+    if (n > LOW) & (n <= BLOCK_L):  # this launch's length class
+        head, q, k, v, offsets, mask, row_ok = _view_tiles(q_ptr, k_ptr, v_ptr, start, n, stride_t, stride_h, D,
+                                                           BLOCK_L, BLOCK_D)
+        do = tl.load(do_ptr + offsets, mask=mask, other=0.0)  # (BLOCK_L, BLOCK_D), zero rows past the view
+        p = _probabilities(q, k, row_ok, scale, UPCAST, IEEE)  # (BLOCK_L, BLOCK_L)
+        dp = _dot(do, tl.trans(v), UPCAST, IEEE)  # d(dropped P), (BLOCK_L, BLOCK_L)
+        if DROPOUT:
+            keep = _keep(seed_ptr, view, head, H, BLOCK_L, MAX_L) >= p_drop
+            pd = tl.where(keep, p / (1.0 - p_drop), 0.0)
+            dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
+        else:
+            pd = p
+        ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])  # softmax backward, (BLOCK_L, BLOCK_L)
+        dq = _dot(ds.to(k.dtype), k, UPCAST, IEEE) * scale
+        dk = _dot(tl.trans(ds).to(q.dtype), q, UPCAST, IEEE) * scale
+        dv = _dot(tl.trans(pd).to(do.dtype), do, UPCAST, IEEE)
+        tl.store(dq_ptr + offsets, dq.to(q.dtype), mask=mask)
+        tl.store(dk_ptr + offsets, dk.to(q.dtype), mask=mask)
+        tl.store(dv_ptr + offsets, dv.to(q.dtype), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -130,16 +143,17 @@ def _packed_attention_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _blocks(max_len: int, head_dim: int) -> tuple[int, int]:
-    # tl.dot needs every dimension >= 16.
-    return max(16, triton.next_power_of_2(max_len)), max(16, triton.next_power_of_2(head_dim))
+LENGTH_CLASSES = (16, 32, 64, MAX_VIEW_TOKENS)  # tile sizes (tl.dot needs every dimension >= 16)
 
 
-def _launch_args(q: torch.Tensor, max_len: int, dropout_p: float) -> dict:
-    block_l, block_d = _blocks(max_len, q.shape[2])
-    return dict(BLOCK_L=block_l, BLOCK_D=block_d, DROPOUT=dropout_p > 0,
-                UPCAST=q.device.type == "cpu" and q.dtype != torch.float32, IEEE=q.dtype == torch.float32,
-                num_warps=4 if block_l <= 64 else 8)
+def _class_launches(q: torch.Tensor, max_len: int, dropout_p: float) -> list[dict]:
+    """Launch arguments for each length class up to the one holding max_len: views of LOW < n <= BLOCK_L tokens."""
+    common = dict(BLOCK_D=max(16, triton.next_power_of_2(q.shape[2])), MAX_L=MAX_VIEW_TOKENS, DROPOUT=dropout_p > 0,
+                  UPCAST=q.device.type == "cpu" and q.dtype != torch.float32, IEEE=q.dtype == torch.float32)
+    top = next(b for b in LENGTH_CLASSES if b >= max_len)
+    lows = (0, *LENGTH_CLASSES[:-1])
+    return [dict(common, LOW=low, BLOCK_L=block, num_warps=4 if block <= 64 else 8)
+            for low, block in zip(lows, LENGTH_CLASSES) if block <= top]
 
 
 class PackedAttentionFunction(torch.autograd.Function):
@@ -151,10 +165,11 @@ class PackedAttentionFunction(torch.autograd.Function):
         seed = (torch.randint(0, 2**31 - 1, (1,), device=q.device, dtype=torch.int64) if dropout_p > 0
                 else torch.zeros(1, device=q.device, dtype=torch.int64))
         out = torch.empty_like(q)
-        _packed_attention_fwd_kernel[(n_views, heads)](
-            q, k, v, out, cu_seqlens, seed, q.stride(0), q.stride(1), heads, q.shape[2],
-            float(scale), float(dropout_p), **_launch_args(q, max_len, dropout_p),
-        )
+        for args in _class_launches(q, max_len, dropout_p):
+            _packed_attention_fwd_kernel[(n_views, heads)](
+                q, k, v, out, cu_seqlens, seed, q.stride(0), q.stride(1), heads, q.shape[2],
+                float(scale), float(dropout_p), **args,
+            )
         ctx.save_for_backward(q, k, v, cu_seqlens, seed)
         ctx.max_len, ctx.dropout_p, ctx.scale = max_len, dropout_p, scale
         return out
@@ -165,10 +180,11 @@ class PackedAttentionFunction(torch.autograd.Function):
         grad_out = grad_out.to(q.dtype).contiguous()  # the kernels read it with q's (contiguous) strides
         dq, dk, dv = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
         n_views, heads = cu_seqlens.shape[0] - 1, q.shape[1]
-        _packed_attention_bwd_kernel[(n_views, heads)](
-            q, k, v, grad_out, dq, dk, dv, cu_seqlens, seed, q.stride(0), q.stride(1), heads, q.shape[2],
-            float(ctx.scale), float(ctx.dropout_p), **_launch_args(q, ctx.max_len, ctx.dropout_p),
-        )
+        for args in _class_launches(q, ctx.max_len, ctx.dropout_p):
+            _packed_attention_bwd_kernel[(n_views, heads)](
+                q, k, v, grad_out, dq, dk, dv, cu_seqlens, seed, q.stride(0), q.stride(1), heads, q.shape[2],
+                float(ctx.scale), float(ctx.dropout_p), **args,
+            )
         return dq, dk, dv, None, None, None, None
 
 
@@ -185,7 +201,8 @@ def packed_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     # One layout for all (inputs, output, gradients): contiguous (T, H, D). Attention functions of Hugging Face
     # models hand over views that are contiguous in this order already (no copy then).
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    if (cu_seqlens.shape[0] - 1) * q.shape[1] * triton.next_power_of_2(max(max_len, 16)) ** 2 >= 2**31:
-        raise ValueError("packed_attention_triton: too many views x heads for 32-bit dropout offsets")
+    if (cu_seqlens.shape[0] - 1) * q.shape[1] * MAX_VIEW_TOKENS**2 >= 2**31:
+        raise ValueError("packed_attention_triton: too many views x heads for 32-bit dropout offsets "
+                         f"(at most {2**31 // MAX_VIEW_TOKENS**2 - 1})")
     scale = q.shape[2] ** -0.5 if scale is None else scale
     return PackedAttentionFunction.apply(q, k, v, cu_seqlens.to(torch.int32), int(max_len), float(dropout_p), float(scale))

@@ -53,6 +53,7 @@ def _rel(x, ref):
     ([50, 33, 14], 64, torch.float16),
     ([64, 9], 16, torch.float32),  # a view exactly filling its tile
     ([100, 3], 32, torch.float32),  # 128-token tiles
+    ([16, 32, 17, 33, 65, 128, 64], 16, torch.float32),  # every length-class boundary, each side
 ])
 def test_matches_definition_without_dropout(lengths, dim, dtype):
     heads = 3
@@ -122,3 +123,14 @@ def test_deterministic_and_validated():
         packed_attention_triton(q, k, v, cu, 129)
     with pytest.raises(ValueError, match="dropout_p"):
         packed_attention_triton(q, k, v, cu, 11, 1.0)
+
+
+def test_one_launch_per_length_class_up_to_the_longest_view():
+    from mirrorfast.kernels.packed_attention_triton import _class_launches
+
+    q = torch.zeros(4, 2, 64, device=DEVICE)
+    blocks = lambda max_len: [(a["LOW"], a["BLOCK_L"]) for a in _class_launches(q, max_len, 0.1)]  # noqa: E731
+    assert blocks(1) == blocks(16) == [(0, 16)]
+    assert blocks(17) == [(0, 16), (16, 32)]
+    assert blocks(50) == [(0, 16), (16, 32), (32, 64)]
+    assert blocks(128) == [(0, 16), (16, 32), (32, 64), (64, 128)]
