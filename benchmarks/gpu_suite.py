@@ -450,10 +450,12 @@ ROWS = {  # recipe -> (kind, precision, environment); "-eager" rows: TrainConfig
     "bf16-half-triton-fusedln": ("mirrorfast", "bf16", {**_TRITON, **_FUSEDLN}),  # every opt-in
     "bf16-torchloss": ("mirrorfast", "bf16", {"MIRRORFAST_KERNELS": "torch"}),  # optional: loss kernel off
 }
-DEFAULT_ROWS = ["bert:reference", "bert:fp16", "bert:bf16", "bert:bf16-eager", "bert:bf16-sdpa", "bert:bf16-triton",
-                "bert:fp16-half", "bert:bf16-half", "bert:bf16-half-triton", "bert:bf16-fusedln",
-                "bert:bf16-half-triton-fusedln", "minilm:reference", "minilm:fp16", "minilm:bf16",
-                "minilm:bf16-triton", "minilm:bf16-half", "minilm:bf16-half-triton-fusedln"]
+# In the order they run. Rows with Triton kernels that have never run compiled on a GPU (-triton, -fusedln)
+# come last: a kernel that faults takes the process's CUDA context down, and with it every later row.
+DEFAULT_ROWS = ["bert:reference", "bert:fp16", "bert:bf16", "bert:bf16-eager", "bert:bf16-sdpa", "bert:fp16-half",
+                "bert:bf16-half", "minilm:reference", "minilm:fp16", "minilm:bf16", "minilm:bf16-half",
+                "bert:bf16-triton", "bert:bf16-half-triton", "bert:bf16-fusedln", "bert:bf16-half-triton-fusedln",
+                "minilm:bf16-triton", "minilm:bf16-half-triton-fusedln"]
 # On the CPU these would repeat other rows (no graphs; the CPU gathers; fp16 trains in fp32 there, so no half model).
 CUDA_ONLY = ("-eager", "-sdpa", "-triton", "fp16-half", "-fusedln")
 ALL_ROWS = [f"{m}:{r}" for m in ("bert", "minilm") for r in ROWS]
