@@ -3,6 +3,7 @@
 
     python benchmarks/profile_step.py                          # BERT-base (random init), bf16, eager, GPU
     python benchmarks/profile_step.py --precision fp16 --cuda-graphs
+    MIRRORFAST_PACKED_ATTENTION=triton python benchmarks/profile_step.py --half-model   # the opt-ins
     python benchmarks/profile_step.py --tiny --device cpu      # a 2-layer BERT on a few sentences (script check)
 
 One warm-up run first (Triton JIT, cuBLAS and allocator warm-up), then the profiled run of `--epochs`
@@ -30,6 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="bf16")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
                    help="profile the graphed step (its kernels then show as graph launches); default off")
+    p.add_argument("--half-model", action="store_true", help="the model in half precision (--half-model)")
     p.add_argument("--epochs", type=int, default=2, help="epochs in the profiled run (default 2)")
     p.add_argument("--sentences", type=int, help="use the first N corpus strings (default: all 10k; --tiny: 48)")
     p.add_argument("--rows", type=int, default=28, help="table rows (default 28)")
@@ -52,6 +54,7 @@ def main(argv=None) -> int:
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     config = TrainConfig(model=str(model), corpus=str(corpus), level="sentence", precision=args.precision,
                          device="cuda" if cuda else "cpu", cuda_graphs=args.cuda_graphs, epochs=args.epochs,
+                         half_model=args.half_model,
                          batch_size=16 if args.tiny else 200, dedup=False, output=str(work / "unused"),
                          progress=False)
 
@@ -67,7 +70,8 @@ def main(argv=None) -> int:
     kernels = [e for e in events if cuda and e.device_type == torch.autograd.DeviceType.CUDA]
     busy_us = sum(e.self_device_time_total for e in kernels) if cuda else sum(e.self_cpu_time_total for e in events)
     where = torch.cuda.get_device_name(0) if cuda else "CPU"
-    print(f"{where}: {model.name}, {args.precision}, cuda_graphs={args.cuda_graphs}; {result.steps} steps, "
+    print(f"{where}: {model.name}, {args.precision}, cuda_graphs={args.cuda_graphs}, half_model={args.half_model}; "
+          f"{result.steps} steps, "
           f"epochs {', '.join(f'{s:.2f} s' for s in result.epoch_seconds)} (profiler on), wall {wall:.1f} s")
     print(f"{'device kernel' if cuda else 'CPU operator'} time: {busy_us / 1e3:.1f} ms in all, "
           f"{busy_us / 1e3 / max(result.steps, 1):.2f} ms per step")

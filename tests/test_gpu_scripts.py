@@ -43,6 +43,7 @@ def test_profile_step_cpu():
     data = ROOT.parent / "shared" / "data"
     if not data.is_dir() and not os.environ.get("MIRRORFAST_DATA"):
         pytest.skip(f"the paper's corpus is not under {data} (see ../shared/data/README)")
-    out = _run("benchmarks/profile_step.py", "--tiny", "--device", "cpu", "--epochs", "1", "--rows", "5")
-    assert "CPU: tiny-bert, bf16, cuda_graphs=False; 3 steps" in out, out
+    out = _run("benchmarks/profile_step.py", "--tiny", "--device", "cpu", "--epochs", "1", "--rows", "5",
+               "--half-model")
+    assert "CPU: tiny-bert, bf16, cuda_graphs=False, half_model=True; 3 steps" in out, out
     assert "ms per step" in out and "aten::" in out, out
