@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 if TYPE_CHECKING:
-    from mirrorfast.export.server import Metrics
+    from mirrorfast.export.serve_edge import Metrics
 
 logger = logging.getLogger("mirrorfast.serve")
 

@@ -2,8 +2,9 @@
 
 Shape of a request:
 
-    HTTP (uvicorn) -> _Edge (metrics, auth, body-size limit) -> FastAPI route (parse, tokenize once,
-    validate) -> Batcher queue -> the one inference thread (OnnxEncoder.encode_ids) -> route (JSON) -> HTTP
+    HTTP (uvicorn) -> Edge (serve_edge.py: metrics, auth, body-size limit) -> FastAPI route (parse,
+    tokenize once, validate) -> Batcher queue -> the one inference thread (OnnxEncoder.encode_ids) -> route
+    (JSON) -> HTTP
 
 * Every request goes through a single inference worker thread that owns the OnnxEncoder. Concurrent
   requests are merged into batches; a batch closes when adding the next input would exceed
@@ -25,14 +26,11 @@ import asyncio
 import base64
 import contextlib
 import copy
-import hmac
 import json
-import logging
 import signal
 import socket
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -44,16 +42,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mirrorfast.errors import MirrorfastError
 from mirrorfast.export.batching import Batcher, QueueFull, Tokenizing
-
-logger = logging.getLogger("mirrorfast.serve")
-
-EMBEDDINGS_ROUTE = "/v1/embeddings"
-EMBED_ROUTE = "/embed"
-HEALTH_ROUTE = "/health"
-METRICS_ROUTE = "/metrics"
-PROTECTED_ROUTES = frozenset({EMBEDDINGS_ROUTE, EMBED_ROUTE})
-KNOWN_ROUTES = frozenset({EMBEDDINGS_ROUTE, EMBED_ROUTE, HEALTH_ROUTE, METRICS_ROUTE})
-
+from mirrorfast.export.serve_edge import (EMBED_ROUTE, EMBEDDINGS_ROUTE, HEALTH_ROUTE, METRICS_ROUTE, ApiError, Edge,
+                                          Metrics, error_body)
 
 # ------------------------------------------------------------------------------------------ config
 @dataclass
@@ -111,61 +101,6 @@ class ServeConfig:
         return cfg
 
 
-# ----------------------------------------------------------------------------------------- metrics
-class Metrics:
-    """Prometheus metrics of one app, in its own registry (several apps in one process never collide)."""
-
-    def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.requests = Counter(
-            "mirrorfast_requests", "HTTP requests by route and status code", ["route", "status"], registry=r
-        )
-        self.latency = Histogram(
-            "mirrorfast_request_duration_seconds", "HTTP request latency (first byte in to last byte out)",
-            ["route"], registry=r,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
-        )
-        self.in_progress = Gauge("mirrorfast_requests_in_progress", "HTTP requests being handled", registry=r)
-        self.inputs = Counter("mirrorfast_inputs", "texts embedded", registry=r)
-        self.tokens = Counter("mirrorfast_prompt_tokens", "tokens embedded (incl. special tokens)", registry=r)
-        self.batch_size = Histogram(
-            "mirrorfast_batch_size", "inputs per model call", registry=r,
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
-        )
-        self.batch_tokens = Histogram(
-            "mirrorfast_batch_tokens", "padded tokens (inputs x longest input) per model call", registry=r,
-            buckets=(16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072),
-        )
-        self.queue_depth = Gauge("mirrorfast_queue_depth", "inputs waiting for the inference worker", registry=r)
-        self.rejected = Counter("mirrorfast_rejected", "requests refused with 503 (queue full)", registry=r)
-
-    def render(self) -> tuple[bytes, str]:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
-
-
-# ------------------------------------------------------------------------------------------ errors
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, index: int | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.index, self.headers = index, headers
-
-
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None,
-               index: int | None = None) -> bytes:
-    err: dict[str, Any] = {"message": message, "type": type_, "param": param, "code": code}
-    if index is not None:
-        err["index"] = index
-    return json.dumps({"error": err}).encode()
-
-
 def _json_type(value: Any) -> str:
     if value is None:
         return "null"
@@ -184,119 +119,6 @@ def _json_type(value: Any) -> str:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-# ---------------------------------------------------------------------------------- ASGI edge layer
-async def _send_json(send, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
-    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    for k, v in (headers or {}).items():
-        raw_headers.append((k.lower().encode("latin-1"), v.encode("latin-1")))
-    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-class _Edge:
-    """Outermost ASGI layer: metrics for every request, API-key check, body-size limit (declared
-    Content-Length and streamed bytes), and a JSON 500 for anything that escapes the app."""
-
-    def __init__(self, app, config: ServeConfig, metrics: Metrics) -> None:
-        self.app = app
-        self.config = config
-        self.metrics = metrics
-        key = config.api_key
-        self._key = key.encode("utf-8") if key else None
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope.get("path", "")
-        route = path if path in KNOWN_ROUTES else "other"
-        started = False
-        status = 500
-
-        async def send_wrapper(message) -> None:
-            nonlocal started, status
-            if message["type"] == "http.response.start":
-                started = True
-                status = int(message["status"])
-            await send(message)
-
-        t0 = time.perf_counter()
-        self.metrics.in_progress.inc()
-        try:
-            await self._handle(scope, receive, send_wrapper, path)
-        except Exception:  # noqa: BLE001 - one bad request never takes the server down
-            logger.exception("unhandled error on %s %s", scope.get("method"), path)
-            if not started:
-                with contextlib.suppress(Exception):
-                    await _send_json(send_wrapper, 500, error_body("internal server error", "server_error"))
-        finally:
-            self.metrics.in_progress.dec()
-            self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
-
-    def _authorized(self, scope) -> bool:
-        if self._key is None:
-            return True
-        for name, value in scope.get("headers", ()):
-            if name == b"authorization":
-                scheme, _, token = value.partition(b" ")
-                if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._key):
-                    return True
-        return False
-
-    async def _handle(self, scope, receive, send, path: str) -> None:
-        if path in PROTECTED_ROUTES and not self._authorized(scope):
-            await _send_json(
-                send, 401,
-                error_body("missing or invalid API key (send 'Authorization: Bearer KEY')",
-                           "authentication_error", code="invalid_api_key"),
-                {"www-authenticate": "Bearer"},
-            )
-            return
-        if scope.get("method") not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)
-            return
-        limit = int(self.config.max_body_bytes)
-        too_large = error_body(f"request body is larger than the limit of {limit} bytes",
-                               "invalid_request_error", code="request_too_large")
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    await _send_json(send, 400, error_body("invalid Content-Length header",
-                                                           "invalid_request_error"))
-                    return
-                if declared > limit:
-                    await _send_json(send, 413, too_large, {"connection": "close"})
-                    return
-        chunks: list[bytes] = []
-        total = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            total += len(chunk)
-            if total > limit:
-                await _send_json(send, 413, too_large, {"connection": "close"})
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
 
 
 # -------------------------------------------------------------------------------------------- app
@@ -391,7 +213,7 @@ def create_app(encoder, config: ServeConfig | None = None):
         return api_error_response(err)
 
     @app.exception_handler(Exception)
-    async def server_error(_request, _exc: Exception):  # Starlette logs and re-raises; _Edge absorbs it
+    async def server_error(_request, _exc: Exception):  # Starlette logs and re-raises; Edge absorbs it
         return api_error_response(ApiError(500, "internal server error", "server_error"))
 
     async def read_json_object(request: Request) -> dict:
@@ -505,7 +327,7 @@ def create_app(encoder, config: ServeConfig | None = None):
         body, ctype = metrics.render()
         return Response(content=body, media_type=ctype)
 
-    return _Edge(app, config, metrics)
+    return Edge(app, metrics, config.api_key, config.max_body_bytes)
 
 
 # ------------------------------------------------------------------------------------ the command
