@@ -12,13 +12,16 @@ it there (the fp16 MiniLM is upcast to fp32 before use). mirrorfast need not be 
 
 Models: BERT-base (random weights from a config; timing only) and the packaged all-MiniLM-L6-v2 (real
 weights: timing + STS-B dev Spearman before / after one epoch). Recipes per model:
-  reference  - what users would otherwise run (implemented below, `reference_*` functions): Hugging Face
+  reference  - what users would otherwise run (benchmarks/reference_recipe.py): Hugging Face
                AutoModel in PyTorch eager mode (no torch.compile; the default attention implementation,
                sdpa, unless --reference-attention eager), every batch padded to max_length=50, tokenizer
                called on each batch's strings and their masked copies inside the loop, fp16 autocast +
                GradScaler, standard AdamW (foreach, not fused), plain PyTorch InfoNCE
                (F.normalize + matmul + cross_entropy), [CLS] pooling, loss.item() every step.
-  fp16, bf16 - mirrorfast.trainer.train(level="sentence", precision=..., save=False, progress=False).
+  fp16, bf16 - mirrorfast.trainer.train(level="sentence", precision=..., save=False, progress=False), the
+               trainer's defaults (on CUDA: packed attention, CUDA graphs). Variants by suffix (ROWS):
+               -eager (no CUDA graphs), -sdpa / -triton (MIRRORFAST_PACKED_ATTENTION), -half (--half-model),
+               -fusedln (MIRRORFAST_FUSED_LAYERNORM=1), -torchloss (MIRRORFAST_KERNELS=torch).
 Both recipes: span mask k=5 on the second view, dropout 0.1, T=0.04, lr 2e-5, weight decay 0.01,
 batch 200 strings (400 views), the same 10k-line corpus (no dedup: 50 steps an epoch), the same
 shuffled batch order (seed 42), 2 epochs (the 2nd gives the steady-state numbers).
@@ -38,7 +41,6 @@ import json
 import math
 import os
 import platform
-import random
 import shutil
 import subprocess
 import sys
@@ -56,9 +58,8 @@ from from_checkout import ensure_importable  # noqa: E402
 
 ensure_importable()
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from reference_recipe import ReferenceRecipe, reference_train  # noqa: E402
 
 # ../shared is not carried to the GPU machine: --prepare-carry copies what the suite needs into ./.gpu
 # (git-ignored), which it then finds on its own.
@@ -71,130 +72,7 @@ DEFAULT_PEAK_TFLOPS = 794.0  # H200 bf16 dense matmul, measured (../shared/notes
 QUALITY_TOLERANCE = 0.5  # STS-B dev Spearman x100: mirrorfast after-score vs the reference's
 
 
-# ============================================================================ the reference recipe
-@dataclass
-class ReferenceRecipe:
-    """The Mirror-BERT sentence recipe as a plain PyTorch / Hugging Face training loop would run it."""
-
-    max_length: int = 50
-    batch_size: int = 200  # strings; 2x views per step
-    lr: float = 2e-5
-    weight_decay: float = 0.01
-    temperature: float = 0.04
-    mask_span: int = 5
-    min_length_to_mask: int = 30  # the paper leaves shorter strings unmasked
-    dropout: float = 0.1
-    seed: int = 42
-    attn_implementation: str = "sdpa"  # transformers' default; "eager" for the pre-SDPA behaviour
-
-
-def reference_mask_span(text: str, k: int, mask_token: str, rng: random.Random, min_length: int = 30) -> str:
-    """Replace one random span of k characters with the tokenizer's mask token (short strings untouched)."""
-    if k <= 0 or len(text) < min_length:
-        return text
-    start = rng.randint(0, len(text) - k)
-    return text[:start] + mask_token + text[start + k :]
-
-
-def reference_info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
-    """NT-Xent over the 2N views cat(a, b): row i's positive is row (i + N) mod 2N, itself excluded."""
-    z = F.normalize(torch.cat([a, b]), dim=1)
-    logits = z @ z.T / temperature
-    n2 = logits.shape[0]
-    logits = logits.masked_fill(torch.eye(n2, dtype=torch.bool, device=logits.device), float("-inf"))
-    labels = (torch.arange(n2, device=logits.device) + n2 // 2) % n2
-    return F.cross_entropy(logits, labels)
-
-
-def reference_load(model_dir, device: torch.device, recipe: ReferenceRecipe):
-    """AutoTokenizer + AutoModel (fp32 weights, dropout set) on `device`, in training mode."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    config = AutoConfig.from_pretrained(model_dir)
-    config.hidden_dropout_prob = recipe.dropout
-    config.attention_probs_dropout_prob = recipe.dropout
-    model = AutoModel.from_pretrained(
-        model_dir, config=config, dtype=torch.float32, attn_implementation=recipe.attn_implementation
-    )
-    return tokenizer, model.to(device).train()
-
-
-def reference_optim(model, device: torch.device, recipe: ReferenceRecipe):
-    """Standard AdamW (default foreach implementation), GradScaler + fp16 autocast on CUDA (fp32 on CPU)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    cuda = device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=cuda)
-    autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else contextlib.nullcontext()
-    return optimizer, scaler, autocast
-
-
-def reference_step(model, tokenizer, texts: list[str], masked: list[str], device, optimizer, scaler, autocast,
-                   recipe: ReferenceRecipe) -> tuple[float, int]:
-    """One step: tokenize both views (padded to max_length), [CLS], InfoNCE, AdamW. -> (loss, real tokens)."""
-    enc = tokenizer(texts + masked, padding="max_length", truncation=True, max_length=recipe.max_length,
-                    return_tensors="pt")
-    tokens = int(enc["attention_mask"].sum())
-    enc = enc.to(device)
-    n = len(texts)
-    with autocast:
-        cls = model(**enc).last_hidden_state[:, 0]
-        loss = reference_info_nce(cls[:n], cls[n:], recipe.temperature)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    return loss.item(), tokens  # the original code logs the loss every step (a host sync)
-
-
-def reference_batches(n: int, batch_size: int, rng: random.Random) -> list[list[int]]:
-    """Shuffled row indices cut into batches (a trailing batch of one string has no negatives: dropped)."""
-    order = list(range(n))
-    rng.shuffle(order)
-    return [b for b in (order[i : i + batch_size] for i in range(0, n, batch_size)) if len(b) >= 2]
-
-
-def reference_train(model_dir, texts: list[str], device: torch.device, epochs: int, recipe: ReferenceRecipe,
-                    after_epoch=None) -> dict:
-    """The reference loop. after_epoch(epoch, model, tokenizer) runs outside the timed region."""
-    t0 = time.perf_counter()
-    random.seed(recipe.seed)
-    np.random.seed(recipe.seed)
-    torch.manual_seed(recipe.seed)
-    tokenizer, model = reference_load(model_dir, device, recipe)
-    optimizer, scaler, autocast = reference_optim(model, device, recipe)
-    order_rng, mask_rng = random.Random(recipe.seed), random.Random(recipe.seed + 1)
-    _sync(device)
-    setup = time.perf_counter() - t0
-    epoch_seconds, epoch_steps, epoch_tokens, losses = [], [], [], []
-    for epoch in range(epochs):
-        batches = reference_batches(len(texts), recipe.batch_size, order_rng)
-        _sync(device)
-        t_epoch = time.perf_counter()
-        tokens = 0
-        for rows in batches:
-            first = [texts[i] for i in rows]
-            second = [reference_mask_span(t, recipe.mask_span, tokenizer.mask_token, mask_rng,
-                                          recipe.min_length_to_mask) for t in first]
-            loss, n_tokens = reference_step(model, tokenizer, first, second, device, optimizer, scaler, autocast, recipe)
-            losses.append(loss)
-            tokens += n_tokens
-        _sync(device)
-        epoch_seconds.append(time.perf_counter() - t_epoch)
-        epoch_steps.append(len(batches))
-        epoch_tokens.append(tokens)
-        if after_epoch is not None:
-            after_epoch(epoch, model, tokenizer)
-    return {"setup_seconds": setup, "epoch_seconds": epoch_seconds, "epoch_steps": epoch_steps,
-            "epoch_tokens": epoch_tokens, "losses": losses, "model": model, "tokenizer": tokenizer}
-
-
 # ============================================================================ helpers
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _reset_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":

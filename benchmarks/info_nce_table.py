@@ -299,6 +299,8 @@ SWEEP_FWD_LARGE = [
 SWEEP_FWD_SMALL = [
     (32, 64, 128, 4, 2, False), (16, 64, 128, 4, 2, False), (32, 64, 256, 4, 2, False), (16, 64, 256, 4, 2, False),
     (32, 128, 128, 4, 2, False), (32, 64, 128, 4, 2, True),
+    # one column tile per segment (N <= 256): 2 serial column steps instead of 4-8, on 25-50 programs
+    (16, 256, 128, 4, 2, False), (16, 256, 64, 4, 3, False), (32, 256, 64, 8, 2, False),
 ]
 # (BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DC, num_warps, num_stages[, chunks of BLOCK_DC per program])
 SWEEP_BWD_LARGE = [
@@ -329,6 +331,8 @@ SWEEP_BWD_SMALL = [
     (32, 64, 128, 128, 4, 2), (16, 64, 128, 256, 4, 2), (16, 64, 128, 128, 4, 2), (32, 64, 256, 128, 4, 2),
     (16, 64, 256, 256, 4, 2), (32, 32, 128, 256, 4, 2),
     (16, 64, 128, 256, 4, 2, 3), (32, 64, 128, 256, 8, 2, 3), (16, 64, 128, 128, 4, 2, 3),
+    # wide column tiles (2 serial column steps at N <= 256), narrower gradient chunks for more programs
+    (16, 256, 64, 128, 8, 2), (16, 128, 128, 128, 4, 2), (16, 256, 64, 64, 8, 2),
 ]
 
 

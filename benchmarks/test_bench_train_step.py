@@ -7,7 +7,7 @@ fused AdamW, the Triton loss; reference: padded to 50, GradScaler, foreach AdamW
 What each case times, as its training loop runs it:
   mirrorfast  `mirrorfast.trainer.training_step` on a batch tokenized and uploaded beforehand (the trainer
               builds an epoch's batches up front, in a background thread), no host sync in the step;
-  reference   `gpu_suite.reference_step`: tokenize both views, upload, forward, loss, backward, step,
+  reference   `reference_recipe.reference_step`: tokenize both views, upload, forward, loss, backward, step,
               loss.item().
 
     pytest benchmarks/test_bench_train_step.py                     # timed (a few rounds)
@@ -38,6 +38,7 @@ def _load_suite():
 
 
 gpu_suite = _load_suite()
+import reference_recipe  # noqa: E402  (benchmarks/ is on sys.path: pytest and gpu_suite put it there)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TEXTS = [
@@ -102,15 +103,15 @@ def test_step_mirrorfast(benchmark, tiny_bert):
 
 @pytest.mark.benchmark(group=GROUP)
 def test_step_reference(benchmark, tiny_bert):
-    recipe = gpu_suite.ReferenceRecipe(batch_size=len(TEXTS))
+    recipe = reference_recipe.ReferenceRecipe(batch_size=len(TEXTS))
     torch.manual_seed(0)
-    tokenizer, model = gpu_suite.reference_load(str(tiny_bert), DEVICE, recipe)
-    optimizer, scaler, autocast = gpu_suite.reference_optim(model, DEVICE, recipe)
+    tokenizer, model = reference_recipe.reference_load(str(tiny_bert), DEVICE, recipe)
+    optimizer, scaler, autocast = reference_recipe.reference_optim(model, DEVICE, recipe)
     rng = random.Random(0)
-    masked = [gpu_suite.reference_mask_span(t, recipe.mask_span, tokenizer.mask_token, rng) for t in TEXTS]
+    masked = [reference_recipe.reference_mask_span(t, recipe.mask_span, tokenizer.mask_token, rng) for t in TEXTS]
 
     def step():
-        return gpu_suite.reference_step(model, tokenizer, TEXTS, masked, DEVICE, optimizer, scaler, autocast, recipe)
+        return reference_recipe.reference_step(model, tokenizer, TEXTS, masked, DEVICE, optimizer, scaler, autocast, recipe)
 
     loss, tokens = benchmark.pedantic(step, **ROUNDS)
     assert np.isfinite(loss) and tokens > 2 * len(TEXTS)
