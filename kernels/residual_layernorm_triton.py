@@ -2,9 +2,9 @@
 `dropout_add_layer_norm`.
 
 Why: every BERT sublayer ends with LayerNorm(dropout(h) + residual) (Hugging Face's BertSelfOutput and
-BertOutput), which PyTorch runs as three kernels forward (dropout, add, LayerNorm) and about five backward,
-each a full pass over a (tokens x hidden) tensor; 24 such sublayers a BERT-base step. Here one program owns
-BLOCK_R rows, each held whole in registers (hidden <= MAX_HIDDEN).
+BertOutput), which PyTorch runs as separate dropout, add and LayerNorm kernels each way (and, under
+autocast, a cast of the gradient), each a full pass over a (tokens x hidden) tensor; 24 such sublayers a
+BERT-base step. Here one program owns BLOCK_R rows, each held whole in registers (hidden <= MAX_HIDDEN).
 
 Definition, per row (H features):
     s = residual + h * keep / (1 - p)        keep ~ Bernoulli(1 - p), Philox from a seed in a device tensor
