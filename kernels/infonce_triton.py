@@ -396,6 +396,26 @@ def _dot_upcast(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.bfloat16
 
 
+def norm_meta(n: int, d: int) -> dict:
+    """`_row_norm_kernel`'s compile-time arguments and launch options (also read by
+    benchmarks/kernel_registers.py, which compiles every launch configuration ahead of time)."""
+    return dict(BLOCK_M=_clamp_block(64, n), BLOCK_D=_clamp_block(128, d), num_warps=4)
+
+
+def fwd_meta(cfg: KernelConfig, dtype: torch.dtype, upcast: bool = False) -> dict:
+    """`_infonce_fwd_kernel`'s compile-time arguments and launch options for `cfg` and the input dtype."""
+    return dict(BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, BLOCK_D=cfg.fwd_d, FUSED_NORM=cfg.fused_norm,
+                DOT_PRECISION=_dot_precision(dtype, cfg), DOT_UPCAST=upcast, num_warps=cfg.fwd_warps,
+                num_stages=cfg.fwd_stages)
+
+
+def bwd_meta(cfg: KernelConfig, dtype: torch.dtype, upcast: bool = False) -> dict:
+    """`_infonce_bwd_kernel`'s compile-time arguments and launch options for `cfg` and the input dtype."""
+    return dict(G_SCALE=_G_SCALE, BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, BLOCK_D=cfg.bwd_d, BLOCK_DC=cfg.bwd_dc,
+                NUM_DC=cfg.bwd_chunks, DOT_PRECISION=_dot_precision(dtype, cfg), DOT_UPCAST=upcast,
+                MM_FP16=dtype != torch.float32, num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages)
+
+
 def _forward(a, b, temperature: float, cfg: KernelConfig):
     # a, b: (N, D), same dtype/device, unit stride along D. Returns norm, lse2, loss: (2N,) fp32.
     n, d = a.shape
@@ -403,14 +423,11 @@ def _forward(a, b, temperature: float, cfg: KernelConfig):
     norm, lse2 = torch.empty((2, n2), device=a.device, dtype=torch.float32).unbind(0)  # saved for backward
     loss = torch.empty(n2, device=a.device, dtype=torch.float32)  # its own storage: "none" returns it
     if not cfg.fused_norm:
-        block = _clamp_block(64, n)
-        _row_norm_kernel[(2 * triton.cdiv(n, block),)](
-            a, b, norm, n, d, a.stride(0), b.stride(0), BLOCK_M=block, BLOCK_D=_clamp_block(128, d), num_warps=4
-        )
+        meta = norm_meta(n, d)
+        _row_norm_kernel[(2 * triton.cdiv(n, meta["BLOCK_M"]),)](a, b, norm, n, d, a.stride(0), b.stride(0), **meta)
     _infonce_fwd_kernel[(2 * triton.cdiv(n, cfg.fwd_m),)](
         a, b, norm, lse2, loss, n, d, a.stride(0), b.stride(0), _LOG2E / temperature, _EPS,
-        BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, BLOCK_D=cfg.fwd_d, FUSED_NORM=cfg.fused_norm,
-        DOT_PRECISION=_dot_precision(a.dtype, cfg), DOT_UPCAST=_dot_upcast(a), num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+        **fwd_meta(cfg, a.dtype, _dot_upcast(a)),
     )
     return norm, lse2, loss
 
@@ -434,10 +451,7 @@ def _backward(a, b, norm, lse2, grad, temperature: float, reduction: str, cfg: K
         a, b, norm, lse2, w, wref, da, db,
         n, d, a.stride(0), b.stride(0), da.stride(0), db.stride(0), w_stride,
         _LOG2E / temperature, w_scale / (temperature * _G_SCALE), w_scale * _LN2, _EPS,
-        G_SCALE=_G_SCALE, BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, BLOCK_D=cfg.bwd_d, BLOCK_DC=cfg.bwd_dc,
-        NUM_DC=cfg.bwd_chunks,
-        DOT_PRECISION=_dot_precision(a.dtype, cfg), DOT_UPCAST=_dot_upcast(a), MM_FP16=a.dtype != torch.float32,
-        num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages,
+        **bwd_meta(cfg, a.dtype, _dot_upcast(a)),
     )
     return da, db
 

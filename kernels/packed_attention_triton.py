@@ -144,6 +144,10 @@ def _packed_attention_bwd_kernel(
 
 
 LENGTH_CLASSES = (16, 32, 64, MAX_VIEW_TOKENS)  # tile sizes (tl.dot needs every dimension >= 16)
+# Warps per class: the fewest without register spills for bf16 and head dim 64, dropout on (ptxas for
+# sm_90a through Triton 3.9, `benchmarks/kernel_registers.py`, 2026-11-26: with 4 warps the 64-token backward
+# spilled 114 bytes, with 8 the 128-token one 1,684; the 128-token backward still spills at 16).
+_CLASS_WARPS = {16: 4, 32: 4, 64: 8, MAX_VIEW_TOKENS: 16}
 
 
 def _class_launches(q: torch.Tensor, max_len: int, dropout_p: float) -> list[dict]:
@@ -152,7 +156,7 @@ def _class_launches(q: torch.Tensor, max_len: int, dropout_p: float) -> list[dic
                   UPCAST=q.device.type == "cpu" and q.dtype != torch.float32, IEEE=q.dtype == torch.float32)
     top = next(b for b in LENGTH_CLASSES if b >= max_len)
     lows = (0, *LENGTH_CLASSES[:-1])
-    return [dict(common, LOW=low, BLOCK_L=block, num_warps=4 if block <= 64 else 8)
+    return [dict(common, LOW=low, BLOCK_L=block, num_warps=_CLASS_WARPS[block])
             for low, block in zip(lows, LENGTH_CLASSES) if block <= top]
 
 
