@@ -24,6 +24,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("kernel_registers: unset TRITON_INTERPRET (the interpreter compiles nothing)")
+# Triton 3.9 warns while its default is unset; "1" is that default, the one the kernels run with.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from from_checkout import ensure_importable  # noqa: E402
 

@@ -18,7 +18,6 @@ def test_default_kernel_configurations_compile_without_spills():
     if not any((bin_dir / name).is_file() for name in ("ptxas-blackwell", "ptxas")):
         pytest.skip(f"this Triton has no bundled ptxas under {bin_dir}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_registers.py"), "--check"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr[-3000:]
