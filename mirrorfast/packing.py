@@ -92,8 +92,8 @@ def flash_supported(device: torch.device) -> bool:
 def packed_kernel(device: torch.device, max_len: int = 0) -> str:
     """The attention packed batches use on `device`: "flash" (FlashAttention varlen), "sdpa" (views gathered
     into a padded SDPA batch: the CPU, GPUs without FlashAttention, or asked for) or "triton" (asked for;
-    on the CPU only under TRITON_INTERPRET=1, as tests run it). A batch with views longer than the Triton
-    kernel's tile (max_len) falls back to the other two."""
+    on the CPU only under TRITON_INTERPRET=1, as tests run it). Views longer than the Triton kernel's tile
+    (max_len: the longest a run's batches can have) fall back to the other two."""
     choice = cuda_kernel()
     flash = "flash" if flash_supported(device) else "sdpa"  # always "sdpa" off CUDA
     if choice == "triton" and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
@@ -132,24 +132,32 @@ def supports_packing(model) -> bool:
 
 
 @contextlib.contextmanager
-def packed_attention(model):
-    """Switch the model to packed attention for the duration (the saved model keeps its own)."""
+def packed_attention(model, kernel: str | None = None):
+    """Switch the model to packed attention for the duration (the saved model keeps its own).
+
+    The kernel is decided here, once (`packed_kernel` for the model's device, unless the caller decided it
+    for its longest views), not on every forward. Yields it."""
     _register()
     position_offset(model)  # validates the model type
-    cuda_kernel()  # validates the override before any work
+    kernel = kernel or packed_kernel(next(model.parameters()).device)  # validates the override before any work
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION_NAME)
+    model._mirrorfast_packed_kernel = kernel  # a plain attribute, read by packed_hidden; never saved
     try:
-        yield
+        yield kernel
     finally:
         model.set_attn_implementation(previous)
+        del model._mirrorfast_packed_kernel
 
 
 def packed_hidden(model, input_ids, position_ids, cu_seqlens, segment_ids, max_len: int):
-    """input_ids, position_ids: (1, T); cu_seqlens: (S + 1,) int32; segment_ids: (T,) -> (T, H) last hidden state."""
+    """input_ids, position_ids: (1, T); cu_seqlens: (S + 1,) int32; segment_ids: (T,) -> (T, H) last hidden state.
+    Inside `packed_attention(model)`, whose kernel it uses."""
     offset = position_offset(model)
+    kernel = getattr(model, "_mirrorfast_packed_kernel", None)
+    if kernel is None:
+        raise MirrorfastError("packed batches need the model inside mirrorfast.packing.packed_attention(model)")
     # FlashAttention and the Triton kernel take cu_seqlens; the SDPA path gathers views into a padded batch.
-    kernel = packed_kernel(input_ids.device, max_len)
     padded_index = _padded_index(cu_seqlens, segment_ids, max_len) if kernel == "sdpa" else None
     out = model(
         input_ids=input_ids,

@@ -283,8 +283,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     if cfg.half_model and not half_model:
         log("half model: off (the CPU trains --fp16 in fp32)")
     loss_backend = resolve_backend("auto", device)
-    kernel = packed_kernel(device, cfg.max_length) if packed and device.type == "cuda" else None
-    attention = "padded" if not packed else "packed" if kernel in (None, "flash") else f"packed-{kernel}"
+    # Views never exceed max_length, and bucketed batches round it up to a multiple of 32 (at most 128 while
+    # max_length is): the packed kernel is decided once for the run.
+    kernel = packed_kernel(device, cfg.max_length) if packed else None
+    attention = "padded" if kernel is None else "packed" if kernel == "flash" else f"packed-{kernel}"
     # How this run computes (logged, and recorded in mirrorfast.json).
     paths = {"precision": PRECISION_NAMES[dtype], "attention": attention, "loss": loss_backend,
              "cuda_graphs": graphs, "half_model": half_model, "fused_layernorm": fused_norm}
@@ -321,7 +323,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     bar = tqdm(total=total_steps, unit="step", disable=not cfg.progress, dynamic_ncols=True)
     with (ThreadPoolExecutor(max_workers=1) as pool,
           trained_parameters(encoder.model, dtype, half_model) as (params, half),
-          packed_attention(encoder.model) if packed else contextlib.nullcontext(),
+          packed_attention(encoder.model, kernel) if packed else contextlib.nullcontext(),
           fused_residual_layernorm(encoder.model) if fused_norm else contextlib.nullcontext()):
         upcoming = pool.submit(prepare, 0)
         # Fused AdamW: one kernel for all parameters instead of a loop of per-tensor kernels.

@@ -120,6 +120,30 @@ def test_cuda_kernel_override_is_validated(minilm_dir, monkeypatch):
     assert model.config._attn_implementation != "mirrorfast_packed"  # nothing was switched
 
 
+def test_kernel_is_decided_once_per_context(minilm_dir, monkeypatch):
+    """packed_attention decides the kernel as it is entered (the trainer passes the one it decided for its
+    longest views); the forwards inside never decide again, and a packed forward outside it is an error."""
+    pytest.importorskip("triton")
+    from mirrorfast.errors import MirrorfastError
+    from mirrorfast.packing import ATTENTION_ENV
+
+    tok, model, encoder, views = tiny_setup(minilm_dir, "cls", seed=4)
+    batch = packed_batch(views)
+    with packed_attention(model) as kernel:
+        assert kernel == "sdpa"  # the CPU's path for the default ("flash")
+        gathered = encoder.embed_batch(batch)
+        monkeypatch.setenv(ATTENTION_ENV, "triton")  # too late for this context
+        assert torch.equal(encoder.embed_batch(batch), gathered)
+    with packed_attention(model) as kernel:
+        assert kernel == "triton"
+        tiled = encoder.embed_batch(batch)
+    with packed_attention(model, "sdpa"):  # the caller's decision wins
+        assert torch.equal(encoder.embed_batch(batch), gathered)
+    assert not torch.equal(tiled, gathered)  # the two kernels round differently: the check above can fail
+    with pytest.raises(MirrorfastError, match="inside mirrorfast.packing.packed_attention"):
+        encoder.embed_batch(batch)
+
+
 def test_triton_packed_attention_in_the_model(minilm_dir, monkeypatch):
     """The one-tile Triton kernel inside a real (float32, dropout-free) BERT: packed equals padded, forward and
     gradients (the Triton interpreter here; compiled on a GPU)."""
