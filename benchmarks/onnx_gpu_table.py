@@ -47,6 +47,7 @@ from from_checkout import ensure_importable  # noqa: E402
 
 ensure_importable()  # works from a plain checkout too (the GPU machine)
 from mirrorfast.export import OnnxEncoder, export_model  # noqa: E402
+from mirrorfast.errors import first_line  # noqa: E402
 from mirrorfast.export.runtime import open_session  # noqa: E402
 from mirrorfast.export.onnx import SentenceEmbeddingGraph  # noqa: E402
 
@@ -223,7 +224,7 @@ def fp16_variant_rows(table: Table, path: Path, on_device: dict, out, args) -> N
             session.run_with_iobinding(binding)  # warm-up (capture, tuning)
             ms, n = measure(lambda: session.run_with_iobinding(binding), 10, args.iters, 30, torch.cuda.synchronize)
         except Exception as exc:  # noqa: BLE001 - e.g. nodes the CUDA EP leaves to the CPU make capture impossible
-            table.skip(what, f"failed: {str(exc).splitlines()[0][:200]}")
+            table.skip(what, f"failed: {first_line(exc)[:200]}")
             continue
         worst = float(np.abs(out.numpy() - expected).max())
         if worst > 1e-3:  # the variant must compute what the plain session computed

@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # same rule as tests/conftest.py
 
 from info_nce_table import peak_extra_mib  # noqa: E402  (benchmarks/ is on sys.path under pytest)
+from mirrorfast.errors import first_line  # noqa: E402
 from mirrorfast.kernels import info_nce, info_nce_reference  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -66,7 +67,7 @@ def test_info_nce_fwd_bwd_gpu(benchmark, n, d, impl):
         step()  # compile / autotune outside the timing
     except Exception as exc:  # noqa: BLE001
         if impl == "torch-compile":
-            pytest.skip(f"torch.compile of the reference failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            pytest.skip(f"torch.compile of the reference failed: {type(exc).__name__}: {first_line(exc)[:300]}")
         raise
     benchmark.group = f"info_nce fwd+bwd fp16 N={n} D={d}"
     benchmark.extra_info.update(
