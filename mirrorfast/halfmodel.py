@@ -4,8 +4,10 @@ This is the "O2" form of mixed precision (Micikevicius et al. 2018; Apex O2, Meg
 params). Under autocast (the default), every matrix product casts its fp32 weight, bias and activation input
 to fp16/bf16 and the backward casts their gradients back: about 500 copy kernels in a BERT-base step, 15 % of
 its GPU time on an H200 (benchmarks/RESULTS.md). With a half-precision model nothing is cast inside it. The
-updates stay fp32: lr x an AdamW step is ~1e-5 of a weight, far below bf16's resolution, so AdamW runs on an
-fp32 master copy of every trained parameter, held in one flat tensor:
+updates stay fp32: an AdamW step moves a weight by at most about lr (2e-5 in the paper's recipe), below half
+of bf16's spacing (2^-8 of the weight) for any weight over 0.01, so AdamW runs on an fp32 master copy of every
+trained parameter, held in one flat tensor (tests/test_halfmodel.py: at lr 1e-6 only the master keeps the
+update):
 
     backward -> one half-precision gradient per parameter -> one multi-tensor cast -> master.grad  (P,) fp32
     fused AdamW on master  ->  one cast into the model's parameters (views of one flat half buffer)
