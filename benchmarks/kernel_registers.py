@@ -4,14 +4,15 @@
     python benchmarks/kernel_registers.py                 # table for sm_90a (H100/H200)
     python benchmarks/kernel_registers.py --arch 80       # A100
     python benchmarks/kernel_registers.py --check         # exit 1 if a default launch configuration spills
+    python benchmarks/kernel_registers.py --sweep 16384,768   # the InfoNCE sweep's candidate configs
 
 Each kernel is compiled by Triton for the target (`triton.compile` with a GPUTarget: Triton's own passes and
 its bundled ptxas, no driver needed) with the compile-time arguments and launch options its launcher uses
 (`fwd_meta`/`bwd_meta`/`norm_meta`, `_class_launches`, `_launch_args`), and ptxas -v reports the registers per
 thread and the bytes spilled to local memory. A spill in a hot kernel is slow local-memory traffic in every
 program, so `--check` (run by the tests) holds the default configurations to zero. Listed but not checked:
-the 128-token attention class (its backward still spills at 16 warps; views over 64 tokens are rare) and
-the InfoNCE kernels (block sizes chosen by timing them on an H200 with Triton 3.6; see `cases`).
+the 128-token attention class (it spills at every warp count; views over 64 tokens are rare) and
+the InfoNCE kernels at N=16384 and in fp32 (see `cases`).
 """
 
 from __future__ import annotations
@@ -42,21 +43,43 @@ _OPTIONS = ("num_warps", "num_stages")
 
 def compile_kernel(fn, arch: int, runtime: dict, meta: dict):
     """fn: a @triton.jit kernel; runtime: name -> torch.dtype (a pointer to it), int or float; meta: the
-    constexprs and launch options. Returns the compiled kernel (its PTX in .asm["ptx"])."""
-    from triton.backends.compiler import GPUTarget
+    constexprs and launch options. Returns the compiled kernel (its PTX in .asm["ptx"]).
+
+    Each runtime argument is specialized as Triton's JIT does at a launch (its own `native_specialize_impl`):
+    an int equal to 1 becomes a constant, an int divisible by 16 and every pointer get a divisibility-16 hint
+    (pointers are assumed 16-byte aligned, as PyTorch's allocations and the launchers' views are). Without
+    those hints the compiler cannot prove loads contiguous and aligned, does not vectorize them, and reports
+    registers and spills that no launch on the GPU has."""
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    try:
+        from triton._C.libtriton import native_specialize_impl
+    except ImportError:  # an older Triton: the same rule, written out
+        def native_specialize_impl(backend, value, is_const, specialize, align):
+            if specialize and value == 1:
+                return "constexpr", 1
+            return "i32", "D" if align and value % 16 == 0 else ""
     from triton.compiler import ASTSource
 
-    signature, constexprs = {}, {}
-    for param in fn.params:
+    signature, constexprs, attrs = {}, {}, {}
+    for index, param in enumerate(fn.params):
         if param.is_constexpr:
             signature[param.name], constexprs[param.name] = "constexpr", meta[param.name]
+            continue
+        value = runtime[param.name]
+        align = not param.do_not_specialize_on_alignment
+        if isinstance(value, torch.dtype):
+            kind, hint = _POINTER[value], "D" if align else None
         else:
-            value = runtime[param.name]
-            signature[param.name] = (_POINTER[value] if isinstance(value, torch.dtype)
-                                     else "i32" if isinstance(value, int) else "fp32")
+            kind, hint = native_specialize_impl(BaseBackend, value, False, not param.do_not_specialize, align)
+        if kind == "constexpr":  # an int equal to 1
+            signature[param.name], constexprs[param.name] = "constexpr", hint
+        else:
+            signature[param.name] = kind
+            if hint:
+                attrs[(index,)] = BaseBackend.parse_attr(hint)
     options = {k: meta[k] for k in _OPTIONS if k in meta}
-    return triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
-                          options=options)
+    return triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
+                          target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def _ptxas() -> str:
@@ -80,6 +103,23 @@ def registers_and_spills(kernel, arch: int) -> tuple[int, int]:
     return int(regs.group(1)), int(spill.group(1)) if spill else 0
 
 
+def infonce_cases(n2: int, d: int, dtype: torch.dtype, cfg, label: str, checked: bool):
+    """(name, kernel, runtime args, meta, checked) for the InfoNCE launches of one KernelConfig."""
+    from mirrorfast.kernels import infonce_triton as nce
+
+    f32, n = torch.float32, n2 // 2
+    common = dict(a_ptr=dtype, b_ptr=dtype, N=n, D=d, stride_a=d, stride_b=d)
+    if not cfg.fused_norm:
+        yield f"{label} norms", nce._row_norm_kernel, dict(common, norm_ptr=f32), nce.norm_meta(n, d), checked
+    yield (f"{label} forward", nce._infonce_fwd_kernel,
+           dict(common, norm_ptr=f32, lse_ptr=f32, loss_ptr=f32, scale2=1.0, eps=1e-12),
+           nce.fwd_meta(cfg, dtype), checked)
+    yield (f"{label} backward", nce._infonce_bwd_kernel,
+           dict(common, norm_ptr=f32, lse_ptr=f32, w_ptr=f32, wref_ptr=f32, da_ptr=dtype, db_ptr=dtype,
+                stride_da=d, stride_db=d, w_stride=0, scale2=1.0, out_scale=1.0, c_scale=1.0, eps=1e-12),
+           nce.bwd_meta(cfg, dtype), checked)
+
+
 def cases():
     """(name, kernel, runtime args, meta, checked) for every default launch configuration."""
     from mirrorfast.kernels import infonce_triton as nce
@@ -89,22 +129,11 @@ def cases():
     f32, i32, i64 = torch.float32, torch.int32, torch.int64
     for n2, d, dtype in ((400, 768, torch.bfloat16), (400, 768, torch.float16), (400, 384, torch.bfloat16),
                          (32768, 768, torch.float16), (400, 768, f32)):
-        cfg = nce.pick_config(n2, d, dtype)
-        n = n2 // 2
-        common = dict(a_ptr=dtype, b_ptr=dtype, N=n, D=d, stride_a=d, stride_b=d)
-        label = f"InfoNCE N={n} D={d} {str(dtype)[6:]}"
-        # Listed, not checked: its block sizes were tuned by timing on an H200 (Triton 3.6); Triton 3.9's ptxas
-        # reports spills for them (2026-11-26), a lead for the next GPU sweep, not a verdict.
-        checked = False
-        if not cfg.fused_norm:
-            yield f"{label} norms", nce._row_norm_kernel, dict(common, norm_ptr=f32), nce.norm_meta(n, d), checked
-        yield (f"{label} forward", nce._infonce_fwd_kernel,
-               dict(common, norm_ptr=f32, lse_ptr=f32, loss_ptr=f32, scale2=1.0, eps=1e-12),
-               nce.fwd_meta(cfg, dtype), checked)
-        yield (f"{label} backward", nce._infonce_bwd_kernel,
-               dict(common, norm_ptr=f32, lse_ptr=f32, w_ptr=f32, wref_ptr=f32, da_ptr=dtype, db_ptr=dtype,
-                    stride_da=d, stride_db=d, w_stride=0, scale2=1.0, out_scale=1.0, c_scale=1.0, eps=1e-12),
-               nce.bwd_meta(cfg, dtype), checked)
+        # Checked: the 16-bit configurations of a training batch (N=200). Listed only: N=16384 (its block
+        # sizes were chosen by timing on an H200 with Triton 3.6, and Triton 3.9 reports small spills for
+        # them: a lead for the next GPU sweep, not a verdict) and fp32 (training hands the loss 16-bit views).
+        yield from infonce_cases(n2, d, dtype, nce.pick_config(n2, d, dtype),
+                                 f"InfoNCE N={n2 // 2} D={d} {str(dtype)[6:]}", dtype != f32 and n2 <= 1024)
     for heads, head_dim in ((12, 64), (12, 32)):  # BERT-base, MiniLM-L6
         q = torch.empty(1, heads, head_dim, dtype=torch.bfloat16, device="meta")  # a GPU tensor's launch arguments
         bf = torch.bfloat16
@@ -130,15 +159,42 @@ def cases():
                         p_drop=0.1), meta, True)
 
 
+def sweep_cases(spec: str):
+    """The InfoNCE block-size sweep of `info_nce_table.py --sweep N,D[,dtype]`, statically: each candidate's
+    forward or backward kernel (the other one as pick_config has it)."""
+    from info_nce_table import (SWEEP_BWD_FP32, SWEEP_BWD_LARGE, SWEEP_BWD_SMALL, SWEEP_FWD_FP32, SWEEP_FWD_LARGE,
+                                SWEEP_FWD_SMALL)
+
+    from mirrorfast.kernels import infonce_triton as nce
+
+    n, d, *rest = spec.split(",")
+    n2, d, dtype = 2 * int(n), int(d), getattr(torch, rest[0] if rest else "float16")
+    default, fp32, large = nce.pick_config(n2, d, dtype), dtype == torch.float32, n2 > 1024
+    # Each candidate completes as in info_nce_table.run_sweep: the other kernel's part from pick_config.
+    base_f = (default.fwd_m, default.fwd_n, default.fwd_d, default.fwd_warps, default.fwd_stages, default.fused_norm)
+    base_b = (default.bwd_m, default.bwd_n, default.bwd_d, default.bwd_dc, default.bwd_warps, default.bwd_stages)
+    for kind, configs, make in (
+            ("forward", SWEEP_FWD_FP32 if fp32 else SWEEP_FWD_LARGE if large else SWEEP_FWD_SMALL,
+             lambda config: nce.KernelConfig(*config, *base_b)),
+            ("backward", SWEEP_BWD_FP32 if fp32 else SWEEP_BWD_LARGE if large else SWEEP_BWD_SMALL,
+             lambda config: nce.KernelConfig(*base_f, *config))):
+        for config in configs:
+            for case in infonce_cases(n2, d, dtype, make(config), f"InfoNCE {config}", False):
+                if case[0].endswith(kind):
+                    yield case
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90: H100/H200)")
     parser.add_argument("--check", action="store_true", help="exit 1 if a checked configuration spills")
+    parser.add_argument("--sweep", metavar="N,D[,dtype]",
+                        help="instead: every InfoNCE config that `info_nce_table.py --sweep N,D[,dtype]` times")
     args = parser.parse_args(argv)
-    print(f"Triton {triton.__version__}, ptxas {Path(_ptxas()).name}, sm_{args.arch}; registers per thread, "
-          "bytes spilled (stores)")
+    print(f"Triton {triton.__version__}, ptxas {Path(_ptxas()).name}, sm_{args.arch}{'a' if args.arch >= 90 else ''}; "
+          "registers per thread, bytes spilled (stores)")
     failures = []
-    for name, fn, runtime, meta, checked in cases():
+    for name, fn, runtime, meta, checked in (sweep_cases(args.sweep) if args.sweep else cases()):
         regs, spilled = registers_and_spills(compile_kernel(fn, args.arch, runtime, meta), args.arch)
         flag = "" if not spilled else " SPILLS" if checked else " spills (not checked)"
         print(f"  {name:<58} warps {meta.get('num_warps', 4):>2}  regs {regs:>3}  spill {spilled:>6}{flag}", flush=True)
@@ -148,7 +204,6 @@ def main(argv=None) -> int:
         print(f"kernel_registers: {len(failures)} default configuration(s) spill: {', '.join(failures)}")
         return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -144,10 +144,11 @@ def _packed_attention_bwd_kernel(
 
 
 LENGTH_CLASSES = (16, 32, 64, MAX_VIEW_TOKENS)  # tile sizes (tl.dot needs every dimension >= 16)
-# Warps per class: the fewest without register spills for bf16 and head dim 64, dropout on (ptxas for
-# sm_90a through Triton 3.9, `benchmarks/kernel_registers.py`, 2026-11-26: with 4 warps the 64-token backward
-# spilled 114 bytes, with 8 the 128-token one 1,684; the 128-token backward still spills at 16).
-_CLASS_WARPS = {16: 4, 32: 4, 64: 8, MAX_VIEW_TOKENS: 16}
+# Warps per class, from registers and spills for bf16, head dim 64, dropout on (ptxas for sm_90a through
+# Triton 3.9, `benchmarks/kernel_registers.py` with the JIT's argument specialization, 2026-11-26): up to 64
+# tokens no count of 4/8/16 spills (the 64-token backward: 168 registers at 4 warps, 119 at 8); the 128-token
+# class spills at every count, least at 8 (forward 36 bytes, backward 774; 986 at 16, 6,934 at 4). Not timed.
+_CLASS_WARPS = {16: 4, 32: 4, 64: 8, MAX_VIEW_TOKENS: 8}
 
 
 def _class_launches(q: torch.Tensor, max_len: int, dropout_p: float) -> list[dict]:

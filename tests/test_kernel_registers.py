@@ -24,3 +24,23 @@ def test_default_kernel_configurations_compile_without_spills():
     assert proc.returncode == 0, out
     for kernel in ("attention 16-token views", "attention 64-token views", "residual LayerNorm H=768", "InfoNCE N=16384"):
         assert kernel in out, out
+
+
+def test_kernels_are_compiled_with_the_jit_argument_specialization():
+    # A launch on the GPU specializes D=768, the row strides and every pointer as divisible by 16, so the row
+    # loads are 16-byte vector loads; a compile without those hints (scalar loads, more registers) would
+    # report registers and spills that no launch has. Checked on the PTX of the InfoNCE norm kernel.
+    pytest.importorskip("triton")
+    script = (
+        "import sys, re, torch; sys.path.insert(0, 'benchmarks'); import kernel_registers as kr;"
+        "from mirrorfast.kernels import infonce_triton as nce; bf = torch.bfloat16;"
+        "k = kr.compile_kernel(nce._row_norm_kernel, 90, dict(a_ptr=bf, b_ptr=bf, norm_ptr=torch.float32, N=200,"
+        " D=768, stride_a=768, stride_b=768), nce.norm_meta(200, 768));"
+        "print(sorted(set(re.findall(r'ld\\.global[.\\w]*', k.asm['ptx']))))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loads = proc.stdout.strip().splitlines()[-1]
+    assert ".v4" in loads and "ld.global.b16" not in loads, loads
