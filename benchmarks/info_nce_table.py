@@ -335,12 +335,28 @@ SWEEP_BWD_SMALL = [
 ]
 
 
+def compiled_registers(kernel, run) -> str:
+    """Calls run(); returns "regs R spill S" of the kernels `kernel` (a @triton.jit) compiled during it, as
+    the driver reports them, or "" where this Triton keeps its compiled kernels elsewhere."""
+    def compiled():
+        try:  # JITFunction.device_caches: device -> (kernel_cache, ...), kernel_cache: key -> CompiledKernel
+            return {id(k): k for cache in kernel.device_caches.values() for k in cache[0].values()}
+        except (AttributeError, TypeError, IndexError):
+            return {}
+    before = compiled()
+    run()
+    new = [k for key, k in compiled().items() if key not in before]
+    stats = [(getattr(k, "n_regs", None), getattr(k, "n_spills", None)) for k in new]
+    return "  ".join(f"regs {r} spill {sp}" for r, sp in stats if r is not None)
+
+
 def run_sweep(n: int, d: int, dtype_name: str) -> None:
     import torch
     import triton.testing
 
     from mirrorfast.errors import first_line
-    from mirrorfast.kernels.infonce_triton import KernelConfig, _backward, _forward, pick_config
+    from mirrorfast.kernels.infonce_triton import (KernelConfig, _backward, _forward, _infonce_bwd_kernel,
+                                                   _infonce_fwd_kernel, pick_config)
 
     dtype = getattr(torch, dtype_name)
     temperature = 0.04
@@ -370,20 +386,24 @@ def run_sweep(n: int, d: int, dtype_name: str) -> None:
     for f, p in ((f, p) for f in fwd_list for p in precisions):
         cfg = KernelConfig(*f, *base_b, fp32_dot=p)
         try:
-            norm, lse2, loss = _forward(a, b, temperature, cfg)
-            err = rel_err(loss.double().mean(), ref_loss)
+            result = []
+            regs = compiled_registers(_infonce_fwd_kernel, lambda: result.append(_forward(a, b, temperature, cfg)))
+            err = rel_err(result[0][2].double().mean(), ref_loss)
             us, gus = time_it(lambda: _forward(a, b, temperature, cfg))
-            print(f"  fwd {tag(f, p)}: {us:9.1f} us  (graph {gus:9.1f})  loss err {err:.1e}", flush=True)
+            print(f"  fwd {tag(f, p)}: {us:9.1f} us  (graph {gus:9.1f})  loss err {err:.1e}  {regs}", flush=True)
         except Exception as exc:  # noqa: BLE001
             print(f"  fwd {tag(f, p)}: FAILED {type(exc).__name__}: {first_line(exc)[:200]}", flush=True)
     norm, lse2, loss = _forward(a, b, temperature, default)
     for bc, p in ((bc, p) for bc in bwd_list for p in precisions):
         cfg = KernelConfig(*base_f, *bc, fp32_dot=p)
         try:
-            da, db = _backward(a, b, norm, lse2, grad, temperature, "mean", cfg)
+            result = []
+            regs = compiled_registers(_infonce_bwd_kernel, lambda: result.append(
+                _backward(a, b, norm, lse2, grad, temperature, "mean", cfg)))
+            (da, db), = result
             err = max(rel_err(da, ref_ga), rel_err(db, ref_gb))
             us, gus = time_it(lambda: _backward(a, b, norm, lse2, grad, temperature, "mean", cfg))
-            print(f"  bwd {tag(bc, p)}: {us:9.1f} us  (graph {gus:9.1f})  grad err {err:.1e}", flush=True)
+            print(f"  bwd {tag(bc, p)}: {us:9.1f} us  (graph {gus:9.1f})  grad err {err:.1e}  {regs}", flush=True)
         except Exception as exc:  # noqa: BLE001
             print(f"  bwd {tag(bc, p)}: FAILED {type(exc).__name__}: {first_line(exc)[:200]}", flush=True)
 

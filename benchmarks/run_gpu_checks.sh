@@ -30,7 +30,8 @@
 # Without onnxruntime-gpu the ONNX part still runs and lists its CUDA EP rows as skipped.
 # A session that would rather tune the InfoNCE kernel than measure ONNX on the GPU: skip calls 2-5 and run
 # `bash benchmarks/run_gpu_checks.sh suite sweep tests` in call 1 (the sweep compares block sizes,
-# including several gradient-column chunks per backward program, KernelConfig.bwd_chunks).
+# including several gradient-column chunks per backward program, KernelConfig.bwd_chunks; each line also
+# gives the registers and spills the driver reports for that config's kernel).
 set -uo pipefail
 out=${OUT:-gpu-out}
 mkdir -p "$out"
