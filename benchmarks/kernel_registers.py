@@ -6,6 +6,9 @@
     python benchmarks/kernel_registers.py --check         # exit 1 if a default launch configuration spills
     python benchmarks/kernel_registers.py --sweep 16384,768   # the InfoNCE sweep's candidate configs
 
+Another Triton version (the GPU image has 3.6.0): run it with a venv that has it, e.g.
+`python -m venv --system-site-packages /tmp/t36 && /tmp/t36/bin/pip install triton==3.6.0`.
+
 Each kernel is compiled by Triton for the target (`triton.compile` with a GPUTarget: Triton's own passes and
 its bundled ptxas, no driver needed) with the compile-time arguments and launch options its launcher uses
 (`fwd_meta`/`bwd_meta`/`norm_meta`, `_class_launches`, `_launch_args`), and ptxas -v reports the registers per

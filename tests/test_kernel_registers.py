@@ -1,6 +1,7 @@
-"""benchmarks/kernel_registers.py --check: the default launch configurations of the attention and residual
-LayerNorm kernels compile for an H100/H200 (sm_90a) without register spills. Triton compiles them ahead of
-time with its bundled ptxas: no GPU needed, and the Triton interpreter is off in that subprocess."""
+"""benchmarks/kernel_registers.py --check: the default launch configurations of the attention, residual
+LayerNorm and (training-sized, 16-bit) InfoNCE kernels compile for an H100/H200 (sm_90a) without register
+spills. Triton compiles them ahead of time with its bundled ptxas: no GPU needed, and the Triton interpreter
+is off in that subprocess."""
 
 import os
 import subprocess
@@ -22,7 +23,8 @@ def test_default_kernel_configurations_compile_without_spills():
                           env=env, capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr[-3000:]
     assert proc.returncode == 0, out
-    for kernel in ("attention 16-token views", "attention 64-token views", "residual LayerNorm H=768", "InfoNCE N=16384"):
+    for kernel in ("attention 16-token views", "attention 64-token views", "residual LayerNorm H=768", "InfoNCE N=200 D=768 bfloat16 backward",
+                   "InfoNCE N=16384"):
         assert kernel in out, out
 
 
