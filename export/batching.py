@@ -194,8 +194,10 @@ Rows = list[list[int]]
 
 class Tokenizing:
     """Tokenizes requests once, off the inference thread: token ids (special tokens included) for the
-    worker, and each text's untruncated length for validation. Texts longer than `truncate_to` (when set)
-    get the tokenizer's own truncation, which keeps the special tokens.
+    worker, and each text's length. Without `truncate_to` the lengths are whole, for validation (a server
+    that does not truncate refuses over-long texts); with it, texts longer than `truncate_to` get the
+    tokenizer's own truncation, which keeps the special tokens, in the same single pass, and the lengths
+    are the rows' (nothing is refused for its length then).
 
     Private copies of the encoder's tokenizer, so this never races anything else using it. Small requests
     are tokenized inline on the event loop (a thread hop costs more than a few sentences); large ones on a
@@ -211,36 +213,30 @@ class Tokenizing:
 
     @staticmethod
     def _make(tokenizer, truncate_to: int | None) -> Callable[[list[str]], tuple[Rows, list[int]]]:
-        """-> tokenize(texts) -> (rows, untruncated lengths)."""
+        """-> tokenize(texts) -> (rows, lengths)."""
         from tokenizers import Tokenizer
 
         core = getattr(tokenizer, "backend_tokenizer", None)  # a fast HF tokenizer's Rust core, called directly
         if isinstance(core, Tokenizer):
-            whole, cut = Tokenizer.from_str(core.to_str()), Tokenizer.from_str(core.to_str())
-            whole.no_truncation()
-            whole.no_padding()
-            cut.no_padding()
+            own = Tokenizer.from_str(core.to_str())
+            own.no_padding()
             if truncate_to:
-                cut.enable_truncation(truncate_to)
-            full = lambda texts: [e.ids for e in whole.encode_batch(texts, add_special_tokens=True)]  # noqa: E731
-            short = lambda texts: [e.ids for e in cut.encode_batch(texts, add_special_tokens=True)]  # noqa: E731
+                own.enable_truncation(truncate_to)
+            else:
+                own.no_truncation()
+            encode = lambda texts: [e.ids for e in own.encode_batch(texts, add_special_tokens=True)]  # noqa: E731
         else:  # a slow (Python) tokenizer: its own truncation arguments
-            own = copy.deepcopy(tokenizer)
-            own.model_max_length = 1 << 30  # silence "sequence longer than ..." warnings
+            slow = copy.deepcopy(tokenizer)
+            slow.model_max_length = 1 << 30  # silence "sequence longer than ..." warnings
             options = dict(add_special_tokens=True, padding=False, return_attention_mask=False,
-                           return_token_type_ids=False)
-            full = lambda texts: own(texts, truncation=False, **options)["input_ids"]  # noqa: E731
-            short = lambda texts: own(texts, truncation=True, max_length=truncate_to, **options)["input_ids"]  # noqa: E731
-            full(["warm up"])  # settle the copy's state before any concurrency
+                           return_token_type_ids=False, truncation=bool(truncate_to),
+                           **({"max_length": truncate_to} if truncate_to else {}))
+            encode = lambda texts: slow(texts, **options)["input_ids"]  # noqa: E731
+            encode(["warm up"])  # settle the copy's state before any concurrency
 
         def tokenize(texts: list[str]) -> tuple[Rows, list[int]]:
-            rows = full(texts)
-            lengths = [len(r) for r in rows]
-            over = [i for i, n in enumerate(lengths) if truncate_to and n > truncate_to]
-            if over:
-                for i, row in zip(over, short([texts[i] for i in over])):
-                    rows[i] = row
-            return rows, lengths
+            rows = encode(texts)
+            return rows, [len(row) for row in rows]
 
         return tokenize
 

@@ -14,6 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -176,7 +177,8 @@ def test_openai_client(server, expected):
 @pytest.mark.parametrize("truncate_to", [None, 16])
 def test_request_tokenizing_matches_the_encoder(encoder, truncate_to):
     """The server's one tokenization (private Rust-tokenizer copies) gives the encoder's own token ids,
-    truncated as the encoder's tokenizer truncates (special tokens kept), and untruncated lengths."""
+    truncated as the encoder's tokenizer truncates (special tokens kept), and the lengths: whole ones for
+    the over-long check of a server that does not truncate, the rows' own where it truncates."""
     from mirrorfast.export.batching import Tokenizing
 
     texts = SENTENCES + ["word " * 300, "🙂 e\u0301 שלום"]
@@ -185,10 +187,35 @@ def test_request_tokenizing_matches_the_encoder(encoder, truncate_to):
         rows, lengths = tokenizing.tokenize_sync(texts)
     finally:
         tokenizing.close()
-    assert lengths == encoder.count_tokens(texts)
     assert rows == encoder.token_ids(texts, truncate_to)
+    assert lengths == [len(r) for r in rows]
     if truncate_to:
-        assert max(len(r) for r in rows) == truncate_to < max(lengths)
+        assert max(lengths) == truncate_to < max(encoder.count_tokens(texts))
+    else:
+        assert lengths == encoder.count_tokens(texts)
+
+
+@pytest.mark.parametrize("truncate_to", [None, 16])
+def test_request_tokenizing_with_a_python_tokenizer(encoder, truncate_to, tmp_path):
+    """Tokenizing's other branch: a slow (Python) tokenizer of the same vocabulary gives what that
+    tokenizer gives on its own, truncated the same way."""
+    from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
+
+    from mirrorfast.export.batching import Tokenizing
+
+    vocab = sorted(encoder.tokenizer.get_vocab().items(), key=lambda item: item[1])
+    (tmp_path / "vocab.txt").write_text("".join(token + "\n" for token, _ in vocab), encoding="utf-8")
+    slow = BertTokenizerLegacy(str(tmp_path / "vocab.txt"))
+    texts = SENTENCES + ["word " * 300, "🙂 e\u0301 שלום"]
+    tokenizing = Tokenizing(SimpleNamespace(tokenizer=slow), truncate_to)
+    try:
+        rows, lengths = tokenizing.tokenize_sync(texts)
+    finally:
+        tokenizing.close()
+    cut = {"truncation": True, "max_length": truncate_to} if truncate_to else {"truncation": False}
+    assert rows == [slow(t, **cut)["input_ids"] for t in texts]
+    assert lengths == [len(r) for r in rows]
+    assert max(lengths) == (truncate_to or len(slow("word " * 300)["input_ids"]))
 
 
 # ------------------------------------------------------------------------------------ bad inputs
