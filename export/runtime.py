@@ -265,16 +265,23 @@ def check_npy_output(output: str | os.PathLike) -> Path:
         raise MirrorfastError(f"output directory {output.parent} does not exist")
     if output.is_dir():
         raise MirrorfastError(f"output {output} is a directory")
+    fd, tmp = _temporary_sibling(output)  # a directory we cannot write to fails now, not after the work
+    os.close(fd)
+    os.unlink(tmp)
     return output
+
+
+def _temporary_sibling(output: Path) -> tuple[int, str]:
+    try:
+        return tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    except OSError as exc:
+        raise MirrorfastError(f"cannot write to {output.parent}: {exc.strerror or exc}") from None
 
 
 def save_npy_atomic(array: np.ndarray, output: str | os.PathLike) -> Path:
     """np.save to a temporary sibling, then rename: `output` is never left half-written."""
     output = check_npy_output(output)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    except OSError as exc:
-        raise MirrorfastError(f"cannot write to {output.parent}: {exc.strerror or exc}") from None
+    fd, tmp = _temporary_sibling(output)
     try:
         with os.fdopen(fd, "wb") as handle:
             np.save(handle, array)

@@ -26,16 +26,25 @@ def check_destination(out_dir: Path, is_ours: Callable[[Path], bool], overwrite:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MirrorfastError(f"cannot create {parent}: {exc.strerror or exc}") from None
-    if not os.access(parent, os.W_OK):
-        raise MirrorfastError(f"cannot write to {parent}: permission denied")
+    # Probe by creating what atomic_directory will create: os.access misses filesystems that refuse new
+    # entries whatever the permissions say (and root passes every permission check), and a long job
+    # should fail here, before it runs, not when it saves.
+    os.rmdir(_temporary_sibling(out_dir, "probe"))
+
+
+def _temporary_sibling(out_dir: Path, kind: str) -> Path:
+    parent = out_dir.resolve().parent
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{kind}-", dir=parent))
+    except OSError as exc:
+        raise MirrorfastError(f"cannot write to {parent}: {exc.strerror or exc}") from None
 
 
 @contextlib.contextmanager
 def atomic_directory(out_dir: Path) -> Iterator[Path]:
     """Yield a fresh temporary directory next to `out_dir`; on success it replaces `out_dir`."""
     out_dir = Path(out_dir)
-    parent = out_dir.resolve().parent
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
+    tmp = _temporary_sibling(out_dir, "tmp")
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the result must be readable like any directory
@@ -43,7 +52,7 @@ def atomic_directory(out_dir: Path) -> Iterator[Path]:
         yield tmp
         old = None
         if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=parent))
+            old = _temporary_sibling(out_dir, "old")
             os.rename(out_dir, old / "previous")
         try:
             os.rename(tmp, out_dir)

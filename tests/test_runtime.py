@@ -276,3 +276,12 @@ def test_minilm_stsb_dev_spearman_int8(minilm_export, stsb_dev, torch_spearman):
 
     int8_score = spearman(OnnxEncoder(minilm_export, int8=True), stsb_dev)
     assert abs(int8_score - torch_spearman) <= 1.0, (int8_score, torch_spearman)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc (a directory nobody can add to)")
+def test_npy_output_where_nothing_can_be_created_is_refused_before_encoding():
+    from mirrorfast.errors import MirrorfastError
+    from mirrorfast.export.runtime import check_npy_output
+
+    with pytest.raises(MirrorfastError, match="cannot write to /proc"):
+        check_npy_output("/proc/vectors.npy")

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -214,6 +215,16 @@ def test_refuses_foreign_output_dir_unless_overwrite(tiny_bert_dir, corpus, tmp_
     assert run_cli(*tiny_args(tiny_bert_dir, corpus, out, "--overwrite")) == 0
     assert not (out / "thesis.tex").exists() and (out / "mirrorfast.json").is_file()
     assert run_cli(*tiny_args(tiny_bert_dir, corpus, out)) == 0
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc (a directory nobody can add to)")
+def test_output_where_nothing_can_be_created_fails_before_training(tiny_bert_dir, corpus, capsys):
+    # /proc refuses new entries even to root, whom permission bits (os.access) do not stop; the probe
+    # must fail before the run, with one line and no traceback, not when the trained model is saved.
+    assert run_cli(*tiny_args(tiny_bert_dir, corpus, Path("/proc/mirrorfast-out"))) == 2
+    captured = capsys.readouterr()
+    assert "cannot write to /proc" in captured.err and "Traceback" not in captured.err
+    assert "done:" not in captured.out + captured.err
 
 
 def test_non_finite_loss_stops_and_writes_nothing(tiny_bert_dir, corpus, tmp_path, capsys):
