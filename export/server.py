@@ -68,6 +68,8 @@ class ServeConfig:
         """Check every limit against the model; return a copy with all defaults filled in."""
         cfg = copy.copy(self)
         model_max = int(encoder.max_length)
+        if not 0 <= int(cfg.port) <= 65535:  # the socket layer would wrap 99999 to port 34463
+            raise MirrorfastError(f"--port must be 0 to 65535 (0: a free port), got {cfg.port}")
         for name in ("max_batch_tokens", "max_inputs", "max_queue"):
             if int(getattr(cfg, name)) < 1:
                 raise MirrorfastError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")

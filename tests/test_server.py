@@ -545,6 +545,9 @@ def test_serve_refuses_bad_limits(tiny_export, capsys):
     assert "exceeds the model's maximum length" in capsys.readouterr().err
     assert main(["serve", str(tiny_export), "--port", "0", "--max-inputs", "0"]) == 2
     assert "--max-inputs must be at least 1" in capsys.readouterr().err
+    for port in ("99999", "-1"):
+        assert main(["serve", str(tiny_export), "--port", port]) == 2
+        assert f"--port must be 0 to 65535 (0: a free port), got {port}" in capsys.readouterr().err
 
 
 def test_sigterm_finishes_requests_in_flight(tiny_export, encoder):
