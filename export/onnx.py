@@ -27,9 +27,11 @@ import inspect
 import json
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -246,27 +248,65 @@ def _post_activation_matmuls(model) -> list[str]:
     ]
 
 
-def _write_int8(fp32_path: Path, out_path: Path) -> dict:
+def _layer_matmuls(model) -> list[list[str]]:
+    """Weight MatMuls grouped by encoder layer (exporter names `/.../layer.<i>/...`), in layer order."""
+    initializers = {init.name for init in model.graph.initializer}
+    layers: dict[int, list[str]] = {}
+    for node in model.graph.node:
+        found = re.search(r"/layer\.(\d+)/", node.name)
+        if found and node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in initializers:
+            layers.setdefault(int(found.group(1)), []).append(node.name)
+    return [layers[i] for i in sorted(layers)]
+
+
+def _fallback_order(n_layers: int) -> list[int]:
+    """Layers to keep in fp32, one more per try, from the ends inwards (last, first, second to last, ...):
+    the last layer's output is what is pooled, the first sees raw embeddings; at most half the layers."""
+    ends = [i for pair in zip(range(n_layers - 1, -1, -1), range(n_layers)) for i in pair]
+    return list(dict.fromkeys(ends))[: n_layers // 2]
+
+
+def _write_int8(fp32_path: Path, out_path: Path, measure: Callable[[Path], dict]) -> tuple[dict, dict]:
     """Dynamic int8 (QInt8 weights, per channel) of the plain fp32 graph; FFN down-projections stay fp32.
 
     The plain graph is quantized (onnxruntime fuses it at session load). Per-channel weights and fp32 FFN
     down-projections keep every row's cosine >= 0.99 on MiniLM (per-tensor, all MatMuls: worst row 0.966).
+    Where a model still misses the parity threshold (`measure` -> measure_parity's result), whole encoder
+    layers stay fp32 too, one more per try (`_fallback_order`), until it passes; if none does, the last
+    try's failure is raised.
+    -> (int8 details for export.json, the passing parity result).
     """
     import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    excluded = _post_activation_matmuls(onnx.load(str(fp32_path), load_external_data=False))
-    try:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        with _quiet_logging():
-            quantize_dynamic(
-                str(fp32_path), str(out_path), weight_type=QuantType.QInt8, per_channel=True,
-                nodes_to_exclude=excluded, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-            )
-    except Exception as exc:
-        raise MirrorfastError(f"int8 quantization failed: {type(exc).__name__}: {first_line(exc)}") from exc
-    return {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8", "per_channel": True,
-            "kept_fp32": excluded}
+    model = onnx.load(str(fp32_path), load_external_data=False)
+    excluded = _post_activation_matmuls(model)
+    layers = _layer_matmuls(model)
+    order = _fallback_order(len(layers))
+    tries = []
+    for n_kept in range(len(order) + 1):
+        kept_layers = sorted(order[:n_kept])
+        kept = excluded + [name for i in kept_layers for name in layers[i] if name not in excluded]
+        try:
+            with _quiet_logging():
+                quantize_dynamic(
+                    str(fp32_path), str(out_path), weight_type=QuantType.QInt8, per_channel=True,
+                    nodes_to_exclude=kept, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+                )
+        except Exception as exc:
+            raise MirrorfastError(f"int8 quantization failed: {type(exc).__name__}: {first_line(exc)}") from exc
+        parity = measure(out_path)
+        tries.append({"fp32_layers": kept_layers, "min_cosine": parity["min_cosine"], "worst": parity["worst"]})
+        if parity["min_cosine"] >= parity["threshold"]:
+            details = {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8",
+                       "per_channel": True, "kept_fp32": kept, "fp32_layers": kept_layers, "tries": tries}
+            return details, parity
+    failure = parity_failure(out_path, parity)
+    if len(tries) > 1:
+        first = tries[0]
+        raise MirrorfastError(f"{failure}, with encoder layers {kept_layers} kept in fp32 (all in int8: min "
+                              f"cosine {first['min_cosine']:.6f}, {first['worst']})")
+    raise failure
 
 
 # ------------------------------------------------------------------------------------------- parity
@@ -343,9 +383,9 @@ def _parity_session(path: Path, prefer_cuda: bool):
     return session, session.get_providers()[0]
 
 
-def check_parity(path: Path, reference: list[np.ndarray], cases: list[ParityCase], threshold: float,
-                 prefer_cuda: bool = False) -> dict:
-    """Run one file on every case; -> {"min_cosine", "max_abs_diff", ...}; raises when a row is below."""
+def measure_parity(path: Path, reference: list[np.ndarray], cases: list[ParityCase], threshold: float,
+                   prefer_cuda: bool = False) -> dict:
+    """Run one file on every case; -> {"min_cosine", "worst", "max_abs_diff", ...} (nothing raised)."""
     session, provider = _parity_session(path, prefer_cuda)
     names = {i.name for i in session.get_inputs()}
     worst = (2.0, "", -1)
@@ -365,19 +405,30 @@ def check_parity(path: Path, reference: list[np.ndarray], cases: list[ParityCase
             worst = (float(cos[i]), c.name, i)
         max_abs = max(max_abs, float(np.nanmax(np.abs(got.astype(np.float64) - ref))))
         rows += len(ref)
-    if worst[0] < threshold:
-        raise MirrorfastError(
-            f"parity check failed for {path.name}: min cosine {worst[0]:.6f} < {threshold} "
-            f"(case {worst[1]}, row {worst[2]}; {threshold - worst[0]:.2e} short)"
-        )
     return {
         "provider": provider,
         "min_cosine": round(worst[0], 7),
+        "worst": f"case {worst[1]}, row {worst[2]}",
         "max_abs_diff": float(f"{max_abs:.3e}"),
         "threshold": threshold,
         "rows": rows,
         "cases": [f"{c.name} {tuple(c.feeds['input_ids'].shape)}" for c in cases],
     }
+
+
+def parity_failure(path: Path, result: dict) -> MirrorfastError:
+    short = result["threshold"] - result["min_cosine"]
+    return MirrorfastError(f"parity check failed for {path.name}: min cosine {result['min_cosine']:.6f} < "
+                           f"{result['threshold']} ({result['worst']}; {short:.2e} short)")
+
+
+def check_parity(path: Path, reference: list[np.ndarray], cases: list[ParityCase], threshold: float,
+                 prefer_cuda: bool = False) -> dict:
+    """measure_parity, raising when a row is below the threshold."""
+    result = measure_parity(path, reference, cases, threshold, prefer_cuda)
+    if result["min_cosine"] < threshold:
+        raise parity_failure(path, result)
+    return result
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -434,9 +485,6 @@ def export_model(
             heads = int(getattr(config, "num_attention_heads", 0) or 0)  # 0: the optimizer detects it
             details["fp16"] = _write_fp16(tmp / FP32_FILE, tmp / FP16_FILE, heads, int(config.hidden_size))
             files["fp16"] = FP16_FILE
-        if int8:
-            details["int8"] = _write_int8(tmp / FP32_FILE, tmp / INT8_FILE)
-            files["int8"] = INT8_FILE
 
         cases = parity_cases(encoder.tokenizer, max_length, input_names)
         reference = _reference(graph, cases)
@@ -444,6 +492,10 @@ def export_model(
             name: check_parity(tmp / name, reference, cases, thresholds[precision], prefer_cuda=precision == "fp16")
             for precision, name in files.items()
         }
+        if int8:
+            details["int8"], parity[INT8_FILE] = _write_int8(
+                tmp / FP32_FILE, tmp / INT8_FILE, lambda path: measure_parity(path, reference, cases, thresholds["int8"]))
+            files["int8"] = INT8_FILE
         if fp16 and parity[FP16_FILE]["provider"] != "CUDAExecutionProvider":
             details["fp16"]["parity_note"] = (
                 "checked on the CPU execution provider (no CUDA EP here); the CUDA kernels of the fused "

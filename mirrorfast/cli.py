@@ -169,6 +169,10 @@ def _cmd_export(args) -> int:
     for name, p in result.parity.items():
         print(f"  parity {name}: min cosine {p['min_cosine']:.6f} (>= {p['threshold']}), "
               f"max abs diff {p['max_abs_diff']:.2e}, {p['rows']} rows on {p['provider']}")
+    if m.get("int8", {}).get("fp32_layers"):
+        first = m["int8"]["tries"][0]
+        print(f"  int8: encoder layers {m['int8']['fp32_layers']} kept in fp32 (all in int8: min cosine "
+              f"{first['min_cosine']:.6f}, {first['worst']})")
     if args.triton_repo:
         from mirrorfast.export.triton_repo import write_triton_repo
 

@@ -335,3 +335,54 @@ def test_minilm_export_parity(minilm_export, minilm_dir):
     for name, threshold in [("model.onnx", 0.9999), ("model_fp16.onnx", 0.999), ("model_int8.onnx", 0.99)]:
         sentence = _session(minilm_export / name).run(["sentence_embedding"], feeds)[0]
         assert _cos(sentence, ref).min() >= threshold, name
+
+
+# ------------------------------------------------------------------------------- int8 fallback
+def test_int8_fallback_order_goes_from_the_ends_inwards_up_to_half_the_layers():
+    from mirrorfast.export.onnx import _fallback_order
+
+    assert _fallback_order(6) == [5, 0, 4]
+    assert _fallback_order(12) == [11, 0, 10, 1, 9, 2]
+    assert _fallback_order(3) == [2]
+    assert _fallback_order(1) == [] and _fallback_order(0) == []
+
+
+def _int8_layers(path: Path) -> set[int]:
+    """Encoder layers that hold an integer MatMul in a quantized graph."""
+    import re
+
+    model = onnx.load(str(path))
+    return {int(m.group(1)) for node in model.graph.node if node.op_type == "MatMulInteger"
+            for m in [re.search(r"/layer\.(\d+)/", node.name)] if m}
+
+
+def test_int8_keeps_encoder_layers_in_fp32_until_parity_holds(tiny_bert_dir, tmp_path):
+    """_write_int8 with the real quantizer and a parity measure that fails while the last layer is
+    quantized: the second try keeps it in fp32 and passes; the file and the record say so."""
+    from mirrorfast.export.onnx import _write_int8
+
+    fp32 = tmp_path / "model.onnx"
+    export_model(tiny_bert_dir, tmp_path / "export", max_length=16)
+    shutil.copy(tmp_path / "export" / "model.onnx", fp32)
+    measured = []
+
+    def measure(path):
+        layers = _int8_layers(path)
+        measured.append(layers)
+        cosine = 0.95 if 1 in layers else 0.995
+        return {"min_cosine": cosine, "threshold": 0.99, "worst": "case fake, row 0"}
+
+    details, parity = _write_int8(fp32, tmp_path / "model_int8.onnx", measure)
+    assert measured == [{0, 1}, {0}]  # all layers in int8, then the last one (of 2) kept in fp32
+    assert details["fp32_layers"] == [1] and parity["min_cosine"] == 0.995
+    assert [t["fp32_layers"] for t in details["tries"]] == [[], [1]]
+    assert details["tries"][0]["min_cosine"] == 0.95
+    assert _int8_layers(tmp_path / "model_int8.onnx") == {0}
+
+
+def test_int8_that_never_reaches_parity_fails_and_writes_nothing(tiny_bert_dir, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(MirrorfastError, match=r"parity check failed for model_int8.onnx: min cosine .* < 1.5 "
+                                              r".*with encoder layers \[1\] kept in fp32 \(all in int8: min cosine"):
+        export_model(tiny_bert_dir, out, int8=True, max_length=16, parity_thresholds={"int8": 1.5})
+    assert not out.exists()
