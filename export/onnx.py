@@ -267,26 +267,26 @@ def _fallback_order(n_layers: int) -> list[int]:
 
 
 def _write_int8(fp32_path: Path, out_path: Path, measure: Callable[[Path], dict]) -> tuple[dict, dict]:
-    """Dynamic int8 (QInt8 weights, per channel) of the plain fp32 graph; FFN down-projections stay fp32.
+    """Dynamic int8 (QInt8 weights, per channel) of the plain fp32 graph, as much of it as keeps parity.
 
-    The plain graph is quantized (onnxruntime fuses it at session load). Per-channel weights and fp32 FFN
-    down-projections keep every row's cosine >= 0.99 on MiniLM (per-tensor, all MatMuls: worst row 0.966).
-    Where a model still misses the parity threshold (`measure` -> measure_parity's result), whole encoder
-    layers stay fp32 too, one more per try (`_fallback_order`), until it passes; if none does, the last
-    try's failure is raised.
-    -> (int8 details for export.json, the passing parity result).
+    The plain graph is quantized (onnxruntime fuses it at session load). Tries, fastest first, until
+    `measure` (-> measure_parity's result) says every row is at the threshold: every weight MatMul in
+    int8; then the FFN down-projections (fed by the GELU, the widest activation range) in fp32; then, in
+    addition, whole encoder layers in fp32, one more per try (`_fallback_order`). If none passes, the last
+    try's failure is raised. -> (int8 details for export.json, the passing parity result).
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = onnx.load(str(fp32_path), load_external_data=False)
-    excluded = _post_activation_matmuls(model)
+    ffn_down = _post_activation_matmuls(model)
     layers = _layer_matmuls(model)
     order = _fallback_order(len(layers))
+    plans = [(False, [])] + [(True, sorted(order[:n])) for n in range(len(order) + 1)]
     tries = []
-    for n_kept in range(len(order) + 1):
-        kept_layers = sorted(order[:n_kept])
-        kept = excluded + [name for i in kept_layers for name in layers[i] if name not in excluded]
+    for ffn_down_fp32, kept_layers in plans:
+        kept = (ffn_down if ffn_down_fp32 else []) + [
+            name for i in kept_layers for name in layers[i] if name not in ffn_down]
         try:
             with _quiet_logging():
                 quantize_dynamic(
@@ -296,17 +296,17 @@ def _write_int8(fp32_path: Path, out_path: Path, measure: Callable[[Path], dict]
         except Exception as exc:
             raise MirrorfastError(f"int8 quantization failed: {type(exc).__name__}: {first_line(exc)}") from exc
         parity = measure(out_path)
-        tries.append({"fp32_layers": kept_layers, "min_cosine": parity["min_cosine"], "worst": parity["worst"]})
+        tries.append({"ffn_down_fp32": ffn_down_fp32, "fp32_layers": kept_layers, "min_cosine": parity["min_cosine"],
+                      "worst": parity["worst"]})
         if parity["min_cosine"] >= parity["threshold"]:
             details = {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8",
-                       "per_channel": True, "kept_fp32": kept, "fp32_layers": kept_layers, "tries": tries}
+                       "per_channel": True, "kept_fp32": kept, "ffn_down_fp32": ffn_down_fp32,
+                       "fp32_layers": kept_layers, "tries": tries}
             return details, parity
-    failure = parity_failure(out_path, parity)
-    if len(tries) > 1:
-        first = tries[0]
-        raise MirrorfastError(f"{failure}, with encoder layers {kept_layers} kept in fp32 (all in int8: min "
-                              f"cosine {first['min_cosine']:.6f}, {first['worst']})")
-    raise failure
+    first = tries[0]
+    raise MirrorfastError(f"{parity_failure(out_path, parity)}, with the FFN down-projections and encoder layers "
+                          f"{kept_layers} kept in fp32 (all in int8: min cosine {first['min_cosine']:.6f}, "
+                          f"{first['worst']})")
 
 
 # ------------------------------------------------------------------------------------------- parity

@@ -89,7 +89,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--words", action="append", default=[], metavar="FILE.tsv",
                    help="word1<TAB>word2<TAB>score with a header (repeatable)")
     p.add_argument("--pooling", choices=["cls", "mean"], help="override the model's pooling (model dirs only)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="texts per encoder call (default: 128)")
+    p.add_argument("--int8", action="store_true", help="evaluate the export's int8 model (export dirs only)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.set_defaults(handler=_cmd_eval)
 
@@ -102,10 +103,12 @@ def _cmd_eval(args) -> int:
 
     if not args.sts and not args.words:
         raise MirrorfastError("give at least one --sts FILE.csv or --words FILE.tsv")
+    if args.batch_size < 1:
+        raise MirrorfastError(f"--batch-size must be at least 1, got {args.batch_size}")
     # Read the files before loading a model: bad input fails fast.
     sets = [read_sts(path) for path in args.sts] + [read_words(path) for path in args.words]
-    encoder, name, pooling = _load_any_encoder(Path(args.model_dir), args.pooling)
-    results = evaluate(encoder, sets)
+    encoder, name, pooling = _load_any_encoder(Path(args.model_dir), args.pooling, args.int8)
+    results = evaluate(encoder, sets, args.batch_size)
     if args.json:
         print(json.dumps({"model": name, "pooling": pooling, "results": results}))
         return 0
@@ -117,7 +120,7 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def _load_any_encoder(path, pooling):
+def _load_any_encoder(path, pooling, int8=False):
     """An ONNX export directory (export.json) or a PyTorch model directory -> (encoder, name, pooling)."""
     from mirrorfast.model import load_encoder
 
@@ -126,8 +129,10 @@ def _load_any_encoder(path, pooling):
     if (path / EXPORT_JSON).is_file():
         if pooling:
             raise MirrorfastError("--pooling cannot change an ONNX export: its pooling is inside the graph")
-        encoder = OnnxEncoder(path)
-        return encoder, str(path), encoder.pooling
+        encoder = OnnxEncoder(path, int8=int8)
+        return encoder, f"{path} ({encoder.model_path.name})" if int8 else str(path), encoder.pooling
+    if int8:
+        raise MirrorfastError(f"--int8 needs an export directory (mirrorfast export --int8); {path} is not one")
     if not path.is_dir():
         raise MirrorfastError(f"model directory {path} not found")
     encoder = load_encoder(path, pooling=pooling)
@@ -169,10 +174,14 @@ def _cmd_export(args) -> int:
     for name, p in result.parity.items():
         print(f"  parity {name}: min cosine {p['min_cosine']:.6f} (>= {p['threshold']}), "
               f"max abs diff {p['max_abs_diff']:.2e}, {p['rows']} rows on {p['provider']}")
-    if m.get("int8", {}).get("fp32_layers"):
-        first = m["int8"]["tries"][0]
-        print(f"  int8: encoder layers {m['int8']['fp32_layers']} kept in fp32 (all in int8: min cosine "
-              f"{first['min_cosine']:.6f}, {first['worst']})")
+    if "int8" in m:
+        int8 = m["int8"]
+        kept = (["the FFN down-projections"] if int8["ffn_down_fp32"] else []) + (
+            [f"encoder layers {int8['fp32_layers']}"] if int8["fp32_layers"] else [])
+        first = int8["tries"][0]
+        print("  int8: every weight MatMul in int8" if not kept else
+              f"  int8: {' and '.join(kept)} kept in fp32 (all in int8: min cosine {first['min_cosine']:.6f}, "
+              f"{first['worst']})")
     if args.triton_repo:
         from mirrorfast.export.triton_repo import write_triton_repo
 

@@ -81,9 +81,10 @@ def spearman(encoder: TextEncoder, pairs: PairSet, batch_size: int = 128) -> flo
     return float(spearmanr(cosine_rows(a, b), pairs.scores).correlation * 100.0)
 
 
-def evaluate(encoder: TextEncoder, sets: list[PairSet]) -> list[dict]:
+def evaluate(encoder: TextEncoder, sets: list[PairSet], batch_size: int = 128) -> list[dict]:
     """One result dict per pair set (read_sts / read_words): {"file", "kind", "pairs", "spearman"}."""
     return [
-        {"file": str(s.path), "kind": s.kind, "pairs": len(s.scores), "spearman": round(spearman(encoder, s), 4)}
+        {"file": str(s.path), "kind": s.kind, "pairs": len(s.scores),
+         "spearman": round(spearman(encoder, s, batch_size), 4)}
         for s in sets
     ]

@@ -58,3 +58,46 @@ def test_eval_errors(tiny_bert_dir, eval_files, tmp_path, capsys):
         assert main(["eval", *map(str, args)]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (args, err)
+
+
+def test_eval_int8_scores_the_int8_model(tiny_export, eval_files, capsys):
+    """--int8 evaluates model_int8.onnx (named in the result), as OnnxEncoder(int8=True) scores it."""
+    from mirrorfast.evaluate import evaluate, read_sts
+    from mirrorfast.export.runtime import OnnxEncoder
+
+    sts, _ = eval_files
+    result = eval_json(capsys, tiny_export, "--sts", sts, "--int8")
+    assert result["model"].endswith("(model_int8.onnx)")
+    direct = evaluate(OnnxEncoder(tiny_export, provider="cpu", int8=True), [read_sts(sts)])
+    assert result["results"][0]["spearman"] == direct[0]["spearman"]
+    fp32 = eval_json(capsys, tiny_export, "--sts", sts)
+    assert not fp32["model"].endswith(")")
+
+
+def test_eval_batch_size_reaches_the_encoder(tiny_export, eval_files):
+    from mirrorfast.evaluate import evaluate, read_sts
+    from mirrorfast.export.runtime import OnnxEncoder
+
+    class Recording:  # the real encoder, with its calls' batch sizes written down
+        def __init__(self, encoder):
+            self.encoder, self.batch_sizes = encoder, []
+
+        def encode(self, texts, batch_size=64):
+            self.batch_sizes.append(batch_size)
+            return self.encoder.encode(texts, batch_size=batch_size)
+
+    sts, _ = eval_files
+    recording = Recording(OnnxEncoder(tiny_export, provider="cpu"))
+    evaluate(recording, [read_sts(sts)], batch_size=7)
+    assert recording.batch_sizes == [7]
+
+
+def test_eval_int8_and_batch_size_errors(tiny_bert_dir, eval_files, capsys):
+    sts, _ = eval_files
+    for args, message in [
+        ([tiny_bert_dir, "--sts", sts, "--int8"], "--int8 needs an export directory"),
+        ([tiny_bert_dir, "--sts", sts, "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    ]:
+        assert main(["eval", *map(str, args)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (args, err)

@@ -108,7 +108,11 @@ def test_export_directory_contents(tiny_export):
     # the fp16 graph is the transformer-fused one; the int8 one keeps the FFN down-projections in fp32
     assert manifest["fp16"]["fused_operators"].get("Attention", 0) == 2
     assert manifest["fp16"]["fused_operators"].get("SkipLayerNormalization", 0) >= 2
-    assert len(manifest["int8"]["kept_fp32"]) == 2
+    int8 = manifest["int8"]
+    assert int8["tries"][0]["ffn_down_fp32"] is False and int8["tries"][0]["fp32_layers"] == []  # all int8 first
+    assert int8["tries"][-1]["min_cosine"] == manifest["parity"]["model_int8.onnx"]["min_cosine"] >= 0.99
+    # 6 weight MatMuls a layer; a layer kept in fp32 adds the 5 that are not its FFN down-projection
+    assert len(int8["kept_fp32"]) == 2 * int8["ffn_down_fp32"] + 5 * len(int8["fp32_layers"])
 
 
 def test_graph_inputs_outputs_and_named_dynamic_axes(tiny_export):
@@ -358,7 +362,8 @@ def _int8_layers(path: Path) -> set[int]:
 
 def test_int8_keeps_encoder_layers_in_fp32_until_parity_holds(tiny_bert_dir, tmp_path):
     """_write_int8 with the real quantizer and a parity measure that fails while the last layer is
-    quantized: the second try keeps it in fp32 and passes; the file and the record say so."""
+    quantized: all in int8 fails, the FFN down-projections in fp32 fail, the last layer in fp32 too passes;
+    the file and the record say so."""
     from mirrorfast.export.onnx import _write_int8
 
     fp32 = tmp_path / "model.onnx"
@@ -373,16 +378,19 @@ def test_int8_keeps_encoder_layers_in_fp32_until_parity_holds(tiny_bert_dir, tmp
         return {"min_cosine": cosine, "threshold": 0.99, "worst": "case fake, row 0"}
 
     details, parity = _write_int8(fp32, tmp_path / "model_int8.onnx", measure)
-    assert measured == [{0, 1}, {0}]  # all layers in int8, then the last one (of 2) kept in fp32
-    assert details["fp32_layers"] == [1] and parity["min_cosine"] == 0.995
-    assert [t["fp32_layers"] for t in details["tries"]] == [[], [1]]
+    assert measured == [{0, 1}, {0, 1}, {0}]  # all in int8, FFN down fp32, then the last layer (of 2) in fp32
+    assert details["fp32_layers"] == [1] and details["ffn_down_fp32"] and parity["min_cosine"] == 0.995
+    assert [(t["ffn_down_fp32"], t["fp32_layers"]) for t in details["tries"]] == [(False, []), (True, []), (True, [1])]
     assert details["tries"][0]["min_cosine"] == 0.95
     assert _int8_layers(tmp_path / "model_int8.onnx") == {0}
+    fp32_matmuls = {n.name for n in onnx.load(str(tmp_path / "model_int8.onnx")).graph.node if n.op_type == "MatMul"}
+    assert set(details["kept_fp32"]) <= fp32_matmuls and len(details["kept_fp32"]) == 1 + 6  # layer 0's FFN down
 
 
 def test_int8_that_never_reaches_parity_fails_and_writes_nothing(tiny_bert_dir, tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(MirrorfastError, match=r"parity check failed for model_int8.onnx: min cosine .* < 1.5 "
-                                              r".*with encoder layers \[1\] kept in fp32 \(all in int8: min cosine"):
+    with pytest.raises(MirrorfastError, match=r"parity check failed for model_int8.onnx: min cosine .* < 1.5 .*with "
+                                              r"the FFN down-projections and encoder layers \[1\] kept in fp32 "
+                                              r"\(all in int8: min cosine"):
         export_model(tiny_bert_dir, out, int8=True, max_length=16, parity_thresholds={"int8": 1.5})
     assert not out.exists()
