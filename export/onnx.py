@@ -306,9 +306,9 @@ def _write_int8(fp32_path: Path, out_path: Path, measure: Callable[[Path], dict]
                        "fp32_layers": kept_layers, "tries": tries}
             return details, parity
     first = tries[0]
-    raise MirrorfastError(f"{parity_failure(out_path, parity)}, with the FFN down-projections and encoder layers "
-                          f"{kept_layers} kept in fp32 (all in int8: min cosine {first['min_cosine']:.6f}, "
-                          f"{first['worst']})")
+    kept = "the FFN down-projections" + (f" and encoder layers {kept_layers}" if kept_layers else "")
+    raise MirrorfastError(f"{parity_failure(out_path, parity)}, with {kept} kept in fp32 (all in int8: min "
+                          f"cosine {first['min_cosine']:.6f}, {first['worst']})")
 
 
 # ------------------------------------------------------------------------------------------- parity
