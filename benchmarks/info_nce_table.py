@@ -350,27 +350,38 @@ def compiled_registers(kernel, run) -> str:
     return "  ".join(f"regs {r} spill {sp}" for r, sp in stats if r is not None)
 
 
+def sweep_candidates(n: int, d: int, dtype) -> list[tuple[str, tuple, str, object]]:
+    """The sweep at (N, D, dtype): (kind "fwd"/"bwd", candidate tuple, fp32 dot precision, KernelConfig), each
+    candidate completed with the other kernel's part as pick_config has it."""
+    import torch
+
+    from mirrorfast.kernels.infonce_triton import KernelConfig, pick_config
+
+    default, fp32, large = pick_config(2 * n, d, dtype), dtype == torch.float32, 2 * n > 1024
+    base_f = (default.fwd_m, default.fwd_n, default.fwd_d, default.fwd_warps, default.fwd_stages, default.fused_norm)
+    base_b = (default.bwd_m, default.bwd_n, default.bwd_d, default.bwd_dc, default.bwd_warps, default.bwd_stages)
+    precisions = ("ieee", "tf32x3") if fp32 else ("ieee",)  # ignored for 16-bit inputs
+    fwd_list = SWEEP_FWD_FP32 if fp32 else SWEEP_FWD_LARGE if large else SWEEP_FWD_SMALL
+    bwd_list = SWEEP_BWD_FP32 if fp32 else SWEEP_BWD_LARGE if large else SWEEP_BWD_SMALL
+    return ([("fwd", f, p, KernelConfig(*f, *base_b, fp32_dot=p)) for f in fwd_list for p in precisions]
+            + [("bwd", b, p, KernelConfig(*base_f, *b, fp32_dot=p)) for b in bwd_list for p in precisions])
+
+
 def run_sweep(n: int, d: int, dtype_name: str) -> None:
     import torch
     import triton.testing
 
     from mirrorfast.errors import first_line
-    from mirrorfast.kernels.infonce_triton import (KernelConfig, _backward, _forward, _infonce_bwd_kernel,
-                                                   _infonce_fwd_kernel, pick_config)
+    from mirrorfast.kernels.infonce_triton import (_backward, _forward, _infonce_bwd_kernel, _infonce_fwd_kernel,
+                                                   pick_config)
 
     dtype = getattr(torch, dtype_name)
     temperature = 0.04
     a, b = make_inputs(n, d, dtype, 321, scale_rows=False)
     grad = torch.full((), GRAD_SCALE, device=DEVICE)
     ref_loss, ref_ga, ref_gb = fp64_reference(a, b, temperature, "mean", grad)
-    large = 2 * n > 1024
     default = pick_config(2 * n, d, dtype)
     print(f"\nsweep N={n} D={d} {dtype_name}; heuristic: {default}", flush=True)
-    fwd_list = SWEEP_FWD_FP32 if dtype == torch.float32 else SWEEP_FWD_LARGE if large else SWEEP_FWD_SMALL
-    bwd_list = SWEEP_BWD_FP32 if dtype == torch.float32 else SWEEP_BWD_LARGE if large else SWEEP_BWD_SMALL
-    precisions = ("ieee", "tf32x3") if dtype == torch.float32 else ("ieee",)  # ignored for 16-bit inputs
-    base_b = (default.bwd_m, default.bwd_n, default.bwd_d, default.bwd_dc, default.bwd_warps, default.bwd_stages)
-    base_f = (default.fwd_m, default.fwd_n, default.fwd_d, default.fwd_warps, default.fwd_stages, default.fused_norm)
     graph = 2 * n <= 4096 and DEVICE == "cuda"
 
     def time_it(fn):
@@ -382,30 +393,25 @@ def run_sweep(n: int, d: int, dtype_name: str) -> None:
         gus = 1e3 * triton.testing.do_bench_cudagraph(fn, rep=30, return_mode="median") if graph else float("nan")
         return us, gus
 
-    tag = lambda config, p: f"{config}{' ' + p if len(precisions) > 1 else ''}"  # noqa: E731
-    for f, p in ((f, p) for f in fwd_list for p in precisions):
-        cfg = KernelConfig(*f, *base_b, fp32_dot=p)
+    norm, lse2, _ = _forward(a, b, temperature, default)
+    for kind, candidate, precision, cfg in sweep_candidates(n, d, dtype):
+        tag = f"{kind} {candidate}{' ' + precision if dtype == torch.float32 else ''}"
         try:
-            result = []
-            regs = compiled_registers(_infonce_fwd_kernel, lambda: result.append(_forward(a, b, temperature, cfg)))
-            err = rel_err(result[0][2].double().mean(), ref_loss)
-            us, gus = time_it(lambda: _forward(a, b, temperature, cfg))
-            print(f"  fwd {tag(f, p)}: {us:9.1f} us  (graph {gus:9.1f})  loss err {err:.1e}  {regs}", flush=True)
+            if kind == "fwd":
+                run = lambda: _forward(a, b, temperature, cfg)  # noqa: E731
+                result = []
+                regs = compiled_registers(_infonce_fwd_kernel, lambda: result.append(run()))
+                err = f"loss err {rel_err(result[0][2].double().mean(), ref_loss):.1e}"
+            else:
+                run = lambda: _backward(a, b, norm, lse2, grad, temperature, "mean", cfg)  # noqa: E731
+                result = []
+                regs = compiled_registers(_infonce_bwd_kernel, lambda: result.append(run()))
+                (da, db), = result
+                err = f"grad err {max(rel_err(da, ref_ga), rel_err(db, ref_gb)):.1e}"
+            us, gus = time_it(run)
+            print(f"  {tag}: {us:9.1f} us  (graph {gus:9.1f})  {err}  {regs}", flush=True)
         except Exception as exc:  # noqa: BLE001
-            print(f"  fwd {tag(f, p)}: FAILED {type(exc).__name__}: {first_line(exc)[:200]}", flush=True)
-    norm, lse2, loss = _forward(a, b, temperature, default)
-    for bc, p in ((bc, p) for bc in bwd_list for p in precisions):
-        cfg = KernelConfig(*base_f, *bc, fp32_dot=p)
-        try:
-            result = []
-            regs = compiled_registers(_infonce_bwd_kernel, lambda: result.append(
-                _backward(a, b, norm, lse2, grad, temperature, "mean", cfg)))
-            (da, db), = result
-            err = max(rel_err(da, ref_ga), rel_err(db, ref_gb))
-            us, gus = time_it(lambda: _backward(a, b, norm, lse2, grad, temperature, "mean", cfg))
-            print(f"  bwd {tag(bc, p)}: {us:9.1f} us  (graph {gus:9.1f})  grad err {err:.1e}  {regs}", flush=True)
-        except Exception as exc:  # noqa: BLE001
-            print(f"  bwd {tag(bc, p)}: FAILED {type(exc).__name__}: {first_line(exc)[:200]}", flush=True)
+            print(f"  {tag}: FAILED {type(exc).__name__}: {first_line(exc)[:200]}", flush=True)
 
 
 def run_sweeps(specs: list[str]) -> None:

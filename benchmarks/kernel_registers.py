@@ -164,27 +164,16 @@ def cases():
 
 def sweep_cases(spec: str):
     """The InfoNCE block-size sweep of `info_nce_table.py --sweep N,D[,dtype]`, statically: each candidate's
-    forward or backward kernel (the other one as pick_config has it)."""
-    from info_nce_table import (SWEEP_BWD_FP32, SWEEP_BWD_LARGE, SWEEP_BWD_SMALL, SWEEP_FWD_FP32, SWEEP_FWD_LARGE,
-                                SWEEP_FWD_SMALL)
-
-    from mirrorfast.kernels import infonce_triton as nce
+    forward or backward kernel."""
+    from info_nce_table import sweep_candidates
 
     n, d, *rest = spec.split(",")
-    n2, d, dtype = 2 * int(n), int(d), getattr(torch, rest[0] if rest else "float16")
-    default, fp32, large = nce.pick_config(n2, d, dtype), dtype == torch.float32, n2 > 1024
-    # Each candidate completes as in info_nce_table.run_sweep: the other kernel's part from pick_config.
-    base_f = (default.fwd_m, default.fwd_n, default.fwd_d, default.fwd_warps, default.fwd_stages, default.fused_norm)
-    base_b = (default.bwd_m, default.bwd_n, default.bwd_d, default.bwd_dc, default.bwd_warps, default.bwd_stages)
-    for kind, configs, make in (
-            ("forward", SWEEP_FWD_FP32 if fp32 else SWEEP_FWD_LARGE if large else SWEEP_FWD_SMALL,
-             lambda config: nce.KernelConfig(*config, *base_b)),
-            ("backward", SWEEP_BWD_FP32 if fp32 else SWEEP_BWD_LARGE if large else SWEEP_BWD_SMALL,
-             lambda config: nce.KernelConfig(*base_f, *config))):
-        for config in configs:
-            for case in infonce_cases(n2, d, dtype, make(config), f"InfoNCE {config}", False):
-                if case[0].endswith(kind):
-                    yield case
+    n, d, dtype = int(n), int(d), getattr(torch, rest[0] if rest else "float16")
+    kernel = {"fwd": "forward", "bwd": "backward"}
+    for kind, candidate, precision, cfg in sweep_candidates(n, d, dtype):
+        label = f"InfoNCE {candidate}{' ' + precision if dtype == torch.float32 else ''}"
+        yield from (case for case in infonce_cases(2 * n, d, dtype, cfg, label, False)
+                    if case[0].endswith(kernel[kind]))
 
 
 def main(argv=None) -> int:

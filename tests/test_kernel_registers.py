@@ -46,3 +46,19 @@ def test_kernels_are_compiled_with_the_jit_argument_specialization():
     assert proc.returncode == 0, proc.stderr[-3000:]
     loads = proc.stdout.strip().splitlines()[-1]
     assert ".v4" in loads and "ld.global.b16" not in loads, loads
+
+
+def test_sweep_candidates_compile():
+    # `--sweep N,D`: every InfoNCE candidate that info_nce_table.py --sweep would time, compiled statically.
+    triton = pytest.importorskip("triton")
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not any((bin_dir / name).is_file() for name in ("ptxas-blackwell", "ptxas")):
+        pytest.skip(f"this Triton has no bundled ptxas under {bin_dir}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_registers.py"), "--sweep", "200,768,bfloat16"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.strip().startswith("InfoNCE (")]
+    assert any(r.split(")")[1].strip().startswith("forward") for r in rows)
+    assert any(", 3) backward" in r for r in rows)  # several gradient chunks per program
+    assert len(rows) >= 15 and all(" regs " in r for r in rows)
