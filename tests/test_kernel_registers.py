@@ -13,14 +13,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_default_kernel_configurations_compile_without_spills():
+def _kernel_registers(*args: str) -> subprocess.CompletedProcess:
+    """benchmarks/kernel_registers.py ARGS in a subprocess without the Triton interpreter."""
     triton = pytest.importorskip("triton")
     bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     if not any((bin_dir / name).is_file() for name in ("ptxas-blackwell", "ptxas")):
         pytest.skip(f"this Triton has no bundled ptxas under {bin_dir}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_registers.py"), "--check"], cwd=ROOT,
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_registers.py"), *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_default_kernel_configurations_compile_without_spills():
+    proc = _kernel_registers("--check")
     out = proc.stdout + proc.stderr[-3000:]
     assert proc.returncode == 0, out
     for kernel in ("attention 16-token views", "attention 64-token views", "residual LayerNorm H=768", "InfoNCE N=200 D=768 bfloat16 backward",
@@ -50,13 +55,7 @@ def test_kernels_are_compiled_with_the_jit_argument_specialization():
 
 def test_sweep_candidates_compile():
     # `--sweep N,D`: every InfoNCE candidate that info_nce_table.py --sweep would time, compiled statically.
-    triton = pytest.importorskip("triton")
-    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    if not any((bin_dir / name).is_file() for name in ("ptxas-blackwell", "ptxas")):
-        pytest.skip(f"this Triton has no bundled ptxas under {bin_dir}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_registers.py"), "--sweep", "200,768,bfloat16"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = _kernel_registers("--sweep", "200,768,bfloat16")
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.strip().startswith("InfoNCE (")]
     assert any(r.split(")")[1].strip().startswith("forward") for r in rows)
