@@ -1,4 +1,4 @@
-"""The `mirrorfast` command: parse arguments, call the room that does the work, print. No logic here.
+"""The `mirrorfast` command: parse arguments, call the module that does the work, print. No logic here.
 
 Every user-facing failure is a MirrorfastError: one line on stderr, exit code 2, no traceback
 (pass --debug for one).
