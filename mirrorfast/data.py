@@ -48,11 +48,13 @@ def _dedup(items: list, key=lambda x: x) -> tuple[list, int]:
     return kept, len(items) - len(kept)
 
 
-def _require_two(count: int, source: str) -> None:
+def _require_two(count: int, source: str, removed: int = 0) -> None:
     if count == 0:
         raise MirrorfastError(f"{source} is empty (no non-blank lines)")
     if count < 2:
-        raise MirrorfastError(f"{source} has {count} usable string; contrastive training needs at least 2")
+        dropped = f" ({removed} exact duplicate{'s' if removed > 1 else ''} removed; --keep-duplicates keeps them)" \
+            if removed else ""
+        raise MirrorfastError(f"{source} has {count} usable string{dropped}; contrastive training needs at least 2")
 
 
 def _wordfreq_corpus(spec: str) -> list[str]:
@@ -86,7 +88,7 @@ def load_corpus(spec: str, dedup: bool = True) -> Corpus:
     removed = 0
     if dedup:
         texts, removed = _dedup(texts)
-    _require_two(len(texts), f"corpus {spec}")
+    _require_two(len(texts), f"corpus {spec}", removed)
     return Corpus(texts, None, description, removed)
 
 
@@ -105,7 +107,7 @@ def load_pairs(path: str, dedup: bool = True) -> Corpus:
     if dedup:
         kept, removed = _dedup(list(zip(first, second)))
         first, second = [a for a, _ in kept], [b for _, b in kept]
-    _require_two(len(first), f"pairs file {path}")
+    _require_two(len(first), f"pairs file {path}", removed)
     return Corpus(first, second, f"{path} (supervised pairs)", removed)
 
 

@@ -29,7 +29,8 @@ def test_file_corpus_skips_blanks_and_removes_duplicates(tmp_path):
         (b"", "is empty"),
         (b"\n \n\n", "is empty"),
         (b"only one\n", "at least 2"),
-        (b"same\nsame\n", "at least 2"),
+        (b"same\nsame\n", r"has 1 usable string \(1 exact duplicate removed; --keep-duplicates keeps them\); "
+                            "contrastive training needs at least 2"),
         (b"fine line\nsecond\n\xff\xfe broken\n", "line 3 is not valid UTF-8"),
     ],
 )
