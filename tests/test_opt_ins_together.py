@@ -1,0 +1,50 @@
+"""The GPU suite's most combined row, `-half-triton-fusedln`, end to end on the CPU: --half-model (bf16 model,
+fp32 master weights), packed attention through the one-tile Triton kernel and the fused dropout + residual
++ LayerNorm kernel, together in `train()` (both kernels under the Triton interpreter here). None of them
+has run compiled yet; this is the combination a GPU session runs last, so its plumbing is checked here
+first: without dropout the combined step computes the plain bf16 padded step's loss, up to rounding."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from mirrorfast.config import TrainConfig  # noqa: E402
+from mirrorfast.fused_norm import FUSED_LAYERNORM_ENV  # noqa: E402
+from mirrorfast.packing import ATTENTION_ENV  # noqa: E402
+from mirrorfast.trainer import train  # noqa: E402
+
+WORDS = "river stone light music bread city train road water song book car tree rain field".split()
+
+
+def _run(tiny_bert_dir, corpus, out, **options):
+    logs = []
+    cfg = TrainConfig(model=str(tiny_bert_dir), corpus=str(corpus), level="sentence", batch_size=8, max_steps=3,
+                      precision="bf16", device="cpu", dropout=0.0, output=str(out), progress=False, **options)
+    return train(cfg, log=logs.append), logs
+
+
+def test_half_model_triton_attention_and_fused_layernorm_together(tiny_bert_dir, tmp_path, monkeypatch):
+    rng = torch.Generator().manual_seed(11)
+    lines = [" ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (int(n),), generator=rng))
+             for n in torch.randint(2, 12, (24,), generator=rng)]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(dict.fromkeys(lines)) + "\n")
+
+    plain, _ = _run(tiny_bert_dir, corpus, tmp_path / "plain")
+    monkeypatch.setenv(ATTENTION_ENV, "triton")
+    monkeypatch.setenv(FUSED_LAYERNORM_ENV, "1")
+    combined, logs = _run(tiny_bert_dir, corpus, tmp_path / "combined", attention="packed", half_model=True)
+
+    recipe = next(line for line in logs if line.startswith("recipe:"))
+    for part in ("attention=packed-triton", "half_model=True", "fused_layernorm=True", "precision=bf16"):
+        assert part in recipe, recipe
+    assert len(combined.losses) == len(plain.losses) == 3
+    assert all(torch.isfinite(torch.tensor(combined.losses)))
+    # Same batches, no dropout: the first step's loss is the same function of the same weights, computed in
+    # bf16 by different kernels (autocast vs a bf16 model; padded SDPA vs packed Triton; unfused vs fused).
+    assert combined.losses[0] == pytest.approx(plain.losses[0], rel=2e-3)
+    saved = json.loads((tmp_path / "combined" / "mirrorfast.json").read_text())
+    assert saved["half_model"] is True and saved["fused_layernorm"] is True
+    assert (tmp_path / "combined" / "model.safetensors").is_file()
