@@ -1,8 +1,9 @@
-"""The GPU suite's most combined row, `-half-triton-fusedln`, end to end on the CPU: --half-model (bf16 model,
-fp32 master weights), packed attention through the one-tile Triton kernel and the fused dropout + residual
-+ LayerNorm kernel, together in `train()` (both kernels under the Triton interpreter here). None of them
-has run compiled yet; this is the combination a GPU session runs last, so its plumbing is checked here
-first: without dropout the combined step computes the plain bf16 padded step's loss, up to rounding."""
+"""The GPU suite's most combined row, `-half-triton-fusedln`, end to end: --half-model (bf16 model, fp32
+master weights), packed attention through the one-tile Triton kernel and the fused dropout + residual +
+LayerNorm kernel, together in `train()` (on the CPU here, both kernels under the Triton interpreter; on a GPU
+compiled, with CUDA graphs, as `run_gpu_checks.sh tests` runs it). None of them has run compiled yet and a
+GPU session runs this row last, so its plumbing is checked here first: without dropout the combined step
+computes the plain bf16 padded step's loss, up to rounding."""
 
 import json
 
@@ -15,13 +16,14 @@ from mirrorfast.fused_norm import FUSED_LAYERNORM_ENV  # noqa: E402
 from mirrorfast.packing import ATTENTION_ENV  # noqa: E402
 from mirrorfast.trainer import train  # noqa: E402
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton interpreter (conftest)
 WORDS = "river stone light music bread city train road water song book car tree rain field".split()
 
 
 def _run(tiny_bert_dir, corpus, out, **options):
     logs = []
     cfg = TrainConfig(model=str(tiny_bert_dir), corpus=str(corpus), level="sentence", batch_size=8, max_steps=3,
-                      precision="bf16", device="cpu", dropout=0.0, output=str(out), progress=False, **options)
+                      precision="bf16", device=DEVICE, dropout=0.0, output=str(out), progress=False, **options)
     return train(cfg, log=logs.append), logs
 
 
