@@ -34,7 +34,7 @@ def test_half_model_triton_attention_and_fused_layernorm_together(tiny_bert_dir,
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(dict.fromkeys(lines)) + "\n")
 
-    plain, _ = _run(tiny_bert_dir, corpus, tmp_path / "plain")
+    plain, _ = _run(tiny_bert_dir, corpus, tmp_path / "plain", attention="padded")
     monkeypatch.setenv(ATTENTION_ENV, "triton")
     monkeypatch.setenv(FUSED_LAYERNORM_ENV, "1")
     combined, logs = _run(tiny_bert_dir, corpus, tmp_path / "combined", attention="packed", half_model=True)
