@@ -268,7 +268,8 @@ def _fallback_order(n_layers: int) -> list[int]:
     return list(dict.fromkeys(ends))[: n_layers // 2]
 
 
-def _write_int8(fp32_path: Path, out_path: Path, measure: Callable[[Path], dict]) -> tuple[dict, dict]:
+def _write_int8(fp32_path: Path, out_path: Path, measure: Callable[[Path], dict],
+                log: Callable[[str], None] = lambda message: None) -> tuple[dict, dict]:
     """Dynamic int8 (QInt8 weights, per channel) of the plain fp32 graph, as much of it as keeps parity.
 
     The plain graph is quantized (onnxruntime fuses it at session load). Tries, fastest first, until
@@ -289,6 +290,9 @@ def _write_int8(fp32_path: Path, out_path: Path, measure: Callable[[Path], dict]
     for ffn_down_fp32, kept_layers in plans:
         kept = (ffn_down if ffn_down_fp32 else []) + [
             name for i in kept_layers for name in layers[i] if name not in ffn_down]
+        log(f"{out_path.name}: " + ("every weight MatMul in int8" if not tries else
+                                    "the FFN down-projections" + (f" and layers {kept_layers}" if kept_layers else "")
+                                    + f" in fp32 (the last try's min cosine {tries[-1]['min_cosine']:.6f})"))
         try:
             with _quiet_logging():
                 quantize_dynamic(
@@ -445,6 +449,7 @@ def export_model(
     max_length: int | None = None,
     overwrite: bool = False,
     parity_thresholds: dict[str, float] | None = None,
+    log: Callable[[str], None] = lambda message: None,
 ) -> ExportResult:
     """Export a model directory (or a loaded Encoder, left exactly as it was) to an export directory.
 
@@ -481,13 +486,16 @@ def export_model(
 
     with atomic_directory(out_dir) as tmp:
         files = {"fp32": FP32_FILE}
+        log(f"{FP32_FILE}: tracing the model (opset {opset})")
         _torch_export(graph, example, tmp / FP32_FILE, opset)
         details: dict[str, dict] = {}
         if fp16:
+            log(f"{FP16_FILE}: transformer fusions, fp16")
             heads = int(getattr(config, "num_attention_heads", 0) or 0)  # 0: the optimizer detects it
             details["fp16"] = _write_fp16(tmp / FP32_FILE, tmp / FP16_FILE, heads, int(config.hidden_size))
             files["fp16"] = FP16_FILE
 
+        log(f"parity: checking {', '.join(files.values())} against the PyTorch model")
         cases = parity_cases(encoder.tokenizer, max_length, input_names)
         reference = _reference(graph, cases)
         parity = {
@@ -496,7 +504,8 @@ def export_model(
         }
         if int8:
             details["int8"], parity[INT8_FILE] = _write_int8(
-                tmp / FP32_FILE, tmp / INT8_FILE, lambda path: measure_parity(path, reference, cases, thresholds["int8"]))
+                tmp / FP32_FILE, tmp / INT8_FILE, lambda path: measure_parity(path, reference, cases, thresholds["int8"]),
+                log)
             files["int8"] = INT8_FILE
         if fp16 and parity[FP16_FILE]["provider"] != "CUDAExecutionProvider":
             details["fp16"]["parity_note"] = (

@@ -163,7 +163,7 @@ def _cmd_export(args) -> int:
 
     result = export_model(
         args.model_dir, args.out_dir, fp16=args.fp16, int8=args.int8, opset=args.opset,
-        normalize=args.normalize, max_length=args.max_length, overwrite=args.overwrite,
+        normalize=args.normalize, max_length=args.max_length, overwrite=args.overwrite, log=_log,
     )
     m = result.manifest
     print(
