@@ -214,17 +214,22 @@ class OnnxEncoder:
             return binding.copy_outputs_to_cpu()[0]
         return self.session.run([_OUTPUT], feeds)[0]
 
-    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        """float32 (len(texts), dim) in input order; normalized when the export was (see .normalized)."""
+    def encode(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        """float32 (len(texts), dim) in input order; normalized when the export was (see .normalized).
+        progress: a progress bar (texts encoded) on stderr."""
+        from tqdm.auto import tqdm
+
         texts = _as_texts(texts)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise MirrorfastError(f"batch size must be a positive integer, got {batch_size!r}")
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         ids = self.token_ids(texts, self.max_length)
         order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            out[idx] = self.encode_ids([ids[i] for i in idx])
+        with tqdm(total=len(texts), unit="text", disable=not progress, dynamic_ncols=True) as bar:
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                out[idx] = self.encode_ids([ids[i] for i in idx])
+                bar.update(len(idx))
         return out
 
     def encode_ids(self, rows: list[list[int]]) -> np.ndarray:
@@ -301,6 +306,7 @@ def encode_file(
     batch_size: int = 64,
     provider: str = "auto",
     int8: bool = False,
+    progress: bool = False,
 ) -> EncodeSummary:
     """Embed every non-blank line of a UTF-8 text file; write a float32 (n, dim) .npy atomically."""
     texts, blank = read_lines(input_path)
@@ -309,7 +315,7 @@ def encode_file(
     output = check_npy_output(output_path)
     encoder = OnnxEncoder(export_dir, provider=provider, int8=int8)
     start = time.perf_counter()
-    vectors = encoder.encode(texts, batch_size=batch_size)
+    vectors = encoder.encode(texts, batch_size=batch_size, progress=progress)
     seconds = time.perf_counter() - start
     save_npy_atomic(vectors, output)
     return EncodeSummary(len(texts), blank, output, vectors.shape, encoder.model_path.name, encoder.provider, seconds)

@@ -200,6 +200,7 @@ def _add_encode(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--int8", action="store_true", help="use model_int8.onnx (CPU)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_encode)
 
 
@@ -207,7 +208,7 @@ def _cmd_encode(args) -> int:
     from mirrorfast.export.runtime import encode_file
 
     s = encode_file(args.export_dir, args.input, args.output, batch_size=args.batch_size,
-                    provider=args.provider, int8=args.int8)
+                    provider=args.provider, int8=args.int8, progress=not args.no_progress)
     rate = s.texts / s.seconds if s.seconds > 0 else float("inf")
     print(
         f"encoded {s.texts} texts ({s.blank_lines} blank lines skipped) with {s.model_file} on {s.provider} "

@@ -191,8 +191,10 @@ def test_cli_encode_writes_the_same_vectors(tiny_export, tiny_onnx, tmp_path, ca
     out = tmp_path / "vectors.npy"
     assert main(["encode", str(tiny_export), "--input", str(tmp_path / "in.txt"), "--output", str(out),
                  "--batch-size", "2", "--provider", "cpu"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert printed.count("\n") == 1 and "encoded 4 texts (2 blank lines skipped)" in printed
+    assert "4/4" in captured.err and "text/s" in captured.err  # the progress bar, on stderr
     vectors = np.load(out)
     assert vectors.dtype == np.float32
     np.testing.assert_array_equal(vectors, tiny_onnx.encode(["first line", "Ünïcödé 日本語", "third",
@@ -200,8 +202,9 @@ def test_cli_encode_writes_the_same_vectors(tiny_export, tiny_onnx, tmp_path, ca
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
 
     assert main(["encode", str(tiny_export), "--input", str(tmp_path / "in.txt"), "--output", str(out),
-                 "--int8"]) == 0
-    assert "model_int8.onnx on cpu" in capsys.readouterr().out
+                 "--int8", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "model_int8.onnx on cpu" in captured.out and "text/s" not in captured.err
 
 
 def test_cli_encode_errors(tiny_export, tmp_path, capsys):
