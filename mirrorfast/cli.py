@@ -7,6 +7,7 @@ Every user-facing failure is a MirrorfastError: one line on stderr, exit code 2,
 import argparse
 import sys
 
+from mirrorfast import __version__
 from mirrorfast.errors import MirrorfastError
 
 
@@ -266,6 +267,7 @@ def _cmd_serve(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mirrorfast", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"mirrorfast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_train, _add_eval, _add_export, _add_encode, _add_serve):
         add(sub)

@@ -325,3 +325,15 @@ def test_drophead_trains_padded(tiny_bert_dir, corpus, tmp_path, capsys, monkeyp
     assert not use_packing(TrainConfig(**{**base.__dict__, "drophead": 0.1}), encoder, cuda, torch.float16)
     assert run_cli(*tiny_args(tiny_bert_dir, corpus, tmp_path / "o", "--attention", "packed", "--drophead", "0.1")) == 2
     assert "--drophead needs padded batches" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    import importlib.metadata
+
+    import mirrorfast
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"mirrorfast {mirrorfast.__version__}"
+    assert importlib.metadata.version("mirrorfast") == mirrorfast.__version__  # one source: pyproject reads it
