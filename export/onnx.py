@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mirrorfast import __version__
 from mirrorfast.errors import MirrorfastError, first_line
 from mirrorfast.evaluate import cosine_rows
 from mirrorfast.model import Encoder, load_encoder, pool
@@ -537,6 +538,7 @@ def export_model(
             "parity_reference": "PyTorch model in eval mode (float32, CPU)",
             **details,
             "exporter": f"torch.onnx.export TorchScript (dynamo=False), torch {torch.__version__}",
+            "mirrorfast_version": __version__,
             "onnx_version": onnx.__version__,
             "onnxruntime_version": onnxruntime.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+import mirrorfast
+
 from mirrorfast.errors import MirrorfastError
 
 ort = pytest.importorskip("onnxruntime")
@@ -98,6 +100,7 @@ def test_export_directory_contents(tiny_export):
     assert manifest["pooling"] == "cls" and manifest["normalized"] is True
     assert manifest["dim"] == 32 and manifest["max_length"] == 128  # capped at the model's 128 positions
     assert manifest["opset"] == 17
+    assert manifest["mirrorfast_version"] == mirrorfast.__version__
     assert manifest["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
     assert manifest["outputs"] == ["sentence_embedding", "token_embeddings"]
     thresholds = {"model.onnx": 0.9999, "model_fp16.onnx": 0.999, "model_int8.onnx": 0.99}
