@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import copy
 import logging
 import threading
 import time
@@ -16,6 +15,8 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
+
+from mirrorfast.tokens import Rows, batch_encoder
 
 if TYPE_CHECKING:
     from mirrorfast.export.serve_edge import Metrics
@@ -189,7 +190,6 @@ class Batcher:
 
 
 # -------------------------------------------------------------------------------------- tokenizing
-Rows = list[list[int]]
 
 
 class Tokenizing:
@@ -214,25 +214,7 @@ class Tokenizing:
     @staticmethod
     def _make(tokenizer, truncate_to: int | None) -> Callable[[list[str]], tuple[Rows, list[int]]]:
         """-> tokenize(texts) -> (rows, lengths)."""
-        from tokenizers import Tokenizer
-
-        core = getattr(tokenizer, "backend_tokenizer", None)  # a fast HF tokenizer's Rust core, called directly
-        if isinstance(core, Tokenizer):
-            own = Tokenizer.from_str(core.to_str())
-            own.no_padding()
-            if truncate_to:
-                own.enable_truncation(truncate_to)
-            else:
-                own.no_truncation()
-            encode = lambda texts: [e.ids for e in own.encode_batch(texts, add_special_tokens=True)]  # noqa: E731
-        else:  # a slow (Python) tokenizer: its own truncation arguments
-            slow = copy.deepcopy(tokenizer)
-            slow.model_max_length = 1 << 30  # silence "sequence longer than ..." warnings
-            options = dict(add_special_tokens=True, padding=False, return_attention_mask=False,
-                           return_token_type_ids=False, truncation=bool(truncate_to),
-                           **({"max_length": truncate_to} if truncate_to else {}))
-            encode = lambda texts: slow(texts, **options)["input_ids"]  # noqa: E731
-            encode(["warm up"])  # settle the copy's state before any concurrency
+        encode = batch_encoder(tokenizer, truncate_to)
 
         def tokenize(texts: list[str]) -> tuple[Rows, list[int]]:
             rows = encode(texts)

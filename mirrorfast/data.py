@@ -5,6 +5,7 @@ are cut from flat token arrays, either padded (B, L) or packed (1, T) with cumul
 unpadded attention.
 """
 
+import itertools
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 
 from mirrorfast.errors import MirrorfastError
 from mirrorfast.textfile import read_utf8
+from mirrorfast.tokens import batch_encoder
 
 PAIR_SEPARATOR = "||"
 
@@ -120,11 +122,10 @@ class TokenizedTexts:
 
     @classmethod
     def build(cls, tokenizer, texts: list[str], max_length: int) -> "TokenizedTexts":
-        encoded = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
-        lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
+        encoded = batch_encoder(tokenizer, max_length)(texts)
         offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        ids = np.fromiter((t for e in encoded for t in e), dtype=np.int64, count=int(offsets[-1]))
+        np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), out=offsets[1:])
+        ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64, count=int(offsets[-1]))
         return cls(ids, offsets)
 
     def lengths(self, rows: np.ndarray) -> np.ndarray:

@@ -105,3 +105,27 @@ def test_padded_and_packed_batches_hold_the_same_tokens(minilm_dir):
     assert exact.input_ids.shape == (8, row_lengths.max())
     for start, end, width in exact.chunks:
         assert width == row_lengths[start]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("kind", ["fast", "slow"])
+def test_tokenize_once_gives_the_tokenizers_own_ids(minilm_dir, tmp_path, kind, side):
+    """TokenizedTexts.build (the Rust core of a fast tokenizer, called directly; a slow one as it is) gives
+    exactly what `tokenizer(texts, truncation=True, max_length=...)` gives, on either truncation side."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    if kind == "slow":
+        from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
+
+        vocab = sorted(tok.get_vocab().items(), key=lambda item: item[1])
+        (tmp_path / "vocab.txt").write_text("".join(token + "\n" for token, _ in vocab), encoding="utf-8")
+        tok = BertTokenizerLegacy(str(tmp_path / "vocab.txt"))
+    tok.truncation_side = side
+    rng = random.Random(7)
+    words = "the a naïve café 東京 😀 Straße running quickly unbelievable x , .".split()
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 40))) for _ in range(60)] + ["y"]
+    built = TokenizedTexts.build(tok, texts, max_length=16)
+    expected = tok(texts, truncation=True, max_length=16, add_special_tokens=True)["input_ids"]
+    assert max(map(len, expected)) == 16 and min(map(len, expected)) < 16  # some cut, some not
+    assert [built.ids[built.offsets[i]:built.offsets[i + 1]].tolist() for i in range(len(texts))] == expected
