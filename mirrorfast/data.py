@@ -120,13 +120,20 @@ class TokenizedTexts:
     ids: np.ndarray  # (total_tokens,) int64
     offsets: np.ndarray  # (n + 1,) int64
 
+    CHUNK = 8192  # texts per tokenizer call: the tokenizer's per-text objects are freed chunk by chunk
+
     @classmethod
     def build(cls, tokenizer, texts: list[str], max_length: int) -> "TokenizedTexts":
-        encoded = batch_encoder(tokenizer, max_length)(texts)
-        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), out=offsets[1:])
-        ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64, count=int(offsets[-1]))
-        return cls(ids, offsets)
+        encode = batch_encoder(tokenizer, max_length)
+        lengths, ids = [], []
+        for start in range(0, len(texts), cls.CHUNK):
+            encoded = encode(texts[start : start + cls.CHUNK])
+            lengths.append(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)))
+            ids.append(np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64, count=int(lengths[-1].sum())))
+        offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+        if texts:
+            np.cumsum(np.concatenate(lengths), out=offsets[1:])
+        return cls(np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64), offsets)
 
     def lengths(self, rows: np.ndarray) -> np.ndarray:
         return self.offsets[rows + 1] - self.offsets[rows]

@@ -109,9 +109,10 @@ def test_padded_and_packed_batches_hold_the_same_tokens(minilm_dir):
 
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("kind", ["fast", "slow"])
-def test_tokenize_once_gives_the_tokenizers_own_ids(minilm_dir, tmp_path, kind, side):
-    """TokenizedTexts.build (the Rust core of a fast tokenizer, called directly; a slow one as it is) gives
-    exactly what `tokenizer(texts, truncation=True, max_length=...)` gives, on either truncation side."""
+def test_tokenize_once_gives_the_tokenizers_own_ids(minilm_dir, tmp_path, kind, side, monkeypatch):
+    """TokenizedTexts.build (the Rust core of a fast tokenizer, called directly; a slow one as it is; in
+    chunks of texts) gives exactly what `tokenizer(texts, truncation=True, max_length=...)` gives, on either
+    truncation side."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(minilm_dir)
@@ -125,7 +126,10 @@ def test_tokenize_once_gives_the_tokenizers_own_ids(minilm_dir, tmp_path, kind, 
     rng = random.Random(7)
     words = "the a naïve café 東京 😀 Straße running quickly unbelievable x , .".split()
     texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 40))) for _ in range(60)] + ["y"]
+    monkeypatch.setattr(TokenizedTexts, "CHUNK", 7)  # 61 texts: 8 full chunks and a partial one
     built = TokenizedTexts.build(tok, texts, max_length=16)
     expected = tok(texts, truncation=True, max_length=16, add_special_tokens=True)["input_ids"]
     assert max(map(len, expected)) == 16 and min(map(len, expected)) < 16  # some cut, some not
     assert [built.ids[built.offsets[i]:built.offsets[i + 1]].tolist() for i in range(len(texts))] == expected
+    empty = TokenizedTexts.build(tok, [], max_length=16)
+    assert empty.ids.shape == (0,) and empty.offsets.tolist() == [0]
