@@ -21,6 +21,7 @@ import numpy as np
 
 from mirrorfast.errors import MirrorfastError, first_line
 from mirrorfast.textfile import read_utf8
+from mirrorfast.tokens import TokenizedTexts
 
 EXPORT_JSON = "export.json"
 EXPORT_FORMAT = "mirrorfast-onnx"
@@ -223,12 +224,13 @@ class OnnxEncoder:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise MirrorfastError(f"batch size must be a positive integer, got {batch_size!r}")
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        ids = self.token_ids(texts, self.max_length)
-        order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
+        tokens = TokenizedTexts.build(self.tokenizer, texts, self.max_length)  # flat: a large file stays small
+        offsets = tokens.offsets
+        order = np.argsort(np.diff(offsets), kind="stable")  # by length: little padding per batch
         with tqdm(total=len(texts), unit="text", disable=not progress, dynamic_ncols=True) as bar:
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
-                out[idx] = self.encode_ids([ids[i] for i in idx])
+                out[idx] = self.encode_ids([tokens.ids[offsets[i]:offsets[i + 1]] for i in idx])
                 bar.update(len(idx))
         return out
 

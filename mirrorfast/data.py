@@ -5,7 +5,6 @@ are cut from flat token arrays, either padded (B, L) or packed (1, T) with cumul
 unpadded attention.
 """
 
-import itertools
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 
 from mirrorfast.errors import MirrorfastError
 from mirrorfast.textfile import read_utf8
-from mirrorfast.tokens import batch_encoder
+from mirrorfast.tokens import TokenizedTexts
 
 PAIR_SEPARATOR = "||"
 
@@ -111,32 +110,6 @@ def load_pairs(path: str, dedup: bool = True) -> Corpus:
         first, second = [a for a, _ in kept], [b for _, b in kept]
     _require_two(len(first), f"pairs file {path}", removed)
     return Corpus(first, second, f"{path} (supervised pairs)", removed)
-
-
-@dataclass
-class TokenizedTexts:
-    """All token ids of a list of texts, flat: ids[offsets[i]:offsets[i+1]] is text i (truncated)."""
-
-    ids: np.ndarray  # (total_tokens,) int64
-    offsets: np.ndarray  # (n + 1,) int64
-
-    CHUNK = 8192  # texts per tokenizer call: the tokenizer's per-text objects are freed chunk by chunk
-
-    @classmethod
-    def build(cls, tokenizer, texts: list[str], max_length: int) -> "TokenizedTexts":
-        encode = batch_encoder(tokenizer, max_length)
-        lengths, ids = [], []
-        for start in range(0, len(texts), cls.CHUNK):
-            encoded = encode(texts[start : start + cls.CHUNK])
-            lengths.append(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)))
-            ids.append(np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64, count=int(lengths[-1].sum())))
-        offsets = np.zeros(len(texts) + 1, dtype=np.int64)
-        if texts:
-            np.cumsum(np.concatenate(lengths), out=offsets[1:])
-        return cls(np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64), offsets)
-
-    def lengths(self, rows: np.ndarray) -> np.ndarray:
-        return self.offsets[rows + 1] - self.offsets[rows]
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Batch tokenization for many texts: token ids with special tokens, optionally truncated.
+"""Batch tokenization for many texts: token ids with special tokens, optionally truncated, as lists
+(`batch_encoder`) or as one flat array with offsets (`TokenizedTexts`, built chunk by chunk).
 
 A fast Hugging Face tokenizer is called through a private copy of its Rust core (`tokenizers.Tokenizer`):
 the same ids as `tokenizer(texts, truncation=..., max_length=...)`, without the Python wrapper's
@@ -9,7 +10,11 @@ per-text work (1.4x faster on 300,000 sentences, 2-core CPU), and safe to use fr
 from __future__ import annotations
 
 import copy
+import itertools
+from dataclasses import dataclass
 from typing import Callable
+
+import numpy as np
 
 Rows = list[list[int]]
 
@@ -35,3 +40,29 @@ def batch_encoder(tokenizer, truncate_to: int | None) -> Callable[[list[str]], R
     encode = lambda texts: slow(texts, **options)["input_ids"]  # noqa: E731
     encode(["warm up"])  # settle the copy's state before any concurrency
     return encode
+
+
+@dataclass
+class TokenizedTexts:
+    """All token ids of a list of texts, flat: ids[offsets[i]:offsets[i+1]] is text i (truncated)."""
+
+    ids: np.ndarray  # (total_tokens,) int64
+    offsets: np.ndarray  # (n + 1,) int64
+
+    CHUNK = 8192  # texts per tokenizer call: the tokenizer's per-text objects are freed chunk by chunk
+
+    @classmethod
+    def build(cls, tokenizer, texts: list[str], max_length: int) -> "TokenizedTexts":
+        encode = batch_encoder(tokenizer, max_length)
+        lengths, ids = [], []
+        for start in range(0, len(texts), cls.CHUNK):
+            encoded = encode(texts[start : start + cls.CHUNK])
+            lengths.append(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)))
+            ids.append(np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64, count=int(lengths[-1].sum())))
+        offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+        if texts:
+            np.cumsum(np.concatenate(lengths), out=offsets[1:])
+        return cls(np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64), offsets)
+
+    def lengths(self, rows: np.ndarray) -> np.ndarray:
+        return self.offsets[rows + 1] - self.offsets[rows]
