@@ -40,7 +40,7 @@ from torch import nn
 from mirrorfast import __version__
 from mirrorfast.errors import MirrorfastError, first_line
 from mirrorfast.evaluate import cosine_rows
-from mirrorfast.model import Encoder, load_encoder, pool
+from mirrorfast.model import Encoder, load_encoder, pool, position_limit
 from mirrorfast.export.runtime import EXPORT_FORMAT, EXPORT_JSON, open_session, pad_right
 from mirrorfast.output import atomic_directory, check_destination
 
@@ -124,13 +124,7 @@ def is_export_output(path: Path) -> bool:
 
 def _resolve_max_length(encoder: Encoder, requested: int | None) -> int:
     """--max-length, checked against the model's positions; by default the model's, capped at them."""
-    config = encoder.model.config
-    positions = getattr(config, "max_position_embeddings", None)
-    limit = None
-    if positions:
-        # RoBERTa-style models number positions from padding_idx + 1
-        offset = (getattr(config, "pad_token_id", 0) or 0) + 1 if "roberta" in config.model_type else 0
-        limit = int(positions) - offset
+    limit = position_limit(encoder.model.config)
     if requested is not None:
         if requested < 2:
             raise MirrorfastError(f"--max-length must be at least 2, got {requested}")

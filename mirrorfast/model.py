@@ -208,6 +208,16 @@ def _resolve_source(name_or_path: str | os.PathLike | None) -> tuple[str, str, b
     return str(name_or_path), description, cache_only
 
 
+def position_limit(config) -> int | None:
+    """How many tokens (special tokens included) a text may have: the position embeddings' count, less
+    the offset RoBERTa-style models number positions from (padding_idx + 1). None: not stated."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if not positions:
+        return None
+    offset = (getattr(config, "pad_token_id", 0) or 0) + 1 if "roberta" in config.model_type else 0
+    return int(positions) - offset
+
+
 def load_encoder(
     name_or_path: str | os.PathLike | None = None,
     pooling: str | None = None,
@@ -234,8 +244,11 @@ def load_encoder(
     if tokenizer.pad_token is None:
         raise MirrorfastError(f"the tokenizer of {source} has no padding token; it cannot batch")
     pooling = pooling or (saved or {}).get("pooling") or "cls"
+    limit = position_limit(model.config)
     if max_length is None:
-        max_length = (saved or {}).get("max_length") or min(int(tokenizer.model_max_length), 512)
+        max_length = (saved or {}).get("max_length") or min(int(tokenizer.model_max_length), 512, limit or 512)
+    elif limit is not None and max_length > limit:  # a longer text would index past the position embeddings
+        raise MirrorfastError(f"--max-length {max_length} exceeds the model's {limit} positions")
     if dropout is not None:
         set_dropout(model, dropout)
     return Encoder(model, tokenizer, pooling, int(max_length), description)

@@ -166,6 +166,7 @@ def test_view_source_masks_with_the_tokenizers_mask_token(tiny_bert_dir, corpus)
         (["--temperature", "0"], "--temperature must be > 0"),
         (["--batch-size", "1"], "--batch-size must be at least 2"),
         (["--dropout", "1.5"], "--dropout must be in"),
+        (["--max-length", "129"], "--max-length 129 exceeds the model's 128 positions"),  # an index error before
     ],
 )
 def test_bad_options(tiny_bert_dir, corpus, tmp_path, capsys, extra, message):
@@ -337,3 +338,15 @@ def test_version(capsys):
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"mirrorfast {mirrorfast.__version__}"
     assert importlib.metadata.version("mirrorfast") == mirrorfast.__version__  # one source: pyproject reads it
+
+
+def test_position_limit_counts_roberta_offset():
+    import transformers
+
+    from mirrorfast.model import position_limit
+
+    assert position_limit(transformers.BertConfig(max_position_embeddings=512)) == 512
+    assert position_limit(transformers.RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512
+    from types import SimpleNamespace
+
+    assert position_limit(SimpleNamespace(model_type="custom")) is None  # a config that states no positions
