@@ -200,7 +200,9 @@ def _resolve_source(name_or_path: str | os.PathLike | None) -> tuple[str, str, b
     path = Path(name_or_path)
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
-            raise MirrorfastError(f"{path} is not a model directory (no config.json found)")
+            hint = ("; it is an ONNX export: use the model directory it was exported from (export.json's "
+                    "source_model)") if (path / "export.json").is_file() else ""
+            raise MirrorfastError(f"{path} is not a model directory (no config.json found){hint}")
         return str(path), f"{path} (local directory)", True
     if str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
         raise MirrorfastError(f"model directory {name_or_path} does not exist")

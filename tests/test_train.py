@@ -202,7 +202,11 @@ def test_not_a_model(tmp_path, corpus, capsys):
     (tmp_path / "notmodel").mkdir()
     (tmp_path / "notmodel" / "readme.txt").write_text("hi")
     assert run_cli("train", "--model", tmp_path / "notmodel", "--corpus", corpus, "--output", tmp_path / "o") == 2
-    assert "is not a model directory" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is not a model directory" in err and "ONNX export" not in err
+    (tmp_path / "notmodel" / "export.json").write_text("{}")  # an export directory: say so
+    assert run_cli("train", "--model", tmp_path / "notmodel", "--corpus", corpus, "--output", tmp_path / "o") == 2
+    assert "it is an ONNX export: use the model directory it was exported from" in capsys.readouterr().err
 
 
 def test_refuses_foreign_output_dir_unless_overwrite(tiny_bert_dir, corpus, tmp_path, capsys):
