@@ -21,7 +21,7 @@ import numpy as np
 
 from mirrorfast.errors import MirrorfastError, first_line
 from mirrorfast.textfile import read_utf8
-from mirrorfast.tokens import TokenizedTexts
+from mirrorfast.tokens import TokenizedTexts, batch_encoder
 
 EXPORT_JSON = "export.json"
 EXPORT_FORMAT = "mirrorfast-onnx"
@@ -162,6 +162,7 @@ class OnnxEncoder:
         self.model_path = export_dir / file
         self._input_names = [i.name for i in self.session.get_inputs()]
         self.tokenizer = self._load_tokenizer(export_dir)
+        self._encode_texts = batch_encoder(self.tokenizer, self.max_length)  # made once: it copies the tokenizer
         self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     # ------------------------------------------------------------------------------------- loading
@@ -224,7 +225,7 @@ class OnnxEncoder:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise MirrorfastError(f"batch size must be a positive integer, got {batch_size!r}")
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        tokens = TokenizedTexts.build(self.tokenizer, texts, self.max_length)  # flat: a large file stays small
+        tokens = TokenizedTexts.build_with(self._encode_texts, texts)  # flat: a large file stays small
         offsets = tokens.offsets
         order = np.argsort(np.diff(offsets), kind="stable")  # by length: little padding per batch
         with tqdm(total=len(texts), unit="text", disable=not progress, dynamic_ncols=True) as bar:

@@ -25,7 +25,7 @@ import mirrorfast
 from mirrorfast.augment import masked_views
 from mirrorfast.config import TrainConfig
 from mirrorfast.data import (CUDA_WIDTH_MULTIPLE, PACK_BUCKET, PAD_SEGMENT_MAX, TILE_PAD_SEGMENT_MAX, Batch, Corpus,
-                             TokenizedTexts, epoch_batches, load_corpus, load_pairs, packed_batch, padded_batch)
+                             epoch_batches, load_corpus, load_pairs, packed_batch, padded_batch)
 from mirrorfast.errors import MirrorfastError
 from mirrorfast.fused_norm import fused_layernorm_requested, fused_residual_layernorm
 from mirrorfast.graphs import GraphedStep
@@ -34,6 +34,7 @@ from mirrorfast.kernels import info_nce, resolve_backend
 from mirrorfast.model import MIRRORFAST_JSON, Encoder, enable_drophead, load_encoder, save_encoder, without_pooler
 from mirrorfast.output import atomic_directory, check_destination
 from mirrorfast.packing import flash_supported, packed_attention, packed_kernel, supports_packing
+from mirrorfast.tokens import TokenizedTexts, batch_encoder
 
 
 @dataclass
@@ -146,10 +147,11 @@ class ViewSource:
         self.mask_token = tokenizer.mask_token
         if cfg.mask_span > 0 and corpus.second is None and self.mask_token is None:
             raise MirrorfastError("this tokenizer has no mask token; use --mask-span 0")
-        self.first = TokenizedTexts.build(self.tokenizer, corpus.first, cfg.max_length)
+        self.encode = batch_encoder(tokenizer, cfg.max_length)  # one copy of the tokenizer, for every epoch
+        self.first = TokenizedTexts.build_with(self.encode, corpus.first)
         self.fixed_second = None  # None: the second view is re-masked every epoch
         if corpus.second is not None:
-            self.fixed_second = TokenizedTexts.build(self.tokenizer, corpus.second, cfg.max_length)
+            self.fixed_second = TokenizedTexts.build_with(self.encode, corpus.second)
         elif cfg.mask_span == 0:
             self.fixed_second = self.first
 
@@ -158,7 +160,7 @@ class ViewSource:
             return self.first, self.fixed_second
         rng = random.Random(self.cfg.seed * 1_000_003 + epoch)
         masked = masked_views(self.corpus.first, self.cfg.mask_span, self.mask_token, rng)
-        return self.first, TokenizedTexts.build(self.tokenizer, masked, self.cfg.max_length)
+        return self.first, TokenizedTexts.build_with(self.encode, masked)
 
 
 class LossMonitor:

@@ -288,3 +288,17 @@ def test_npy_output_where_nothing_can_be_created_is_refused_before_encoding():
 
     with pytest.raises(MirrorfastError, match="cannot write to /proc"):
         check_npy_output("/proc/vectors.npy")
+
+
+def test_encode_reuses_one_tokenizer_copy(tiny_onnx, monkeypatch):
+    # Making a batch encoder copies the tokenizer (~20 ms for BERT's vocabulary, 10x a short encode call):
+    # OnnxEncoder makes one when it loads, never per call.
+    import mirrorfast.export.runtime as runtime
+    import mirrorfast.tokens as tokens
+
+    made = []
+    for module in (runtime, tokens):  # the name runtime imported, and the one TokenizedTexts.build calls
+        monkeypatch.setattr(module, "batch_encoder", lambda *args: made.append(args))
+    tiny_onnx.encode(["one text"])
+    tiny_onnx.encode(["two", "texts"])
+    assert made == []

@@ -354,3 +354,22 @@ def test_position_limit_counts_roberta_offset():
     from types import SimpleNamespace
 
     assert position_limit(SimpleNamespace(model_type="custom")) is None  # a config that states no positions
+
+
+def test_view_source_copies_the_tokenizer_once(tiny_bert_dir, corpus, monkeypatch):
+    # ViewSource re-tokenizes the masked view every epoch with one batch encoder (a tokenizer copy each).
+    import mirrorfast.trainer as trainer
+    from mirrorfast.data import load_corpus
+    from mirrorfast.model import load_encoder
+
+    import mirrorfast.tokens as tokens
+
+    made = []
+    real = tokens.batch_encoder
+    for module in (trainer, tokens):  # the name the trainer imported, and the one TokenizedTexts.build calls
+        monkeypatch.setattr(module, "batch_encoder", lambda *args: made.append(args) or real(*args))
+    cfg = TrainConfig(corpus=str(corpus), level="sentence").resolved()
+    source = trainer.ViewSource(load_corpus(str(corpus)), load_encoder(tiny_bert_dir).tokenizer, cfg)
+    for epoch in range(3):
+        source.epoch(epoch)
+    assert len(made) == 1
