@@ -16,7 +16,7 @@ from torch import nn
 
 from mirrorfast.errors import MirrorfastError, first_line
 from mirrorfast.hub import cache_dir, resolve_hub_id
-from mirrorfast.packing import packed_hidden, packed_pool
+from mirrorfast.packing import first_position_id, packed_hidden, packed_pool
 
 POOLINGS = ("cls", "mean")
 MIRRORFAST_JSON = "mirrorfast.json"
@@ -212,12 +212,9 @@ def _resolve_source(name_or_path: str | os.PathLike | None) -> tuple[str, str, b
 
 def position_limit(config) -> int | None:
     """How many tokens (special tokens included) a text may have: the position embeddings' count, less
-    the offset RoBERTa-style models number positions from (padding_idx + 1). None: not stated."""
+    the first position id (`mirrorfast.packing.first_position_id`). None: not stated."""
     positions = getattr(config, "max_position_embeddings", None)
-    if not positions:
-        return None
-    offset = (getattr(config, "pad_token_id", 0) or 0) + 1 if "roberta" in config.model_type else 0
-    return int(positions) - offset
+    return int(positions) - first_position_id(config) if positions else None
 
 
 def load_encoder(

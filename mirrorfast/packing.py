@@ -25,7 +25,7 @@ from mirrorfast.errors import MirrorfastError
 ATTENTION_NAME = "mirrorfast_packed"
 # Model types whose attention goes through transformers' attention interface and whose position ids
 # we know how to restart per view.
-PACKED_MODEL_TYPES = {"bert": 0, "roberta": None, "xlm-roberta": None, "camembert": None}
+PACKED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert")
 ATTENTION_ENV = "MIRRORFAST_PACKED_ATTENTION"
 CUDA_KERNELS = ("flash", "sdpa", "triton")
 
@@ -115,16 +115,22 @@ def _register() -> None:
     AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
 
 
+def first_position_id(config) -> int:
+    """RoBERTa-family models (RoBERTa, XLM-R, CamemBERT, ...) number positions from pad_token_id + 1, the
+    others (BERT) from 0."""
+    roberta_family = "roberta" in config.model_type or config.model_type == "camembert"
+    return (getattr(config, "pad_token_id", 0) or 0) + 1 if roberta_family else 0
+
+
 def position_offset(model) -> int:
-    """RoBERTa-style models number positions from pad_token_id + 1; BERT from 0."""
+    """The first position id of a model packed attention supports (an error for the others)."""
     model_type = model.config.model_type
     if model_type not in PACKED_MODEL_TYPES:
         raise MirrorfastError(
             f"packed (unpadded) attention supports {sorted(PACKED_MODEL_TYPES)}, not {model_type!r}; "
             "use --attention padded"
         )
-    offset = PACKED_MODEL_TYPES[model_type]
-    return int(model.config.pad_token_id) + 1 if offset is None else offset
+    return first_position_id(model.config)
 
 
 def supports_packing(model) -> bool:

@@ -351,6 +351,7 @@ def test_position_limit_counts_roberta_offset():
 
     assert position_limit(transformers.BertConfig(max_position_embeddings=512)) == 512
     assert position_limit(transformers.RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512
+    assert position_limit(transformers.CamembertConfig(max_position_embeddings=514, pad_token_id=1)) == 512
     from types import SimpleNamespace
 
     assert position_limit(SimpleNamespace(model_type="custom")) is None  # a config that states no positions
