@@ -286,9 +286,9 @@ def _temporary_sibling(output: Path) -> tuple[int, str]:
         raise MirrorfastError(f"cannot write to {output.parent}: {exc.strerror or exc}") from None
 
 
-def save_npy_atomic(array: np.ndarray, output: str | os.PathLike) -> Path:
-    """np.save to a temporary sibling, then rename: `output` is never left half-written."""
-    output = check_npy_output(output)
+def save_npy_atomic(array: np.ndarray, output: Path) -> Path:
+    """np.save to a temporary sibling, then rename: `output` (from check_npy_output) is never left
+    half-written."""
     fd, tmp = _temporary_sibling(output)
     try:
         with os.fdopen(fd, "wb") as handle:
