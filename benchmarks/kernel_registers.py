@@ -53,14 +53,8 @@ def compile_kernel(fn, arch: int, runtime: dict, meta: dict):
     (pointers are assumed 16-byte aligned, as PyTorch's allocations and the launchers' views are). Without
     those hints the compiler cannot prove loads contiguous and aligned, does not vectorize them, and reports
     registers and spills that no launch on the GPU has."""
+    from triton._C.libtriton import native_specialize_impl  # Triton 3.6 (the GPU image's) and newer
     from triton.backends.compiler import BaseBackend, GPUTarget
-    try:
-        from triton._C.libtriton import native_specialize_impl
-    except ImportError:  # an older Triton: the same rule, written out
-        def native_specialize_impl(backend, value, is_const, specialize, align):
-            if specialize and value == 1:
-                return "constexpr", 1
-            return "i32", "D" if align and value % 16 == 0 else ""
     from triton.compiler import ASTSource
 
     signature, constexprs, attrs = {}, {}, {}
