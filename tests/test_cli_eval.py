@@ -92,6 +92,17 @@ def test_eval_batch_size_reaches_the_encoder(tiny_export, eval_files):
     assert recording.batch_sizes == [7]
 
 
+def test_cli_eval_passes_its_batch_size(tiny_export, eval_files, capsys, monkeypatch):
+    import mirrorfast.evaluate as evaluate_module
+
+    seen, spearman = [], evaluate_module.spearman
+    monkeypatch.setattr(evaluate_module, "spearman",
+                        lambda encoder, pairs, batch_size=128: seen.append(batch_size) or spearman(encoder, pairs, batch_size))
+    sts, _ = eval_files
+    eval_json(capsys, tiny_export, "--sts", sts, "--batch-size", "5")
+    assert seen == [5]
+
+
 def test_eval_int8_and_batch_size_errors(tiny_bert_dir, eval_files, capsys):
     sts, _ = eval_files
     for args, message in [
