@@ -263,6 +263,13 @@ def _fallback_order(n_layers: int) -> list[int]:
     return list(dict.fromkeys(ends))[: n_layers // 2]
 
 
+def fp32_parts(ffn_down_fp32: bool, fp32_layers: list[int]) -> str:
+    """What an int8 try keeps in fp32, in words (log lines, the failure, the CLI's summary)."""
+    if not ffn_down_fp32:
+        return "nothing (every weight MatMul in int8)"
+    return "the FFN down-projections" + (f" and encoder layers {fp32_layers}" if fp32_layers else "")
+
+
 def _write_int8(fp32_path: Path, out_path: Path, measure: Callable[[Path], dict],
                 log: Callable[[str], None] = lambda message: None) -> tuple[dict, dict]:
     """Dynamic int8 (QInt8 weights, per channel) of the plain fp32 graph, as much of it as keeps parity.
@@ -285,9 +292,8 @@ def _write_int8(fp32_path: Path, out_path: Path, measure: Callable[[Path], dict]
     for ffn_down_fp32, kept_layers in plans:
         kept = (ffn_down if ffn_down_fp32 else []) + [
             name for i in kept_layers for name in layers[i] if name not in ffn_down]
-        log(f"{out_path.name}: " + ("every weight MatMul in int8" if not tries else
-                                    "the FFN down-projections" + (f" and layers {kept_layers}" if kept_layers else "")
-                                    + f" in fp32 (the last try's min cosine {tries[-1]['min_cosine']:.6f})"))
+        log(f"{out_path.name}: fp32: {fp32_parts(ffn_down_fp32, kept_layers)}"
+            + (f" (the last try's min cosine {tries[-1]['min_cosine']:.6f})" if tries else ""))
         try:
             with _quiet_logging():
                 quantize_dynamic(
@@ -305,9 +311,8 @@ def _write_int8(fp32_path: Path, out_path: Path, measure: Callable[[Path], dict]
                        "fp32_layers": kept_layers, "tries": tries}
             return details, parity
     first = tries[0]
-    kept = "the FFN down-projections" + (f" and encoder layers {kept_layers}" if kept_layers else "")
-    raise MirrorfastError(f"{parity_failure(out_path, parity)}, with {kept} kept in fp32 (all in int8: min "
-                          f"cosine {first['min_cosine']:.6f}, {first['worst']})")
+    raise MirrorfastError(f"{parity_failure(out_path, parity)}, with {fp32_parts(True, kept_layers)} kept in fp32 "
+                          f"(all in int8: min cosine {first['min_cosine']:.6f}, {first['worst']})")
 
 
 # ------------------------------------------------------------------------------------------- parity

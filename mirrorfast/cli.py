@@ -176,13 +176,12 @@ def _cmd_export(args) -> int:
         print(f"  parity {name}: min cosine {p['min_cosine']:.6f} (>= {p['threshold']}), "
               f"max abs diff {p['max_abs_diff']:.2e}, {p['rows']} rows on {p['provider']}")
     if "int8" in m:
-        int8 = m["int8"]
-        kept = (["the FFN down-projections"] if int8["ffn_down_fp32"] else []) + (
-            [f"encoder layers {int8['fp32_layers']}"] if int8["fp32_layers"] else [])
-        first = int8["tries"][0]
-        print("  int8: every weight MatMul in int8" if not kept else
-              f"  int8: {' and '.join(kept)} kept in fp32 (all in int8: min cosine {first['min_cosine']:.6f}, "
-              f"{first['worst']})")
+        from mirrorfast.export.onnx import fp32_parts
+
+        int8, first = m["int8"], m["int8"]["tries"][0]
+        print(f"  int8: fp32: {fp32_parts(int8['ffn_down_fp32'], int8['fp32_layers'])}"
+              + ("" if len(int8["tries"]) == 1 else
+                 f" (all in int8: min cosine {first['min_cosine']:.6f}, {first['worst']})"))
     if args.triton_repo:
         from mirrorfast.export.triton_repo import write_triton_repo
 

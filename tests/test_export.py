@@ -315,10 +315,10 @@ def test_cli_export_end_to_end(tiny_bert_dir, tmp_path, capsys):
     captured = capsys.readouterr()
     printed = captured.out
     assert "model.onnx, model_int8.onnx" in printed and "parity model_int8.onnx: min cosine" in printed
-    assert "int8: every weight MatMul in int8" in printed
+    assert "int8: fp32: nothing (every weight MatMul in int8)" in printed
     steps = [line for line in captured.err.splitlines() if line.startswith("mirrorfast: ")]  # progress on stderr
     assert steps[0] == "mirrorfast: model.onnx: tracing the model (opset 17)"
-    assert "mirrorfast: model_int8.onnx: every weight MatMul in int8" in steps
+    assert "mirrorfast: model_int8.onnx: fp32: nothing (every weight MatMul in int8)" in steps
     assert json.loads((out / "export.json").read_text())["max_length"] == 32
 
     assert main(["export", str(tmp_path / "nope"), str(tmp_path / "o2")]) == 2
@@ -387,10 +387,10 @@ def test_int8_keeps_encoder_layers_in_fp32_until_parity_holds(tiny_bert_dir, tmp
 
     logs = []
     details, parity = _write_int8(fp32, tmp_path / "model_int8.onnx", measure, logs.append)
-    assert logs == ["model_int8.onnx: every weight MatMul in int8",
-                    "model_int8.onnx: the FFN down-projections in fp32 (the last try's min cosine 0.950000)",
-                    "model_int8.onnx: the FFN down-projections and layers [1] in fp32 (the last try's min cosine "
-                    "0.950000)"]
+    assert logs == ["model_int8.onnx: fp32: nothing (every weight MatMul in int8)",
+                    "model_int8.onnx: fp32: the FFN down-projections (the last try's min cosine 0.950000)",
+                    "model_int8.onnx: fp32: the FFN down-projections and encoder layers [1] (the last try's min "
+                    "cosine 0.950000)"]
     assert measured == [{0, 1}, {0, 1}, {0}]  # all in int8, FFN down fp32, then the last layer (of 2) in fp32
     assert details["fp32_layers"] == [1] and details["ffn_down_fp32"] and parity["min_cosine"] == 0.995
     assert [(t["ffn_down_fp32"], t["fp32_layers"]) for t in details["tries"]] == [(False, []), (True, []), (True, [1])]
