@@ -2,8 +2,8 @@
 
 One step (see `training_step`): encode the 2N views of N strings in one forward pass, InfoNCE between
 each string's two views, AdamW. The step never waits for the GPU: losses are copied to the host
-asynchronously and read when ready (`LossMonitor`), batches for an epoch are built and uploaded at its
-start, and the next epoch's masked views are tokenized in a background thread.
+asynchronously and read when ready (`LossMonitor`); batches are built on the host and uploaded a window
+ahead, and the next epoch's masked views are tokenized in the background (`BatchStream`).
 """
 
 import contextlib
@@ -12,12 +12,12 @@ import random
 import resource
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -34,6 +34,7 @@ from mirrorfast.kernels import info_nce, resolve_backend
 from mirrorfast.model import MIRRORFAST_JSON, Encoder, enable_drophead, load_encoder, save_encoder, without_pooler
 from mirrorfast.output import atomic_directory, check_destination
 from mirrorfast.packing import flash_supported, packed_attention, packed_kernel, supports_packing
+from mirrorfast.prefetch import BatchStream
 from mirrorfast.tokens import TokenizedTexts, batch_encoder
 
 
@@ -242,10 +243,21 @@ def trained_parameters(model, dtype: torch.dtype | None, half_model: bool):
 
 def build_batches(views, rows_per_batch, packed: bool, pad_id: int, bucket: int | None,
                   width_multiple: int = 1, pad_segment_max: int = PAD_SEGMENT_MAX) -> list[Batch]:
-    """CPU batches for one epoch (built in a background thread, which never touches the GPU)."""
+    """Host batches of the given rows of `views` (built in a background thread, which never touches the GPU)."""
     first, second = views
     return [packed_batch([(first, rows), (second, rows)], pad_id, bucket, pad_segment_max) if packed
             else padded_batch([(first, rows), (second, rows)], pad_id, width_multiple) for rows in rows_per_batch]
+
+
+def first_steps(schedules: list[list[np.ndarray]], steps: int) -> list[list[np.ndarray]]:
+    """The epochs' batch schedules cut after `steps` batches in all (--max-steps); empty epochs dropped."""
+    kept = []
+    for schedule in schedules:
+        if steps <= 0:
+            break
+        kept.append(schedule[:steps])
+        steps -= len(kept[-1])
+    return kept
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -310,43 +322,36 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     source = ViewSource(corpus, encoder.tokenizer, cfg)
     batch_rng = random.Random(cfg.seed)
     schedules = [epoch_batches(len(corpus), batch_size, batch_rng) for _ in range(cfg.epochs)]
-    total_steps = sum(len(s) for s in schedules)
     if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
+        schedules = first_steps(schedules, cfg.max_steps)
+    total_steps = sum(len(s) for s in schedules)
     pad_id = encoder.tokenizer.pad_token_id
     bucket = PACK_BUCKET if graphs else None
     width_multiple = CUDA_WIDTH_MULTIPLE if device.type == "cuda" else 1
     segment_max = TILE_PAD_SEGMENT_MAX if attention in ("packed-sdpa", "packed-triton") else PAD_SEGMENT_MAX
-    prepare = lambda e: build_batches(source.epoch(e), schedules[e], packed, pad_id, bucket, width_multiple,  # noqa: E731
-                                      segment_max)
+    build = lambda views, rows: build_batches(views, rows, packed, pad_id, bucket, width_multiple, segment_max)  # noqa: E731
     upload = lambda batches: [b.to(device, non_blocking=True) for b in batches]  # noqa: E731
 
     monitor = LossMonitor(device)
     epoch_seconds: list[float] = []
     tokens_seen, step = 0, 0
     bar = tqdm(total=total_steps, unit="step", disable=not cfg.progress, dynamic_ncols=True)
-    with (ThreadPoolExecutor(max_workers=1) as pool,
+    with (BatchStream(source.epoch, build, upload, schedules) as stream,
           trained_parameters(encoder.model, dtype, half_model) as (params, half),
           packed_attention(encoder.model, kernel) if packed else contextlib.nullcontext(),
           fused_residual_layernorm(encoder.model) if fused_norm else contextlib.nullcontext()):
-        upcoming = pool.submit(prepare, 0)
         # Fused AdamW: one kernel for all parameters instead of a loop of per-tensor kernels.
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True,
                                       capturable=graphs)
         step_fn = lambda batch: training_step(  # noqa: E731
             encoder, batch, cfg.temperature, optimizer, scaler, autocast, loss_backend, half)
         run_step = GraphedStep(step_fn, log=log) if graphs else step_fn
-        first_batches = upload(upcoming.result())  # the first epoch's batches: setup, not training time
+        stream.start()  # the first batches, built and uploaded: setup, not training time
         setup_seconds = time.perf_counter() - t_setup
         t_train = time.perf_counter()
-        for epoch in range(cfg.epochs):
+        for epoch in range(len(schedules)):
             t_epoch = time.perf_counter()
-            batches = first_batches if epoch == 0 else upload(upcoming.result())
-            if epoch + 1 < cfg.epochs:
-                upcoming = pool.submit(prepare, epoch + 1)
-            for batch in batches:
-                if step >= total_steps:
-                    break
+            for batch in stream.epoch(epoch):
                 monitor.push(step, run_step(batch))
                 step += 1
                 tokens_seen += batch.tokens
@@ -356,8 +361,6 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
                 torch.cuda.synchronize()
             epoch_seconds.append(time.perf_counter() - t_epoch)
             _report(monitor.poll(wait=True), bar, cfg, tokens_seen, t_train)
-            if step >= total_steps:
-                break
     bar.close()
     train_seconds = sum(epoch_seconds)
     result = TrainResult(
