@@ -194,10 +194,9 @@ class Batcher:
 
 class Tokenizing:
     """Tokenizes requests once, off the inference thread: token ids (special tokens included) for the
-    worker, and each text's length. Without `truncate_to` the lengths are whole, for validation (a server
-    that does not truncate refuses over-long texts); with it, texts longer than `truncate_to` get the
-    tokenizer's own truncation, which keeps the special tokens, in the same single pass, and the lengths
-    are the rows' (nothing is refused for its length then).
+    worker. Without `truncate_to` the rows are whole (a server that does not truncate refuses over-long
+    texts by their rows' lengths); with it, texts longer than `truncate_to` get the tokenizer's own
+    truncation, which keeps the special tokens, in the same single pass.
 
     Private copies of the encoder's tokenizer, so this never races anything else using it. Small requests
     are tokenized inline on the event loop (a thread hop costs more than a few sentences); large ones on a
@@ -207,25 +206,14 @@ class Tokenizing:
     INLINE_CHARS = 4096
 
     def __init__(self, encoder, truncate_to: int | None) -> None:
-        self._inline = self._make(encoder.tokenizer, truncate_to)
-        self._pooled = self._make(encoder.tokenizer, truncate_to)
+        self._inline = batch_encoder(encoder.tokenizer, truncate_to)
+        self._pooled = batch_encoder(encoder.tokenizer, truncate_to)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mirrorfast-tokenize")
 
-    @staticmethod
-    def _make(tokenizer, truncate_to: int | None) -> Callable[[list[str]], tuple[Rows, list[int]]]:
-        """-> tokenize(texts) -> (rows, lengths)."""
-        encode = batch_encoder(tokenizer, truncate_to)
-
-        def tokenize(texts: list[str]) -> tuple[Rows, list[int]]:
-            rows = encode(texts)
-            return rows, [len(row) for row in rows]
-
-        return tokenize
-
-    def tokenize_sync(self, texts: list[str]) -> tuple[Rows, list[int]]:
+    def tokenize_sync(self, texts: list[str]) -> Rows:
         return self._pooled(texts)
 
-    async def tokenize(self, texts: list[str]) -> tuple[Rows, list[int]]:
+    async def tokenize(self, texts: list[str]) -> Rows:
         if sum(len(t) for t in texts) <= self.INLINE_CHARS:
             return self._inline(texts)
         loop = asyncio.get_running_loop()

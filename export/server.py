@@ -240,11 +240,12 @@ def create_app(encoder, config: ServeConfig | None = None):
 
     async def embed_texts(texts: list[str], param: str) -> tuple[np.ndarray, int]:
         try:
-            rows, lengths = await state.tokenizing.tokenize(texts)  # whole lengths unless --truncate
+            rows = await state.tokenizing.tokenize(texts)  # whole rows unless --truncate
         except Exception as exc:  # noqa: BLE001 - a text the tokenizer cannot take is the client's problem
             raise ApiError(422, f"'{param}' could not be tokenized: {exc}", param=param,
                            code="invalid_input") from None
         limit = config.max_input_tokens
+        lengths = [len(row) for row in rows]
         for i, n in enumerate(lengths):
             if n > limit and not config.truncate:
                 where = f"{param}[{i}]" if len(texts) > 1 or param == "inputs" else f"'{param}'"
