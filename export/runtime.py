@@ -10,17 +10,20 @@ This module imports neither torch nor (until an encoder is built) onnxruntime.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 
 from mirrorfast.errors import MirrorfastError, first_line
-from mirrorfast.textfile import read_utf8
+from mirrorfast.textfile import iter_lines
 from mirrorfast.tokens import TokenizedTexts, batch_encoder
 
 EXPORT_JSON = "export.json"
@@ -105,6 +108,11 @@ def _as_texts(texts) -> list[str]:
         if not isinstance(text, str):
             raise MirrorfastError(f"text {i} is a {type(text).__name__}, not a string")
     return texts
+
+
+def _check_batch_size(batch_size) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise MirrorfastError(f"batch size must be a positive integer, got {batch_size!r}")
 
 
 class OnnxEncoder:
@@ -219,20 +227,21 @@ class OnnxEncoder:
     def encode(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """float32 (len(texts), dim) in input order; normalized when the export was (see .normalized).
         progress: a progress bar (texts encoded) on stderr."""
-        from tqdm.auto import tqdm
-
         texts = _as_texts(texts)
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise MirrorfastError(f"batch size must be a positive integer, got {batch_size!r}")
+        _check_batch_size(batch_size)
+        with _progress_bar(len(texts), progress) as bar:
+            return self._encode_by_length(texts, batch_size, bar.update)
+
+    def _encode_by_length(self, texts: list[str], batch_size: int, done: Callable[[int], object]) -> np.ndarray:
+        """encode(): texts tokenized once, sorted by length, one model call per batch; done(n) after each."""
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         tokens = TokenizedTexts.build_with(self._encode_texts, texts)  # flat: a large file stays small
         offsets = tokens.offsets
         order = np.argsort(np.diff(offsets), kind="stable")  # by length: little padding per batch
-        with tqdm(total=len(texts), unit="text", disable=not progress, dynamic_ncols=True) as bar:
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                out[idx] = self.encode_ids([tokens.ids[offsets[i]:offsets[i + 1]] for i in idx])
-                bar.update(len(idx))
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            out[idx] = self.encode_ids([tokens.ids[offsets[i]:offsets[i + 1]] for i in idx])
+            done(len(idx))
         return out
 
     def encode_ids(self, rows: list[list[int]]) -> np.ndarray:
@@ -252,16 +261,6 @@ class EncodeSummary:
     model_file: str
     provider: str
     seconds: float
-
-
-def read_lines(path: str | os.PathLike) -> tuple[list[str], int]:
-    """One text per line (UTF-8, optional BOM, \\n or \\r\\n); -> (non-blank lines, blank lines skipped)."""
-    lines = read_utf8(path, "input file").split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # the final newline ends the last line; it does not start a blank one
-    lines = [line[:-1] if line.endswith("\r") else line for line in lines]
-    kept = [line for line in lines if line.strip()]
-    return kept, len(lines) - len(kept)
 
 
 def check_npy_output(output: str | os.PathLike) -> Path:
@@ -286,20 +285,48 @@ def _temporary_sibling(output: Path) -> tuple[int, str]:
         raise MirrorfastError(f"cannot write to {output.parent}: {exc.strerror or exc}") from None
 
 
-def save_npy_atomic(array: np.ndarray, output: Path) -> Path:
-    """np.save to a temporary sibling, then rename: `output` (from check_npy_output) is never left
-    half-written."""
+@contextlib.contextmanager
+def npy_rows_writer(output: Path, rows: int, dim: int) -> Iterator[Callable[[np.ndarray], None]]:
+    """-> write(block): appends (k, dim) float32 rows to a (rows, dim) .npy written to a temporary sibling
+    and renamed to `output` (from check_npy_output) once all `rows` are in; on any failure `output` is left
+    as it was and the temporary file removed. Rows go to disk as they come: no array of the whole output."""
     fd, tmp = _temporary_sibling(output)
+    written = 0
     try:
         with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array)
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                      "shape": (rows, dim)}
+            np.lib.format.write_array_header_2_0(handle, header)
+
+            def write(block: np.ndarray) -> None:
+                nonlocal written
+                handle.write(np.ascontiguousarray(block, dtype=np.float32).tobytes())
+                written += len(block)
+
+            yield write
+        if written != rows:
+            raise MirrorfastError(f"{rows} rows were due in {output}, {written} came (did the input change?)")
         os.replace(tmp, output)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise MirrorfastError(f"cannot write {output}: {exc.strerror or exc}") from None
         raise
-    return output
+
+
+def _progress_bar(total: int, show: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="text", disable=not show, dynamic_ncols=True)
+
+
+# Texts read, tokenized and length-sorted at a time by encode_file: memory stays bounded whatever the
+# file's size (the vectors go straight to disk), and sorting within 50,000 texts leaves little padding.
+ENCODE_CHUNK = 50_000
+
+
+def _non_blank(path: str | os.PathLike) -> Iterator[str]:
+    return (line for line in iter_lines(path, "input file") if line.strip())
 
 
 def encode_file(
@@ -311,14 +338,23 @@ def encode_file(
     int8: bool = False,
     progress: bool = False,
 ) -> EncodeSummary:
-    """Embed every non-blank line of a UTF-8 text file; write a float32 (n, dim) .npy atomically."""
-    texts, blank = read_lines(input_path)
+    """Embed every non-blank line of a UTF-8 text file (one text per line, \\n or \\r\\n, optional BOM);
+    write a float32 (n, dim) .npy atomically. The file is read twice, streamed: once to check and count
+    it, once to encode it ENCODE_CHUNK lines at a time."""
+    lines = texts = 0
+    for line in iter_lines(input_path, "input file"):
+        lines += 1
+        texts += bool(line.strip())
     if not texts:
         raise MirrorfastError(f"{input_path} has no non-blank lines to encode")
+    _check_batch_size(batch_size)
     output = check_npy_output(output_path)
     encoder = OnnxEncoder(export_dir, provider=provider, int8=int8)
     start = time.perf_counter()
-    vectors = encoder.encode(texts, batch_size=batch_size, progress=progress)
+    with npy_rows_writer(output, texts, encoder.dim) as write, _progress_bar(texts, progress) as bar:
+        lines_left = _non_blank(input_path)
+        while chunk := list(itertools.islice(lines_left, ENCODE_CHUNK)):
+            write(encoder._encode_by_length(chunk, batch_size, bar.update))
     seconds = time.perf_counter() - start
-    save_npy_atomic(vectors, output)
-    return EncodeSummary(len(texts), blank, output, vectors.shape, encoder.model_path.name, encoder.provider, seconds)
+    return EncodeSummary(texts, lines - texts, output, (texts, encoder.dim), encoder.model_path.name,
+                         encoder.provider, seconds)

@@ -231,6 +231,106 @@ def test_cli_encode_errors(tiny_export, tmp_path, capsys):
     assert not (tmp_path / "o.npy").exists()
 
 
+def test_cli_encode_streams_a_file_larger_than_its_chunk(tiny_export, tiny_onnx, tmp_path, monkeypatch, capsys):
+    """A file of many chunks: every call sees at most ENCODE_CHUNK texts, the vectors still come out in
+    file order, exactly as one encode() of all the texts."""
+    from mirrorfast.cli import main
+    from mirrorfast.export import runtime
+
+    rng = random.Random()
+    texts = [" ".join(rng.choice(["alpha", "beta", "gamma", "Ünï", "日本"]) for _ in range(rng.randint(1, 30)))
+             for _ in range(rng.randint(11, 17))]
+    lines = [t for text in texts for t in ([text, ""] if rng.random() < 0.3 else [text])]
+    (tmp_path / "in.txt").write_bytes(("\ufeff" + "\r\n".join(lines) + "\r\n").encode("utf-8"))
+    monkeypatch.setattr(runtime, "ENCODE_CHUNK", 4)
+    calls = []
+    encode_by_length = runtime.OnnxEncoder._encode_by_length
+    monkeypatch.setattr(runtime.OnnxEncoder, "_encode_by_length",
+                        lambda self, chunk, *args: calls.append(len(chunk)) or encode_by_length(self, chunk, *args))
+    out = tmp_path / "vectors.npy"
+    assert main(["encode", str(tiny_export), "--input", str(tmp_path / "in.txt"), "--output", str(out),
+                 "--batch-size", "3", "--provider", "cpu"]) == 0
+    assert f"encoded {len(texts)} texts ({len(lines) - len(texts)} blank lines skipped)" in capsys.readouterr().out
+    assert max(calls) == 4 and sum(calls) == len(texts)
+    np.testing.assert_array_equal(np.load(out), tiny_onnx.encode(texts, batch_size=3))
+    assert np.load(out, mmap_mode="r").shape == (len(texts), tiny_onnx.dim)
+
+
+@pytest.mark.parametrize("failure", ["encoding", "disk full", "input changed"])
+def test_cli_encode_failing_midway_leaves_the_old_output(tiny_export, tmp_path, monkeypatch, capsys, failure):
+    from mirrorfast.cli import main
+    from mirrorfast.export import runtime
+
+    (tmp_path / "in.txt").write_text("".join(f"text number {i}\n" for i in range(10)), encoding="utf-8")
+    out = tmp_path / "vectors.npy"
+    np.save(out, np.arange(3.0))
+    monkeypatch.setattr(runtime, "ENCODE_CHUNK", 4)
+    if failure == "encoding":
+        encode_by_length = runtime.OnnxEncoder._encode_by_length
+        chunks = iter(range(100))
+
+        def fail_second(self, chunk, *args):
+            if next(chunks) == 1:
+                raise MirrorfastError("the model failed")
+            return encode_by_length(self, chunk, *args)
+
+        monkeypatch.setattr(runtime.OnnxEncoder, "_encode_by_length", fail_second)
+        message = "the model failed"
+    elif failure == "disk full":
+        fdopen = runtime.os.fdopen
+
+        class Full:
+            def __init__(self, handle):
+                self.handle, self.writes = handle, 0
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.handle.close()
+
+            def write(self, data):
+                self.writes += 1
+                if self.writes > 2:  # the header, one block, then the disk is full
+                    raise OSError(28, "No space left on device")
+                return self.handle.write(data)
+
+        monkeypatch.setattr(runtime.os, "fdopen", lambda fd, mode: Full(fdopen(fd, mode)))
+        message = "No space left on device"
+    else:
+        monkeypatch.setattr(runtime, "_non_blank", lambda path: iter(["only", "three", "lines"]))
+        message = "10 rows were due"
+    assert main(["encode", str(tiny_export), "--input", str(tmp_path / "in.txt"), "--output", str(out),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mirrorfast encode: error:") and message in err and err.count("\n") == 1, err
+    np.testing.assert_array_equal(np.load(out), np.arange(3.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "vectors.npy"]
+
+
+def test_iter_lines_splits_as_the_whole_file_reader(tmp_path):
+    """Streamed lines equal read_utf8's text split on \\n (a final newline ends the last line, one \\r
+    before \\n dropped), and an invalid byte is reported at the same line."""
+    from mirrorfast.textfile import iter_lines, read_utf8
+
+    rng = random.Random()
+    for _ in range(20):
+        pieces = [rng.choice(["a", "é", " ", "\r", "\n", "\r\n", "日", "\u2028", "\t"]) for _ in range(rng.randint(0, 30))]
+        data = ("\ufeff" if rng.random() < 0.5 else "") + "".join(pieces)
+        path = tmp_path / "f.txt"
+        path.write_bytes(data.encode("utf-8"))
+        expected = read_utf8(path, "input file").split("\n")
+        if expected[-1] == "":
+            expected.pop()
+        assert list(iter_lines(path, "input file")) == [e.removesuffix("\r") for e in expected], repr(data)
+    path.write_bytes(b"ok\r\nfine\n\xe9t\xe9\n")
+    with pytest.raises(MirrorfastError) as whole:
+        read_utf8(path, "input file")
+    with pytest.raises(MirrorfastError) as streamed:
+        list(iter_lines(path, "input file"))
+    assert str(streamed.value) == str(whole.value) and "line 3 is not valid UTF-8 (byte 0xe9)" in str(whole.value)
+
+
 # -------------------------------------------------------------------------------------- MiniLM (slow)
 @pytest.fixture(scope="module")
 def minilm_torch(minilm_dir):
