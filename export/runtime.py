@@ -53,6 +53,9 @@ def read_export_manifest(path: str | os.PathLike) -> dict:
     if not path.is_dir():
         raise MirrorfastError(f"{path} is not an export directory (pass the directory `mirrorfast export` wrote)")
     if not manifest_path.is_file():
+        if (path / "config.json").is_file():  # a trained (Hugging Face) model directory
+            raise MirrorfastError(f"{path} is a model directory, not an export: run `mirrorfast export {path} "
+                                  "EXPORT_DIR` first and pass EXPORT_DIR")
         raise MirrorfastError(f"{path} is not an export directory (no {EXPORT_JSON}; run `mirrorfast export` first)")
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))

@@ -69,8 +69,10 @@ def test_is_export_dir(tiny_export, tiny_bert_dir, tmp_path):
 
 
 def test_loading_errors(tiny_export, tiny_bert_dir, tmp_path):
+    with pytest.raises(MirrorfastError, match="is a model directory, not an export: run `mirrorfast export "):
+        OnnxEncoder(tiny_bert_dir)  # a trained model: the error says how to get an export
     with pytest.raises(MirrorfastError, match="not an export directory"):
-        OnnxEncoder(tiny_bert_dir)
+        OnnxEncoder(tmp_path)
     with pytest.raises(MirrorfastError, match="not found"):
         OnnxEncoder(tmp_path / "missing")
     with pytest.raises(MirrorfastError, match="provider must be one of"):
