@@ -18,6 +18,9 @@ weights: timing + STS-B dev Spearman before / after one epoch). Recipes per mode
                called on each batch's strings and their masked copies inside the loop, fp16 autocast +
                GradScaler, standard AdamW (foreach, not fused), plain PyTorch InfoNCE
                (F.normalize + matmul + cross_entropy), [CLS] pooling, loss.item() every step.
+  st         - the same through sentence-transformers (benchmarks/st_recipe.py): its SimCSE recipe,
+               (text, masked text) pairs, MultipleNegativesRankingLoss (scale 1/T), SentenceTransformerTrainer,
+               [CLS] pooling, fp16 on CUDA; needs sentence-transformers[train] (datasets, accelerate).
   fp16, bf16 - mirrorfast.trainer.train(level="sentence", precision=..., save=False, progress=False), the
                trainer's defaults (on CUDA: packed attention, CUDA graphs). Variants by suffix (recipe_spec):
                -eager (no CUDA graphs), -sdpa / -triton (MIRRORFAST_PACKED_ATTENTION), -half (--half-model),
@@ -61,6 +64,7 @@ ensure_importable()
 import torch  # noqa: E402
 from mirrorfast.errors import first_line  # noqa: E402
 from reference_recipe import ReferenceRecipe, reference_train  # noqa: E402
+from st_recipe import st_train  # noqa: E402
 
 # ../shared is not carried to the GPU machine: --prepare-carry copies what the suite needs into ./.gpu
 # (git-ignored), which it then finds on its own.
@@ -315,7 +319,7 @@ TAG_ENV = {  # tags that set an environment override for the row
     "torchloss": {"MIRRORFAST_KERNELS": "torch"},  # the PyTorch loss instead of the Triton kernel
 }
 # "eager": TrainConfig(cuda_graphs=False), every step launched from Python; "half": TrainConfig(half_model=True).
-RECIPES = ["reference", "fp16", "bf16", "fp16-eager", "bf16-eager", "bf16-sdpa", "bf16-eager-sdpa", "bf16-triton",
+RECIPES = ["reference", "st", "fp16", "bf16", "fp16-eager", "bf16-eager", "bf16-sdpa", "bf16-eager-sdpa", "bf16-triton",
            "bf16-eager-triton", "fp16-half", "bf16-half", "bf16-half-triton", "bf16-fusedln",
            "bf16-half-triton-fusedln", "bf16-torchloss"]
 
@@ -323,8 +327,8 @@ RECIPES = ["reference", "fp16", "bf16", "fp16-eager", "bf16-eager", "bf16-sdpa",
 def recipe_spec(recipe: str) -> tuple[str, str, dict, dict]:
     """-> (kind, precision, environment, TrainConfig options) of a recipe name. fp16/bf16 alone: the
     trainer's defaults (on CUDA the step is replayed from CUDA graphs)."""
-    if recipe == "reference":
-        return "reference", "fp16", {}, {}
+    if recipe in ("reference", "st"):
+        return recipe, "fp16", {}, {}
     precision, *tags = recipe.split("-")
     env = {k: v for tag in tags for k, v in TAG_ENV.get(tag, {}).items()}
     options = {"cuda_graphs": False if "eager" in tags else None, "half_model": "half" in tags}
@@ -333,8 +337,8 @@ def recipe_spec(recipe: str) -> tuple[str, str, dict, dict]:
 
 # In the order they run. Rows with Triton kernels that have never run compiled on a GPU (-triton, -fusedln)
 # come last: a kernel that faults takes the process's CUDA context down, and with it every later row.
-DEFAULT_ROWS = ["bert:reference", "bert:fp16", "bert:bf16", "bert:bf16-eager", "bert:bf16-sdpa", "bert:fp16-half",
-                "bert:bf16-half", "minilm:reference", "minilm:fp16", "minilm:bf16", "minilm:bf16-half",
+DEFAULT_ROWS = ["bert:reference", "bert:st", "bert:fp16", "bert:bf16", "bert:bf16-eager", "bert:bf16-sdpa", "bert:fp16-half",
+                "bert:bf16-half", "minilm:reference", "minilm:st", "minilm:fp16", "minilm:bf16", "minilm:bf16-half",
                 "bert:bf16-triton", "bert:bf16-half-triton", "bert:bf16-fusedln", "bert:bf16-half-triton-fusedln",
                 "minilm:bf16-triton", "minilm:bf16-half-triton-fusedln"]
 # On the CPU these would repeat other rows (no graphs; the CPU gathers; fp16 trains in fp32 there, so no half model).
@@ -387,7 +391,8 @@ def _timing_fields(epoch_seconds: list[float], epoch_steps: list[int], tokens_pe
     }
 
 
-def run_reference(suite: Suite, spec: ModelSpec) -> dict:
+def run_baseline(suite: Suite, spec: ModelSpec, kind: str) -> dict:
+    """A row of what users would otherwise run: the reference loop or sentence-transformers (`kind`)."""
     recipe = _recipe(suite, spec)
     texts = [s for s in spec.corpus.read_text(encoding="utf-8").splitlines() if s.strip()]
     scores = {}
@@ -396,14 +401,17 @@ def run_reference(suite: Suite, spec: ModelSpec) -> dict:
         if spec.sts is not None and epoch == 0:
             scores["after"] = _spearman(_encoder_for(model, tokenizer), spec)
 
-    out = reference_train(spec.dir, texts, suite.device, suite.args.epochs, recipe, after_epoch)
+    train = reference_train if kind == "reference" else st_train
+    out = train(spec.dir, texts, suite.device, suite.args.epochs, recipe, after_epoch)
     peak = _peak_memory(suite.device)
     steps, tokens = sum(out["epoch_steps"]), sum(out["epoch_tokens"])
     row = _timing_fields(out["epoch_seconds"], out["epoch_steps"], tokens / steps, out["setup_seconds"],
                          spec.params, suite.args.peak_tflops, suite.device)
     precision = "fp16" if suite.device.type == "cuda" else "fp32"
-    row.update(path=f"padded{recipe.max_length}-{recipe.attn_implementation}/torch-loss/{precision}",
-               final_loss=round(out["losses"][-1], 5), peak_memory_bytes=peak, sts_after=scores.get("after"))
+    path = (f"padded{recipe.max_length}-{recipe.attn_implementation}/torch-loss" if kind == "reference"
+            else "st-trainer/padded-longest/MNRL-loss")
+    row.update(path=f"{path}/{precision}", final_loss=round(out["losses"][-1], 5) if out["losses"] else None,
+               peak_memory_bytes=peak, sts_after=scores.get("after"))
     return row
 
 
@@ -476,7 +484,7 @@ def run_row(suite: Suite, name: str) -> dict:
     spec = suite.models[model_key]
     kind, precision, env, options = recipe_spec(recipe)
     # On the CPU the reference runs in fp32, and the trainer turns fp16 into fp32 (bf16 stays bf16).
-    cpu_precision = "fp32" if kind == "reference" or precision == "fp16" else precision
+    cpu_precision = "fp32" if kind in ("reference", "st") or precision == "fp16" else precision
     row = {"row": name, "model": spec.label, "model_key": model_key, "recipe": recipe, "kind": kind,
            "precision": precision if suite.device.type == "cuda" else cpu_precision,
            "non_embedding_params": spec.params, "batch_strings": spec.batch_size}
@@ -484,8 +492,8 @@ def run_row(suite: Suite, name: str) -> dict:
         row["sts_before"] = suite.sts_before
     _reset_memory(suite.device)
     with _environment(env):
-        row.update(run_reference(suite, spec) if kind == "reference"
-                   else run_mirrorfast(suite, spec, precision, options))
+        row.update(run_mirrorfast(suite, spec, precision, options) if kind == "mirrorfast"
+                   else run_baseline(suite, spec, kind))
     row["status"] = "ok"
     return row
 
@@ -530,6 +538,9 @@ COLUMNS = [  # header, width, row -> text
     ("STS pre", 8, lambda r: _fmt(r.get("sts_before"), ".2f")),
     ("STS post", 8, lambda r: _fmt(r.get("sts_after"), ".2f")),
 ]
+
+
+LABELS = {"reference": "reference", "st": "sentence-transformers", "mirrorfast": "mirrorfast"}
 
 
 def add_speedups(rows: list[dict]) -> None:
@@ -585,7 +596,7 @@ def render(meta: dict, rows: list[dict], checks: list[dict], args) -> str:
         lines.append(header)
         lines.append("-" * len(header))
         for r in group:
-            r["label"] = ("reference " if r["kind"] == "reference" else "mirrorfast ") + r["precision"] + \
+            r["label"] = LABELS[r["kind"]] + " " + r["precision"] + \
                 (" torch-loss" if "torchloss" in r["recipe"].split("-") else "") + \
                 (" half-model" if "half" in r["recipe"].split("-") else "")
             if r["status"] != "ok":

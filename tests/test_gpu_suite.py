@@ -23,26 +23,29 @@ def test_gpu_suite_tiny_runs_and_prints_both_recipes(shared_data, minilm_dir, tm
     table = proc.stdout
     assert "FAILED" not in table, table
     # Rows are labelled by the precision they ran: on the CPU the fp16 recipe trains in fp32.
-    for label, count in (("reference fp32", 2), ("mirrorfast fp32", 2), ("mirrorfast bf16", 4),
-                         ("mirrorfast bf16 half-model", 2)):
+    for label, count in (("reference fp32", 2), ("sentence-transformers fp32", 2), ("mirrorfast fp32", 2),
+                         ("mirrorfast bf16", 4), ("mirrorfast bf16 half-model", 2)):
         assert table.count(label) == count, f"{label!r} should appear {count} times:\n{table}"
     assert "tiny BERT" in table and "all-MiniLM-L6-v2" in table, table
     assert "torch " in table and "transformers " in table, table
 
     report = json.loads(out_json.read_text())
     rows = {r["row"]: r for r in report["rows"]}
-    assert set(rows) == {f"{m}:{r}" for m in ("bert", "minilm") for r in ("reference", "fp16", "bf16", "bf16-half")}
+    assert set(rows) == {f"{m}:{r}" for m in ("bert", "minilm") for r in ("reference", "st", "fp16", "bf16", "bf16-half")}
     for row in rows.values():
         assert row["status"] == "ok", row
         assert row["steady_ms_per_step"] > 0 and row["steady_tokens_per_second"] > 0, row
         assert len(row["epoch_seconds"]) == 2, row
-    for recipe in ("reference", "fp16", "bf16", "bf16-half"):
+    for recipe in ("reference", "st", "fp16", "bf16", "bf16-half"):
         minilm = rows[f"minilm:{recipe}"]
         assert minilm["sts_before"] is not None and minilm["sts_after"] is not None, minilm
     assert rows["bert:fp16"]["speedup_steady"] > 0
     assert rows["bert:fp16"]["precision"] == "fp32" and rows["bert:bf16"]["precision"] == "bf16"
     assert rows["bert:bf16-half"]["path"].endswith("/bf16-model") and rows["bert:bf16"]["path"].endswith("/bf16")
-    # the reference and mirrorfast see the same data: same steps, (almost) the same real tokens per step
-    assert rows["bert:reference"]["steps_per_epoch"] == rows["bert:fp16"]["steps_per_epoch"] == 3
-    ref_tokens, mf_tokens = rows["bert:reference"]["tokens_per_step"], rows["bert:fp16"]["tokens_per_step"]
-    assert abs(ref_tokens - mf_tokens) / ref_tokens < 0.05
+    # the baselines and mirrorfast see the same data: same steps, (almost) the same real tokens per step
+    assert rows["bert:reference"]["steps_per_epoch"] == rows["bert:st"]["steps_per_epoch"] == \
+        rows["bert:fp16"]["steps_per_epoch"] == 3
+    ref_tokens = rows["bert:reference"]["tokens_per_step"]
+    for other in ("bert:st", "bert:fp16"):
+        assert abs(ref_tokens - rows[other]["tokens_per_step"]) / ref_tokens < 0.05, other
+    assert rows["bert:st"]["path"] == "st-trainer/padded-longest/MNRL-loss/fp32"
