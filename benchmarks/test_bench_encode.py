@@ -1,10 +1,13 @@
-"""pytest-benchmark: encode throughput on the CPU, PyTorch fp32 vs ONNX fp32 vs ONNX int8, side by side.
+"""pytest-benchmark: encode throughput on the CPU, sentence-transformers vs PyTorch fp32 vs ONNX fp32 vs ONNX
+int8, side by side.
 
     pytest benchmarks/test_bench_encode.py --benchmark-only
 
 The packaged all-MiniLM-L6-v2 (cls pooling, as `mirrorfast` loads a plain model directory) is exported
-once per session with --int8. All three encode the same 256 sentences (STS-B dev from ../shared/data
-when present, generated text otherwise) with batch size 64, sorted by length, L2-normalized.
+once per session with --int8. All encode the same 256 sentences (STS-B dev from ../shared/data when
+present, generated text otherwise) with batch size 64, sorted by length, L2-normalized. The
+sentence-transformers row is `SentenceTransformer(MiniLM).encode` as users call it (the model's own
+mean pooling, fp32): what mirrorfast's encoders replace.
 Sentences per second is in each row's extra_info ("sentences_per_s", from the median round).
 Set MIRRORFAST_BENCH_ROUNDS to change the rounds per case (default 5, after one warm-up round).
 """
@@ -57,6 +60,14 @@ def minilm_export(tmp_path_factory) -> Path:
 
 
 def _encoder(kind: str, export_dir: Path):
+    if kind == "sentence-transformers":
+        from sentence_transformers import SentenceTransformer
+
+        from mirrorfast.model import default_model_path
+
+        model = SentenceTransformer(str(default_model_path()), device="cpu")
+        return lambda texts: model.encode(texts, batch_size=BATCH_SIZE, normalize_embeddings=True,
+                                          convert_to_numpy=True, show_progress_bar=False)
     if kind == "pytorch-fp32":
         from mirrorfast.model import default_model_path, load_encoder
 
@@ -68,7 +79,7 @@ def _encoder(kind: str, export_dir: Path):
     return lambda texts: encoder.encode(texts, batch_size=BATCH_SIZE)
 
 
-@pytest.mark.parametrize("kind", ["pytorch-fp32", "onnx-fp32", "onnx-int8"])
+@pytest.mark.parametrize("kind", ["sentence-transformers", "pytorch-fp32", "onnx-fp32", "onnx-int8"])
 def test_encode_throughput_cpu(benchmark, kind, sentences, minilm_export):
     import torch
 
