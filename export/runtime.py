@@ -299,7 +299,7 @@ def npy_rows_writer(output: Path, rows: int, dim: int) -> Iterator[Callable[[np.
         with os.fdopen(fd, "wb") as handle:
             header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
                       "shape": (rows, dim)}
-            np.lib.format.write_array_header_2_0(handle, header)
+            np.lib.format.write_array_header_1_0(handle, header)  # what np.save writes
 
             def write(block: np.ndarray) -> None:
                 nonlocal written
