@@ -170,6 +170,17 @@ def run_checks(quick: bool) -> bool:
                 f"{' zero-row' if zero else ''}: loss {errs[0]:.1e}  grad a {errs[1]:.1e}  grad b {errs[2]:.1e}",
             )
 
+    # The largest N issue 3 names (32768 rows per view), fp16, the whole call against the chunked fp64
+    # reference: index arithmetic at 65536 rows, the large-problem configuration at its largest grid.
+    if DEVICE == "cuda":
+        a, b = make_inputs(32768, 768, torch.float16, 15, scale_rows=False)
+        out = fwd_bwd(lambda x, y: info_nce(x, y, 0.04, "mean", backend="triton"), a, b)
+        errs = [rel_err(o, r) for o, r in zip(out, fp64_reference(a, b, 0.04, "mean"))]
+        report(max(errs) <= TOL["float16"],
+               f"triton vs fp64  float16  N=32768 D=768   mean T=0.040: loss {errs[0]:.1e}  grad a {errs[1]:.1e}  "
+               f"grad b {errs[2]:.1e}")
+        del a, b, out
+
     # Bit-identical reruns.
     n, d = (2000, 768) if DEVICE == "cuda" else (20, 30)
     a, b = make_inputs(n, d, torch.float16, 11, scale_rows=False)
