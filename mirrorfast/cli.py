@@ -51,6 +51,10 @@ def _add_train(sub) -> None:
     p.add_argument("--keep-duplicates", action="store_true", help="do not remove exact duplicate strings")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max-steps", type=int, help="stop after this many steps")
+    p.add_argument("--eval-sts", action="append", default=[], metavar="FILE.csv",
+                   help="score this STS file (as `mirrorfast eval --sts`) before and after training; repeatable")
+    p.add_argument("--eval-words", action="append", default=[], metavar="FILE.tsv",
+                   help="score this word-similarity file (as `mirrorfast eval --words`) before and after; repeatable")
     p.add_argument("--output", default="./mirrorfast-out", help="output directory (./mirrorfast-out)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing directory that is not ours")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -71,7 +75,8 @@ def _cmd_train(args) -> int:
         precision="fp16" if args.fp16 else "bf16" if args.bf16 else "fp32",
         device=args.device, attention=args.attention, cuda_graphs=args.cuda_graphs, half_model=args.half_model,
         dedup=not args.keep_duplicates, seed=args.seed,
-        max_steps=args.max_steps, output=args.output, overwrite=args.overwrite, progress=not args.no_progress,
+        max_steps=args.max_steps, eval_sts=tuple(args.eval_sts), eval_words=tuple(args.eval_words),
+        output=args.output, overwrite=args.overwrite, progress=not args.no_progress,
     )
     train(config, log=_log)
     return 0

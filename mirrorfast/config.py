@@ -42,6 +42,8 @@ class TrainConfig:
     dedup: bool = True
     seed: int = 42
     max_steps: int | None = None  # stop early (smoke tests, benchmarks)
+    eval_sts: tuple[str, ...] = ()  # STS CSV files scored before and after training (mirrorfast.evaluate)
+    eval_words: tuple[str, ...] = ()  # word-similarity TSV files, likewise
     output: str = "./mirrorfast-out"
     overwrite: bool = False
     progress: bool = True
@@ -79,5 +81,6 @@ class TrainConfig:
                 raise MirrorfastError(message)
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "progress"}
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+                for f in fields(self) if f.name != "progress"}
 

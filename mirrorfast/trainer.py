@@ -27,6 +27,7 @@ from mirrorfast.config import TrainConfig
 from mirrorfast.data import (CUDA_WIDTH_MULTIPLE, PACK_BUCKET, PAD_SEGMENT_MAX, TILE_PAD_SEGMENT_MAX, Batch, Corpus,
                              epoch_batches, load_corpus, load_pairs, packed_batch, padded_batch)
 from mirrorfast.errors import MirrorfastError
+from mirrorfast.evaluate import evaluate, read_sts, read_words
 from mirrorfast.fused_norm import fused_layernorm_requested, fused_residual_layernorm
 from mirrorfast.graphs import GraphedStep
 from mirrorfast.halfmodel import HalfModel
@@ -48,6 +49,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     peak_memory_bytes: int = 0
     setup_seconds: float = 0.0
+    evaluation: list[dict] = field(default_factory=list)  # --eval-sts / --eval-words: Spearman before, after
 
 
 PRECISION_NAMES = {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}  # autocast dtype -> name
@@ -278,6 +280,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     torch.manual_seed(cfg.seed)
 
     corpus = load_pairs(cfg.pairs, cfg.dedup) if cfg.pairs else load_corpus(cfg.corpus, cfg.dedup)
+    eval_sets = [read_sts(path) for path in cfg.eval_sts] + [read_words(path) for path in cfg.eval_words]
     log(f"corpus: {corpus.description}: {len(corpus)} {'pairs' if corpus.second else 'strings'}"
         + (f" ({corpus.duplicates_removed} exact duplicates removed)" if corpus.duplicates_removed else ""))
     device = pick_device(cfg.device, log)
@@ -308,7 +311,13 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
         f"epochs={cfg.epochs} batch={batch_size} lr={cfg.lr} dropout={cfg.dropout} drophead={cfg.drophead} "
         f"pooling={cfg.pooling} " + " ".join(f"{k}={v}" for k, v in paths.items()))
 
-    encoder.to(device).train()
+    encoder.to(device)
+    t_eval = time.perf_counter()
+    before = evaluate(encoder, eval_sets)  # the untrained model, in eval mode (no dropout), fp32
+    for r in before:
+        log(f"eval: {r['file']} ({r['kind']}, {r['pairs']} pairs) before training: Spearman {r['spearman']:.2f}")
+    eval_seconds = time.perf_counter() - t_eval
+    encoder.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -347,7 +356,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
             encoder, batch, cfg.temperature, optimizer, scaler, autocast, loss_backend, half)
         run_step = GraphedStep(step_fn, log=log) if graphs else step_fn
         stream.start()  # the first batches, built and uploaded: setup, not training time
-        setup_seconds = time.perf_counter() - t_setup
+        setup_seconds = time.perf_counter() - t_setup - eval_seconds
         t_train = time.perf_counter()
         for epoch in range(len(schedules)):
             t_epoch = time.perf_counter()
@@ -362,16 +371,22 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
             epoch_seconds.append(time.perf_counter() - t_epoch)
             _report(monitor.poll(wait=True), bar, cfg, tokens_seen, t_train)
     bar.close()
+    # The trained model as saved: fp32 weights (--half-model released), standard attention and LayerNorm.
+    evaluation = [{"file": b["file"], "kind": b["kind"], "pairs": b["pairs"], "before": b["spearman"],
+                   "after": a["spearman"]} for b, a in zip(before, evaluate(encoder, eval_sets))]
     train_seconds = sum(epoch_seconds)
     result = TrainResult(
         output=out_dir if save else None, steps=step, epoch_seconds=epoch_seconds,
         tokens_per_second=tokens_seen / max(train_seconds, 1e-9),
         final_loss=monitor.values[-1] if monitor.values else float("nan"),
         losses=monitor.values, peak_memory_bytes=_peak_memory(device), setup_seconds=setup_seconds,
+        evaluation=evaluation,
     )
     log(f"done: {step} steps, epochs {', '.join(f'{s:.2f}s' for s in epoch_seconds)}, "
         f"{result.tokens_per_second:,.0f} tokens/s, final loss {result.final_loss:.4f}, "
         f"peak memory {result.peak_memory_bytes / 2**20:,.0f} MiB")
+    for r in evaluation:
+        log(f"eval: {r['file']} ({r['kind']}, {r['pairs']} pairs): Spearman {r['before']:.2f} -> {r['after']:.2f}")
     if save:
         metadata = _metadata(cfg, corpus, encoder, device, paths, result)
         with atomic_directory(out_dir) as tmp:
@@ -407,6 +422,7 @@ def _metadata(cfg, corpus, encoder, device, paths: dict, result: TrainResult) ->
         "tokens_per_second": round(result.tokens_per_second, 1),
         "final_loss": result.final_loss,
         "peak_memory_bytes": result.peak_memory_bytes,
+        "evaluation": result.evaluation,
         "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

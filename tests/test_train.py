@@ -1,5 +1,6 @@
 """End to end: `mirrorfast train` on a tiny BERT, the output directory, and every bad-input message."""
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -374,3 +375,43 @@ def test_view_source_copies_the_tokenizer_once(tiny_bert_dir, corpus, monkeypatc
     for epoch in range(3):
         source.epoch(epoch)
     assert len(made) == 1
+
+
+def test_eval_files_are_scored_before_and_after_training(tiny_bert_dir, corpus, tmp_path, capsys):
+    """--eval-sts / --eval-words: the before score is the untrained model's, the after score the saved
+    model's (each checked against `mirrorfast eval` / spearman() run on its own), logged and recorded."""
+    from mirrorfast.evaluate import read_sts, read_words, spearman
+    from mirrorfast.model import load_encoder
+
+    rng = np.random.default_rng()
+    sts = tmp_path / "sts.csv"
+    with open(sts, "w", encoding="utf-8", newline="") as handle:  # the sentences have commas: quoted
+        csv.writer(handle).writerows([SENTENCES[i], SENTENCES[j], f"{rng.uniform(0, 5):.2f}"]
+                                     for i, j in rng.integers(0, len(SENTENCES), (12, 2)))
+    words = tmp_path / "words.tsv"
+    vocab = ["cat", "dog", "train", "river", "music", "code", "rain", "bread", "sun", "car"]
+    words.write_text("word1\tword2\tscore\n" + "".join(
+        f"{vocab[i]}\t{vocab[j]}\t{rng.uniform(0, 10):.2f}\n" for i, j in rng.integers(0, len(vocab), (15, 2))))
+    out = tmp_path / "out"
+    # a large learning rate, so that two steps move the scores (a wrong "after" model would show)
+    assert run_cli(*tiny_args(tiny_bert_dir, corpus, out, "--eval-sts", sts, "--eval-words", words, "--lr", 0.01)) == 0
+    err = capsys.readouterr().err
+    evaluation = json.loads((out / "mirrorfast.json").read_text())["evaluation"]
+    assert [(e["file"], e["kind"], e["pairs"]) for e in evaluation] == [(str(sts), "sts", 12), (str(words), "words", 15)]
+
+    untrained = load_encoder(tiny_bert_dir)
+    trained = load_encoder(out)
+    for e, pairs in zip(evaluation, (read_sts(sts), read_words(words))):
+        assert e["before"] == pytest.approx(spearman(untrained, pairs), abs=1e-3)
+        assert e["after"] == pytest.approx(spearman(trained, pairs), abs=1e-3)
+        assert f"Spearman {e['before']:.2f} -> {e['after']:.2f}" in err
+        assert e["before"] != e["after"]  # training moved the model
+
+
+def test_a_bad_eval_file_fails_before_training(tiny_bert_dir, corpus, tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("only,two\n")
+    assert run_cli(*tiny_args(tiny_bert_dir, corpus, tmp_path / "o", "--eval-sts", bad)) == 2
+    err = capsys.readouterr().err
+    assert "line 1 has 2 fields" in err and "model:" not in err  # before the model was even loaded
+    assert not (tmp_path / "o").exists()
