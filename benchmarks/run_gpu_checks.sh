@@ -80,7 +80,7 @@ for part in "${parts[@]}"; do
     suite)  run "training suite" 260 gpu_suite.log python3 benchmarks/gpu_suite.py --json "$out/gpu_suite.json" ;;
     onnx)   run "ONNX GPU table" 160 onnx_gpu_table.log env -u TOKENIZERS_PARALLELISM python3 benchmarks/onnx_gpu_table.py --gpu-only ;;
     kernel) run "InfoNCE table" 110 info_nce_table.log python3 benchmarks/info_nce_table.py --quick ;;
-    tests)  run "kernel tests (compiled)" 180 kernel_tests.log python3 -m pytest -q -p no:cacheprovider tests/test_kernels_info_nce.py tests/test_packed_attention_kernel.py tests/test_residual_layernorm_kernel.py tests/test_fused_norm.py tests/test_opt_ins_together.py ;;
+    tests)  run "kernel tests (compiled)" 180 kernel_tests.log python3 -m pytest -q -p no:cacheprovider tests/test_kernels_info_nce.py tests/test_packed_attention_kernel.py tests/test_residual_layernorm_kernel.py tests/test_fused_norm.py tests/test_opt_ins_together.py tests/test_prefetch.py ;;
     attention) run "packed attention + residual LayerNorm kernels" 120 attention.log python3 -m pytest -q -p no:cacheprovider benchmarks/test_bench_packed_attention.py benchmarks/test_bench_residual_layernorm.py --benchmark-only --benchmark-columns=min,median,mean ;;
     sweep)  run "InfoNCE block sweep" 300 sweep.log python3 benchmarks/info_nce_table.py --no-checks --sweep 16384,768 --sweep 200,768 --sweep 200,768,bfloat16 --sweep 200,384,bfloat16 ;;
     profile) run "step profile" 200 profile.log python3 benchmarks/profile_step.py ;;

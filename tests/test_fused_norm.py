@@ -31,8 +31,8 @@ def _model(arch: str, tok, dropout: float):
 
 
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
-def test_fused_sublayers_match_the_model(minilm_dir, arch):
-    tok = AutoTokenizer.from_pretrained(minilm_dir)
+def test_fused_sublayers_match_the_model(minilm_tokenizer_dir, arch):
+    tok = AutoTokenizer.from_pretrained(minilm_tokenizer_dir)
     torch.manual_seed(0)
     model = _model(arch, tok, dropout=0.0).train()  # no dropout: both paths compute the same function
     batch = tok(TEXTS, padding=True, return_tensors="pt").to(DEVICE)
@@ -54,8 +54,8 @@ def test_fused_sublayers_match_the_model(minilm_dir, arch):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_dropout_in_training_only(minilm_dir):
-    tok = AutoTokenizer.from_pretrained(minilm_dir)
+def test_dropout_in_training_only(minilm_tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(minilm_tokenizer_dir)
     torch.manual_seed(1)
     model = _model("bert", tok, dropout=0.3)
     batch = tok(TEXTS, padding=True, return_tensors="pt").to(DEVICE)

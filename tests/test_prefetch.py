@@ -7,6 +7,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 import mirrorfast.trainer
 from mirrorfast.config import TrainConfig
@@ -120,3 +121,18 @@ def test_windows_do_not_change_what_training_computes(tiny_bert_dir, tmp_path, m
     windowed = train(cfg, log=lambda m: None, save=False)
     assert whole.steps == windowed.steps == 14 and len(windowed.epoch_seconds) == 2
     assert windowed.losses == whole.losses
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: uploads between CUDA-graph replays")
+def test_windows_on_cuda_with_graphs(tiny_bert_dir, tmp_path, monkeypatch):
+    """On the GPU's default path (bf16, packed attention, CUDA graphs) windows are uploaded between graph
+    replays; the losses match one window per epoch (up to FlashAttention's non-deterministic backward)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"sentence {i} about topic {i % 7}, long enough to be masked here" for i in range(80)))
+    cfg = TrainConfig(model=str(tiny_bert_dir), corpus=str(corpus), level="sentence", batch_size=8, epochs=2,
+                      precision="bf16", progress=False, device="cuda")
+    whole = train(cfg, log=lambda m: None, save=False)
+    monkeypatch.setattr(mirrorfast.trainer, "BatchStream", functools.partial(BatchStream, window=3))
+    windowed = train(cfg, log=lambda m: None, save=False)
+    assert whole.steps == windowed.steps == 20
+    assert windowed.losses == pytest.approx(whole.losses, rel=2e-3)
