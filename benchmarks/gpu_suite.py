@@ -71,6 +71,7 @@ from st_recipe import st_train  # noqa: E402
 CARRY_DIR = ROOT / ".gpu"
 DEFAULT_DATA = [ROOT.parent / "shared" / "data", ROOT / "shared" / "data", CARRY_DIR / "data"]
 CARRIED_MINILM = CARRY_DIR / "minilm-fp16"
+CARRIED_WHEELS = ("pytest-benchmark", "py-cpuinfo")  # into .gpu/wheels; run_gpu_checks.sh installs them if missing
 CORPUS_NAME = "mirror_corpus/stsbenchmark_train_10k_sents_random_sampled.txt"
 STS_NAME = "sts/stsb-en-dev.csv"
 DEFAULT_PEAK_TFLOPS = 794.0  # H200 bf16 dense matmul, measured (../shared/notes/gpu-measurements.md)
@@ -703,9 +704,15 @@ def prepare_carry(args) -> int:
     out = dest / "minilm-fp16"
     AutoModel.from_pretrained(source, dtype=torch.float16).save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    # pytest-benchmark for run_gpu_checks.sh's benchmark parts (the GPU image may not have it; 70 KiB, pure Python).
+    wheels = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                             "-d", str(dest / "wheels"), *CARRIED_WHEELS], capture_output=True, text=True)
+    if wheels.returncode != 0:
+        print(f"gpu_suite: could not download {', '.join(CARRIED_WHEELS)} (no package index?): "
+              f"{(wheels.stderr.strip().splitlines() or ['?'])[-1]}", file=sys.stderr)
     size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
     print(f"gpu_suite: wrote {dest} ({size / 2**20:.1f} MiB): data/{CORPUS_NAME}, data/{STS_NAME}, minilm-fp16/ "
-          f"(from {source}); the fp16 MiniLM is upcast to fp32 before training.")
+          f"(from {source}; upcast to fp32 before training), wheels/ (pytest-benchmark).")
     if dest.resolve() == CARRY_DIR.resolve():
         print("gpu_suite: on the GPU machine name '.gpu' in carry; the suite finds it there by itself.")
     else:

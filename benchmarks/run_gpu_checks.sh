@@ -55,6 +55,10 @@ for name in ("torch", "triton", "transformers", "onnxruntime"):
         print(name, "unavailable:", type(exc).__name__, exc)
 EOS
 date -u +"%Y-%m-%d %H:%M UTC" | tee -a "$facts"
+# The benchmark parts need pytest-benchmark: from the carry's wheels (gpu_suite.py --prepare-carry) if absent.
+python3 -c "import pytest_benchmark" 2>/dev/null || { [ -d .gpu/wheels ] &&
+  python3 -m pip install -q --no-index --find-links .gpu/wheels pytest-benchmark >/tmp/mirrorfast-pip.log 2>&1; } ||
+  echo "pytest-benchmark unavailable: the attention part will fail (carry .gpu with its wheels/)"
 # The kernel tests import the installed package: install it without dependencies (no network needed).
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/tmp/mirrorfast-pip.log 2>&1 ||
   { echo "pip install -e . failed:"; tail -5 /tmp/mirrorfast-pip.log; }
