@@ -97,6 +97,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--pooling", choices=["cls", "mean"], help="override the model's pooling (model dirs only)")
     p.add_argument("--batch-size", type=int, default=128, help="texts per encoder call (default: 128)")
     p.add_argument("--int8", action="store_true", help="evaluate the export's int8 model (export dirs only)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the encoder runs: auto = a CUDA GPU when there is one (PyTorch for model dirs, "
+                   "onnxruntime-gpu for exports), else the CPU")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.set_defaults(handler=_cmd_eval)
 
@@ -113,7 +116,7 @@ def _cmd_eval(args) -> int:
         raise MirrorfastError(f"--batch-size must be at least 1, got {args.batch_size}")
     # Read the files before loading a model: bad input fails fast.
     sets = [read_sts(path) for path in args.sts] + [read_words(path) for path in args.words]
-    encoder, name, pooling = _load_any_encoder(Path(args.model_dir), args.pooling, args.int8)
+    encoder, name, pooling = _load_any_encoder(Path(args.model_dir), args.pooling, args.int8, args.device)
     results = evaluate(encoder, sets, args.batch_size)
     if args.json:
         print(json.dumps({"model": name, "pooling": pooling, "results": results}))
@@ -126,22 +129,24 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def _load_any_encoder(path, pooling, int8=False):
-    """An ONNX export directory (export.json) or a PyTorch model directory -> (encoder, name, pooling)."""
-    from mirrorfast.model import load_encoder
+def _load_any_encoder(path, pooling, int8=False, device="auto"):
+    """An ONNX export directory (export.json) or a PyTorch model directory -> (encoder, name, pooling), on
+    `device` (auto: the GPU where there is one)."""
+    from mirrorfast.model import load_encoder, pick_device
 
     from mirrorfast.export.runtime import EXPORT_JSON, OnnxEncoder
 
     if (path / EXPORT_JSON).is_file():
         if pooling:
             raise MirrorfastError("--pooling cannot change an ONNX export: its pooling is inside the graph")
-        encoder = OnnxEncoder(path, int8=int8)
+        encoder = OnnxEncoder(path, provider=device, int8=int8)
         return encoder, f"{path} ({encoder.model_path.name})" if int8 else str(path), encoder.pooling
     if int8:
         raise MirrorfastError(f"--int8 needs an export directory (mirrorfast export --int8); {path} is not one")
     if not path.is_dir():
         raise MirrorfastError(f"model directory {path} not found")
-    encoder = load_encoder(path, pooling=pooling)
+    target = pick_device(device)  # before loading: a missing GPU fails fast
+    encoder = load_encoder(path, pooling=pooling).to(target)
     return encoder, str(path), encoder.pooling
 
 

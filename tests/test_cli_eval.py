@@ -112,3 +112,15 @@ def test_eval_int8_and_batch_size_errors(tiny_bert_dir, eval_files, capsys):
         assert main(["eval", *map(str, args)]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (args, err)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the errors of a machine without a GPU")
+def test_eval_device(tiny_bert_dir, tiny_export, eval_files, capsys):
+    """--device cpu scores as the default does here; --device cuda without a GPU is one clear error, for a
+    model directory (PyTorch) and for an export (onnxruntime's CUDA provider)."""
+    sts, _ = eval_files
+    assert eval_json(capsys, tiny_bert_dir, "--sts", sts, "--device", "cpu") == eval_json(capsys, tiny_bert_dir, "--sts", sts)
+    for model, message in ((tiny_bert_dir, "no CUDA GPU is available"), (tiny_export, "needs onnxruntime-gpu")):
+        assert main(["eval", str(model), "--sts", str(sts), "--device", "cuda"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
