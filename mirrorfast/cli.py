@@ -272,13 +272,30 @@ def _cmd_serve(args) -> int:
     return run(args.export_dir, config, provider=args.provider, int8=args.int8)
 
 
+# ------------------------------------------------------------------------------------------------ env
+def _add_env(sub) -> None:
+    p = sub.add_parser("env", help="versions, GPU, optional pieces, and what train would use on this machine")
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    p.set_defaults(handler=_cmd_env)
+
+
+def _cmd_env(args) -> int:
+    import json
+
+    from mirrorfast.envinfo import render, report
+
+    info = report()
+    print(json.dumps(info) if args.json else render(info))
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mirrorfast", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("--version", action="version", version=f"mirrorfast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_train, _add_eval, _add_export, _add_encode, _add_serve):
+    for add in (_add_train, _add_eval, _add_export, _add_encode, _add_serve, _add_env):
         add(sub)
     return parser
 

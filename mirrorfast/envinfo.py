@@ -1,0 +1,86 @@
+"""`mirrorfast env`: what this machine offers mirrorfast, and what `train`, `eval` and `encode` will use on it.
+
+For checking an installation, and for bug reports (like `transformers env`): versions, the GPU, the
+optional pieces (triton, onnxruntime and its providers, the packaged default model), and the paths the
+trainer picks here by default (device, attention, loss), from the same functions the trainer calls.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import sys
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def report() -> dict:
+    import torch
+
+    import mirrorfast
+    from mirrorfast.kernels import resolve_backend
+    from mirrorfast.model import pick_device
+    from mirrorfast.packing import flash_supported, packed_kernel
+    from mirrorfast.trainer import cpu_has_native_bf16
+
+    device = pick_device("auto")
+    cuda = device.type == "cuda"
+    info: dict = {
+        "mirrorfast": mirrorfast.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_native_bf16": cpu_has_native_bf16(),  # --bf16 pays on the CPU (benchmarks/RESULTS.md)
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "gpu_capability": ".".join(map(str, torch.cuda.get_device_capability(0))) if cuda else None,
+    }
+    for name in ("transformers", "tokenizers", "triton", "onnx", "sentence-transformers"):
+        info[name] = _version(name)
+    installed = [d for d in ("onnxruntime-gpu", "onnxruntime") if _version(d)]
+    info["onnxruntime"] = ", ".join(f"{d} {_version(d)}" for d in installed) or None
+    if len(installed) == 2:  # they share the `onnxruntime` module: whichever was installed last wins
+        info["onnxruntime"] += " (both installed: uninstall both, then install one)"
+    if installed:
+        import onnxruntime
+
+        info["onnxruntime_providers"] = onnxruntime.get_available_providers()
+    try:
+        from mirrorfast.model import default_model_path
+
+        info["default_model"] = str(default_model_path())
+    except Exception as exc:  # noqa: BLE001 - MirrorfastError with the install hint
+        info["default_model"] = f"missing: {exc}"
+    # What `mirrorfast train` would run here without options (--fp16/--bf16 on a GPU for the packed paths).
+    info["train_device"] = str(device)
+    if not cuda:
+        info["train_attention"] = "padded"
+    elif flash_supported(device):
+        info["train_attention"] = f"packed ({packed_kernel(device)}) with --fp16/--bf16, else padded"
+    else:
+        info["train_attention"] = "padded (no FlashAttention on this GPU; --attention packed runs through SDPA)"
+    info["train_loss"] = resolve_backend("auto", device)
+    info["overrides"] = {k: v for k, v in os.environ.items()
+                         if k.startswith("MIRRORFAST_") and k != "MIRRORFAST_API_KEY"}
+    return info
+
+
+def render(info: dict) -> str:
+    width = max(map(len, info))
+    lines = []
+    for key, value in info.items():
+        if value is None:
+            value = "not installed" if key not in ("gpu", "gpu_capability", "torch_cuda") else "none"
+        elif isinstance(value, list):
+            value = ", ".join(value)
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items()) or "none"
+        lines.append(f"{key.ljust(width)}  {value}")
+    return "\n".join(lines)

@@ -1,0 +1,28 @@
+"""`mirrorfast env`: the installation report, as text and as one JSON object."""
+
+import json
+
+import torch
+
+from mirrorfast.cli import main
+
+
+def test_env_reports_versions_and_the_trainers_choices(capsys, monkeypatch):
+    monkeypatch.setenv("MIRRORFAST_KERNELS", "torch")
+    monkeypatch.setenv("MIRRORFAST_API_KEY", "secret-key")
+    assert main(["env", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "secret-key" not in out  # one object; the API key never printed
+    info = json.loads(out)
+    assert info["torch"] == torch.__version__
+    assert info["overrides"] == {"MIRRORFAST_KERNELS": "torch"}
+    assert info["train_loss"] == "torch"  # the override, as the trainer resolves it
+    assert info["train_device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert isinstance(info["cpu_native_bf16"], bool)
+    assert "CPUExecutionProvider" in info["onnxruntime_providers"]
+
+    assert main(["env"]) == 0
+    text = capsys.readouterr().out
+    for key in info:
+        assert any(line.startswith(key + " ") for line in text.splitlines()), key
+    assert "MIRRORFAST_KERNELS=torch" in text and "secret-key" not in text
