@@ -62,6 +62,9 @@ python3 -c "import pytest_benchmark" 2>/dev/null || { [ -d .gpu/wheels ] &&
 # The kernel tests import the installed package: install it without dependencies (no network needed).
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/tmp/mirrorfast-pip.log 2>&1 ||
   { echo "pip install -e . failed:"; tail -5 /tmp/mirrorfast-pip.log; }
+# What the trainer will pick on this machine (device, attention, loss), into the facts of summary.txt.
+python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from from_checkout import ensure_importable; ensure_importable()
+from mirrorfast.cli import main; main(['env'])" 2>&1 | grep -E "^(gpu|train_|onnxruntime|Error|[A-Za-z]*Error)" | tee -a "$facts"
 
 summary=()
 # run NAME CAP LOG COMMAND...: at most CAP seconds and never past the budget; output to $out/LOG.
