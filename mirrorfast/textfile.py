@@ -38,6 +38,8 @@ def iter_lines(path: str | Path, what: str) -> Iterator[str]:
         for number, raw in enumerate(handle, start=1):
             if number == 1 and raw.startswith(codecs.BOM_UTF8):
                 raw = raw[len(codecs.BOM_UTF8):]
+                if not raw:  # a file that is only a BOM has no lines
+                    return
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:

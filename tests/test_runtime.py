@@ -319,8 +319,8 @@ def test_iter_lines_splits_as_the_whole_file_reader(tmp_path):
     from mirrorfast.textfile import iter_lines, read_utf8
 
     rng = random.Random()
-    for _ in range(20):
-        pieces = [rng.choice(["a", "é", " ", "\r", "\n", "\r\n", "日", "\u2028", "\t"]) for _ in range(rng.randint(0, 30))]
+    for _ in range(300):
+        pieces = [rng.choice(["a", "é", " ", "\r", "\n", "\r\n", "日", "\u2028", "\t"]) for _ in range(rng.randint(0, 12))]
         data = ("\ufeff" if rng.random() < 0.5 else "") + "".join(pieces)
         path = tmp_path / "f.txt"
         path.write_bytes(data.encode("utf-8"))
@@ -328,6 +328,9 @@ def test_iter_lines_splits_as_the_whole_file_reader(tmp_path):
         if expected[-1] == "":
             expected.pop()
         assert list(iter_lines(path, "input file")) == [e.removesuffix("\r") for e in expected], repr(data)
+    for data, lines in ((b"\xef\xbb\xbf", []), (b"\xef\xbb\xbf\n", [""]), (b"", []), (b"\n", [""])):  # edges
+        path.write_bytes(data)
+        assert list(iter_lines(path, "input file")) == lines, data
     path.write_bytes(b"ok\r\nfine\n\xe9t\xe9\n")
     with pytest.raises(MirrorfastError) as whole:
         read_utf8(path, "input file")
