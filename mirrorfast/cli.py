@@ -247,8 +247,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--int8", action="store_true", help="serve the export's int8-quantized model")
     p.add_argument("--max-queue", type=int, default=4096,
                    help="inputs waiting for the model before requests get 503 + Retry-After (default: 4096)")
-    p.add_argument("--batch-wait-ms", type=float, default=2.0,
-                   help="how long a batch waits for more requests (default: 2)")
+    p.add_argument("--batch-wait-ms", type=float, default=0.0,
+                   help="how long a batch's oldest text may wait for more requests; 0 takes what is queued when "
+                   "the model is free (default: 0)")
     p.add_argument("--max-body-bytes", type=int, default=None,
                    help="request body limit (default: derived from --max-inputs x --max-input-tokens)")
     p.add_argument("--graceful-timeout", type=float, default=60.0,
