@@ -235,7 +235,7 @@ def packed_batch(views, pad_id: int = 0, bucket: int | None = None, pad_segment_
         max_len = max(-(-max_len // MAX_LEN_MULTIPLE) * MAX_LEN_MULTIPLE, pad_segment_max)
     cu = np.zeros(len(pieces) + 1, dtype=np.int32)
     np.cumsum(lengths, out=cu[1:])
-    ids = np.concatenate(pieces)
+    ids = np.concatenate(pieces).astype(np.int64, copy=False)  # model inputs are int64, stored ids int32
     segments = np.repeat(np.arange(len(pieces), dtype=np.int64), lengths)  # (T,) segment of each token
     positions = np.arange(len(ids), dtype=np.int64) - cu[:-1].astype(np.int64)[segments]
     # Padding segments are isolated and never read: position 0, which every model has (a 128-token

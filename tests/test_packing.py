@@ -176,3 +176,17 @@ def test_bucketed_max_len_takes_few_values(minilm_dir):
         batch = packed_batch([(tt, rows), (tt, rows)], tok.pad_token_id, bucket=512)
         assert batch.max_len == max(128, -(-longest // MAX_LEN_MULTIPLE) * MAX_LEN_MULTIPLE) == expected, words
         assert batch.max_len >= longest and packed_batch([(tt, rows), (tt, rows)]).max_len == longest
+
+
+def test_ids_are_stored_int32_and_fed_int64(minilm_dir):
+    """TokenizedTexts keeps ids in int32 (half the memory of a large corpus); every batch hands the model
+    int64 ids with the same values, padded, packed and bucketed alike."""
+    tok, _, _, views = tiny_setup(minilm_dir, "cls", seed=2)
+    tt = views[0][0]
+    assert tt.ids.dtype == np.int32
+    assert tt.ids.tolist() == [i for row in tok(TEXTS, truncation=True, max_length=24)["input_ids"] for i in row]
+    for batch in (padded_batch(views, tok.pad_token_id), packed_batch(views),
+                  packed_batch(views, tok.pad_token_id, bucket=64)):
+        assert batch.input_ids.dtype == torch.int64
+    packed = packed_batch(views).input_ids[0].tolist()
+    assert packed == [i for tt_, rows in views for r in rows for i in tt_.ids[tt_.offsets[r]:tt_.offsets[r + 1]].tolist()]
