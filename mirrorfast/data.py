@@ -166,11 +166,8 @@ def _gather(views: list[tuple[TokenizedTexts, np.ndarray]]) -> tuple[list[np.nda
 # Padding to the longest view of a batch wastes most of the work on the paper's sentences (mean 14.4
 # tokens, a batch's longest 40-70: ../shared/notes/gpu-measurements.md): padded batches are sorted by
 # length and encoded in chunks of about this many views, each padded only to its own longest (2-core CPU,
-# MiniLM, 400 views fwd+bwd, 2026-11-26: 10.45 s -> 3.93 s, benchmarks/RESULTS.md). On CUDA fewer, larger
-# chunks mean fewer launches; on the CPU smaller chunks pad less and cost nothing more (same machine and
-# model, interleaved: fp32 3.85 s at 64 views a chunk, 3.38 s at 32, 3.34 s at 16; bf16 2.50 -> 2.37 s).
+# MiniLM, 400 views fwd+bwd, 2026-11-26: 10.45 s -> 3.93 s, benchmarks/RESULTS.md).
 VIEWS_PER_CHUNK = 64
-CPU_VIEWS_PER_CHUNK = 32
 # On CUDA the trainer rounds chunk widths up to a multiple of 8 (tensor-core friendly, fewer distinct
 # shapes). On the CPU rounding only adds work: the word preset's 3-5 token views padded to 8 made a
 # step 2.2x slower, sentences 1.3x (2-core CPU, MiniLM, 400 views, 2026-11-26).

@@ -24,9 +24,8 @@ from tqdm.auto import tqdm
 import mirrorfast
 from mirrorfast.augment import masked_views
 from mirrorfast.config import TrainConfig
-from mirrorfast.data import (CPU_VIEWS_PER_CHUNK, CUDA_WIDTH_MULTIPLE, PACK_BUCKET, PAD_SEGMENT_MAX,
-                             TILE_PAD_SEGMENT_MAX, VIEWS_PER_CHUNK, Batch, Corpus, epoch_batches, load_corpus,
-                             load_pairs, packed_batch, padded_batch)
+from mirrorfast.data import (CUDA_WIDTH_MULTIPLE, PACK_BUCKET, PAD_SEGMENT_MAX, TILE_PAD_SEGMENT_MAX, Batch, Corpus,
+                             epoch_batches, load_corpus, load_pairs, packed_batch, padded_batch)
 from mirrorfast.errors import MirrorfastError
 from mirrorfast.evaluate import evaluate, read_sts, read_words
 from mirrorfast.fused_norm import fused_layernorm_requested, fused_residual_layernorm
@@ -236,13 +235,11 @@ def trained_parameters(model, dtype: torch.dtype | None, half_model: bool):
 
 
 def build_batches(views, rows_per_batch, packed: bool, pad_id: int, bucket: int | None,
-                  width_multiple: int = 1, pad_segment_max: int = PAD_SEGMENT_MAX,
-                  views_per_chunk: int = VIEWS_PER_CHUNK) -> list[Batch]:
+                  width_multiple: int = 1, pad_segment_max: int = PAD_SEGMENT_MAX) -> list[Batch]:
     """Host batches of the given rows of `views` (built in a background thread, which never touches the GPU)."""
     first, second = views
     return [packed_batch([(first, rows), (second, rows)], pad_id, bucket, pad_segment_max) if packed
-            else padded_batch([(first, rows), (second, rows)], pad_id, width_multiple, views_per_chunk)
-            for rows in rows_per_batch]
+            else padded_batch([(first, rows), (second, rows)], pad_id, width_multiple) for rows in rows_per_batch]
 
 
 def first_steps(schedules: list[list[np.ndarray]], steps: int) -> list[list[np.ndarray]]:
@@ -331,10 +328,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     pad_id = encoder.tokenizer.pad_token_id
     bucket = PACK_BUCKET if graphs else None
     width_multiple = CUDA_WIDTH_MULTIPLE if device.type == "cuda" else 1
-    views_per_chunk = VIEWS_PER_CHUNK if device.type == "cuda" else CPU_VIEWS_PER_CHUNK
     segment_max = TILE_PAD_SEGMENT_MAX if attention in ("packed-sdpa", "packed-triton") else PAD_SEGMENT_MAX
-    build = lambda views, rows: build_batches(views, rows, packed, pad_id, bucket, width_multiple, segment_max,  # noqa: E731
-                                              views_per_chunk)
+    build = lambda views, rows: build_batches(views, rows, packed, pad_id, bucket, width_multiple, segment_max)  # noqa: E731
     upload = lambda batches: [b.to(device, non_blocking=True) for b in batches]  # noqa: E731
 
     monitor = LossMonitor(device)

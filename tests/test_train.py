@@ -415,20 +415,3 @@ def test_a_bad_eval_file_fails_before_training(tiny_bert_dir, corpus, tmp_path, 
     err = capsys.readouterr().err
     assert "line 1 has 2 fields" in err and "model:" not in err  # before the model was even loaded
     assert not (tmp_path / "o").exists()
-
-
-def test_cpu_batches_use_the_cpu_chunk_size(tiny_bert_dir, corpus, monkeypatch):
-    """On the CPU padded batches are encoded in chunks of CPU_VIEWS_PER_CHUNK views (less padding; measured
-    faster there), on CUDA of VIEWS_PER_CHUNK."""
-    import mirrorfast.trainer as trainer
-    from mirrorfast.data import CPU_VIEWS_PER_CHUNK, VIEWS_PER_CHUNK, padded_batch
-
-    assert CPU_VIEWS_PER_CHUNK != VIEWS_PER_CHUNK
-    seen = []
-    monkeypatch.setattr(trainer, "padded_batch",
-                        lambda views, pad_id, multiple, per_chunk: seen.append(per_chunk) or padded_batch(
-                            views, pad_id, multiple, per_chunk))
-    cfg = TrainConfig(model=str(tiny_bert_dir), corpus=str(corpus), level="sentence", batch_size=8, max_steps=2,
-                      progress=False, device="cpu")
-    train(cfg, log=lambda m: None, save=False)
-    assert seen and set(seen) == {CPU_VIEWS_PER_CHUNK}
