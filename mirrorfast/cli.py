@@ -292,7 +292,10 @@ def _cmd_env(args) -> int:
 
 # ----------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mirrorfast", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="mirrorfast",
+        description="Fast Mirror-BERT: turn a masked language model into a sentence or word encoder without labels "
+        "(train), score it (eval), export it to ONNX (export), embed files (encode) and serve it (serve).")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("--version", action="version", version=f"mirrorfast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
