@@ -60,8 +60,8 @@ class ServeConfig:
     max_queue: int = 4096  # inputs waiting for the worker; beyond that: 503 + Retry-After
     # How long a batch's oldest input may wait for company. 0: the worker takes what is queued when it is
     # free, so batches form from what arrives while the model runs (NVIDIA Triton's default, too); a wait
-    # only delays a lone request (2-core CPU, MiniLM: 2 ms cost 33 % of single-client throughput and gained
-    # no batch at 8 or 32 clients, benchmarks/RESULTS.md).
+    # only delays a lone request (2-core CPU, MiniLM: a 2 ms wait cost a lone client about a third of its
+    # throughput and formed no larger batches at 32 clients, benchmarks/RESULTS.md).
     batch_wait_ms: float = 0.0
     max_body_bytes: int | None = None  # default: derived from max_inputs x max_input_tokens
     graceful_timeout_s: float | None = 60.0  # on SIGTERM/SIGINT, how long in-flight requests may take

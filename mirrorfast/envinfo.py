@@ -60,12 +60,10 @@ def report() -> dict:
         info["default_model"] = f"missing: {exc}"
     # What `mirrorfast train` would run here without options (--fp16/--bf16 on a GPU for the packed paths).
     info["train_device"] = str(device)
-    if not cuda:
-        info["train_attention"] = "padded"
-    elif flash_supported(device):
-        info["train_attention"] = f"packed ({packed_kernel(device)}) with --fp16/--bf16, else padded"
-    else:
-        info["train_attention"] = "padded (no FlashAttention on this GPU; --attention packed runs through SDPA)"
+    # Facts from the trainer's own functions, not a re-derivation of its choice: `--attention auto` packs on
+    # CUDA with --fp16/--bf16 where train_flash_attention is true, with train_packed_kernel.
+    info["train_flash_attention"] = flash_supported(device)
+    info["train_packed_kernel"] = packed_kernel(device)
     info["train_loss"] = resolve_backend("auto", device)
     info["overrides"] = {k: v for k, v in os.environ.items()
                          if k.startswith("MIRRORFAST_") and k != "MIRRORFAST_API_KEY"}

@@ -19,6 +19,9 @@ def test_env_reports_versions_and_the_trainers_choices(capsys, monkeypatch):
     assert info["train_loss"] == "torch"  # the override, as the trainer resolves it
     assert info["train_device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert isinstance(info["cpu_native_bf16"], bool)
+    if not torch.cuda.is_available():
+        assert info["train_flash_attention"] is False and info["train_packed_kernel"] == "sdpa"
+    assert info["train_packed_kernel"] in ("flash", "sdpa", "triton")
     assert "CPUExecutionProvider" in info["onnxruntime_providers"]
 
     assert main(["env"]) == 0

@@ -67,7 +67,8 @@ def test_batches_come_in_order_built_at_most_a_window_ahead(window):
     expected = [("device", f"views-{e}", rows.tolist()) for e, schedule in enumerate(schedules) for rows in schedule]
     assert got == expected
 
-    # Each epoch's views are made once; epoch e + 1's only once epoch e has begun.
+    # Each epoch's views are made once; epoch e + 1's not before epoch e has begun (memory). The log time is
+    # when the background thread ran, so only this bound holds; it binds from epoch 2 on.
     views = [(e, consumed) for kind, e, consumed in (ev for ev in rec.events if ev[0] == "views")]
     assert sorted(e for e, _ in views) == [0, 1, 2]
     first_batch = np.cumsum([0] + sizes)  # index of each epoch's first batch in training order
