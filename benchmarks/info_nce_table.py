@@ -20,6 +20,7 @@ Without CUDA it prints that it needs one and exits 0. Exit code 1 if a check fai
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -120,6 +121,7 @@ def run_checks(quick: bool) -> bool:
 
     from mirrorfast.graphs import capture, on_side_stream
     from mirrorfast.kernels import info_nce, info_nce_reference
+    from mirrorfast.kernels.infonce_triton import info_nce_triton, pick_config
 
     ok = True
 
@@ -170,16 +172,38 @@ def run_checks(quick: bool) -> bool:
                 f"{' zero-row' if zero else ''}: loss {errs[0]:.1e}  grad a {errs[1]:.1e}  grad b {errs[2]:.1e}",
             )
 
+    # The backward with rinv folded into its gradient tile (KernelConfig.bwd_fold, a sweep candidate), compiled:
+    # 16-bit inputs, norms over six decades (fp16: the scaled tile), an all-zero row in bf16.
+    fold_shapes = [(3, 33), (40, 20)] if DEVICE == "cpu" else [(17, 130), (200, 768), (4100, 64)]
+    for n, d in fold_shapes:
+        for dtype in (torch.float16, torch.bfloat16):
+            case += 1
+            cfg = dataclasses.replace(pick_config(2 * n, d, dtype), bwd_fold=True)
+            zero = dtype == torch.bfloat16
+            a, b = make_inputs(n, d, dtype, case, zero_row=zero)
+            out = fwd_bwd(lambda x, y: info_nce_triton(x, y, 0.07, "mean", config=cfg), a, b)
+            errs = [rel_err(o, r) for o, r in zip(out, fp64_reference(a, b, 0.07, "mean"))]
+            name = str(dtype).split(".")[-1]
+            passed = all(bool(torch.isfinite(t).all()) for t in out) and max(errs) <= TOL[name]
+            report(passed, f"fold bwd vs fp64 {name:8s} N={n:<5d} D={d:<5d} mean{' zero-row' if zero else ''}: "
+                           f"loss {errs[0]:.1e}  grad a {errs[1]:.1e}  grad b {errs[2]:.1e}")
+
     # The largest N issue 3 names (32768 rows per view), fp16, the whole call against the chunked fp64
-    # reference: index arithmetic at 65536 rows, the large-problem configuration at its largest grid.
+    # reference: index arithmetic at 65536 rows, the large-problem configuration at its largest grid
+    # (the default backward and the folded one against the same reference).
     if DEVICE == "cuda":
         a, b = make_inputs(32768, 768, torch.float16, 15, scale_rows=False)
-        out = fwd_bwd(lambda x, y: info_nce(x, y, 0.04, "mean", backend="triton"), a, b)
-        errs = [rel_err(o, r) for o, r in zip(out, fp64_reference(a, b, 0.04, "mean"))]
-        report(max(errs) <= TOL["float16"],
-               f"triton vs fp64  float16  N=32768 D=768   mean T=0.040: loss {errs[0]:.1e}  grad a {errs[1]:.1e}  "
-               f"grad b {errs[2]:.1e}")
-        del a, b, out
+        ref = fp64_reference(a, b, 0.04, "mean")
+        folded = dataclasses.replace(pick_config(65536, 768, torch.float16), bwd_fold=True)
+        for label, loss_fn in (("triton", lambda x, y: info_nce(x, y, 0.04, "mean", backend="triton")),
+                               ("fold bwd", lambda x, y: info_nce_triton(x, y, 0.04, "mean", config=folded))):
+            out = fwd_bwd(loss_fn, a, b)
+            errs = [rel_err(o, r) for o, r in zip(out, ref)]
+            report(max(errs) <= TOL["float16"],
+                   f"{label} vs fp64  float16  N=32768 D=768   mean T=0.040: loss {errs[0]:.1e}  grad a {errs[1]:.1e}  "
+                   f"grad b {errs[2]:.1e}")
+            del out
+        del a, b, ref
 
     # Bit-identical reruns.
     n, d = (2000, 768) if DEVICE == "cuda" else (20, 30)
@@ -256,7 +280,7 @@ def run_table(sizes, quick: bool) -> None:
 
     from mirrorfast.errors import first_line
     from mirrorfast.kernels import info_nce, info_nce_reference
-    from mirrorfast.kernels.infonce_triton import pick_config
+    from mirrorfast.kernels.infonce_triton import info_nce_triton, pick_config
 
     temperature = 0.04
     warmup, rep = (10, 50) if quick else (25, 100)
@@ -266,8 +290,11 @@ def run_table(sizes, quick: bool) -> None:
         a.requires_grad_(True)
         b.requires_grad_(True)
         ref = fp64_reference(a, b, temperature, "mean", torch.tensor(GRAD_SCALE, device=DEVICE))
+        folded = dataclasses.replace(pick_config(2 * n, d, torch.float16), bwd_fold=True)
         impls = {
             "triton": lambda x, y: info_nce(x, y, temperature, "mean", backend="triton"),
+            # the same call with the backward's rinv folded into its gradient tile (KernelConfig.bwd_fold)
+            "triton (fold)": lambda x, y, cfg=folded: info_nce_triton(x, y, temperature, "mean", config=cfg),
             "torch eager": lambda x, y: info_nce_reference(x, y, temperature, "mean"),
             "torch.compile": torch.compile(lambda x, y: info_nce_reference(x, y, temperature, "mean"), dynamic=False),
         }
@@ -290,12 +317,12 @@ def run_table(sizes, quick: bool) -> None:
             except Exception as exc:  # noqa: BLE001  (torch.compile fails on some images)
                 line = f"{n:>6} {d:>5}  {name:<16} FAILED: {type(exc).__name__}: {first_line(exc)[:160]}"
             print(line, flush=True)
-            if name == "triton" and 2 * n <= 4096:
+            if name.startswith("triton") and 2 * n <= 4096:
                 try:
                     us = 1e3 * triton.testing.do_bench_cudagraph(step, rep=rep, return_mode="median")
-                    print(f"{n:>6} {d:>5}  {'triton (graph)':<16} {us:>11.1f} {'':>9} {'':>11}", flush=True)
+                    print(f"{n:>6} {d:>5}  {name + ' graph':<16} {us:>11.1f} {'':>9} {'':>11}", flush=True)
                 except Exception as exc:  # noqa: BLE001
-                    print(f"{n:>6} {d:>5}  {'triton (graph)':<16} FAILED: {type(exc).__name__}: {exc}", flush=True)
+                    print(f"{n:>6} {d:>5}  {name + ' graph':<16} FAILED: {type(exc).__name__}: {exc}", flush=True)
         print(f"{'':>14}config: {pick_config(2 * n, d, torch.float16)}", flush=True)
         del ref
         torch.cuda.empty_cache()
@@ -377,8 +404,12 @@ def sweep_candidates(n: int, d: int, dtype) -> list[tuple[str, tuple, str, objec
     precisions = ("ieee", "tf32x3") if fp32 else ("ieee",)  # ignored for 16-bit inputs
     fwd_list = SWEEP_FWD_FP32 if fp32 else SWEEP_FWD_LARGE if large else SWEEP_FWD_SMALL
     bwd_list = SWEEP_BWD_FP32 if fp32 else SWEEP_BWD_LARGE if large else SWEEP_BWD_SMALL
+    # 16-bit inputs: each backward candidate also with rinv folded into the gradient tile
+    # (KernelConfig.bwd_fold; listed as the candidate + "fold"), side by side with the plain one.
+    folds = (False,) if fp32 else (False, True)
     return ([("fwd", f, p, KernelConfig(*f, *base_b, fp32_dot=p)) for f in fwd_list for p in precisions]
-            + [("bwd", b, p, KernelConfig(*base_f, *b, fp32_dot=p)) for b in bwd_list for p in precisions])
+            + [("bwd", b + (("fold",) if fold else ()), p, KernelConfig(*base_f, *b, fp32_dot=p, bwd_fold=fold))
+               for b in bwd_list for fold in folds for p in precisions])
 
 
 def run_sweep(n: int, d: int, dtype_name: str) -> None:

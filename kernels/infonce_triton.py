@@ -31,7 +31,10 @@ Launches (forward + backward = 3 Triton launches + 1 torch reduction for "mean"/
    and z_i . dz_i = sum_j (G_ij + G_ji) s_ij is accumulated from the tiles, so a program never needs the
    whole of dz_i. The logit tiles are recomputed once per NUM_DC BLOCK_DC columns of D
    (cdiv(D, NUM_DC BLOCK_DC) times): the price of keeping the gradient accumulators in registers; more
-   chunks per program mean fewer recomputes and more registers (a tuning choice, `KernelConfig.bwd_chunks`). Every gradient element is written
+   chunks per program mean fewer recomputes and more registers (a tuning choice, `KernelConfig.bwd_chunks`).
+   The sum over j takes z_J = x_J rinv_J, normalized in registers per chunk (fp32, then 16-bit) — or, with
+   `KernelConfig.bwd_fold`, rinv_J goes into the (G + G^T) tile and x_J enters the dot as loaded (fewer
+   registers: sm_90a ptxas, N=16384 D=768 fp16, 352 -> 64 bytes spilled; timing on a GPU pending). Every gradient element is written
    by exactly one program: no atomics, bit-identical results run to run. No host synchronization
    anywhere (CUDA-graph capturable).
 Saved for backward: the inputs (kept alive by autograd anyway), norm (2N,) and lse2 (2N,) in fp32.
@@ -196,6 +199,13 @@ def _gz_chunk(acc, gs, xj, rinv_j, DOT_PRECISION: tl.constexpr, MM_FP16: tl.cons
 
 
 @triton.jit
+def _gx_chunk(acc, gx, xj, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    # acc (BLOCK_M, BLOCK_DC) += gx (BLOCK_M, BLOCK_N) @ x_J (FOLD_RINV: rinv_J is already in gx). x_J is fed
+    # to the dot as loaded, in its own dtype: no fp32 copy of the chunk in registers.
+    return _dot(gx.to(xj.dtype), xj, acc, DOT_PRECISION, DOT_UPCAST)
+
+
+@triton.jit
 def _load_cols(base, loc, stride, ok, offs_c, D):
     # x rows `loc` of one segment, gradient columns offs_c: (rows, BLOCK_DC), zeros outside.
     ptrs = base + loc.to(tl.int64)[:, None] * stride + offs_c[None, :]
@@ -233,6 +243,8 @@ def _infonce_bwd_kernel(
     NUM_DC: tl.constexpr,  # chunks of BLOCK_DC gradient columns per program (1 to 4), one accumulator each
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     MM_FP16: tl.constexpr,  # 16-bit inputs: the (G + G^T) z product runs in fp16 (also for bf16 inputs)
+    FOLD_RINV: tl.constexpr,  # multiply rinv_J into the (G + G^T) tile instead of normalizing x_J (see below)
+    SCALE_FP16: tl.constexpr,  # FOLD_RINV with fp16 inputs: divide that tile by the largest rinv (see below)
 ):
     seg_i, loc_i, base_i, stride_i = _block(tl.program_id(0), N, a_ptr, b_ptr, stride_a, stride_b, BLOCK_M)
     row_ok = loc_i < N  # (BLOCK_M,)
@@ -252,6 +264,15 @@ def _infonce_bwd_kernel(
     acc2 = tl.zeros((BLOCK_M, BLOCK_DC), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_M, BLOCK_DC), dtype=tl.float32)
     zdz = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sum_j g_ij s2_ij
+    rmax = 1.0  # SCALE_FP16: the largest rinv_r over the rows that are not all zero (every program alike)
+    if SCALE_FP16:
+        offs_r = tl.arange(0, 1024)  # (1024,)
+        rmax_r = tl.zeros((1024,), dtype=tl.float32)
+        for r0 in range(0, 2 * N, 1024):
+            norm_r = tl.load(norm_ptr + r0 + offs_r, mask=(r0 + offs_r) < 2 * N, other=0.0)
+            rmax_r = tl.maximum(rmax_r, tl.where(norm_r > eps, 1.0 / tl.maximum(norm_r, eps), 0.0))
+        rmax = tl.max(rmax_r, axis=0)
+        rmax = tl.where(rmax > 0.0, rmax, 1.0)
     for jb in range(0, 2 * tl.cdiv(N, BLOCK_N)):
         seg_j, loc_j, base_j, stride_j = _block(jb, N, a_ptr, b_ptr, stride_a, stride_b, BLOCK_N)
         col_ok = loc_j < N  # (BLOCK_N,)
@@ -277,23 +298,45 @@ def _infonce_bwd_kernel(
         g = u_i[:, None] * (p_ij - is_pos) + u_j[None, :] * (p_ji - is_pos)  # (G + G^T) / wref, |g| <= 2
         zdz += tl.sum(g * s2, axis=1)
 
-        gs = g * G_SCALE  # (BLOCK_M, BLOCK_N)
-        acc0 = _gz_chunk(acc0, gs, xj0, rinv_j, DOT_PRECISION, MM_FP16)
-        # More chunks per program: the logit tile above serves NUM_DC chunks instead of one.
-        if NUM_DC > 1:
-            xj1 = _load_cols(base_j, loc_j, stride_j, col_ok, offs_c0 + BLOCK_DC, D)
-            acc1 = _gz_chunk(acc1, gs, xj1, rinv_j, DOT_PRECISION, MM_FP16)
-        if NUM_DC > 2:
-            xj2 = _load_cols(base_j, loc_j, stride_j, col_ok, offs_c0 + 2 * BLOCK_DC, D)
-            acc2 = _gz_chunk(acc2, gs, xj2, rinv_j, DOT_PRECISION, MM_FP16)
-        if NUM_DC > 3:
-            xj3 = _load_cols(base_j, loc_j, stride_j, col_ok, offs_c0 + 3 * BLOCK_DC, D)
-            acc3 = _gz_chunk(acc3, gs, xj3, rinv_j, DOT_PRECISION, MM_FP16)
+        if FOLD_RINV:
+            # sum_j g_ij z_j = sum_j (g_ij rinv_j) x_j: the chunk products take x_J as loaded. fp16 cannot
+            # hold g_ij rinv_j for every norm, so with SCALE_FP16 the factor is G_SCALE rinv_j / rmax <= G_SCALE
+            # (undone in dz_scale). An all-zero row (rinv_j = 1/eps > rmax) is clamped to G_SCALE: finite,
+            # and its x_j = 0 (an fp16 row with norm <= eps has no nonzero element). bf16 and fp32 have the
+            # range: no scaling. (A scale per column tile, with the accumulators rescaled as an online softmax
+            # rescales its sum, was tried: sm_90a ptxas spilled 392 bytes, vs 64 for this one.)
+            if SCALE_FP16:
+                gs = g * tl.minimum(rinv_j * (G_SCALE / rmax), G_SCALE)[None, :]  # |gs| <= 2 G_SCALE
+            else:
+                gs = g * rinv_j[None, :]
+            acc0 = _gx_chunk(acc0, gs, xj0, DOT_PRECISION, DOT_UPCAST)
+            if NUM_DC > 1:
+                xj1 = _load_cols(base_j, loc_j, stride_j, col_ok, offs_c0 + BLOCK_DC, D)
+                acc1 = _gx_chunk(acc1, gs, xj1, DOT_PRECISION, DOT_UPCAST)
+            if NUM_DC > 2:
+                xj2 = _load_cols(base_j, loc_j, stride_j, col_ok, offs_c0 + 2 * BLOCK_DC, D)
+                acc2 = _gx_chunk(acc2, gs, xj2, DOT_PRECISION, DOT_UPCAST)
+            if NUM_DC > 3:
+                xj3 = _load_cols(base_j, loc_j, stride_j, col_ok, offs_c0 + 3 * BLOCK_DC, D)
+                acc3 = _gx_chunk(acc3, gs, xj3, DOT_PRECISION, DOT_UPCAST)
+        else:
+            gs = g * G_SCALE  # (BLOCK_M, BLOCK_N)
+            acc0 = _gz_chunk(acc0, gs, xj0, rinv_j, DOT_PRECISION, MM_FP16)
+            # More chunks per program: the logit tile above serves NUM_DC chunks instead of one.
+            if NUM_DC > 1:
+                xj1 = _load_cols(base_j, loc_j, stride_j, col_ok, offs_c0 + BLOCK_DC, D)
+                acc1 = _gz_chunk(acc1, gs, xj1, rinv_j, DOT_PRECISION, MM_FP16)
+            if NUM_DC > 2:
+                xj2 = _load_cols(base_j, loc_j, stride_j, col_ok, offs_c0 + 2 * BLOCK_DC, D)
+                acc2 = _gz_chunk(acc2, gs, xj2, rinv_j, DOT_PRECISION, MM_FP16)
+            if NUM_DC > 3:
+                xj3 = _load_cols(base_j, loc_j, stride_j, col_ok, offs_c0 + 3 * BLOCK_DC, D)
+                acc3 = _gz_chunk(acc3, gs, xj3, rinv_j, DOT_PRECISION, MM_FP16)
 
     # z_i . dz_i, then dx through the L2 normalization, chunk by chunk.
     zdz = zdz * (wref * c_scale)  # (BLOCK_M,)
     zdz = tl.where(norm_i > eps, zdz, 0.0)  # clamped norm: x / eps is linear, no projection
-    dz_scale = wref * out_scale
+    dz_scale = wref * out_scale * rmax
     _store_dx(acc0, zdz, rinv_i, seg_i, loc_i, row_ok, base_i, stride_i, offs_c0, D, da_ptr, db_ptr,
               stride_da, stride_db, dz_scale)
     if NUM_DC > 1:
@@ -332,6 +375,10 @@ class KernelConfig:
     # fp32 inputs: "ieee" (exact fp32 FMA, no tensor cores) or "tf32x3" (three tf32 tensor-core products
     # per dot, close to fp32 accuracy); 16-bit inputs ignore it. ieee until a GPU sweep says otherwise.
     fp32_dot: str = "ieee"
+    # backward: multiply rinv_J into the (G + G^T) tile, so the chunk products read x_J as loaded instead of
+    # a normalized fp32 copy of every chunk in registers (fewer registers; for fp16 inputs the tile is
+    # rescaled per column tile to stay in range). Off until a GPU sweep times it against the default.
+    bwd_fold: bool = False
 
     def __post_init__(self):
         if not 1 <= self.bwd_chunks <= 4:  # the kernel has four accumulators
@@ -409,11 +456,18 @@ def fwd_meta(cfg: KernelConfig, dtype: torch.dtype, upcast: bool = False) -> dic
                 num_stages=cfg.fwd_stages)
 
 
+def _g_scale(cfg: KernelConfig, dtype: torch.dtype) -> float:
+    # The factor on the backward's (G + G^T) tile before its 16-bit dot: the folded bf16/fp32 tiles need none.
+    return 1.0 if cfg.bwd_fold and dtype != torch.float16 else _G_SCALE
+
+
 def bwd_meta(cfg: KernelConfig, dtype: torch.dtype, upcast: bool = False) -> dict:
     """`_infonce_bwd_kernel`'s compile-time arguments and launch options for `cfg` and the input dtype."""
-    return dict(G_SCALE=_G_SCALE, BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, BLOCK_D=cfg.bwd_d, BLOCK_DC=cfg.bwd_dc,
-                NUM_DC=cfg.bwd_chunks, DOT_PRECISION=_dot_precision(dtype, cfg), DOT_UPCAST=upcast,
-                MM_FP16=dtype != torch.float32, num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages)
+    return dict(G_SCALE=_g_scale(cfg, dtype), BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, BLOCK_D=cfg.bwd_d,
+                BLOCK_DC=cfg.bwd_dc, NUM_DC=cfg.bwd_chunks, DOT_PRECISION=_dot_precision(dtype, cfg),
+                DOT_UPCAST=upcast, MM_FP16=dtype != torch.float32, FOLD_RINV=cfg.bwd_fold,
+                SCALE_FP16=cfg.bwd_fold and dtype == torch.float16,
+                num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages)
 
 
 def _forward(a, b, temperature: float, cfg: KernelConfig):
@@ -450,7 +504,7 @@ def _backward(a, b, norm, lse2, grad, temperature: float, reduction: str, cfg: K
     _infonce_bwd_kernel[grid](
         a, b, norm, lse2, w, wref, da, db,
         n, d, a.stride(0), b.stride(0), da.stride(0), db.stride(0), w_stride,
-        _LOG2E / temperature, w_scale / (temperature * _G_SCALE), w_scale * _LN2, _EPS,
+        _LOG2E / temperature, w_scale / (temperature * _g_scale(cfg, a.dtype)), w_scale * _LN2, _EPS,
         **bwd_meta(cfg, a.dtype, _dot_upcast(a)),
     )
     return da, db

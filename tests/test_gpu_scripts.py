@@ -29,6 +29,8 @@ def test_info_nce_table_checks_and_sweep():
     assert "PASS" in out and "FAIL" not in out, out
     assert out.count("  fwd (") >= 6 + 10 and out.count("  bwd (") >= 9 + 10, out
     assert ", 3):" in out, "the sweep should include configs with several backward chunks per program"
+    assert ", 'fold'):" in out, "16-bit sweeps time each backward candidate folded too (KernelConfig.bwd_fold)"
+    assert "fold bwd vs fp64" in out, "the checks cover the folded backward"
     assert ") tf32x3:" in out and ") ieee:" in out, "fp32 sweeps time both dot precisions"
 
 

@@ -238,6 +238,55 @@ def test_triton_large_d_and_the_large_problem_branch(n, d, dtype, chunks):
     check_against_definition("triton", n, d, dtype, "mean", seed=650 + n)
 
 
+# The backward with rinv folded into its gradient tile (KernelConfig.bwd_fold): every dtype, ragged blocks,
+# 1 and 3 gradient-column chunks per program, norms over six decades (make_inputs), all-zero rows.
+FOLD_CASES = [
+    (n, d, dtype, chunks, REDUCTIONS[i % 3], i % 2 == 1 and n > 1 and dtype != torch.float16)
+    for i, (n, d, dtype, chunks) in enumerate(
+        (n, d, dt, c) for n, d in ((1, 8), (3, 33), (19, 37), (40, 130)) for dt in (torch.float32, torch.bfloat16,
+                                                                                   torch.float16) for c in (1, 3))
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", FOLD_CASES, ids=lambda c: f"N{c[0]}-D{c[1]}-{str(c[2])[6:]}-x{c[3]}-{c[4]}"
+                                                           f"{'-zero_row' if c[5] else ''}")
+def test_triton_folded_backward_matches_definition(case):
+    n, d, dtype, chunks, reduction, zero = case
+    config = KernelConfig(16, 16, 16, 4, 2, False, 16, 16, 16, 16, 4, 2, chunks, bwd_fold=True)
+    check_against_definition("triton", n, d, dtype, reduction, seed=1700 + FOLD_CASES.index(case), zero_row=zero,
+                             config=config)
+
+
+@needs_triton
+def test_triton_folded_backward_fp16_zero_row():
+    """fp16 with an all-zero row: that row's own gradient is dz / eps, beyond fp16 (inf, as the PyTorch
+    reference gives too), but it must not reach the other rows: the folded fp16 tile clamps its factor
+    (rinv = 1/eps) instead of overflowing, so every other row matches the definition."""
+    n, d = 19, 37
+    a, b = make_inputs(n, d, torch.float16, seed=1800, zero_row=True)
+    config = KernelConfig(16, 16, 16, 4, 2, False, 16, 16, 16, 16, 4, 2, 3, bwd_fold=True)
+    loss, ga, gb = loss_and_grads(lambda x, y: info_nce_triton(x, y, 0.1, "mean", config=config), a, b, None)
+    ref_loss, ref_ga, ref_gb = loss_and_grads(lambda x, y: nt_xent_f64(x, y, 0.1, "mean"),
+                                              a.double().cpu(), b.double().cpu(), None)
+    assert torch.isfinite(loss) and rel_err(loss, ref_loss) <= TOL[torch.float16]
+    keep = torch.arange(n) != n // 2  # make_inputs zeroes b[n // 2]
+    assert torch.isfinite(ga).all() and torch.isfinite(gb[keep]).all()
+    assert rel_err(ga, ref_ga) <= TOL[torch.float16]
+    assert rel_err(gb[keep], ref_gb[keep]) <= TOL[torch.float16]
+
+
+@needs_triton
+def test_triton_folded_backward_deterministic():
+    a, b = make_inputs(40, 70, torch.float16, seed=1900)
+    g = torch.randn(80)
+    config = KernelConfig(16, 16, 16, 4, 2, False, 16, 16, 16, 16, 4, 2, 3, bwd_fold=True)
+    fn = lambda x, y: info_nce_triton(x, y, 0.07, "none", config=config)  # noqa: E731
+    runs = [loss_and_grads(fn, a, b, g) for _ in range(2)]
+    for first, second in zip(runs[0], runs[1]):
+        assert torch.equal(first, second)
+
+
 @needs_triton
 def test_triton_fp16():
     check_against_definition("triton", 17, 33, torch.float16, "mean", seed=700)
