@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["info_nce_triton", "InfoNCEFunction", "KernelConfig", "pick_config"]
+__all__ = ["info_nce_triton", "InfoNCEFunction", "KernelConfig", "pick_config", "warm_up"]
 
 _EPS = 1e-12  # as F.normalize: z = x / max(||x||, eps)
 _LOG2E = 1.4426950408889634
@@ -508,6 +508,20 @@ def _backward(a, b, norm, lse2, grad, temperature: float, reduction: str, cfg: K
         **bwd_meta(cfg, a.dtype, _dot_upcast(a)),
     )
     return da, db
+
+
+def warm_up(n_values, d: int, dtype: torch.dtype, device) -> None:
+    """Compile the kernels `info_nce` will launch for (N, D) inputs of `dtype` on `device`, N in `n_values`,
+    by running forward and backward once on constant scratch inputs laid out as the training step's: one
+    (2N, D) tensor split in two, a 0-dim fp32 grad_output. Triton compiles per specialization (dtypes,
+    16-byte alignment, ints divisible by 16 or equal to 1), so a later call with the same layout finds its
+    kernels compiled; any it does not find it compiles then, as without this. No random numbers drawn."""
+    for n in sorted(set(n_values)):
+        views = torch.ones((2 * n, d), device=device, dtype=dtype)  # (2N, D)
+        a, b = views[:n], views[n:]
+        cfg = pick_config(2 * n, d, dtype)
+        norm, lse2, _ = _forward(a, b, 1.0, cfg)
+        _backward(a, b, norm, lse2, torch.ones((), device=device), 1.0, "mean", cfg)
 
 
 # ----------------------------------------------------------------------------------------------------

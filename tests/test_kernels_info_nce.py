@@ -287,6 +287,41 @@ def test_triton_folded_backward_deterministic():
         assert torch.equal(first, second)
 
 
+def _compiled_kernels() -> int:
+    """How many kernels Triton's JIT holds compiled for the loss's three kernels (0 under the interpreter)."""
+    from mirrorfast.kernels import infonce_triton as nce
+
+    kernels = (nce._row_norm_kernel, nce._infonce_fwd_kernel, nce._infonce_bwd_kernel)
+    return sum(len(cache[0]) for k in kernels for cache in getattr(k, "device_caches", {}).values())
+
+
+@needs_triton
+def test_warm_up_runs_forward_and_backward():
+    """warm_up launches the loss's kernels on scratch inputs (here in the interpreter: it must simply run)."""
+    from mirrorfast.kernels.infonce_triton import warm_up
+
+    for dtype in (torch.bfloat16, torch.float32):
+        warm_up([3, 1, 3], 8, dtype, DEVICE)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: Triton's JIT compiles only there")
+@pytest.mark.parametrize("n,d,dtype", [(200, 768, torch.bfloat16), (200, 384, torch.float16), (37, 768, torch.bfloat16),
+                                       (5, 64, torch.float32)])
+def test_warm_up_compiles_what_a_training_step_launches(n, d, dtype):
+    """After warm_up for (N, D, dtype), the loss as the training step calls it (views of one (2N, D) tensor,
+    a 0-dim fp32 grad_output: GradScaler's scale or 1) compiles nothing more."""
+    from mirrorfast.kernels.infonce_triton import warm_up
+
+    warm_up([n], d, dtype, DEVICE)
+    compiled = _compiled_kernels()
+    assert compiled >= 3
+    views = torch.randn(2 * n, d, device=DEVICE).to(dtype).requires_grad_(True)
+    loss = info_nce(views[:n], views[n:], 0.04, backend="triton")
+    (loss * 65536.0).backward()
+    torch.cuda.synchronize()
+    assert _compiled_kernels() == compiled, "the training-shaped call compiled a kernel warm_up did not"
+
+
 @needs_triton
 def test_triton_fp16():
     check_against_definition("triton", 17, 33, torch.float16, "mean", seed=700)

@@ -415,3 +415,62 @@ def test_a_bad_eval_file_fails_before_training(tiny_bert_dir, corpus, tmp_path, 
     err = capsys.readouterr().err
     assert "line 1 has 2 fields" in err and "model:" not in err  # before the model was even loaded
     assert not (tmp_path / "o").exists()
+
+
+def test_loss_kernels_compile_in_the_background_before_the_first_step(tiny_bert_dir, tmp_path, monkeypatch):
+    """With the fused loss, its kernels are compiled (infonce_triton.warm_up) in a background thread for
+    every batch size of the run, in the dtype the loss gets, and the first step starts only when that is
+    done. Here on the CPU through the Triton interpreter (the trainer's own choice there is PyTorch's loss)."""
+    import threading
+    import time
+
+    import mirrorfast.kernels.infonce_triton as nce
+    import mirrorfast.trainer as trainer
+
+    events = []
+    real_warm_up = nce.warm_up
+
+    def recording_warm_up(sizes, dim, dtype, device):
+        events.append(("warm_up", tuple(sizes), dim, dtype, threading.current_thread() is threading.main_thread()))
+        real_warm_up(sizes[:1], 8, dtype, device)  # the real thing, small (the interpreter is slow)
+        time.sleep(2.0)  # a compile slower than this run's setup: the first step must still come after it
+        events.append(("warmed",))
+
+    real_info_nce = trainer.info_nce
+
+    def recording_info_nce(a, b, temperature, backend):
+        events.append(("loss", backend, a.shape[0]))
+        return real_info_nce(a, b, temperature, backend="torch")
+
+    monkeypatch.setattr(nce, "warm_up", recording_warm_up)
+    monkeypatch.setattr(trainer, "info_nce", recording_info_nce)
+    monkeypatch.setattr(trainer, "resolve_backend", lambda backend, device: "triton")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(SENTENCES[:13]) + "\n", encoding="utf-8")  # batches of 5, 5 and 3
+    cfg = TrainConfig(model=str(tiny_bert_dir), corpus=str(corpus), batch_size=5, epochs=2, precision="bf16",
+                      output=str(tmp_path / "out"), progress=False)
+    result = train(cfg, log=lambda message: None, save=False)
+
+    hidden = json.loads((Path(tiny_bert_dir) / "config.json").read_text())["hidden_size"]
+    assert events[0] == ("warm_up", (3, 5), hidden, torch.bfloat16, False)  # sizes of both epochs, off the main thread
+    assert events[1] == ("warmed",)  # before the first step
+    assert [e[2] for e in events[2:]] == [5, 5, 3] * 2 and result.steps == 6
+
+
+def test_no_loss_kernel_warm_up_for_the_pytorch_loss():
+    from mirrorfast.trainer import warm_up_loss
+
+    assert warm_up_loss("torch", torch.device("cpu"), torch.bfloat16, 16, [[np.arange(4)]]) is None
+
+
+def test_a_failed_loss_kernel_compile_surfaces_at_the_first_step(monkeypatch):
+    import mirrorfast.kernels.infonce_triton as nce
+    from mirrorfast.trainer import warm_up_loss
+
+    def broken(*args):
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(nce, "warm_up", broken)
+    future = warm_up_loss("triton", torch.device("cpu"), None, 16, [[np.arange(4)]])
+    with pytest.raises(RuntimeError, match="PassManager"):
+        future.result()
