@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["packed_attention_triton", "PackedAttentionFunction", "MAX_VIEW_TOKENS"]
+__all__ = ["packed_attention_triton", "PackedAttentionFunction", "MAX_VIEW_TOKENS", "warm_up"]
 
 MAX_VIEW_TOKENS = 128  # one register tile per (view, head): longer views go to FlashAttention
 
@@ -211,3 +211,14 @@ def packed_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
                          f"(at most {2**31 // MAX_VIEW_TOKENS**2 - 1})")
     scale = q.shape[2] ** -0.5 if scale is None else scale
     return PackedAttentionFunction.apply(q, k, v, cu_seqlens.to(torch.int32), int(max_len), float(dropout_p), float(scale))
+
+
+def warm_up(heads: int, head_dim: int, dtype: torch.dtype, device, max_len: int, dropout_p: float) -> None:
+    """Compile the forward and backward kernels of every length class up to max_len's, for (T, heads,
+    head_dim) inputs of `dtype` laid out as a model's attention hands them over (contiguous), by running one
+    view of max_len tokens forward and backward. With dropout it draws one seed from torch's generator, as a
+    training forward does."""
+    q, k, v = (torch.ones((max_len, heads, head_dim), dtype=dtype, device=device, requires_grad=True) for _ in range(3))
+    cu_seqlens = torch.tensor([0, max_len], dtype=torch.int32, device=device)
+    out = packed_attention_triton(q, k, v, cu_seqlens, max_len, dropout_p)
+    out.backward(torch.ones_like(out))

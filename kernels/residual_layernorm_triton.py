@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["dropout_add_layer_norm", "DropoutAddLayerNormFunction", "keep_mask", "MAX_HIDDEN"]
+__all__ = ["dropout_add_layer_norm", "DropoutAddLayerNormFunction", "keep_mask", "MAX_HIDDEN", "warm_up"]
 
 MAX_HIDDEN = 8192  # one row per register tile
 
@@ -193,3 +193,16 @@ def dropout_add_layer_norm(h: torch.Tensor, residual: torch.Tensor, weight: torc
     y = DropoutAddLayerNormFunction.apply(h.reshape(-1, h_dim).contiguous(), residual.reshape(-1, h_dim).contiguous(),
                                           weight.contiguous(), bias.contiguous(), float(eps), p, seed)
     return y.view(*lead, h_dim)
+
+
+def warm_up(rows: int, h_dim: int, h_dtype: torch.dtype, residual_dtype: torch.dtype, param_dtype: torch.dtype,
+            p: float, device) -> None:
+    """Compile the forward and backward kernels for `rows` x h_dim inputs of these dtypes (Triton specializes
+    on whether `rows` is a multiple of 16), by running them once on constant inputs. With dropout it draws
+    one seed from torch's generator, as a training forward does."""
+    h = torch.ones((rows, h_dim), dtype=h_dtype, device=device, requires_grad=True)
+    residual = torch.ones((rows, h_dim), dtype=residual_dtype, device=device, requires_grad=True)
+    weight = torch.ones(h_dim, dtype=param_dtype, device=device, requires_grad=True)
+    bias = torch.zeros(h_dim, dtype=param_dtype, device=device, requires_grad=True)
+    y = dropout_add_layer_norm(h, residual, weight, bias, 1e-12, p)
+    y.backward(torch.ones_like(y))

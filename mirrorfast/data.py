@@ -213,6 +213,12 @@ def pad_segments(bucket: int, segment_max: int) -> int:
     return -(-(bucket - 1) // (segment_max - 1))
 
 
+def bucketed_max_len(longest: int, pad_segment_max: int) -> int:
+    """A bucketed batch's max_len for its longest view: a multiple of MAX_LEN_MULTIPLE, at least the padding
+    segments' length."""
+    return max(-(-longest // MAX_LEN_MULTIPLE) * MAX_LEN_MULTIPLE, pad_segment_max)
+
+
 def packed_batch(views, pad_id: int = 0, bucket: int | None = None, pad_segment_max: int = PAD_SEGMENT_MAX) -> Batch:
     """Views concatenated without padding; positions restart at 0 for each view.
 
@@ -232,7 +238,7 @@ def packed_batch(views, pad_id: int = 0, bucket: int | None = None, pad_segment_
         assert pad_lengths.max() <= pad_segment_max and pad_lengths.min() >= 1  # pad_segments guarantees it
         pieces = pieces + [np.full(n, pad_id, dtype=np.int64) for n in pad_lengths]
         lengths = np.concatenate([lengths, pad_lengths])
-        max_len = max(-(-max_len // MAX_LEN_MULTIPLE) * MAX_LEN_MULTIPLE, pad_segment_max)
+        max_len = bucketed_max_len(max_len, pad_segment_max)
     cu = np.zeros(len(pieces) + 1, dtype=np.int32)
     np.cumsum(lengths, out=cu[1:])
     ids = np.concatenate(pieces).astype(np.int64, copy=False)  # model inputs are int64, stored ids int32

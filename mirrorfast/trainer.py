@@ -12,7 +12,6 @@ import random
 import resource
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,6 +38,7 @@ from mirrorfast.output import atomic_directory, check_destination
 from mirrorfast.packing import flash_supported, packed_attention, packed_kernel, supports_packing
 from mirrorfast.prefetch import BatchStream
 from mirrorfast.tokens import TokenizedTexts, batch_encoder
+from mirrorfast.warmup import KernelWarmUp, kernel_warm_ups
 
 
 @dataclass
@@ -254,30 +254,6 @@ def first_steps(schedules: list[list[np.ndarray]], steps: int) -> list[list[np.n
     return kept
 
 
-def warm_up_loss(loss_backend: str, device: torch.device, dtype: torch.dtype | None, dim: int,
-                 schedules: list[list[np.ndarray]]) -> Future | None:
-    """Compile the fused loss's kernels for this run's batch sizes in a background thread while the main
-    thread moves the model to the device and tokenizes the corpus: a cold first run would otherwise compile
-    them in its first step. Triton's compiler mostly runs without the GIL (two threads compiled twelve of
-    our kernels 1.75x faster than one, 2-core CPU, Triton 3.6). None where the loss is PyTorch's."""
-    if loss_backend != "triton":
-        return None
-    from mirrorfast.kernels.infonce_triton import warm_up
-
-    sizes = sorted({len(rows) for schedule in schedules for rows in schedule})
-
-    def timed() -> float:  # the views reach the loss in the autocast / --half-model dtype, or fp32
-        start = time.perf_counter()
-        warm_up(sizes, dim, dtype or torch.float32, device)
-        return time.perf_counter() - start
-
-    pool = ThreadPoolExecutor(1, thread_name_prefix="mirrorfast-kernels")
-    try:
-        return pool.submit(timed)
-    finally:
-        pool.shutdown(wait=False)
-
-
 def _peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated())
@@ -331,7 +307,14 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     schedules = [epoch_batches(len(corpus), batch_size, batch_rng) for _ in range(cfg.epochs)]
     if cfg.max_steps is not None:
         schedules = first_steps(schedules, cfg.max_steps)
-    loss_kernels = warm_up_loss(loss_backend, device, dtype, encoder.dim, schedules)
+    bucket = PACK_BUCKET if graphs else None
+    segment_max = TILE_PAD_SEGMENT_MAX if attention in ("packed-sdpa", "packed-triton") else PAD_SEGMENT_MAX
+    # The run's Triton kernels compile in background threads while the model moves and the corpus is tokenized.
+    warm_ups = kernel_warm_ups(loss_backend=loss_backend, attention_kernel=kernel, fused_norm=fused_norm,
+                               config=encoder.model.config, device=device, dtype=dtype, half_model=half_model,
+                               schedules=schedules, max_length=cfg.max_length, dropout=cfg.dropout, bucket=bucket,
+                               pad_segment_max=segment_max)
+    kernels_compiling = KernelWarmUp(warm_ups) if warm_ups else None
 
     encoder.to(device)
     t_eval = time.perf_counter()
@@ -353,9 +336,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     source = ViewSource(corpus, encoder.tokenizer, cfg)
     total_steps = sum(len(s) for s in schedules)
     pad_id = encoder.tokenizer.pad_token_id
-    bucket = PACK_BUCKET if graphs else None
     width_multiple = CUDA_WIDTH_MULTIPLE if device.type == "cuda" else 1
-    segment_max = TILE_PAD_SEGMENT_MAX if attention in ("packed-sdpa", "packed-triton") else PAD_SEGMENT_MAX
     build = lambda views, rows: build_batches(views, rows, packed, pad_id, bucket, width_multiple, segment_max)  # noqa: E731
     upload = lambda batches: [b.to(device, non_blocking=True) for b in batches]  # noqa: E731
 
@@ -378,11 +359,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
         t_train = time.perf_counter()
         for epoch in range(len(schedules)):
             t_epoch = time.perf_counter()
-            if loss_kernels is not None:  # inside the first epoch: compile time setup did not hide counts
-                compile_seconds = loss_kernels.result()  # (a compile error surfaces here, as in a first step)
-                log(f"loss kernels: ready in {compile_seconds:.2f}s in the background (compiled, or loaded from "
-                    f"Triton's cache); the first step waited {time.perf_counter() - t_epoch:.2f}s for them")
-                loss_kernels = None
+            if kernels_compiling is not None:  # inside the first epoch: compile time setup did not hide counts
+                seconds = kernels_compiling.wait()  # (a compile error surfaces here, as in a first step)
+                log("kernels: " + ", ".join(f"{name} {s:.2f}s" for name, s in seconds.items())
+                    + " in the background (compiled, or loaded from Triton's cache); the first step waited "
+                    f"{time.perf_counter() - t_epoch:.2f}s for them")
+                kernels_compiling = None
             for batch in stream.epoch(epoch):
                 monitor.push(step, run_step(batch))
                 step += 1

@@ -288,11 +288,10 @@ def test_triton_folded_backward_deterministic():
 
 
 def _compiled_kernels() -> int:
-    """How many kernels Triton's JIT holds compiled for the loss's three kernels (0 under the interpreter)."""
     from mirrorfast.kernels import infonce_triton as nce
+    from mirrorfast.warmup import compiled_variants
 
-    kernels = (nce._row_norm_kernel, nce._infonce_fwd_kernel, nce._infonce_bwd_kernel)
-    return sum(len(cache[0]) for k in kernels for cache in getattr(k, "device_caches", {}).values())
+    return compiled_variants(nce._row_norm_kernel, nce._infonce_fwd_kernel, nce._infonce_bwd_kernel)
 
 
 @needs_triton

@@ -134,3 +134,32 @@ def test_one_launch_per_length_class_up_to_the_longest_view():
     assert blocks(17) == [(0, 16), (16, 32)]
     assert blocks(50) == [(0, 16), (16, 32), (32, 64)]
     assert blocks(128) == [(0, 16), (16, 32), (32, 64), (64, 128)]
+
+
+def test_warm_up_runs_every_class():
+    from mirrorfast.kernels.packed_attention_triton import warm_up
+
+    warm_up(2, 16, torch.bfloat16 if DEVICE.type == "cuda" else torch.float32, DEVICE, 40, 0.1)  # classes 16..64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: Triton's JIT compiles only there")
+@pytest.mark.parametrize("dropout", [0.1, 0.0])
+def test_warm_up_compiles_what_a_training_step_launches(dropout):
+    """After warm_up, attention as a BERT layer calls it in training (q, k, v: (T, heads, d) views of each
+    projection's (T, heads * d) output, views of mixed lengths, bucketed max_len 64) compiles nothing more."""
+    from mirrorfast.kernels import packed_attention_triton as attn
+    from mirrorfast.warmup import compiled_variants
+
+    attn.warm_up(12, 64, torch.bfloat16, DEVICE, 64, dropout)
+    kernels = (attn._packed_attention_fwd_kernel, attn._packed_attention_bwd_kernel)
+    compiled = compiled_variants(*kernels)
+    assert compiled >= 6  # forward and backward of the 16-, 32- and 64-token classes
+    lengths = [14, 9, 33, 50, 3, 64, 21]
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, 12 * 64, device=DEVICE, dtype=torch.bfloat16).view(total, 12, 64).requires_grad_()
+               for _ in range(3))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    out = attn.packed_attention_triton(q, k, v, cu, 64, dropout, 0.125)
+    out.backward(torch.randn_like(out))
+    torch.cuda.synchronize()
+    assert compiled_variants(*kernels) == compiled

@@ -100,3 +100,32 @@ def test_leading_dimensions_and_errors():
     wide = torch.zeros(1, MAX_HIDDEN + 1, device=DEVICE)
     with pytest.raises(ValueError, match="hidden size"):
         dropout_add_layer_norm(wide, wide, wide[0], wide[0], 1e-12)
+
+
+def test_warm_up_runs():
+    from mirrorfast.kernels.residual_layernorm_triton import warm_up
+
+    warm_up(20, 48, torch.float32, torch.float32, torch.float32, 0.1, DEVICE)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: Triton's JIT compiles only there")
+@pytest.mark.parametrize("mix", ["autocast", "half"])
+def test_warm_up_compiles_what_a_training_step_launches(mix):
+    """After warm_up, a sublayer output as a training step calls it (a bucketed batch of 1,024 tokens: the
+    dense output in bf16; the residual stream and LayerNorm parameters in fp32 under autocast, bf16 in a
+    --half-model model) compiles nothing more."""
+    from mirrorfast.kernels import residual_layernorm_triton as rln
+    from mirrorfast.warmup import compiled_variants
+
+    res_dtype = torch.float32 if mix == "autocast" else torch.bfloat16
+    rln.warm_up(512, 768, torch.bfloat16, res_dtype, res_dtype, 0.1, DEVICE)
+    compiled = compiled_variants(rln._fwd_kernel, rln._bwd_kernel)
+    assert compiled >= 2
+    h = torch.randn(1, 1024, 768, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    res = torch.randn(1, 1024, 768, device=DEVICE, dtype=res_dtype, requires_grad=True)
+    w = torch.ones(768, device=DEVICE, dtype=res_dtype, requires_grad=True)
+    b = torch.zeros(768, device=DEVICE, dtype=res_dtype, requires_grad=True)
+    y = dropout_add_layer_norm(h, res, w, b, 1e-12, 0.1)
+    y.backward(torch.randn_like(y))
+    torch.cuda.synchronize()
+    assert compiled_variants(rln._fwd_kernel, rln._bwd_kernel) == compiled

@@ -457,20 +457,44 @@ def test_loss_kernels_compile_in_the_background_before_the_first_step(tiny_bert_
     assert [e[2] for e in events[2:]] == [5, 5, 3] * 2 and result.steps == 6
 
 
-def test_no_loss_kernel_warm_up_for_the_pytorch_loss():
-    from mirrorfast.trainer import warm_up_loss
+def _warm_ups(**overrides):
+    from types import SimpleNamespace
 
-    assert warm_up_loss("torch", torch.device("cpu"), torch.bfloat16, 16, [[np.arange(4)]]) is None
+    from mirrorfast.warmup import kernel_warm_ups
+
+    args = dict(loss_backend="torch", attention_kernel=None, fused_norm=False, device=torch.device("cpu"),
+                config=SimpleNamespace(hidden_size=48, num_attention_heads=4), dtype=torch.bfloat16,
+                half_model=False, schedules=[[np.arange(5), np.arange(3)], [np.arange(5), np.arange(3)]],
+                max_length=50, dropout=0.1, bucket=None, pad_segment_max=128)
+    return {name: args for name, fn, args in kernel_warm_ups(**{**args, **overrides})}
 
 
-def test_a_failed_loss_kernel_compile_surfaces_at_the_first_step(monkeypatch):
-    import mirrorfast.kernels.infonce_triton as nce
-    from mirrorfast.trainer import warm_up_loss
+def test_kernel_warm_ups_follow_the_runs_choices():
+    """Nothing to compile with PyTorch's loss and FlashAttention; otherwise each Triton family with the
+    shapes and dtypes the run will launch it with."""
+    cpu = torch.device("cpu")
+    assert _warm_ups(attention_kernel="flash") == {}
+    assert _warm_ups(loss_backend="triton")["loss"] == ([3, 5], 48, torch.bfloat16, cpu)
+    assert _warm_ups(loss_backend="triton", dtype=None)["loss"][2] == torch.float32
+    # attention: (heads, head_dim, dtype, device, max_len, dropout); bucketed batches round max_len up
+    assert _warm_ups(attention_kernel="triton")["attention"] == (4, 12, torch.bfloat16, cpu, 50, 0.1)
+    assert _warm_ups(attention_kernel="triton", bucket=512, pad_segment_max=64)["attention"][4] == 64
+    assert _warm_ups(attention_kernel="triton", max_length=25, bucket=512, pad_segment_max=64)["attention"][4] == 64
+    assert _warm_ups(attention_kernel="triton", max_length=25)["attention"][4] == 25
+    assert _warm_ups(attention_kernel="triton", max_length=300)["attention"][4] == 128  # the kernel's limit
+    # LayerNorm: (rows, hidden, h dtype, residual dtype, parameter dtype, p, device)
+    assert _warm_ups(fused_norm=True, bucket=512)["LayerNorm"] == (
+        512, 48, torch.bfloat16, torch.float32, torch.float32, 0.1, cpu)  # autocast: fp32 residual stream
+    assert _warm_ups(fused_norm=True, half_model=True)["LayerNorm"][2:5] == (torch.bfloat16,) * 3
 
-    def broken(*args):
+
+def test_a_failed_kernel_compile_surfaces_at_the_first_step():
+    from mirrorfast.warmup import KernelWarmUp
+
+    def broken():
         raise RuntimeError("PassManager::run failed")
 
-    monkeypatch.setattr(nce, "warm_up", broken)
-    future = warm_up_loss("triton", torch.device("cpu"), None, 16, [[np.arange(4)]])
+    warm = KernelWarmUp([("fine", lambda: None, ()), ("loss", broken, ())])
     with pytest.raises(RuntimeError, match="PassManager"):
-        future.result()
+        warm.wait()
+    assert set(KernelWarmUp([("a", lambda x: x, (1,)), ("b", lambda: None, ())]).wait()) == {"a", "b"}
