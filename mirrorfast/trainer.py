@@ -38,7 +38,7 @@ from mirrorfast.output import atomic_directory, check_destination
 from mirrorfast.packing import flash_supported, packed_attention, packed_kernel, supports_packing
 from mirrorfast.prefetch import BatchStream
 from mirrorfast.tokens import TokenizedTexts, batch_encoder
-from mirrorfast.warmup import KernelWarmUp, kernel_warm_ups
+from mirrorfast.warmup import KernelWarmUp, describe_warm_ups, kernel_warm_ups
 
 
 @dataclass
@@ -360,10 +360,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
         for epoch in range(len(schedules)):
             t_epoch = time.perf_counter()
             if kernels_compiling is not None:  # inside the first epoch: compile time setup did not hide counts
-                seconds = kernels_compiling.wait()  # (a compile error surfaces here, as in a first step)
-                log("kernels: " + ", ".join(f"{name} {s:.2f}s" for name, s in seconds.items())
-                    + " in the background (compiled, or loaded from Triton's cache); the first step waited "
-                    f"{time.perf_counter() - t_epoch:.2f}s for them")
+                done = describe_warm_ups(kernels_compiling.wait())
+                log(f"kernels: {done} in the background (compiled, or loaded from Triton's cache); the first step "
+                    f"waited {time.perf_counter() - t_epoch:.2f}s for them")
                 kernels_compiling = None
             for batch in stream.epoch(epoch):
                 monitor.push(step, run_step(batch))

@@ -6,8 +6,8 @@ its first step; here each kernel family is launched once on constant scratch inp
 training step lays out its own, in threads that run while the main thread moves the model to the device and
 tokenizes the corpus. Triton's compiler mostly runs without the GIL (two threads compiled twelve of our
 kernels 1.75x faster than one, 2-core CPU, Triton 3.6). Whatever a scratch launch misses is compiled at
-its first use, as without this. The trainer waits for these threads at its first step, inside the timed
-first epoch.
+its first use, as without this; a warm-up that fails is logged and training goes on the same way. The
+trainer waits for these threads at its first step, inside the timed first epoch.
 """
 
 from __future__ import annotations
@@ -21,15 +21,24 @@ import numpy as np
 import torch
 
 from mirrorfast.data import bucketed_max_len
+from mirrorfast.errors import MirrorfastError
+
+WARMUP_ENV = "MIRRORFAST_KERNEL_WARMUP"
 
 
 def kernel_warm_ups(*, loss_backend: str, attention_kernel: str | None, fused_norm: bool, config, device,
                     dtype: torch.dtype | None, half_model: bool, schedules: list[list[np.ndarray]],
                     max_length: int, dropout: float, bucket: int | None, pad_segment_max: int,
                     ) -> list[tuple[str, Callable, tuple]]:
-    """(name, warm_up function, its arguments) for each Triton kernel family the run will launch.
+    """(name, warm_up function, its arguments) for each Triton kernel family the run will launch; none when
+    $MIRRORFAST_KERNEL_WARMUP is 0 (debugging: kernels then compile at their first launch).
 
     dtype: the autocast (or --half-model) dtype, None for fp32; config: the model's (hidden size, heads)."""
+    setting = os.environ.get(WARMUP_ENV, "1").strip()
+    if setting not in ("0", "1", ""):
+        raise MirrorfastError(f"{WARMUP_ENV} must be 0 or 1, got {setting!r}")
+    if setting == "0":
+        return []
     tasks = []
     compute = dtype or torch.float32  # what the views, the attention inputs and the sublayer outputs are in
     if loss_backend == "triton":
@@ -70,13 +79,17 @@ class KernelWarmUp:
         self._result = coordinator.submit(_run_all, tasks, os.environ.get("TRITON_INTERPRET") == "1")
         coordinator.shutdown(wait=False)  # the thread ends with its work
 
-    def wait(self) -> dict[str, float]:
-        """Seconds each task took, once all are done; a task's error is raised here (as its kernel's
-        first launch would have raised it)."""
-        return self._result.result()
+    def wait(self) -> dict[str, float | BaseException]:
+        """Once all tasks are done: the seconds each took, or the error it raised. A failed warm-up does not
+        stop training: its kernels compile at their first launch instead, where a real fault surfaces
+        with its own traceback (the caller logs the failure)."""
+        try:
+            return self._result.result()
+        except Exception as exc:  # noqa: BLE001 - the coordinator itself failed (driver initialization)
+            return {"driver": exc}
 
 
-def _run_all(tasks: list[tuple[str, Callable, tuple]], interpreting: bool) -> dict[str, float]:
+def _run_all(tasks: list[tuple[str, Callable, tuple]], interpreting: bool) -> dict[str, float | BaseException]:
     if interpreting:
         return {name: _timed(fn, args) for name, fn, args in tasks}
     from triton.runtime import driver
@@ -87,10 +100,22 @@ def _run_all(tasks: list[tuple[str, Callable, tuple]], interpreting: bool) -> di
         return {name: future.result() for name, future in futures.items()}
 
 
-def _timed(fn: Callable, args: tuple) -> float:
+def _timed(fn: Callable, args: tuple) -> float | BaseException:
     start = time.perf_counter()
-    fn(*args)
+    try:
+        fn(*args)
+    except Exception as exc:  # noqa: BLE001 - reported by wait(), not raised
+        return exc
     return time.perf_counter() - start
+
+
+def describe_warm_ups(results: dict[str, float | BaseException]) -> str:
+    """One log line's worth: 'loss 1.21s, attention FAILED (RuntimeError: ...)'."""
+    from mirrorfast.errors import first_line
+
+    return ", ".join(f"{name} {value:.2f}s" if isinstance(value, float)
+                     else f"{name} FAILED ({type(value).__name__}: {first_line(value)[:160]}; compiled at first use instead)"
+                     for name, value in results.items())
 
 
 def compiled_variants(*kernels) -> int:
