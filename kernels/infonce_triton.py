@@ -199,10 +199,15 @@ def _gz_chunk(acc, gs, xj, rinv_j, DOT_PRECISION: tl.constexpr, MM_FP16: tl.cons
 
 
 @triton.jit
-def _gx_chunk(acc, gx, xj, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    # acc (BLOCK_M, BLOCK_DC) += gx (BLOCK_M, BLOCK_N) @ x_J (FOLD_RINV: rinv_J is already in gx). x_J is fed
-    # to the dot as loaded, in its own dtype: no fp32 copy of the chunk in registers.
-    return _dot(gx.to(xj.dtype), xj, acc, DOT_PRECISION, DOT_UPCAST)
+def _chunk_product(acc, gs, xj, rinv_j, FOLD_RINV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   DOT_UPCAST: tl.constexpr, MM_FP16: tl.constexpr):
+    # acc (BLOCK_M, BLOCK_DC) += the (G + G^T) tile times z_J for one chunk of gradient columns. FOLD_RINV:
+    # rinv_J is already in gs and x_J (xj: (BLOCK_N, BLOCK_DC)) enters the dot as loaded, in its own dtype
+    # (no fp32 copy of the chunk in registers); otherwise x_J is normalized here (_gz_chunk).
+    if FOLD_RINV:
+        return _dot(gs.to(xj.dtype), xj, acc, DOT_PRECISION, DOT_UPCAST)
+    else:
+        return _gz_chunk(acc, gs, xj, rinv_j, DOT_PRECISION, MM_FP16)
 
 
 @triton.jit
@@ -309,29 +314,19 @@ def _infonce_bwd_kernel(
                 gs = g * tl.minimum(rinv_j * (G_SCALE / rmax), G_SCALE)[None, :]  # |gs| <= 2 G_SCALE
             else:
                 gs = g * rinv_j[None, :]
-            acc0 = _gx_chunk(acc0, gs, xj0, DOT_PRECISION, DOT_UPCAST)
-            if NUM_DC > 1:
-                xj1 = _load_cols(base_j, loc_j, stride_j, col_ok, offs_c0 + BLOCK_DC, D)
-                acc1 = _gx_chunk(acc1, gs, xj1, DOT_PRECISION, DOT_UPCAST)
-            if NUM_DC > 2:
-                xj2 = _load_cols(base_j, loc_j, stride_j, col_ok, offs_c0 + 2 * BLOCK_DC, D)
-                acc2 = _gx_chunk(acc2, gs, xj2, DOT_PRECISION, DOT_UPCAST)
-            if NUM_DC > 3:
-                xj3 = _load_cols(base_j, loc_j, stride_j, col_ok, offs_c0 + 3 * BLOCK_DC, D)
-                acc3 = _gx_chunk(acc3, gs, xj3, DOT_PRECISION, DOT_UPCAST)
         else:
             gs = g * G_SCALE  # (BLOCK_M, BLOCK_N)
-            acc0 = _gz_chunk(acc0, gs, xj0, rinv_j, DOT_PRECISION, MM_FP16)
-            # More chunks per program: the logit tile above serves NUM_DC chunks instead of one.
-            if NUM_DC > 1:
-                xj1 = _load_cols(base_j, loc_j, stride_j, col_ok, offs_c0 + BLOCK_DC, D)
-                acc1 = _gz_chunk(acc1, gs, xj1, rinv_j, DOT_PRECISION, MM_FP16)
-            if NUM_DC > 2:
-                xj2 = _load_cols(base_j, loc_j, stride_j, col_ok, offs_c0 + 2 * BLOCK_DC, D)
-                acc2 = _gz_chunk(acc2, gs, xj2, rinv_j, DOT_PRECISION, MM_FP16)
-            if NUM_DC > 3:
-                xj3 = _load_cols(base_j, loc_j, stride_j, col_ok, offs_c0 + 3 * BLOCK_DC, D)
-                acc3 = _gz_chunk(acc3, gs, xj3, rinv_j, DOT_PRECISION, MM_FP16)
+        acc0 = _chunk_product(acc0, gs, xj0, rinv_j, FOLD_RINV, DOT_PRECISION, DOT_UPCAST, MM_FP16)
+        # More chunks per program: the logit tile above serves NUM_DC chunks instead of one.
+        if NUM_DC > 1:
+            xj1 = _load_cols(base_j, loc_j, stride_j, col_ok, offs_c0 + BLOCK_DC, D)
+            acc1 = _chunk_product(acc1, gs, xj1, rinv_j, FOLD_RINV, DOT_PRECISION, DOT_UPCAST, MM_FP16)
+        if NUM_DC > 2:
+            xj2 = _load_cols(base_j, loc_j, stride_j, col_ok, offs_c0 + 2 * BLOCK_DC, D)
+            acc2 = _chunk_product(acc2, gs, xj2, rinv_j, FOLD_RINV, DOT_PRECISION, DOT_UPCAST, MM_FP16)
+        if NUM_DC > 3:
+            xj3 = _load_cols(base_j, loc_j, stride_j, col_ok, offs_c0 + 3 * BLOCK_DC, D)
+            acc3 = _chunk_product(acc3, gs, xj3, rinv_j, FOLD_RINV, DOT_PRECISION, DOT_UPCAST, MM_FP16)
 
     # z_i . dz_i, then dx through the L2 normalization, chunk by chunk.
     zdz = zdz * (wref * c_scale)  # (BLOCK_M,)
