@@ -18,6 +18,11 @@ def _add_train(sub) -> None:
         help="Mirror-BERT fine-tuning of a masked language model",
         description="Mirror-BERT self-supervised fine-tuning. With no arguments: the packaged all-MiniLM-L6-v2 "
         "on the 10k most frequent English words (wordfreq:en), word preset, into ./mirrorfast-out.",
+        epilog="environment (for comparison and debugging; `mirrorfast env` shows what is set): "
+        "MIRRORFAST_PACKED_ATTENTION=flash|sdpa|triton (packed attention's kernel on CUDA), "
+        "MIRRORFAST_FUSED_LAYERNORM=1 (fused dropout + residual + LayerNorm, Triton), "
+        "MIRRORFAST_KERNELS=torch (PyTorch's loss instead of the Triton kernel), "
+        "MIRRORFAST_KERNEL_WARMUP=0 (compile Triton kernels at first launch, not in the background during setup)",
     )
     p.add_argument("--model", help="model directory or Hugging Face id (default: packaged all-MiniLM-L6-v2)")
     src = p.add_mutually_exclusive_group()

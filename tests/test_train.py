@@ -508,3 +508,16 @@ def test_a_failed_kernel_warm_up_is_reported_not_fatal():
     assert isinstance(results["attention"], float) and isinstance(results["loss"], RuntimeError)
     line = describe_warm_ups(results)
     assert line.startswith("attention 0.") and "loss FAILED (RuntimeError: PassManager::run failed" in line
+
+
+def test_train_help_lists_the_environment_switches(capsys):
+    from mirrorfast.fused_norm import FUSED_LAYERNORM_ENV
+    from mirrorfast.packing import ATTENTION_ENV
+    from mirrorfast.warmup import WARMUP_ENV
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for name in (ATTENTION_ENV, FUSED_LAYERNORM_ENV, WARMUP_ENV, "MIRRORFAST_KERNELS"):
+        assert name in text
