@@ -313,7 +313,7 @@ def test_warm_up_compiles_what_a_training_step_launches(n, d, dtype):
 
     warm_up([n], d, dtype, DEVICE)
     compiled = _compiled_kernels()
-    assert compiled >= 3
+    assert compiled >= 2  # forward and backward (and the norm kernel where it is separate)
     views = torch.randn(2 * n, d, device=DEVICE).to(dtype).requires_grad_(True)
     loss = info_nce(views[:n], views[n:], 0.04, backend="triton")
     (loss * 65536.0).backward()
