@@ -376,16 +376,13 @@ SWEEP_BWD_SMALL = [
 def compiled_registers(kernel, run) -> str:
     """Calls run(); returns "regs R spill S" of the kernels `kernel` (a @triton.jit) compiled during it, as
     the driver reports them, or "" where this Triton keeps its compiled kernels elsewhere."""
-    def compiled():
-        try:  # JITFunction.device_caches: device -> (kernel_cache, ...), kernel_cache: key -> CompiledKernel
-            return {id(k): k for cache in kernel.device_caches.values() for k in cache[0].values()}
-        except Exception:  # noqa: BLE001 - another Triton's layout: no statistics
-            return {}
-    before = compiled()
+    from mirrorfast.warmup import compiled_kernels
+
+    before = {id(k) for k in compiled_kernels(kernel)}
     run()
     try:  # statistics only: a Triton that keeps them elsewhere must not fail the timed config
-        new = [k for key, k in compiled().items() if key not in before]
-        stats = [(getattr(k, "n_regs", None), getattr(k, "n_spills", None)) for k in new]
+        stats = [(getattr(k, "n_regs", None), getattr(k, "n_spills", None))
+                 for k in compiled_kernels(kernel) if id(k) not in before]
         return "  ".join(f"regs {r} spill {sp}" for r, sp in stats if r is not None)
     except Exception:  # noqa: BLE001
         return ""

@@ -34,9 +34,9 @@ Launches (forward + backward = 3 Triton launches + 1 torch reduction for "mean"/
    chunks per program mean fewer recomputes and more registers (a tuning choice, `KernelConfig.bwd_chunks`).
    The sum over j takes z_J = x_J rinv_J, normalized in registers per chunk (fp32, then 16-bit) — or, with
    `KernelConfig.bwd_fold`, rinv_J goes into the (G + G^T) tile and x_J enters the dot as loaded (fewer
-   registers: sm_90a ptxas, N=16384 D=768 fp16, 352 -> 64 bytes spilled; timing on a GPU pending). Every gradient element is written
-   by exactly one program: no atomics, bit-identical results run to run. No host synchronization
-   anywhere (CUDA-graph capturable).
+   registers: sm_90a ptxas, N=16384 D=768 fp16, 352 -> 64 bytes spilled; timing on a GPU pending).
+   Every gradient element is written by exactly one program: no atomics, bit-identical results run to
+   run. No host synchronization anywhere (CUDA-graph capturable).
 Saved for backward: the inputs (kept alive by autograd anyway), norm (2N,) and lse2 (2N,) in fp32.
 """
 

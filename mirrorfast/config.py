@@ -3,6 +3,7 @@
 Fields left as None take their value from the preset of `level`; anything set explicitly wins.
 """
 
+import os
 from dataclasses import dataclass, fields, replace
 
 from mirrorfast.errors import MirrorfastError
@@ -84,3 +85,11 @@ class TrainConfig:
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
                 for f in fields(self) if f.name != "progress"}
 
+
+def env_switch(name: str, default: bool) -> bool:
+    """A MIRRORFAST_* on/off environment switch: "1" or "0" (unset or empty: `default`); anything else is an
+    error, so a typo never silently leaves the default in place."""
+    value = os.environ.get(name, "").strip()
+    if value not in ("0", "1", ""):
+        raise MirrorfastError(f"{name} must be 0 or 1, got {value!r}")
+    return default if value == "" else value == "1"

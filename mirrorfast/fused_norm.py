@@ -18,6 +18,7 @@ import types
 import torch
 from torch import nn
 
+from mirrorfast.config import env_switch
 from mirrorfast.errors import MirrorfastError
 
 FUSED_LAYERNORM_ENV = "MIRRORFAST_FUSED_LAYERNORM"
@@ -26,10 +27,7 @@ FUSED_LAYERNORM_ENV = "MIRRORFAST_FUSED_LAYERNORM"
 def fused_layernorm_requested(device: torch.device) -> bool:
     """Whether $MIRRORFAST_FUSED_LAYERNORM asks for it ("1"); it needs Triton and a CUDA device (or the Triton
     interpreter, TRITON_INTERPRET=1, as the tests run it)."""
-    value = os.environ.get(FUSED_LAYERNORM_ENV, "0").strip()
-    if value not in ("0", "1", ""):
-        raise MirrorfastError(f"{FUSED_LAYERNORM_ENV} must be 0 or 1, got {value!r}")
-    if value != "1":
+    if not env_switch(FUSED_LAYERNORM_ENV, default=False):
         return False
     try:
         import triton  # noqa: F401

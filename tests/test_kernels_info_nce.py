@@ -289,18 +289,22 @@ def test_triton_folded_backward_deterministic():
 
 def _compiled_kernels() -> int:
     from mirrorfast.kernels import infonce_triton as nce
-    from mirrorfast.warmup import compiled_variants
+    from mirrorfast.warmup import compiled_kernels
 
-    return compiled_variants(nce._row_norm_kernel, nce._infonce_fwd_kernel, nce._infonce_bwd_kernel)
+    return len(compiled_kernels(nce._row_norm_kernel, nce._infonce_fwd_kernel, nce._infonce_bwd_kernel))
 
 
 @needs_triton
 def test_warm_up_runs_forward_and_backward():
-    """warm_up launches the loss's kernels on scratch inputs (here in the interpreter: it must simply run)."""
+    """warm_up launches the loss's kernels on scratch inputs without drawing random numbers (it runs during
+    a seeded run's setup: it must not shift that run's dropout masks)."""
     from mirrorfast.kernels.infonce_triton import warm_up
 
+    rng_state = torch.cuda.get_rng_state if DEVICE.type == "cuda" else torch.get_rng_state
+    before = rng_state()
     for dtype in (torch.bfloat16, torch.float32):
         warm_up([3, 1, 3], 8, dtype, DEVICE)
+    assert torch.equal(rng_state(), before), "warm_up drew random numbers"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: Triton's JIT compiles only there")
