@@ -116,12 +116,41 @@ def fwd_bwd(loss_fn, a, b, grad=None):
 # ----------------------------------------------------------------------------------------------- checks
 
 
+# The split variant is for problems with few row blocks (pick_config's small branch, 2N <= 1024).
+SPLIT_MAX_ROWS = 1024
+
+
+def fold_config(n2: int, d: int, dtype):
+    """pick_config with the backward's rinv folded into its gradient tile (KernelConfig.bwd_fold)."""
+    from mirrorfast.kernels.infonce_triton import pick_config
+
+    return dataclasses.replace(pick_config(n2, d, dtype), bwd_fold=True)
+
+
+def split_config(n2: int, d: int, dtype):
+    """pick_config with the column blocks split over more programs (KernelConfig.fwd_split/bwd_split), the
+    small-problem candidate the table times next to the default. Forward: 32-row blocks, 64-column tiles,
+    one column block per program (at most 8 splits), norms computed in the forward (no norm launch).
+    Backward: 16-row blocks, 64-column tiles, 256 gradient columns per program, 4 splits."""
+    import triton
+
+    from mirrorfast.kernels.infonce_triton import _clamp_block, pick_config
+
+    n = n2 // 2
+    fwd_n = _clamp_block(64, n)
+    return dataclasses.replace(
+        pick_config(n2, d, dtype), fwd_m=_clamp_block(32, n), fwd_n=fwd_n, fwd_d=_clamp_block(128, d), fwd_warps=4,
+        fwd_stages=2, fused_norm=True, fwd_split=min(8, 2 * triton.cdiv(n, fwd_n)), bwd_m=_clamp_block(16, n),
+        bwd_n=_clamp_block(64, n), bwd_d=_clamp_block(128, d), bwd_dc=_clamp_block(256, d), bwd_warps=4,
+        bwd_stages=2, bwd_chunks=1, bwd_split=4)
+
+
 def run_checks(quick: bool) -> bool:
     import torch
 
     from mirrorfast.graphs import capture, on_side_stream
     from mirrorfast.kernels import info_nce, info_nce_reference
-    from mirrorfast.kernels.infonce_triton import info_nce_triton, pick_config
+    from mirrorfast.kernels.infonce_triton import info_nce_triton
 
     ok = True
 
@@ -172,21 +201,28 @@ def run_checks(quick: bool) -> bool:
                 f"{' zero-row' if zero else ''}: loss {errs[0]:.1e}  grad a {errs[1]:.1e}  grad b {errs[2]:.1e}",
             )
 
-    # The backward with rinv folded into its gradient tile (KernelConfig.bwd_fold, a sweep candidate), compiled:
-    # 16-bit inputs, norms over six decades (fp16: the scaled tile), an all-zero row in bf16.
-    fold_shapes = [(3, 33), (40, 20)] if DEVICE == "cpu" else [(17, 130), (200, 768), (4100, 64)]
-    for n, d in fold_shapes:
-        for dtype in (torch.float16, torch.bfloat16):
-            case += 1
-            cfg = dataclasses.replace(pick_config(2 * n, d, dtype), bwd_fold=True)
-            zero = dtype == torch.bfloat16
-            a, b = make_inputs(n, d, dtype, case, zero_row=zero)
-            out = fwd_bwd(lambda x, y: info_nce_triton(x, y, 0.07, "mean", config=cfg), a, b)
-            errs = [rel_err(o, r) for o, r in zip(out, fp64_reference(a, b, 0.07, "mean"))]
-            name = str(dtype).split(".")[-1]
-            passed = all(bool(torch.isfinite(t).all()) for t in out) and max(errs) <= TOL[name]
-            report(passed, f"fold bwd vs fp64 {name:8s} N={n:<5d} D={d:<5d} mean{' zero-row' if zero else ''}: "
-                           f"loss {errs[0]:.1e}  grad a {errs[1]:.1e}  grad b {errs[2]:.1e}")
+    # Two variants the sweep and the table time, compiled, against fp64: the backward with rinv folded into
+    # its gradient tile (KernelConfig.bwd_fold) and the split column blocks (fwd_split/bwd_split); 16-bit
+    # inputs, norms over six decades (fp16: the folded tile's scaling), an all-zero row in bf16; the split
+    # variant also twice, bit-identical (its partial sums are added in a fixed order).
+    variant_shapes = [(3, 33), (40, 20)] if DEVICE == "cpu" else [(17, 130), (200, 768), (4100, 64)]
+    for label, make_config in (("fold bwd", fold_config), ("split", split_config)):
+        for n, d in variant_shapes:
+            for dtype in (torch.float16, torch.bfloat16):
+                case += 1
+                cfg = make_config(2 * n, d, dtype)
+                zero = dtype == torch.bfloat16
+                a, b = make_inputs(n, d, dtype, case, zero_row=zero)
+                out = fwd_bwd(lambda x, y: info_nce_triton(x, y, 0.07, "mean", config=cfg), a, b)
+                errs = [rel_err(o, r) for o, r in zip(out, fp64_reference(a, b, 0.07, "mean"))]
+                name = str(dtype).split(".")[-1]
+                passed = all(bool(torch.isfinite(t).all()) for t in out) and max(errs) <= TOL[name]
+                if label == "split":
+                    again = fwd_bwd(lambda x, y: info_nce_triton(x, y, 0.07, "mean", config=cfg), a, b)
+                    passed &= all(torch.equal(p, q) for p, q in zip(out, again))
+                report(passed, f"{label + ' vs fp64':<16} {name:8s} N={n:<5d} D={d:<5d} mean"
+                               f"{' zero-row' if zero else ''}: loss {errs[0]:.1e}  grad a {errs[1]:.1e}  "
+                               f"grad b {errs[2]:.1e}{'  (2 runs bit-identical)' if label == 'split' else ''}")
 
     # The largest N issue 3 names (32768 rows per view), fp16, the whole call against the chunked fp64
     # reference: index arithmetic at 65536 rows, the large-problem configuration at its largest grid
@@ -194,7 +230,7 @@ def run_checks(quick: bool) -> bool:
     if DEVICE == "cuda":
         a, b = make_inputs(32768, 768, torch.float16, 15, scale_rows=False)
         ref = fp64_reference(a, b, 0.04, "mean")
-        folded = dataclasses.replace(pick_config(65536, 768, torch.float16), bwd_fold=True)
+        folded = fold_config(65536, 768, torch.float16)
         for label, loss_fn in (("triton", lambda x, y: info_nce(x, y, 0.04, "mean", backend="triton")),
                                ("fold bwd", lambda x, y: info_nce_triton(x, y, 0.04, "mean", config=folded))):
             out = fwd_bwd(loss_fn, a, b)
@@ -290,11 +326,16 @@ def run_table(sizes, quick: bool) -> None:
         a.requires_grad_(True)
         b.requires_grad_(True)
         ref = fp64_reference(a, b, temperature, "mean", torch.tensor(GRAD_SCALE, device=DEVICE))
-        folded = dataclasses.replace(pick_config(2 * n, d, torch.float16), bwd_fold=True)
         impls = {
             "triton": lambda x, y: info_nce(x, y, temperature, "mean", backend="triton"),
             # the same call with the backward's rinv folded into its gradient tile (KernelConfig.bwd_fold)
-            "triton (fold)": lambda x, y, cfg=folded: info_nce_triton(x, y, temperature, "mean", config=cfg),
+            "triton (fold)": lambda x, y, cfg=fold_config(2 * n, d, torch.float16):
+                info_nce_triton(x, y, temperature, "mean", config=cfg),
+        }
+        if 2 * n <= SPLIT_MAX_ROWS:  # and with the column blocks split over more programs (small problems)
+            impls["triton (split)"] = (lambda x, y, cfg=split_config(2 * n, d, torch.float16):
+                                       info_nce_triton(x, y, temperature, "mean", config=cfg))
+        impls |= {
             "torch eager": lambda x, y: info_nce_reference(x, y, temperature, "mean"),
             "torch.compile": torch.compile(lambda x, y: info_nce_reference(x, y, temperature, "mean"), dynamic=False),
         }
@@ -324,6 +365,8 @@ def run_table(sizes, quick: bool) -> None:
                 except Exception as exc:  # noqa: BLE001
                     print(f"{n:>6} {d:>5}  {name + ' graph':<16} FAILED: {type(exc).__name__}: {exc}", flush=True)
         print(f"{'':>14}config: {pick_config(2 * n, d, torch.float16)}", flush=True)
+        if 2 * n <= SPLIT_MAX_ROWS:
+            print(f"{'':>14}split: {split_config(2 * n, d, torch.float16)}", flush=True)
         del ref
         torch.cuda.empty_cache()
 
@@ -371,6 +414,20 @@ SWEEP_BWD_SMALL = [
     # wide column tiles (2 serial column steps at N <= 256), narrower gradient chunks for more programs
     (16, 256, 64, 128, 8, 2), (16, 128, 128, 128, 4, 2), (16, 256, 64, 64, 8, 2),
 ]
+# Split column blocks (KernelConfig.fwd_split / bwd_split) for the small problems (16-bit): (candidate, splits).
+# At N=200 the unsplit forward has 14 programs of 32 rows, each walking all 400 columns; split, each program
+# takes a range of column blocks (one more launch merges the forward's partial logsumexps, one more sums the
+# backward's partial gradients: a (splits, 2N, D) fp32 workspace, 4.7 MiB for 4 splits at N=200 D=768).
+SWEEP_FWD_SPLIT = [
+    ((32, 64, 128, 4, 2, False), 8), ((32, 64, 128, 4, 2, True), 8), ((16, 64, 128, 4, 2, True), 8),
+    ((32, 64, 128, 4, 2, True), 4), ((32, 128, 128, 4, 2, True), 4), ((16, 64, 256, 4, 2, True), 8),
+    ((32, 32, 128, 4, 2, True), 14), ((32, 64, 128, 4, 3, True), 8),
+]
+SWEEP_BWD_SPLIT = [
+    ((16, 64, 128, 256, 4, 2), 2), ((16, 64, 128, 256, 4, 2), 4), ((16, 64, 128, 256, 4, 2), 8),
+    ((32, 64, 128, 256, 4, 2), 4), ((32, 64, 128, 256, 4, 2), 8), ((16, 64, 128, 128, 4, 2), 4),
+    ((32, 64, 128, 256, 8, 2, 3), 8), ((16, 64, 128, 256, 4, 2, 3), 8), ((16, 64, 128, 256, 4, 3), 4),
+]
 
 
 def compiled_registers(kernel, run) -> str:
@@ -404,9 +461,15 @@ def sweep_candidates(n: int, d: int, dtype) -> list[tuple[str, tuple, str, objec
     # 16-bit inputs: each backward candidate also with rinv folded into the gradient tile
     # (KernelConfig.bwd_fold; listed as the candidate + "fold"), side by side with the plain one.
     folds = (False,) if fp32 else (False, True)
+    # Small 16-bit problems: the split candidates too (listed as the candidate + "split", splits).
+    splits = not fp32 and not large
     return ([("fwd", f, p, KernelConfig(*f, *base_b, fp32_dot=p)) for f in fwd_list for p in precisions]
+            + [("fwd", f + ("split", k), "ieee", KernelConfig(*f, *base_b, fwd_split=k))
+               for f, k in (SWEEP_FWD_SPLIT if splits else ())]
             + [("bwd", b + (("fold",) if fold else ()), p, KernelConfig(*base_f, *b, fp32_dot=p, bwd_fold=fold))
-               for b in bwd_list for fold in folds for p in precisions])
+               for b in bwd_list for fold in folds for p in precisions]
+            + [("bwd", b + ("split", k), "ieee", KernelConfig(*base_f, *b, bwd_split=k))
+               for b, k in (SWEEP_BWD_SPLIT if splits else ())])
 
 
 def run_sweep(n: int, d: int, dtype_name: str) -> None:
@@ -435,15 +498,19 @@ def run_sweep(n: int, d: int, dtype_name: str) -> None:
         gus = 1e3 * triton.testing.do_bench_cudagraph(fn, rep=30, return_mode="median") if graph else float("nan")
         return us, gus
 
-    norm, lse2, _ = _forward(a, b, temperature, default)
+    def forward_mean(cfg):  # the forward as the autograd Function runs it, the mean included (a split
+        _, _, loss, total = _forward(a, b, temperature, "mean", cfg)  # forward's merge launch computes it)
+        return total if total is not None else loss.mean()
+
+    norm, lse2, _, _ = _forward(a, b, temperature, "mean", default)
     for kind, candidate, precision, cfg in sweep_candidates(n, d, dtype):
         tag = f"{kind} {candidate}{' ' + precision if dtype == torch.float32 else ''}"
         try:
             if kind == "fwd":
-                run = lambda: _forward(a, b, temperature, cfg)  # noqa: E731
+                run = lambda: forward_mean(cfg)  # noqa: E731
                 result = []
                 regs = compiled_registers(_infonce_fwd_kernel, lambda: result.append(run()))
-                err = f"loss err {rel_err(result[0][2].double().mean(), ref_loss):.1e}"
+                err = f"loss err {rel_err(result[0].double(), ref_loss):.1e}"
             else:
                 run = lambda: _backward(a, b, norm, lse2, grad, temperature, "mean", cfg)  # noqa: E731
                 result = []

@@ -109,16 +109,28 @@ def infonce_cases(n2: int, d: int, dtype: torch.dtype, cfg, label: str, checked:
     if not cfg.fused_norm:
         yield f"{label} norms", nce._row_norm_kernel, dict(common, norm_ptr=f32), nce.norm_meta(n, d), checked
     yield (f"{label} forward", nce._infonce_fwd_kernel,
-           dict(common, norm_ptr=f32, lse_ptr=f32, loss_ptr=f32, scale2=1.0, eps=1e-12),
+           dict(common, norm_ptr=f32, lse_ptr=f32, loss_ptr=f32, part_ptr=f32, scale2=1.0, eps=1e-12),
            nce.fwd_meta(cfg, dtype), checked)
+    if cfg.fwd_split > 1:
+        yield (f"{label} merge", nce._infonce_merge_kernel,
+               dict(part_ptr=f32, lse_ptr=f32, loss_ptr=f32, total_ptr=f32, N2=n2, total_scale=1.0 / n2),
+               dict(nce.merge_meta(n), NUM_SPLIT=cfg.fwd_split), checked)
     yield (f"{label} backward", nce._infonce_bwd_kernel,
            dict(common, norm_ptr=f32, lse_ptr=f32, w_ptr=f32, wref_ptr=f32, da_ptr=dtype, db_ptr=dtype,
-                stride_da=d, stride_db=d, w_stride=0, scale2=1.0, out_scale=1.0, c_scale=1.0, eps=1e-12),
+                part_ptr=f32, zpart_ptr=f32, stride_da=d, stride_db=d, w_stride=0, scale2=1.0, out_scale=1.0,
+                c_scale=1.0, eps=1e-12),
            nce.bwd_meta(cfg, dtype), checked)
+    if cfg.bwd_split > 1:
+        yield (f"{label} finalize", nce._infonce_bwd_finalize_kernel,
+               dict(common, norm_ptr=f32, part_ptr=f32, zpart_ptr=f32, da_ptr=dtype, db_ptr=dtype, stride_da=d,
+                    stride_db=d, eps=1e-12),
+               dict(nce.finalize_meta(n, d), NUM_SPLIT=cfg.bwd_split), checked)
 
 
 def cases():
     """(name, kernel, runtime args, meta, checked) for every default launch configuration."""
+    from info_nce_table import split_config
+
     from mirrorfast.kernels import infonce_triton as nce
     from mirrorfast.kernels import packed_attention_triton as attn
     from mirrorfast.kernels import residual_layernorm_triton as rln
@@ -131,6 +143,9 @@ def cases():
         # them: a lead for the next GPU sweep, not a verdict) and fp32 (training hands the loss 16-bit views).
         yield from infonce_cases(n2, d, dtype, nce.pick_config(n2, d, dtype),
                                  f"InfoNCE N={n2 // 2} D={d} {str(dtype)[6:]}", dtype != f32 and n2 <= 1024)
+    for dtype in (torch.bfloat16, torch.float16):  # the split variant info_nce_table times (checked too)
+        yield from infonce_cases(400, 768, dtype, split_config(400, 768, dtype),
+                                 f"InfoNCE N=200 D=768 {str(dtype)[6:]} split", True)
     for heads, head_dim in ((12, 64), (12, 32)):  # BERT-base, MiniLM-L6
         q = torch.empty(1, heads, head_dim, dtype=torch.bfloat16, device="meta")  # a GPU tensor's launch arguments
         bf = torch.bfloat16
@@ -163,11 +178,11 @@ def sweep_cases(spec: str):
 
     n, d, *rest = spec.split(",")
     n, d, dtype = int(n), int(d), getattr(torch, rest[0] if rest else "float16")
-    kernel = {"fwd": "forward", "bwd": "backward"}
+    kernels = {"fwd": ("forward", "merge"), "bwd": ("backward", "finalize")}
     for kind, candidate, precision, cfg in sweep_candidates(n, d, dtype):
         label = f"InfoNCE {candidate}{' ' + precision if dtype == torch.float32 else ''}"
         yield from (case for case in infonce_cases(2 * n, d, dtype, cfg, label, False)
-                    if case[0].endswith(kernel[kind]))
+                    if case[0].endswith(kernels[kind]))
 
 
 def main(argv=None) -> int:

@@ -24,8 +24,12 @@
 #         (tests before the attention benchmark: the Triton attention and residual-LayerNorm kernels have
 #         never run compiled)
 # Seen on an H200, 2026-11-26: each transfer call took ~5 s of device time, the machine's first start
-# ~25 s; the parts took suite 76 s (9 rows then; 17 now), onnx 46 s, tests 76 s, sweep 50 s (without the
-# fp32 sweep added since), kernel 40 s: the 6 calls used ~350 s, leaving room for a second, targeted call.
+# ~25 s; the parts took suite 76 s (9 rows then; 17 now), onnx 46 s, tests 76 s (91 InfoNCE tests then;
+# the folded and split cases since add ~50 tests with kernels of their own to compile), sweep 50 s (without
+# the fp32, folded and split candidates added since), kernel 40 s: the 6 calls used ~350 s, leaving room for
+# a second, targeted call.
+# What to read first: info_nce_table.log's `triton (split)` and `triton (fold)` rows (and their graph rows)
+# against `triton`; sweep.log's 'fold' and 'split' candidates; gpu_suite.log's `kernels: ...` warm-up line.
 # $OUT returns at most 8 files: the parts write one log each, the device facts go into summary.txt.
 # Without onnxruntime-gpu the ONNX part still runs and lists its CUDA EP rows as skipped.
 # A session that would rather tune the InfoNCE kernel than measure ONNX on the GPU: skip calls 2-5 and run
@@ -87,7 +91,9 @@ for part in "${parts[@]}"; do
     suite)  run "training suite" 260 gpu_suite.log python3 benchmarks/gpu_suite.py --json "$out/gpu_suite.json" ;;
     onnx)   run "ONNX GPU table" 160 onnx_gpu_table.log env -u TOKENIZERS_PARALLELISM python3 benchmarks/onnx_gpu_table.py --gpu-only ;;
     kernel) run "InfoNCE table" 110 info_nce_table.log python3 benchmarks/info_nce_table.py --quick ;;
-    tests)  run "kernel tests (compiled)" 180 kernel_tests.log python3 -m pytest -q -p no:cacheprovider tests/test_kernels_info_nce.py tests/test_packed_attention_kernel.py tests/test_residual_layernorm_kernel.py tests/test_fused_norm.py tests/test_opt_ins_together.py tests/test_prefetch.py ;;
+    # the kernels that have never run compiled first: the InfoNCE file (many configs to compile, the folded and
+    # split variants new since session 3) last, so a cap that cuts it cuts only its tail
+    tests)  run "kernel tests (compiled)" 180 kernel_tests.log python3 -m pytest -q -p no:cacheprovider tests/test_packed_attention_kernel.py tests/test_residual_layernorm_kernel.py tests/test_fused_norm.py tests/test_opt_ins_together.py tests/test_prefetch.py tests/test_kernels_info_nce.py ;;
     attention) run "packed attention + residual LayerNorm kernels" 120 attention.log python3 -m pytest -q -p no:cacheprovider benchmarks/test_bench_packed_attention.py benchmarks/test_bench_residual_layernorm.py --benchmark-only --benchmark-columns=min,median,mean ;;
     sweep)  run "InfoNCE block sweep" 300 sweep.log python3 benchmarks/info_nce_table.py --no-checks --sweep 16384,768 --sweep 200,768 --sweep 200,768,bfloat16 --sweep 200,384,bfloat16 ;;
     profile) run "step profile" 200 profile.log python3 benchmarks/profile_step.py ;;

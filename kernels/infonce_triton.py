@@ -37,6 +37,13 @@ Launches (forward + backward = 3 Triton launches + 1 torch reduction for "mean"/
    registers: sm_90a ptxas, N=16384 D=768 fp16, 352 -> 64 bytes spilled; timing on a GPU pending).
    Every gradient element is written by exactly one program: no atomics, bit-identical results run to
    run. No host synchronization anywhere (CUDA-graph capturable).
+Small problems have few row blocks (N=200: 14 forward programs on a 132-multiprocessor GPU, each walking all
+400 columns), so `KernelConfig.fwd_split` / `bwd_split` can split the column blocks of each row block over
+several programs (grid dimension 1 of the forward, 2 of the backward), as split-K splits a reduction:
+1b. forward splits write their online (max, sum, positive) per row; `_infonce_merge_kernel` (one program)
+   merges them into lse2 and loss and reduces the loss ("mean"/"sum": no torch reduction launch).
+2b. backward splits write their share of dz and of z . dz, fp32, to a (split, 2N, D) workspace;
+   `_infonce_bwd_finalize_kernel` adds the shares in split order (bit-identical run to run) and projects.
 Saved for backward: the inputs (kept alive by autograd anyway), norm (2N,) and lse2 (2N,) in fp32.
 """
 
@@ -76,6 +83,17 @@ def _block(blk, N, a_ptr, b_ptr, stride_a, stride_b, BLOCK: tl.constexpr):
     base = tl.where(seg == 1, b_ptr, a_ptr)
     stride = tl.where(seg == 1, stride_b, stride_a)
     return seg, local, base, stride
+
+
+@triton.jit
+def _split_range(split, n_blocks, NUM_SPLIT: tl.constexpr):
+    # Column blocks [lo, hi) of split `split` out of NUM_SPLIT: contiguous ranges of equal length (the last
+    # ones shorter or empty). NUM_SPLIT = 1: all of them.
+    if NUM_SPLIT == 1:
+        return 0, n_blocks
+    per = tl.cdiv(n_blocks, NUM_SPLIT)
+    lo = split * per
+    return lo, tl.minimum(lo + per, n_blocks)
 
 
 @triton.jit
@@ -136,10 +154,12 @@ def _infonce_fwd_kernel(
     norm_ptr,  # norm: (2N,) fp32; read if not FUSED_NORM, else written here (rows) and recomputed (cols)
     lse_ptr,  # lse2: (2N,) fp32 out, log2-sum-exp2 of row r's base-2 logits (diagonal excluded)
     loss_ptr,  # loss: (2N,) fp32 out, per-row NT-Xent loss (natural log)
+    part_ptr,  # NUM_SPLIT > 1: (3, NUM_SPLIT, 2N) fp32 out, each split's running max, sum and positive
     N, D, stride_a, stride_b,
     scale2,  # log2(e) / T
     eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_SPLIT: tl.constexpr,  # programs per row block, each over its own range of column blocks
     FUSED_NORM: tl.constexpr,  # compute the norms here instead of reading them
     DOT_PRECISION: tl.constexpr,  # fp32 inputs: "ieee" (default) or "tf32x3", never plain tf32; ignored for 16-bit
     DOT_UPCAST: tl.constexpr,  # interpreter only: feed tl.dot fp32 copies (its bf16 dot is broken)
@@ -149,9 +169,11 @@ def _infonce_fwd_kernel(
     seg_i, loc_i, base_i, stride_i = _block(tl.program_id(0), N, a_ptr, b_ptr, stride_a, stride_b, BLOCK_M)
     row_ok = loc_i < N  # (BLOCK_M,)
     rows = seg_i * N + loc_i  # (BLOCK_M,) index into x = cat(a, b)
+    split = tl.program_id(1)
     if FUSED_NORM:
         norm_i = _row_norm(base_i, loc_i, stride_i, row_ok, D, BLOCK_M, BLOCK_D)
-        tl.store(norm_ptr + rows, norm_i, mask=row_ok)
+        if split == 0:  # every split computes the same norms; one stores them
+            tl.store(norm_ptr + rows, norm_i, mask=row_ok)
     else:
         norm_i = tl.load(norm_ptr + rows, mask=row_ok, other=1.0)
     rinv_i = 1.0 / tl.maximum(norm_i, eps)  # (BLOCK_M,)
@@ -159,7 +181,8 @@ def _infonce_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running max of base-2 logits
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # running sum of exp2(s2 - m_i)
     pos_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # base-2 logit of the positive
-    for jb in range(0, 2 * tl.cdiv(N, BLOCK_N)):
+    j_lo, j_hi = _split_range(split, 2 * tl.cdiv(N, BLOCK_N), NUM_SPLIT)
+    for jb in range(j_lo, j_hi):
         seg_j, loc_j, base_j, stride_j = _block(jb, N, a_ptr, b_ptr, stride_a, stride_b, BLOCK_N)
         col_ok = loc_j < N  # (BLOCK_N,)
         gram = _gram_tile(base_i, loc_i, stride_i, row_ok, base_j, loc_j, stride_j, col_ok, D,
@@ -180,9 +203,49 @@ def _infonce_fwd_kernel(
         m_i = m_new
         pos_i += tl.sum(tl.where(same & (seg_i != seg_j), s2, 0.0), axis=1)
 
-    lse2 = m_i + tl.log2(l_i)  # (BLOCK_M,)
-    tl.store(lse_ptr + rows, lse2, mask=row_ok)
-    tl.store(loss_ptr + rows, (lse2 - pos_i) * 0.6931471805599453, mask=row_ok)
+    if NUM_SPLIT == 1:
+        lse2 = m_i + tl.log2(l_i)  # (BLOCK_M,)
+        tl.store(lse_ptr + rows, lse2, mask=row_ok)
+        tl.store(loss_ptr + rows, (lse2 - pos_i) * 0.6931471805599453, mask=row_ok)
+    else:  # this split's share; _infonce_merge_kernel combines them
+        n2 = 2 * N
+        tl.store(part_ptr + split * n2 + rows, m_i, mask=row_ok)
+        tl.store(part_ptr + (NUM_SPLIT + split) * n2 + rows, l_i, mask=row_ok)
+        tl.store(part_ptr + (2 * NUM_SPLIT + split) * n2 + rows, pos_i, mask=row_ok)
+
+
+@triton.jit
+def _infonce_merge_kernel(
+    part_ptr,  # (3, NUM_SPLIT, 2N) fp32: each split's running max, sum and positive (base 2)
+    lse_ptr,  # lse2: (2N,) fp32 out
+    loss_ptr,  # loss: (2N,) fp32 out, natural log
+    total_ptr,  # 0-dim fp32 out: total_scale * sum_r loss_r (the "mean" or "sum" result)
+    N2, total_scale,
+    NUM_SPLIT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # One program over all 2N rows (a split forward is for small problems): merges the splits' online
+    # logsumexps as the forward's loop merges column blocks, and sums the loss in a fixed order.
+    offs = tl.arange(0, BLOCK)  # (BLOCK,)
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for r0 in range(0, N2, BLOCK):
+        r = r0 + offs
+        ok = r < N2
+        m = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+        for s in tl.static_range(NUM_SPLIT):
+            m = tl.maximum(m, tl.load(part_ptr + s * N2 + r, mask=ok, other=float("-inf")))
+        m_safe = tl.where(m == float("-inf"), 0.0, m)  # every row has its positive: only masked lanes
+        l = tl.zeros((BLOCK,), dtype=tl.float32)
+        pos = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in tl.static_range(NUM_SPLIT):
+            m_s = tl.load(part_ptr + s * N2 + r, mask=ok, other=float("-inf"))
+            l += tl.load(part_ptr + (NUM_SPLIT + s) * N2 + r, mask=ok, other=0.0) * tl.exp2(m_s - m_safe)
+            pos += tl.load(part_ptr + (2 * NUM_SPLIT + s) * N2 + r, mask=ok, other=0.0)
+        lse2 = m_safe + tl.log2(tl.where(ok, l, 1.0))
+        loss = (lse2 - pos) * 0.6931471805599453
+        tl.store(lse_ptr + r, lse2, mask=ok)
+        tl.store(loss_ptr + r, loss, mask=ok)
+        total += tl.where(ok, loss, 0.0)
+    tl.store(total_ptr, tl.sum(total, axis=0) * total_scale)
 
 
 @triton.jit
@@ -238,6 +301,8 @@ def _infonce_bwd_kernel(
     w_ptr,  # grad_output: (2N,) fp32 with stride w_stride ("none"), or a 0-dim fp32 with w_stride = 0
     wref_ptr,  # 0-dim fp32: max |grad_output| (for "mean"/"sum": grad_output itself)
     da_ptr, db_ptr,  # da, db: (N, D) out, dtype of a/b
+    part_ptr,  # NUM_SPLIT > 1: (NUM_SPLIT, 2N, D) fp32 out, each split's share of dz (instead of da, db)
+    zpart_ptr,  # NUM_SPLIT > 1: (NUM_SPLIT, 2N) fp32 out, each split's share of z . dz
     N, D, stride_a, stride_b, stride_da, stride_db, w_stride,
     scale2,  # log2(e) / T
     out_scale,  # w_scale / (T * G_SCALE), w_scale = 1/2N for "mean", 1 otherwise
@@ -246,6 +311,7 @@ def _infonce_bwd_kernel(
     G_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
     NUM_DC: tl.constexpr,  # chunks of BLOCK_DC gradient columns per program (1 to 4), one accumulator each
+    NUM_SPLIT: tl.constexpr,  # programs per (row block, column chunk), each over its own column blocks J
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     MM_FP16: tl.constexpr,  # 16-bit inputs: the (G + G^T) z product runs in fp16 (also for bf16 inputs)
     FOLD_RINV: tl.constexpr,  # multiply rinv_J into the (G + G^T) tile instead of normalizing x_J (see below)
@@ -278,7 +344,9 @@ def _infonce_bwd_kernel(
             rmax_r = tl.maximum(rmax_r, tl.where(norm_r > eps, 1.0 / tl.maximum(norm_r, eps), 0.0))
         rmax = tl.max(rmax_r, axis=0)
         rmax = tl.where(rmax > 0.0, rmax, 1.0)
-    for jb in range(0, 2 * tl.cdiv(N, BLOCK_N)):
+    split = tl.program_id(2)
+    j_lo, j_hi = _split_range(split, 2 * tl.cdiv(N, BLOCK_N), NUM_SPLIT)
+    for jb in range(j_lo, j_hi):
         seg_j, loc_j, base_j, stride_j = _block(jb, N, a_ptr, b_ptr, stride_a, stride_b, BLOCK_N)
         col_ok = loc_j < N  # (BLOCK_N,)
         cols = seg_j * N + loc_j  # (BLOCK_N,)
@@ -332,17 +400,68 @@ def _infonce_bwd_kernel(
     zdz = zdz * (wref * c_scale)  # (BLOCK_M,)
     zdz = tl.where(norm_i > eps, zdz, 0.0)  # clamped norm: x / eps is linear, no projection
     dz_scale = wref * out_scale * rmax
-    _store_dx(acc0, zdz, rinv_i, seg_i, loc_i, row_ok, base_i, stride_i, offs_c0, D, da_ptr, db_ptr,
-              stride_da, stride_db, dz_scale)
-    if NUM_DC > 1:
-        _store_dx(acc1, zdz, rinv_i, seg_i, loc_i, row_ok, base_i, stride_i, offs_c0 + BLOCK_DC, D, da_ptr, db_ptr,
+    if NUM_SPLIT == 1:
+        _store_dx(acc0, zdz, rinv_i, seg_i, loc_i, row_ok, base_i, stride_i, offs_c0, D, da_ptr, db_ptr,
                   stride_da, stride_db, dz_scale)
-    if NUM_DC > 2:
-        _store_dx(acc2, zdz, rinv_i, seg_i, loc_i, row_ok, base_i, stride_i, offs_c0 + 2 * BLOCK_DC, D, da_ptr,
-                  db_ptr, stride_da, stride_db, dz_scale)
-    if NUM_DC > 3:
-        _store_dx(acc3, zdz, rinv_i, seg_i, loc_i, row_ok, base_i, stride_i, offs_c0 + 3 * BLOCK_DC, D, da_ptr,
-                  db_ptr, stride_da, stride_db, dz_scale)
+        if NUM_DC > 1:
+            _store_dx(acc1, zdz, rinv_i, seg_i, loc_i, row_ok, base_i, stride_i, offs_c0 + BLOCK_DC, D, da_ptr,
+                      db_ptr, stride_da, stride_db, dz_scale)
+        if NUM_DC > 2:
+            _store_dx(acc2, zdz, rinv_i, seg_i, loc_i, row_ok, base_i, stride_i, offs_c0 + 2 * BLOCK_DC, D, da_ptr,
+                      db_ptr, stride_da, stride_db, dz_scale)
+        if NUM_DC > 3:
+            _store_dx(acc3, zdz, rinv_i, seg_i, loc_i, row_ok, base_i, stride_i, offs_c0 + 3 * BLOCK_DC, D, da_ptr,
+                      db_ptr, stride_da, stride_db, dz_scale)
+    else:  # this split's share of dz and z . dz; _infonce_bwd_finalize_kernel sums them
+        part = part_ptr + split.to(tl.int64) * (2 * N) * D
+        _store_part(acc0 * dz_scale, part, rows, row_ok, offs_c0, D)
+        if NUM_DC > 1:
+            _store_part(acc1 * dz_scale, part, rows, row_ok, offs_c0 + BLOCK_DC, D)
+        if NUM_DC > 2:
+            _store_part(acc2 * dz_scale, part, rows, row_ok, offs_c0 + 2 * BLOCK_DC, D)
+        if NUM_DC > 3:
+            _store_part(acc3 * dz_scale, part, rows, row_ok, offs_c0 + 3 * BLOCK_DC, D)
+        if tl.program_id(1) == 0:  # z . dz is the same for every column chunk: one of them stores it
+            tl.store(zpart_ptr + split * (2 * N) + rows, zdz, mask=row_ok)
+
+
+@triton.jit
+def _store_part(dz, part, rows, row_ok, offs_c, D):
+    # dz (BLOCK_M, BLOCK_DC) fp32 into rows `rows`, columns offs_c of one split's (2N, D) share.
+    ptrs = part + rows.to(tl.int64)[:, None] * D + offs_c[None, :]
+    tl.store(ptrs, dz, mask=row_ok[:, None] & (offs_c < D)[None, :])
+
+
+@triton.jit
+def _infonce_bwd_finalize_kernel(
+    a_ptr, b_ptr,  # a, b: (N, D), unit stride along D
+    norm_ptr,  # norm: (2N,) fp32, saved by the forward
+    part_ptr,  # (NUM_SPLIT, 2N, D) fp32: the splits' shares of dz
+    zpart_ptr,  # (NUM_SPLIT, 2N) fp32: the splits' shares of z . dz
+    da_ptr, db_ptr,  # da, db: (N, D) out, dtype of a/b
+    N, D, stride_a, stride_b, stride_da, stride_db,
+    eps,
+    NUM_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DC: tl.constexpr,
+):
+    # grid (2 cdiv(N, BLOCK_M), cdiv(D, BLOCK_DC)): sums the splits in a fixed order (bit-identical run to
+    # run), then dx_i = rinv_i (dz_i - z_i (z_i . dz_i)) as the unsplit backward stores it.
+    seg_i, loc_i, base_i, stride_i = _block(tl.program_id(0), N, a_ptr, b_ptr, stride_a, stride_b, BLOCK_M)
+    row_ok = loc_i < N  # (BLOCK_M,)
+    rows = seg_i * N + loc_i  # (BLOCK_M,)
+    offs_c = tl.program_id(1) * BLOCK_DC + tl.arange(0, BLOCK_DC)  # (BLOCK_DC,)
+    rinv_i = 1.0 / tl.maximum(tl.load(norm_ptr + rows, mask=row_ok, other=1.0), eps)
+    mask = row_ok[:, None] & (offs_c < D)[None, :]
+    ptrs = part_ptr + rows.to(tl.int64)[:, None] * D + offs_c[None, :]  # (BLOCK_M, BLOCK_DC), split 0
+    dz = tl.zeros((BLOCK_M, BLOCK_DC), dtype=tl.float32)
+    zdz = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    zptrs = zpart_ptr + rows  # (BLOCK_M,), split 0
+    for s in tl.static_range(NUM_SPLIT):
+        dz += tl.load(ptrs, mask=mask, other=0.0)
+        zdz += tl.load(zptrs, mask=row_ok, other=0.0)
+        ptrs += (2 * N) * D  # the next split's share (pointer steps: no int32 product of three sizes)
+        zptrs += 2 * N
+    _store_dx(dz, zdz, rinv_i, seg_i, loc_i, row_ok, base_i, stride_i, offs_c, D, da_ptr, db_ptr,
+              stride_da, stride_db, 1.0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -374,10 +493,19 @@ class KernelConfig:
     # a normalized fp32 copy of every chunk in registers (fewer registers; for fp16 inputs the tile is
     # rescaled per column tile to stay in range). Off until a GPU sweep times it against the default.
     bwd_fold: bool = False
+    # Split the column blocks J of each row block over this many programs (small problems have few row
+    # blocks: 14 for N=200, on 132 multiprocessors). Forward: each split keeps its own online logsumexp and
+    # one more launch (_infonce_merge_kernel) merges them, writes the loss and its mean or sum. Backward:
+    # each split writes its share of dz in fp32 to a (split, 2N, D) workspace that one more launch
+    # (_infonce_bwd_finalize_kernel) sums in a fixed order. 1 = no split (no workspace, no extra launch).
+    fwd_split: int = 1
+    bwd_split: int = 1
 
     def __post_init__(self):
         if not 1 <= self.bwd_chunks <= 4:  # the kernel has four accumulators
             raise ValueError(f"bwd_chunks must be 1 to 4, got {self.bwd_chunks}")
+        if not (1 <= self.fwd_split <= 64 and 1 <= self.bwd_split <= 64):  # unrolled loops over the splits
+            raise ValueError(f"fwd_split and bwd_split must be 1 to 64, got {self.fwd_split}, {self.bwd_split}")
         if self.fp32_dot not in ("ieee", "tf32x3"):
             raise ValueError(f"fp32_dot must be 'ieee' or 'tf32x3', got {self.fp32_dot!r}")
 
@@ -446,7 +574,8 @@ def norm_meta(n: int, d: int) -> dict:
 
 def fwd_meta(cfg: KernelConfig, dtype: torch.dtype, upcast: bool = False) -> dict:
     """`_infonce_fwd_kernel`'s compile-time arguments and launch options for `cfg` and the input dtype."""
-    return dict(BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, BLOCK_D=cfg.fwd_d, FUSED_NORM=cfg.fused_norm,
+    return dict(BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, BLOCK_D=cfg.fwd_d, NUM_SPLIT=cfg.fwd_split,
+                FUSED_NORM=cfg.fused_norm,
                 DOT_PRECISION=_dot_precision(dtype, cfg), DOT_UPCAST=upcast, num_warps=cfg.fwd_warps,
                 num_stages=cfg.fwd_stages)
 
@@ -459,26 +588,45 @@ def _g_scale(cfg: KernelConfig, dtype: torch.dtype) -> float:
 def bwd_meta(cfg: KernelConfig, dtype: torch.dtype, upcast: bool = False) -> dict:
     """`_infonce_bwd_kernel`'s compile-time arguments and launch options for `cfg` and the input dtype."""
     return dict(G_SCALE=_g_scale(cfg, dtype), BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, BLOCK_D=cfg.bwd_d,
-                BLOCK_DC=cfg.bwd_dc, NUM_DC=cfg.bwd_chunks, DOT_PRECISION=_dot_precision(dtype, cfg),
+                BLOCK_DC=cfg.bwd_dc, NUM_DC=cfg.bwd_chunks, NUM_SPLIT=cfg.bwd_split,
+                DOT_PRECISION=_dot_precision(dtype, cfg),
                 DOT_UPCAST=upcast, MM_FP16=dtype != torch.float32, FOLD_RINV=cfg.bwd_fold,
                 SCALE_FP16=cfg.bwd_fold and dtype == torch.float16,
                 num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages)
 
 
-def _forward(a, b, temperature: float, cfg: KernelConfig):
-    # a, b: (N, D), same dtype/device, unit stride along D. Returns norm, lse2, loss: (2N,) fp32.
+def merge_meta(n: int) -> dict:
+    """`_infonce_merge_kernel`'s compile-time arguments and launch options (one program over 2N rows)."""
+    return dict(BLOCK=min(1024, triton.next_power_of_2(2 * n)), num_warps=4)
+
+
+def finalize_meta(n: int, d: int) -> dict:
+    """`_infonce_bwd_finalize_kernel`'s block sizes and launch options (its NUM_SPLIT is the config's)."""
+    return dict(BLOCK_M=_clamp_block(16, n), BLOCK_DC=_clamp_block(256, d), num_warps=4)
+
+
+def _forward(a, b, temperature: float, reduction: str, cfg: KernelConfig):
+    # a, b: (N, D), same dtype/device, unit stride along D. Returns norm, lse2, loss: (2N,) fp32, and the
+    # reduced loss (0-dim) where a split forward's merge computed it ("mean"/"sum"), else None.
     n, d = a.shape
     n2 = 2 * n
     norm, lse2 = torch.empty((2, n2), device=a.device, dtype=torch.float32).unbind(0)  # saved for backward
     loss = torch.empty(n2, device=a.device, dtype=torch.float32)  # its own storage: "none" returns it
+    split = cfg.fwd_split
+    part = torch.empty((3, split, n2), device=a.device, dtype=torch.float32) if split > 1 else lse2
     if not cfg.fused_norm:
         meta = norm_meta(n, d)
         _row_norm_kernel[(2 * triton.cdiv(n, meta["BLOCK_M"]),)](a, b, norm, n, d, a.stride(0), b.stride(0), **meta)
-    _infonce_fwd_kernel[(2 * triton.cdiv(n, cfg.fwd_m),)](
-        a, b, norm, lse2, loss, n, d, a.stride(0), b.stride(0), _LOG2E / temperature, _EPS,
+    _infonce_fwd_kernel[(2 * triton.cdiv(n, cfg.fwd_m), split)](
+        a, b, norm, lse2, loss, part, n, d, a.stride(0), b.stride(0), _LOG2E / temperature, _EPS,
         **fwd_meta(cfg, a.dtype, _dot_upcast(a)),
     )
-    return norm, lse2, loss
+    if split == 1:
+        return norm, lse2, loss, None
+    total = torch.empty((), device=a.device, dtype=torch.float32)
+    _infonce_merge_kernel[(1,)](part, lse2, loss, total, n2, 1.0 / n2 if reduction == "mean" else 1.0,
+                                NUM_SPLIT=split, **merge_meta(n))
+    return norm, lse2, loss, (total if reduction != "none" else None)
 
 
 def _backward(a, b, norm, lse2, grad, temperature: float, reduction: str, cfg: KernelConfig):
@@ -495,13 +643,25 @@ def _backward(a, b, norm, lse2, grad, temperature: float, reduction: str, cfg: K
         w_scale = 1.0 / n2 if reduction == "mean" else 1.0
     da = torch.empty((n, d), device=a.device, dtype=a.dtype)
     db = torch.empty((n, d), device=a.device, dtype=a.dtype)
-    grid = (2 * triton.cdiv(n, cfg.bwd_m), triton.cdiv(d, cfg.bwd_dc * cfg.bwd_chunks))
+    split = cfg.bwd_split
+    if split > 1:  # the splits' shares of dz and z . dz, summed by the finalize launch
+        part = torch.empty((split, n2, d), device=a.device, dtype=torch.float32)
+        zpart = torch.empty((split, n2), device=a.device, dtype=torch.float32)
+    else:
+        part = zpart = norm  # not read
+    grid = (2 * triton.cdiv(n, cfg.bwd_m), triton.cdiv(d, cfg.bwd_dc * cfg.bwd_chunks), split)
     _infonce_bwd_kernel[grid](
-        a, b, norm, lse2, w, wref, da, db,
+        a, b, norm, lse2, w, wref, da, db, part, zpart,
         n, d, a.stride(0), b.stride(0), da.stride(0), db.stride(0), w_stride,
         _LOG2E / temperature, w_scale / (temperature * _g_scale(cfg, a.dtype)), w_scale * _LN2, _EPS,
         **bwd_meta(cfg, a.dtype, _dot_upcast(a)),
     )
+    if split > 1:
+        meta = finalize_meta(n, d)
+        _infonce_bwd_finalize_kernel[(2 * triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_DC"]))](
+            a, b, norm, part, zpart, da, db, n, d, a.stride(0), b.stride(0), da.stride(0), db.stride(0), _EPS,
+            NUM_SPLIT=split, **meta,
+        )
     return da, db
 
 
@@ -515,7 +675,7 @@ def warm_up(n_values, d: int, dtype: torch.dtype, device) -> None:
         views = torch.ones((2 * n, d), device=device, dtype=dtype)  # (2N, D)
         a, b = views[:n], views[n:]
         cfg = pick_config(2 * n, d, dtype)
-        norm, lse2, _ = _forward(a, b, 1.0, cfg)
+        norm, lse2, _, _ = _forward(a, b, 1.0, "mean", cfg)
         _backward(a, b, norm, lse2, torch.ones((), device=device), 1.0, "mean", cfg)
 
 
@@ -531,9 +691,11 @@ class InfoNCEFunction(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, a, b, temperature, reduction, cfg):
-        norm, lse2, loss = _forward(a, b, temperature, cfg)
+        norm, lse2, loss, total = _forward(a, b, temperature, reduction, cfg)
         ctx.save_for_backward(a, b, norm, lse2)
         ctx.temperature, ctx.reduction, ctx.cfg = temperature, reduction, cfg
+        if total is not None:  # a split forward's merge reduced the loss already
+            return total
         if reduction == "mean":
             return loss.mean()
         if reduction == "sum":

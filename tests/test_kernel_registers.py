@@ -29,7 +29,7 @@ def test_default_kernel_configurations_compile_without_spills():
     out = proc.stdout + proc.stderr[-3000:]
     assert proc.returncode == 0, out
     for kernel in ("attention 16-token views", "attention 64-token views", "residual LayerNorm H=768", "InfoNCE N=200 D=768 bfloat16 backward",
-                   "InfoNCE N=16384"):
+                   "InfoNCE N=16384", "InfoNCE N=200 D=768 float16 split merge", "InfoNCE N=200 D=768 bfloat16 split finalize"):
         assert kernel in out, out
 
 
@@ -60,4 +60,5 @@ def test_sweep_candidates_compile():
     rows = [line for line in proc.stdout.splitlines() if line.strip().startswith("InfoNCE (")]
     assert any(r.split(")")[1].strip().startswith("forward") for r in rows)
     assert any(", 3) backward" in r for r in rows)  # several gradient chunks per program
+    assert any("'split', 8) merge" in r for r in rows) and any("'split', 4) finalize" in r for r in rows)
     assert len(rows) >= 15 and all(" regs " in r for r in rows)

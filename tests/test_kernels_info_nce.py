@@ -5,6 +5,7 @@ Without a GPU the Triton kernels run in the Triton interpreter (TRITON_INTERPRET
 before anything imports triton); on a CUDA machine the same tests run the compiled kernels.
 """
 
+import dataclasses
 import math
 import os
 
@@ -285,6 +286,53 @@ def test_triton_folded_backward_deterministic():
     runs = [loss_and_grads(fn, a, b, g) for _ in range(2)]
     for first, second in zip(runs[0], runs[1]):
         assert torch.equal(first, second)
+
+
+# Split column blocks (KernelConfig.fwd_split / bwd_split: more programs for small problems, partial results
+# merged by one more launch each): every dtype and reduction, 1 and 3 gradient-column chunks, folded or not,
+# splits that divide the column blocks, that do not, and more splits than blocks (empty splits).
+SPLIT_CASES = [
+    (n, d, dtype, REDUCTIONS[i % 3], fwd_split, bwd_split, 1 + 2 * (i % 2), i % 4 == 3, i % 5 == 2 and n > 1)
+    for i, (n, d, dtype, (fwd_split, bwd_split)) in enumerate(
+        (n, d, dt, sp) for n, d in ((1, 8), (19, 37), (33, 70)) for dt in (torch.float32, torch.bfloat16, torch.float16)
+        for sp in ((2, 3), (7, 2), (4, 9)))
+]
+
+
+def _split_id(case):
+    n, d, dtype, reduction, fs, bs, chunks, fold, zero = case
+    return (f"N{n}-D{d}-{str(dtype)[6:]}-{reduction}-split{fs}x{bs}-x{chunks}{'-fold' if fold else ''}"
+            f"{'-zero_row' if zero else ''}")
+
+
+@needs_triton
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=_split_id)
+def test_triton_split_matches_definition(case):
+    n, d, dtype, reduction, fwd_split, bwd_split, chunks, fold, zero = case
+    config = KernelConfig(16, 16, 16, 4, 2, n % 2 == 0, 16, 16, 16, 16, 4, 2, chunks, bwd_fold=fold,
+                          fwd_split=fwd_split, bwd_split=bwd_split)
+    check_against_definition("triton", n, d, dtype, reduction, seed=2100 + SPLIT_CASES.index(case),
+                             zero_row=zero and dtype != torch.float16, config=config)
+
+
+@needs_triton
+def test_triton_split_equals_unsplit_forward_and_is_deterministic():
+    """The split forward merges the same per-row online logsumexps: its loss matches the unsplit kernel's to
+    fp32 rounding, and two runs of the split backward (partial sums added in a fixed order) are bit-identical."""
+    a, b = make_inputs(21, 40, torch.bfloat16, seed=2200)
+    g = torch.randn(42)
+    plain = KernelConfig(16, 16, 16, 4, 2, False, 16, 16, 16, 16, 4, 2, 2)
+    split = dataclasses.replace(plain, fwd_split=3, bwd_split=4)
+    runs = [loss_and_grads(lambda x, y, c=c: info_nce_triton(x, y, 0.07, "none", config=c), a, b, g)
+            for c in (plain, split, split)]
+    torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-6, atol=1e-6)
+    for first, second in zip(runs[1], runs[2]):
+        assert torch.equal(first, second)
+
+
+def test_split_out_of_range():
+    with pytest.raises(ValueError, match="fwd_split and bwd_split must be 1 to 64"):
+        KernelConfig(16, 16, 16, 4, 2, False, 16, 16, 16, 16, 4, 2, fwd_split=0)
 
 
 def _compiled_kernels() -> int:
