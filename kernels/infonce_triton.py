@@ -19,7 +19,8 @@ Layout of the work
 
 Launches (forward + backward = 3 Triton launches + 1 torch reduction for "mean"/"sum"):
 0. `_row_norm_kernel`, grid (2 cdiv(N, 64),): ||x_r|| for every row -> norm (2N,) fp32. (With
-   `fused_norm` the forward computes the norms itself instead: no launch, more work in its loop.)
+   `fused_norm` the forward sums the squares of the tiles its Gram loop loads anyway instead: no launch,
+   no second pass over x, more arithmetic in its loop.)
 1. forward `_infonce_fwd_kernel`, grid (2 cdiv(N, BLOCK_M),): each program owns BLOCK_M rows, loops over
    all 2 cdiv(N, BLOCK_N) column blocks (Gram tile over D in BLOCK_D steps) with an online (running max)
    logsumexp, and picks the positive logit on the way. Writes lse2 (2N,) and loss (2N,), fp32.
@@ -110,18 +111,27 @@ def _dot(x, y, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
 @triton.jit
 def _gram_tile(base_i, loc_i, stride_i, row_ok, base_j, loc_j, stride_j, col_ok, D,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    # Raw Gram tile x_I x_J^T: (BLOCK_M, BLOCK_N) fp32, accumulated over D in BLOCK_D steps.
+               DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, SQ_NORMS: tl.constexpr):
+    # Raw Gram tile x_I x_J^T: (BLOCK_M, BLOCK_N) fp32, accumulated over D in BLOCK_D steps. SQ_NORMS: also
+    # the squared norms of its rows, (BLOCK_M,), and columns, (BLOCK_N,), fp32, from the same loaded tiles
+    # (no second pass over x); otherwise those two are zeros (dead code).
     offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     xi_ptrs = base_i + loc_i.to(tl.int64)[:, None] * stride_i + offs_d[None, :]  # (BLOCK_M, BLOCK_D)
     xjt_ptrs = base_j + loc_j.to(tl.int64)[None, :] * stride_j + offs_d[:, None]  # (BLOCK_D, BLOCK_N)
     gram = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    sq_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    sq_j = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d_ok = (d0 + offs_d) < D
         xi = tl.load(xi_ptrs + d0, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
         xjt = tl.load(xjt_ptrs + d0, mask=d_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_D, BLOCK_N)
         gram = _dot(xi, xjt, gram, DOT_PRECISION, DOT_UPCAST)
-    return gram
+        if SQ_NORMS:
+            xi32 = xi.to(tl.float32)
+            xjt32 = xjt.to(tl.float32)
+            sq_i += tl.sum(xi32 * xi32, axis=1)
+            sq_j += tl.sum(xjt32 * xjt32, axis=0)
+    return gram, sq_i, sq_j
 
 
 @triton.jit
@@ -151,7 +161,7 @@ def _row_norm_kernel(
 @triton.jit
 def _infonce_fwd_kernel(
     a_ptr, b_ptr,  # a, b: (N, D) fp16/bf16/fp32, unit stride along D
-    norm_ptr,  # norm: (2N,) fp32; read if not FUSED_NORM, else written here (rows) and recomputed (cols)
+    norm_ptr,  # norm: (2N,) fp32; read if not FUSED_NORM, else computed from the Gram tiles' loads and written
     lse_ptr,  # lse2: (2N,) fp32 out, log2-sum-exp2 of row r's base-2 logits (diagonal excluded)
     loss_ptr,  # loss: (2N,) fp32 out, per-row NT-Xent loss (natural log)
     part_ptr,  # NUM_SPLIT > 1: (3, NUM_SPLIT, 2N) fp32 out, each split's running max, sum and positive
@@ -171,9 +181,7 @@ def _infonce_fwd_kernel(
     rows = seg_i * N + loc_i  # (BLOCK_M,) index into x = cat(a, b)
     split = tl.program_id(1)
     if FUSED_NORM:
-        norm_i = _row_norm(base_i, loc_i, stride_i, row_ok, D, BLOCK_M, BLOCK_D)
-        if split == 0:  # every split computes the same norms; one stores them
-            tl.store(norm_ptr + rows, norm_i, mask=row_ok)
+        norm_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # from each Gram tile's loads (below)
     else:
         norm_i = tl.load(norm_ptr + rows, mask=row_ok, other=1.0)
     rinv_i = 1.0 / tl.maximum(norm_i, eps)  # (BLOCK_M,)
@@ -185,10 +193,12 @@ def _infonce_fwd_kernel(
     for jb in range(j_lo, j_hi):
         seg_j, loc_j, base_j, stride_j = _block(jb, N, a_ptr, b_ptr, stride_a, stride_b, BLOCK_N)
         col_ok = loc_j < N  # (BLOCK_N,)
-        gram = _gram_tile(base_i, loc_i, stride_i, row_ok, base_j, loc_j, stride_j, col_ok, D,
-                          BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, DOT_UPCAST)  # (BLOCK_M, BLOCK_N)
-        if FUSED_NORM:
-            norm_j = _row_norm(base_j, loc_j, stride_j, col_ok, D, BLOCK_N, BLOCK_D)
+        gram, sq_i, sq_j = _gram_tile(base_i, loc_i, stride_i, row_ok, base_j, loc_j, stride_j, col_ok, D,
+                                      BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, DOT_UPCAST, FUSED_NORM)
+        if FUSED_NORM:  # the same loads in the same order for every tile: the same norm_i every time
+            norm_i = tl.sqrt(sq_i)
+            rinv_i = 1.0 / tl.maximum(norm_i, eps)
+            norm_j = tl.sqrt(sq_j)
         else:
             norm_j = tl.load(norm_ptr + seg_j * N + loc_j, mask=col_ok, other=1.0)
         rinv_j = 1.0 / tl.maximum(norm_j, eps)  # (BLOCK_N,)
@@ -203,6 +213,9 @@ def _infonce_fwd_kernel(
         m_i = m_new
         pos_i += tl.sum(tl.where(same & (seg_i != seg_j), s2, 0.0), axis=1)
 
+    if FUSED_NORM:
+        if split == 0:  # every split computes the same norms; one stores them (split 0 has column blocks)
+            tl.store(norm_ptr + rows, norm_i, mask=row_ok)
     if NUM_SPLIT == 1:
         lse2 = m_i + tl.log2(l_i)  # (BLOCK_M,)
         tl.store(lse_ptr + rows, lse2, mask=row_ok)
@@ -359,8 +372,8 @@ def _infonce_bwd_kernel(
         xj0 = _load_cols(base_j, loc_j, stride_j, col_ok, offs_c0, D)
 
         # Recompute the logit tile (same arithmetic as the forward).
-        gram = _gram_tile(base_i, loc_i, stride_i, row_ok, base_j, loc_j, stride_j, col_ok, D,
-                          BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, DOT_UPCAST)  # (BLOCK_M, BLOCK_N)
+        gram, _, _ = _gram_tile(base_i, loc_i, stride_i, row_ok, base_j, loc_j, stride_j, col_ok, D,
+                                BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, DOT_UPCAST, False)  # (BLOCK_M, BLOCK_N)
         s2 = gram * (rinv_i[:, None] * rinv_j[None, :]) * scale2  # (BLOCK_M, BLOCK_N), as in the forward
 
         same = loc_i[:, None] == loc_j[None, :]

@@ -290,9 +290,11 @@ def test_triton_folded_backward_deterministic():
 
 # Split column blocks (KernelConfig.fwd_split / bwd_split: more programs for small problems, partial results
 # merged by one more launch each): every dtype and reduction, 1 and 3 gradient-column chunks, folded or not,
-# splits that divide the column blocks, that do not, and more splits than blocks (empty splits).
+# norms fused or not, splits that divide the column blocks, that do not, and more splits than blocks (empty
+# splits).
 SPLIT_CASES = [
-    (n, d, dtype, REDUCTIONS[i % 3], fwd_split, bwd_split, 1 + 2 * (i % 2), i % 4 == 3, i % 5 == 2 and n > 1)
+    (n, d, dtype, REDUCTIONS[i % 3], fwd_split, bwd_split, 1 + 2 * (i % 2), i % 4 == 3, i % 5 == 2 and n > 1,
+     i % 4 < 2)
     for i, (n, d, dtype, (fwd_split, bwd_split)) in enumerate(
         (n, d, dt, sp) for n, d in ((1, 8), (19, 37), (33, 70)) for dt in (torch.float32, torch.bfloat16, torch.float16)
         for sp in ((2, 3), (7, 2), (4, 9)))
@@ -300,16 +302,16 @@ SPLIT_CASES = [
 
 
 def _split_id(case):
-    n, d, dtype, reduction, fs, bs, chunks, fold, zero = case
+    n, d, dtype, reduction, fs, bs, chunks, fold, zero, fused_norm = case
     return (f"N{n}-D{d}-{str(dtype)[6:]}-{reduction}-split{fs}x{bs}-x{chunks}{'-fold' if fold else ''}"
-            f"{'-zero_row' if zero else ''}")
+            f"{'-zero_row' if zero else ''}{'-fused_norm' if fused_norm else ''}")
 
 
 @needs_triton
 @pytest.mark.parametrize("case", SPLIT_CASES, ids=_split_id)
 def test_triton_split_matches_definition(case):
-    n, d, dtype, reduction, fwd_split, bwd_split, chunks, fold, zero = case
-    config = KernelConfig(16, 16, 16, 4, 2, n % 2 == 0, 16, 16, 16, 16, 4, 2, chunks, bwd_fold=fold,
+    n, d, dtype, reduction, fwd_split, bwd_split, chunks, fold, zero, fused_norm = case
+    config = KernelConfig(16, 16, 16, 4, 2, fused_norm, 16, 16, 16, 16, 4, 2, chunks, bwd_fold=fold,
                           fwd_split=fwd_split, bwd_split=bwd_split)
     check_against_definition("triton", n, d, dtype, reduction, seed=2100 + SPLIT_CASES.index(case),
                              zero_row=zero and dtype != torch.float16, config=config)
