@@ -328,8 +328,12 @@ def _progress_bar(total: int, show: bool):
 ENCODE_CHUNK = 50_000
 
 
+def _is_text(line: str) -> bool:
+    return bool(line.strip())  # blank (or whitespace-only) lines are skipped, not encoded
+
+
 def _non_blank(path: str | os.PathLike) -> Iterator[str]:
-    return (line for line in iter_lines(path, "input file") if line.strip())
+    return (line for line in iter_lines(path, "input file") if _is_text(line))
 
 
 def encode_file(
@@ -347,7 +351,7 @@ def encode_file(
     lines = texts = 0
     for line in iter_lines(input_path, "input file"):
         lines += 1
-        texts += bool(line.strip())
+        texts += _is_text(line)
     if not texts:
         raise MirrorfastError(f"{input_path} has no non-blank lines to encode")
     _check_batch_size(batch_size)
