@@ -348,7 +348,8 @@ def _compiled_kernels() -> int:
     from mirrorfast.kernels import infonce_triton as nce
     from mirrorfast.warmup import compiled_kernels
 
-    return len(compiled_kernels(nce._row_norm_kernel, nce._infonce_fwd_kernel, nce._infonce_bwd_kernel))
+    return len(compiled_kernels(nce._row_norm_kernel, nce._infonce_fwd_kernel, nce._infonce_merge_kernel,
+                                nce._infonce_bwd_kernel, nce._infonce_bwd_finalize_kernel))
 
 
 @needs_triton
