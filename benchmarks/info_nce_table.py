@@ -427,6 +427,9 @@ SWEEP_BWD_SPLIT = [
     ((16, 64, 128, 256, 4, 2), 2), ((16, 64, 128, 256, 4, 2), 4), ((16, 64, 128, 256, 4, 2), 8),
     ((32, 64, 128, 256, 4, 2), 4), ((32, 64, 128, 256, 4, 2), 8), ((16, 64, 128, 128, 4, 2), 4),
     ((32, 64, 128, 256, 8, 2, 3), 8), ((16, 64, 128, 256, 4, 2, 3), 8), ((16, 64, 128, 256, 4, 3), 4),
+    # the logit tiles computed twice (3 x 128 columns) or once (3 x 256, 32-column tiles) per row block: no
+    # spills on sm_90a with Triton 3.6 (the latter folded only)
+    ((16, 64, 128, 128, 4, 2, 3), 8), ((16, 32, 128, 256, 4, 2, 3), 8),
 ]
 
 
@@ -468,8 +471,9 @@ def sweep_candidates(n: int, d: int, dtype) -> list[tuple[str, tuple, str, objec
                for f, k in (SWEEP_FWD_SPLIT if splits else ())]
             + [("bwd", b + (("fold",) if fold else ()), p, KernelConfig(*base_f, *b, fp32_dot=p, bwd_fold=fold))
                for b in bwd_list for fold in folds for p in precisions]
-            + [("bwd", b + ("split", k), "ieee", KernelConfig(*base_f, *b, bwd_split=k))
-               for b, k in (SWEEP_BWD_SPLIT if splits else ())])
+            + [("bwd", b + ("split", k) + (("fold",) if fold else ()), "ieee",
+                KernelConfig(*base_f, *b, bwd_split=k, bwd_fold=fold))
+               for b, k in (SWEEP_BWD_SPLIT if splits else ()) for fold in folds])
 
 
 def run_sweep(n: int, d: int, dtype_name: str) -> None:
