@@ -413,29 +413,33 @@ def _infonce_bwd_kernel(
     zdz = zdz * (wref * c_scale)  # (BLOCK_M,)
     zdz = tl.where(norm_i > eps, zdz, 0.0)  # clamped norm: x / eps is linear, no projection
     dz_scale = wref * out_scale * rmax
-    if NUM_SPLIT == 1:
-        _store_dx(acc0, zdz, rinv_i, seg_i, loc_i, row_ok, base_i, stride_i, offs_c0, D, da_ptr, db_ptr,
-                  stride_da, stride_db, dz_scale)
-        if NUM_DC > 1:
-            _store_dx(acc1, zdz, rinv_i, seg_i, loc_i, row_ok, base_i, stride_i, offs_c0 + BLOCK_DC, D, da_ptr,
-                      db_ptr, stride_da, stride_db, dz_scale)
-        if NUM_DC > 2:
-            _store_dx(acc2, zdz, rinv_i, seg_i, loc_i, row_ok, base_i, stride_i, offs_c0 + 2 * BLOCK_DC, D, da_ptr,
-                      db_ptr, stride_da, stride_db, dz_scale)
-        if NUM_DC > 3:
-            _store_dx(acc3, zdz, rinv_i, seg_i, loc_i, row_ok, base_i, stride_i, offs_c0 + 3 * BLOCK_DC, D, da_ptr,
-                      db_ptr, stride_da, stride_db, dz_scale)
-    else:  # this split's share of dz and z . dz; _infonce_bwd_finalize_kernel sums them
-        part = part_ptr + split.to(tl.int64) * (2 * N) * D
-        _store_part(acc0 * dz_scale, part, rows, row_ok, offs_c0, D)
-        if NUM_DC > 1:
-            _store_part(acc1 * dz_scale, part, rows, row_ok, offs_c0 + BLOCK_DC, D)
-        if NUM_DC > 2:
-            _store_part(acc2 * dz_scale, part, rows, row_ok, offs_c0 + 2 * BLOCK_DC, D)
-        if NUM_DC > 3:
-            _store_part(acc3 * dz_scale, part, rows, row_ok, offs_c0 + 3 * BLOCK_DC, D)
-        if tl.program_id(1) == 0:  # z . dz is the same for every column chunk: one of them stores it
+    part = part_ptr + split.to(tl.int64) * (2 * N) * D  # NUM_SPLIT > 1: this split's (2N, D) share
+    _finish_chunk(acc0, offs_c0, zdz, dz_scale, rinv_i, seg_i, loc_i, rows, row_ok, base_i, stride_i, D,
+                  da_ptr, db_ptr, stride_da, stride_db, part, NUM_SPLIT)
+    if NUM_DC > 1:
+        _finish_chunk(acc1, offs_c0 + BLOCK_DC, zdz, dz_scale, rinv_i, seg_i, loc_i, rows, row_ok, base_i,
+                      stride_i, D, da_ptr, db_ptr, stride_da, stride_db, part, NUM_SPLIT)
+    if NUM_DC > 2:
+        _finish_chunk(acc2, offs_c0 + 2 * BLOCK_DC, zdz, dz_scale, rinv_i, seg_i, loc_i, rows, row_ok, base_i,
+                      stride_i, D, da_ptr, db_ptr, stride_da, stride_db, part, NUM_SPLIT)
+    if NUM_DC > 3:
+        _finish_chunk(acc3, offs_c0 + 3 * BLOCK_DC, zdz, dz_scale, rinv_i, seg_i, loc_i, rows, row_ok, base_i,
+                      stride_i, D, da_ptr, db_ptr, stride_da, stride_db, part, NUM_SPLIT)
+    if NUM_SPLIT > 1:  # z . dz is the same for every column chunk: the first chunk's programs store it
+        if tl.program_id(1) == 0:
             tl.store(zpart_ptr + split * (2 * N) + rows, zdz, mask=row_ok)
+
+
+@triton.jit
+def _finish_chunk(acc, offs_c, zdz, dz_scale, rinv_i, seg_i, loc_i, rows, row_ok, base_i, stride_i, D,
+                  da_ptr, db_ptr, stride_da, stride_db, part, NUM_SPLIT: tl.constexpr):
+    # One chunk of gradient columns, acc (BLOCK_M, BLOCK_DC): dx stored, or (split) this split's share of dz,
+    # which _infonce_bwd_finalize_kernel sums and projects.
+    if NUM_SPLIT == 1:
+        _store_dx(acc, zdz, rinv_i, seg_i, loc_i, row_ok, base_i, stride_i, offs_c, D, da_ptr, db_ptr,
+                  stride_da, stride_db, dz_scale)
+    else:
+        _store_part(acc * dz_scale, part, rows, row_ok, offs_c, D)
 
 
 @triton.jit
@@ -504,7 +508,7 @@ class KernelConfig:
     fp32_dot: str = "ieee"
     # backward: multiply rinv_J into the (G + G^T) tile, so the chunk products read x_J as loaded instead of
     # a normalized fp32 copy of every chunk in registers (fewer registers; for fp16 inputs the tile is
-    # rescaled per column tile to stay in range). Off until a GPU sweep times it against the default.
+    # divided by the largest rinv of the batch to stay in range). Off until a GPU sweep times it.
     bwd_fold: bool = False
     # Split the column blocks J of each row block over this many programs (small problems have few row
     # blocks: 14 for N=200, on 132 multiprocessors). Forward: each split keeps its own online logsumexp and
