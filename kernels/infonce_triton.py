@@ -623,8 +623,8 @@ def finalize_meta(n: int, d: int) -> dict:
 
 
 def _forward(a, b, temperature: float, reduction: str, cfg: KernelConfig):
-    # a, b: (N, D), same dtype/device, unit stride along D. Returns norm, lse2, loss: (2N,) fp32, and the
-    # reduced loss (0-dim) where a split forward's merge computed it ("mean"/"sum"), else None.
+    # a, b: (N, D), same dtype/device, unit stride along D. Returns norm, lse2: (2N,) fp32 (saved for the
+    # backward) and the loss as `reduction` asks: 0-dim ("mean"/"sum") or (2N,) ("none"), fp32.
     n, d = a.shape
     n2 = 2 * n
     norm, lse2 = torch.empty((2, n2), device=a.device, dtype=torch.float32).unbind(0)  # saved for backward
@@ -638,12 +638,12 @@ def _forward(a, b, temperature: float, reduction: str, cfg: KernelConfig):
         a, b, norm, lse2, loss, part, n, d, a.stride(0), b.stride(0), _LOG2E / temperature, _EPS,
         **fwd_meta(cfg, a.dtype, _dot_upcast(a)),
     )
-    if split == 1:
-        return norm, lse2, loss, None
-    total = torch.empty((), device=a.device, dtype=torch.float32)
-    _infonce_merge_kernel[(1,)](part, lse2, loss, total, n2, 1.0 / n2 if reduction == "mean" else 1.0,
-                                NUM_SPLIT=split, **merge_meta(n))
-    return norm, lse2, loss, (total if reduction != "none" else None)
+    if split > 1:  # the merge launch writes lse2 and loss and reduces the loss itself
+        total = torch.empty((), device=a.device, dtype=torch.float32)
+        _infonce_merge_kernel[(1,)](part, lse2, loss, total, n2, 1.0 / n2 if reduction == "mean" else 1.0,
+                                    NUM_SPLIT=split, **merge_meta(n))
+        return norm, lse2, (loss if reduction == "none" else total)
+    return norm, lse2, (loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss)
 
 
 def _backward(a, b, norm, lse2, grad, temperature: float, reduction: str, cfg: KernelConfig):
@@ -692,7 +692,7 @@ def warm_up(n_values, d: int, dtype: torch.dtype, device) -> None:
         views = torch.ones((2 * n, d), device=device, dtype=dtype)  # (2N, D)
         a, b = views[:n], views[n:]
         cfg = pick_config(2 * n, d, dtype)
-        norm, lse2, _, _ = _forward(a, b, 1.0, "mean", cfg)
+        norm, lse2, _ = _forward(a, b, 1.0, "mean", cfg)
         _backward(a, b, norm, lse2, torch.ones((), device=device), 1.0, "mean", cfg)
 
 
@@ -708,15 +708,9 @@ class InfoNCEFunction(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, a, b, temperature, reduction, cfg):
-        norm, lse2, loss, total = _forward(a, b, temperature, reduction, cfg)
+        norm, lse2, loss = _forward(a, b, temperature, reduction, cfg)
         ctx.save_for_backward(a, b, norm, lse2)
         ctx.temperature, ctx.reduction, ctx.cfg = temperature, reduction, cfg
-        if total is not None:  # a split forward's merge reduced the loss already
-            return total
-        if reduction == "mean":
-            return loss.mean()
-        if reduction == "sum":
-            return loss.sum()
         return loss
 
     @staticmethod
