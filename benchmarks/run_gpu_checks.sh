@@ -25,7 +25,7 @@
 #         never run compiled)
 # Seen on an H200, 2026-11-26: each transfer call took ~5 s of device time, the machine's first start
 # ~25 s; the parts took suite 76 s (9 rows then; 17 now), onnx 46 s, tests 76 s (91 InfoNCE tests then;
-# the folded and split cases since add ~50 tests with kernels of their own to compile), sweep 50 s (without
+# the folded and split cases since add ~28 on a GPU, every other one, each compiling kernels of its own), sweep 50 s (without
 # the fp32, folded and split candidates added since), kernel 40 s: the 6 calls used ~350 s, leaving room for
 # a second, targeted call.
 # What to read first: info_nce_table.log's `triton (split)` and `triton (fold)` rows (and their graph rows)
