@@ -422,19 +422,27 @@ def test_loss_kernels_compile_in_the_background_before_the_first_step(tiny_bert_
     every batch size of the run, in the dtype the loss gets, and the first step starts only when that is
     done. Here on the CPU through the Triton interpreter (the trainer's own choice there is PyTorch's loss)."""
     import threading
-    import time
 
     import mirrorfast.kernels.infonce_triton as nce
     import mirrorfast.trainer as trainer
+    import mirrorfast.warmup as warmup
 
     events = []
     real_warm_up = nce.warm_up
+    real_wait = warmup.KernelWarmUp.wait
+    trainer_waits = threading.Event()
 
     def recording_warm_up(sizes, dim, dtype, device):
         events.append(("warm_up", tuple(sizes), dim, dtype, threading.current_thread() is threading.main_thread()))
         real_warm_up(sizes[:1], 8, dtype, device)  # the real thing, small (the interpreter is slow)
-        time.sleep(2.0)  # a compile slower than this run's setup: the first step must still come after it
+        # A compile slower than this run's setup: still running when the trainer reaches its first step.
+        trainer_waits.wait(timeout=30)
         events.append(("warmed",))
+
+    def recording_wait(self):
+        events.append(("trainer waits",))
+        trainer_waits.set()
+        return real_wait(self)
 
     real_info_nce = trainer.info_nce
 
@@ -443,6 +451,7 @@ def test_loss_kernels_compile_in_the_background_before_the_first_step(tiny_bert_
         return real_info_nce(a, b, temperature, backend="torch")
 
     monkeypatch.setattr(nce, "warm_up", recording_warm_up)
+    monkeypatch.setattr(warmup.KernelWarmUp, "wait", recording_wait)
     monkeypatch.setattr(trainer, "info_nce", recording_info_nce)
     monkeypatch.setattr(trainer, "resolve_backend", lambda backend, device: "triton")
     corpus = tmp_path / "corpus.txt"
@@ -453,8 +462,8 @@ def test_loss_kernels_compile_in_the_background_before_the_first_step(tiny_bert_
 
     hidden = json.loads((Path(tiny_bert_dir) / "config.json").read_text())["hidden_size"]
     assert events[0] == ("warm_up", (3, 5), hidden, torch.bfloat16, False)  # sizes of both epochs, off the main thread
-    assert events[1] == ("warmed",)  # before the first step
-    assert [e[2] for e in events[2:]] == [5, 5, 3] * 2 and result.steps == 6
+    assert events[1:3] == [("trainer waits",), ("warmed",)]  # the first step waits for the compile to end
+    assert [e[2] for e in events[3:]] == [5, 5, 3] * 2 and result.steps == 6
 
 
 def _warm_ups(**overrides):
