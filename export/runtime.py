@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from mirrorfast.errors import MirrorfastError, first_line
+from mirrorfast.output import readable_as_created
 from mirrorfast.textfile import iter_lines
 from mirrorfast.tokens import TokenizedTexts, batch_encoder
 
@@ -268,6 +269,8 @@ class EncodeSummary:
 
 def check_npy_output(output: str | os.PathLike) -> Path:
     """A .npy path in an existing directory (checked before any work is done)."""
+    if os.fspath(output).endswith(("/", os.sep)):  # Path() would drop the slash and write a file
+        raise MirrorfastError(f"output {os.fspath(output)} names a directory; give a file name ending in .npy")
     output = Path(output)
     if output.suffix != ".npy":
         raise MirrorfastError(f"output file {output} must end in .npy")
@@ -309,6 +312,7 @@ def npy_rows_writer(output: Path, rows: int, dim: int) -> Iterator[Callable[[np.
             yield write
         if written != rows:
             raise MirrorfastError(f"{rows} rows were due in {output}, {written} came (did the input change?)")
+        readable_as_created(Path(tmp))  # mkstemp makes it 0600
         os.replace(tmp, output)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)

@@ -192,6 +192,40 @@ def _is_ours(model_dir: Path) -> bool:
         return False
 
 
+def check_triton_repo(
+    export_dir: str | Path,
+    repo_dir: str | Path,
+    *,
+    max_batch_size: int = 64,
+    model_name: str | None = None,
+    max_queue_delay_us: int = 2000,
+    preferred_batch_sizes: list[int] | tuple[int, ...] = (),
+    instance_kind: str = "auto",
+    instance_count: int = 1,
+    overwrite: bool = False,
+) -> tuple[Path, list[int]]:
+    """Check `write_triton_repo`'s options and destination (creating REPO_DIR) before anything is written:
+    `mirrorfast export --triton-repo` calls it before exporting. -> (the model folder, the preferred batch
+    sizes sorted). `export_dir` need not exist yet: only its name is used (the default model name)."""
+    if int(max_batch_size) < 1:
+        raise MirrorfastError(f"Triton max_batch_size must be at least 1, got {max_batch_size}")
+    if int(max_queue_delay_us) < 0:
+        raise MirrorfastError(f"max_queue_delay_us must be >= 0, got {max_queue_delay_us}")
+    if instance_kind not in INSTANCE_KINDS:
+        raise MirrorfastError(f"instance_kind must be one of {sorted(INSTANCE_KINDS)}, got {instance_kind!r}")
+    if int(instance_count) < 1:
+        raise MirrorfastError(f"instance_count must be at least 1, got {instance_count}")
+    preferred = sorted({int(b) for b in preferred_batch_sizes})
+    if any(b < 1 or b > max_batch_size for b in preferred):
+        raise MirrorfastError(f"preferred batch sizes must be in 1..{max_batch_size}, got {preferred}")
+    repo_dir = Path(repo_dir)
+    if repo_dir.exists() and not repo_dir.is_dir():
+        raise MirrorfastError(f"Triton repository {repo_dir} exists and is not a directory")
+    model_dir = repo_dir / _model_name(Path(export_dir), model_name)
+    check_destination(model_dir, _is_ours, overwrite, "Triton model folder")  # creates repo_dir
+    return model_dir, preferred
+
+
 def write_triton_repo(
     export_dir: str | Path,
     repo_dir: str | Path,
@@ -212,26 +246,17 @@ def write_triton_repo(
     `instance_kind`: "auto" (Triton's default: one instance per GPU, else CPU), "gpu" or "cpu".
     """
     export_dir = Path(export_dir)
-    repo_dir = Path(repo_dir)
-    if int(max_batch_size) < 1:
-        raise MirrorfastError(f"Triton max_batch_size must be at least 1, got {max_batch_size}")
-    if int(max_queue_delay_us) < 0:
-        raise MirrorfastError(f"max_queue_delay_us must be >= 0, got {max_queue_delay_us}")
-    if instance_kind not in INSTANCE_KINDS:
-        raise MirrorfastError(f"instance_kind must be one of {sorted(INSTANCE_KINDS)}, got {instance_kind!r}")
-    if int(instance_count) < 1:
-        raise MirrorfastError(f"instance_count must be at least 1, got {instance_count}")
-    preferred = sorted({int(b) for b in preferred_batch_sizes})
-    if any(b < 1 or b > max_batch_size for b in preferred):
-        raise MirrorfastError(f"preferred batch sizes must be in 1..{max_batch_size}, got {preferred}")
     if not export_dir.is_dir():
         raise MirrorfastError(f"{export_dir} is not a directory")
     model_file = _model_file(export_dir, precision)
     onnx_path = export_dir / model_file
     if not onnx_path.is_file():
         raise MirrorfastError(f"{export_dir} has no {model_file}; is it an export directory (mirrorfast export)?")
+    model_dir, preferred = check_triton_repo(
+        export_dir, repo_dir, max_batch_size=max_batch_size, model_name=model_name,
+        max_queue_delay_us=max_queue_delay_us, preferred_batch_sizes=preferred_batch_sizes,
+        instance_kind=instance_kind, instance_count=instance_count, overwrite=overwrite)
 
-    name = _model_name(export_dir, model_name)
     try:
         import onnx
 
@@ -243,8 +268,7 @@ def write_triton_repo(
     except Exception as exc:  # noqa: BLE001 - a broken graph is a user-facing failure
         raise MirrorfastError(f"cannot read {onnx_path}: {exc}") from None
 
-    model_dir = repo_dir / name
-    check_destination(model_dir, _is_ours, overwrite, "Triton model folder")  # creates repo_dir
+    name = model_dir.name
     text = render_config(name, "model.onnx", inputs, outputs, int(max_batch_size), int(max_queue_delay_us),
                          preferred, instance_kind, int(instance_count), source=str(export_dir.resolve()))
     try:

@@ -176,7 +176,11 @@ def _add_export(sub) -> None:
 
 def _cmd_export(args) -> int:
     from mirrorfast.export import export_model
+    from mirrorfast.export.triton_repo import check_triton_repo, write_triton_repo
 
+    if args.triton_repo:  # its options and destination fail now, not after the export is written
+        check_triton_repo(args.out_dir, args.triton_repo, max_batch_size=args.triton_max_batch,
+                          overwrite=args.overwrite)
     result = export_model(
         args.model_dir, args.out_dir, fp16=args.fp16, int8=args.int8, opset=args.opset,
         normalize=args.normalize, max_length=args.max_length, overwrite=args.overwrite, log=_log,
@@ -198,8 +202,6 @@ def _cmd_export(args) -> int:
               + ("" if len(int8["tries"]) == 1 else
                  f" (all in int8: min cosine {first['min_cosine']:.6f}, {first['worst']})"))
     if args.triton_repo:
-        from mirrorfast.export.triton_repo import write_triton_repo
-
         model_dir = write_triton_repo(result.out_dir, args.triton_repo, max_batch_size=args.triton_max_batch,
                                       precision="fp16" if args.fp16 else "fp32", overwrite=args.overwrite)
         print(f"  triton model: {model_dir} (config.pbtxt, 1/model.onnx)")

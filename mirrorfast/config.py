@@ -3,6 +3,7 @@
 Fields left as None take their value from the preset of `level`; anything set explicitly wins.
 """
 
+import math
 import os
 from dataclasses import dataclass, fields, replace
 
@@ -60,13 +61,14 @@ class TrainConfig:
 
     def validate(self) -> None:
         checks = [
-            (self.temperature is not None and self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
+            (self.temperature is not None and 0 < self.temperature < math.inf,
+             f"--temperature must be a finite number > 0, got {self.temperature}"),
             (self.batch_size >= 2, f"--batch-size must be at least 2 (a batch needs negatives), got {self.batch_size}"),
             (self.mask_span is not None and self.mask_span >= 0, f"--mask-span must be >= 0, got {self.mask_span}"),
             (self.max_length is not None and self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}"),
             (self.epochs is not None and self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
-            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
-            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (0 < self.lr < math.inf, f"--lr must be a finite number > 0, got {self.lr}"),
+            (0 <= self.weight_decay < math.inf, f"--weight-decay must be a finite number >= 0, got {self.weight_decay}"),
             (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
             (0 <= self.drophead < 1, f"--drophead must be in [0, 1), got {self.drophead}"),
             (self.pooling in ("cls", "mean"), f"--pooling must be cls or mean, got {self.pooling!r}"),

@@ -14,7 +14,15 @@ from mirrorfast.errors import MirrorfastError
 
 
 def check_destination(out_dir: Path, is_ours: Callable[[Path], bool], overwrite: bool, what: str) -> None:
-    """Refuse a destination that exists and is not a previous output of ours, unless `overwrite`."""
+    """Refuse a destination that exists and is not a previous output of ours, unless `overwrite`, and one
+    that cannot be replaced as a whole (the current directory, one of its parents, a mount point)."""
+    resolved, cwd = out_dir.resolve(), Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        where = "the current directory" if resolved == cwd else "a parent of the current directory"
+        raise MirrorfastError(f"{str(out_dir) or '.'} is {where}, which an output cannot replace; name a new "
+                              f"directory (for example {out_dir / 'mirrorfast-out'})")
+    if os.path.ismount(resolved):
+        raise MirrorfastError(f"{out_dir} is a mount point, which an output cannot replace; name a directory in it")
     if out_dir.exists() and not out_dir.is_dir():
         raise MirrorfastError(f"{out_dir} exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not is_ours(out_dir) and not overwrite:
@@ -45,23 +53,50 @@ def atomic_directory(out_dir: Path) -> Iterator[Path]:
     """Yield a fresh temporary directory next to `out_dir`; on success it replaces `out_dir`."""
     out_dir = Path(out_dir)
     tmp = _temporary_sibling(out_dir, "tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the result must be readable like any directory
     try:
         yield tmp
+        readable_as_created(tmp)
         old = None
         if out_dir.exists():
             old = _temporary_sibling(out_dir, "old")
-            os.rename(out_dir, old / "previous")
+            try:
+                os.rename(out_dir, old / "previous")
+            except OSError as exc:
+                os.rmdir(old)
+                raise MirrorfastError(f"cannot replace {out_dir}: {exc.strerror or exc}") from None
         try:
             os.rename(tmp, out_dir)
-        except OSError:
+        except OSError as exc:
             if old is not None:
                 os.rename(old / "previous", out_dir)  # put the previous output back
-            raise
+                os.rmdir(old)
+            raise MirrorfastError(f"cannot move the finished output to {out_dir}: {exc.strerror or exc}") from None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux tells (os.umask can only set it, and
+    setting it, even briefly, races with other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def readable_as_created(path: Path) -> None:
+    """Give `path` (and, for a directory, everything in it) the permissions a plain open()/mkdir() would
+    have: mkdtemp/mkstemp make 0700/0600, and some writers (transformers' safetensors save) 0600, which
+    another user or a serving container could not read."""
+    mask = ~current_umask()
+    for entry in [path] + (list(path.rglob("*")) if path.is_dir() else []):
+        if entry.is_symlink():
+            continue
+        executable = entry.is_dir() or entry.stat().st_mode & 0o111
+        os.chmod(entry, (0o777 if executable else 0o666) & mask)

@@ -257,6 +257,13 @@ def test_unwritable_out_dir(tiny_bert_dir, tmp_path):
         export_model(tiny_bert_dir, blocker)
 
 
+def test_the_current_directory_is_refused_before_exporting(tiny_bert_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MirrorfastError, match="is the current directory, which an output cannot replace"):
+        export_model(tiny_bert_dir, ".")
+    assert list(tmp_path.iterdir()) == [] and list(tmp_path.parent.glob(f".{tmp_path.name}.*")) == []
+
+
 @pytest.mark.parametrize("opset", [MIN_OPSET - 1, MAX_OPSET + 1, 9])
 def test_unsupported_opset(tiny_bert_dir, tmp_path, opset):
     with pytest.raises(MirrorfastError, match=f"unsupported ONNX opset {opset}: supported opsets are 14 to 20"):

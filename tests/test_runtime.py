@@ -2,6 +2,7 @@
 
 import io
 import random
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -203,6 +204,9 @@ def test_cli_encode_writes_the_same_vectors(tiny_export, tiny_onnx, tmp_path, ca
     np.testing.assert_array_equal(vectors, tiny_onnx.encode(["first line", "Ünïcödé 日本語", "third",
                                                                "last without newline"], batch_size=2))
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
+    from mirrorfast.output import current_umask
+
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~current_umask()  # not mkstemp's 0600
 
     assert main(["encode", str(tiny_export), "--input", str(tmp_path / "in.txt"), "--output", str(out),
                  "--int8", "--no-progress"]) == 0
@@ -222,6 +226,7 @@ def test_cli_encode_errors(tiny_export, tmp_path, capsys):
         (["--input", str(tmp_path / "latin1.txt"), "--output", str(tmp_path / "o.npy")], "line 2 is not valid UTF-8"),
         (["--input", str(tmp_path / "blank.txt"), "--output", str(tmp_path / "o.npy")], "no non-blank lines"),
         (["--input", str(good), "--output", str(tmp_path / "o.txt")], "must end in .npy"),
+        (["--input", str(good), "--output", f"{tmp_path / 'o.npy'}/"], "names a directory"),
         (["--input", str(good), "--output", str(tmp_path / "nodir" / "o.npy")], "does not exist"),
         (["--input", str(good), "--output", str(tmp_path / "o.npy"), "--batch-size", "0"], "batch size"),
     ]

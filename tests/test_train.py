@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from mirrorfast.cli import main
 from mirrorfast.config import TrainConfig
 from mirrorfast.errors import MirrorfastError
+from mirrorfast.output import current_umask
 from mirrorfast.trainer import train
 
 SENTENCES = [
@@ -45,6 +47,8 @@ def test_train_end_to_end_loads_everywhere(tiny_bert_dir, corpus, tmp_path, caps
     for name in ("config.json", "model.safetensors", "tokenizer.json", "modules.json", "1_Pooling/config.json"):
         assert (out / name).is_file(), name
     assert not list(tmp_path.glob(".out.tmp-*")), "temporary directory left behind"
+    mask = current_umask()  # transformers saves model.safetensors 0600: another user could not serve it
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()} == {0o666 & ~mask}
 
     # mirrorfast's encoder, plain transformers, and sentence-transformers give the same vectors.
     from sentence_transformers import SentenceTransformer
@@ -164,7 +168,10 @@ def test_view_source_masks_with_the_tokenizers_mask_token(tiny_bert_dir, corpus)
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["--temperature", "0"], "--temperature must be > 0"),
+        (["--temperature", "0"], "--temperature must be a finite number > 0"),
+        (["--temperature", "inf"], "--temperature must be a finite number > 0"),
+        (["--lr", "inf"], "--lr must be a finite number > 0"),
+        (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0"),
         (["--batch-size", "1"], "--batch-size must be at least 2"),
         (["--dropout", "1.5"], "--dropout must be in"),
         (["--max-length", "129"], "--max-length 129 exceeds the model's 128 positions"),  # an index error before
@@ -231,6 +238,18 @@ def test_output_where_nothing_can_be_created_fails_before_training(tiny_bert_dir
     captured = capsys.readouterr()
     assert "cannot write to /proc" in captured.err and "Traceback" not in captured.err
     assert "done:" not in captured.out + captured.err
+
+
+def test_the_current_directory_as_output_is_refused_before_training(tiny_bert_dir, corpus, tmp_path, monkeypatch,
+                                                                    capsys):
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert run_cli(*tiny_args(tiny_bert_dir, corpus, ".")) == 2
+    captured = capsys.readouterr()
+    assert "is the current directory, which an output cannot replace" in captured.err
+    assert "step" not in captured.out + captured.err.replace("--max-steps", "")
+    assert list(here.iterdir()) == [] and list(tmp_path.glob(".here.*")) == []
 
 
 def test_non_finite_loss_stops_and_writes_nothing(tiny_bert_dir, corpus, tmp_path, capsys):

@@ -219,3 +219,18 @@ def test_export_command_writes_the_triton_repo(tiny_bert_dir, tmp_path, capsys):
     config = parse_pbtxt((repo / "exp" / "config.pbtxt").read_text())
     assert config["max_batch_size"] == [8]
     assert (repo / "exp" / "1" / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
+
+
+@pytest.mark.parametrize("bad", ["max-batch", "repo-is-a-file"])
+def test_export_command_checks_the_triton_options_before_exporting(tiny_bert_dir, tmp_path, capsys, bad):
+    from mirrorfast.cli import main
+
+    out, repo = tmp_path / "exp", tmp_path / "repo"
+    if bad == "repo-is-a-file":
+        repo.write_text("not a folder")
+    extra = ["--triton-max-batch", "0"] if bad == "max-batch" else []
+    assert main(["export", str(tiny_bert_dir), str(out), "--triton-repo", str(repo), *extra]) == 2
+    captured = capsys.readouterr()
+    message = "max_batch_size must be at least 1" if bad == "max-batch" else "exists and is not a directory"
+    assert message in captured.err and captured.err.count("\n") == 1 and "exported" not in captured.out
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == (["repo"] if bad != "max-batch" else [])

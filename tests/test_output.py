@@ -1,0 +1,71 @@
+"""Atomic output directories (mirrorfast.output): what a destination may be, what a finished output looks
+like on disk, and what a failure leaves (nothing)."""
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from mirrorfast.errors import MirrorfastError
+from mirrorfast.output import atomic_directory, check_destination, current_umask
+
+NOT_OURS = lambda path: False  # noqa: E731
+
+
+@pytest.mark.parametrize("name", [".", "", "sub/.."])
+def test_the_current_directory_is_refused_before_any_work(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MirrorfastError, match="is the current directory, which an output cannot replace"):
+        check_destination(Path(name), NOT_OURS, overwrite=True, what="output")
+    assert list(tmp_path.iterdir()) == []  # no probe left behind
+
+
+def test_a_parent_of_the_current_directory_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a" / "b")
+    with pytest.raises(MirrorfastError, match="is a parent of the current directory"):
+        check_destination(Path(".."), NOT_OURS, overwrite=True, what="output")
+    check_destination(Path("../c"), NOT_OURS, overwrite=False, what="output")  # a sibling is fine
+
+
+def test_finished_output_is_readable_as_the_umask_allows(tmp_path):
+    """mkdtemp makes 0700 and some writers (transformers' safetensors save) 0600: the finished directory
+    and every file in it get what a plain mkdir/open would have given (an executable keeps its x bits)."""
+    mask = current_umask()
+    assert os.umask(mask) == mask  # read right, and reading it changed nothing
+    out = tmp_path / "out"
+    with atomic_directory(out) as tmp:
+        (tmp / "sub").mkdir(mode=0o700)
+        for name, mode in [("weights.safetensors", 0o600), ("sub/config.json", 0o600), ("run.sh", 0o700)]:
+            (tmp / name).write_text("x")
+            os.chmod(tmp / name, mode)
+    modes = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
+    assert modes == {".": 0o777 & ~mask, "sub": 0o777 & ~mask, "weights.safetensors": 0o666 & ~mask,
+                     "sub/config.json": 0o666 & ~mask, "run.sh": 0o777 & ~mask}
+
+
+def test_a_failed_job_leaves_the_previous_output(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "previous.txt").write_text("keep")
+    with pytest.raises(RuntimeError), atomic_directory(out) as tmp:
+        (tmp / "half.txt").write_text("half-written")
+        raise RuntimeError("interrupted")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["previous.txt"]
+
+
+def test_a_destination_that_cannot_be_moved_aside_is_one_clear_error(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    real_rename = os.rename
+
+    def busy(src, dst):
+        if Path(src) == out:
+            raise OSError(16, "Device or resource busy")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", busy)
+    with pytest.raises(MirrorfastError, match="cannot replace .*out: Device or resource busy"), atomic_directory(out):
+        pass
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary or aside directory left
