@@ -473,8 +473,10 @@ def export_model(
         encoder, source = model, model.source
     else:
         path = Path(model)
-        if not path.is_dir():
+        if not path.exists():
             raise MirrorfastError(f"model directory {path} not found")
+        if not path.is_dir():
+            raise MirrorfastError(f"{path} is a file, not a model directory")
         encoder, source = load_encoder(path), str(path.resolve())
     max_length = _resolve_max_length(encoder, max_length)
     hf_model = _export_copy(encoder)

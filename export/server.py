@@ -26,6 +26,7 @@ import asyncio
 import base64
 import contextlib
 import copy
+import math
 import json
 import signal
 import socket
@@ -91,8 +92,11 @@ class ServeConfig:
                 f"--max-batch-tokens {cfg.max_batch_tokens} is smaller than one input of --max-input-tokens "
                 f"{cfg.max_input_tokens}"
             )
-        if cfg.batch_wait_ms < 0:
-            raise MirrorfastError(f"--batch-wait-ms must be >= 0, got {cfg.batch_wait_ms}")
+        if not 0 <= cfg.batch_wait_ms < math.inf:  # nan would never start a batch
+            raise MirrorfastError(f"--batch-wait-ms must be a finite number >= 0, got {cfg.batch_wait_ms}")
+        if cfg.graceful_timeout_s is not None and not 0 <= cfg.graceful_timeout_s < math.inf:
+            raise MirrorfastError(f"--graceful-timeout must be a finite number of seconds >= 0, "
+                                  f"got {cfg.graceful_timeout_s}")
         if cfg.max_body_bytes is None:
             # Generous for real text: 32 bytes of JSON per token (4x with --truncate, where inputs may be
             # documents), at least 1 MiB.
@@ -380,9 +384,7 @@ def load_encoder(export_dir: str | Path, provider: str = "auto", int8: bool = Fa
     from mirrorfast.export.runtime import OnnxEncoder
 
     path = Path(export_dir)
-    if not path.exists():
-        raise MirrorfastError(f"{path} does not exist")
-    try:  # OnnxEncoder says exactly what is wrong with a directory that is not an export
+    try:  # OnnxEncoder says exactly what is wrong with a path that is not an export directory
         return OnnxEncoder(path, provider=provider, int8=int8)
     except MirrorfastError:
         raise

@@ -113,7 +113,7 @@ def _cmd_eval(args) -> int:
     import json
     from pathlib import Path
 
-    from mirrorfast.evaluate import evaluate, read_sts, read_words
+    from mirrorfast.evaluate import evaluate, format_spearman, read_sts, read_words
 
     if not args.sts and not args.words:
         raise MirrorfastError("give at least one --sts FILE.csv or --words FILE.tsv")
@@ -124,13 +124,13 @@ def _cmd_eval(args) -> int:
     encoder, name, pooling = _load_any_encoder(Path(args.model_dir), args.pooling, args.int8, args.device)
     results = evaluate(encoder, sets, args.batch_size)
     if args.json:
-        print(json.dumps({"model": name, "pooling": pooling, "results": results}))
+        print(json.dumps({"model": name, "pooling": pooling, "results": results}, allow_nan=False))
         return 0
     print(f"model: {name} (pooling: {pooling})")
     width = max(len(r["file"]) for r in results)
     print(f"{'file':<{width}}  {'kind':<5}  {'pairs':>6}  {'spearman':>8}")
     for r in results:
-        print(f"{r['file']:<{width}}  {r['kind']:<5}  {r['pairs']:>6}  {r['spearman']:>8.2f}")
+        print(f"{r['file']:<{width}}  {r['kind']:<5}  {r['pairs']:>6}  {format_spearman(r['spearman']):>8}")
     return 0
 
 
@@ -148,8 +148,10 @@ def _load_any_encoder(path, pooling, int8=False, device="auto"):
         return encoder, f"{path} ({encoder.model_path.name})" if int8 else str(path), encoder.pooling
     if int8:
         raise MirrorfastError(f"--int8 needs an export directory (mirrorfast export --int8); {path} is not one")
-    if not path.is_dir():
+    if not path.exists():
         raise MirrorfastError(f"model directory {path} not found")
+    if not path.is_dir():
+        raise MirrorfastError(f"{path} is a file, not a model or export directory")
     target = pick_device(device)  # before loading: a missing GPU fails fast
     encoder = load_encoder(path, pooling=pooling).to(target)
     return encoder, str(path), encoder.pooling

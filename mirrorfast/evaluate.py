@@ -6,6 +6,7 @@ correlation with the gold scores over all pairs, x100.
 
 import csv
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -42,11 +43,16 @@ def _pairs(path: Path, kind: str, rows, first_line: int) -> PairSet:
         try:
             scores.append(float(row[2]))
         except ValueError:
-            raise MirrorfastError(f"{path}: line {number}: score {row[2]!r} is not a number") from None
+            scores.append(math.nan)
+        if not math.isfinite(scores[-1]):
+            raise MirrorfastError(f"{path}: line {number}: score {row[2]!r} is not a finite number")
         left.append(row[0])
         right.append(row[1])
     if len(scores) < 2:
         raise MirrorfastError(f"{path}: fewer than 2 scored pairs")
+    if min(scores) == max(scores):
+        raise MirrorfastError(f"{path}: all {len(scores)} scores are {scores[0]:g}: a rank correlation with them "
+                              "is undefined")
     return PairSet(path, kind, left, right, np.asarray(scores, dtype=np.float64))
 
 
@@ -72,19 +78,30 @@ def cosine_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def spearman(encoder: TextEncoder, pairs: PairSet, batch_size: int = 128) -> float:
-    """Spearman x100 between gold scores and the cosine of the two sides' embeddings."""
+    """Spearman x100 between gold scores and the cosine of the two sides' embeddings; NaN when the encoder
+    gives every pair the same cosine (a collapsed model: no ranking to correlate)."""
     unique = sorted(set(pairs.left) | set(pairs.right))
     vectors = encoder.encode(unique, batch_size=batch_size)
     index = {text: i for i, text in enumerate(unique)}
     a = vectors[[index[t] for t in pairs.left]]
     b = vectors[[index[t] for t in pairs.right]]
-    return float(spearmanr(cosine_rows(a, b), pairs.scores).correlation * 100.0)
+    cosines = cosine_rows(a, b)
+    if cosines.min() == cosines.max() or not np.isfinite(cosines).all():
+        return math.nan
+    return float(spearmanr(cosines, pairs.scores).correlation * 100.0)
 
 
 def evaluate(encoder: TextEncoder, sets: list[PairSet], batch_size: int = 128) -> list[dict]:
-    """One result dict per pair set (read_sts / read_words): {"file", "kind", "pairs", "spearman"}."""
-    return [
-        {"file": str(s.path), "kind": s.kind, "pairs": len(s.scores),
-         "spearman": round(spearman(encoder, s, batch_size), 4)}
-        for s in sets
-    ]
+    """One result dict per pair set (read_sts / read_words): {"file", "kind", "pairs", "spearman"}; spearman
+    is None where it is undefined (JSON null, not NaN, which JSON does not have)."""
+    results = []
+    for s in sets:
+        value = spearman(encoder, s, batch_size)
+        results.append({"file": str(s.path), "kind": s.kind, "pairs": len(s.scores),
+                        "spearman": None if math.isnan(value) else round(value, 4)})
+    return results
+
+
+def format_spearman(value: float | None) -> str:
+    """For logs and tables: 2 decimals, or why there is no number."""
+    return "n/a (every pair got the same cosine)" if value is None else f"{value:.2f}"

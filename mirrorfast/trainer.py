@@ -27,7 +27,7 @@ from mirrorfast.config import TrainConfig
 from mirrorfast.data import (CUDA_WIDTH_MULTIPLE, PACK_BUCKET, PAD_SEGMENT_MAX, TILE_PAD_SEGMENT_MAX, Batch, Corpus,
                              epoch_batches, load_corpus, load_pairs, packed_batch, padded_batch)
 from mirrorfast.errors import MirrorfastError
-from mirrorfast.evaluate import evaluate, read_sts, read_words
+from mirrorfast.evaluate import evaluate, format_spearman, read_sts, read_words
 from mirrorfast.fused_norm import fused_layernorm_requested, fused_residual_layernorm
 from mirrorfast.graphs import GraphedStep
 from mirrorfast.halfmodel import HalfModel
@@ -320,7 +320,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     t_eval = time.perf_counter()
     before = evaluate(encoder, eval_sets)  # the untrained model, in eval mode (no dropout), fp32
     for r in before:
-        log(f"eval: {r['file']} ({r['kind']}, {r['pairs']} pairs) before training: Spearman {r['spearman']:.2f}")
+        log(f"eval: {r['file']} ({r['kind']}, {r['pairs']} pairs) before training: Spearman "
+            f"{format_spearman(r['spearman'])}")
     eval_seconds = time.perf_counter() - t_eval
     encoder.train()
     if device.type == "cuda":
@@ -390,7 +391,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
         f"{result.tokens_per_second:,.0f} tokens/s, final loss {result.final_loss:.4f}, "
         f"peak memory {result.peak_memory_bytes / 2**20:,.0f} MiB")
     for r in evaluation:
-        log(f"eval: {r['file']} ({r['kind']}, {r['pairs']} pairs): Spearman {r['before']:.2f} -> {r['after']:.2f}")
+        log(f"eval: {r['file']} ({r['kind']}, {r['pairs']} pairs): Spearman "
+            f"{format_spearman(r['before'])} -> {format_spearman(r['after'])}")
     if save:
         metadata = _metadata(cfg, corpus, encoder, device, paths, result)
         with atomic_directory(out_dir) as tmp:

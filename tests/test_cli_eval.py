@@ -49,11 +49,17 @@ def test_eval_errors(tiny_bert_dir, eval_files, tmp_path, capsys):
     sts, _ = eval_files
     bad = tmp_path / "bad.csv"
     bad.write_text("only,two\n")
+    constant, nan = tmp_path / "constant.csv", tmp_path / "nan.csv"
+    constant.write_text("a cat,a dog,3\nthe sky,the sea,3.0\n")
+    nan.write_text("a cat,a dog,3\nthe sky,the sea,nan\n")
     for args, message in [
         ([tiny_bert_dir], "give at least one"),
         ([tiny_bert_dir, "--sts", tmp_path / "missing.csv"], "not found"),
         ([tiny_bert_dir, "--sts", bad], "line 1 has 2 fields"),
         ([tmp_path / "nomodel", "--sts", sts], "model directory"),
+        ([bad, "--sts", sts], "is a file, not a model or export directory"),
+        ([tiny_bert_dir, "--sts", constant], "all 2 scores are 3: a rank correlation with them is undefined"),
+        ([tiny_bert_dir, "--sts", nan], "line 2: score 'nan' is not a finite number"),
     ]:
         assert main(["eval", *map(str, args)]) == 2
         err = capsys.readouterr().err
@@ -124,3 +130,19 @@ def test_eval_device(tiny_bert_dir, tiny_export, eval_files, capsys):
         assert main(["eval", str(model), "--sts", str(sts), "--device", "cuda"]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_a_collapsed_model_scores_null_not_nan(tiny_bert_dir, eval_files, capsys, monkeypatch):
+    """An encoder that gives every pair the same cosine has no Spearman: JSON null (NaN is not JSON), 'n/a'
+    in the table, and no scipy warning on stderr."""
+    import numpy as np
+
+    from mirrorfast.model import Encoder
+
+    monkeypatch.setattr(Encoder, "encode", lambda self, texts, batch_size=128: np.ones((len(texts), 4), np.float32))
+    sts, words = eval_files
+    result = eval_json(capsys, tiny_bert_dir, "--sts", sts)
+    assert result["results"][0]["spearman"] is None
+    assert main(["eval", str(tiny_bert_dir), "--sts", str(sts), "--words", str(words)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("n/a (every pair got the same cosine)") == 2 and "Warning" not in captured.err

@@ -534,7 +534,7 @@ def test_serve_refuses_a_non_export_dir(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "mirrorfast serve: error:" in err and "not an export directory" in err
     assert main(["serve", str(tmp_path / "missing")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert f"export directory {tmp_path / 'missing'} not found" in capsys.readouterr().err  # as encode says it
 
 
 def test_serve_refuses_bad_limits(tiny_export, capsys):
@@ -544,6 +544,11 @@ def test_serve_refuses_bad_limits(tiny_export, capsys):
     assert "exceeds the model's maximum length" in capsys.readouterr().err
     assert main(["serve", str(tiny_export), "--port", "0", "--max-inputs", "0"]) == 2
     assert "--max-inputs must be at least 1" in capsys.readouterr().err
+    for option, value, message in [("--batch-wait-ms", "nan", "--batch-wait-ms must be a finite number >= 0"),
+                                   ("--batch-wait-ms", "inf", "--batch-wait-ms must be a finite number >= 0"),
+                                   ("--graceful-timeout", "-1", "--graceful-timeout must be a finite number of")]:
+        assert main(["serve", str(tiny_export), "--port", "0", option, value]) == 2
+        assert message in capsys.readouterr().err, (option, value)
     for port in ("99999", "-1"):
         assert main(["serve", str(tiny_export), "--port", port]) == 2
         assert f"--port must be 0 to 65535 (0: a free port), got {port}" in capsys.readouterr().err
