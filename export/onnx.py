@@ -292,8 +292,9 @@ def _write_int8(fp32_path: Path, out_path: Path, measure: Callable[[Path], dict]
     for ffn_down_fp32, kept_layers in plans:
         kept = (ffn_down if ffn_down_fp32 else []) + [
             name for i in kept_layers for name in layers[i] if name not in ffn_down]
-        log(f"{out_path.name}: fp32: {fp32_parts(ffn_down_fp32, kept_layers)}"
-            + (f" (the last try's min cosine {tries[-1]['min_cosine']:.6f})" if tries else ""))
+        log(f"{out_path.name}: fp32: {fp32_parts(ffn_down_fp32, kept_layers)}" + (
+            f" (retry: the previous try's min cosine {parity['min_cosine']:.6f} < {parity['threshold']})"
+            if tries else ""))
         try:
             with _quiet_logging():
                 quantize_dynamic(

@@ -19,7 +19,17 @@ __all__ = ["info_nce", "info_nce_reference", "resolve_backend"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 _BACKENDS = ("auto", "torch", "triton")
+KERNELS_ENV = "MIRRORFAST_KERNELS"
 _MIN_CAPABILITY = (8, 0)  # "auto" uses the kernel from Ampere on; backend="triton" may force it elsewhere
+
+
+def reference_forced() -> bool:
+    """Whether $MIRRORFAST_KERNELS=torch forces PyTorch's loss everywhere (unset, empty or "auto": no). Any
+    other value is an error, so a typo never silently leaves the kernel on."""
+    value = os.environ.get(KERNELS_ENV, "").strip().lower()
+    if value not in ("", "auto", "torch"):
+        raise MirrorfastError(f"{KERNELS_ENV} must be torch (PyTorch's loss everywhere) or auto, got {value!r}")
+    return value == "torch"
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,7 +45,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """The implementation `info_nce` will use for tensors on `device` ("torch" or "triton")."""
     if backend not in _BACKENDS:
         raise MirrorfastError(f"info_nce: backend must be one of {_BACKENDS}, got {backend!r}")
-    if os.environ.get("MIRRORFAST_KERNELS", "").lower() == "torch":
+    if reference_forced():
         return "torch"
     if backend == "auto":
         return "triton" if device.type == "cuda" and _triton_available() and _capable(device) else "torch"

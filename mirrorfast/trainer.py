@@ -23,22 +23,24 @@ from tqdm.auto import tqdm
 
 import mirrorfast
 from mirrorfast.augment import masked_views
-from mirrorfast.config import TrainConfig
+from mirrorfast.config import TrainConfig, env_switch
 from mirrorfast.data import (CUDA_WIDTH_MULTIPLE, PACK_BUCKET, PAD_SEGMENT_MAX, TILE_PAD_SEGMENT_MAX, Batch, Corpus,
                              epoch_batches, load_corpus, load_pairs, packed_batch, padded_batch)
 from mirrorfast.errors import MirrorfastError
 from mirrorfast.evaluate import evaluate, format_spearman, read_sts, read_words
-from mirrorfast.fused_norm import fused_layernorm_requested, fused_residual_layernorm
+from mirrorfast.fused_norm import FUSED_LAYERNORM_ENV, fused_layernorm_requested, fused_residual_layernorm
 from mirrorfast.graphs import GraphedStep
 from mirrorfast.halfmodel import HalfModel
 from mirrorfast.kernels import info_nce, resolve_backend
+from mirrorfast.kernels.functional import reference_forced
 from mirrorfast.model import (MIRRORFAST_JSON, Encoder, enable_drophead, load_encoder, pick_device, save_encoder,
                               without_pooler)
 from mirrorfast.output import atomic_directory, check_destination
+from mirrorfast.packing import cuda_kernel as packed_cuda_kernel
 from mirrorfast.packing import flash_supported, packed_attention, packed_kernel, supports_packing
 from mirrorfast.prefetch import BatchStream
 from mirrorfast.tokens import TokenizedTexts, batch_encoder
-from mirrorfast.warmup import KernelWarmUp, describe_warm_ups, kernel_warm_ups
+from mirrorfast.warmup import WARMUP_ENV, KernelWarmUp, describe_warm_ups, kernel_warm_ups
 
 
 @dataclass
@@ -260,11 +262,21 @@ def _peak_memory(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def check_environment() -> None:
+    """Parse every MIRRORFAST_* switch the run reads, before any work: a typo fails now, not after the
+    model has loaded (each is read again where it is used)."""
+    reference_forced()
+    packed_cuda_kernel()
+    env_switch(FUSED_LAYERNORM_ENV, default=False)
+    env_switch(WARMUP_ENV, default=True)
+
+
 # ---------------------------------------------------------------------------------------- the loop
 def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = True) -> TrainResult:
     """Train per `cfg`; write the output directory atomically (unless save=False). Returns the summary."""
     t_setup = time.perf_counter()
     cfg = cfg.resolved()
+    check_environment()
     out_dir = Path(cfg.output)
     if save:
         check_destination(out_dir, is_mirrorfast_output, cfg.overwrite, "mirrorfast output")

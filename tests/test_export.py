@@ -395,9 +395,10 @@ def test_int8_keeps_encoder_layers_in_fp32_until_parity_holds(tiny_bert_dir, tmp
     logs = []
     details, parity = _write_int8(fp32, tmp_path / "model_int8.onnx", measure, logs.append)
     assert logs == ["model_int8.onnx: fp32: nothing (every weight MatMul in int8)",
-                    "model_int8.onnx: fp32: the FFN down-projections (the last try's min cosine 0.950000)",
-                    "model_int8.onnx: fp32: the FFN down-projections and encoder layers [1] (the last try's min "
-                    "cosine 0.950000)"]
+                    "model_int8.onnx: fp32: the FFN down-projections (retry: the previous try's min cosine "
+                    "0.950000 < 0.99)",
+                    "model_int8.onnx: fp32: the FFN down-projections and encoder layers [1] (retry: the previous "
+                    "try's min cosine 0.950000 < 0.99)"]
     assert measured == [{0, 1}, {0, 1}, {0}]  # all in int8, FFN down fp32, then the last layer (of 2) in fp32
     assert details["fp32_layers"] == [1] and details["ffn_down_fp32"] and parity["min_cosine"] == 0.995
     assert [(t["ffn_down_fp32"], t["fp32_layers"]) for t in details["tries"]] == [(False, []), (True, []), (True, [1])]

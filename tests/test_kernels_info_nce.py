@@ -441,6 +441,14 @@ def test_autocast(backend):
         assert torch.equal(q, p)
 
 
+def test_env_override_refuses_a_typo(monkeypatch):
+    monkeypatch.setenv("MIRRORFAST_KERNELS", "Torch ")  # case and spaces are forgiven
+    assert resolve_backend("auto", torch.device("cuda")) == "torch"
+    monkeypatch.setenv("MIRRORFAST_KERNELS", "reference")
+    with pytest.raises(MirrorfastError, match="MIRRORFAST_KERNELS must be torch .* or auto, got 'reference'"):
+        resolve_backend("auto", DEVICE)
+
+
 def test_env_forces_torch(monkeypatch):
     monkeypatch.setenv("MIRRORFAST_KERNELS", "torch")
     assert resolve_backend("triton", DEVICE) == "torch"

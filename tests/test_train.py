@@ -206,6 +206,21 @@ def test_bad_inputs(tiny_bert_dir, tmp_path, capsys):
         assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("name,value,message", [
+    ("MIRRORFAST_KERNELS", "bogus", "MIRRORFAST_KERNELS must be torch"),
+    ("MIRRORFAST_KERNEL_WARMUP", "yes", "MIRRORFAST_KERNEL_WARMUP must be 0 or 1"),
+    ("MIRRORFAST_FUSED_LAYERNORM", "on", "MIRRORFAST_FUSED_LAYERNORM must be 0 or 1"),
+    ("MIRRORFAST_PACKED_ATTENTION", "flashy", "MIRRORFAST_PACKED_ATTENTION must be one of"),
+])
+def test_a_mistyped_environment_switch_fails_before_the_model_loads(tiny_bert_dir, corpus, tmp_path, capsys,
+                                                                    monkeypatch, name, value, message):
+    monkeypatch.setenv(name, value)
+    assert run_cli(*tiny_args(tiny_bert_dir, corpus, tmp_path / "o")) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and "model:" not in captured.out + captured.err
+    assert not (tmp_path / "o").exists()
+
+
 def test_not_a_model(tmp_path, corpus, capsys):
     (tmp_path / "notmodel").mkdir()
     (tmp_path / "notmodel" / "readme.txt").write_text("hi")
