@@ -174,8 +174,14 @@ class OnnxEncoder:
         self.model_path = export_dir / file
         self._input_names = [i.name for i in self.session.get_inputs()]
         self.tokenizer = self._load_tokenizer(export_dir)
-        self._encode_texts = batch_encoder(self.tokenizer, self.max_length)  # made once: it copies the tokenizer
+        # Made once (it copies the tokenizer). truncated_texts: how many texts were cut to max_length so far
+        # (None: a slow tokenizer, which does not say).
+        self.truncated_texts: int | None = 0 if self.tokenizer.is_fast else None
+        self._encode_texts = batch_encoder(self.tokenizer, self.max_length, self._count_truncated)
         self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def _count_truncated(self, n: int) -> None:
+        self.truncated_texts += n
 
     # ------------------------------------------------------------------------------------- loading
     def _session(self, path: Path, providers: list[str]):
@@ -260,6 +266,8 @@ class OnnxEncoder:
 class EncodeSummary:
     texts: int
     blank_lines: int
+    truncated: int | None  # texts longer than max_length, cut to it (None: the tokenizer does not say)
+    max_length: int
     output: Path
     shape: tuple[int, int]
     model_file: str
@@ -367,5 +375,5 @@ def encode_file(
         while chunk := list(itertools.islice(lines_left, ENCODE_CHUNK)):
             write(encoder._encode_by_length(chunk, batch_size, bar.update))
     seconds = time.perf_counter() - start
-    return EncodeSummary(texts, lines - texts, output, (texts, encoder.dim), encoder.model_path.name,
+    return EncodeSummary(texts, lines - texts, encoder.truncated_texts, encoder.max_length, output, (texts, encoder.dim), encoder.model_path.name,
                          encoder.provider, seconds)

@@ -19,9 +19,11 @@ import numpy as np
 Rows = list[list[int]]
 
 
-def batch_encoder(tokenizer, truncate_to: int | None) -> Callable[[list[str]], Rows]:
+def batch_encoder(tokenizer, truncate_to: int | None,
+                  on_truncated: Callable[[int], object] | None = None) -> Callable[[list[str]], Rows]:
     """-> encode(texts) -> token ids per text (special tokens included), cut to `truncate_to` tokens
-    (special tokens kept, on the tokenizer's truncation side) or whole when it is None."""
+    (special tokens kept, on the tokenizer's truncation side) or whole when it is None. on_truncated(n):
+    told after each call how many of its texts were cut (fast tokenizers only: a slow one does not say)."""
     from tokenizers import Tokenizer
 
     core = getattr(tokenizer, "backend_tokenizer", None)
@@ -32,7 +34,14 @@ def batch_encoder(tokenizer, truncate_to: int | None) -> Callable[[list[str]], R
             own.enable_truncation(truncate_to, direction=getattr(tokenizer, "truncation_side", "right"))
         else:
             own.no_truncation()
-        return lambda texts: [e.ids for e in own.encode_batch(texts, add_special_tokens=True)]
+
+        def encode_fast(texts: list[str]) -> Rows:
+            encodings = own.encode_batch(texts, add_special_tokens=True)
+            if on_truncated is not None:
+                on_truncated(sum(1 for e in encodings if e.overflowing))  # what truncation cut off
+            return [e.ids for e in encodings]
+
+        return encode_fast
     slow = copy.deepcopy(tokenizer)
     slow.model_max_length = 1 << 30  # silence "sequence longer than ..." warnings
     options = dict(add_special_tokens=True, padding=False, return_attention_mask=False, return_token_type_ids=False,

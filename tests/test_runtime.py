@@ -214,6 +214,32 @@ def test_cli_encode_writes_the_same_vectors(tiny_export, tiny_onnx, tmp_path, ca
     assert "model_int8.onnx on cpu" in captured.out and "text/s" not in captured.err
 
 
+def test_cli_encode_says_how_many_texts_were_cut(tiny_export, tmp_path, capsys):
+    """Texts over the export's max length (48 tokens) are cut to it, as the model was exported; encode says
+    how many (a text of exactly 48 tokens is not cut), and the cut text's vector is its first 48 tokens'."""
+    from transformers import AutoTokenizer
+
+    from mirrorfast.cli import main
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_export))
+    words = ("alpha beta gamma delta epsilon zeta eta theta iota kappa " * 10).split()
+    exact = next(text for k in range(1, 60) if len(tokenizer(text := " ".join(words[:k]))["input_ids"]) == 48)
+    long_text = exact + " " + " ".join(words[:30])
+    (tmp_path / "in.txt").write_text(f"short\n{exact}\n{long_text}\n{long_text} more\n", encoding="utf-8")
+    out = tmp_path / "v.npy"
+    assert main(["encode", str(tiny_export), "--input", str(tmp_path / "in.txt"), "--output", str(out),
+                 "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "note: 2 of the 4 texts were longer than the export's max length of 48 tokens" in err
+    vectors = np.load(out)
+    np.testing.assert_array_equal(vectors[2], vectors[1])  # cut to the same 48 tokens as `exact`
+
+    (tmp_path / "short.txt").write_text("short\n", encoding="utf-8")
+    assert main(["encode", str(tiny_export), "--input", str(tmp_path / "short.txt"), "--output", str(out),
+                 "--no-progress"]) == 0
+    assert "note:" not in capsys.readouterr().err
+
+
 def test_cli_encode_errors(tiny_export, tmp_path, capsys):
     from mirrorfast.cli import main
 
