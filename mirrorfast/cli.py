@@ -44,7 +44,8 @@ def _add_train(sub) -> None:
     prec = p.add_mutually_exclusive_group()
     prec.add_argument("--fp16", action="store_true", help="fp16 autocast + gradient scaling (GPU)")
     prec.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU; also on CPUs with native bf16, e.g. AVX-512 BF16 or AMX)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: a CUDA GPU where there is one, else the CPU; cuda insists (default: auto)")
     p.add_argument("--attention", choices=["auto", "padded", "packed"], default="auto",
                    help="packed = unpadded variable-length attention (default on CUDA with --fp16/--bf16)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
