@@ -67,8 +67,9 @@ def test_a_step_is_fp32_adamw_on_the_half_models_gradients(minilm_dir, lr):
     assert loss.item() == expected_loss.item()
     expected_master = torch.cat([w.detach().reshape(-1) for w in fp32_weights])
     torch.testing.assert_close(master, expected_master, rtol=1e-6, atol=1e-9)
-    for p, w in zip(published, fp32_weights):  # the model runs on the master's values, rounded
-        assert torch.equal(p, w.detach().to(torch.bfloat16))
+    # The model runs on the master's values, rounded (to the reference's too, but fused and for-loop AdamW
+    # differ in the last fp32 bits, which can round a value at a bf16 boundary either way).
+    assert torch.equal(torch.cat([p.reshape(-1) for p in published]), master.to(torch.bfloat16))
     # Released: fp32 again, with the master's unrounded values (at lr 1e-6 most updates are below bf16's
     # resolution: only the master keeps them).
     assert released.dtype == torch.float32 and torch.equal(released, master)
