@@ -78,8 +78,8 @@ def _validate(a: torch.Tensor, b: torch.Tensor, temperature: float, reduction: s
         raise MirrorfastError(f"info_nce: inputs must be floating point, got {a.dtype} and {b.dtype}")
     if a.device != b.device:
         raise MirrorfastError(f"info_nce: a and b must be on the same device, got {a.device} and {b.device}")
-    if not (isinstance(temperature, (int, float)) and temperature > 0 and temperature == temperature):
-        raise MirrorfastError(f"info_nce: temperature must be a number > 0, got {temperature!r}")
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):  # nan fails too
+        raise MirrorfastError(f"info_nce: temperature must be a finite number > 0, got {temperature!r}")
     if reduction not in _REDUCTIONS:
         raise MirrorfastError(f"info_nce: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 

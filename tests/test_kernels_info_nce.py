@@ -503,13 +503,15 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
         ((torch.randn(3, 4), torch.randn(3, 5)), {}, r"same shape, got \(3, 4\) and \(3, 5\)"),
         ((torch.randn(0, 4), torch.randn(0, 4)), {}, r"at least one pair \(N >= 1\), got N=0"),
         ((torch.ones(3, 4, dtype=torch.int64), torch.ones(3, 4, dtype=torch.int64)), {}, "must be floating point"),
-        ((torch.randn(3, 4), torch.randn(3, 4)), {"temperature": 0.0}, r"temperature must be a number > 0, got 0.0"),
-        ((torch.randn(3, 4), torch.randn(3, 4)), {"temperature": -1.0}, r"temperature must be a number > 0"),
+        ((torch.randn(3, 4), torch.randn(3, 4)), {"temperature": 0.0}, r"temperature must be a finite number > 0, got 0.0"),
+        ((torch.randn(3, 4), torch.randn(3, 4)), {"temperature": -1.0}, r"temperature must be a finite number > 0"),
+        ((torch.randn(3, 4), torch.randn(3, 4)), {"temperature": float("inf")}, r"finite number > 0, got inf"),
+        ((torch.randn(3, 4), torch.randn(3, 4)), {"temperature": float("nan")}, r"finite number > 0, got nan"),
         ((torch.randn(3, 4), torch.randn(3, 4)), {"reduction": "avg"}, r"reduction must be one of .* got 'avg'"),
         ((torch.randn(3, 4), torch.randn(3, 4)), {"backend": "cuda"}, r"backend must be one of .* got 'cuda'"),
         ((torch.randn(3), torch.randn(3)), {}, r"must be 2-D \(N, D\)"),
     ],
-    ids=["shape-mismatch", "n-zero", "integer-dtype", "temperature-zero", "temperature-negative",
+    ids=["shape-mismatch", "n-zero", "integer-dtype", "temperature-zero", "temperature-negative", "temperature-inf", "temperature-nan",
          "bad-reduction", "bad-backend", "not-2d"],
 )
 def test_validation_errors(args, kwargs, match):
