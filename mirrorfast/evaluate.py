@@ -43,7 +43,8 @@ def _pairs(path: Path, kind: str, rows, first_line: int) -> PairSet:
         try:
             scores.append(float(row[2]))
         except ValueError:
-            scores.append(math.nan)
+            header = " (a header line? STS files have none)" if kind == "sts" and number == 1 else ""
+            raise MirrorfastError(f"{path}: line {number}: score {row[2]!r} is not a number{header}") from None
         if not math.isfinite(scores[-1]):
             raise MirrorfastError(f"{path}: line {number}: score {row[2]!r} is not a finite number")
         left.append(row[0])

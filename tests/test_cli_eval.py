@@ -49,7 +49,8 @@ def test_eval_errors(tiny_bert_dir, eval_files, tmp_path, capsys):
     sts, _ = eval_files
     bad = tmp_path / "bad.csv"
     bad.write_text("only,two\n")
-    constant, nan = tmp_path / "constant.csv", tmp_path / "nan.csv"
+    constant, nan, header = tmp_path / "constant.csv", tmp_path / "nan.csv", tmp_path / "header.csv"
+    header.write_text("sentence1,sentence2,score\na cat,a dog,3\nthe sky,the sea,1\n")
     constant.write_text("a cat,a dog,3\nthe sky,the sea,3.0\n")
     nan.write_text("a cat,a dog,3\nthe sky,the sea,nan\n")
     for args, message in [
@@ -60,6 +61,7 @@ def test_eval_errors(tiny_bert_dir, eval_files, tmp_path, capsys):
         ([bad, "--sts", sts], "is a file, not a model or export directory"),
         ([tiny_bert_dir, "--sts", constant], "all 2 scores are 3: a rank correlation with them is undefined"),
         ([tiny_bert_dir, "--sts", nan], "line 2: score 'nan' is not a finite number"),
+        ([tiny_bert_dir, "--sts", header], "line 1: score 'score' is not a number (a header line? STS files have"),
     ]:
         assert main(["eval", *map(str, args)]) == 2
         err = capsys.readouterr().err
