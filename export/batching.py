@@ -205,9 +205,9 @@ class Tokenizing:
 
     INLINE_CHARS = 4096
 
-    def __init__(self, encoder, truncate_to: int | None) -> None:
-        self._inline = batch_encoder(encoder.tokenizer, truncate_to)
-        self._pooled = batch_encoder(encoder.tokenizer, truncate_to)
+    def __init__(self, encoder, truncate_to: int | None, on_truncated: Callable[[int], object] | None = None) -> None:
+        self._inline = batch_encoder(encoder.tokenizer, truncate_to, on_truncated)
+        self._pooled = batch_encoder(encoder.tokenizer, truncate_to, on_truncated)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mirrorfast-tokenize")
 
     def tokenize_sync(self, texts: list[str]) -> Rows:

@@ -51,6 +51,8 @@ class Metrics:
         )
         self.queue_depth = Gauge("mirrorfast_queue_depth", "inputs waiting for the inference worker", registry=r)
         self.rejected = Counter("mirrorfast_rejected", "requests refused with 503 (queue full)", registry=r)
+        self.truncated = Counter("mirrorfast_truncated_inputs", "texts cut to --max-input-tokens (--truncate)",
+                                 registry=r)
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

@@ -139,7 +139,8 @@ class _State:
         self.metrics = metrics
         self.dim = int(encoder.dim)
         # Each request is tokenized once, on the request side; the inference thread only runs the model.
-        self.tokenizing = Tokenizing(encoder, config.max_input_tokens if config.truncate else None)
+        self.tokenizing = Tokenizing(encoder, config.max_input_tokens if config.truncate else None,
+                                     on_truncated=metrics.truncated.inc)
         self.batcher = Batcher(encoder.encode_ids, self.dim, config.max_batch_tokens,
                                config.batch_wait_ms / 1000.0, config.max_queue, metrics)
 

@@ -465,6 +465,7 @@ def test_metrics_count_what_was_sent(encoder):
     assert _metric(text, "mirrorfast_prompt_tokens_total") == tokens
     assert _metric(text, "mirrorfast_batch_tokens_count") == 5
     assert _metric(text, "mirrorfast_queue_depth") == 0
+    assert _metric(text, "mirrorfast_truncated_inputs_total") == 0
     assert "mirrorfast_requests_in_progress" in text
 
 
@@ -479,6 +480,7 @@ def test_truncate(encoder):
         got = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
         np.testing.assert_allclose(got, encoder.encode([long_text, "short"]), atol=ATOL)
         assert r.json()["usage"]["prompt_tokens"] == encoder.max_length + encoder.count_tokens(["short"])[0]
+        assert _metric(httpx.get(f"{url}/metrics").text, "mirrorfast_truncated_inputs_total") == 1
     # a limit below the model's: cut to 16 tokens, as the encoder's tokenizer cuts (special tokens kept)
     app = create_app(encoder, ServeConfig(truncate=True, max_input_tokens=16))
     with live_server(app) as url:
