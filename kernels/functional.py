@@ -8,6 +8,8 @@ everywhere (debugging).
 """
 
 import functools
+import math
+import numbers
 import os
 
 import torch
@@ -19,6 +21,7 @@ __all__ = ["info_nce", "info_nce_reference", "resolve_backend"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 _BACKENDS = ("auto", "torch", "triton")
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the Triton kernel computes natively
 KERNELS_ENV = "MIRRORFAST_KERNELS"
 _MIN_CAPABILITY = (8, 0)  # "auto" uses the kernel from Ampere on; backend="triton" may force it elsewhere
 
@@ -41,14 +44,19 @@ def _triton_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The implementation `info_nce` will use for tensors on `device` ("torch" or "triton")."""
+def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+    """The implementation `info_nce` will use for tensors on `device` of `dtype` (None: any the kernel takes):
+    "torch" or "triton". "auto" runs the kernel on CUDA (sm80+) for fp16/bf16/fp32 and the reference for
+    fp64 (exact there; the kernel computes in fp32)."""
     if backend not in _BACKENDS:
         raise MirrorfastError(f"info_nce: backend must be one of {_BACKENDS}, got {backend!r}")
+    device = torch.device(device)
     if reference_forced():
         return "torch"
     if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() and _capable(device) else "torch"
+        kernel_dtype = dtype is None or dtype in _KERNEL_DTYPES
+        return ("triton" if kernel_dtype and device.type == "cuda" and _triton_available() and _capable(device)
+                else "torch")
     if backend == "triton":
         if not _triton_available():
             raise MirrorfastError("info_nce: backend='triton' asked for, but triton is not installed")
@@ -78,7 +86,10 @@ def _validate(a: torch.Tensor, b: torch.Tensor, temperature: float, reduction: s
         raise MirrorfastError(f"info_nce: inputs must be floating point, got {a.dtype} and {b.dtype}")
     if a.device != b.device:
         raise MirrorfastError(f"info_nce: a and b must be on the same device, got {a.device} and {b.device}")
-    if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):  # nan fails too
+    if isinstance(temperature, torch.Tensor):
+        raise MirrorfastError("info_nce: temperature must be a Python number; a tensor (a learned temperature) is "
+                              "not supported: both implementations take it as a constant")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 < temperature < math.inf:
         raise MirrorfastError(f"info_nce: temperature must be a finite number > 0, got {temperature!r}")
     if reduction not in _REDUCTIONS:
         raise MirrorfastError(f"info_nce: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -93,10 +104,11 @@ def info_nce(
 ) -> torch.Tensor:
     """NT-Xent over the 2N views cat(a, b); a[i] and b[i] are a positive pair, all other rows negatives.
 
-    a, b: (N, D) floating tensors. Returns a scalar ("mean" over 2N rows, "sum") or (2N,) ("none"), fp32.
+    a, b: (N, D) floating tensors. Returns a scalar ("mean" over 2N rows, "sum") or (2N,) ("none"), fp32
+    (fp64 for fp64 inputs, which "auto" gives the reference; a forced Triton kernel computes them in fp32).
     """
     _validate(a, b, temperature, reduction)
-    if resolve_backend(backend, a.device) == "triton":
+    if resolve_backend(backend, a.device, torch.promote_types(a.dtype, b.dtype)) == "triton":
         from mirrorfast.kernels.infonce_triton import info_nce_triton
 
         return info_nce_triton(a, b, float(temperature), reduction)

@@ -9,6 +9,7 @@ import dataclasses
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -478,6 +479,8 @@ def test_auto_uses_the_kernel_from_ampere_on(monkeypatch):
     for capability, expected in (((7, 5), "torch"), ((8, 0), "triton"), ((9, 0), "triton")):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         assert resolve_backend("auto", cuda) == expected, capability
+        assert resolve_backend("auto", "cuda", torch.bfloat16) == expected, capability  # a device name too
+        assert resolve_backend("auto", cuda, torch.float64) == "torch"  # exact fp64: the kernel computes in fp32
         assert resolve_backend("triton", cuda) == "triton"
 
 
@@ -486,6 +489,7 @@ def test_auto_on_cpu_is_torch(monkeypatch):
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
     a, b = make_inputs(3, 8, torch.float32, seed=1300, device="cpu")
     assert torch.equal(info_nce(a, b, 0.3, "none"), info_nce_reference(a, b, 0.3, "none"))
+    assert torch.equal(info_nce(a, b, np.float32(0.25), "none"), info_nce_reference(a, b, 0.25, "none"))  # numpy
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
@@ -507,11 +511,15 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
         ((torch.randn(3, 4), torch.randn(3, 4)), {"temperature": -1.0}, r"temperature must be a finite number > 0"),
         ((torch.randn(3, 4), torch.randn(3, 4)), {"temperature": float("inf")}, r"finite number > 0, got inf"),
         ((torch.randn(3, 4), torch.randn(3, 4)), {"temperature": float("nan")}, r"finite number > 0, got nan"),
+        ((torch.randn(3, 4), torch.randn(3, 4)), {"temperature": True}, r"finite number > 0, got True"),
+        ((torch.randn(3, 4), torch.randn(3, 4)), {"temperature": torch.tensor(0.05, requires_grad=True)},
+         r"temperature must be a Python number; a tensor \(a learned temperature\) is not supported"),
         ((torch.randn(3, 4), torch.randn(3, 4)), {"reduction": "avg"}, r"reduction must be one of .* got 'avg'"),
         ((torch.randn(3, 4), torch.randn(3, 4)), {"backend": "cuda"}, r"backend must be one of .* got 'cuda'"),
         ((torch.randn(3), torch.randn(3)), {}, r"must be 2-D \(N, D\)"),
     ],
-    ids=["shape-mismatch", "n-zero", "integer-dtype", "temperature-zero", "temperature-negative", "temperature-inf", "temperature-nan",
+    ids=["shape-mismatch", "n-zero", "integer-dtype", "temperature-zero", "temperature-negative", "temperature-inf", "temperature-nan", "temperature-bool",
+         "temperature-tensor",
          "bad-reduction", "bad-backend", "not-2d"],
 )
 def test_validation_errors(args, kwargs, match):
