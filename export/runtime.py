@@ -25,7 +25,7 @@ import numpy as np
 from mirrorfast.errors import MirrorfastError, first_line
 from mirrorfast.output import readable_as_created
 from mirrorfast.textfile import iter_lines
-from mirrorfast.tokens import TokenizedTexts, batch_encoder
+from mirrorfast.tokens import TokenizedTexts, as_texts, batch_encoder, check_batch_size
 
 EXPORT_JSON = "export.json"
 EXPORT_FORMAT = "mirrorfast-onnx"
@@ -104,21 +104,6 @@ def pad_right(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarra
     return ids, mask
 
 
-def _as_texts(texts) -> list[str]:
-    if isinstance(texts, (str, bytes)):
-        raise MirrorfastError("encode takes a list of texts, not a single string")
-    texts = list(texts)
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise MirrorfastError(f"text {i} is a {type(text).__name__}, not a string")
-    return texts
-
-
-def _check_batch_size(batch_size) -> None:
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise MirrorfastError(f"batch size must be a positive integer, got {batch_size!r}")
-
-
 class OnnxEncoder:
     """Sentence embeddings from an export directory.
 
@@ -179,6 +164,7 @@ class OnnxEncoder:
         self.truncated_texts: int | None = 0 if self.tokenizer.is_fast else None
         self._encode_texts = batch_encoder(self.tokenizer, self.max_length, self._count_truncated)
         self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._vocab_size = len(self.tokenizer)
 
     def _count_truncated(self, n: int) -> None:
         self.truncated_texts += n
@@ -206,7 +192,7 @@ class OnnxEncoder:
     # ------------------------------------------------------------------------------------ encoding
     def token_ids(self, texts: list[str], max_length: int | None = None) -> list[list[int]]:
         """Token ids per text, special tokens included, truncated to max_length (None: not truncated)."""
-        texts = _as_texts(texts)
+        texts = as_texts(texts)
         if not texts:
             return []
         kwargs = {"truncation": True, "max_length": max_length} if max_length else {"truncation": False}
@@ -237,8 +223,8 @@ class OnnxEncoder:
     def encode(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """float32 (len(texts), dim) in input order; normalized when the export was (see .normalized).
         progress: a progress bar (texts encoded) on stderr."""
-        texts = _as_texts(texts)
-        _check_batch_size(batch_size)
+        texts = as_texts(texts)
+        batch_size = check_batch_size(batch_size)
         with _progress_bar(len(texts), progress) as bar:
             return self._encode_by_length(texts, batch_size, bar.update)
 
@@ -258,7 +244,19 @@ class OnnxEncoder:
         """Already tokenized texts (each within max_length), one model call -> float32 (len(rows), dim)."""
         if not rows:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return np.asarray(self._run(self._feeds(rows)), dtype=np.float32)
+        feeds = self._feeds(rows)
+        self._check_ids(rows, feeds["input_ids"])
+        return np.asarray(self._run(feeds), dtype=np.float32)
+
+    def _check_ids(self, rows: list[list[int]], ids: np.ndarray) -> None:
+        """Rows the graph can take, or one clear error (onnxruntime's own is a broadcast or gather failure)."""
+        longest = ids.shape[1]
+        if longest > self.max_length or min(map(len, rows)) == 0:
+            raise MirrorfastError(f"token id rows must have 1 to {self.max_length} ids (the export's max length), "
+                                  f"got {min(map(len, rows))} to {longest}")
+        if ids.min() < 0 or ids.max() >= self._vocab_size:
+            raise MirrorfastError(f"token ids must be in 0..{self._vocab_size - 1} (the tokenizer's vocabulary), "
+                                  f"got {ids.min()}..{ids.max()}")
 
 
 # ----------------------------------------------------------------------------------- encode a file
@@ -366,7 +364,7 @@ def encode_file(
         texts += _is_text(line)
     if not texts:
         raise MirrorfastError(f"{input_path} has no non-blank lines to encode")
-    _check_batch_size(batch_size)
+    batch_size = check_batch_size(batch_size)
     output = check_npy_output(output_path)
     encoder = OnnxEncoder(export_dir, provider=provider, int8=int8)
     start = time.perf_counter()

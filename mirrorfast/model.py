@@ -7,6 +7,7 @@ which records the pooling and max length every consumer must use).
 
 import contextlib
 import json
+import numbers
 import os
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from torch import nn
 from mirrorfast.errors import MirrorfastError, first_line
 from mirrorfast.hub import cache_dir, resolve_hub_id
 from mirrorfast.packing import first_position_id, packed_hidden, packed_pool
+from mirrorfast.tokens import as_texts, check_batch_size
 
 POOLINGS = ("cls", "mean")
 MIRRORFAST_JSON = "mirrorfast.json"
@@ -183,7 +185,7 @@ class Encoder(nn.Module):
     @torch.inference_mode()
     def encode(self, texts: list[str], batch_size: int = 64, normalize: bool = False) -> np.ndarray:
         """Embed texts in eval mode, batched by sorted length; float32 (len(texts), H) in input order."""
-        texts = list(texts)
+        texts, batch_size = as_texts(texts), check_batch_size(batch_size)
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
@@ -257,6 +259,8 @@ def load_encoder(
     limit = position_limit(model.config)
     if max_length is None:
         max_length = (saved or {}).get("max_length") or min(int(tokenizer.model_max_length), 512, limit or 512)
+    elif isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral) or max_length < 2:
+        raise MirrorfastError(f"max_length must be an integer >= 2 (room for the special tokens), got {max_length!r}")
     elif limit is not None and max_length > limit:  # a longer text would index past the position embeddings
         raise MirrorfastError(f"--max-length {max_length} exceeds the model's {limit} positions")
     if dropout is not None:

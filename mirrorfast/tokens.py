@@ -11,12 +11,36 @@ from __future__ import annotations
 
 import copy
 import itertools
+import numbers
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
+from mirrorfast.errors import MirrorfastError
+
 Rows = list[list[int]]
+
+
+def as_texts(texts) -> list[str]:
+    """A list of str from any iterable of str (a list, tuple, generator, numpy array of str), or one clear
+    error: a single string (which would be encoded character by character) or an item that is not a str."""
+    if isinstance(texts, (str, bytes)):
+        raise MirrorfastError("encode takes a list of texts, not a single string")
+    try:
+        texts = list(texts)
+    except TypeError:
+        raise MirrorfastError(f"encode takes a list of texts, got a {type(texts).__name__}") from None
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise MirrorfastError(f"text {i} is a {type(text).__name__}, not a string")
+    return texts
+
+
+def check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise MirrorfastError(f"batch size must be a positive integer, got {batch_size!r}")
+    return int(batch_size)
 
 
 def batch_encoder(tokenizer, truncate_to: int | None,

@@ -151,16 +151,36 @@ def test_output_order_is_input_order(tiny_onnx, batch_size):
                                one_by_one[shuffled], atol=1e-5)
 
 
-def test_encode_edge_cases(tiny_onnx):
-    assert tiny_onnx.encode([]).shape == (0, 32) and tiny_onnx.encode([]).dtype == np.float32
-    long = tiny_onnx.encode(["word " * 500])  # truncated to max_length, no error
+@pytest.mark.parametrize("which", ["onnx", "torch"])
+def test_encode_edge_cases(tiny_onnx, tiny_torch, which):
+    """OnnxEncoder.encode and the PyTorch Encoder.encode take the same inputs and refuse the same mistakes
+    (a single string would otherwise be encoded character by character; batch size -1 gave zeros)."""
+    encoder = tiny_onnx if which == "onnx" else tiny_torch
+    assert encoder.encode([]).shape == (0, 32) and encoder.encode([]).dtype == np.float32
+    long = encoder.encode(["word " * 500])  # truncated to max_length, no error
     assert long.shape == (1, 32) and np.isfinite(long).all()
-    with pytest.raises(MirrorfastError, match="not a single string"):
-        tiny_onnx.encode("a single string")
-    with pytest.raises(MirrorfastError, match="text 1 is a int"):
-        tiny_onnx.encode(["ok", 3])
-    with pytest.raises(MirrorfastError, match="batch size"):
-        tiny_onnx.encode(["ok"], batch_size=0)
+    texts = ["first text", "second one", "third"]
+    expected = encoder.encode(texts, batch_size=2)
+    for same in (tuple(texts), (t for t in texts), np.array(texts)):
+        np.testing.assert_array_equal(encoder.encode(same, batch_size=np.int64(2)), expected)
+    for bad, message in [("a single string", "not a single string"), (None, "list of texts, got a NoneType"),
+                         (5, "list of texts, got a int"), (["ok", 3], "text 1 is a int"),
+                         (["ok", b"bytes"], "text 1 is a bytes")]:
+        with pytest.raises(MirrorfastError, match=message):
+            encoder.encode(bad)
+    for batch_size in (0, -1, 1.5, True):
+        with pytest.raises(MirrorfastError, match="batch size must be a positive integer"):
+            encoder.encode(["ok"], batch_size=batch_size)
+
+
+def test_encode_ids_refuses_rows_the_graph_cannot_take(tiny_onnx):
+    good = tiny_onnx.token_ids(["a short text"])
+    assert tiny_onnx.encode_ids(good).shape == (1, 32)
+    vocab = len(tiny_onnx.tokenizer)
+    for rows, message in [([[101] * 49], "must have 1 to 48 ids"), ([good[0], []], "must have 1 to 48 ids"),
+                          ([good[0] + [vocab]], f"must be in 0..{vocab - 1}"), ([[-1, 5]], "must be in 0..")]:
+        with pytest.raises(MirrorfastError, match=message):
+            tiny_onnx.encode_ids(rows)
 
 
 def test_count_tokens_is_not_truncated(tiny_onnx):

@@ -564,3 +564,12 @@ def test_train_help_lists_the_environment_switches(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for name in (ATTENTION_ENV, FUSED_LAYERNORM_ENV, WARMUP_ENV, "MIRRORFAST_KERNELS"):
         assert name in text
+
+
+@pytest.mark.parametrize("max_length", [0, 1, -5, 2.5])
+def test_load_encoder_refuses_a_max_length_without_room_for_special_tokens(tiny_bert_dir, max_length):
+    from mirrorfast.model import load_encoder
+
+    with pytest.raises(MirrorfastError, match="max_length must be an integer >= 2"):
+        load_encoder(tiny_bert_dir, max_length=max_length)
+    assert load_encoder(tiny_bert_dir, max_length=2).encode(["word " * 50]).shape == (1, 32)
