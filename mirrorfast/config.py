@@ -4,6 +4,7 @@ Fields left as None take their value from the preset of `level`; anything set ex
 """
 
 import math
+import numbers
 import os
 from dataclasses import dataclass, fields, replace
 
@@ -16,6 +17,12 @@ PRESETS = {
     "word": {"temperature": 0.2, "mask_span": 0, "max_length": 25, "epochs": 2},
 }
 PRECISIONS = ("fp32", "fp16", "bf16")
+_PATHS = ("model", "corpus", "pairs", "output")
+_FILE_LISTS = ("eval_sts", "eval_words")
+_NUMBERS = {"temperature": numbers.Real, "mask_span": numbers.Integral, "max_length": numbers.Integral,
+            "epochs": numbers.Integral, "batch_size": numbers.Integral, "lr": numbers.Real,
+            "weight_decay": numbers.Real, "dropout": numbers.Real, "drophead": numbers.Real,
+            "seed": numbers.Integral, "max_steps": numbers.Integral}
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION = ("auto", "padded", "packed")
 
@@ -51,15 +58,26 @@ class TrainConfig:
     progress: bool = True
 
     def resolved(self) -> "TrainConfig":
-        """A copy with preset values filled in and every field validated."""
+        """A copy with preset values filled in, paths as str (Path objects are taken), one evaluation file
+        as a 1-tuple, and every field validated."""
         if self.level not in PRESETS:
             raise MirrorfastError(f"--level must be one of {tuple(PRESETS)}, got {self.level!r}")
         preset = PRESETS[self.level]
         cfg = replace(self, **{k: v for k, v in preset.items() if getattr(self, k) is None})
+        cfg = replace(cfg, **{k: os.fspath(v) for k in _PATHS if isinstance(v := getattr(cfg, k), os.PathLike)},
+                      **{k: tuple(os.fspath(f) for f in ([v] if isinstance(v, (str, os.PathLike)) else v))
+                         for k in _FILE_LISTS if (v := getattr(cfg, k))})
         cfg.validate()
         return cfg
 
     def validate(self) -> None:
+        for name, kind in _NUMBERS.items():
+            value = getattr(self, name)
+            if value is None and name == "max_steps":  # the only one that may be unset (presets fill the rest)
+                continue
+            if isinstance(value, bool) or not isinstance(value, kind):
+                what = "an integer" if kind is numbers.Integral else "a number"
+                raise MirrorfastError(f"--{name.replace('_', '-')} must be {what}, got {value!r}")
         checks = [
             (self.temperature is not None and 0 < self.temperature < math.inf,
              f"--temperature must be a finite number > 0, got {self.temperature}"),

@@ -3,7 +3,9 @@
 import csv
 import json
 import math
+import re
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -573,3 +575,21 @@ def test_load_encoder_refuses_a_max_length_without_room_for_special_tokens(tiny_
     with pytest.raises(MirrorfastError, match="max_length must be an integer >= 2"):
         load_encoder(tiny_bert_dir, max_length=max_length)
     assert load_encoder(tiny_bert_dir, max_length=2).encode(["word " * 50]).shape == (1, 32)
+
+
+def test_train_config_takes_paths_and_refuses_wrong_types(tiny_bert_dir, corpus, tmp_path):
+    """The Python API: Path objects work wherever a path goes, one evaluation file may be given bare, and a
+    value of the wrong type is one clear error (not a TypeError from deep inside the run)."""
+    cfg = TrainConfig(model=Path(tiny_bert_dir), corpus=Path(corpus), output=tmp_path / "o", eval_sts=Path("dev.csv"),
+                      eval_words="words.tsv", max_steps=1, progress=False)
+    resolved = cfg.resolved()
+    assert (resolved.corpus, resolved.output) == (str(corpus), str(tmp_path / "o"))
+    assert (resolved.eval_sts, resolved.eval_words) == (("dev.csv",), ("words.tsv",))
+    result = train(replace(cfg, eval_sts=(), eval_words=()), log=lambda message: None)
+    assert result.steps == 1 and (tmp_path / "o" / "mirrorfast.json").is_file()
+    for field, value, message in [("batch_size", 2.5, "--batch-size must be an integer, got 2.5"),
+                                  ("temperature", "0.1", "--temperature must be a number, got '0.1'"),
+                                  ("dropout", None, "--dropout must be a number, got None"),
+                                  ("epochs", True, "--epochs must be an integer, got True")]:
+        with pytest.raises(MirrorfastError, match=re.escape(message)):
+            replace(cfg, **{field: value}).resolved()
