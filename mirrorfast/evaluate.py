@@ -81,6 +81,8 @@ def cosine_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def spearman(encoder: TextEncoder, pairs: PairSet, batch_size: int = 128) -> float:
     """Spearman x100 between gold scores and the cosine of the two sides' embeddings; NaN when the encoder
     gives every pair the same cosine (a collapsed model: no ranking to correlate)."""
+    if len(pairs.scores) < 2:  # read_sts / read_words refuse such files; a PairSet built by hand may not
+        raise MirrorfastError(f"{pairs.path}: a Spearman correlation needs at least 2 pairs, got {len(pairs.scores)}")
     unique = sorted(set(pairs.left) | set(pairs.right))
     vectors = encoder.encode(unique, batch_size=batch_size)
     index = {text: i for i, text in enumerate(unique)}

@@ -148,3 +148,16 @@ def test_a_collapsed_model_scores_null_not_nan(tiny_bert_dir, eval_files, capsys
     assert main(["eval", str(tiny_bert_dir), "--sts", str(sts), "--words", str(words)]) == 0
     captured = capsys.readouterr()
     assert captured.out.count("n/a (every pair got the same cosine)") == 2 and "Warning" not in captured.err
+
+
+def test_spearman_of_a_hand_built_pair_set_needs_two_pairs():
+    from pathlib import Path
+
+    import numpy as np
+
+    from mirrorfast.errors import MirrorfastError
+    from mirrorfast.evaluate import PairSet, spearman
+
+    one = PairSet(Path("mine"), "sts", ["a"], ["b"], np.array([1.0]))
+    with pytest.raises(MirrorfastError, match="mine: a Spearman correlation needs at least 2 pairs, got 1"):
+        spearman(None, one)  # refused before any encoding
