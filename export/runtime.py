@@ -236,24 +236,27 @@ class OnnxEncoder:
         order = np.argsort(np.diff(offsets), kind="stable")  # by length: little padding per batch
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            out[idx] = self.encode_ids([tokens.ids[offsets[i]:offsets[i + 1]] for i in idx])
+            out[idx] = self.encode_ids([tokens.ids[offsets[i]:offsets[i + 1]] for i in idx], checked=False)
             done(len(idx))
         return out
 
-    def encode_ids(self, rows: list[list[int]]) -> np.ndarray:
-        """Already tokenized texts (each within max_length), one model call -> float32 (len(rows), dim)."""
+    def encode_ids(self, rows: list[list[int]], *, checked: bool = True) -> np.ndarray:
+        """Already tokenized texts (each within max_length), one model call -> float32 (len(rows), dim).
+        checked=False skips the check of the rows: for callers whose rows come from this export's tokenizer
+        within max_length (encode, and the server, which checks lengths on the request side)."""
         if not rows:
             return np.zeros((0, self.dim), dtype=np.float32)
         feeds = self._feeds(rows)
-        self._check_ids(rows, feeds["input_ids"])
+        if checked:
+            self._check_ids(rows, feeds["input_ids"])
         return np.asarray(self._run(feeds), dtype=np.float32)
 
     def _check_ids(self, rows: list[list[int]], ids: np.ndarray) -> None:
         """Rows the graph can take, or one clear error (onnxruntime's own is a broadcast or gather failure)."""
-        longest = ids.shape[1]
-        if longest > self.max_length or min(map(len, rows)) == 0:
+        shortest, longest = min(map(len, rows)), ids.shape[1]
+        if shortest == 0 or longest > self.max_length:
             raise MirrorfastError(f"token id rows must have 1 to {self.max_length} ids (the export's max length), "
-                                  f"got {min(map(len, rows))} to {longest}")
+                                  f"got {shortest} to {longest}")
         if ids.min() < 0 or ids.max() >= self._vocab_size:
             raise MirrorfastError(f"token ids must be in 0..{self._vocab_size - 1} (the tokenizer's vocabulary), "
                                   f"got {ids.min()}..{ids.max()}")
@@ -373,5 +376,5 @@ def encode_file(
         while chunk := list(itertools.islice(lines_left, ENCODE_CHUNK)):
             write(encoder._encode_by_length(chunk, batch_size, bar.update))
     seconds = time.perf_counter() - start
-    return EncodeSummary(texts, lines - texts, encoder.truncated_texts, encoder.max_length, output, (texts, encoder.dim), encoder.model_path.name,
-                         encoder.provider, seconds)
+    return EncodeSummary(texts, lines - texts, encoder.truncated_texts, encoder.max_length, output,
+                         (texts, encoder.dim), encoder.model_path.name, encoder.provider, seconds)

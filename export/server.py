@@ -26,8 +26,9 @@ import asyncio
 import base64
 import contextlib
 import copy
-import math
+import functools
 import json
+import math
 import signal
 import socket
 import sys
@@ -141,8 +142,9 @@ class _State:
         # Each request is tokenized once, on the request side; the inference thread only runs the model.
         self.tokenizing = Tokenizing(encoder, config.max_input_tokens if config.truncate else None,
                                      on_truncated=metrics.truncated.inc)
-        self.batcher = Batcher(encoder.encode_ids, self.dim, config.max_batch_tokens,
-                               config.batch_wait_ms / 1000.0, config.max_queue, metrics)
+        # Rows come from the encoder's own tokenizer, each request's lengths checked against --max-input-tokens.
+        self.batcher = Batcher(functools.partial(encoder.encode_ids, checked=False), self.dim,
+                               config.max_batch_tokens, config.batch_wait_ms / 1000.0, config.max_queue, metrics)
 
 
 def _parse_texts(value: Any, param: str, max_inputs: int) -> list[str]:

@@ -59,10 +59,12 @@ def batch_encoder(tokenizer, truncate_to: int | None,
         else:
             own.no_truncation()
 
+        count_cut = on_truncated if truncate_to else None  # nothing is cut without truncation
+
         def encode_fast(texts: list[str]) -> Rows:
             encodings = own.encode_batch(texts, add_special_tokens=True)
-            if on_truncated is not None:
-                on_truncated(sum(1 for e in encodings if e.overflowing))  # what truncation cut off
+            if count_cut is not None:
+                count_cut(sum(1 for e in encodings if e.overflowing))  # what truncation cut off
             return [e.ids for e in encodings]
 
         return encode_fast

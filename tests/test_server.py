@@ -385,10 +385,10 @@ class _GatedEncoder:
         for name in ("tokenizer", "max_length", "dim", "provider", "name", "normalized"):
             setattr(self, name, getattr(inner, name))
 
-    def encode_ids(self, rows):
+    def encode_ids(self, rows, **options):
         self.entered.set()
         self.gate.wait(30)
-        return self.inner.encode_ids(rows)
+        return self.inner.encode_ids(rows, **options)
 
 
 def test_full_queue_is_503_with_retry_after(encoder, expected):
@@ -425,10 +425,10 @@ def test_inference_failure_is_a_json_500_and_the_worker_goes_on(encoder, expecte
     boom = encoder.token_ids(["boom"])[0]
 
     class Flaky(_GatedEncoder):
-        def encode_ids(self, rows):
+        def encode_ids(self, rows, **options):
             if boom in rows:
                 raise RuntimeError("simulated onnxruntime failure")
-            return self.inner.encode_ids(rows)
+            return self.inner.encode_ids(rows, **options)
 
     flaky = Flaky(encoder)
     with live_server(create_app(flaky, ServeConfig(batch_wait_ms=0))) as url:
