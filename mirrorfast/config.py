@@ -17,14 +17,14 @@ PRESETS = {
     "word": {"temperature": 0.2, "mask_span": 0, "max_length": 25, "epochs": 2},
 }
 PRECISIONS = ("fp32", "fp16", "bf16")
-_PATHS = ("model", "corpus", "pairs", "output")
-_FILE_LISTS = ("eval_sts", "eval_words")
+DEVICES = ("auto", "cpu", "cuda")
+ATTENTION = ("auto", "padded", "packed")
+_PATHS = ("model", "corpus", "pairs", "output")  # os.PathLike taken, stored as str
+_FILE_LISTS = ("eval_sts", "eval_words")  # one file or several
 _NUMBERS = {"temperature": numbers.Real, "mask_span": numbers.Integral, "max_length": numbers.Integral,
             "epochs": numbers.Integral, "batch_size": numbers.Integral, "lr": numbers.Real,
             "weight_decay": numbers.Real, "dropout": numbers.Real, "drophead": numbers.Real,
             "seed": numbers.Integral, "max_steps": numbers.Integral}
-DEVICES = ("auto", "cpu", "cuda")
-ATTENTION = ("auto", "padded", "packed")
 
 
 @dataclass
@@ -79,12 +79,11 @@ class TrainConfig:
                 what = "an integer" if kind is numbers.Integral else "a number"
                 raise MirrorfastError(f"--{name.replace('_', '-')} must be {what}, got {value!r}")
         checks = [
-            (self.temperature is not None and 0 < self.temperature < math.inf,
-             f"--temperature must be a finite number > 0, got {self.temperature}"),
+            (0 < self.temperature < math.inf, f"--temperature must be a finite number > 0, got {self.temperature}"),
             (self.batch_size >= 2, f"--batch-size must be at least 2 (a batch needs negatives), got {self.batch_size}"),
-            (self.mask_span is not None and self.mask_span >= 0, f"--mask-span must be >= 0, got {self.mask_span}"),
-            (self.max_length is not None and self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}"),
-            (self.epochs is not None and self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.mask_span >= 0, f"--mask-span must be >= 0, got {self.mask_span}"),
+            (self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}"),
+            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (0 < self.lr < math.inf, f"--lr must be a finite number > 0, got {self.lr}"),
             (0 <= self.weight_decay < math.inf, f"--weight-decay must be a finite number >= 0, got {self.weight_decay}"),
             (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),

@@ -80,7 +80,7 @@ def cosine_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def spearman(encoder: TextEncoder, pairs: PairSet, batch_size: int = 128) -> float:
     """Spearman x100 between gold scores and the cosine of the two sides' embeddings; NaN when the encoder
-    gives every pair the same cosine (a collapsed model: no ranking to correlate)."""
+    gives every pair the same cosine (a collapsed model: no ranking to correlate) or a non-finite one."""
     if len(pairs.scores) < 2:  # read_sts / read_words refuse such files; a PairSet built by hand may not
         raise MirrorfastError(f"{pairs.path}: a Spearman correlation needs at least 2 pairs, got {len(pairs.scores)}")
     unique = sorted(set(pairs.left) | set(pairs.right))
@@ -89,7 +89,7 @@ def spearman(encoder: TextEncoder, pairs: PairSet, batch_size: int = 128) -> flo
     a = vectors[[index[t] for t in pairs.left]]
     b = vectors[[index[t] for t in pairs.right]]
     cosines = cosine_rows(a, b)
-    if cosines.min() == cosines.max() or not np.isfinite(cosines).all():
+    if not np.isfinite(cosines).all() or cosines.min() == cosines.max():  # a broken or collapsed model
         return math.nan
     return float(spearmanr(cosines, pairs.scores).correlation * 100.0)
 
@@ -107,4 +107,4 @@ def evaluate(encoder: TextEncoder, sets: list[PairSet], batch_size: int = 128) -
 
 def format_spearman(value: float | None) -> str:
     """For logs and tables: 2 decimals, or why there is no number."""
-    return "n/a (every pair got the same cosine)" if value is None else f"{value:.2f}"
+    return "n/a (the model's cosines are all equal, or not finite)" if value is None else f"{value:.2f}"

@@ -444,7 +444,7 @@ def test_autocast(backend):
 
 def test_env_override_refuses_a_typo(monkeypatch):
     monkeypatch.setenv("MIRRORFAST_KERNELS", "Torch ")  # case and spaces are forgiven
-    assert resolve_backend("auto", torch.device("cuda")) == "torch"
+    assert resolve_backend("triton", DEVICE) == "torch"  # without the override: the kernel (or an error)
     monkeypatch.setenv("MIRRORFAST_KERNELS", "reference")
     with pytest.raises(MirrorfastError, match="MIRRORFAST_KERNELS must be torch .* or auto, got 'reference'"):
         resolve_backend("auto", DEVICE)
