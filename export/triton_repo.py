@@ -204,7 +204,7 @@ def check_triton_repo(
     instance_count: int = 1,
     overwrite: bool = False,
 ) -> tuple[Path, list[int]]:
-    """Check `write_triton_repo`'s options and destination (creating REPO_DIR) before anything is written:
+    """Check `write_triton_repo`'s options and destination before anything is written (nothing is created):
     `mirrorfast export --triton-repo` calls it before exporting. -> (the model folder, the preferred batch
     sizes sorted). `export_dir` need not exist yet: only its name is used (the default model name)."""
     if int(max_batch_size) < 1:
@@ -222,7 +222,7 @@ def check_triton_repo(
     if repo_dir.exists() and not repo_dir.is_dir():
         raise MirrorfastError(f"Triton repository {repo_dir} exists and is not a directory")
     model_dir = repo_dir / _model_name(Path(export_dir), model_name)
-    check_destination(model_dir, _is_ours, overwrite, "Triton model folder")  # creates repo_dir
+    check_destination(model_dir, _is_ours, overwrite, "Triton model folder")
     return model_dir, preferred
 
 

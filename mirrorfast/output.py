@@ -29,19 +29,34 @@ def check_destination(out_dir: Path, is_ours: Callable[[Path], bool], overwrite:
         raise MirrorfastError(
             f"{out_dir} exists and is not a previous {what}; choose another directory or pass --overwrite"
         )
-    parent = out_dir.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise MirrorfastError(f"cannot create {parent}: {exc.strerror or exc}") from None
     # Probe by creating what atomic_directory will create: os.access misses filesystems that refuse new
     # entries whatever the permissions say (and root passes every permission check), and a long job
-    # should fail here, before it runs, not when it saves.
-    os.rmdir(_temporary_sibling(out_dir, "probe"))
+    # should fail here, before it runs, not when it saves. Missing parents are probed at their nearest
+    # existing ancestor and created only when the output is saved: a refused or failed job leaves no
+    # empty folders behind.
+    os.rmdir(_temporary_sibling(out_dir, "probe", _nearest_existing_ancestor(out_dir)))
 
 
-def _temporary_sibling(out_dir: Path, kind: str) -> Path:
-    parent = out_dir.resolve().parent
+def _nearest_existing_ancestor(out_dir: Path) -> Path:
+    ancestor = out_dir.resolve().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise MirrorfastError(f"cannot create {out_dir.resolve().parent}: {ancestor} is not a directory")
+    return ancestor
+
+
+def _missing_parents(out_dir: Path) -> list[Path]:
+    """The parent folders of `out_dir` that do not exist yet, outermost first."""
+    missing, parent = [], out_dir.resolve().parent
+    while not parent.exists():
+        missing.insert(0, parent)
+        parent = parent.parent
+    return missing
+
+
+def _temporary_sibling(out_dir: Path, kind: str, where: Path | None = None) -> Path:
+    parent = where or out_dir.resolve().parent
     try:
         return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{kind}-", dir=parent))
     except OSError as exc:
@@ -52,7 +67,18 @@ def _temporary_sibling(out_dir: Path, kind: str) -> Path:
 def atomic_directory(out_dir: Path) -> Iterator[Path]:
     """Yield a fresh temporary directory next to `out_dir`; on success it replaces `out_dir`."""
     out_dir = Path(out_dir)
-    tmp = _temporary_sibling(out_dir, "tmp")
+    created = _missing_parents(out_dir)
+    for folder in created:
+        try:
+            folder.mkdir()
+        except OSError as exc:
+            _remove_empty(created)
+            raise MirrorfastError(f"cannot create {folder}: {exc.strerror or exc}") from None
+    try:
+        tmp = _temporary_sibling(out_dir, "tmp")
+    except BaseException:
+        _remove_empty(created)
+        raise
     try:
         yield tmp
         readable_as_created(tmp)
@@ -75,7 +101,17 @@ def atomic_directory(out_dir: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the parent folders a failed save created (innermost first), if nothing else went into them."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def current_umask() -> int:

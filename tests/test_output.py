@@ -69,3 +69,30 @@ def test_a_destination_that_cannot_be_moved_aside_is_one_clear_error(tmp_path, m
     with pytest.raises(MirrorfastError, match="cannot replace .*out: Device or resource busy"), atomic_directory(out):
         pass
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary or aside directory left
+
+
+def test_missing_parents_are_created_only_when_the_output_is_saved(tmp_path):
+    """A refused or failed job leaves no empty folders: the check probes the nearest existing ancestor,
+    the save creates the parents, and a failed save removes the ones it created."""
+    out = tmp_path / "a" / "b" / "out"
+    check_destination(out, NOT_OURS, overwrite=False, what="output")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError), atomic_directory(out) as tmp:
+        assert tmp.parent == out.parent and out.parent.is_dir()
+        raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "kept.txt").write_text("someone else's")  # a folder that existed is left as it was
+    with pytest.raises(RuntimeError), atomic_directory(out):
+        raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "kept.txt"]
+    with atomic_directory(out) as tmp:
+        (tmp / "done.txt").write_text("ok")
+    assert (out / "done.txt").read_text() == "ok"
+
+
+def test_a_parent_that_is_a_file_is_refused_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MirrorfastError, match=r"cannot create .*file/sub: .*file is not a directory"):
+        check_destination(tmp_path / "file" / "sub" / "out", NOT_OURS, overwrite=False, what="output")
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]

@@ -191,7 +191,7 @@ def test_failures_leave_nothing_behind(export_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "copyfile", broken_copy)
     with pytest.raises(MirrorfastError, match="No space left"):
         triton_repo.write_triton_repo(export_dir, repo)
-    assert list(repo.iterdir()) == []
+    assert not repo.exists()  # the repository folder is created with the model folder, and removed with it
 
 
 def test_fixed_batch_dimension_is_refused(tmp_path):
@@ -234,3 +234,16 @@ def test_export_command_checks_the_triton_options_before_exporting(tiny_bert_dir
     message = "max_batch_size must be at least 1" if bad == "max-batch" else "exists and is not a directory"
     assert message in captured.err and captured.err.count("\n") == 1 and "exported" not in captured.out
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == (["repo"] if bad != "max-batch" else [])
+
+
+def test_a_failed_export_leaves_no_triton_repo_folder(tmp_path, capsys):
+    """The repository folder (and its missing parents) are created with the model folder, not by the check
+    run before exporting: an export that fails leaves no empty folder behind."""
+    from mirrorfast.cli import main
+
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    repo = tmp_path / "serving" / "repo"
+    assert main(["export", str(not_a_model), str(tmp_path / "exp"), "--triton-repo", str(repo)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["not-a-model"]
