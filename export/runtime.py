@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,14 +161,16 @@ class OnnxEncoder:
         self._input_names = [i.name for i in self.session.get_inputs()]
         self.tokenizer = self._load_tokenizer(export_dir)
         # Made once (it copies the tokenizer). truncated_texts: how many texts were cut to max_length so far
-        # (None: a slow tokenizer, which does not say).
+        # (None: a slow tokenizer, which does not say); counted under a lock, as encode() may run in threads.
         self.truncated_texts: int | None = 0 if self.tokenizer.is_fast else None
+        self._truncated_lock = threading.Lock()
         self._encode_texts = batch_encoder(self.tokenizer, self.max_length, self._count_truncated)
         self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._vocab_size = len(self.tokenizer)
 
     def _count_truncated(self, n: int) -> None:
-        self.truncated_texts += n
+        with self._truncated_lock:
+            self.truncated_texts += n
 
     # ------------------------------------------------------------------------------------- loading
     def _session(self, path: Path, providers: list[str]):
@@ -288,8 +291,10 @@ def check_npy_output(output: str | os.PathLike) -> Path:
     if output.is_dir():
         raise MirrorfastError(f"output {output} is a directory")
     fd, tmp = _temporary_sibling(output)  # a directory we cannot write to fails now, not after the work
-    os.close(fd)
-    os.unlink(tmp)
+    try:
+        os.close(fd)
+    finally:
+        os.unlink(tmp)
     return output
 
 

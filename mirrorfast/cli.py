@@ -5,7 +5,10 @@ Every user-facing failure is a MirrorfastError: one line on stderr, exit code 2,
 """
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 
 from mirrorfast import __version__
 from mirrorfast.errors import MirrorfastError
@@ -318,12 +321,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the main thread is, so that the job unwinds as on Ctrl-C (a container stop or a
+    scheduler's kill leaves no temporary output behind) instead of the process dying mid-write."""
+
+
+def _raise_terminated(_signum, _frame) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds(command: str):
+    """SIGTERM raises Terminated for the command's duration: only from the main thread, only where nobody
+    installed a handler (a program that embeds main() keeps its own), and not for `serve`, which finishes
+    the requests in flight on SIGTERM itself."""
+    install = (command != "serve" and threading.current_thread() is threading.main_thread()
+               and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+    if install:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        if install:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.handler(args) or 0)
+        with _sigterm_unwinds(args.command):
+            return int(args.handler(args) or 0)
     except MirrorfastError as exc:
         if args.debug:
             raise
@@ -332,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mirrorfast {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"mirrorfast {args.command}: terminated (SIGTERM); nothing was written", file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":

@@ -461,3 +461,57 @@ def test_encode_reuses_one_tokenizer_copy(tiny_onnx, monkeypatch):
     tiny_onnx.encode(["one text"])
     tiny_onnx.encode(["two", "texts"])
     assert made == []
+
+
+def _terminate_when(process: subprocess.Popen, appeared, timeout_s: float = 120.0) -> None:
+    """SIGTERM `process` as soon as appeared() is true (it is polled), as a container stop would."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not appeared():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the job never got to the point the test stops it at"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+
+
+def test_sigterm_mid_encode_leaves_nothing_and_exits_143(tiny_export, tmp_path):
+    """A stopped container or a scheduler's kill sends SIGTERM: encode unwinds as on Ctrl-C (its temporary
+    .npy is removed), says so in one line and exits 128 + 15. Without a handler, Python dies at once and
+    leaves the hidden partial file next to the output."""
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    rng = random.Random()
+    lines = (" ".join(rng.choices(words, k=rng.randint(3, 30))) for _ in range(150_000))
+    (tmp_path / "in.txt").write_text("\n".join(lines), encoding="utf-8")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mirrorfast.cli", "encode", str(tiny_export), "--input", str(tmp_path / "in.txt"),
+         "--output", str(out_dir / "v.npy"), "--no-progress", "--provider", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def writing() -> bool:  # the temporary .npy is past its header (not the destination check's empty probe)
+        for entry in out_dir.iterdir():
+            try:
+                if entry.stat().st_size > 4096:
+                    return True
+            except FileNotFoundError:  # the probe, removed between listing and stat
+                pass
+        return False
+
+    _terminate_when(process, writing)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "mirrorfast encode: terminated (SIGTERM); nothing was written", err
+    assert "Traceback" not in err and list(out_dir.iterdir()) == []
+
+
+def test_sigterm_mid_export_leaves_nothing(tiny_bert_dir, tmp_path):
+    """export writes into a temporary sibling for its whole run (files, then parity checks): SIGTERM removes it."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mirrorfast.cli", "export", str(tiny_bert_dir), str(tmp_path / "exp"), "--int8"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _terminate_when(process, lambda: any(p.name.startswith(".exp.tmp-") for p in tmp_path.iterdir()))
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143 and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
