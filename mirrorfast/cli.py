@@ -359,10 +359,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mirrorfast {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"mirrorfast {args.command}: interrupted; nothing was written", file=sys.stderr)
+        print(f"mirrorfast {args.command}: interrupted; no partial output was left", file=sys.stderr)
         return 130
     except Terminated:
-        print(f"mirrorfast {args.command}: terminated (SIGTERM); nothing was written", file=sys.stderr)
+        print(f"mirrorfast {args.command}: terminated (SIGTERM); no partial output was left", file=sys.stderr)
         return 128 + signal.SIGTERM
 
 

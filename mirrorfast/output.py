@@ -79,30 +79,45 @@ def atomic_directory(out_dir: Path) -> Iterator[Path]:
     except BaseException:
         _remove_empty(created)
         raise
+    old = None  # where the previous output is moved aside while the new one is moved in
     try:
         yield tmp
         readable_as_created(tmp)
-        old = None
         if out_dir.exists():
             old = _temporary_sibling(out_dir, "old")
-            try:
-                os.rename(out_dir, old / "previous")
-            except OSError as exc:
-                os.rmdir(old)
-                raise MirrorfastError(f"cannot replace {out_dir}: {exc.strerror or exc}") from None
-        try:
-            os.rename(tmp, out_dir)
-        except OSError as exc:
-            if old is not None:
-                os.rename(old / "previous", out_dir)  # put the previous output back
-                os.rmdir(old)
-            raise MirrorfastError(f"cannot move the finished output to {out_dir}: {exc.strerror or exc}") from None
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+            _rename(out_dir, old / "previous", f"cannot replace {out_dir}")
+        _rename(tmp, out_dir, f"cannot move the finished output to {out_dir}")
+    except BaseException:  # an error, or Ctrl-C / SIGTERM at any point of the swap
+        _roll_back(out_dir, tmp, old)
         _remove_empty(created)
         raise
+    if old is not None:
+        try:
+            shutil.rmtree(old, ignore_errors=True)
+        except BaseException:  # interrupted while removing the previous output: the new one is complete
+            shutil.rmtree(old, ignore_errors=True)
+            raise
+
+
+def _rename(src: Path, dst: Path, failure: str) -> None:
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        raise MirrorfastError(f"{failure}: {exc.strerror or exc}") from None
+
+
+def _roll_back(out_dir: Path, tmp: Path, old: Path | None) -> None:
+    """Leave the destination as it was before the save, wherever the swap stopped, and no temporaries."""
+    try:
+        if not tmp.exists() and out_dir.exists():  # the new output was moved in already: take it out
+            os.rename(out_dir, tmp)
+        if old is not None and (old / "previous").exists() and not out_dir.exists():
+            os.rename(old / "previous", out_dir)  # put the previous output back
+    except OSError:
+        pass  # the original error is the one to report
+    shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _remove_empty(folders: list[Path]) -> None:

@@ -36,6 +36,20 @@ def test_short_strings_and_k0_untouched():
     assert mask_span("y" * MIN_LENGTH_TO_MASK, 5, "[MASK]", rng) != "y" * MIN_LENGTH_TO_MASK
 
 
+@pytest.mark.parametrize("extra", [-7, -1, 0, 1])
+def test_a_span_as_long_as_the_text_leaves_it_whole(extra):
+    """--mask-span larger than a string (of at least 30 characters) would erase it whole (and drew from an
+    empty range, a traceback from the tokenizing thread): such strings stay unmasked; one char more masks."""
+    rng = random.Random()
+    text = "z" * (MIN_LENGTH_TO_MASK + 10)
+    k = len(text) - extra
+    out = mask_span(text, k, "#", rng)
+    if k >= len(text):
+        assert out == text
+    else:
+        assert out.count("#") == 1 and len(out) == len(text) - k + 1
+
+
 def test_training_views_use_each_tokenizers_mask_token(tmp_path):
     """The trainer's second views carry the model's own mask token: <mask> (one token id) for a RoBERTa-style
     tokenizer, not BERT's [MASK] (which this vocabulary would split into pieces)."""

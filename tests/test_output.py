@@ -2,6 +2,7 @@
 like on disk, and what a failure leaves (nothing)."""
 
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -96,3 +97,46 @@ def test_a_parent_that_is_a_file_is_refused_before_any_work(tmp_path):
     with pytest.raises(MirrorfastError, match=r"cannot create .*file/sub: .*file is not a directory"):
         check_destination(tmp_path / "file" / "sub" / "out", NOT_OURS, overwrite=False, what="output")
     assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+@pytest.mark.parametrize("when", ["after-moving-aside", "after-moving-in"])
+def test_an_interrupt_during_the_swap_leaves_the_previous_output(tmp_path, monkeypatch, when):
+    """Ctrl-C or SIGTERM can land between the two renames of the swap, or just after the second: the
+    destination ends as it was (the previous output, not the new one and not nothing), with no temporaries."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "previous.txt").write_text("keep")
+    real_rename = os.rename
+    renames = []
+    interrupt_after = 1 if when == "after-moving-aside" else 2  # later renames are the roll-back's
+
+    def rename_then_interrupt(src, dst):
+        real_rename(src, dst)
+        renames.append(Path(dst))
+        if len(renames) == interrupt_after:
+            raise KeyboardInterrupt  # a signal handled just after the rename returned
+
+    monkeypatch.setattr(os, "rename", rename_then_interrupt)
+    with pytest.raises(KeyboardInterrupt), atomic_directory(out) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["previous.txt"]
+
+
+def test_an_interrupt_while_removing_the_previous_output_keeps_the_new_one(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "previous.txt").write_text("old")
+    real_rmtree = shutil.rmtree
+    interrupted = []
+
+    def rmtree_interrupted_once(path, *args, **kwargs):
+        if ".out.old-" in str(path) and not interrupted:
+            interrupted.append(path)
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree_interrupted_once)
+    with pytest.raises(KeyboardInterrupt), atomic_directory(out) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert interrupted and [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in out.iterdir()] == ["new.txt"]

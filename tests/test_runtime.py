@@ -502,7 +502,7 @@ def test_sigterm_mid_encode_leaves_nothing_and_exits_143(tiny_export, tmp_path):
     _terminate_when(process, writing)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 143, err
-    assert err.strip().splitlines()[-1] == "mirrorfast encode: terminated (SIGTERM); nothing was written", err
+    assert err.strip().splitlines()[-1] == "mirrorfast encode: terminated (SIGTERM); no partial output was left", err
     assert "Traceback" not in err and list(out_dir.iterdir()) == []
 
 
