@@ -154,9 +154,10 @@ def cases():
         for meta in attn._class_launches(q, attn.MAX_VIEW_TOKENS, 0.1):
             label = f"attention {meta['BLOCK_L']}-token views, head dim {head_dim}, bf16"
             checked = meta["BLOCK_L"] < attn.MAX_VIEW_TOKENS
-            yield f"{label} forward", attn._packed_attention_fwd_kernel, dict(common, o_ptr=bf), meta, checked
+            top = dict(top_l=meta["top_l"])  # a runtime argument the launch helper hands over with the meta
+            yield f"{label} forward", attn._packed_attention_fwd_kernel, dict(common, o_ptr=bf, **top), meta, checked
             yield (f"{label} backward", attn._packed_attention_bwd_kernel,
-                   dict(common, do_ptr=bf, dq_ptr=bf, dk_ptr=bf, dv_ptr=bf), meta, checked)
+                   dict(common, do_ptr=bf, dq_ptr=bf, dk_ptr=bf, dv_ptr=bf, **top), meta, checked)
     for h_dim in (768, 384):
         for h_dtype, res_dtype in ((torch.bfloat16, f32), (torch.bfloat16, torch.bfloat16)):
             meta = dict(rln._launch_args(h_dim), DROPOUT=True)

@@ -85,6 +85,20 @@ def _keep(seed_ptr, view, head, H, BLOCK_L: tl.constexpr, MAX_L: tl.constexpr):
 
 
 @triton.jit
+def _in_class(n, LOW: tl.constexpr, BLOCK_L: tl.constexpr, top_l):
+    # This launch's views: LOW < n <= BLOCK_L. The last launch also takes views longer than its tile, which
+    # only a max_len below the batch's longest view lets through: their first BLOCK_L rows come out NaN
+    # (a NaN loss, not rows left unwritten), since checking max_len on the host would need a device sync.
+    return (n > LOW) & ((n <= BLOCK_L) | (BLOCK_L >= top_l))
+
+
+@triton.jit
+def _nan_if_longer(x, n, BLOCK_L: tl.constexpr):
+    # x for a view that fits the tile; NaN for one longer than max_len (see _in_class): loud, not wrong.
+    return tl.where(n > BLOCK_L, float("nan"), x)
+
+
+@triton.jit
 def _packed_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr,  # (T, H, D), same strides, unit stride along D
     o_ptr,  # (T, H, D) out, same strides as q
@@ -92,17 +106,19 @@ def _packed_attention_fwd_kernel(
     seed_ptr,  # (1,) int64 Philox seed (read only if DROPOUT)
     stride_t, stride_h, H, D,
     scale, p_drop,
+    top_l,  # the tile size of the last launch's class (a runtime int: one compiled kernel per class)
     LOW: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, MAX_L: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     view, start, n = _view(cu_ptr)
-    if (n > LOW) & (n <= BLOCK_L):  # this launch's length class: LOW < n <= BLOCK_L
+    if _in_class(n, LOW, BLOCK_L, top_l):
         head, q, k, v, offsets, mask, row_ok = _view_tiles(q_ptr, k_ptr, v_ptr, start, n, stride_t, stride_h, D,
                                                            BLOCK_L, BLOCK_D)
         p = _probabilities(q, k, row_ok, scale, UPCAST, IEEE)  # (BLOCK_L, BLOCK_L)
         if DROPOUT:
             p = tl.where(_keep(seed_ptr, view, head, H, BLOCK_L, MAX_L) >= p_drop, p / (1.0 - p_drop), 0.0)
         o = _dot(p.to(v.dtype), v, UPCAST, IEEE)  # (BLOCK_L, BLOCK_D)
+        o = _nan_if_longer(o, n, BLOCK_L)
         tl.store(o_ptr + offsets, o.to(q.dtype), mask=mask)
 
 
@@ -113,11 +129,12 @@ def _packed_attention_bwd_kernel(
     cu_ptr, seed_ptr,
     stride_t, stride_h, H, D,
     scale, p_drop,
+    top_l,
     LOW: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, MAX_L: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     view, start, n = _view(cu_ptr)
-    if (n > LOW) & (n <= BLOCK_L):  # this launch's length class
+    if _in_class(n, LOW, BLOCK_L, top_l):
         head, q, k, v, offsets, mask, row_ok = _view_tiles(q_ptr, k_ptr, v_ptr, start, n, stride_t, stride_h, D,
                                                            BLOCK_L, BLOCK_D)
         do = tl.load(do_ptr + offsets, mask=mask, other=0.0)  # (BLOCK_L, BLOCK_D), zero rows past the view
@@ -133,6 +150,7 @@ def _packed_attention_bwd_kernel(
         dq = _dot(ds.to(k.dtype), k, UPCAST, IEEE) * scale
         dk = _dot(tl.trans(ds).to(q.dtype), q, UPCAST, IEEE) * scale
         dv = _dot(tl.trans(pd).to(do.dtype), do, UPCAST, IEEE)
+        dq, dk, dv = _nan_if_longer(dq, n, BLOCK_L), _nan_if_longer(dk, n, BLOCK_L), _nan_if_longer(dv, n, BLOCK_L)
         tl.store(dq_ptr + offsets, dq.to(q.dtype), mask=mask)
         tl.store(dk_ptr + offsets, dk.to(q.dtype), mask=mask)
         tl.store(dv_ptr + offsets, dv.to(q.dtype), mask=mask)
@@ -157,18 +175,19 @@ def _class_launches(q: torch.Tensor, max_len: int, dropout_p: float) -> list[dic
                   UPCAST=q.device.type == "cpu" and q.dtype != torch.float32, IEEE=q.dtype == torch.float32)
     top = next(b for b in LENGTH_CLASSES if b >= max_len)
     lows = (0, *LENGTH_CLASSES[:-1])
-    return [dict(common, LOW=low, BLOCK_L=block, num_warps=_CLASS_WARPS[block])
+    return [dict(common, top_l=top, LOW=low, BLOCK_L=block, num_warps=_CLASS_WARPS[block])
             for low, block in zip(lows, LENGTH_CLASSES) if block <= top]
 
 
 class PackedAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_len: int, dropout_p: float, scale: float):
+    def forward(ctx, q, k, v, cu_seqlens, max_len: int, dropout_p: float, scale: float, seed: torch.Tensor | None):
         n_views, heads = cu_seqlens.shape[0] - 1, q.shape[1]
-        # A fresh seed per call from torch's generator (on CUDA also inside a captured graph: each replay
-        # draws anew); only read when dropout is on.
-        seed = (torch.randint(0, 2**31 - 1, (1,), device=q.device, dtype=torch.int64) if dropout_p > 0
-                else torch.zeros(1, device=q.device, dtype=torch.int64))
+        if seed is None:
+            # A fresh seed per call from torch's generator (on CUDA also inside a captured graph: each replay
+            # draws anew); only read when dropout is on.
+            seed = (torch.randint(0, 2**31 - 1, (1,), device=q.device, dtype=torch.int64) if dropout_p > 0
+                    else torch.zeros(1, device=q.device, dtype=torch.int64))
         out = torch.empty_like(q)
         for args in _class_launches(q, max_len, dropout_p):
             _packed_attention_fwd_kernel[(n_views, heads)](
@@ -190,13 +209,16 @@ class PackedAttentionFunction(torch.autograd.Function):
                 q, k, v, grad_out, dq, dk, dv, cu_seqlens, seed, q.stride(0), q.stride(1), heads, q.shape[2],
                 float(ctx.scale), float(ctx.dropout_p), **args,
             )
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def packed_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                            max_len: int, dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor:
+                            max_len: int, dropout_p: float = 0.0, scale: float | None = None,
+                            seed: torch.Tensor | None = None) -> torch.Tensor:
     """q, k, v: (T, H, D) of the packed views (fp16/bf16/fp32); cu_seqlens: (S + 1,) int32 view boundaries;
-    max_len: a host int >= the longest view, at most MAX_VIEW_TOKENS. Returns (T, H, D) in q's dtype."""
+    max_len: a host int >= the longest view, at most MAX_VIEW_TOKENS (a longer view's rows come out NaN);
+    seed: dropout's (1,) int64 Philox seed on the device (default: drawn from torch's generator).
+    Returns (T, H, D) in q's dtype."""
     if not 1 <= max_len <= MAX_VIEW_TOKENS:
         raise ValueError(f"packed_attention_triton: max_len must be 1..{MAX_VIEW_TOKENS}, got {max_len}")
     if not 0.0 <= dropout_p < 1.0:
@@ -210,15 +232,17 @@ def packed_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
         raise ValueError("packed_attention_triton: too many views x heads for 32-bit dropout offsets "
                          f"(at most {2**31 // MAX_VIEW_TOKENS**2 - 1})")
     scale = q.shape[2] ** -0.5 if scale is None else scale
-    return PackedAttentionFunction.apply(q, k, v, cu_seqlens.to(torch.int32), int(max_len), float(dropout_p), float(scale))
+    return PackedAttentionFunction.apply(q, k, v, cu_seqlens.to(torch.int32), int(max_len), float(dropout_p),
+                                         float(scale), seed)
 
 
 def warm_up(heads: int, head_dim: int, dtype: torch.dtype, device, max_len: int, dropout_p: float) -> None:
     """Compile the forward and backward kernels of every length class up to max_len's, for (T, heads,
     head_dim) inputs of `dtype` laid out as a model's attention hands them over (contiguous), by running one
-    view of max_len tokens forward and backward. With dropout it draws one seed from torch's generator, as a
-    training forward does."""
+    view of max_len tokens forward and backward. Its dropout seed is fixed, not drawn from torch's generator:
+    warming up (or not, MIRRORFAST_KERNEL_WARMUP=0) leaves a seeded run's random stream as it was."""
     q, k, v = (torch.ones((max_len, heads, head_dim), dtype=dtype, device=device, requires_grad=True) for _ in range(3))
     cu_seqlens = torch.tensor([0, max_len], dtype=torch.int32, device=device)
-    out = packed_attention_triton(q, k, v, cu_seqlens, max_len, dropout_p)
+    seed = torch.zeros(1, dtype=torch.int64, device=device)
+    out = packed_attention_triton(q, k, v, cu_seqlens, max_len, dropout_p, seed=seed)
     out.backward(torch.ones_like(out))

@@ -136,10 +136,33 @@ def test_one_launch_per_length_class_up_to_the_longest_view():
     assert blocks(128) == [(0, 16), (16, 32), (32, 64), (64, 128)]
 
 
-def test_warm_up_runs_every_class():
+def test_warm_up_runs_every_class_without_drawing_random_numbers():
+    """As the loss's warm-up: it runs during a seeded run's setup and must not shift its dropout masks."""
     from mirrorfast.kernels.packed_attention_triton import warm_up
 
+    rng_state = torch.cuda.get_rng_state if DEVICE.type == "cuda" else torch.get_rng_state
+    before = rng_state()
     warm_up(2, 16, torch.bfloat16 if DEVICE.type == "cuda" else torch.float32, DEVICE, 40, 0.1)  # classes 16..64
+    assert torch.equal(rng_state(), before), "warm_up drew random numbers"
+
+
+@pytest.mark.parametrize("max_len", [10, 16, 33])
+def test_a_view_longer_than_max_len_comes_out_nan_not_unwritten(max_len):
+    """max_len is the caller's promise (checking it would need a device sync): a view longer than the last
+    launched class's tile gets NaN in its first rows, forward and backward, so the loss turns NaN instead
+    of those rows keeping whatever the allocation held. Views that fit are exact, as always."""
+    lengths = [3, 70 if max_len == 33 else 17, 5]  # the middle view is longer than max_len's class
+    q, k, v, cu = _views(lengths, 2, 16, torch.float32, seed=max_len)
+    grad_out = torch.randn(q.shape).to(DEVICE)
+    out, grads = _grads(lambda a, b, c: packed_attention_triton(a, b, c, cu, max_len), (q, k, v), grad_out)
+    tile = 16 if max_len <= 16 else 64
+    long_rows = slice(3, 3 + tile)  # the long view's first `tile` rows
+    for t in (out, *grads):
+        assert t[long_rows].isnan().all()
+    ref_out, ref_grads = _grads(lambda a, b, c: _definition(a, b, c, cu, 16**-0.5), (q, k, v), grad_out)
+    fits = torch.cat([torch.arange(0, 3), torch.arange(3 + lengths[1], sum(lengths))])
+    for t, ref in zip((out, *grads), (ref_out, *ref_grads)):
+        assert _rel(t[fits], ref[fits]) < TOL[torch.float32]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: Triton's JIT compiles only there")

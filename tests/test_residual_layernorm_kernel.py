@@ -102,10 +102,15 @@ def test_leading_dimensions_and_errors():
         dropout_add_layer_norm(wide, wide, wide[0], wide[0], 1e-12)
 
 
-def test_warm_up_runs():
+def test_warm_up_runs_without_drawing_random_numbers():
+    """Warm-ups run during a seeded run's setup (or not, MIRRORFAST_KERNEL_WARMUP=0): drawing the dropout
+    seed from torch's generator would shift that run's dropout masks."""
     from mirrorfast.kernels.residual_layernorm_triton import warm_up
 
+    rng_state = torch.cuda.get_rng_state if DEVICE.type == "cuda" else torch.get_rng_state
+    before = rng_state()
     warm_up(20, 48, torch.float32, torch.float32, torch.float32, 0.1, DEVICE)
+    assert torch.equal(rng_state(), before), "warm_up drew random numbers"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: Triton's JIT compiles only there")
