@@ -94,6 +94,7 @@ class TrainConfig:
             (self.attention in ATTENTION, f"--attention must be one of {ATTENTION}, got {self.attention!r}"),
             (not self.half_model or self.precision != "fp32", "--half-model needs --fp16 or --bf16"),
             (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}"),
+            (-(2**63) <= self.seed < 2**64, f"--seed must be in [-2**63, 2**64) (torch's seed range), got {self.seed}"),
             (self.corpus is not None or self.pairs is not None, "give a --corpus or --pairs file"),
         ]
         for ok, message in checks:

