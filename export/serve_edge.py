@@ -4,6 +4,7 @@ anything that escapes the app). The routes themselves are in export/server.py.""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -19,6 +20,9 @@ HEALTH_ROUTE = "/health"
 METRICS_ROUTE = "/metrics"
 PROTECTED_ROUTES = frozenset({EMBEDDINGS_ROUTE, EMBED_ROUTE})
 KNOWN_ROUTES = frozenset({EMBEDDINGS_ROUTE, EMBED_ROUTE, HEALTH_ROUTE, METRICS_ROUTE})
+# The status label of a request whose client went away before it was answered (nginx's 499): not a 5xx.
+CLIENT_CLOSED_REQUEST = 499
+CLIENT_GONE = object()  # what Edge._handle returns when the client disconnected mid-body
 
 
 # ----------------------------------------------------------------------------------------- metrics
@@ -89,13 +93,16 @@ async def _send_json(send, status: int, body: bytes, headers: dict[str, str] | N
 
 class Edge:
     """Outermost ASGI layer: metrics for every request, API-key check, body-size limit (declared
-    Content-Length and streamed bytes), and a JSON 500 for anything that escapes the app."""
+    Content-Length and streamed bytes), a read timeout on the body, and a JSON 500 for anything that escapes
+    the app."""
 
-    def __init__(self, app, metrics: Metrics, api_key: str | None, max_body_bytes: int) -> None:
+    def __init__(self, app, metrics: Metrics, api_key: str | None, max_body_bytes: int,
+                 read_timeout_s: float = 15.0) -> None:
         self.app = app
         self.metrics = metrics
         self._key = api_key.encode("utf-8") if api_key else None
         self.max_body_bytes = int(max_body_bytes)
+        self.read_timeout_s = float(read_timeout_s)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -116,7 +123,16 @@ class Edge:
         t0 = time.perf_counter()
         self.metrics.in_progress.inc()
         try:
-            await self._handle(scope, receive, send_wrapper, path)
+            if await self._handle(scope, receive, send_wrapper, path) is CLIENT_GONE:
+                status = CLIENT_CLOSED_REQUEST
+        except asyncio.CancelledError:
+            # The graceful shutdown's time is up (uvicorn cancels what is left): answer 503 if nothing was
+            # sent yet, and end quietly; uvicorn has logged how many requests it cut off.
+            if not started:
+                with contextlib.suppress(Exception):
+                    await _send_json(send_wrapper, 503, error_body("the server is shutting down; retry",
+                                                                   "server_overloaded", code="shutting_down"),
+                                     {"connection": "close"})
         except Exception:  # noqa: BLE001 - one bad request never takes the server down
             logger.exception("unhandled error on %s %s", scope.get("method"), path)
             if not started:
@@ -137,7 +153,8 @@ class Edge:
                     return True
         return False
 
-    async def _handle(self, scope, receive, send, path: str) -> None:
+    async def _handle(self, scope, receive, send, path: str) -> object:
+        """Answer the request (None), or return CLIENT_GONE if the client left before its body arrived."""
         if path in PROTECTED_ROUTES and not self._authorized(scope):
             await _send_json(
                 send, 401,
@@ -166,9 +183,15 @@ class Edge:
         chunks: list[bytes] = []
         total = 0
         while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+            except asyncio.TimeoutError:
+                await _send_json(send, 408, error_body(
+                    f"the request body stalled: nothing arrived for {self.read_timeout_s:g} s",
+                    "invalid_request_error", code="request_timeout"), {"connection": "close"})
                 return
+            if message["type"] == "http.disconnect":
+                return CLIENT_GONE
             chunk = message.get("body", b"")
             total += len(chunk)
             if total > limit:

@@ -67,6 +67,9 @@ class ServeConfig:
     batch_wait_ms: float = 0.0
     max_body_bytes: int | None = None  # default: derived from max_inputs x max_input_tokens
     graceful_timeout_s: float | None = 60.0  # on SIGTERM/SIGINT, how long in-flight requests may take
+    # Longest wait for the next piece of a request body: a client that stalls mid-upload gets 408 and its
+    # connection closed, rather than holding it (and a SIGTERM's graceful shutdown) for as long as it likes.
+    read_timeout_s: float = 15.0
     model_name: str | None = None  # the name answered in "model"; default: the encoder's name
     retry_after_s: int = 1
 
@@ -98,6 +101,8 @@ class ServeConfig:
         if cfg.graceful_timeout_s is not None and not 0 <= cfg.graceful_timeout_s < math.inf:
             raise MirrorfastError(f"--graceful-timeout must be a finite number of seconds >= 0, "
                                   f"got {cfg.graceful_timeout_s}")
+        if not 0 < cfg.read_timeout_s < math.inf:
+            raise MirrorfastError(f"--read-timeout must be a finite number of seconds > 0, got {cfg.read_timeout_s}")
         if cfg.max_body_bytes is None:
             # Generous for real text: 32 bytes of JSON per token (4x with --truncate, where inputs may be
             # documents), at least 1 MiB.
@@ -105,8 +110,9 @@ class ServeConfig:
             cfg.max_body_bytes = max(1 << 20, cfg.max_inputs * per_input + (64 << 10))
         if cfg.max_body_bytes < 1024:
             raise MirrorfastError(f"--max-body-bytes must be at least 1024, got {cfg.max_body_bytes}")
-        if cfg.api_key is not None and not cfg.api_key:
-            cfg.api_key = None
+        if cfg.api_key is not None and not cfg.api_key:  # `--api-key "$KEY"` with KEY unset: not "no auth"
+            raise MirrorfastError("the API key is empty (--api-key '' or MIRRORFAST_API_KEY=''; an unset shell "
+                                  "variable?): give a key, or set neither to serve without one")
         if cfg.model_name is None:
             cfg.model_name = str(getattr(encoder, "name", None) or "mirrorfast")
         return cfg
@@ -157,10 +163,13 @@ def _parse_texts(value: Any, param: str, max_inputs: int) -> list[str]:
         if len(value) > max_inputs:
             raise ApiError(422, f"'{param}' has {len(value)} items; at most {max_inputs} are allowed per request",
                            param=param, code="too_many_inputs")
+        if all(_is_int(v) for v in value):  # OpenAI's one-input token array, [1, 2, 3]
+            raise ApiError(422, f"'{param}' is a token array; token arrays are not supported, send text",
+                           param=param, code="token_arrays_not_supported")
         for i, v in enumerate(value):
             if isinstance(v, str):
                 continue
-            if _is_int(v) or (isinstance(v, list) and all(_is_int(t) for t in v)):
+            if isinstance(v, list) and v and all(_is_int(t) for t in v):
                 raise ApiError(422, f"{param}[{i}] is a token array; token arrays are not supported, send text",
                                param=param, code="token_arrays_not_supported", index=i)
             raise ApiError(422, f"{param}[{i}] must be a string, got {_json_type(v)}",
@@ -307,6 +316,8 @@ def create_app(encoder, config: ServeConfig | None = None):
                                param="dimensions", code="invalid_value")
             vectors, total = await embed_texts(texts, "input")
         except ApiError as err:
+            if err.status == 422:  # OpenAI answers an invalid request with 400 (openai.BadRequestError)
+                err.status = 400
             return api_error_response(err)
         if fmt == "base64":
             little = vectors.astype("<f4", copy=False)
@@ -330,7 +341,7 @@ def create_app(encoder, config: ServeConfig | None = None):
             return api_error_response(err)
         return json_response(vectors.tolist())
 
-    @app.get(HEALTH_ROUTE)
+    @app.api_route(HEALTH_ROUTE, methods=["GET", "HEAD"])  # some load-balancer probes send HEAD
     async def health():
         return json_response({"status": "ok", "model": config.model_name, "dim": state.dim,
                               "provider": str(getattr(encoder, "provider", "cpu"))})
@@ -340,7 +351,7 @@ def create_app(encoder, config: ServeConfig | None = None):
         body, ctype = metrics.render()
         return Response(content=body, media_type=ctype)
 
-    return Edge(app, metrics, config.api_key, config.max_body_bytes)
+    return Edge(app, metrics, config.api_key, config.max_body_bytes, config.read_timeout_s)
 
 
 # ------------------------------------------------------------------------------------ the command

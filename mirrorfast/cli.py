@@ -271,6 +271,8 @@ def _add_serve(sub) -> None:
                    help="request body limit (default: derived from --max-inputs x --max-input-tokens)")
     p.add_argument("--graceful-timeout", type=float, default=60.0,
                    help="seconds requests in flight may take after SIGINT/SIGTERM (default: 60)")
+    p.add_argument("--read-timeout", type=float, default=15.0,
+                   help="seconds a request body may stall between pieces before a 408 (default: 15)")
     p.set_defaults(handler=_cmd_serve)
 
 
@@ -281,11 +283,11 @@ def _cmd_serve(args) -> int:
 
     config = ServeConfig(
         host=args.host, port=args.port,
-        api_key=args.api_key if args.api_key is not None else os.environ.get("MIRRORFAST_API_KEY") or None,
+        api_key=args.api_key if args.api_key is not None else os.environ.get("MIRRORFAST_API_KEY"),
         max_batch_tokens=args.max_batch_tokens, max_inputs=args.max_inputs,
         max_input_tokens=args.max_input_tokens, truncate=args.truncate, max_queue=args.max_queue,
         batch_wait_ms=args.batch_wait_ms, max_body_bytes=args.max_body_bytes,
-        graceful_timeout_s=args.graceful_timeout,
+        graceful_timeout_s=args.graceful_timeout, read_timeout_s=args.read_timeout,
     )
     return run(args.export_dir, config, provider=args.provider, int8=args.int8)
 

@@ -7,6 +7,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -60,13 +61,14 @@ def expected(encoder):
 
 
 @contextmanager
-def live_server(app):
+def live_server(app, graceful_timeout_s: float | None = None):
     """uvicorn on 127.0.0.1 with a free port, in a background thread; yields the base URL."""
     from mirrorfast.export.server import bind_socket
 
     sock = bind_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
+                                           timeout_graceful_shutdown=graceful_timeout_s))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -121,6 +123,7 @@ def test_health(client, encoder):
     assert r.status_code == 200
     body = r.json()
     assert body["status"] == "ok" and body["dim"] == encoder.dim
+    assert client.head("/health").status_code == 200  # load-balancer probes that send HEAD
 
 
 def test_both_routes_match_direct_encoding(client, encoder, expected):
@@ -170,7 +173,7 @@ def test_openai_client(server, expected):
     bad = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.embeddings.create(input="x", model="m")
-    with pytest.raises(openai.UnprocessableEntityError):
+    with pytest.raises(openai.BadRequestError, match="empty list"):  # as OpenAI's API: 400, not 422
         client.embeddings.create(input=[], model="m")
 
 
@@ -229,23 +232,25 @@ BAD_REQUESTS = [
     ("nested json", "/embed", {"content": b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}", "headers": {"content-type": "application/json"}}, 400, "JSON"),
     ("text/plain", "/v1/embeddings", {"content": b'{"input": "a"}', "headers": {"content-type": "text/plain"}}, 400, "Content-Type"),
     ("form", "/embed", {"data": {"inputs": "a"}}, 400, "Content-Type"),
-    ("not an object", "/v1/embeddings", {"json": ["a", "b"]}, 422, "JSON object"),
-    ("missing input", "/v1/embeddings", {"json": {"model": "m"}}, 422, "'input' is required"),
-    ("wrong type", "/v1/embeddings", {"json": {"input": {"text": "a"}}}, 422, "must be a string or a list of strings"),
+    ("not an object", "/v1/embeddings", {"json": ["a", "b"]}, 400, "JSON object"),
+    ("missing input", "/v1/embeddings", {"json": {"model": "m"}}, 400, "'input' is required"),
+    ("wrong type", "/v1/embeddings", {"json": {"input": {"text": "a"}}}, 400, "must be a string or a list of strings"),
     ("number", "/embed", {"json": {"inputs": 3.5}}, 422, "must be a string or a list"),
     ("null item", "/embed", {"json": {"inputs": ["a", None]}}, 422, "inputs[1] must be a string, got null"),
-    ("bool item", "/v1/embeddings", {"json": {"input": ["a", "b", True]}}, 422, "input[2] must be a string, got boolean"),
-    ("empty list", "/v1/embeddings", {"json": {"input": []}}, 422, "empty list"),
-    ("empty string", "/v1/embeddings", {"json": {"input": ""}}, 422, "empty string"),
+    ("bool item", "/v1/embeddings", {"json": {"input": ["a", "b", True]}}, 400, "input[2] must be a string, got boolean"),
+    ("empty list", "/v1/embeddings", {"json": {"input": []}}, 400, "empty list"),
+    ("empty string", "/v1/embeddings", {"json": {"input": ""}}, 400, "empty string"),
     ("empty string item", "/embed", {"json": {"inputs": ["a", "b", ""]}}, 422, "inputs[2] is an empty string"),
-    ("too many", "/v1/embeddings", {"json": {"input": ["a"] * 9}}, 422, "at most 8"),
-    ("too long", "/v1/embeddings", {"json": {"input": ["short", LONG]}}, 422, "input[1] is"),
+    ("too many", "/v1/embeddings", {"json": {"input": ["a"] * 9}}, 400, "at most 8"),
+    ("too long", "/v1/embeddings", {"json": {"input": ["short", LONG]}}, 400, "input[1] is"),
     ("too long single", "/embed", {"json": {"inputs": LONG}}, 422, "limit is 48 tokens"),
-    ("token ids", "/v1/embeddings", {"json": {"input": [101, 2023, 102]}}, 422, "token arrays are not supported"),
-    ("token id lists", "/v1/embeddings", {"json": {"input": [[101, 2023, 102]]}}, 422, "token arrays are not supported"),
-    ("bad encoding_format", "/v1/embeddings", {"json": {"input": "a", "encoding_format": "int8"}}, 422, "encoding_format"),
-    ("bad model type", "/v1/embeddings", {"json": {"input": "a", "model": 7}}, 422, "'model' must be a string"),
-    ("bad dimensions", "/v1/embeddings", {"json": {"input": "a", "dimensions": 3}}, 422, "dimensions"),
+    ("token ids", "/v1/embeddings", {"json": {"input": [101, 2023, 102]}}, 400, "token arrays are not supported"),
+    ("token id lists", "/v1/embeddings", {"json": {"input": [[101, 2023, 102]]}}, 400, "token arrays are not supported"),
+    ("int among texts", "/v1/embeddings", {"json": {"input": ["a", 7]}}, 400, "input[1] must be a string, got"),
+    ("token ids on /embed", "/embed", {"json": {"inputs": [101, 2023, 102]}}, 422, "'inputs' is a token array"),
+    ("bad encoding_format", "/v1/embeddings", {"json": {"input": "a", "encoding_format": "int8"}}, 400, "encoding_format"),
+    ("bad model type", "/v1/embeddings", {"json": {"input": "a", "model": 7}}, 400, "'model' must be a string"),
+    ("bad dimensions", "/v1/embeddings", {"json": {"input": "a", "dimensions": 3}}, 400, "dimensions"),
     ("oversized body", "/embed", {"json": {"inputs": ["x" * 70_000]}}, 413, "larger than"),
     ("get on post route", "/embed", {"method": "GET"}, 405, "not allowed"),
 ]
@@ -317,11 +322,11 @@ UNICODE = [
 ]
 
 
-def test_unicode_of_every_kind_embeds_or_is_422(client, encoder):
+def test_unicode_of_every_kind_embeds_or_is_refused(client, encoder):
     for text in UNICODE:
         body = json.dumps({"input": [text]}, ensure_ascii=True).encode()  # lone surrogates as \\udXXX
         r = client.post("/v1/embeddings", content=body, headers={"content-type": "application/json"})
-        assert r.status_code in (200, 422), (text, r.status_code, r.text)
+        assert r.status_code in (200, 400), (text, r.status_code, r.text)
         if r.status_code == 200:
             got = np.array(r.json()["data"][0]["embedding"], dtype=np.float32)
             as_served = json.loads(body)["input"][0]  # JSON joins an escaped surrogate pair into one char
@@ -449,15 +454,17 @@ def test_metrics_count_what_was_sent(encoder):
             assert c.post("/embed", json={"inputs": SENTENCES[:2]}).status_code == 200
         for _ in range(2):
             assert c.post("/v1/embeddings", json={"input": SENTENCES[2]}).status_code == 200
-        assert c.post("/v1/embeddings", json={"input": []}).status_code == 422
+        assert c.post("/v1/embeddings", json={"input": []}).status_code == 400
+        assert c.post("/embed", json={"inputs": []}).status_code == 422
         assert c.get("/nowhere").status_code == 404
         text = c.get("/metrics").text
     assert text.startswith("# HELP")
     assert _metric(text, "mirrorfast_requests_total", {"route": "/embed", "status": "200"}) == 3
     assert _metric(text, "mirrorfast_requests_total", {"route": "/v1/embeddings", "status": "200"}) == 2
-    assert _metric(text, "mirrorfast_requests_total", {"route": "/v1/embeddings", "status": "422"}) == 1
+    assert _metric(text, "mirrorfast_requests_total", {"route": "/v1/embeddings", "status": "400"}) == 1
+    assert _metric(text, "mirrorfast_requests_total", {"route": "/embed", "status": "422"}) == 1
     assert _metric(text, "mirrorfast_requests_total", {"route": "other", "status": "404"}) == 1
-    assert _metric(text, "mirrorfast_request_duration_seconds_count", {"route": "/embed"}) == 3
+    assert _metric(text, "mirrorfast_request_duration_seconds_count", {"route": "/embed"}) == 4
     assert _metric(text, "mirrorfast_inputs_total") == 8
     assert _metric(text, "mirrorfast_batch_size_sum") == 8
     assert _metric(text, "mirrorfast_batch_size_count") == 5
@@ -548,7 +555,9 @@ def test_serve_refuses_bad_limits(tiny_export, capsys):
     assert "--max-inputs must be at least 1" in capsys.readouterr().err
     for option, value, message in [("--batch-wait-ms", "nan", "--batch-wait-ms must be a finite number >= 0"),
                                    ("--batch-wait-ms", "inf", "--batch-wait-ms must be a finite number >= 0"),
-                                   ("--graceful-timeout", "-1", "--graceful-timeout must be a finite number of")]:
+                                   ("--graceful-timeout", "-1", "--graceful-timeout must be a finite number of"),
+                                   ("--read-timeout", "0", "--read-timeout must be a finite number of seconds > 0"),
+                                   ("--read-timeout", "inf", "--read-timeout must be a finite number of seconds")]:
         assert main(["serve", str(tiny_export), "--port", "0", option, value]) == 2
         assert message in capsys.readouterr().err, (option, value)
     for port in ("99999", "-1"):
@@ -603,3 +612,84 @@ def test_sigterm_finishes_requests_in_flight(tiny_export, encoder):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_an_empty_api_key_is_refused_not_taken_as_no_key(tiny_export, capsys, monkeypatch):
+    """`--api-key "$KEY"` with KEY unset (or MIRRORFAST_API_KEY="") must not start a server without auth."""
+    from mirrorfast.cli import main
+
+    monkeypatch.setenv("MIRRORFAST_API_KEY", "from-the-environment")
+    assert main(["serve", str(tiny_export), "--port", "0", "--api-key", ""]) == 2
+    err = capsys.readouterr().err
+    assert "the API key is empty" in err and err.count("\n") == 1
+    monkeypatch.setenv("MIRRORFAST_API_KEY", "")
+    assert main(["serve", str(tiny_export), "--port", "0"]) == 2
+    assert "the API key is empty" in capsys.readouterr().err
+
+
+def _partial_post(url: str, body: bytes, declared: int) -> socket.socket:
+    """A raw connection that sends a POST's headers and the first bytes of its body, then goes quiet."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = socket.create_connection((host, int(port)), timeout=30)
+    conn.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {declared}\r\n\r\n".encode() + body)
+    return conn
+
+
+def _response_status(conn: socket.socket) -> int:
+    head = b""
+    while b"\r\n" not in head:
+        chunk = conn.recv(4096)
+        assert chunk, "the server closed the connection without answering"
+        head += chunk
+    return int(head.split(b" ", 2)[1])
+
+
+def test_a_stalled_body_gets_408_and_a_client_that_leaves_is_counted_499(encoder):
+    """A client that stops sending mid-body is answered 408 after --read-timeout (it no longer holds the
+    connection, or a SIGTERM's graceful shutdown, for as long as it likes); one that disconnects mid-body is
+    counted under status 499 (nginx's "client closed request"), not as a server error (500)."""
+    from mirrorfast.export.server import ServeConfig, create_app
+
+    app = create_app(encoder, ServeConfig(read_timeout_s=0.3))
+    with live_server(app) as url:
+        with _partial_post(url, b'{"inputs": ["a', 100) as conn:
+            assert _response_status(conn) == 408
+        with _partial_post(url, b'{"inputs": ["a', 100) as conn:
+            pass  # closed mid-body
+        deadline = time.monotonic() + 10
+        while True:
+            text = httpx.get(f"{url}/metrics").text
+            if _metric(text, "mirrorfast_requests_total", {"route": "/embed", "status": "499"}) == 1:
+                break
+            assert time.monotonic() < deadline, text
+            time.sleep(0.02)
+        assert _metric(text, "mirrorfast_requests_total", {"route": "/embed", "status": "408"}) == 1
+        assert _metric(text, "mirrorfast_requests_total", {"status": "500"}) == 0
+        assert httpx.post(f"{url}/embed", json={"inputs": "still serving"}).status_code == 200
+
+
+def test_requests_cut_off_by_the_graceful_timeout_get_503_not_a_traceback(encoder):
+    """When the graceful shutdown's time is up uvicorn cancels what is left: the client gets a 503 it can
+    retry elsewhere, and the log has uvicorn's one line, not a traceback per request."""
+    import logging
+
+    from mirrorfast.export.server import ServeConfig, create_app
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append  # uvicorn's loggers do not propagate to caplog's root handler
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    app = create_app(encoder, ServeConfig(read_timeout_s=60))
+    try:
+        with live_server(app, graceful_timeout_s=0.3) as url:
+            uvicorn_log.addHandler(handler)  # after uvicorn's logging set-up, which replaces handlers
+            conn = _partial_post(url, b'{"inputs": ["a', 100)
+            time.sleep(0.2)  # the request is inside the server, waiting for the rest of its body
+        with conn:  # live_server's exit asked the server to stop; it cancelled the stalled request
+            assert _response_status(conn) == 503
+    finally:
+        uvicorn_log.removeHandler(handler)
+    messages = [r.getMessage() for r in records]
+    assert any("Cancel 1 running task" in m for m in messages), messages  # the one line (and the log is seen)
+    assert not any("Exception in ASGI application" in m or r.exc_info for m, r in zip(messages, records)), messages
