@@ -692,8 +692,9 @@ def warm_up(n_values, d: int, dtype: torch.dtype, device) -> None:
         views = torch.ones((2 * n, d), device=device, dtype=dtype)  # (2N, D)
         a, b = views[:n], views[n:]
         cfg = pick_config(2 * n, d, dtype)
-        norm, lse2, _ = _forward(a, b, 1.0, "mean", cfg)
-        _backward(a, b, norm, lse2, torch.ones((), device=device), 1.0, "mean", cfg)
+        with torch.cuda.device_of(views):
+            norm, lse2, _ = _forward(a, b, 1.0, "mean", cfg)
+            _backward(a, b, norm, lse2, torch.ones((), device=device), 1.0, "mean", cfg)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -708,7 +709,8 @@ class InfoNCEFunction(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, a, b, temperature, reduction, cfg):
-        norm, lse2, loss = _forward(a, b, temperature, reduction, cfg)
+        with torch.cuda.device_of(a):  # Triton launches on the current device: make it the inputs'
+            norm, lse2, loss = _forward(a, b, temperature, reduction, cfg)
         ctx.save_for_backward(a, b, norm, lse2)
         ctx.temperature, ctx.reduction, ctx.cfg = temperature, reduction, cfg
         return loss
@@ -717,7 +719,8 @@ class InfoNCEFunction(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad):
         a, b, norm, lse2 = ctx.saved_tensors
-        da, db = _backward(a, b, norm, lse2, grad, ctx.temperature, ctx.reduction, ctx.cfg)
+        with torch.cuda.device_of(a):
+            da, db = _backward(a, b, norm, lse2, grad, ctx.temperature, ctx.reduction, ctx.cfg)
         return (da if ctx.needs_input_grad[0] else None), (db if ctx.needs_input_grad[1] else None), None, None, None
 
 

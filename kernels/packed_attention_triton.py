@@ -189,11 +189,12 @@ class PackedAttentionFunction(torch.autograd.Function):
             seed = (torch.randint(0, 2**31 - 1, (1,), device=q.device, dtype=torch.int64) if dropout_p > 0
                     else torch.zeros(1, device=q.device, dtype=torch.int64))
         out = torch.empty_like(q)
-        for args in _class_launches(q, max_len, dropout_p):
-            _packed_attention_fwd_kernel[(n_views, heads)](
-                q, k, v, out, cu_seqlens, seed, q.stride(0), q.stride(1), heads, q.shape[2],
-                float(scale), float(dropout_p), **args,
-            )
+        with torch.cuda.device_of(q):  # Triton launches on the current device: make it the inputs'
+            for args in _class_launches(q, max_len, dropout_p):
+                _packed_attention_fwd_kernel[(n_views, heads)](
+                    q, k, v, out, cu_seqlens, seed, q.stride(0), q.stride(1), heads, q.shape[2],
+                    float(scale), float(dropout_p), **args,
+                )
         ctx.save_for_backward(q, k, v, cu_seqlens, seed)
         ctx.max_len, ctx.dropout_p, ctx.scale = max_len, dropout_p, scale
         return out
@@ -204,11 +205,12 @@ class PackedAttentionFunction(torch.autograd.Function):
         grad_out = grad_out.to(q.dtype).contiguous()  # the kernels read it with q's (contiguous) strides
         dq, dk, dv = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
         n_views, heads = cu_seqlens.shape[0] - 1, q.shape[1]
-        for args in _class_launches(q, ctx.max_len, ctx.dropout_p):
-            _packed_attention_bwd_kernel[(n_views, heads)](
-                q, k, v, grad_out, dq, dk, dv, cu_seqlens, seed, q.stride(0), q.stride(1), heads, q.shape[2],
-                float(ctx.scale), float(ctx.dropout_p), **args,
-            )
+        with torch.cuda.device_of(q):
+            for args in _class_launches(q, ctx.max_len, ctx.dropout_p):
+                _packed_attention_bwd_kernel[(n_views, heads)](
+                    q, k, v, grad_out, dq, dk, dv, cu_seqlens, seed, q.stride(0), q.stride(1), heads, q.shape[2],
+                    float(ctx.scale), float(ctx.dropout_p), **args,
+                )
         return dq, dk, dv, None, None, None, None, None
 
 

@@ -125,7 +125,8 @@ def keep_mask(seed: torch.Tensor, rows: int, h_dim: int, p: float) -> torch.Tens
     For tests and debugging (the kernels never store it)."""
     out = torch.empty((rows, h_dim), dtype=torch.int8, device=seed.device)
     args = _launch_args(h_dim)
-    _keep_kernel[(triton.cdiv(rows, args["BLOCK_R"]),)](seed, out, rows, h_dim, float(p), **args)
+    with torch.cuda.device_of(seed):
+        _keep_kernel[(triton.cdiv(rows, args["BLOCK_R"]),)](seed, out, rows, h_dim, float(p), **args)
     return out.bool()
 
 
@@ -139,10 +140,11 @@ class DropoutAddLayerNormFunction(torch.autograd.Function):
         s = torch.empty_like(y)
         mean, rstd = torch.empty((2, n_rows), dtype=torch.float32, device=h.device).unbind(0)
         args = _launch_args(h_dim)
-        _fwd_kernel[(triton.cdiv(n_rows, args["BLOCK_R"]),)](
-            h, residual, weight, bias, y, s, mean, rstd, seed, n_rows, h_dim, float(eps), float(p),
-            DROPOUT=p > 0, **args,
-        )
+        with torch.cuda.device_of(h):  # Triton launches on the current device: make it the inputs'
+            _fwd_kernel[(triton.cdiv(n_rows, args["BLOCK_R"]),)](
+                h, residual, weight, bias, y, s, mean, rstd, seed, n_rows, h_dim, float(eps), float(p),
+                DROPOUT=p > 0, **args,
+            )
         ctx.save_for_backward(s, weight, mean, rstd, seed)
         ctx.p, ctx.h_dtype, ctx.res_dtype, ctx.bias_dtype = p, h.dtype, residual.dtype, bias.dtype
         return y
@@ -157,10 +159,11 @@ class DropoutAddLayerNormFunction(torch.autograd.Function):
         dh = torch.empty((n_rows, h_dim), dtype=ctx.h_dtype, device=s.device)
         dres = torch.empty((n_rows, h_dim), dtype=ctx.res_dtype, device=s.device)
         dw_part, db_part = torch.empty((2, programs, h_dim), dtype=torch.float32, device=s.device).unbind(0)
-        _bwd_kernel[(programs,)](
-            dy, s, weight, mean, rstd, dh, dres, dw_part, db_part, seed, n_rows, h_dim, float(ctx.p),
-            DROPOUT=ctx.p > 0, **args,
-        )
+        with torch.cuda.device_of(s):
+            _bwd_kernel[(programs,)](
+                dy, s, weight, mean, rstd, dh, dres, dw_part, db_part, seed, n_rows, h_dim, float(ctx.p),
+                DROPOUT=ctx.p > 0, **args,
+            )
         dw = dw_part.sum(0).to(weight.dtype)
         db = db_part.sum(0).to(ctx.bias_dtype)
         return dh, dres, dw, db, None, None, None
