@@ -24,6 +24,7 @@ def report() -> dict:
     import torch
 
     import mirrorfast
+    from mirrorfast.errors import MirrorfastError
     from mirrorfast.kernels import resolve_backend
     from mirrorfast.model import pick_device
     from mirrorfast.packing import flash_supported, packed_kernel
@@ -63,7 +64,10 @@ def report() -> dict:
     # Facts from the trainer's own functions, not a re-derivation of its choice: `--attention auto` packs on
     # CUDA with --fp16/--bf16 where train_flash_attention is true, with train_packed_kernel.
     info["train_flash_attention"] = flash_supported(device)
-    info["train_packed_kernel"] = packed_kernel(device)
+    try:
+        info["train_packed_kernel"] = packed_kernel(device)
+    except MirrorfastError as exc:  # an override this machine cannot honour: say so, as training would
+        info["train_packed_kernel"] = f"error: {exc}"
     info["train_loss"] = resolve_backend("auto", device)
     info["overrides"] = {k: v for k, v in os.environ.items()
                          if k.startswith("MIRRORFAST_") and k != "MIRRORFAST_API_KEY"}

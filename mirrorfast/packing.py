@@ -91,16 +91,24 @@ def flash_supported(device: torch.device) -> bool:
 
 def packed_kernel(device: torch.device, max_len: int = 0) -> str:
     """The attention packed batches use on `device`: "flash" (FlashAttention varlen), "sdpa" (views gathered
-    into a padded SDPA batch: the CPU, GPUs without FlashAttention, or asked for) or "triton" (asked for;
-    on the CPU only under TRITON_INTERPRET=1, as tests run it). Views longer than the Triton kernel's tile
-    (max_len: the longest a run's batches can have) fall back to the other two."""
+    into a padded SDPA batch: the CPU, GPUs without FlashAttention, or asked for) or "triton" (asked for).
+    The Triton kernel, asked for where it cannot run (the CPU without TRITON_INTERPRET=1, the interpreter
+    the tests use) or for views longer than its tile (max_len: the longest a run's batches can have), is an
+    error rather than another kernel in its place: it is asked for to compare or debug that kernel."""
     choice = cuda_kernel()
-    flash = "flash" if flash_supported(device) else "sdpa"  # always "sdpa" off CUDA
-    if choice == "triton" and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+    if choice == "triton":
         from mirrorfast.kernels.packed_attention_triton import MAX_VIEW_TOKENS  # triton is there (cuda_kernel)
 
-        return "triton" if max_len <= MAX_VIEW_TOKENS else flash
-    return "sdpa" if choice == "sdpa" else flash
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise MirrorfastError(f"{ATTENTION_ENV}=triton runs on a CUDA GPU (or on the CPU under "
+                                  f"TRITON_INTERPRET=1, slowly); this run is on {device.type}")
+        if max_len > MAX_VIEW_TOKENS:
+            raise MirrorfastError(f"{ATTENTION_ENV}=triton takes views of up to {MAX_VIEW_TOKENS} tokens; "
+                                  f"this run's max length is {max_len}")
+        return "triton"
+    if choice == "sdpa" or not flash_supported(device):  # always "sdpa" off CUDA
+        return "sdpa"
+    return "flash"
 
 
 def _no_mask(*args, **kwargs):

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from mirrorfast.cli import main
@@ -29,3 +30,15 @@ def test_env_reports_versions_and_the_trainers_choices(capsys, monkeypatch):
     for key in info:
         assert any(line.startswith(key + " ") for line in text.splitlines()), key
     assert "MIRRORFAST_KERNELS=torch" in text and "secret-key" not in text
+
+
+def test_env_shows_an_override_this_machine_cannot_honour(capsys, monkeypatch):
+    """MIRRORFAST_PACKED_ATTENTION=triton on a CPU without the interpreter: training refuses it, and env says
+    so in its row instead of failing (or naming a kernel training would not run)."""
+    if torch.cuda.is_available():
+        pytest.skip("on a CUDA machine the override is honoured")
+    monkeypatch.setenv("MIRRORFAST_PACKED_ATTENTION", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main(["env", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["train_packed_kernel"]
+    assert row.startswith("error: MIRRORFAST_PACKED_ATTENTION=triton runs on a CUDA GPU"), row

@@ -112,7 +112,12 @@ def test_cuda_kernel_override_is_validated(minilm_dir, monkeypatch):
         with packed_attention(model):  # the same computation exactly, or (Triton kernel) up to rounding
             exact = 0 if on_cpu == "sdpa" else 1e-7
             torch.testing.assert_close(encoder.embed_batch(packed_batch(views)), default, rtol=exact, atol=exact)
-    assert packed_kernel(cpu, 200) == "sdpa"  # views over the Triton kernel's tile fall back
+    # The Triton kernel where it cannot run is an error, not another kernel in its place.
+    with pytest.raises(MirrorfastError, match="=triton takes views of up to 128 tokens; this run's max length is 200"):
+        packed_kernel(cpu, 200)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(MirrorfastError, match="=triton runs on a CUDA GPU .* this run is on cpu"):
+        packed_kernel(cpu, 20)
     monkeypatch.setenv(ATTENTION_ENV, "xformers")
     with pytest.raises(MirrorfastError, match="MIRRORFAST_PACKED_ATTENTION must be one of"):
         with packed_attention(model):
