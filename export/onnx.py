@@ -40,7 +40,7 @@ from torch import nn
 from mirrorfast import __version__
 from mirrorfast.errors import MirrorfastError, first_line
 from mirrorfast.evaluate import cosine_rows
-from mirrorfast.model import Encoder, load_encoder, pool, position_limit
+from mirrorfast.model import Encoder, check_max_length, load_encoder, pool, position_limit
 from mirrorfast.export.runtime import EXPORT_FORMAT, EXPORT_JSON, open_session, pad_right
 from mirrorfast.output import atomic_directory, check_destination
 
@@ -126,11 +126,7 @@ def _resolve_max_length(encoder: Encoder, requested: int | None) -> int:
     """--max-length, checked against the model's positions; by default the model's, capped at them."""
     limit = position_limit(encoder.model.config)
     if requested is not None:
-        if requested < 2:
-            raise MirrorfastError(f"--max-length must be at least 2, got {requested}")
-        if limit is not None and requested > limit:
-            raise MirrorfastError(f"--max-length {requested} exceeds the model's {limit} positions")
-        return int(requested)
+        return check_max_length(requested, limit)
     return min(int(encoder.max_length), limit) if limit is not None else int(encoder.max_length)
 
 
@@ -288,7 +284,7 @@ def _write_int8(fp32_path: Path, out_path: Path, measure: Callable[[Path], dict]
     layers = _layer_matmuls(model)
     order = _fallback_order(len(layers))
     plans = [(False, [])] + [(True, sorted(order[:n])) for n in range(len(order) + 1)]
-    tries = []
+    tries, parity = [], None  # parity: the last try's result
     for ffn_down_fp32, kept_layers in plans:
         kept = (ffn_down if ffn_down_fp32 else []) + [
             name for i in kept_layers for name in layers[i] if name not in ffn_down]

@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 from mirrorfast.errors import MirrorfastError
+from mirrorfast.export.runtime import read_export_manifest
 from mirrorfast.output import atomic_directory, check_destination
 
 MARKER = "# Written by mirrorfast"
@@ -44,19 +45,8 @@ def _model_name(export_dir: Path, explicit: str | None) -> str:
     return name
 
 
-def _manifest(export_dir: Path) -> dict:
-    meta = export_dir / "export.json"
-    if not meta.is_file():
-        return {}
-    try:
-        info = json.loads(meta.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise MirrorfastError(f"{meta} is unreadable: {exc}") from None
-    return info if isinstance(info, dict) else {}
-
-
 def _model_file(export_dir: Path, precision: str) -> str:
-    models = _manifest(export_dir).get("models") or {"fp32": "model.onnx"}
+    models = read_export_manifest(export_dir)["models"]
     if precision not in models:
         raise MirrorfastError(
             f"{export_dir} has no {precision} model (it has: {', '.join(sorted(models))}); "
@@ -246,12 +236,10 @@ def write_triton_repo(
     `instance_kind`: "auto" (Triton's default: one instance per GPU, else CPU), "gpu" or "cpu".
     """
     export_dir = Path(export_dir)
-    if not export_dir.is_dir():
-        raise MirrorfastError(f"{export_dir} is not a directory")
-    model_file = _model_file(export_dir, precision)
+    model_file = _model_file(export_dir, precision)  # a MirrorfastError for anything but an export directory
     onnx_path = export_dir / model_file
     if not onnx_path.is_file():
-        raise MirrorfastError(f"{export_dir} has no {model_file}; is it an export directory (mirrorfast export)?")
+        raise MirrorfastError(f"{export_dir} lists {model_file} in export.json, but the file is missing")
     model_dir, preferred = check_triton_repo(
         export_dir, repo_dir, max_batch_size=max_batch_size, model_name=model_name,
         max_queue_delay_us=max_queue_delay_us, preferred_batch_sizes=preferred_batch_sizes,

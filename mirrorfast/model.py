@@ -259,13 +259,21 @@ def load_encoder(
     limit = position_limit(model.config)
     if max_length is None:
         max_length = (saved or {}).get("max_length") or min(int(tokenizer.model_max_length), 512, limit or 512)
-    elif isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral) or max_length < 2:
-        raise MirrorfastError(f"max_length must be an integer >= 2 (room for the special tokens), got {max_length!r}")
-    elif limit is not None and max_length > limit:  # a longer text would index past the position embeddings
-        raise MirrorfastError(f"--max-length {max_length} exceeds the model's {limit} positions")
+    else:
+        max_length = check_max_length(max_length, limit)
     if dropout is not None:
         set_dropout(model, dropout)
     return Encoder(model, tokenizer, pooling, int(max_length), description)
+
+
+def check_max_length(max_length, limit: int | None) -> int:
+    """A requested max length: an integer >= 2 (room for the special tokens) and at most the model's
+    positions (`limit`, from position_limit; None: no limit), where a longer text would index past them."""
+    if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral) or max_length < 2:
+        raise MirrorfastError(f"max_length must be an integer >= 2 (room for the special tokens), got {max_length!r}")
+    if limit is not None and max_length > limit:
+        raise MirrorfastError(f"--max-length {max_length} exceeds the model's {limit} positions")
+    return int(max_length)
 
 
 def sentence_transformers_files(pooling: str, dim: int, max_length: int) -> dict[str, dict | list]:

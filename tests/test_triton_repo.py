@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mirrorfast.errors import MirrorfastError
+from mirrorfast.export.runtime import EXPORT_FORMAT
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -177,8 +178,13 @@ def test_failures_leave_nothing_behind(export_dir, tmp_path, monkeypatch):
     not_export.mkdir()
     with pytest.raises(MirrorfastError, match="export directory"):
         triton_repo.write_triton_repo(not_export, repo)
-    with pytest.raises(MirrorfastError, match="not a directory"):
+    with pytest.raises(MirrorfastError, match="missing not found"):
         triton_repo.write_triton_repo(tmp_path / "missing", repo)
+    onnx_only = tmp_path / "onnx-only"  # an ONNX file without export.json is not an export (no tokenizer)
+    onnx_only.mkdir()
+    shutil.copyfile(export_dir / "model.onnx", onnx_only / "model.onnx")
+    with pytest.raises(MirrorfastError, match="not an export directory"):
+        triton_repo.write_triton_repo(onnx_only, repo)
     assert not repo.exists()
     with pytest.raises(MirrorfastError, match="no fp16 model"):
         triton_repo.write_triton_repo(export_dir, repo, precision="fp16")
@@ -205,6 +211,8 @@ def test_fixed_batch_dimension_is_refused(tmp_path):
     src = tmp_path / "fixed"
     src.mkdir()
     onnx.save(helper.make_model(graph), str(src / "model.onnx"))
+    manifest = {"format": EXPORT_FORMAT, "models": {"fp32": "model.onnx"}, "dim": 4, "max_length": 8}
+    (src / "export.json").write_text(json.dumps(manifest))
     with pytest.raises(MirrorfastError, match="fixed first dimension"):
         write_triton_repo(src, tmp_path / "repo")
     assert not (tmp_path / "repo" / "fixed").exists()
