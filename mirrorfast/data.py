@@ -33,8 +33,10 @@ class Corpus:
 
 
 def _read_lines(path: Path) -> list[tuple[int, str]]:
-    """(line number, stripped text) for every non-blank line of a UTF-8 file."""
-    lines = [(n, line.strip()) for n, line in enumerate(read_utf8(path, "corpus file").splitlines(), start=1)]
+    """(line number, stripped text) for every non-blank line of a UTF-8 file. Lines end at "\n" (and "\r\n")
+    only, as in `encode` and the authors' code: str.splitlines would also split at form feeds, U+0085 or
+    U+2028 inside a line."""
+    lines = [(n, line.strip()) for n, line in enumerate(read_utf8(path, "corpus file").split("\n"), start=1)]
     return [(n, s) for n, s in lines if s]
 
 
@@ -97,9 +99,12 @@ def load_pairs(path: str, dedup: bool = True) -> Corpus:
     """`text1||text2` per line: the two sides are a positive pair."""
     first, second = [], []
     for number, line in _read_lines(Path(path)):
-        if PAIR_SEPARATOR not in line:
-            raise MirrorfastError(f"{path}: line {number} has no '{PAIR_SEPARATOR}' separator (expected text1||text2)")
-        left, right = (s.strip() for s in line.split(PAIR_SEPARATOR, 1))
+        separators = line.count(PAIR_SEPARATOR)
+        if separators != 1:
+            what = "no" if separators == 0 else f"{separators}"
+            raise MirrorfastError(f"{path}: line {number} has {what} '{PAIR_SEPARATOR}' separators, not one "
+                                  "(expected text1||text2)")
+        left, right = (s.strip() for s in line.split(PAIR_SEPARATOR))
         if not left or not right:
             raise MirrorfastError(f"{path}: line {number} has an empty side (expected text1||text2)")
         first.append(left)

@@ -135,28 +135,37 @@ def check_graphable(device: torch.device, dtype: torch.dtype | None, packed: boo
         raise MirrorfastError("--cuda-graphs needs packed attention (--attention auto or packed)")
 
 
+# Characters of a string kept for tokenizing, per token of max length: the first max_length tokens of any
+# real text lie far inside, and one pathological line (a whole file without newlines) is not tokenized in
+# full, once per view and epoch, only to be cut to max_length tokens (a 23 MB line took minutes and GBs).
+CHARS_PER_TOKEN_KEPT = 1000
+
+
 class ViewSource:
-    """Tokenized views per epoch: the first view once; the second re-masked (or the pair's side) per epoch."""
+    """Tokenized views per epoch: the first view once; the second (a copy of the first, or the pair's other
+    side) re-masked every epoch when mask_span > 0, as in the authors' code, else tokenized once."""
 
     def __init__(self, corpus: Corpus, tokenizer, cfg: TrainConfig):
-        self.corpus, self.cfg = corpus, cfg
+        self.cfg = cfg
         self.tokenizer = tokenizer
         self.mask_token = tokenizer.mask_token
-        if cfg.mask_span > 0 and corpus.second is None and self.mask_token is None:
+        if cfg.mask_span > 0 and self.mask_token is None:
             raise MirrorfastError("this tokenizer has no mask token; use --mask-span 0")
+        keep = cfg.max_length * CHARS_PER_TOKEN_KEPT
+        self.first_texts = [t[:keep] for t in corpus.first]
+        self.second_texts = self.first_texts if corpus.second is None else [t[:keep] for t in corpus.second]
         self.encode = batch_encoder(tokenizer, cfg.max_length)  # one copy of the tokenizer, for every epoch
-        self.first = TokenizedTexts.build_with(self.encode, corpus.first)
+        self.first = TokenizedTexts.build_with(self.encode, self.first_texts)
         self.fixed_second = None  # None: the second view is re-masked every epoch
-        if corpus.second is not None:
-            self.fixed_second = TokenizedTexts.build_with(self.encode, corpus.second)
-        elif cfg.mask_span == 0:
-            self.fixed_second = self.first
+        if cfg.mask_span == 0:
+            self.fixed_second = (self.first if corpus.second is None
+                                 else TokenizedTexts.build_with(self.encode, self.second_texts))
 
     def epoch(self, epoch: int) -> tuple[TokenizedTexts, TokenizedTexts]:
         if self.fixed_second is not None:
             return self.first, self.fixed_second
         rng = random.Random(self.cfg.seed * 1_000_003 + epoch)
-        masked = masked_views(self.corpus.first, self.cfg.mask_span, self.mask_token, rng)
+        masked = masked_views(self.second_texts, self.cfg.mask_span, self.mask_token, rng)
         return self.first, TokenizedTexts.build_with(self.encode, masked)
 
 

@@ -73,3 +73,56 @@ def test_training_views_use_each_tokenizers_mask_token(tmp_path):
     for i in range(2):
         ids = second.ids[second.offsets[i] : second.offsets[i + 1]].tolist()
         assert ids.count(roberta.mask_token_id) == 1, roberta.convert_ids_to_tokens(ids)
+
+
+def test_pairs_mask_their_second_side_every_epoch(tmp_path, minilm_tokenizer_dir):
+    """--pairs with a span mask (the sentence preset's 5) masks the pair's second side, re-drawn each epoch,
+    as the authors' code does in its pairwise mode; the first side is never masked; --mask-span 0 leaves
+    both sides as written."""
+    from transformers import AutoTokenizer
+
+    from mirrorfast.config import TrainConfig
+    from mirrorfast.data import load_pairs
+    from mirrorfast.trainer import ViewSource
+
+    tok = AutoTokenizer.from_pretrained(minilm_tokenizer_dir)
+    lines = [f"{TEXT} number {i}||a paraphrase of sentence number {i}, long enough to be masked" for i in range(6)]
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("\n".join(lines), encoding="utf-8")
+    corpus = load_pairs(str(pairs))
+
+    def masks(views):
+        return [views.ids[views.offsets[i]: views.offsets[i + 1]].tolist().count(tok.mask_token_id)
+                for i in range(len(views.offsets) - 1)]
+
+    source = ViewSource(corpus, tok, TrainConfig(pairs=str(pairs), level="sentence").resolved())
+    (first0, second0), (_, second1) = source.epoch(0), source.epoch(1)
+    assert masks(first0) == [0] * 6 and masks(second0) == [1] * 6 and masks(second1) == [1] * 6
+    assert second0.ids.tolist() != second1.ids.tolist()  # re-drawn per epoch
+    plain = ViewSource(corpus, tok, TrainConfig(pairs=str(pairs), level="sentence", mask_span=0).resolved())
+    unmasked = [tok(t)["input_ids"][:50] for t in corpus.second]
+    _, second = plain.epoch(0)
+    assert [second.ids[second.offsets[i]: second.offsets[i + 1]].tolist() for i in range(6)] == unmasked
+
+
+def test_a_huge_line_is_cut_before_tokenizing_with_the_same_views(tmp_path, minilm_tokenizer_dir, monkeypatch):
+    """Only the first max_length x CHARS_PER_TOKEN_KEPT characters of a string are tokenized (a file without
+    newlines is one huge line): its views are the same tokens as the whole line's, cut to max_length."""
+    from transformers import AutoTokenizer
+
+    from mirrorfast import trainer
+    from mirrorfast.config import TrainConfig
+    from mirrorfast.data import Corpus
+
+    tok = AutoTokenizer.from_pretrained(minilm_tokenizer_dir)
+    monkeypatch.setattr(trainer, "CHARS_PER_TOKEN_KEPT", 20)  # 25 x 20 = 500 characters kept
+    huge = " ".join(random.choice(["alpha", "beta", "gamma", "delta"]) for _ in range(5000))
+    corpus = Corpus([huge, "a short one"], None, "test")
+    cfg = TrainConfig(corpus="x", level="word", max_length=25).resolved()
+    first, second = trainer.ViewSource(corpus, tok, cfg).epoch(0)
+    assert first.ids[: first.offsets[1]].tolist() == tok(huge, truncation=True, max_length=25)["input_ids"]
+    seen = []
+    real_encode = trainer.batch_encoder(tok, 25)
+    monkeypatch.setattr(trainer, "batch_encoder", lambda *a: lambda texts: seen.extend(texts) or real_encode(texts))
+    trainer.ViewSource(corpus, tok, cfg).epoch(0)
+    assert max(map(len, seen)) == 500

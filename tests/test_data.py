@@ -39,6 +39,15 @@ def test_corpus_errors(tmp_path, content, message):
         load_corpus(write(tmp_path, "c.txt", content))
 
 
+def test_lines_end_at_newlines_only(tmp_path):
+    """A form feed, U+0085, U+2028 or a vertical tab inside a line does not split it (str.splitlines would);
+    "\r\n" and a missing final newline are fine."""
+    path = write(tmp_path, "c.txt", "page one\x0cpage two\r\nnext\u0085line\nsep\u2028arated\x0bx\nlast".encode())
+    assert load_corpus(path).first == ["page one\x0cpage two", "next\u0085line", "sep\u2028arated\x0bx", "last"]
+    pairs = write(tmp_path, "p.txt", "page one\x0cpage two||other side\nx||y\n".encode())
+    assert load_pairs(pairs).first == ["page one\x0cpage two", "x"]
+
+
 def test_missing_corpus(tmp_path):
     with pytest.raises(MirrorfastError, match="not found"):
         load_corpus(str(tmp_path / "nope.txt"))
@@ -57,8 +66,10 @@ def test_pairs(tmp_path):
     path = write(tmp_path, "p.txt", "a dog || a puppy\ncar||automobile\n\na dog || a puppy\n".encode())
     corpus = load_pairs(path)
     assert corpus.first == ["a dog", "car"] and corpus.second == ["a puppy", "automobile"]
-    with pytest.raises(MirrorfastError, match="line 2 has no '\\|\\|'"):
+    with pytest.raises(MirrorfastError, match="line 2 has no '\\|\\|' separators, not one"):
         load_pairs(write(tmp_path, "bad.txt", b"a||b\nno separator here\n"))
+    with pytest.raises(MirrorfastError, match="line 1 has 2 '\\|\\|' separators, not one"):  # was ("a", "b||c")
+        load_pairs(write(tmp_path, "bad3.txt", b"a||b||c\nd||e\n"))
     with pytest.raises(MirrorfastError, match="line 1 has an empty side"):
         load_pairs(write(tmp_path, "bad2.txt", b"a||\nb||c\n"))
 
