@@ -75,9 +75,8 @@ def _cmd_train(args) -> int:
     from mirrorfast.trainer import train
 
     corpus = args.corpus if (args.corpus or args.pairs) else "wordfreq:en"
-    level = args.level or ("word" if corpus and corpus.startswith("wordfreq:") else "sentence")
     config = TrainConfig(
-        model=args.model, corpus=None if args.pairs else corpus, pairs=args.pairs, level=level,
+        model=args.model, corpus=None if args.pairs else corpus, pairs=args.pairs, level=args.level,
         temperature=args.temperature, mask_span=args.mask_span, max_length=args.max_length, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, dropout=args.dropout,
         drophead=args.drophead, pooling=args.pooling,

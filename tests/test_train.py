@@ -1,6 +1,7 @@
 """End to end: `mirrorfast train` on a tiny BERT, the output directory, and every bad-input message."""
 
 import csv
+import hashlib
 import json
 import math
 import re
@@ -46,6 +47,13 @@ def test_train_end_to_end_loads_everywhere(tiny_bert_dir, corpus, tmp_path, caps
     meta = json.loads((out / "mirrorfast.json").read_text())
     assert meta["pooling"] == "cls" and meta["max_length"] == 50 and meta["steps"] == 2
     assert math.isfinite(meta["final_loss"]) and meta["training"]["temperature"] == 0.04
+    # Enough to repeat the run: the exact corpus (absolute path, SHA-256), the base model's absolute path,
+    # the library versions, and how it went step by step.
+    assert meta["corpus"]["path"] == str(corpus.resolve())
+    assert meta["corpus"]["sha256"] == hashlib.sha256(corpus.read_bytes()).hexdigest()
+    assert meta["base_model_path"] == str(Path(tiny_bert_dir).resolve())
+    assert meta["versions"]["torch"] == torch.__version__ and "transformers" in meta["versions"]
+    assert len(meta["losses"]) == 2 and meta["losses"][-1] == meta["final_loss"]
     for name in ("config.json", "model.safetensors", "tokenizer.json", "modules.json", "1_Pooling/config.json"):
         assert (out / name).is_file(), name
     assert not list(tmp_path.glob(".out.tmp-*")), "temporary directory left behind"
@@ -594,3 +602,15 @@ def test_train_config_takes_paths_and_refuses_wrong_types(tiny_bert_dir, corpus,
                                   ("epochs", True, "--epochs must be an integer, got True")]:
         with pytest.raises(MirrorfastError, match=re.escape(message)):
             replace(cfg, **{field: value}).resolved()
+
+
+@pytest.mark.parametrize("source,level", [({}, "word"), ({"corpus": "wordfreq:de:500"}, "word"),
+                                          ({"corpus": "my_sentences.txt"}, "sentence"),
+                                          ({"corpus": Path("my_sentences.txt")}, "sentence"),
+                                          ({"corpus": None, "pairs": "pairs.txt"}, "sentence")])
+def test_the_python_api_picks_the_preset_as_the_cli_does(source, level):
+    """No level given: the word preset for a wordfreq corpus, the sentence preset for a file (it was the word
+    preset for any corpus through the Python API, the sentence preset through the CLI)."""
+    resolved = TrainConfig(**source).resolved()
+    assert resolved.level == level and resolved.temperature == (0.2 if level == "word" else 0.04)
+    assert TrainConfig(**source, level="word").resolved().level == "word"  # an explicit level wins
