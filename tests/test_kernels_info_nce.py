@@ -429,6 +429,19 @@ def test_non_contiguous_inputs(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_mixed_input_dtypes(backend):
+    """a in bf16, b in fp32: computed in the promoted dtype (fp32) against the float64 definition, and
+    each gradient comes back in its own input's dtype."""
+    a, b = make_inputs(19, 37, torch.float32, seed=1200)
+    a = a.to(torch.bfloat16)
+    ref = loss_and_grads(lambda x, y: nt_xent_f64(x, y, 0.1, "mean"), a.double().cpu(), b.double().cpu(), None)
+    loss, ga, gb = loss_and_grads(lambda x, y: info_nce(x, y, 0.1, "mean", backend=backend), a, b, None)
+    assert loss.dtype == torch.float32 and ga.dtype == torch.bfloat16 and gb.dtype == torch.float32
+    assert rel_err(loss, ref[0]) <= TOL[torch.float32] and rel_err(gb, ref[2]) <= TOL[torch.float32]
+    assert rel_err(ga, ref[1]) <= TOL[torch.bfloat16]  # the fp32 gradient, rounded to bf16
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_autocast(backend):
     a, b = make_inputs(17, 33, torch.float32, seed=1100, scale_rows=False)
     def under_autocast(x, y):  # the forward in an autocast region, the backward after it (as in training)
