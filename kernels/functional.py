@@ -44,6 +44,12 @@ def _triton_available() -> bool:
     return True
 
 
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether mirrorfast's Triton kernels can run on `device`'s tensors: CUDA, or the CPU under the Triton
+    interpreter (TRITON_INTERPRET=1, slowly: how the tests run them)."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
     """The implementation `info_nce` will use for tensors on `device` of `dtype` (None: any the kernel takes):
     "torch" or "triton". "auto" runs the kernel on CUDA (sm80+) for fp16/bf16/fp32 and the reference for
@@ -60,7 +66,7 @@ def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype
     if backend == "triton":
         if not _triton_available():
             raise MirrorfastError("info_nce: backend='triton' asked for, but triton is not installed")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if not triton_runs_on(device):
             raise MirrorfastError(
                 "info_nce: backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (the Triton interpreter)"
             )

@@ -12,7 +12,6 @@ Off by default until a GPU measurement shows it pays (benchmarks/RESULTS.md).
 
 import contextlib
 import inspect
-import os
 import types
 
 import torch
@@ -33,7 +32,9 @@ def fused_layernorm_requested(device: torch.device) -> bool:
         import triton  # noqa: F401
     except ImportError:
         raise MirrorfastError(f"{FUSED_LAYERNORM_ENV}=1 needs triton, which is not installed") from None
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    from mirrorfast.kernels.functional import triton_runs_on
+
+    if not triton_runs_on(device):
         raise MirrorfastError(f"{FUSED_LAYERNORM_ENV}=1 needs a CUDA GPU")
     return True
 

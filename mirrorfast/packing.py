@@ -97,9 +97,10 @@ def packed_kernel(device: torch.device, max_len: int = 0) -> str:
     error rather than another kernel in its place: it is asked for to compare or debug that kernel."""
     choice = cuda_kernel()
     if choice == "triton":
+        from mirrorfast.kernels.functional import triton_runs_on
         from mirrorfast.kernels.packed_attention_triton import MAX_VIEW_TOKENS  # triton is there (cuda_kernel)
 
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if not triton_runs_on(device):
             raise MirrorfastError(f"{ATTENTION_ENV}=triton runs on a CUDA GPU (or on the CPU under "
                                   f"TRITON_INTERPRET=1, slowly); this run is on {device.type}")
         if max_len > MAX_VIEW_TOKENS:
