@@ -119,6 +119,14 @@ class Batcher:
             self._cond.notify()
         return job.future
 
+    def drop_cancelled(self) -> None:
+        """Remove the queued inputs of cancelled requests now (a client gone): the queue and its gauge
+        shrink at once instead of when the worker next reaches them."""
+        with self._cond:
+            self._items = deque(item for item in self._items if not (item[0].dead or item[0].future.cancelled()))
+            if self._metrics is not None:
+                self._metrics.queue_depth.set(len(self._items))
+
     # -- worker side
     def _take_batch(self) -> list[tuple[_Job, int]] | None:
         """Block until a batch is ready; None when stopping with nothing left."""

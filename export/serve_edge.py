@@ -200,14 +200,42 @@ class Edge:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        body = b"".join(chunks)
-        replayed = False
+        return await self._run_app(scope, b"".join(chunks), receive, send)
+
+    async def _run_app(self, scope, body: bytes, receive, send) -> object:
+        """Run the app on the buffered body while watching the connection: a client that disconnects before
+        its answer is complete has the app cancelled (its queued inputs are dropped, not computed) and the
+        request is CLIENT_GONE. Only the watcher calls `receive`; the app's later calls wait on it."""
+        loop = asyncio.get_running_loop()
+        after_body = loop.create_future()  # the next message from the server: http.disconnect
+        replayed, answered = False, False
 
         async def replay():
             nonlocal replayed
             if not replayed:
                 replayed = True
                 return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
+            return await asyncio.shield(after_body)
 
-        await self.app(scope, replay, send)
+        async def send_noting_the_end(message) -> None:
+            nonlocal answered
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                answered = True
+
+        app = asyncio.ensure_future(self.app(scope, replay, send_noting_the_end))
+        watcher = asyncio.ensure_future(receive())  # also returns once the answer is complete
+        try:
+            await asyncio.wait({app, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not app.done():
+                message = watcher.result()
+                after_body.set_result(message)
+                if message["type"] == "http.disconnect" and not answered:
+                    app.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await app
+                    return CLIENT_GONE
+            return await app  # the app's result, or its exception
+        finally:
+            for task in (app, watcher):  # when this request is cancelled itself (the graceful timeout)
+                task.cancel()

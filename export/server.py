@@ -285,8 +285,9 @@ def create_app(encoder, config: ServeConfig | None = None):
                            headers={"retry-after": str(config.retry_after_s)}) from None
         try:
             vectors = await future
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # the client went away, or the graceful timeout ran out
             future.cancel()
+            state.batcher.drop_cancelled()
             raise
         except Exception:  # noqa: BLE001
             raise ApiError(500, "inference failed", "server_error", code="inference_failed") from None

@@ -693,3 +693,32 @@ def test_requests_cut_off_by_the_graceful_timeout_get_503_not_a_traceback(encode
     messages = [r.getMessage() for r in records]
     assert any("Cancel 1 running task" in m for m in messages), messages  # the one line (and the log is seen)
     assert not any("Exception in ASGI application" in m or r.exc_info for m, r in zip(messages, records)), messages
+
+
+def test_a_client_that_leaves_mid_computation_has_its_inputs_dropped(encoder):
+    """A client gone while its request waits for the model (a load balancer's timeout, a killed client):
+    the request is cancelled, its queued inputs are dropped instead of computed, and it is counted 499."""
+    from mirrorfast.export.server import ServeConfig, create_app
+
+    texts = [f"{s} number {i}" for i, s in enumerate(SENTENCES * 80)][:1000]
+    body = json.dumps({"inputs": texts}).encode()
+    app = create_app(encoder, ServeConfig(max_inputs=1024, max_batch_tokens=64, max_queue=8000))
+    with live_server(app) as url, httpx.Client(base_url=url) as c:
+        conn = _partial_post(url, body, len(body))  # the whole request, then wait
+        deadline = time.monotonic() + 30
+        while _metric(c.get("/metrics").text, "mirrorfast_batch_size_count") == 0:  # the model is on it
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        conn.close()
+        while True:
+            text = c.get("/metrics").text
+            if _metric(text, "mirrorfast_requests_total", {"route": "/embed", "status": "499"}) == 1:
+                break
+            assert time.monotonic() < deadline, text
+            time.sleep(0.01)
+        time.sleep(0.2)  # any batch in flight when it left finishes
+        text = c.get("/metrics").text
+        computed = _metric(text, "mirrorfast_batch_size_sum")
+        assert computed < len(texts) / 2, computed  # not all 1000 computed for nobody
+        assert _metric(text, "mirrorfast_queue_depth") == 0 and _metric(text, "mirrorfast_inputs_total") == 0
+        assert c.post("/embed", json={"inputs": texts[:3]}).status_code == 200  # and it goes on serving
