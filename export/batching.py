@@ -77,6 +77,7 @@ class Batcher:
         self._items: deque[tuple[_Job, int]] = deque()
         self._cond = threading.Condition()
         self._stopping = False
+        self._purge = False  # drop_cancelled asked the worker to purge the queue
         self._thread: threading.Thread | None = None
 
     # -- lifecycle
@@ -120,18 +121,26 @@ class Batcher:
         return job.future
 
     def drop_cancelled(self) -> None:
-        """Remove the queued inputs of cancelled requests now (a client gone): the queue and its gauge
-        shrink at once instead of when the worker next reaches them."""
+        """Have the worker remove the queued inputs of cancelled requests (a client gone) before its next
+        batch, rather than when it reaches them: O(1) here, on the event loop; one pass over the queue in the
+        worker however many requests were cancelled meanwhile (a load balancer timing out a full queue)."""
         with self._cond:
-            self._items = deque(item for item in self._items if not (item[0].dead or item[0].future.cancelled()))
-            if self._metrics is not None:
-                self._metrics.queue_depth.set(len(self._items))
+            self._purge = True
+            self._cond.notify()
+
+    def _purge_cancelled(self) -> None:  # with self._cond held
+        self._purge = False
+        self._items = deque(item for item in self._items if not (item[0].dead or item[0].future.cancelled()))
+        if self._metrics is not None:
+            self._metrics.queue_depth.set(len(self._items))
 
     # -- worker side
     def _take_batch(self) -> list[tuple[_Job, int]] | None:
         """Block until a batch is ready; None when stopping with nothing left."""
         with self._cond:
             while True:
+                if self._purge:
+                    self._purge_cancelled()
                 # drop inputs of dead/cancelled jobs at the head
                 while self._items and (self._items[0][0].dead or self._items[0][0].future.cancelled()):
                     self._items.popleft()

@@ -67,10 +67,13 @@ def _temporary_sibling(out_dir: Path, kind: str, where: Path | None = None) -> P
 def atomic_directory(out_dir: Path) -> Iterator[Path]:
     """Yield a fresh temporary directory next to `out_dir`; on success it replaces `out_dir`."""
     out_dir = Path(out_dir)
-    created = _missing_parents(out_dir)
-    for folder in created:
+    created = []  # the parent folders this save made (another job may make the same ones meanwhile)
+    for folder in _missing_parents(out_dir):
         try:
             folder.mkdir()
+            created.append(folder)
+        except FileExistsError:
+            pass
         except OSError as exc:
             _remove_empty(created)
             raise MirrorfastError(f"cannot create {folder}: {exc.strerror or exc}") from None
@@ -80,15 +83,17 @@ def atomic_directory(out_dir: Path) -> Iterator[Path]:
         _remove_empty(created)
         raise
     old = None  # where the previous output is moved aside while the new one is moved in
+    moving_in = False  # from here on, a missing tmp means it became out_dir
     try:
         yield tmp
         readable_as_created(tmp)
         if out_dir.exists():
             old = _temporary_sibling(out_dir, "old")
             _rename(out_dir, old / "previous", f"cannot replace {out_dir}")
+        moving_in = True
         _rename(tmp, out_dir, f"cannot move the finished output to {out_dir}")
     except BaseException:  # an error, or Ctrl-C / SIGTERM at any point of the swap
-        _roll_back(out_dir, tmp, old)
+        _roll_back(out_dir, tmp, old, moving_in)
         _remove_empty(created)
         raise
     if old is not None:
@@ -106,10 +111,12 @@ def _rename(src: Path, dst: Path, failure: str) -> None:
         raise MirrorfastError(f"{failure}: {exc.strerror or exc}") from None
 
 
-def _roll_back(out_dir: Path, tmp: Path, old: Path | None) -> None:
-    """Leave the destination as it was before the save, wherever the swap stopped, and no temporaries."""
+def _roll_back(out_dir: Path, tmp: Path, old: Path | None, moving_in: bool) -> None:
+    """Leave the destination as it was before the save, wherever the swap stopped, and no temporaries.
+    Only once the move-in began can a missing tmp mean it became out_dir (before, it may have been removed
+    by something else, and out_dir is still the previous output)."""
     try:
-        if not tmp.exists() and out_dir.exists():  # the new output was moved in already: take it out
+        if moving_in and not tmp.exists() and out_dir.exists():  # the new output was moved in: take it out
             os.rename(out_dir, tmp)
         if old is not None and (old / "previous").exists() and not out_dir.exists():
             os.rename(old / "previous", out_dir)  # put the previous output back

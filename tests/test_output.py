@@ -140,3 +140,37 @@ def test_an_interrupt_while_removing_the_previous_output_keeps_the_new_one(tmp_p
         (tmp / "new.txt").write_text("new")
     assert interrupted and [p.name for p in tmp_path.iterdir()] == ["out"]
     assert [p.name for p in out.iterdir()] == ["new.txt"]
+
+
+def test_a_temporary_folder_removed_by_something_else_never_costs_the_previous_output(tmp_path):
+    """If the job's temporary folder vanishes (a tmp cleaner, a stray rm) and the save then fails, the roll
+    back must not take the previous output for the new one and remove it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.bin").write_text("previous")
+    with pytest.raises(RuntimeError), atomic_directory(out) as tmp:
+        shutil.rmtree(tmp)
+        raise RuntimeError("the job failed")
+    assert (out / "model.bin").read_text() == "previous" and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_parent_another_job_creates_meanwhile_is_shared_not_an_error(tmp_path, monkeypatch):
+    """Two saves into the same new parent (a sweep writing results/new/run-1 and run-2): the one that finds
+    the parent made between its check and its mkdir uses it, and on failure leaves it (it is not its own)."""
+    from mirrorfast import output
+
+    parent = tmp_path / "results"
+    real_missing = output._missing_parents
+
+    def made_meanwhile(out_dir):
+        missing = real_missing(out_dir)
+        parent.mkdir(exist_ok=True)  # the other job wins the race
+        return missing
+
+    monkeypatch.setattr(output, "_missing_parents", made_meanwhile)
+    with pytest.raises(RuntimeError), atomic_directory(parent / "run-2"):
+        raise RuntimeError("this job failed")
+    assert parent.is_dir()  # the other job's folder stays
+    with atomic_directory(parent / "run-2") as tmp:
+        (tmp / "done").write_text("ok")
+    assert (parent / "run-2" / "done").is_file()
