@@ -136,12 +136,6 @@ def check_graphable(device: torch.device, dtype: torch.dtype | None, packed: boo
         raise MirrorfastError("--cuda-graphs needs packed attention (--attention auto or packed)")
 
 
-# Characters of a string kept for tokenizing, per token of max length: the first max_length tokens of any
-# real text lie far inside, and one pathological line (a whole file without newlines) is not tokenized in
-# full, once per view and epoch, only to be cut to max_length tokens (a 23 MB line took minutes and GBs).
-CHARS_PER_TOKEN_KEPT = 1000
-
-
 class ViewSource:
     """Tokenized views per epoch: the first view once; the second (a copy of the first, or the pair's other
     side) re-masked every epoch when mask_span > 0, as in the authors' code, else tokenized once."""
@@ -152,11 +146,9 @@ class ViewSource:
         self.mask_token = tokenizer.mask_token
         if cfg.mask_span > 0 and self.mask_token is None:
             raise MirrorfastError("this tokenizer has no mask token; use --mask-span 0")
-        keep = cfg.max_length * CHARS_PER_TOKEN_KEPT
-        self.first_texts = [t[:keep] for t in corpus.first]
-        self.second_texts = self.first_texts if corpus.second is None else [t[:keep] for t in corpus.second]
+        self.second_texts = corpus.first if corpus.second is None else corpus.second
         self.encode = batch_encoder(tokenizer, cfg.max_length)  # one copy of the tokenizer, for every epoch
-        self.first = TokenizedTexts.build_with(self.encode, self.first_texts)
+        self.first = TokenizedTexts.build_with(self.encode, corpus.first)
         self.fixed_second = None  # None: the second view is re-masked every epoch
         if cfg.mask_span == 0:
             self.fixed_second = (self.first if corpus.second is None

@@ -105,24 +105,27 @@ def test_pairs_mask_their_second_side_every_epoch(tmp_path, minilm_tokenizer_dir
     assert [second.ids[second.offsets[i]: second.offsets[i + 1]].tolist() for i in range(6)] == unmasked
 
 
-def test_a_huge_line_is_cut_before_tokenizing_with_the_same_views(tmp_path, minilm_tokenizer_dir, monkeypatch):
-    """Only the first max_length x CHARS_PER_TOKEN_KEPT characters of a string are tokenized (a file without
-    newlines is one huge line): its views are the same tokens as the whole line's, cut to max_length."""
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_huge_line_is_cut_before_tokenizing_with_the_same_views(tmp_path, minilm_tokenizer_dir, monkeypatch, side):
+    """Only max_length x CHARS_PER_TOKEN_KEPT characters of a string are tokenized, on the tokenizer's
+    truncation side (a file without newlines is one huge line): a training view is the same tokens as the
+    whole line's, cut to max_length. The cut lives in batch_encoder, so encode and serve --truncate get it."""
     from transformers import AutoTokenizer
 
-    from mirrorfast import trainer
+    from mirrorfast import tokens, trainer
     from mirrorfast.config import TrainConfig
     from mirrorfast.data import Corpus
 
     tok = AutoTokenizer.from_pretrained(minilm_tokenizer_dir)
-    monkeypatch.setattr(trainer, "CHARS_PER_TOKEN_KEPT", 20)  # 25 x 20 = 500 characters kept
+    tok.truncation_side = side
+    monkeypatch.setattr(tokens, "CHARS_PER_TOKEN_KEPT", 20)  # 25 x 20 = 500 characters kept
     huge = " ".join(random.choice(["alpha", "beta", "gamma", "delta"]) for _ in range(5000))
     corpus = Corpus([huge, "a short one"], None, "test")
     cfg = TrainConfig(corpus="x", level="word", max_length=25).resolved()
+    seen = []
+    real_cut = tokens.cut_for_tokenizing
+    monkeypatch.setattr(tokens, "cut_for_tokenizing", lambda *a: seen.extend(out := real_cut(*a)) or out)
     first, second = trainer.ViewSource(corpus, tok, cfg).epoch(0)
     assert first.ids[: first.offsets[1]].tolist() == tok(huge, truncation=True, max_length=25)["input_ids"]
-    seen = []
-    real_encode = trainer.batch_encoder(tok, 25)
-    monkeypatch.setattr(trainer, "batch_encoder", lambda *a: lambda texts: seen.extend(texts) or real_encode(texts))
-    trainer.ViewSource(corpus, tok, cfg).epoch(0)
     assert max(map(len, seen)) == 500
