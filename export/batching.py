@@ -77,7 +77,7 @@ class Batcher:
         self._items: deque[tuple[_Job, int]] = deque()
         self._cond = threading.Condition()
         self._stopping = False
-        self._purge = False  # drop_cancelled asked the worker to purge the queue
+        self._purge = False  # a request was cancelled: the worker purges the queue
         self._thread: threading.Thread | None = None
 
     # -- lifecycle
@@ -115,18 +115,20 @@ class Batcher:
                 raise QueueFull()
             job.enqueued = time.monotonic()
             self._items.extend((job, i) for i in range(len(inputs)))
+            job.future.add_done_callback(self._purge_if_cancelled)  # a client gone: drop its inputs
             if self._metrics is not None:
                 self._metrics.queue_depth.set(len(self._items))
             self._cond.notify()
         return job.future
 
-    def drop_cancelled(self) -> None:
-        """Have the worker remove the queued inputs of cancelled requests (a client gone) before its next
-        batch, rather than when it reaches them: O(1) here, on the event loop; one pass over the queue in the
-        worker however many requests were cancelled meanwhile (a load balancer timing out a full queue)."""
-        with self._cond:
-            self._purge = True
-            self._cond.notify()
+    def _purge_if_cancelled(self, future: asyncio.Future) -> None:
+        """A request's future is done; if it was cancelled (a client gone, a graceful timeout), have the
+        worker remove its queued inputs before its next batch rather than when it reaches them: O(1) here, on
+        the event loop; one pass over the queue in the worker however many were cancelled meanwhile."""
+        if future.cancelled():
+            with self._cond:
+                self._purge = True
+                self._cond.notify()
 
     def _purge_cancelled(self) -> None:  # with self._cond held
         self._purge = False

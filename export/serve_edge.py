@@ -97,7 +97,7 @@ class Edge:
     the app."""
 
     def __init__(self, app, metrics: Metrics, api_key: str | None, max_body_bytes: int,
-                 read_timeout_s: float = 15.0) -> None:
+                 read_timeout_s: float) -> None:
         self.app = app
         self.metrics = metrics
         self._key = api_key.encode("utf-8") if api_key else None

@@ -286,8 +286,7 @@ def create_app(encoder, config: ServeConfig | None = None):
         try:
             vectors = await future
         except asyncio.CancelledError:  # the client went away, or the graceful timeout ran out
-            future.cancel()
-            state.batcher.drop_cancelled()
+            future.cancel()  # the batcher drops its queued inputs
             raise
         except Exception:  # noqa: BLE001
             raise ApiError(500, "inference failed", "server_error", code="inference_failed") from None

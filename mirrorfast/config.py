@@ -62,7 +62,7 @@ class TrainConfig:
         as a 1-tuple, and every field validated."""
         level = self.level
         if level is None:
-            words = self.pairs is None and str(os.fspath(self.corpus or "")).startswith("wordfreq:")
+            words = self.pairs is None and os.fspath(self.corpus or "").startswith("wordfreq:")
             level = "word" if words else "sentence"
         if level not in PRESETS:
             raise MirrorfastError(f"--level must be one of {tuple(PRESETS)}, got {level!r}")

@@ -13,7 +13,8 @@ import platform
 import sys
 
 
-def _version(distribution: str) -> str | None:
+def package_version(distribution: str) -> str | None:
+    """The installed version of a distribution, or None."""
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
@@ -44,9 +45,9 @@ def report() -> dict:
         "gpu_capability": ".".join(map(str, torch.cuda.get_device_capability(0))) if cuda else None,
     }
     for name in ("transformers", "tokenizers", "triton", "onnx", "sentence-transformers"):
-        info[name] = _version(name)
-    installed = [d for d in ("onnxruntime-gpu", "onnxruntime") if _version(d)]
-    info["onnxruntime"] = ", ".join(f"{d} {_version(d)}" for d in installed) or None
+        info[name] = package_version(name)
+    installed = [d for d in ("onnxruntime-gpu", "onnxruntime") if package_version(d)]
+    info["onnxruntime"] = ", ".join(f"{d} {package_version(d)}" for d in installed) or None
     if len(installed) == 2:  # they share the `onnxruntime` module: whichever was installed last wins
         info["onnxruntime"] += " (both installed: uninstall both, then install one)"
     if installed:

