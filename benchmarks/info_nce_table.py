@@ -502,7 +502,7 @@ def run_sweep(n: int, d: int, dtype_name: str) -> None:
         gus = 1e3 * triton.testing.do_bench_cudagraph(fn, rep=30, return_mode="median") if graph else float("nan")
         return us, gus
 
-    norm, lse2, _ = _forward(a, b, temperature, "mean", default)
+    norms, lse2, _ = _forward(a, b, temperature, "mean", default)
     for kind, candidate, precision, cfg in sweep_candidates(n, d, dtype):
         tag = f"{kind} {candidate}{' ' + precision if dtype == torch.float32 else ''}"
         try:
@@ -512,7 +512,7 @@ def run_sweep(n: int, d: int, dtype_name: str) -> None:
                 regs = compiled_registers(_infonce_fwd_kernel, lambda: result.append(run()))
                 err = f"loss err {rel_err(result[0].double(), ref_loss):.1e}"
             else:
-                run = lambda: _backward(a, b, norm, lse2, grad, temperature, "mean", cfg)  # noqa: E731
+                run = lambda: _backward(a, b, norms, lse2, grad, temperature, "mean", cfg)  # noqa: E731
                 result = []
                 regs = compiled_registers(_infonce_bwd_kernel, lambda: result.append(run()))
                 (da, db), = result

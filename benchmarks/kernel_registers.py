@@ -109,14 +109,15 @@ def infonce_cases(n2: int, d: int, dtype: torch.dtype, cfg, label: str, checked:
     if not cfg.fused_norm:
         yield f"{label} norms", nce._row_norm_kernel, dict(common, norm_ptr=f32), nce.norm_meta(n, d), checked
     yield (f"{label} forward", nce._infonce_fwd_kernel,
-           dict(common, norm_ptr=f32, lse_ptr=f32, loss_ptr=f32, part_ptr=f32, scale2=1.0, eps=1e-12),
+           dict(common, norm_ptr=f32, norm_col_ptr=f32, lse_ptr=f32, loss_ptr=f32, part_ptr=f32, scale2=1.0,
+                eps=1e-12),
            nce.fwd_meta(cfg, dtype), checked)
     if cfg.fwd_split > 1:
         yield (f"{label} merge", nce._infonce_merge_kernel,
                dict(part_ptr=f32, lse_ptr=f32, loss_ptr=f32, total_ptr=f32, N2=n2, total_scale=1.0 / n2),
                dict(nce.merge_meta(n), NUM_SPLIT=cfg.fwd_split), checked)
     yield (f"{label} backward", nce._infonce_bwd_kernel,
-           dict(common, norm_ptr=f32, lse_ptr=f32, w_ptr=f32, wref_ptr=f32, da_ptr=dtype, db_ptr=dtype,
+           dict(common, norm_ptr=f32, norm_col_ptr=f32, lse_ptr=f32, w_ptr=f32, wref_ptr=f32, da_ptr=dtype, db_ptr=dtype,
                 part_ptr=f32, zpart_ptr=f32, stride_da=d, stride_db=d, w_stride=0, scale2=1.0, out_scale=1.0,
                 c_scale=1.0, eps=1e-12),
            nce.bwd_meta(cfg, dtype), checked)

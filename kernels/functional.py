@@ -22,6 +22,7 @@ __all__ = ["info_nce", "info_nce_reference", "resolve_backend"]
 _REDUCTIONS = ("mean", "sum", "none")
 _BACKENDS = ("auto", "torch", "triton")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the Triton kernel computes natively
+_INPUT_DTYPES = (*_KERNEL_DTYPES, torch.float64)  # float8 has no arithmetic in torch: cast it first
 KERNELS_ENV = "MIRRORFAST_KERNELS"
 _MIN_CAPABILITY = (8, 0)  # "auto" uses the kernel from Ampere on; backend="triton" may force it elsewhere
 
@@ -47,7 +48,43 @@ def _triton_available() -> bool:
 def triton_runs_on(device: torch.device) -> bool:
     """Whether mirrorfast's Triton kernels can run on `device`'s tensors: CUDA, or the CPU under the Triton
     interpreter (TRITON_INTERPRET=1, slowly: how the tests run them)."""
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def first_derivative_only(refusal: str):
+    """Decorates an autograd.Function's backward whose kernels compute gradients with no graph of their
+    own. Under create_graph=True (a gradient penalty, a Hessian-vector product) its gradients get a grad_fn
+    that raises `refusal`, so a second derivative through them is an error, not silently zero. (torch's
+    once_differentiable does so only when the incoming gradient requires grad: not for a scalar loss's.)"""
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            with torch.no_grad():
+                outputs = backward(ctx, *grads)
+            if not torch.is_grad_enabled():
+                return outputs
+            where = [i for i, g in enumerate(outputs) if isinstance(g, torch.Tensor)]
+            refuse = torch._C._functions.DelayedError(refusal.encode(), len(where))
+            wrapped = refuse(*[outputs[i].detach().requires_grad_() for i in where])
+            outputs = list(outputs)
+            for i, grad in zip(where, wrapped if isinstance(wrapped, tuple) else (wrapped,)):
+                outputs[i] = grad
+            return tuple(outputs)
+
+        return wrapper
+
+    return decorate
+
+
+def check_dropout_seed(seed: torch.Tensor | None, device: torch.device, who: str) -> None:
+    """A dropout seed handed to a Triton kernel must be a (1,) int64 tensor on its inputs' device (the
+    kernels read it there: no host synchronization). None is fine: the kernel draws one."""
+    if seed is not None and (not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64
+                             or tuple(seed.shape) != (1,) or seed.device != device):
+        got = (f"{seed.dtype} {tuple(seed.shape)} on {seed.device}" if isinstance(seed, torch.Tensor)
+               else type(seed).__name__)
+        raise ValueError(f"{who}: seed must be a (1,) int64 tensor on {device}, got {got}")
 
 
 def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
@@ -69,6 +106,9 @@ def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype
         if not triton_runs_on(device):
             raise MirrorfastError(
                 "info_nce: backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (the Triton interpreter)"
+                if device.type == "cpu" else
+                f"info_nce: backend='triton' runs on CUDA tensors (or CPU ones under TRITON_INTERPRET=1), "
+                f"not on {device.type}"
             )
     return backend
 
@@ -88,8 +128,9 @@ def _validate(a: torch.Tensor, b: torch.Tensor, temperature: float, reduction: s
         raise MirrorfastError("info_nce: need at least one pair (N >= 1), got N=0")
     if a.shape[1] < 1:
         raise MirrorfastError("info_nce: embedding dimension D must be >= 1, got D=0")
-    if not a.dtype.is_floating_point or not b.dtype.is_floating_point:
-        raise MirrorfastError(f"info_nce: inputs must be floating point, got {a.dtype} and {b.dtype}")
+    if a.dtype not in _INPUT_DTYPES or b.dtype not in _INPUT_DTYPES:
+        raise MirrorfastError(f"info_nce: inputs must be float16, bfloat16, float32 or float64, got {a.dtype} "
+                              f"and {b.dtype}")
     if a.device != b.device:
         raise MirrorfastError(f"info_nce: a and b must be on the same device, got {a.device} and {b.device}")
     if isinstance(temperature, torch.Tensor):

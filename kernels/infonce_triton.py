@@ -45,7 +45,9 @@ several programs (grid dimension 1 of the forward, 2 of the backward), as split-
    merges them into lse2 and loss and reduces the loss ("mean"/"sum": no torch reduction launch).
 2b. backward splits write their share of dz and of z . dz, fp32, to a (split, 2N, D) workspace;
    `_infonce_bwd_finalize_kernel` adds the shares in split order (bit-identical run to run) and projects.
-Saved for backward: the inputs (kept alive by autograd anyway), norm (2N,) and lse2 (2N,) in fp32.
+Saved for backward: the inputs (kept alive by autograd anyway), norm (2N,) and lse2 (2N,) in fp32; with
+`fused_norm` also the norms as the forward computed them for columns (2N,), which can differ from the rows'
+in the last bit, and the backward recomputes every logit with the norms the forward used for it.
 """
 
 import functools
@@ -56,7 +58,10 @@ import torch
 import triton
 import triton.language as tl
 
+from mirrorfast.kernels.functional import first_derivative_only
+
 __all__ = ["info_nce_triton", "InfoNCEFunction", "KernelConfig", "pick_config", "warm_up"]
+_NO_SECOND_DERIVATIVE = "info_nce's Triton kernels have no second derivative: differentiate twice with backend='torch'"
 
 _EPS = 1e-12  # as F.normalize: z = x / max(||x||, eps)
 _LOG2E = 1.4426950408889634
@@ -162,6 +167,7 @@ def _row_norm_kernel(
 def _infonce_fwd_kernel(
     a_ptr, b_ptr,  # a, b: (N, D) fp16/bf16/fp32, unit stride along D
     norm_ptr,  # norm: (2N,) fp32; read if not FUSED_NORM, else computed from the Gram tiles' loads and written
+    norm_col_ptr,  # FUSED_NORM: (2N,) fp32 out, the norms as this kernel computes them for columns (below)
     lse_ptr,  # lse2: (2N,) fp32 out, log2-sum-exp2 of row r's base-2 logits (diagonal excluded)
     loss_ptr,  # loss: (2N,) fp32 out, per-row NT-Xent loss (natural log)
     part_ptr,  # NUM_SPLIT > 1: (3, NUM_SPLIT, 2N) fp32 out, each split's running max, sum and positive
@@ -198,7 +204,13 @@ def _infonce_fwd_kernel(
         if FUSED_NORM:  # the same loads in the same order for every tile: the same norm_i every time
             norm_i = tl.sqrt(sq_i)
             rinv_i = 1.0 / tl.maximum(norm_i, eps)
+            # A column's squares are summed across the tile, a row's along it: the two orders can differ
+            # in the last bit, and the backward must use the norm each logit was made with (exp2 turns a
+            # last-bit change of a logit of 1/T into a relative change of ~1e-7/T). Every program stores
+            # the column norms it computed: the same bits from each (same loads, same code); letting only
+            # row block 0 store them cost registers (sm_90a, Triton 3.9: 139 -> 128 and 12 bytes spilled).
             norm_j = tl.sqrt(sq_j)
+            tl.store(norm_col_ptr + seg_j * N + loc_j, norm_j, mask=col_ok)
         else:
             norm_j = tl.load(norm_ptr + seg_j * N + loc_j, mask=col_ok, other=1.0)
         rinv_j = 1.0 / tl.maximum(norm_j, eps)  # (BLOCK_N,)
@@ -310,6 +322,7 @@ def _store_dx(acc, zdz, rinv_i, seg_i, loc_i, row_ok, base_i, stride_i, offs_c, 
 def _infonce_bwd_kernel(
     a_ptr, b_ptr,  # a, b: (N, D), unit stride along D
     norm_ptr,  # norm: (2N,) fp32, saved by the forward
+    norm_col_ptr,  # TWO_NORMS: (2N,) fp32, the forward's column norms (see its FUSED_NORM)
     lse_ptr,  # lse2: (2N,) fp32, saved by the forward
     w_ptr,  # grad_output: (2N,) fp32 with stride w_stride ("none"), or a 0-dim fp32 with w_stride = 0
     wref_ptr,  # 0-dim fp32: max |grad_output| (for "mean"/"sum": grad_output itself)
@@ -329,6 +342,7 @@ def _infonce_bwd_kernel(
     MM_FP16: tl.constexpr,  # 16-bit inputs: the (G + G^T) z product runs in fp16 (also for bf16 inputs)
     FOLD_RINV: tl.constexpr,  # multiply rinv_J into the (G + G^T) tile instead of normalizing x_J (see below)
     SCALE_FP16: tl.constexpr,  # FOLD_RINV with fp16 inputs: divide that tile by the largest rinv (see below)
+    TWO_NORMS: tl.constexpr,  # the forward fused its norms: a vector's norm as a column may differ in the last bit
 ):
     seg_i, loc_i, base_i, stride_i = _block(tl.program_id(0), N, a_ptr, b_ptr, stride_a, stride_b, BLOCK_M)
     row_ok = loc_i < N  # (BLOCK_M,)
@@ -338,6 +352,8 @@ def _infonce_bwd_kernel(
 
     norm_i = tl.load(norm_ptr + rows, mask=row_ok, other=1.0)
     rinv_i = 1.0 / tl.maximum(norm_i, eps)  # (BLOCK_M,)
+    if TWO_NORMS:  # rows i as the forward's other programs saw them, as columns
+        rinv_ci = 1.0 / tl.maximum(tl.load(norm_col_ptr + rows, mask=row_ok, other=1.0), eps)  # (BLOCK_M,)
     lse_i = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)  # (BLOCK_M,)
     wref = tl.maximum(tl.abs(tl.load(wref_ptr).to(tl.float32)), 1e-30)
     u_i = tl.load(w_ptr + rows * w_stride, mask=row_ok, other=0.0).to(tl.float32) / wref  # (BLOCK_M,) in [-1, 1]
@@ -374,12 +390,18 @@ def _infonce_bwd_kernel(
         # Recompute the logit tile (same arithmetic as the forward).
         gram, _, _ = _gram_tile(base_i, loc_i, stride_i, row_ok, base_j, loc_j, stride_j, col_ok, D,
                                 BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, DOT_UPCAST, False)  # (BLOCK_M, BLOCK_N)
-        s2 = gram * (rinv_i[:, None] * rinv_j[None, :]) * scale2  # (BLOCK_M, BLOCK_N), as in the forward
+        if TWO_NORMS:  # each logit as the forward program of its row made it (x_I x_J^T is symmetric)
+            rinv_cj = 1.0 / tl.maximum(tl.load(norm_col_ptr + cols, mask=col_ok, other=1.0), eps)  # (BLOCK_N,)
+            s2 = gram * (rinv_i[:, None] * rinv_cj[None, :]) * scale2  # (BLOCK_M, BLOCK_N): rows i's logits
+            s2t = gram * (rinv_ci[:, None] * rinv_j[None, :]) * scale2  # rows j's logits, transposed
+        else:
+            s2 = gram * (rinv_i[:, None] * rinv_j[None, :]) * scale2  # (BLOCK_M, BLOCK_N), as in the forward
+            s2t = s2
 
         same = loc_i[:, None] == loc_j[None, :]
         valid = row_ok[:, None] & col_ok[None, :] & ~(same & (seg_i == seg_j))
         p_ij = tl.where(valid, tl.exp2(s2 - lse_i[:, None]), 0.0)  # softmax of row i
-        p_ji = tl.where(valid, tl.exp2(s2 - lse_j[None, :]), 0.0)  # softmax of row j, transposed
+        p_ji = tl.where(valid, tl.exp2(s2t - lse_j[None, :]), 0.0)  # softmax of row j, transposed
         is_pos = tl.where(valid & same & (seg_i != seg_j), 1.0, 0.0)
         g = u_i[:, None] * (p_ij - is_pos) + u_j[None, :] * (p_ji - is_pos)  # (G + G^T) / wref, |g| <= 2
         zdz += tl.sum(g * s2, axis=1)
@@ -608,7 +630,7 @@ def bwd_meta(cfg: KernelConfig, dtype: torch.dtype, upcast: bool = False) -> dic
                 BLOCK_DC=cfg.bwd_dc, NUM_DC=cfg.bwd_chunks, NUM_SPLIT=cfg.bwd_split,
                 DOT_PRECISION=_dot_precision(dtype, cfg),
                 DOT_UPCAST=upcast, MM_FP16=dtype != torch.float32, FOLD_RINV=cfg.bwd_fold,
-                SCALE_FP16=cfg.bwd_fold and dtype == torch.float16,
+                SCALE_FP16=cfg.bwd_fold and dtype == torch.float16, TWO_NORMS=cfg.fused_norm,
                 num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages)
 
 
@@ -623,11 +645,14 @@ def finalize_meta(n: int, d: int) -> dict:
 
 
 def _forward(a, b, temperature: float, reduction: str, cfg: KernelConfig):
-    # a, b: (N, D), same dtype/device, unit stride along D. Returns norm, lse2: (2N,) fp32 (saved for the
-    # backward) and the loss as `reduction` asks: 0-dim ("mean"/"sum") or (2N,) ("none"), fp32.
+    # a, b: (N, D), same dtype/device, unit stride along D. Returns norms: (2, 2N) fp32, the norms of x as
+    # rows and as columns (one tensor twice unless the norms are fused), lse2: (2N,) fp32 (both saved for
+    # the backward) and the loss as `reduction` asks: 0-dim ("mean"/"sum") or (2N,) ("none"), fp32.
     n, d = a.shape
     n2 = 2 * n
-    norm, lse2 = torch.empty((2, n2), device=a.device, dtype=torch.float32).unbind(0)  # saved for backward
+    saved = torch.empty((3, n2), device=a.device, dtype=torch.float32)
+    norms = saved[:2] if cfg.fused_norm else saved[0].expand(2, n2)
+    norm, lse2 = saved[0], saved[2]
     loss = torch.empty(n2, device=a.device, dtype=torch.float32)  # its own storage: "none" returns it
     split = cfg.fwd_split
     part = torch.empty((3, split, n2), device=a.device, dtype=torch.float32) if split > 1 else lse2
@@ -635,19 +660,20 @@ def _forward(a, b, temperature: float, reduction: str, cfg: KernelConfig):
         meta = norm_meta(n, d)
         _row_norm_kernel[(2 * triton.cdiv(n, meta["BLOCK_M"]),)](a, b, norm, n, d, a.stride(0), b.stride(0), **meta)
     _infonce_fwd_kernel[(2 * triton.cdiv(n, cfg.fwd_m), split)](
-        a, b, norm, lse2, loss, part, n, d, a.stride(0), b.stride(0), _LOG2E / temperature, _EPS,
+        a, b, norm, norms[1], lse2, loss, part, n, d, a.stride(0), b.stride(0), _LOG2E / temperature, _EPS,
         **fwd_meta(cfg, a.dtype, _dot_upcast(a)),
     )
     if split > 1:  # the merge launch writes lse2 and loss and reduces the loss itself
         total = torch.empty((), device=a.device, dtype=torch.float32)
         _infonce_merge_kernel[(1,)](part, lse2, loss, total, n2, 1.0 / n2 if reduction == "mean" else 1.0,
                                     NUM_SPLIT=split, **merge_meta(n))
-        return norm, lse2, (loss if reduction == "none" else total)
-    return norm, lse2, (loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss)
+        return norms, lse2, (loss if reduction == "none" else total)
+    return norms, lse2, (loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss)
 
 
-def _backward(a, b, norm, lse2, grad, temperature: float, reduction: str, cfg: KernelConfig):
-    # grad: 0-dim ("mean"/"sum") or (2N,) ("none") fp32. Returns da, db: (N, D) contiguous, dtype of a.
+def _backward(a, b, norms, lse2, grad, temperature: float, reduction: str, cfg: KernelConfig):
+    # norms, lse2: as _forward returned them. grad: 0-dim ("mean"/"sum") or (2N,) ("none") fp32.
+    # Returns da, db: (N, D) contiguous, dtype of a.
     n, d = a.shape
     n2 = 2 * n
     grad = grad.to(torch.float32)
@@ -665,10 +691,10 @@ def _backward(a, b, norm, lse2, grad, temperature: float, reduction: str, cfg: K
         part = torch.empty((split, n2, d), device=a.device, dtype=torch.float32)
         zpart = torch.empty((split, n2), device=a.device, dtype=torch.float32)
     else:
-        part = zpart = norm  # not read
+        part = zpart = lse2  # not read
     grid = (2 * triton.cdiv(n, cfg.bwd_m), triton.cdiv(d, cfg.bwd_dc * cfg.bwd_chunks), split)
     _infonce_bwd_kernel[grid](
-        a, b, norm, lse2, w, wref, da, db, part, zpart,
+        a, b, norms[0], norms[1], lse2, w, wref, da, db, part, zpart,
         n, d, a.stride(0), b.stride(0), da.stride(0), db.stride(0), w_stride,
         _LOG2E / temperature, w_scale / (temperature * _g_scale(cfg, a.dtype)), w_scale * _LN2, _EPS,
         **bwd_meta(cfg, a.dtype, _dot_upcast(a)),
@@ -676,7 +702,7 @@ def _backward(a, b, norm, lse2, grad, temperature: float, reduction: str, cfg: K
     if split > 1:
         meta = finalize_meta(n, d)
         _infonce_bwd_finalize_kernel[(2 * triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_DC"]))](
-            a, b, norm, part, zpart, da, db, n, d, a.stride(0), b.stride(0), da.stride(0), db.stride(0), _EPS,
+            a, b, norms[0], part, zpart, da, db, n, d, a.stride(0), b.stride(0), da.stride(0), db.stride(0), _EPS,
             NUM_SPLIT=split, **meta,
         )
     return da, db
@@ -693,8 +719,8 @@ def warm_up(n_values, d: int, dtype: torch.dtype, device) -> None:
         a, b = views[:n], views[n:]
         cfg = pick_config(2 * n, d, dtype)
         with torch.cuda.device_of(views):
-            norm, lse2, _ = _forward(a, b, 1.0, "mean", cfg)
-            _backward(a, b, norm, lse2, torch.ones((), device=device), 1.0, "mean", cfg)
+            norms, lse2, _ = _forward(a, b, 1.0, "mean", cfg)
+            _backward(a, b, norms, lse2, torch.ones((), device=device), 1.0, "mean", cfg)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -710,17 +736,18 @@ class InfoNCEFunction(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, a, b, temperature, reduction, cfg):
         with torch.cuda.device_of(a):  # Triton launches on the current device: make it the inputs'
-            norm, lse2, loss = _forward(a, b, temperature, reduction, cfg)
-        ctx.save_for_backward(a, b, norm, lse2)
+            norms, lse2, loss = _forward(a, b, temperature, reduction, cfg)
+        ctx.save_for_backward(a, b, norms, lse2)
         ctx.temperature, ctx.reduction, ctx.cfg = temperature, reduction, cfg
         return loss
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
+    @first_derivative_only(_NO_SECOND_DERIVATIVE)  # the kernels' gradients carry no graph of their own
     def backward(ctx, grad):
-        a, b, norm, lse2 = ctx.saved_tensors
+        a, b, norms, lse2 = ctx.saved_tensors
         with torch.cuda.device_of(a):
-            da, db = _backward(a, b, norm, lse2, grad, ctx.temperature, ctx.reduction, ctx.cfg)
+            da, db = _backward(a, b, norms, lse2, grad, ctx.temperature, ctx.reduction, ctx.cfg)
         return (da if ctx.needs_input_grad[0] else None), (db if ctx.needs_input_grad[1] else None), None, None, None
 
 

@@ -26,7 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
+from mirrorfast.kernels.functional import check_dropout_seed, first_derivative_only
+
 __all__ = ["packed_attention_triton", "PackedAttentionFunction", "MAX_VIEW_TOKENS", "warm_up"]
+_NO_SECOND_DERIVATIVE = "the packed-attention Triton kernels have no second derivative: differentiate twice with MIRRORFAST_PACKED_ATTENTION=sdpa"
 
 MAX_VIEW_TOKENS = 128  # one register tile per (view, head): longer views go to FlashAttention
 
@@ -200,6 +203,7 @@ class PackedAttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_derivative_only(_NO_SECOND_DERIVATIVE)  # the kernels' gradients carry no graph of their own
     def backward(ctx, grad_out):
         q, k, v, cu_seqlens, seed = ctx.saved_tensors
         grad_out = grad_out.to(q.dtype).contiguous()  # the kernels read it with q's (contiguous) strides
@@ -227,6 +231,7 @@ def packed_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
         raise ValueError(f"packed_attention_triton: dropout_p must be in [0, 1), got {dropout_p}")
     if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"packed_attention_triton: q, k, v must be (T, H, D) alike, got {q.shape}, {k.shape}, {v.shape}")
+    check_dropout_seed(seed, q.device, "packed_attention_triton")
     # One layout for all (inputs, output, gradients): contiguous (T, H, D). Attention functions of Hugging Face
     # models hand over views that are contiguous in this order already (no copy then).
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()

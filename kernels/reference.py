@@ -17,8 +17,8 @@ def info_nce_reference(a: torch.Tensor, b: torch.Tensor, temperature: float, red
 
 
 def _info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float, reduction: str) -> torch.Tensor:
-    # a, b: (N, D) -> z: (2N, D), computed in fp32 at least (fp64 stays fp64).
-    compute_dtype = torch.promote_types(a.dtype, torch.float32)
+    # a, b: (N, D) -> z: (2N, D), computed in fp32 at least (fp64, in either input, stays fp64).
+    compute_dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
     z = F.normalize(torch.cat([a, b]).to(compute_dtype), dim=1)
     n2 = z.shape[0]
     logits = (z @ z.T) / temperature  # (2N, 2N)

@@ -9,8 +9,8 @@ BERT-base step. Here one program owns BLOCK_R rows, each held whole in registers
 Definition, per row (H features):
     s = residual + h * keep / (1 - p)        keep ~ Bernoulli(1 - p), Philox from a seed in a device tensor
     y = (s - mean(s)) / sqrt(var(s) + eps) * weight + bias      (biased variance, as nn.LayerNorm)
-computed in fp32 whatever the input dtypes; y (and the saved s) in the promoted dtype of h, residual and
-weight, as the unfused ops give it (fp32 under autocast, whose residual stream and LayerNorm are fp32; the
+computed in fp32 whatever the input dtypes, with s rounded to and y stored in the promoted dtype of h,
+residual and weight, as the unfused ops give them (fp32 under autocast, whose residual stream and LayerNorm are fp32; the
 half dtype for a --half-model model). The keep mask is never stored: the backward redraws it.
 
 Backward, with x = (s - mean) * rstd and g = dy * weight:
@@ -24,7 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
+from mirrorfast.kernels.functional import check_dropout_seed, first_derivative_only
+
 __all__ = ["dropout_add_layer_norm", "DropoutAddLayerNormFunction", "keep_mask", "MAX_HIDDEN", "warm_up"]
+_NO_SECOND_DERIVATIVE = "the fused residual-LayerNorm kernels have no second derivative: differentiate twice without MIRRORFAST_FUSED_LAYERNORM"
 
 MAX_HIDDEN = 8192  # one row per register tile
 
@@ -54,6 +57,9 @@ def _fwd_kernel(
     if DROPOUT:
         h = tl.where(_keep(seed_ptr, rows, cols, H, p_drop), h / (1.0 - p_drop), 0.0)
     s = tl.load(res_ptr + offsets, mask=ok, other=0.0).to(tl.float32) + h
+    # Normalize s as it is stored (rounded to a half dtype, as the unfused add gives it): the backward
+    # recomputes x from the stored s, so both passes must see the same numbers.
+    s = s.to(s_ptr.dtype.element_ty).to(tl.float32)
     mean = tl.sum(s, axis=1) / H  # (BLOCK_R,)
     centered = tl.where(ok, s - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / H + eps)
@@ -61,7 +67,7 @@ def _fwd_kernel(
     b = tl.load(b_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
     y = centered * rstd[:, None] * w[None, :] + b[None, :]
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=ok)
-    tl.store(s_ptr + offsets, s.to(s_ptr.dtype.element_ty), mask=ok)
+    tl.store(s_ptr + offsets, s.to(s_ptr.dtype.element_ty), mask=ok)  # exact: s is already rounded
     tl.store(mean_ptr + rows, mean, mask=rows < T)
     tl.store(rstd_ptr + rows, rstd, mask=rows < T)
 
@@ -150,6 +156,7 @@ class DropoutAddLayerNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @first_derivative_only(_NO_SECOND_DERIVATIVE)  # the kernels' gradients carry no graph of their own
     def backward(ctx, dy):
         s, weight, mean, rstd, seed = ctx.saved_tensors
         dy = dy.contiguous()
@@ -188,6 +195,7 @@ def dropout_add_layer_norm(h: torch.Tensor, residual: torch.Tensor, weight: torc
         raise ValueError(f"dropout_add_layer_norm: p must be in [0, 1), got {p}")
     if h.numel() >= 2**31:
         raise ValueError("dropout_add_layer_norm: too many elements for 32-bit dropout offsets")
+    check_dropout_seed(seed, h.device, "dropout_add_layer_norm")
     if seed is None:
         # A fresh seed per call from torch's generator (inside a captured CUDA graph too: each replay draws anew).
         seed = (torch.randint(0, 2**31 - 1, (1,), device=h.device, dtype=torch.int64) if p > 0

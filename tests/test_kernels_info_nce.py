@@ -91,16 +91,20 @@ def loss_and_grads(fn, a, b, grad_out):
     return loss.detach(), a.grad, b.grad
 
 
-def check_against_definition(backend, n, d, dtype, reduction, seed, *, zero_row=False, config=None):
-    errors = definition_errors(backend, n, d, dtype, reduction, seed, zero_row=zero_row, config=config)
+def check_against_definition(backend, n, d, dtype, reduction, seed, *, zero_row=False, config=None,
+                             temperature=None):
+    errors = definition_errors(backend, n, d, dtype, reduction, seed, zero_row=zero_row, config=config,
+                               temperature=temperature)
     for what, err in errors.items():
         assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]:g}"
 
 
-def definition_errors(backend, n, d, dtype, reduction, seed, *, zero_row=False, config=None):
-    """Relative errors of loss and both gradients of `backend` against `nt_xent_f64`."""
+def definition_errors(backend, n, d, dtype, reduction, seed, *, zero_row=False, config=None, temperature=None):
+    """Relative errors of loss and both gradients of `backend` against `nt_xent_f64` (at a random
+    temperature in [0.05, 1) unless one is given)."""
     g = torch.Generator().manual_seed(10_000 + seed)
-    temperature = float(0.05 + 0.95 * torch.rand((), generator=g))
+    drawn = float(0.05 + 0.95 * torch.rand((), generator=g))
+    temperature = drawn if temperature is None else temperature
     a, b = make_inputs(n, d, dtype, seed, zero_row=zero_row)
     grad_out = torch.randn(2 * n, generator=g, dtype=torch.float64) if reduction == "none" else None
 
@@ -297,6 +301,23 @@ def test_triton_folded_backward_deterministic():
         assert torch.equal(first, second)
 
 
+@needs_triton
+# The interpreter evaluates exp2 on masked-out lanes too (the diagonal's logit exceeds lse2 by ~1/T): inf there,
+# then discarded by tl.where, as on a GPU.
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+@pytest.mark.parametrize("temperature", (1e-4, 1e-6, 1e-9))
+@pytest.mark.parametrize("split", (1, 3), ids=("unsplit", "split"))
+def test_triton_fused_norms_at_tiny_temperatures(split, temperature):
+    """With norms fused into the forward, a vector's norm is summed in two orders (as a row of its own
+    tile, as a column of the others'); the backward must recompute each logit with the very norms the
+    forward used, or exp2(s2 - lse2) is off by a factor that grows like 1/T (at T=1e-9: inf, then NaN)."""
+    config = KernelConfig(16, 16, 16, 4, 2, True, 16, 16, 16, 16, 4, 2, fwd_split=split, bwd_split=split)
+    for i, (n, d) in enumerate(((9, 20), (23, 37))):
+        check_against_definition("triton", n, d, torch.float32, REDUCTIONS[i], seed=700 + i, config=config,
+                                 temperature=temperature)
+    assert pick_config(2 * 9, 20, torch.float32).fused_norm  # the fp32 small-problem default is covered
+
+
 # Split column blocks (KernelConfig.fwd_split / bwd_split: more programs for small problems, partial results
 # merged by one more launch each): every dtype and reduction, 1 and 3 gradient-column chunks, folded or not,
 # norms fused or not, splits that divide the column blocks, that do not, and more splits than blocks (empty
@@ -402,6 +423,20 @@ def test_triton_all_zero_row_is_finite():
 
 
 @needs_triton
+def test_triton_second_derivative_is_an_error_not_zero():
+    """The kernels' gradients carry no graph of their own: asked for a second derivative (a gradient
+    penalty), the Triton backend must refuse, not silently drop those terms."""
+    a, b = make_inputs(5, 12, torch.float32, seed=42, device=DEVICE)
+    a.requires_grad_(True)
+    (ga,) = torch.autograd.grad(info_nce(a, b, 0.1, backend="triton"), a, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative: differentiate twice with backend='torch'"):
+        ga.square().sum().backward()
+    (ga,) = torch.autograd.grad(info_nce(a, b, 0.1, backend="torch"), a, create_graph=True)
+    ga.square().sum().backward()  # the reference differentiates twice
+    assert a.grad is not None and a.grad.abs().sum() > 0
+
+
+@needs_triton
 def test_triton_deterministic():
     a, b = make_inputs(70, 130, torch.float32, seed=900)
     g = torch.randn(140)
@@ -439,6 +474,16 @@ def test_mixed_input_dtypes(backend):
     assert loss.dtype == torch.float32 and ga.dtype == torch.bfloat16 and gb.dtype == torch.float32
     assert rel_err(loss, ref[0]) <= TOL[torch.float32] and rel_err(gb, ref[2]) <= TOL[torch.float32]
     assert rel_err(ga, ref[1]) <= TOL[torch.bfloat16]  # the fp32 gradient, rounded to bf16
+
+
+def test_reference_promotes_both_inputs():
+    """fp64 in either argument: the reference computes (and returns) fp64, whatever the order."""
+    a, b = make_inputs(5, 12, torch.float64, seed=1250, device="cpu")
+    a, b = a.float().double(), b.float().double()  # exact in fp32 too
+    want = nt_xent_f64(a, b, 0.1, "mean")
+    for x, y in ((a, b.float()), (a.float(), b)):
+        loss = info_nce(x, y, 0.1, backend="torch")
+        assert loss.dtype == torch.float64 and rel_err(loss, want) < 1e-12
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
@@ -514,12 +559,21 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
         info_nce(a, b, backend="triton")
 
 
+@needs_triton
+def test_triton_refuses_other_devices_even_under_the_interpreter():
+    a = torch.empty(3, 8, device="meta")
+    with pytest.raises(MirrorfastError, match="runs on CUDA tensors .* not on meta"):
+        info_nce(a, a, backend="triton")
+
+
 @pytest.mark.parametrize(
     "args,kwargs,match",
     [
         ((torch.randn(3, 4), torch.randn(3, 5)), {}, r"same shape, got \(3, 4\) and \(3, 5\)"),
         ((torch.randn(0, 4), torch.randn(0, 4)), {}, r"at least one pair \(N >= 1\), got N=0"),
-        ((torch.ones(3, 4, dtype=torch.int64), torch.ones(3, 4, dtype=torch.int64)), {}, "must be floating point"),
+        ((torch.ones(3, 4, dtype=torch.int64), torch.ones(3, 4, dtype=torch.int64)), {},
+         "must be float16, bfloat16, float32 or float64, got torch.int64"),
+        ((torch.ones(3, 4).to(torch.float8_e4m3fn), torch.ones(3, 4)), {}, "got torch.float8_e4m3fn and torch.float32"),
         ((torch.randn(3, 4), torch.randn(3, 4)), {"temperature": 0.0}, r"temperature must be a finite number > 0, got 0.0"),
         ((torch.randn(3, 4), torch.randn(3, 4)), {"temperature": -1.0}, r"temperature must be a finite number > 0"),
         ((torch.randn(3, 4), torch.randn(3, 4)), {"temperature": float("inf")}, r"finite number > 0, got inf"),
@@ -531,7 +585,7 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
         ((torch.randn(3, 4), torch.randn(3, 4)), {"backend": "cuda"}, r"backend must be one of .* got 'cuda'"),
         ((torch.randn(3), torch.randn(3)), {}, r"must be 2-D \(N, D\)"),
     ],
-    ids=["shape-mismatch", "n-zero", "integer-dtype", "temperature-zero", "temperature-negative", "temperature-inf", "temperature-nan", "temperature-bool",
+    ids=["shape-mismatch", "n-zero", "integer-dtype", "float8", "temperature-zero", "temperature-negative", "temperature-inf", "temperature-nan", "temperature-bool",
          "temperature-tensor",
          "bad-reduction", "bad-backend", "not-2d"],
 )

@@ -69,6 +69,14 @@ def test_matches_definition_without_dropout(lengths, dim, dtype):
         assert got.dtype == dtype and _rel(got, want) <= TOL[dtype] * 2
 
 
+def test_second_derivative_is_an_error_not_zero():
+    q, k, v, cu = _views([3, 5], 2, 16, torch.float32, seed=5)
+    q.requires_grad_(True)
+    (gq,) = torch.autograd.grad(packed_attention_triton(q, k, v, cu, 5).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        gq.square().sum().backward()
+
+
 def _keep_mask(cu, heads, max_len, p, seed):
     """The kernel's own keep mask, read back through attention with uniform weights over one-hot values:
     q = k = 0 gives P = 1/n, and v = I makes O[i, j] = keep_ij / ((1 - p) n)."""
@@ -123,6 +131,8 @@ def test_deterministic_and_validated():
         packed_attention_triton(q, k, v, cu, 129)
     with pytest.raises(ValueError, match="dropout_p"):
         packed_attention_triton(q, k, v, cu, 11, 1.0)
+    with pytest.raises(ValueError, match=r"seed must be a \(1,\) int64 tensor on .*, got torch.float32"):
+        packed_attention_triton(q, k, v, cu, 11, 0.1, seed=torch.ones(1, device=DEVICE))
 
 
 def test_one_launch_per_length_class_up_to_the_longest_view():

@@ -67,6 +67,49 @@ def test_matches_definition(rows, h_dim, h_dtype, res_dtype, w_dtype, p):
         assert _rel(got, want) <= max(tol, TOL[leaf.dtype]), (name, _rel(got, want))
 
 
+def _rounded_as_triton(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 x cast to dtype as a Triton kernel's `.to(dtype)` casts it here: compiled Triton rounds to
+    nearest even, as torch does, but the interpreter (CPU tensors) truncates fp32 to bf16."""
+    if x.device.type == "cpu" and dtype == torch.bfloat16:
+        return (x.view(torch.int32) & ~0xFFFF).view(torch.float32).to(dtype)  # exact: low bits are zero
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+def test_half_sum_is_normalized_as_stored(dtype):
+    """In a half dtype, s = residual + h is stored rounded (as the unfused add gives it) and the backward
+    recomputes x from it: the forward's mean and rstd must be those of the rounded s, or the two passes
+    disagree (a residual stream of mean 50 and std 1 in bf16: d weight 14 % off). The definition: the
+    float64 LayerNorm of s rounded to the dtype, its gradient passed straight through the rounding."""
+    g = torch.Generator().manual_seed(11)
+    rows, h_dim = 9, 96
+    h = torch.randn(rows, h_dim, generator=g).to(DEVICE, dtype)
+    res = (torch.randn(rows, h_dim, generator=g) + 50).to(DEVICE, dtype)
+    w = (1 + 0.3 * torch.randn(h_dim, generator=g)).to(DEVICE, dtype)
+    b = (0.2 * torch.randn(h_dim, generator=g)).to(DEVICE, dtype)
+    dy = torch.randn(rows, h_dim, generator=g).to(DEVICE, dtype)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (h, res, w, b)]
+    y = dropout_add_layer_norm(*leaves, 1e-12, 0.0, training=True)
+    grads = torch.autograd.grad(y, leaves, dy)
+
+    s_rounded = _rounded_as_triton((res.float() + h.float()), dtype).double().requires_grad_(True)
+    ref_w, ref_b = (t.detach().double().requires_grad_(True) for t in (w, b))
+    ref = _definition(torch.zeros_like(s_rounded), s_rounded, ref_w, ref_b, 1e-12)
+    ds, dw, db = torch.autograd.grad(ref, (s_rounded, ref_w, ref_b), dy.double())
+    assert _rel(y, ref) <= TOL[dtype]
+    for name, got, want in zip(("h", "residual", "weight", "bias"), grads, (ds, ds, dw, db)):
+        assert _rel(got, want) <= TOL[dtype], (name, _rel(got, want))
+
+
+def test_second_derivative_is_an_error_not_zero():
+    h, res, w, b, _ = _inputs(4, 16, torch.float32, torch.float32, torch.float32, seed=3)
+    h.requires_grad_(True)
+    y = dropout_add_layer_norm(h, res, w, b, 1e-12, 0.0, training=True)
+    (gh,) = torch.autograd.grad((y * y).sum(), h, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        gh.square().sum().backward()
+
+
 def test_dropout_mask_rate_seed_and_determinism():
     h, res, w, b, dy = _inputs(64, 256, torch.float32, torch.float32, torch.float32, seed=11)
     seed = torch.tensor([1234], dtype=torch.int64, device=DEVICE)
@@ -97,6 +140,8 @@ def test_leading_dimensions_and_errors():
         dropout_add_layer_norm(h, res[:, :8], w, b, 1e-12)
     with pytest.raises(ValueError, match="p must be in"):
         dropout_add_layer_norm(h, res, w, b, 1e-12, 1.0)
+    with pytest.raises(ValueError, match=r"seed must be a \(1,\) int64 tensor on .*, got torch.int64 \(2,\)"):
+        dropout_add_layer_norm(h, res, w, b, 1e-12, 0.1, seed=torch.zeros(2, dtype=torch.int64, device=DEVICE))
     wide = torch.zeros(1, MAX_HIDDEN + 1, device=DEVICE)
     with pytest.raises(ValueError, match="hidden size"):
         dropout_add_layer_norm(wide, wide, wide[0], wide[0], 1e-12)
