@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import itertools
 import numbers
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -43,10 +44,13 @@ def check_batch_size(batch_size) -> int:
     return int(batch_size)
 
 
-# Characters of a text kept for tokenizing when it is truncated to N tokens: N x this. The first N tokens
-# of any real text lie far inside; a pathological text (a whole file without newlines) is not tokenized in
-# full only to be cut to N tokens (a 23 MB training line took minutes and GBs, a 4 MB request 3 s).
+# Characters of a text first tried for tokenizing when it is truncated to N tokens: N x this. The first N
+# tokens of any real text lie far inside; a pathological text (a whole file without newlines) is not
+# tokenized in full only to be cut to N tokens (a 23 MB training line took minutes and GBs, a 4 MB request
+# 3 s). A cut that may have changed the N tokens kept is tried again twice as long (`_settled`).
 CHARS_PER_TOKEN_KEPT = 1000
+
+_SPACE = re.compile(r"\s")
 
 
 def cut_for_tokenizing(texts: list[str], keep: int, side: str) -> list[str]:
@@ -54,6 +58,32 @@ def cut_for_tokenizing(texts: list[str], keep: int, side: str) -> list[str]:
     if side == "left":
         return [t[-keep:] if len(t) > keep else t for t in texts]
     return [t[:keep] if len(t) > keep else t for t in texts]
+
+
+def _settled(cut: str, encoding, side: str) -> bool:
+    """Whether the tokens kept from a cut text are the whole text's: truncation did cut it (a window not
+    filled, e.g. by 50,000 leading spaces, may be missing what the cut dropped), and whitespace lies between
+    the kept tokens and the cut (tokenizers split words there, so the cut word cannot change them)."""
+    if not encoding.overflowing:
+        return False
+    spans = [span for span, special in zip(encoding.offsets, encoding.special_tokens_mask) if not special]
+    if not spans:  # the window holds special tokens only
+        return True
+    if side == "left":
+        return _SPACE.search(cut, 0, min(start for start, _ in spans)) is not None
+    return _SPACE.search(cut, max(end for _, end in spans)) is not None
+
+
+def _retried_longer(text: str, keep: int, side: str, encode_one, settled) -> object:
+    """The encoding of `text` from a cut twice, four times ... `keep` characters long, until `settled` or whole."""
+    while True:
+        keep *= 2
+        if len(text) <= keep:
+            return encode_one(text)
+        cut = cut_for_tokenizing([text], keep, side)[0]
+        encoding = encode_one(cut)
+        if settled(cut, encoding):
+            return encoding
 
 
 def batch_encoder(tokenizer, truncate_to: int | None,
@@ -76,10 +106,19 @@ def batch_encoder(tokenizer, truncate_to: int | None,
 
         count_cut = on_truncated if truncate_to else None  # nothing is cut without truncation
 
+        def encode_one(text: str):
+            return own.encode(text, add_special_tokens=True)
+
         def encode_fast(texts: list[str]) -> Rows:
             if keep:
-                texts = cut_for_tokenizing(texts, keep, side)
-            encodings = own.encode_batch(texts, add_special_tokens=True)
+                cuts = cut_for_tokenizing(texts, keep, side)
+                encodings = own.encode_batch(cuts, add_special_tokens=True)
+                for i, (text, cut) in enumerate(zip(texts, cuts)):
+                    if cut is not text and not _settled(cut, encodings[i], side):
+                        encodings[i] = _retried_longer(text, keep, side, encode_one,
+                                                       lambda c, e: _settled(c, e, side))
+            else:
+                encodings = own.encode_batch(texts, add_special_tokens=True)
             if count_cut is not None:
                 count_cut(sum(1 for e in encodings if e.overflowing))  # what truncation cut off
             return [e.ids for e in encodings]
@@ -90,8 +129,18 @@ def batch_encoder(tokenizer, truncate_to: int | None,
     options = dict(add_special_tokens=True, padding=False, return_attention_mask=False, return_token_type_ids=False,
                    truncation=bool(truncate_to), **({"max_length": truncate_to} if truncate_to else {}))
 
+    def encode_one(text: str) -> list[int]:
+        return slow(text, **options)["input_ids"]
+
     def encode(texts: list[str]) -> Rows:
-        return slow(cut_for_tokenizing(texts, keep, side) if keep else texts, **options)["input_ids"]
+        if not keep:
+            return slow(texts, **options)["input_ids"]
+        cuts = cut_for_tokenizing(texts, keep, side)
+        rows = slow(cuts, **options)["input_ids"]
+        for i, (text, cut) in enumerate(zip(texts, cuts)):
+            if cut is not text and len(rows[i]) < truncate_to:  # no offsets here: a window not filled is retried
+                rows[i] = _retried_longer(text, keep, side, encode_one, lambda c, ids: len(ids) >= truncate_to)
+        return rows
 
     encode(["warm up"])  # settle the copy's state before any concurrency
     return encode

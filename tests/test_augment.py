@@ -129,3 +129,27 @@ def test_a_huge_line_is_cut_before_tokenizing_with_the_same_views(tmp_path, mini
     first, second = trainer.ViewSource(corpus, tok, cfg).epoch(0)
     assert first.ids[: first.offsets[1]].tolist() == tok(huge, truncation=True, max_length=25)["input_ids"]
     assert max(map(len, seen)) == 500
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "python"])
+def test_the_cut_before_tokenizing_never_changes_the_tokens(minilm_tokenizer_dir, monkeypatch, side, fast):
+    """A cut text is tokenized again, longer, wherever the cut may have changed the tokens kept: a run of
+    characters without tokens (spaces, newlines, zero-width spaces) filling the cut, and a word the cut falls
+    in that reaches into the kept tokens. Every text gets exactly the tokens its whole text is truncated to."""
+    from transformers import AutoTokenizer, BertTokenizer
+
+    from mirrorfast import tokens
+
+    tok = (AutoTokenizer if fast else BertTokenizer).from_pretrained(minilm_tokenizer_dir)
+    tok.truncation_side = side
+    monkeypatch.setattr(tokens, "CHARS_PER_TOKEN_KEPT", 4)  # 10 x 4 = 40 characters tried first
+    sentence = "A man is playing a guitar on the stage tonight."
+    texts = [
+        " " * 90 + sentence, "\n" * 50 + sentence + "\u200b" * 70, "\u200b" * 45 + sentence,  # fillers
+        sentence + " " * 120, sentence[:30] + "x" * 200 + " end",  # ends of no tokens; a word the cut falls in
+        "a" * 300, "word " * 100, "", "short",
+    ]
+    encode = tokens.batch_encoder(tok, 10)
+    want = [tok(t, truncation=True, max_length=10)["input_ids"] for t in texts]
+    assert encode(texts) == want
