@@ -40,7 +40,7 @@ from torch import nn
 from mirrorfast import __version__
 from mirrorfast.errors import MirrorfastError, first_line
 from mirrorfast.evaluate import cosine_rows
-from mirrorfast.model import Encoder, check_max_length, load_encoder, pool, position_limit
+from mirrorfast.model import Encoder, check_max_length, load_encoder, pool, position_limit, save_tokenizer
 from mirrorfast.export.runtime import EXPORT_FORMAT, EXPORT_JSON, open_session, pad_right
 from mirrorfast.output import atomic_directory, check_destination
 
@@ -512,9 +512,7 @@ def export_model(
                 "ops differ, so re-check on the GPU (OnnxEncoder(dir, provider='cuda'))"
             )
 
-        tokenizer = copy.deepcopy(encoder.tokenizer)
-        tokenizer.model_max_length = max_length
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(encoder.tokenizer, tmp, max_length)
         manifest = {
             "format": EXPORT_FORMAT,
             "format_version": EXPORT_FORMAT_VERSION,

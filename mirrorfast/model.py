@@ -6,6 +6,7 @@ which records the pooling and max length every consumer must use).
 """
 
 import contextlib
+import copy
 import json
 import numbers
 import os
@@ -295,11 +296,29 @@ def sentence_transformers_files(pooling: str, dim: int, max_length: int) -> dict
     }
 
 
+def save_tokenizer(tokenizer, directory: str | os.PathLike, max_length: int) -> None:
+    """Save a copy of `tokenizer` that declares `max_length` everywhere a loader looks for it:
+    tokenizer_config.json's model_max_length (transformers' `truncation=True`), and tokenizer.json's own
+    truncation (what the tokenizers library, in Rust, JS or a Triton client, applies by itself), with no
+    fixed-length padding. A base model's files otherwise keep their own (all-MiniLM-L6-v2's: 512, and 128
+    with padding to 128 in tokenizer.json), and the vectors then differ with the loader."""
+    from tokenizers import Tokenizer
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.model_max_length = max_length
+    tokenizer.init_kwargs.pop("max_length", None)  # a stale call argument some tokenizer_config.json carry
+    core = getattr(tokenizer, "backend_tokenizer", None)
+    if isinstance(core, Tokenizer):
+        core.enable_truncation(max_length, direction=getattr(tokenizer, "truncation_side", "right"))
+        core.no_padding()
+    tokenizer.save_pretrained(directory)
+
+
 def save_encoder(encoder: Encoder, directory: str | os.PathLike, metadata: dict) -> None:
     """Write HF model + tokenizer + sentence-transformers modules + mirrorfast.json into `directory`."""
     directory = Path(directory)
     encoder.model.save_pretrained(directory, safe_serialization=True)
-    encoder.tokenizer.save_pretrained(directory)
+    save_tokenizer(encoder.tokenizer, directory, encoder.max_length)
     files = sentence_transformers_files(encoder.pooling, encoder.dim, encoder.max_length)
     files[MIRRORFAST_JSON] = {"pooling": encoder.pooling, "max_length": encoder.max_length, **metadata}
     for name, content in files.items():

@@ -66,15 +66,21 @@ def test_train_end_to_end_loads_everywhere(tiny_bert_dir, corpus, tmp_path, caps
 
     from mirrorfast.model import load_encoder
 
-    texts = ["a short one", "a rather longer sentence to embed for the comparison"]
+    # A text over the max length (50) is cut to it by each: the tokenizer files declare it too.
+    texts = ["a short one", "a rather longer sentence to embed for the comparison", "word " * 80]
     ours = load_encoder(out).encode(texts)
     tok, hf = AutoTokenizer.from_pretrained(out), AutoModel.from_pretrained(out).eval()
     with torch.no_grad():
-        batch = tok(texts, padding=True, return_tensors="pt")
+        batch = tok(texts, padding=True, truncation=True, return_tensors="pt")
         cls = hf(**batch).last_hidden_state[:, 0].numpy()
     st = SentenceTransformer(str(out), device="cpu").encode(texts, convert_to_numpy=True)
     np.testing.assert_allclose(ours, cls, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(st, ours, rtol=1e-4, atol=1e-5)
+    from tokenizers import Tokenizer  # the Rust tokenizer alone, as a non-Python client loads it
+
+    raw = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert [len(e.ids) for e in raw.encode_batch(texts)] == [len(ids) for ids in tok(texts, truncation=True)["input_ids"]]
+    assert len(raw.encode(texts[2]).ids) == 50 and "max_length" not in json.loads((out / "tokenizer_config.json").read_text())
 
     # `mirrorfast eval --json` prints exactly one JSON object and uses the saved pooling.
     sts = tmp_path / "sts.csv"
