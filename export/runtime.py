@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from mirrorfast.errors import MirrorfastError, first_line
-from mirrorfast.output import readable_as_created
+from mirrorfast.output import parents_made, probe_writable, readable_as_created
 from mirrorfast.textfile import iter_lines
 from mirrorfast.tokens import TokenizedTexts, as_texts, batch_encoder, check_batch_size
 
@@ -280,21 +280,16 @@ class EncodeSummary:
 
 
 def check_npy_output(output: str | os.PathLike) -> Path:
-    """A .npy path in an existing directory (checked before any work is done)."""
+    """A .npy path that can be written (checked before any work is done; missing parent folders are
+    created when it is written, and removed again if that fails)."""
     if os.fspath(output).endswith(("/", os.sep)):  # Path() would drop the slash and write a file
         raise MirrorfastError(f"output {os.fspath(output)} names a directory; give a file name ending in .npy")
     output = Path(output)
     if output.suffix != ".npy":
         raise MirrorfastError(f"output file {output} must end in .npy")
-    if not output.parent.is_dir():
-        raise MirrorfastError(f"output directory {output.parent} does not exist")
     if output.is_dir():
         raise MirrorfastError(f"output {output} is a directory")
-    fd, tmp = _temporary_sibling(output)  # a directory we cannot write to fails now, not after the work
-    try:
-        os.close(fd)
-    finally:
-        os.unlink(tmp)
+    probe_writable(output)  # a directory we cannot write to fails now, not after the work
     return output
 
 
@@ -310,29 +305,30 @@ def npy_rows_writer(output: Path, rows: int, dim: int) -> Iterator[Callable[[np.
     """-> write(block): appends (k, dim) float32 rows to a (rows, dim) .npy written to a temporary sibling
     and renamed to `output` (from check_npy_output) once all `rows` are in; on any failure `output` is left
     as it was and the temporary file removed. Rows go to disk as they come: no array of the whole output."""
-    fd, tmp = _temporary_sibling(output)
-    written = 0
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
-                      "shape": (rows, dim)}
-            np.lib.format.write_array_header_1_0(handle, header)  # what np.save writes
+    with parents_made(output):
+        fd, tmp = _temporary_sibling(output)
+        written = 0
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                          "shape": (rows, dim)}
+                np.lib.format.write_array_header_1_0(handle, header)  # what np.save writes
 
-            def write(block: np.ndarray) -> None:
-                nonlocal written
-                handle.write(np.ascontiguousarray(block, dtype=np.float32).tobytes())
-                written += len(block)
+                def write(block: np.ndarray) -> None:
+                    nonlocal written
+                    handle.write(np.ascontiguousarray(block, dtype=np.float32).tobytes())
+                    written += len(block)
 
-            yield write
-        if written != rows:
-            raise MirrorfastError(f"{rows} rows were due in {output}, {written} came (did the input change?)")
-        readable_as_created(Path(tmp))  # mkstemp makes it 0600
-        os.replace(tmp, output)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise MirrorfastError(f"cannot write {output}: {exc.strerror or exc}") from None
-        raise
+                yield write
+            if written != rows:
+                raise MirrorfastError(f"{rows} rows were due in {output}, {written} came (did the input change?)")
+            readable_as_created(Path(tmp))  # mkstemp makes it 0600
+            os.replace(tmp, output)
+        except BaseException as exc:
+            Path(tmp).unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise MirrorfastError(f"cannot write {output}: {exc.strerror or exc}") from None
+            raise
 
 
 def _progress_bar(total: int, show: bool):

@@ -29,16 +29,41 @@ def check_destination(out_dir: Path, is_ours: Callable[[Path], bool], overwrite:
         raise MirrorfastError(
             f"{out_dir} exists and is not a previous {what}; choose another directory or pass --overwrite"
         )
-    # Probe by creating what atomic_directory will create: os.access misses filesystems that refuse new
-    # entries whatever the permissions say (and root passes every permission check), and a long job
-    # should fail here, before it runs, not when it saves. Missing parents are probed at their nearest
-    # existing ancestor and created only when the output is saved: a refused or failed job leaves no
-    # empty folders behind.
-    missing = _missing_parents(out_dir)
-    ancestor = (missing[0] if missing else out_dir.resolve()).parent  # the nearest existing one
+    probe_writable(out_dir)
+
+
+def probe_writable(path: Path) -> None:
+    """Fail now if `path` (a new file or folder) could not be saved later. Probe by creating a folder where
+    the save will create its first one: os.access misses filesystems that refuse new entries whatever the
+    permissions say (and root passes every permission check), and a long job should fail here, before it
+    runs, not when it saves. Missing parents are probed at their nearest existing ancestor and created only
+    when the output is saved (`parents_made`): a refused or failed job leaves no empty folders behind."""
+    missing = _missing_parents(path)
+    ancestor = (missing[0] if missing else path.resolve()).parent  # the nearest existing one
     if not ancestor.is_dir():
-        raise MirrorfastError(f"cannot create {out_dir.resolve().parent}: {ancestor} is not a directory")
-    os.rmdir(_temporary_sibling(out_dir, "probe", ancestor))
+        raise MirrorfastError(f"cannot create {path.resolve().parent}: {ancestor} is not a directory")
+    os.rmdir(_temporary_sibling(path, "probe", ancestor))
+
+
+@contextlib.contextmanager
+def parents_made(path: Path) -> Iterator[None]:
+    """Create `path`'s missing parent folders for the body, and remove those it created (if still empty)
+    when the body fails or is interrupted. Another job may create the same ones meanwhile: shared."""
+    created = []
+    for folder in _missing_parents(path):
+        try:
+            folder.mkdir()
+            created.append(folder)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            _remove_empty(created)
+            raise MirrorfastError(f"cannot create {folder}: {exc.strerror or exc}") from None
+    try:
+        yield
+    except BaseException:
+        _remove_empty(created)
+        raise
 
 
 def _missing_parents(out_dir: Path) -> list[Path]:
@@ -62,35 +87,21 @@ def _temporary_sibling(out_dir: Path, kind: str, where: Path | None = None) -> P
 def atomic_directory(out_dir: Path) -> Iterator[Path]:
     """Yield a fresh temporary directory next to `out_dir`; on success it replaces `out_dir`."""
     out_dir = Path(out_dir)
-    created = []  # the parent folders this save made (another job may make the same ones meanwhile)
-    for folder in _missing_parents(out_dir):
-        try:
-            folder.mkdir()
-            created.append(folder)
-        except FileExistsError:
-            pass
-        except OSError as exc:
-            _remove_empty(created)
-            raise MirrorfastError(f"cannot create {folder}: {exc.strerror or exc}") from None
-    try:
+    with parents_made(out_dir):
         tmp = _temporary_sibling(out_dir, "tmp")
-    except BaseException:
-        _remove_empty(created)
-        raise
-    old = None  # where the previous output is moved aside while the new one is moved in
-    moving_in = False  # from here on, a missing tmp means it became out_dir
-    try:
-        yield tmp
-        readable_as_created(tmp)
-        if out_dir.exists():
-            old = _temporary_sibling(out_dir, "old")
-            _rename(out_dir, old / "previous", f"cannot replace {out_dir}")
-        moving_in = True
-        _rename(tmp, out_dir, f"cannot move the finished output to {out_dir}")
-    except BaseException:  # an error, or Ctrl-C / SIGTERM at any point of the swap
-        _roll_back(out_dir, tmp, old, moving_in)
-        _remove_empty(created)
-        raise
+        old = None  # where the previous output is moved aside while the new one is moved in
+        moving_in = False  # from here on, a missing tmp means it became out_dir
+        try:
+            yield tmp
+            readable_as_created(tmp)
+            if out_dir.exists():
+                old = _temporary_sibling(out_dir, "old")
+                _rename(out_dir, old / "previous", f"cannot replace {out_dir}")
+            moving_in = True
+            _rename(tmp, out_dir, f"cannot move the finished output to {out_dir}")
+        except BaseException:  # an error, or Ctrl-C / SIGTERM at any point of the swap
+            _roll_back(out_dir, tmp, old, moving_in)
+            raise
     if old is not None:
         try:
             shutil.rmtree(old, ignore_errors=True)

@@ -273,7 +273,7 @@ def test_cli_encode_errors(tiny_export, tmp_path, capsys):
         (["--input", str(tmp_path / "blank.txt"), "--output", str(tmp_path / "o.npy")], "no non-blank lines"),
         (["--input", str(good), "--output", str(tmp_path / "o.txt")], "must end in .npy"),
         (["--input", str(good), "--output", f"{tmp_path / 'o.npy'}/"], "names a directory"),
-        (["--input", str(good), "--output", str(tmp_path / "nodir" / "o.npy")], "does not exist"),
+        (["--input", str(good), "--output", str(tmp_path / "in.txt" / "o.npy")], "in.txt is not a directory"),
         (["--input", str(good), "--output", str(tmp_path / "o.npy"), "--batch-size", "0"], "batch size"),
     ]
     for args, message in cases:
@@ -362,6 +362,28 @@ def test_cli_encode_failing_midway_leaves_the_old_output(tiny_export, tmp_path, 
     assert err.startswith("mirrorfast encode: error:") and message in err and err.count("\n") == 1, err
     np.testing.assert_array_equal(np.load(out), np.arange(3.0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "vectors.npy"]
+
+
+def test_cli_encode_creates_missing_parents_and_removes_them_on_failure(tiny_export, tmp_path, monkeypatch):
+    """As train and export do: a new folder for the output is created when it is written, and a failed
+    encode leaves no folder behind."""
+    from mirrorfast.cli import main
+    from mirrorfast.export import runtime
+
+    (tmp_path / "in.txt").write_text("one\ntwo\n", encoding="utf-8")
+    out = tmp_path / "new" / "deeper" / "vectors.npy"
+    assert main(["encode", str(tiny_export), "--input", str(tmp_path / "in.txt"), "--output", str(out),
+                 "--no-progress"]) == 0
+    assert np.load(out).shape[0] == 2
+
+    def fail(self, chunk, *args):
+        raise MirrorfastError("the model failed")
+
+    monkeypatch.setattr(runtime.OnnxEncoder, "_encode_by_length", fail)
+    failed = tmp_path / "other" / "deeper" / "vectors.npy"
+    assert main(["encode", str(tiny_export), "--input", str(tmp_path / "in.txt"), "--output", str(failed),
+                 "--no-progress"]) == 2
+    assert not (tmp_path / "other").exists()
 
 
 def test_iter_lines_splits_as_the_whole_file_reader(tmp_path):
