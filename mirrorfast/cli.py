@@ -58,7 +58,7 @@ def _add_train(sub) -> None:
                    help="with --fp16/--bf16: run the model itself in half precision and step fp32 master weights "
                    "(no casts inside the model) instead of autocast; the saved model is fp32")
     p.add_argument("--keep-duplicates", action="store_true", help="do not remove exact duplicate strings")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42, help="random seed: masks, batch order, dropout (default: 42)")
     p.add_argument("--max-steps", type=int, help="stop after this many steps")
     p.add_argument("--eval-sts", action="append", default=[], metavar="FILE.csv",
                    help="score this STS file (as `mirrorfast eval --sts`) before and after training; repeatable")
@@ -217,10 +217,11 @@ def _cmd_export(args) -> int:
 def _add_encode(sub) -> None:
     p = sub.add_parser("encode", help="embed a text file with an export directory, write .npy")
     p.add_argument("export_dir", metavar="EXPORT_DIR", help="a directory written by `mirrorfast export`")
-    p.add_argument("--input", required=True, metavar="FILE", help="UTF-8 text, one text per line (blank lines skipped)")
+    p.add_argument("--input", required=True, metavar="FILE", help="UTF-8 text, one text per line (blank or whitespace-only lines skipped)")
     p.add_argument("--output", required=True, metavar="FILE.npy", help="float32 (n, dim) array, written atomically")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--batch-size", type=int, default=64, help="texts per model call (default: 64)")
+    p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="ONNX Runtime execution provider (default: auto: CUDA with onnxruntime-gpu and a GPU, else CPU)")
     p.add_argument("--int8", action="store_true", help="use model_int8.onnx (CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_encode)
@@ -257,7 +258,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-input-tokens", type=int, default=None,
                    help="tokens per input incl. special tokens (default: the model's max length)")
     p.add_argument("--truncate", action="store_true",
-                   help="cut inputs longer than --max-input-tokens instead of answering 422")
+                   help="cut inputs longer than --max-input-tokens instead of refusing them (400 on "
+                        "/v1/embeddings, 422 on /embed)")
     p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
                    help="ONNX Runtime execution provider (default: auto)")
     p.add_argument("--int8", action="store_true", help="serve the export's int8-quantized model")
