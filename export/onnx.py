@@ -113,7 +113,7 @@ class ExportResult:
 # ------------------------------------------------------------------------------------------ checking
 def _check_opset(opset: int) -> int:
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
-        raise MirrorfastError(f"unsupported ONNX opset {opset}: supported opsets are {MIN_OPSET} to {MAX_OPSET}")
+        raise MirrorfastError(f"unsupported ONNX opset {opset!r}: supported opsets are {MIN_OPSET} to {MAX_OPSET}")
     return opset
 
 

@@ -247,7 +247,7 @@ class OnnxEncoder:
         """Already tokenized texts (each within max_length), one model call -> float32 (len(rows), dim).
         checked=False skips the check of the rows: for callers whose rows come from this export's tokenizer
         within max_length (encode, and the server, which checks lengths on the request side)."""
-        if not rows:
+        if len(rows) == 0:  # a list, or an array of rows
             return np.zeros((0, self.dim), dtype=np.float32)
         feeds = self._feeds(rows)
         if checked:

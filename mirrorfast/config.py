@@ -21,6 +21,7 @@ DEVICES = ("auto", "cpu", "cuda")
 ATTENTION = ("auto", "padded", "packed")
 _PATHS = ("model", "corpus", "pairs", "output")  # os.PathLike taken, stored as str
 _FILE_LISTS = ("eval_sts", "eval_words")  # one file or several
+_FLAGS = ("half_model", "dedup", "overwrite", "progress")  # True or False: a string "false" is not False
 _NUMBERS = {"temperature": numbers.Real, "mask_span": numbers.Integral, "max_length": numbers.Integral,
             "epochs": numbers.Integral, "batch_size": numbers.Integral, "lr": numbers.Real,
             "weight_decay": numbers.Real, "dropout": numbers.Real, "drophead": numbers.Real,
@@ -60,6 +61,7 @@ class TrainConfig:
     def resolved(self) -> "TrainConfig":
         """A copy with preset values filled in, paths as str (Path objects are taken), one evaluation file
         as a 1-tuple, and every field validated."""
+        self._check_types()
         level = self.level
         if level is None:
             words = self.pairs is None and os.fspath(self.corpus or "").startswith("wordfreq:")
@@ -71,8 +73,28 @@ class TrainConfig:
         cfg = replace(cfg, **{k: os.fspath(v) for k in _PATHS if isinstance(v := getattr(cfg, k), os.PathLike)},
                       **{k: tuple(os.fspath(f) for f in ([v] if isinstance(v, (str, os.PathLike)) else v))
                          for k in _FILE_LISTS if (v := getattr(cfg, k))})
+        # numpy scalars and the like as plain int / float (what mirrorfast.json can hold)
+        cfg = replace(cfg, **{k: (int(v) if kind is numbers.Integral else float(v)) for k, kind in _NUMBERS.items()
+                              if isinstance(v := getattr(cfg, k), kind) and not isinstance(v, bool)})
         cfg.validate()
         return cfg
+
+    def _check_types(self) -> None:
+        """Paths are str or os.PathLike, and flags bools, before anything reads them."""
+        for name in _PATHS:
+            value = getattr(self, name)
+            if not isinstance(value, (str, os.PathLike)) and not (value is None and name != "output"):
+                raise MirrorfastError(f"{name} must be a path (str or os.PathLike), got {value!r}")
+        for name in _FILE_LISTS:
+            value = getattr(self, name)
+            files = [value] if isinstance(value, (str, os.PathLike)) else value
+            if not isinstance(files, (list, tuple)) or not all(isinstance(f, (str, os.PathLike)) for f in files):
+                raise MirrorfastError(f"{name} must be a path or a list of paths, got {value!r}")
+        for name in _FLAGS:
+            if not isinstance(getattr(self, name), bool):
+                raise MirrorfastError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
+            raise MirrorfastError(f"cuda_graphs must be True, False or None, got {self.cuda_graphs!r}")
 
     def validate(self) -> None:
         for name, kind in _NUMBERS.items():

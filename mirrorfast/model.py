@@ -190,8 +190,9 @@ class Encoder(nn.Module):
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
-        was_training = self.training
-        self.eval()
+        was_training = self.training  # an encoder in eval mode (as loaded) is left alone: threads may share it
+        if was_training:
+            self.eval()
         try:
             order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
             for start in range(0, len(order), batch_size):
@@ -202,7 +203,8 @@ class Encoder(nn.Module):
                     vectors = torch.nn.functional.normalize(vectors, dim=-1)
                 out[idx] = vectors.cpu().numpy()
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train(True)
         return out
 
 
@@ -242,29 +244,47 @@ def load_encoder(
     pooling / max_length default to the model's mirrorfast.json, else cls / min(tokenizer max, 512).
     """
     from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # our own one-line messages say what was loaded
-    hf_logging.disable_progress_bar()
+    if name_or_path is not None and not isinstance(name_or_path, (str, os.PathLike)):
+        raise MirrorfastError(f"a model is a directory or hub id (str or os.PathLike), got {name_or_path!r}")
     source, description, cache_only = _resolve_source(name_or_path)
     saved = read_mirrorfast_config(source) if Path(source).is_dir() else None
     where = {"local_files_only": cache_only, "cache_dir": cache_dir()}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **where)
-        model = AutoModel.from_pretrained(source, dtype=torch.float32, **where)  # fp32 master weights
+        with _quiet_transformers():  # our own one-line messages say what was loaded
+            tokenizer = AutoTokenizer.from_pretrained(source, **where)
+            model = AutoModel.from_pretrained(source, dtype=torch.float32, **where)  # fp32 master weights
     except (OSError, ValueError, KeyError) as exc:
         raise MirrorfastError(f"cannot load model {name_or_path or source}: {first_line(exc)}") from None
     if tokenizer.pad_token is None:
         raise MirrorfastError(f"the tokenizer of {source} has no padding token; it cannot batch")
-    pooling = pooling or (saved or {}).get("pooling") or "cls"
+    pooling = pooling if pooling is not None else (saved or {}).get("pooling") or "cls"
     limit = position_limit(model.config)
-    if max_length is None:
-        max_length = (saved or {}).get("max_length") or min(int(tokenizer.model_max_length), 512, limit or 512)
+    if max_length is None and (saved or {}).get("max_length") is not None:
+        max_length = check_max_length(saved["max_length"], limit)  # a hand-edited mirrorfast.json too
+    elif max_length is None:
+        max_length = min(int(tokenizer.model_max_length), 512, limit or 512)
     else:
         max_length = check_max_length(max_length, limit)
     if dropout is not None:
         set_dropout(model, dropout)
-    return Encoder(model, tokenizer, pooling, int(max_length), description)
+    return Encoder(model, tokenizer, pooling, int(max_length), description).eval()  # as from_pretrained leaves it
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers at error level and without progress bars for the body, then as the host had them."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def check_max_length(max_length, limit: int | None) -> int:
@@ -317,7 +337,8 @@ def save_tokenizer(tokenizer, directory: str | os.PathLike, max_length: int) -> 
 def save_encoder(encoder: Encoder, directory: str | os.PathLike, metadata: dict) -> None:
     """Write HF model + tokenizer + sentence-transformers modules + mirrorfast.json into `directory`."""
     directory = Path(directory)
-    encoder.model.save_pretrained(directory, safe_serialization=True)
+    with _quiet_transformers():  # no "Writing model shards" bar: the trainer says what was saved
+        encoder.model.save_pretrained(directory, safe_serialization=True)
     save_tokenizer(encoder.tokenizer, directory, encoder.max_length)
     files = sentence_transformers_files(encoder.pooling, encoder.dim, encoder.max_length)
     files[MIRRORFAST_JSON] = {"pooling": encoder.pooling, "max_length": encoder.max_length, **metadata}

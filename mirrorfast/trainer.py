@@ -273,9 +273,16 @@ def check_environment() -> None:
 
 
 # ---------------------------------------------------------------------------------------- the loop
+@torch.inference_mode(False)  # called from a notebook cell under no_grad / inference_mode: still trains
+@torch.enable_grad()
 def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = True) -> TrainResult:
-    """Train per `cfg`; write the output directory atomically (unless save=False). Returns the summary."""
+    """Train per `cfg`; write the output directory atomically (unless save=False). Returns the summary.
+
+    log(message) gets each progress line (default: print; `lambda m: None` silences it, as does
+    cfg.progress=False for the progress bar). Seeds torch's global generator with cfg.seed."""
     t_setup = time.perf_counter()
+    if not isinstance(cfg, TrainConfig):
+        raise MirrorfastError(f"train takes a TrainConfig, got a {type(cfg).__name__}")
     cfg = cfg.resolved()
     check_environment()
     out_dir = Path(cfg.output)

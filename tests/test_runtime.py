@@ -176,6 +176,8 @@ def test_encode_edge_cases(tiny_onnx, tiny_torch, which):
 def test_encode_ids_refuses_rows_the_graph_cannot_take(tiny_onnx):
     good = tiny_onnx.token_ids(["a short text"])
     assert tiny_onnx.encode_ids(good).shape == (1, 32)
+    np.testing.assert_array_equal(tiny_onnx.encode_ids(np.array(good)), tiny_onnx.encode_ids(good))  # an array too
+    assert tiny_onnx.encode_ids(np.zeros((0, 3), dtype=np.int64)).shape == (0, 32)
     vocab = len(tiny_onnx.tokenizer)
     for rows, message in [([[101] * 49], "must have 1 to 48 ids"), ([good[0], []], "must have 1 to 48 ids"),
                           ([good[0] + [vocab]], f"must be in 0..{vocab - 1}"), ([[-1, 5]], "must be in 0..")]:

@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import re
+import shutil
 import stat
 from dataclasses import replace
 from pathlib import Path
@@ -605,9 +606,55 @@ def test_train_config_takes_paths_and_refuses_wrong_types(tiny_bert_dir, corpus,
     for field, value, message in [("batch_size", 2.5, "--batch-size must be an integer, got 2.5"),
                                   ("temperature", "0.1", "--temperature must be a number, got '0.1'"),
                                   ("dropout", None, "--dropout must be a number, got None"),
-                                  ("epochs", True, "--epochs must be an integer, got True")]:
+                                  ("epochs", True, "--epochs must be an integer, got True"),
+                                  ("overwrite", "false", "overwrite must be True or False, got 'false'"),
+                                  ("dedup", 0, "dedup must be True or False, got 0"),
+                                  ("cuda_graphs", "no", "cuda_graphs must be True, False or None, got 'no'"),
+                                  ("corpus", 5, "corpus must be a path (str or os.PathLike), got 5"),
+                                  ("output", None, "output must be a path (str or os.PathLike), got None"),
+                                  ("eval_sts", 5, "eval_sts must be a path or a list of paths, got 5")]:
         with pytest.raises(MirrorfastError, match=re.escape(message)):
             replace(cfg, **{field: value}).resolved()
+    with pytest.raises(MirrorfastError, match="train takes a TrainConfig, got a dict"):
+        train({"corpus": str(corpus)})
+    # numpy scalars are numbers: taken, and stored as plain int / float (mirrorfast.json is JSON)
+    resolved = replace(cfg, temperature=np.float32(0.05), batch_size=np.int64(8), seed=np.int32(3)).resolved()
+    assert [type(v) for v in (resolved.temperature, resolved.batch_size, resolved.seed)] == [float, int, int]
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_train_from_a_no_grad_notebook_cell(tiny_bert_dir, corpus, mode):
+    cfg = TrainConfig(model=str(tiny_bert_dir), corpus=str(corpus), level="sentence", batch_size=8, max_steps=1,
+                      progress=False)
+    with mode():
+        result = train(cfg, log=lambda message: None, save=False)
+    assert result.steps == 1 and math.isfinite(result.losses[0])
+
+
+def test_load_encoder_is_in_eval_mode_leaves_it_so_and_leaves_transformers_settings(tiny_bert_dir, tmp_path):
+    """load_encoder returns an encoder in eval mode (dropout off), encode leaves the mode as it found it
+    (threads may share an eval-mode encoder), and transformers' verbosity and progress bars stay the host's."""
+    from transformers.utils import logging as hf_logging
+
+    from mirrorfast.model import load_encoder
+
+    hf_logging.set_verbosity_warning()
+    hf_logging.enable_progress_bar()
+    encoder = load_encoder(tiny_bert_dir)
+    assert hf_logging.get_verbosity() == hf_logging.WARNING and hf_logging.is_progress_bar_enabled()
+    assert not encoder.training and not encoder.model.training
+    first = encoder.encode(["a b c", "d e"])
+    assert not encoder.model.training
+    np.testing.assert_array_equal(first, encoder.encode(["a b c", "d e"]))
+    encoder.train()
+    encoder.encode(["a b c"])
+    assert encoder.training and encoder.model.training  # a training encoder goes back to training
+
+    saved = tmp_path / "m"
+    shutil.copytree(tiny_bert_dir, saved)
+    (saved / "mirrorfast.json").write_text(json.dumps({"pooling": "cls", "max_length": 1000}))
+    with pytest.raises(MirrorfastError, match="1000 exceeds the model's 128 positions"):
+        load_encoder(saved)
 
 
 @pytest.mark.parametrize("source,level", [({}, "word"), ({"corpus": "wordfreq:de:500"}, "word"),
