@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import itertools
 import numbers
-import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -44,13 +43,11 @@ def check_batch_size(batch_size) -> int:
     return int(batch_size)
 
 
-# Characters of a text first tried for tokenizing when it is truncated to N tokens: N x this. The first N
-# tokens of any real text lie far inside; a pathological text (a whole file without newlines) is not
-# tokenized in full only to be cut to N tokens (a 23 MB training line took minutes and GBs, a 4 MB request
-# 3 s). A cut that may have changed the N tokens kept is tried again twice as long (`_settled`).
+# Characters of a text first tried for tokenizing when a fast tokenizer truncates it to N tokens: N x this.
+# The first N tokens of any real text lie far inside; a pathological text (a whole file without newlines)
+# is not tokenized in full only to be cut to N tokens (a 23 MB training line took minutes and GBs, a 4 MB
+# request 3 s). A cut that may have changed the N tokens kept is tried again twice as long (`_settled`).
 CHARS_PER_TOKEN_KEPT = 1000
-
-_SPACE = re.compile(r"\s")
 
 
 def cut_for_tokenizing(texts: list[str], keep: int, side: str) -> list[str]:
@@ -60,29 +57,29 @@ def cut_for_tokenizing(texts: list[str], keep: int, side: str) -> list[str]:
     return [t[:keep] if len(t) > keep else t for t in texts]
 
 
-def _settled(cut: str, encoding, side: str) -> bool:
-    """Whether the tokens kept from a cut text are the whole text's: truncation did cut it (a window not
-    filled, e.g. by 50,000 leading spaces, may be missing what the cut dropped), and whitespace lies between
-    the kept tokens and the cut (tokenizers split words there, so the cut word cannot change them)."""
-    if not encoding.overflowing:
+def _settled(encoding, side: str) -> bool:
+    """Whether the tokens a fast tokenizer kept from a cut text are the whole text's. The cut can change only
+    the word it falls in (the tokenizer's own words: its normalizer and pre-tokenizer decide, not a regex),
+    the last word of the cut text on the right, the first on the left. Settled: truncation dropped tokens of
+    a word beyond every kept one. (A window not filled, e.g. by 50,000 leading spaces, is not settled.)"""
+    kept = [w for w in encoding.word_ids if w is not None]
+    dropped = [w for extra in encoding.overflowing for w in extra.word_ids if w is not None]
+    if not dropped:
         return False
-    spans = [span for span, special in zip(encoding.offsets, encoding.special_tokens_mask) if not special]
-    if not spans:  # the window holds special tokens only
+    if not kept:  # the window holds special tokens only
         return True
-    if side == "left":
-        return _SPACE.search(cut, 0, min(start for start, _ in spans)) is not None
-    return _SPACE.search(cut, max(end for _, end in spans)) is not None
+    return min(kept) > min(dropped) if side == "left" else max(kept) < max(dropped)
 
 
-def _retried_longer(text: str, keep: int, side: str, encode_one, settled) -> object:
-    """The encoding of `text` from a cut twice, four times ... `keep` characters long, until `settled` or whole."""
+def _retried_longer(text: str, keep: int, side: str, encode_one):
+    """The encoding of `text` from a cut twice, four times ... `keep` characters long, until settled or
+    whole (linear in the text: at most about twice the whole text's tokenizing)."""
     while True:
         keep *= 2
         if len(text) <= keep:
             return encode_one(text)
-        cut = cut_for_tokenizing([text], keep, side)[0]
-        encoding = encode_one(cut)
-        if settled(cut, encoding):
+        encoding = encode_one(cut_for_tokenizing([text], keep, side)[0])
+        if _settled(encoding, side):
             return encoding
 
 
@@ -94,7 +91,7 @@ def batch_encoder(tokenizer, truncate_to: int | None,
     from tokenizers import Tokenizer
 
     side = getattr(tokenizer, "truncation_side", "right")
-    keep = truncate_to * CHARS_PER_TOKEN_KEPT if truncate_to else None
+    keep = truncate_to * CHARS_PER_TOKEN_KEPT if truncate_to else None  # fast tokenizers only
     core = getattr(tokenizer, "backend_tokenizer", None)
     if isinstance(core, Tokenizer):
         own = Tokenizer.from_str(core.to_str())
@@ -111,12 +108,10 @@ def batch_encoder(tokenizer, truncate_to: int | None,
 
         def encode_fast(texts: list[str]) -> Rows:
             if keep:
-                cuts = cut_for_tokenizing(texts, keep, side)
-                encodings = own.encode_batch(cuts, add_special_tokens=True)
-                for i, (text, cut) in enumerate(zip(texts, cuts)):
-                    if cut is not text and not _settled(cut, encodings[i], side):
-                        encodings[i] = _retried_longer(text, keep, side, encode_one,
-                                                       lambda c, e: _settled(c, e, side))
+                encodings = own.encode_batch(cut_for_tokenizing(texts, keep, side), add_special_tokens=True)
+                for i, text in enumerate(texts):
+                    if len(text) > keep and not _settled(encodings[i], side):
+                        encodings[i] = _retried_longer(text, keep, side, encode_one)
             else:
                 encodings = own.encode_batch(texts, add_special_tokens=True)
             if count_cut is not None:
@@ -129,18 +124,10 @@ def batch_encoder(tokenizer, truncate_to: int | None,
     options = dict(add_special_tokens=True, padding=False, return_attention_mask=False, return_token_type_ids=False,
                    truncation=bool(truncate_to), **({"max_length": truncate_to} if truncate_to else {}))
 
-    def encode_one(text: str) -> list[int]:
-        return slow(text, **options)["input_ids"]
-
     def encode(texts: list[str]) -> Rows:
-        if not keep:
-            return slow(texts, **options)["input_ids"]
-        cuts = cut_for_tokenizing(texts, keep, side)
-        rows = slow(cuts, **options)["input_ids"]
-        for i, (text, cut) in enumerate(zip(texts, cuts)):
-            if cut is not text and len(rows[i]) < truncate_to:  # no offsets here: a window not filled is retried
-                rows[i] = _retried_longer(text, keep, side, encode_one, lambda c, ids: len(ids) >= truncate_to)
-        return rows
+        # Whole texts: a Python tokenizer does not say which word a token came from, so a cut could not be
+        # checked (it is slow on huge texts, and rare: transformers has a fast tokenizer for most models).
+        return slow(texts, **options)["input_ids"]
 
     encode(["warm up"])  # settle the copy's state before any concurrency
     return encode

@@ -135,21 +135,66 @@ def test_a_huge_line_is_cut_before_tokenizing_with_the_same_views(tmp_path, mini
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "python"])
 def test_the_cut_before_tokenizing_never_changes_the_tokens(minilm_tokenizer_dir, monkeypatch, side, fast):
     """A cut text is tokenized again, longer, wherever the cut may have changed the tokens kept: a run of
-    characters without tokens (spaces, newlines, zero-width spaces) filling the cut, and a word the cut falls
-    in that reaches into the kept tokens. Every text gets exactly the tokens its whole text is truncated to."""
-    from transformers import AutoTokenizer, BertTokenizer
+    characters without tokens (spaces, newlines, zero-width spaces, a form feed BERT deletes) filling the
+    cut, and a word the cut falls in that reaches into the kept tokens. A Python tokenizer gets whole texts.
+    Every text gets exactly the tokens its whole text is truncated to."""
+    from transformers import AutoTokenizer
+    from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
 
     from mirrorfast import tokens
 
-    tok = (AutoTokenizer if fast else BertTokenizer).from_pretrained(minilm_tokenizer_dir)
+    tok = (AutoTokenizer if fast else BertTokenizerLegacy).from_pretrained(minilm_tokenizer_dir)
     tok.truncation_side = side
     monkeypatch.setattr(tokens, "CHARS_PER_TOKEN_KEPT", 4)  # 10 x 4 = 40 characters tried first
     sentence = "A man is playing a guitar on the stage tonight."
     texts = [
         " " * 90 + sentence, "\n" * 50 + sentence + "\u200b" * 70, "\u200b" * 45 + sentence,  # fillers
         sentence + " " * 120, sentence[:30] + "x" * 200 + " end",  # ends of no tokens; a word the cut falls in
+        " " * 20 + "a b c d e super\x0c" + "x" * 200,  # BERT deletes the form feed: "superxxx..." is one word
         "a" * 300, "word " * 100, "", "short",
     ]
     encode = tokens.batch_encoder(tok, 10)
     want = [tok(t, truncation=True, max_length=10)["input_ids"] for t in texts]
     assert encode(texts) == want
+
+
+def _byte_level_bpe():
+    """A small RoBERTa-style tokenizer (byte-level BPE, trimmed offsets), trained here: no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(["A man is playing a guitar on the stage.", "hello world  foo   bar", "naïve 東京"] * 20,
+                             trainer)
+    core.post_processor = processors.RobertaProcessing(("</s>", 1), ("<s>", 0), trim_offsets=True)
+    return core
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_the_cut_before_tokenizing_against_whole_texts_at_random(minilm_tokenizer_dir, monkeypatch, side):
+    """Random texts of words, runs of spaces, characters tokenizers delete or split on, against the whole text
+    truncated, for a WordPiece (BERT) and a byte-level BPE (RoBERTa) tokenizer, at tiny cuts."""
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer
+
+    from mirrorfast import tokens
+
+    pieces = ["word", "playing", "the", " ", "  ", "\n", "x" * 7, "\x0c", "\u200b", "\x1c", "\xa0", "\u3000", "東京",
+              "!", "é", "\t"]
+    rng = random.Random()
+    bert = Tokenizer.from_file(str(minilm_tokenizer_dir / "tokenizer.json"))
+    for core in (bert, _byte_level_bpe()):
+        for max_tokens, chars_per_token in ((2, 1), (5, 1), (5, 3)):
+            monkeypatch.setattr(tokens, "CHARS_PER_TOKEN_KEPT", chars_per_token)
+            encode = tokens.batch_encoder(SimpleNamespace(backend_tokenizer=core, truncation_side=side), max_tokens)
+            whole = Tokenizer.from_str(core.to_str())
+            whole.no_padding()
+            whole.enable_truncation(max_tokens, direction=side)
+            texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 40))) + " " * rng.randint(0, 60)
+                     for _ in range(150)]
+            texts = [t if rng.random() < 0.5 else t[::-1] for t in texts]  # fillers at either end
+            assert encode(texts) == [e.ids for e in whole.encode_batch(texts)]
