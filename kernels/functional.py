@@ -5,6 +5,9 @@ Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); backend="
 CUDA tensors on an Ampere or newer GPU (compute capability 8.0+: the kernel is tested compiled on Hopper)
 when Triton is importable, the reference otherwise. MIRRORFAST_KERNELS=torch forces the reference
 everywhere (debugging).
+
+Also what the three Triton ops (loss, packed attention, residual LayerNorm) share: `triton_runs_on`,
+`check_dropout_seed` and `first_derivative_only`.
 """
 
 import functools
@@ -64,13 +67,18 @@ def first_derivative_only(refusal: str):
                 outputs = backward(ctx, *grads)
             if not torch.is_grad_enabled():
                 return outputs
+            single = isinstance(outputs, torch.Tensor)
+            outputs = [outputs] if single else list(outputs)
             where = [i for i, g in enumerate(outputs) if isinstance(g, torch.Tensor)]
-            refuse = torch._C._functions.DelayedError(refusal.encode(), len(where))
-            wrapped = refuse(*[outputs[i].detach().requires_grad_() for i in where])
-            outputs = list(outputs)
-            for i, grad in zip(where, wrapped if isinstance(wrapped, tuple) else (wrapped,)):
+            # The refusing node also takes the Function's inputs and the incoming gradients that require
+            # grad: without a path back to them, autograd.grad(penalty, inputs) would prune it, not run it.
+            linked = [t for t in (*ctx.saved_tensors, *grads) if isinstance(t, torch.Tensor) and t.requires_grad]
+            refuse = torch._C._functions.DelayedError(refusal.encode(), len(where) + len(linked))
+            wrapped = refuse(*[outputs[i].detach().requires_grad_() for i in where], *linked)
+            wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
+            for i, grad in zip(where, wrapped):
                 outputs[i] = grad
-            return tuple(outputs)
+            return outputs[0] if single else tuple(outputs)
 
         return wrapper
 

@@ -426,11 +426,21 @@ def test_triton_all_zero_row_is_finite():
 def test_triton_second_derivative_is_an_error_not_zero():
     """The kernels' gradients carry no graph of their own: asked for a second derivative (a gradient
     penalty), the Triton backend must refuse, not silently drop those terms."""
+    refusal = "no second derivative: differentiate twice with backend='torch'"
     a, b = make_inputs(5, 12, torch.float32, seed=42, device=DEVICE)
     a.requires_grad_(True)
     (ga,) = torch.autograd.grad(info_nce(a, b, 0.1, backend="triton"), a, create_graph=True)
-    with pytest.raises(RuntimeError, match="no second derivative: differentiate twice with backend='torch'"):
+    with pytest.raises(RuntimeError, match=refusal):
         ga.square().sum().backward()
+    (ga,) = torch.autograd.grad(info_nce(a, b, 0.1, backend="triton"), a, create_graph=True)
+    with pytest.raises(RuntimeError, match=refusal):  # autograd.grad, as torch.autograd.functional.hvp calls it
+        torch.autograd.grad(ga.square().sum(), a, allow_unused=True)
+    # through a layer in front of the loss: a gradient penalty on its weight
+    x, w = torch.randn(10, 12, device=DEVICE), torch.randn(12, 12, device=DEVICE, requires_grad=True)
+    e = torch.tanh(x @ w)
+    (gw,) = torch.autograd.grad(info_nce(e[:5], e[5:], 0.1, backend="triton"), w, create_graph=True)
+    with pytest.raises(RuntimeError, match=refusal):
+        torch.autograd.grad(gw.square().sum(), w)
     (ga,) = torch.autograd.grad(info_nce(a, b, 0.1, backend="torch"), a, create_graph=True)
     ga.square().sum().backward()  # the reference differentiates twice
     assert a.grad is not None and a.grad.abs().sum() > 0

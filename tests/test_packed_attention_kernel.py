@@ -74,7 +74,7 @@ def test_second_derivative_is_an_error_not_zero():
     q.requires_grad_(True)
     (gq,) = torch.autograd.grad(packed_attention_triton(q, k, v, cu, 5).sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="no second derivative"):
-        gq.square().sum().backward()
+        torch.autograd.grad(gq.square().sum(), q, allow_unused=True)
 
 
 def _keep_mask(cu, heads, max_len, p, seed):
