@@ -39,9 +39,9 @@ def probe_writable(path: Path) -> None:
     runs, not when it saves. Missing parents are probed at their nearest existing ancestor and created only
     when the output is saved (`parents_made`): a refused or failed job leaves no empty folders behind."""
     missing = _missing_parents(path)
-    ancestor = (missing[0] if missing else path.resolve()).parent  # the nearest existing one
+    ancestor = missing[0].parent if missing else path.parent.resolve()  # the nearest existing one
     if not ancestor.is_dir():
-        raise MirrorfastError(f"cannot create {path.resolve().parent}: {ancestor} is not a directory")
+        raise MirrorfastError(f"cannot create {path.parent.resolve()}: {ancestor} is not a directory")
     os.rmdir(_temporary_sibling(path, "probe", ancestor))
 
 
@@ -68,7 +68,7 @@ def parents_made(path: Path) -> Iterator[None]:
 
 def _missing_parents(out_dir: Path) -> list[Path]:
     """The parent folders of `out_dir` that do not exist yet, outermost first."""
-    missing, parent = [], out_dir.resolve().parent
+    missing, parent = [], out_dir.parent.resolve()  # the parent's: a symlink at out_dir itself is not followed
     while not parent.exists():
         missing.insert(0, parent)
         parent = parent.parent
@@ -76,7 +76,7 @@ def _missing_parents(out_dir: Path) -> list[Path]:
 
 
 def _temporary_sibling(out_dir: Path, kind: str, where: Path | None = None) -> Path:
-    parent = where or out_dir.resolve().parent
+    parent = where or out_dir.parent.resolve()
     try:
         return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{kind}-", dir=parent))
     except OSError as exc:

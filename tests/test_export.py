@@ -103,14 +103,6 @@ def test_export_directory_contents(tiny_export):
     assert manifest["mirrorfast_version"] == mirrorfast.__version__
     assert manifest["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
     assert manifest["outputs"] == ["sentence_embedding", "token_embeddings"]
-    # The tokenizer files declare the export's max length, for transformers and for the Rust tokenizer alone.
-    from tokenizers import Tokenizer
-    from transformers import AutoTokenizer
-
-    long_text = "word " * 200
-    assert len(AutoTokenizer.from_pretrained(tiny_export)(long_text, truncation=True)["input_ids"]) == 128
-    raw = Tokenizer.from_file(str(tiny_export / "tokenizer.json"))
-    assert len(raw.encode(long_text).ids) == 128 and len(raw.encode("hi").ids) == 3  # cut, and not padded
     thresholds = {"model.onnx": 0.9999, "model_fp16.onnx": 0.999, "model_int8.onnx": 0.99}
     for name, threshold in thresholds.items():
         parity = manifest["parity"][name]
@@ -335,6 +327,14 @@ def test_cli_export_end_to_end(tiny_bert_dir, tmp_path, capsys):
     assert steps[0] == "mirrorfast: model.onnx: tracing the model (opset 17)"
     assert "mirrorfast: model_int8.onnx: fp32: nothing (every weight MatMul in int8)" in steps
     assert json.loads((out / "export.json").read_text())["max_length"] == 32
+    # The tokenizer files declare it, for transformers and for the Rust tokenizer alone (MiniLM's say 128).
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    long_text = "word " * 200
+    assert len(AutoTokenizer.from_pretrained(out)(long_text, truncation=True)["input_ids"]) == 32
+    raw = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert len(raw.encode(long_text).ids) == 32 and len(raw.encode("hi").ids) == 3  # cut, and not padded
 
     assert main(["export", str(tmp_path / "nope"), str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err

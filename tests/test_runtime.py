@@ -386,6 +386,14 @@ def test_cli_encode_creates_missing_parents_and_removes_them_on_failure(tiny_exp
     assert main(["encode", str(tiny_export), "--input", str(tmp_path / "in.txt"), "--output", str(failed),
                  "--no-progress"]) == 2
     assert not (tmp_path / "other").exists()
+    # An output that is a dangling symlink: the link is replaced; nothing is created where it pointed.
+    monkeypatch.undo()
+    (tmp_path / "links").mkdir()
+    link = tmp_path / "links" / "v.npy"
+    link.symlink_to(tmp_path / "nowhere" / "deep" / "v.npy")
+    assert main(["encode", str(tiny_export), "--input", str(tmp_path / "in.txt"), "--output", str(link),
+                 "--no-progress"]) == 0
+    assert not link.is_symlink() and np.load(link).shape[0] == 2 and not (tmp_path / "nowhere").exists()
 
 
 def test_iter_lines_splits_as_the_whole_file_reader(tmp_path):
