@@ -61,7 +61,8 @@ import triton.language as tl
 from mirrorfast.kernels.functional import first_derivative_only
 
 __all__ = ["info_nce_triton", "InfoNCEFunction", "KernelConfig", "pick_config", "warm_up"]
-_NO_SECOND_DERIVATIVE = "info_nce's Triton kernels have no second derivative: differentiate twice with backend='torch'"
+_NO_SECOND_DERIVATIVE = ("info_nce's Triton kernels have no second derivative: differentiate twice with "
+                         "backend='torch'")
 
 _EPS = 1e-12  # as F.normalize: z = x / max(||x||, eps)
 _LOG2E = 1.4426950408889634

@@ -29,7 +29,8 @@ import triton.language as tl
 from mirrorfast.kernels.functional import check_dropout_seed, first_derivative_only
 
 __all__ = ["packed_attention_triton", "PackedAttentionFunction", "MAX_VIEW_TOKENS", "warm_up"]
-_NO_SECOND_DERIVATIVE = "the packed-attention Triton kernels have no second derivative: differentiate twice with MIRRORFAST_PACKED_ATTENTION=sdpa"
+_NO_SECOND_DERIVATIVE = ("the packed-attention Triton kernels have no second derivative: differentiate twice with "
+                         "MIRRORFAST_PACKED_ATTENTION=sdpa")
 
 MAX_VIEW_TOKENS = 128  # one register tile per (view, head): longer views go to FlashAttention
 

@@ -10,8 +10,8 @@ Definition, per row (H features):
     s = residual + h * keep / (1 - p)        keep ~ Bernoulli(1 - p), Philox from a seed in a device tensor
     y = (s - mean(s)) / sqrt(var(s) + eps) * weight + bias      (biased variance, as nn.LayerNorm)
 computed in fp32 whatever the input dtypes, with s rounded to and y stored in the promoted dtype of h,
-residual and weight, as the unfused ops give them (fp32 under autocast, whose residual stream and LayerNorm are fp32; the
-half dtype for a --half-model model). The keep mask is never stored: the backward redraws it.
+residual and weight, as the unfused ops give them (fp32 under autocast, whose residual stream and LayerNorm
+are fp32; the half dtype for a --half-model model). The keep mask is never stored: the backward redraws it.
 
 Backward, with x = (s - mean) * rstd and g = dy * weight:
     ds = rstd * (g - mean(g) - x * mean(g * x));  d residual = ds;  dh = ds * keep / (1 - p)
@@ -27,7 +27,8 @@ import triton.language as tl
 from mirrorfast.kernels.functional import check_dropout_seed, first_derivative_only
 
 __all__ = ["dropout_add_layer_norm", "DropoutAddLayerNormFunction", "keep_mask", "MAX_HIDDEN", "warm_up"]
-_NO_SECOND_DERIVATIVE = "the fused residual-LayerNorm kernels have no second derivative: differentiate twice without MIRRORFAST_FUSED_LAYERNORM"
+_NO_SECOND_DERIVATIVE = ("the fused residual-LayerNorm kernels have no second derivative: differentiate twice "
+                         "without MIRRORFAST_FUSED_LAYERNORM")
 
 MAX_HIDDEN = 8192  # one row per register tile
 

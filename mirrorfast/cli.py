@@ -221,7 +221,8 @@ def _add_encode(sub) -> None:
     p.add_argument("--output", required=True, metavar="FILE.npy", help="float32 (n, dim) array, written atomically")
     p.add_argument("--batch-size", type=int, default=64, help="texts per model call (default: 64)")
     p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="ONNX Runtime execution provider (default: auto: CUDA with onnxruntime-gpu and a GPU, else CPU)")
+                   help="ONNX Runtime execution provider (default: auto: CUDA with onnxruntime-gpu and a GPU, "
+                        "else CPU)")
     p.add_argument("--int8", action="store_true", help="use model_int8.onnx (CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_encode)
