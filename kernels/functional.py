@@ -7,7 +7,7 @@ when Triton is importable, the reference otherwise. MIRRORFAST_KERNELS=torch for
 everywhere (debugging).
 
 Also what the three Triton ops (loss, packed attention, residual LayerNorm) share: `triton_runs_on`,
-`check_dropout_seed` and `first_derivative_only`.
+`dropout_seed` and `first_derivative_only`.
 """
 
 import functools
@@ -85,14 +85,19 @@ def first_derivative_only(refusal: str):
     return decorate
 
 
-def check_dropout_seed(seed: torch.Tensor | None, device: torch.device, who: str) -> None:
-    """A dropout seed handed to a Triton kernel must be a (1,) int64 tensor on its inputs' device (the
-    kernels read it there: no host synchronization). None is fine: the kernel draws one."""
-    if seed is not None and (not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64
-                             or tuple(seed.shape) != (1,) or seed.device != device):
+def dropout_seed(seed: torch.Tensor | None, p: float, device: torch.device, who: str) -> torch.Tensor:
+    """The (1,) int64 Philox seed a Triton kernel reads on `device` (no host synchronization): `seed`,
+    checked, or else a fresh one from torch's generator (on CUDA also inside a captured graph: each replay
+    draws anew; zeros when p == 0, where it is not read)."""
+    if seed is None:
+        return (torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64) if p > 0
+                else torch.zeros(1, device=device, dtype=torch.int64))
+    if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or tuple(seed.shape) != (1,) \
+            or seed.device != device:
         got = (f"{seed.dtype} {tuple(seed.shape)} on {seed.device}" if isinstance(seed, torch.Tensor)
                else type(seed).__name__)
         raise ValueError(f"{who}: seed must be a (1,) int64 tensor on {device}, got {got}")
+    return seed
 
 
 def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:

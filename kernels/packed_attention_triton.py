@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mirrorfast.kernels.functional import check_dropout_seed, first_derivative_only
+from mirrorfast.kernels.functional import dropout_seed, first_derivative_only
 
 __all__ = ["packed_attention_triton", "PackedAttentionFunction", "MAX_VIEW_TOKENS", "warm_up"]
 _NO_SECOND_DERIVATIVE = ("the packed-attention Triton kernels have no second derivative: differentiate twice with "
@@ -185,13 +185,8 @@ def _class_launches(q: torch.Tensor, max_len: int, dropout_p: float) -> list[dic
 
 class PackedAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_len: int, dropout_p: float, scale: float, seed: torch.Tensor | None):
+    def forward(ctx, q, k, v, cu_seqlens, max_len: int, dropout_p: float, scale: float, seed: torch.Tensor):
         n_views, heads = cu_seqlens.shape[0] - 1, q.shape[1]
-        if seed is None:
-            # A fresh seed per call from torch's generator (on CUDA also inside a captured graph: each replay
-            # draws anew); only read when dropout is on.
-            seed = (torch.randint(0, 2**31 - 1, (1,), device=q.device, dtype=torch.int64) if dropout_p > 0
-                    else torch.zeros(1, device=q.device, dtype=torch.int64))
         out = torch.empty_like(q)
         with torch.cuda.device_of(q):  # Triton launches on the current device: make it the inputs'
             for args in _class_launches(q, max_len, dropout_p):
@@ -232,7 +227,7 @@ def packed_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
         raise ValueError(f"packed_attention_triton: dropout_p must be in [0, 1), got {dropout_p}")
     if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"packed_attention_triton: q, k, v must be (T, H, D) alike, got {q.shape}, {k.shape}, {v.shape}")
-    check_dropout_seed(seed, q.device, "packed_attention_triton")
+    seed = dropout_seed(seed, dropout_p, q.device, "packed_attention_triton")
     # One layout for all (inputs, output, gradients): contiguous (T, H, D). Attention functions of Hugging Face
     # models hand over views that are contiguous in this order already (no copy then).
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()

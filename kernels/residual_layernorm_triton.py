@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mirrorfast.kernels.functional import check_dropout_seed, first_derivative_only
+from mirrorfast.kernels.functional import dropout_seed, first_derivative_only
 
 __all__ = ["dropout_add_layer_norm", "DropoutAddLayerNormFunction", "keep_mask", "MAX_HIDDEN", "warm_up"]
 _NO_SECOND_DERIVATIVE = ("the fused residual-LayerNorm kernels have no second derivative: differentiate twice "
@@ -57,10 +57,10 @@ def _fwd_kernel(
     h = tl.load(h_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
     if DROPOUT:
         h = tl.where(_keep(seed_ptr, rows, cols, H, p_drop), h / (1.0 - p_drop), 0.0)
-    s = tl.load(res_ptr + offsets, mask=ok, other=0.0).to(tl.float32) + h
+    s_stored = (tl.load(res_ptr + offsets, mask=ok, other=0.0).to(tl.float32) + h).to(s_ptr.dtype.element_ty)
     # Normalize s as it is stored (rounded to a half dtype, as the unfused add gives it): the backward
     # recomputes x from the stored s, so both passes must see the same numbers.
-    s = s.to(s_ptr.dtype.element_ty).to(tl.float32)
+    s = s_stored.to(tl.float32)
     mean = tl.sum(s, axis=1) / H  # (BLOCK_R,)
     centered = tl.where(ok, s - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / H + eps)
@@ -68,7 +68,7 @@ def _fwd_kernel(
     b = tl.load(b_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
     y = centered * rstd[:, None] * w[None, :] + b[None, :]
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=ok)
-    tl.store(s_ptr + offsets, s.to(s_ptr.dtype.element_ty), mask=ok)  # exact: s is already rounded
+    tl.store(s_ptr + offsets, s_stored, mask=ok)
     tl.store(mean_ptr + rows, mean, mask=rows < T)
     tl.store(rstd_ptr + rows, rstd, mask=rows < T)
 
@@ -196,11 +196,7 @@ def dropout_add_layer_norm(h: torch.Tensor, residual: torch.Tensor, weight: torc
         raise ValueError(f"dropout_add_layer_norm: p must be in [0, 1), got {p}")
     if h.numel() >= 2**31:
         raise ValueError("dropout_add_layer_norm: too many elements for 32-bit dropout offsets")
-    check_dropout_seed(seed, h.device, "dropout_add_layer_norm")
-    if seed is None:
-        # A fresh seed per call from torch's generator (inside a captured CUDA graph too: each replay draws anew).
-        seed = (torch.randint(0, 2**31 - 1, (1,), device=h.device, dtype=torch.int64) if p > 0
-                else torch.zeros(1, device=h.device, dtype=torch.int64))
+    seed = dropout_seed(seed, p, h.device, "dropout_add_layer_norm")
     lead = h.shape[:-1]
     y = DropoutAddLayerNormFunction.apply(h.reshape(-1, h_dim).contiguous(), residual.reshape(-1, h_dim).contiguous(),
                                           weight.contiguous(), bias.contiguous(), float(eps), p, seed)

@@ -5,7 +5,6 @@ are cut from flat token arrays, either padded (B, L) or packed (1, T) with cumul
 unpadded attention.
 """
 
-import importlib.metadata
 import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mirrorfast.envinfo import package_version
 from mirrorfast.errors import MirrorfastError
 from mirrorfast.textfile import file_sha256, read_utf8
 from mirrorfast.tokens import TokenizedTexts
@@ -87,7 +87,7 @@ def load_corpus(spec: str, dedup: bool = True) -> Corpus:
     if spec.startswith("wordfreq:"):
         texts = _wordfreq_corpus(spec)
         description = f"{spec} ({len(texts)} most frequent words from wordfreq)"
-        identity = {"wordfreq": importlib.metadata.version("wordfreq")}
+        identity = {"wordfreq": package_version("wordfreq")}
     else:
         texts = [s for _, s in _read_lines(Path(spec))]
         description = spec
