@@ -14,7 +14,7 @@ import torch
 
 from mirrorfast.envinfo import package_version
 from mirrorfast.errors import MirrorfastError
-from mirrorfast.textfile import file_sha256, read_utf8
+from mirrorfast.textfile import read_utf8_and_sha256
 from mirrorfast.tokens import TokenizedTexts
 
 PAIR_SEPARATOR = "||"
@@ -34,12 +34,14 @@ class Corpus:
         return len(self.first)
 
 
-def _read_lines(path: Path) -> list[tuple[int, str]]:
-    """(line number, stripped text) for every non-blank line of a UTF-8 file. Lines end at "\n" (and "\r\n")
-    only, as in `encode` and the authors' code: str.splitlines would also split at form feeds, U+0085 or
-    U+2028 inside a line."""
-    lines = [(n, line.strip()) for n, line in enumerate(read_utf8(path, "corpus file").split("\n"), start=1)]
-    return [(n, s) for n, s in lines if s]
+def _read_lines(path: str, what: str) -> tuple[list[tuple[int, str]], dict]:
+    """(line number, stripped text) for every non-blank line of a UTF-8 file, and the file's identity
+    (resolved path, SHA-256 of the bytes read) for mirrorfast.json. Lines end at "\n" (and "\r\n") only,
+    as in `encode` and the authors' code: str.splitlines would also split at form feeds, U+0085 or U+2028
+    inside a line."""
+    text, sha256 = read_utf8_and_sha256(path, what)
+    lines = [(n, line.strip()) for n, line in enumerate(text.split("\n"), start=1)]
+    return [(n, s) for n, s in lines if s], {"path": str(Path(path).resolve()), "sha256": sha256}
 
 
 def _dedup(items: list, key=lambda x: x) -> tuple[list, int]:
@@ -89,9 +91,9 @@ def load_corpus(spec: str, dedup: bool = True) -> Corpus:
         description = f"{spec} ({len(texts)} most frequent words from wordfreq)"
         identity = {"wordfreq": package_version("wordfreq")}
     else:
-        texts = [s for _, s in _read_lines(Path(spec))]
+        lines, identity = _read_lines(spec, "corpus file")
+        texts = [s for _, s in lines]
         description = spec
-        identity = _file_identity(spec)
     removed = 0
     if dedup:
         texts, removed = _dedup(texts)
@@ -99,14 +101,11 @@ def load_corpus(spec: str, dedup: bool = True) -> Corpus:
     return Corpus(texts, None, description, removed, identity)
 
 
-def _file_identity(path: str) -> dict:
-    return {"path": str(Path(path).resolve()), "sha256": file_sha256(path)}
-
-
 def load_pairs(path: str, dedup: bool = True) -> Corpus:
     """`text1||text2` per line: the two sides are a positive pair."""
     first, second = [], []
-    for number, line in _read_lines(Path(path)):
+    lines, identity = _read_lines(path, "pairs file")
+    for number, line in lines:
         separators = line.count(PAIR_SEPARATOR)
         if separators != 1:
             what = "no" if separators == 0 else f"{separators}"
@@ -122,7 +121,7 @@ def load_pairs(path: str, dedup: bool = True) -> Corpus:
         kept, removed = _dedup(list(zip(first, second)))
         first, second = [a for a, _ in kept], [b for _, b in kept]
     _require_two(len(first), f"pairs file {path}", removed)
-    return Corpus(first, second, f"{path} (supervised pairs)", removed, _file_identity(path))
+    return Corpus(first, second, f"{path} (supervised pairs)", removed, identity)
 
 
 @dataclass

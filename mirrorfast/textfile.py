@@ -19,24 +19,30 @@ def _not_utf8(path: Path, line: int, byte: int) -> MirrorfastError:
     return MirrorfastError(f"{path}: line {line} is not valid UTF-8 (byte {byte:#04x})")
 
 
-def read_utf8(path: str | Path, what: str) -> str:
-    """The whole file as text; `what` names it in errors ("corpus file", "input file", ...)."""
-    path = Path(path)
+def _read_bytes(path: Path, what: str) -> bytes:
     _check_file(path, what)
-    data = path.read_bytes()
+    return path.read_bytes()
+
+
+def _decode(path: Path, data: bytes) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise _not_utf8(path, data[: exc.start].count(b"\n") + 1, data[exc.start]) from None
 
 
-def file_sha256(path: str | Path) -> str:
-    """The file's SHA-256 (hex), read in blocks: which exact data a run trained on."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def read_utf8(path: str | Path, what: str) -> str:
+    """The whole file as text; `what` names it in errors ("corpus file", "input file", ...)."""
+    path = Path(path)
+    return _decode(path, _read_bytes(path, what))
+
+
+def read_utf8_and_sha256(path: str | Path, what: str) -> tuple[str, str]:
+    """The whole file as text, and the SHA-256 (hex) of the very bytes decoded: which exact data a run
+    trained on, even if the file is rewritten while the run starts."""
+    path = Path(path)
+    data = _read_bytes(path, what)
+    return _decode(path, data), hashlib.sha256(data).hexdigest()
 
 
 def iter_lines(path: str | Path, what: str) -> Iterator[str]:

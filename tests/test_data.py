@@ -49,8 +49,35 @@ def test_lines_end_at_newlines_only(tmp_path):
 
 
 def test_missing_corpus(tmp_path):
-    with pytest.raises(MirrorfastError, match="not found"):
+    with pytest.raises(MirrorfastError, match="corpus file .*nope.txt not found"):
         load_corpus(str(tmp_path / "nope.txt"))
+    with pytest.raises(MirrorfastError, match="pairs file .*nope.txt not found"):
+        load_pairs(str(tmp_path / "nope.txt"))
+    with pytest.raises(MirrorfastError, match="pairs file .* is not a file"):
+        load_pairs(str(tmp_path))
+
+
+def test_identity_is_the_bytes_read(tmp_path, monkeypatch):
+    """mirrorfast.json's SHA-256 is that of the bytes the strings came from, read once: a file rewritten
+    after it was read does not change the recorded hash."""
+    import hashlib
+    from pathlib import Path as PathClass
+
+    for load, content in [(load_corpus, b"one\ntwo\n"), (load_pairs, b"a||b\nc||d\n")]:
+        path = write(tmp_path, "data.txt", content)
+        real_read_bytes = PathClass.read_bytes
+
+        def read_then_rewrite(self):
+            data = real_read_bytes(self)
+            self.write_bytes(b"rewritten\nmeanwhile\n")
+            return data
+
+        monkeypatch.setattr(PathClass, "read_bytes", read_then_rewrite)
+        corpus = load(path)
+        monkeypatch.undo()
+        assert corpus.identity == {"path": str(PathClass(path).resolve()),
+                                   "sha256": hashlib.sha256(content).hexdigest()}
+        assert "rewritten" not in corpus.first
 
 
 def test_wordfreq_corpus():
