@@ -447,6 +447,8 @@ def _metadata(cfg, corpus, encoder, device, paths: dict, result: TrainResult) ->
                    "duplicates_removed": corpus.duplicates_removed, **corpus.identity},
         "versions": _versions(),
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        # The CPU's float sums depend on how they are split across threads (the 7th digit of the loss).
+        "cpu_threads": torch.get_num_threads(),
         **paths,
         "steps": result.steps,
         "epoch_seconds": [round(s, 4) for s in result.epoch_seconds],
