@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from mirrorfast.errors import MirrorfastError
@@ -147,27 +148,55 @@ def _pbtxt_tensor_list(kind: str, tensors: list[dict]) -> str:
     return f"{kind} [\n" + ",\n".join(blocks) + "\n]\n"
 
 
-def render_config(name: str, model_file: str, inputs: list[dict], outputs: list[dict], max_batch_size: int,
-                  max_queue_delay_us: int, preferred_batch_sizes: list[int], instance_kind: str,
-                  instance_count: int, source: str) -> str:
+@dataclass(frozen=True)
+class TritonModelSettings:
+    """How Triton serves the model (config.pbtxt), checked when made. `instance_kind`: "auto" (Triton's
+    default: one instance per GPU, else CPU), "gpu" or "cpu"; `model_name`: default the export folder's name."""
+
+    max_batch_size: int = 64
+    model_name: str | None = None
+    max_queue_delay_us: int = 2000
+    preferred_batch_sizes: tuple[int, ...] = ()
+    instance_kind: str = "auto"
+    instance_count: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queue_delay_us", "instance_count"):
+            object.__setattr__(self, name, int(getattr(self, name)))
+        if self.max_batch_size < 1:
+            raise MirrorfastError(f"Triton max_batch_size must be at least 1, got {self.max_batch_size}")
+        if self.max_queue_delay_us < 0:
+            raise MirrorfastError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
+        if self.instance_kind not in INSTANCE_KINDS:
+            raise MirrorfastError(f"instance_kind must be one of {sorted(INSTANCE_KINDS)}, got {self.instance_kind!r}")
+        if self.instance_count < 1:
+            raise MirrorfastError(f"instance_count must be at least 1, got {self.instance_count}")
+        preferred = tuple(sorted({int(b) for b in self.preferred_batch_sizes}))
+        if any(b < 1 or b > self.max_batch_size for b in preferred):
+            raise MirrorfastError(f"preferred batch sizes must be in 1..{self.max_batch_size}, got {list(preferred)}")
+        object.__setattr__(self, "preferred_batch_sizes", preferred)
+
+
+def render_config(name: str, model_file: str, inputs: list[dict], outputs: list[dict],
+                  settings: TritonModelSettings, source: str) -> str:
     lines = [
         f"{MARKER} from {source}; regenerate instead of editing.",
         f"name: {json.dumps(name)}",
         'backend: "onnxruntime"',
         f"default_model_filename: {json.dumps(model_file)}",
-        f"max_batch_size: {max_batch_size}",
+        f"max_batch_size: {settings.max_batch_size}",
         "",
     ]
     text = "\n".join(lines)
     text += _pbtxt_tensor_list("input", inputs)
     text += _pbtxt_tensor_list("output", outputs)
     text += "dynamic_batching {\n"
-    if preferred_batch_sizes:
-        text += f"  preferred_batch_size: [ {', '.join(str(b) for b in preferred_batch_sizes)} ]\n"
-    text += f"  max_queue_delay_microseconds: {max_queue_delay_us}\n}}\n"
-    kind = INSTANCE_KINDS[instance_kind]
-    if kind is not None or instance_count != 1:
-        text += "instance_group [\n  {\n" + f"    count: {instance_count}\n"
+    if settings.preferred_batch_sizes:
+        text += f"  preferred_batch_size: [ {', '.join(str(b) for b in settings.preferred_batch_sizes)} ]\n"
+    text += f"  max_queue_delay_microseconds: {settings.max_queue_delay_us}\n}}\n"
+    kind = INSTANCE_KINDS[settings.instance_kind]
+    if kind is not None or settings.instance_count != 1:
+        text += "instance_group [\n  {\n" + f"    count: {settings.instance_count}\n"
         if kind is not None:
             text += f"    kind: {kind}\n"
         text += "  }\n]\n"
@@ -182,83 +211,48 @@ def _is_ours(model_dir: Path) -> bool:
         return False
 
 
-def check_triton_repo(
-    export_dir: str | Path,
-    repo_dir: str | Path,
-    *,
-    max_batch_size: int = 64,
-    model_name: str | None = None,
-    max_queue_delay_us: int = 2000,
-    preferred_batch_sizes: list[int] | tuple[int, ...] = (),
-    instance_kind: str = "auto",
-    instance_count: int = 1,
-    overwrite: bool = False,
-) -> tuple[Path, list[int]]:
-    """Check `write_triton_repo`'s options and destination before anything is written (nothing is created):
-    `mirrorfast export --triton-repo` calls it before exporting. -> (the model folder, the preferred batch
-    sizes sorted). `export_dir` need not exist yet: only its name is used (the default model name)."""
-    if int(max_batch_size) < 1:
-        raise MirrorfastError(f"Triton max_batch_size must be at least 1, got {max_batch_size}")
-    if int(max_queue_delay_us) < 0:
-        raise MirrorfastError(f"max_queue_delay_us must be >= 0, got {max_queue_delay_us}")
-    if instance_kind not in INSTANCE_KINDS:
-        raise MirrorfastError(f"instance_kind must be one of {sorted(INSTANCE_KINDS)}, got {instance_kind!r}")
-    if int(instance_count) < 1:
-        raise MirrorfastError(f"instance_count must be at least 1, got {instance_count}")
-    preferred = sorted({int(b) for b in preferred_batch_sizes})
-    if any(b < 1 or b > max_batch_size for b in preferred):
-        raise MirrorfastError(f"preferred batch sizes must be in 1..{max_batch_size}, got {preferred}")
+def check_triton_repo(export_dir: str | Path, repo_dir: str | Path, settings: TritonModelSettings,
+                      overwrite: bool = False) -> Path:
+    """Check the destination before anything is written (nothing is created): `mirrorfast export
+    --triton-repo` calls it before exporting. -> the model folder. `export_dir` need not exist yet: only its
+    name is used (the default model name)."""
     repo_dir = Path(repo_dir)
     if repo_dir.exists() and not repo_dir.is_dir():
         raise MirrorfastError(f"Triton repository {repo_dir} exists and is not a directory")
-    model_dir = repo_dir / _model_name(Path(export_dir), model_name)
+    model_dir = repo_dir / _model_name(Path(export_dir), settings.model_name)
     check_destination(model_dir, _is_ours, overwrite, "Triton model folder")
-    return model_dir, preferred
+    return model_dir
 
 
-def write_triton_repo(
-    export_dir: str | Path,
-    repo_dir: str | Path,
-    *,
-    max_batch_size: int = 64,
-    model_name: str | None = None,
-    precision: str = "fp32",
-    max_queue_delay_us: int = 2000,
-    preferred_batch_sizes: list[int] | tuple[int, ...] = (),
-    instance_kind: str = "auto",
-    instance_count: int = 1,
-    overwrite: bool = False,
-) -> Path:
+def write_triton_repo(export_dir: str | Path, repo_dir: str | Path, *, precision: str = "fp32",
+                      overwrite: bool = False, **settings) -> Path:
     """Write REPO_DIR/NAME/{config.pbtxt, 1/model.onnx} for `export_dir`; return the model folder.
 
-    `precision` picks the export's ONNX file ("fp32": model.onnx; "fp16" / "int8" when exported). An existing model
-    folder is replaced when it was written by mirrorfast (or with `overwrite=True`); otherwise refused.
-    `instance_kind`: "auto" (Triton's default: one instance per GPU, else CPU), "gpu" or "cpu".
+    `settings` are TritonModelSettings' fields (max_batch_size=64, model_name, max_queue_delay_us=2000,
+    preferred_batch_sizes, instance_kind="auto", instance_count=1). `precision` picks the export's ONNX file
+    ("fp32": model.onnx; "fp16" / "int8" when exported). An existing model folder is replaced when it was
+    written by mirrorfast (or with `overwrite=True`); otherwise refused.
     """
+    serving = TritonModelSettings(**settings)
     export_dir = Path(export_dir)
     model_file = _model_file(export_dir, precision)  # a MirrorfastError for anything but an export directory
     onnx_path = export_dir / model_file
     if not onnx_path.is_file():
         raise MirrorfastError(f"{export_dir} lists {model_file} in export.json, but the file is missing")
-    model_dir, preferred = check_triton_repo(
-        export_dir, repo_dir, max_batch_size=max_batch_size, model_name=model_name,
-        max_queue_delay_us=max_queue_delay_us, preferred_batch_sizes=preferred_batch_sizes,
-        instance_kind=instance_kind, instance_count=instance_count, overwrite=overwrite)
+    model_dir = check_triton_repo(export_dir, repo_dir, serving, overwrite)
 
     try:
         import onnx
 
         graph = onnx.load(str(onnx_path), load_external_data=False)
-        inputs, outputs = triton_tensors(onnx_path, int(max_batch_size), graph)
+        inputs, outputs = triton_tensors(onnx_path, serving.max_batch_size, graph)
         external = _external_files(graph)
     except MirrorfastError:
         raise
     except Exception as exc:  # noqa: BLE001 - a broken graph is a user-facing failure
         raise MirrorfastError(f"cannot read {onnx_path}: {exc}") from None
 
-    name = model_dir.name
-    text = render_config(name, "model.onnx", inputs, outputs, int(max_batch_size), int(max_queue_delay_us),
-                         preferred, instance_kind, int(instance_count), source=str(export_dir.resolve()))
+    text = render_config(model_dir.name, "model.onnx", inputs, outputs, serving, source=str(export_dir.resolve()))
     try:
         with atomic_directory(model_dir) as tmp:
             version = tmp / VERSION

@@ -181,10 +181,10 @@ def _add_export(sub) -> None:
 
 def _cmd_export(args) -> int:
     from mirrorfast.export import export_model
-    from mirrorfast.export.triton_repo import check_triton_repo, write_triton_repo
+    from mirrorfast.export.triton_repo import TritonModelSettings, check_triton_repo, write_triton_repo
 
     if args.triton_repo:  # its options and destination fail now, not after the export is written
-        check_triton_repo(args.out_dir, args.triton_repo, max_batch_size=args.triton_max_batch,
+        check_triton_repo(args.out_dir, args.triton_repo, TritonModelSettings(max_batch_size=args.triton_max_batch),
                           overwrite=args.overwrite)
     result = export_model(
         args.model_dir, args.out_dir, fp16=args.fp16, int8=args.int8, opset=args.opset,

@@ -188,8 +188,18 @@ def test_failures_leave_nothing_behind(export_dir, tmp_path, monkeypatch):
     assert not repo.exists()
     with pytest.raises(MirrorfastError, match="no fp16 model"):
         triton_repo.write_triton_repo(export_dir, repo, precision="fp16")
-    with pytest.raises(MirrorfastError, match="max_batch_size"):
-        triton_repo.write_triton_repo(export_dir, repo, max_batch_size=0)
+    for settings, message in [
+        ({"max_batch_size": 0}, "max_batch_size must be at least 1, got 0"),
+        ({"max_queue_delay_us": -1}, "max_queue_delay_us must be >= 0, got -1"),
+        ({"instance_kind": "tpu"}, r"instance_kind must be one of \['auto', 'cpu', 'gpu'\], got 'tpu'"),
+        ({"instance_count": 0}, "instance_count must be at least 1, got 0"),
+        ({"max_batch_size": 8, "preferred_batch_sizes": [4, 16]}, r"must be in 1..8, got \[4, 16\]"),
+        ({"preferred_batch_sizes": [0]}, r"must be in 1..64, got \[0\]"),
+        ({"model_name": "no/slashes"}, "must be letters, digits"),
+    ]:
+        with pytest.raises(MirrorfastError, match=message):
+            triton_repo.write_triton_repo(export_dir, repo, **settings)
+        assert not repo.exists(), settings
 
     def broken_copy(*_a, **_k):
         raise OSError(28, "No space left on device")
