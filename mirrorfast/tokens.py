@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import itertools
 import numbers
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -46,15 +47,102 @@ def check_batch_size(batch_size) -> int:
 # Characters of a text first tried for tokenizing when a fast tokenizer truncates it to N tokens: N x this.
 # The first N tokens of any real text lie far inside; a pathological text (a whole file without newlines)
 # is not tokenized in full only to be cut to N tokens (a 23 MB training line took minutes and GBs, a 4 MB
-# request 3 s). A cut that may have changed the N tokens kept is tried again twice as long (`_settled`).
+# request 3 s). The cut never falls in an added token the text spells ("[CLS]", "<mask>"), and a cut that may
+# have changed the N tokens kept is tried again twice as long (`_settled`).
 CHARS_PER_TOKEN_KEPT = 1000
 
 
-def cut_for_tokenizing(texts: list[str], keep: int, side: str) -> list[str]:
-    """Each text cut to `keep` characters on the tokenizer's truncation side (the end it drops tokens from)."""
-    if side == "left":
-        return [t[-keep:] if len(t) > keep else t for t in texts]
-    return [t[:keep] if len(t) > keep else t for t in texts]
+@dataclass(frozen=True)
+class AddedLiteral:
+    """An added token as a text may spell it ("[CLS]", "<mask>"): the tokenizer matches it before anything
+    else, and may absorb the whitespace on its left (lstrip) or right (rstrip)."""
+
+    text: str
+    lstrip: bool = False
+    rstrip: bool = False
+    single_word: bool = False  # matched only between non-word characters
+
+
+def added_literals(core) -> tuple[AddedLiteral, ...]:
+    """The added tokens of a `tokenizers.Tokenizer`, as written (a `normalized` one may also match other
+    spellings: those are left to the word check, `_settled`)."""
+    return tuple(AddedLiteral(t.content, t.lstrip, t.rstrip, t.single_word)
+                 for t in core.get_added_tokens_decoder().values() if t.content)
+
+
+def _occurrences(text: str, lo: int, hi: int, literals):
+    """(start, stop, literal) of each literal written inside text[lo:hi], overlapping ones included."""
+    for literal in literals:
+        start = text.find(literal.text, lo, hi)
+        while start != -1:
+            yield start, start + len(literal.text), literal
+            start = text.find(literal.text, start + 1, hi)
+
+
+# str.isspace's whitespace (which includes every character the tokenizers' lstrip/rstrip strip)
+_WHITESPACE_RUN = re.compile(r"\s*")
+
+
+def _whitespace_before(text: str, index: int) -> int:
+    """Where the run of whitespace ending at `index` starts."""
+    return len(text[:index].rstrip())
+
+
+def _whitespace_after(text: str, index: int) -> int:
+    """Where the run of whitespace starting at `index` ends."""
+    return _WHITESPACE_RUN.match(text, index).end()
+
+
+def _end_clear_of_literals(text: str, end: int, literals, longest: int) -> int:
+    """Right truncation tokenizes text[:end]: `end` moved back until no added token written in the text is
+    split by it (or ends at it, for a single_word one), and no whitespace an lstrip token after it absorbs
+    ends at it. The whole text matches such a token where the cut text would tokenize its pieces."""
+    while end > 0:
+        moved = end
+        for start, stop, literal in _occurrences(text, max(0, end - longest), end + longest, literals):
+            if start < end < stop or (literal.single_word and stop == end):
+                moved = min(moved, start)
+        if text[moved - 1:moved].isspace():
+            after = _whitespace_after(text, moved)
+            if any(literal.lstrip and text.startswith(literal.text, after) for literal in literals):
+                moved = _whitespace_before(text, moved)
+        if moved == end:
+            return end
+        end = moved
+    return end
+
+
+def _begin_clear_of_literals(text: str, begin: int, literals, longest: int) -> int:
+    """Left truncation tokenizes text[begin:]: the mirror image of `_end_clear_of_literals` (rstrip tokens
+    absorb the whitespace after them)."""
+    while begin < len(text):
+        moved = begin
+        for start, stop, literal in _occurrences(text, max(0, begin - longest), begin + longest, literals):
+            if start < begin < stop or (literal.single_word and start == begin):
+                moved = max(moved, stop)
+        if text[moved:moved + 1].isspace():
+            before = _whitespace_before(text, moved)
+            if any(literal.rstrip and text.endswith(literal.text, 0, before) for literal in literals):
+                moved = _whitespace_after(text, moved)
+        if moved == begin:
+            return begin
+        begin = moved
+    return begin
+
+
+def cut_for_tokenizing(texts: list[str], keep: int, side: str, literals: tuple[AddedLiteral, ...] = ()) -> list[str]:
+    """Each text cut to `keep` characters on the tokenizer's truncation side (the end it drops tokens from),
+    or a little less where the cut would fall in one of the tokenizer's added tokens written in the text."""
+    longest = max((len(literal.text) for literal in literals), default=0)
+    cut = []
+    for text in texts:
+        if len(text) <= keep:
+            cut.append(text)
+        elif side == "left":
+            cut.append(text[_begin_clear_of_literals(text, len(text) - keep, literals, longest):])
+        else:
+            cut.append(text[:_end_clear_of_literals(text, keep, literals, longest)])
+    return cut
 
 
 def _settled(encoding, side: str) -> bool:
@@ -71,14 +159,14 @@ def _settled(encoding, side: str) -> bool:
     return min(kept) > min(dropped) if side == "left" else max(kept) < max(dropped)
 
 
-def _retried_longer(text: str, keep: int, side: str, encode_one):
+def _retried_longer(text: str, keep: int, side: str, literals, encode_one):
     """The encoding of `text` from a cut twice, four times ... `keep` characters long, until settled or
     whole (linear in the text: at most about twice the whole text's tokenizing)."""
     while True:
         keep *= 2
         if len(text) <= keep:
             return encode_one(text)
-        encoding = encode_one(cut_for_tokenizing([text], keep, side)[0])
+        encoding = encode_one(cut_for_tokenizing([text], keep, side, literals)[0])
         if _settled(encoding, side):
             return encoding
 
@@ -95,6 +183,7 @@ def batch_encoder(tokenizer, truncate_to: int | None,
     core = getattr(tokenizer, "backend_tokenizer", None)
     if isinstance(core, Tokenizer):
         own = Tokenizer.from_str(core.to_str())
+        literals = added_literals(own)
         own.no_padding()
         if truncate_to:
             own.enable_truncation(truncate_to, direction=side)
@@ -108,10 +197,10 @@ def batch_encoder(tokenizer, truncate_to: int | None,
 
         def encode_fast(texts: list[str]) -> Rows:
             if keep:
-                encodings = own.encode_batch(cut_for_tokenizing(texts, keep, side), add_special_tokens=True)
+                encodings = own.encode_batch(cut_for_tokenizing(texts, keep, side, literals), add_special_tokens=True)
                 for i, text in enumerate(texts):
                     if len(text) > keep and not _settled(encodings[i], side):
-                        encodings[i] = _retried_longer(text, keep, side, encode_one)
+                        encodings[i] = _retried_longer(text, keep, side, literals, encode_one)
             else:
                 encodings = own.encode_batch(texts, add_special_tokens=True)
             if count_cut is not None:

@@ -173,6 +173,67 @@ def _byte_level_bpe():
     return core
 
 
+def _unigram_metaspace():
+    """A small XLM-R/ALBERT-style tokenizer (Unigram, Metaspace pre-tokenizer), trained here: no download."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    core = Tokenizer(models.Unigram())
+    core.normalizer = normalizers.NFKC()
+    core.pre_tokenizer = pre_tokenizers.Metaspace()
+    core.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=200, special_tokens=["<s>", "</s>", "<pad>", "<unk>"],
+                                      unk_token="<unk>", show_progress=False)
+    core.train_from_iterator(["A man is playing a guitar on the stage.", "hello world  foo   bar", "naïve 東京"] * 20,
+                             trainer)
+    core.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 1)])
+    return core
+
+
+def _with_stripping_tokens(core):
+    """RoBERTa's <mask> takes the whitespace before it (lstrip); the others cover rstrip and single_word."""
+    from tokenizers import AddedToken
+
+    core.add_special_tokens([AddedToken("<mask>", lstrip=True, special=True)])
+    core.add_tokens([AddedToken("[sw]", single_word=True), AddedToken("<r>", rstrip=True),
+                     AddedToken("<lr>", lstrip=True, rstrip=True)])
+    return core
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_the_cut_before_tokenizing_never_splits_an_added_token(minilm_tokenizer_dir, monkeypatch, side):
+    """A text may spell an added token ("[CLS]", "<mask>"): the whole text matches it as one token where a cut
+    through it would leave pieces that tokenize otherwise, before the cut's word (so the word check alone
+    misses it); an lstrip/rstrip token takes the whitespace next to it, a single_word one only matches
+    between non-word characters. Random texts dense in such tokens, for WordPiece (BERT), byte-level BPE and
+    Unigram (Metaspace), against the whole text truncated."""
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer
+
+    from mirrorfast import tokens
+
+    rng = random.Random()
+    bert = Tokenizer.from_file(str(minilm_tokenizer_dir / "tokenizer.json"))
+    stripping = ["<mask>", "[sw]", "<r>", "<lr>", "<s>"]
+    for core, literals in ((bert, ["[CLS]", "[SEP]", "[MASK]", "[PAD]"]),
+                           (_with_stripping_tokens(_byte_level_bpe()), stripping),
+                           (_with_stripping_tokens(_unigram_metaspace()), stripping)):
+        pieces = ["word", "the", " ", "   ", "\n", "xxxxxxx", "\x0c", "\u200b", "\xa0", "東京", "!"] + literals * 3
+        for max_tokens, chars_per_token in ((2, 1), (3, 1), (5, 1), (3, 2), (5, 3)):
+            monkeypatch.setattr(tokens, "CHARS_PER_TOKEN_KEPT", chars_per_token)
+            encode = tokens.batch_encoder(SimpleNamespace(backend_tokenizer=core, truncation_side=side), max_tokens)
+            whole = Tokenizer.from_str(core.to_str())
+            whole.no_padding()
+            whole.enable_truncation(max_tokens, direction=side)
+            bodies = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 30))) for _ in range(600)]
+            fillers = [" " * rng.randint(0, 40) for _ in bodies]  # at either end
+            texts = [b + f if rng.random() < 0.5 else f + b for b, f in zip(bodies, fillers)]
+            # A cut at a single_word token's end (BPE, right, 3 x 1) or start (Unigram, left, 5 x 1) with a
+            # word character beyond it, where the whole text does not match it (rare at random).
+            texts += ["  [sw]the[sw]xxxxxxx東京東京東京", "xxxxxxx[sw]wordword東京[sw]\n\n[sw]"]
+            assert encode(texts) == [e.ids for e in whole.encode_batch(texts)]
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_the_cut_before_tokenizing_against_whole_texts_at_random(minilm_tokenizer_dir, monkeypatch, side):
     """Random texts of words, runs of spaces, characters tokenizers delete or split on, against the whole text
