@@ -10,7 +10,9 @@ per-text work (1.4x faster on 300,000 sentences, 2-core CPU), and safe to use fr
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
+import math
 import numbers
 import re
 from dataclasses import dataclass
@@ -47,8 +49,10 @@ def check_batch_size(batch_size) -> int:
 # Characters of a text first tried for tokenizing when a fast tokenizer truncates it to N tokens: N x this.
 # The first N tokens of any real text lie far inside; a pathological text (a whole file without newlines)
 # is not tokenized in full only to be cut to N tokens (a 23 MB training line took minutes and GBs, a 4 MB
-# request 3 s). The cut never falls in an added token the text spells ("[CLS]", "<mask>"), and a cut that may
-# have changed the N tokens kept is tried again twice as long (`_settled`).
+# request 3 s). The cut never falls in an added token the text spells ("[CLS]", "<mask>"); the N tokens kept
+# are taken once a second, longer cut keeps the same ones (`_truncated_encodings`). The one miss an adversarial
+# search over tokenizer pipelines still found: left truncation with FixedLength pieces behind a normalizer
+# that changes lengths (no released model's tokenizer we know of).
 CHARS_PER_TOKEN_KEPT = 1000
 
 
@@ -61,36 +65,53 @@ class AddedLiteral:
     lstrip: bool = False
     rstrip: bool = False
     single_word: bool = False  # matched only between non-word characters
+    normalized: bool = False  # matched in the normalized text: here, in any letter case
+
+    @functools.cached_property
+    def pattern(self) -> re.Pattern:
+        """Matches where the literal starts (a lookahead: overlapping occurrences are all found)."""
+        return re.compile(f"(?=({re.escape(self.text)}))", re.IGNORECASE if self.normalized else 0)
+
+    def starts_at(self, text: str, index: int, end: int | None = None) -> bool:
+        """Whether the literal is written at text[index:], within text[:end]."""
+        return index >= 0 and self.pattern.match(text, index, len(text) if end is None else end) is not None
 
 
 def added_literals(core) -> tuple[AddedLiteral, ...]:
-    """The added tokens of a `tokenizers.Tokenizer`, as written (a `normalized` one may also match other
-    spellings: those are left to the word check, `_settled`)."""
-    return tuple(AddedLiteral(t.content, t.lstrip, t.rstrip, t.single_word)
+    """The added tokens of a `tokenizers.Tokenizer`, as a text spells them (a `normalized` one in any letter
+    case; other spellings its normalizer would give, e.g. full-width, are left to `_agree`)."""
+    return tuple(AddedLiteral(t.content, t.lstrip, t.rstrip, t.single_word, t.normalized)
                  for t in core.get_added_tokens_decoder().values() if t.content)
 
 
 def _occurrences(text: str, lo: int, hi: int, literals):
     """(start, stop, literal) of each literal written inside text[lo:hi], overlapping ones included."""
     for literal in literals:
-        start = text.find(literal.text, lo, hi)
-        while start != -1:
-            yield start, start + len(literal.text), literal
-            start = text.find(literal.text, start + 1, hi)
+        for match in literal.pattern.finditer(text, lo, hi):
+            yield match.start(), match.start() + len(match.group(1)), literal
 
 
-# str.isspace's whitespace (which includes every character the tokenizers' lstrip/rstrip strip)
-_WHITESPACE_RUN = re.compile(r"\s*")
+# What an lstrip / rstrip token may take next to it: whitespace (str.isspace's, which includes the
+# tokenizers' own), and for a normalized one also what its normalizer may delete in between (controls,
+# zero-width and format characters, combining marks). More than a tokenizer takes only moves a cut further.
+_RUN = re.compile("[\\s\x00-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff"
+                  "\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f]*")
 
 
-def _whitespace_before(text: str, index: int) -> int:
-    """Where the run of whitespace ending at `index` starts."""
-    return len(text[:index].rstrip())
+def _run_before(text: str, index: int) -> int:
+    """Where the run of _RUN characters ending at `index` starts."""
+    span = 64
+    while True:
+        low = max(0, index - span)
+        length = _RUN.match(text[low:index][::-1]).end()
+        if length < index - low or low == 0:
+            return index - length
+        span *= 2
 
 
-def _whitespace_after(text: str, index: int) -> int:
-    """Where the run of whitespace starting at `index` ends."""
-    return _WHITESPACE_RUN.match(text, index).end()
+def _run_after(text: str, index: int) -> int:
+    """Where the run of _RUN characters starting at `index` ends."""
+    return _RUN.match(text, index).end()
 
 
 def _end_clear_of_literals(text: str, end: int, literals, longest: int) -> int:
@@ -102,10 +123,10 @@ def _end_clear_of_literals(text: str, end: int, literals, longest: int) -> int:
         for start, stop, literal in _occurrences(text, max(0, end - longest), end + longest, literals):
             if start < end < stop or (literal.single_word and stop == end):
                 moved = min(moved, start)
-        if text[moved - 1:moved].isspace():
-            after = _whitespace_after(text, moved)
-            if any(literal.lstrip and text.startswith(literal.text, after) for literal in literals):
-                moved = _whitespace_before(text, moved)
+        if moved > 0 and _run_after(text, moved - 1) > moved - 1:
+            after = _run_after(text, moved)
+            if any(literal.lstrip and literal.starts_at(text, after) for literal in literals):
+                moved = _run_before(text, moved)
         if moved == end:
             return end
         end = moved
@@ -120,10 +141,10 @@ def _begin_clear_of_literals(text: str, begin: int, literals, longest: int) -> i
         for start, stop, literal in _occurrences(text, max(0, begin - longest), begin + longest, literals):
             if start < begin < stop or (literal.single_word and start == begin):
                 moved = max(moved, stop)
-        if text[moved:moved + 1].isspace():
-            before = _whitespace_before(text, moved)
-            if any(literal.rstrip and text.endswith(literal.text, 0, before) for literal in literals):
-                moved = _whitespace_after(text, moved)
+        if _run_after(text, moved) > moved:
+            before = _run_before(text, moved)
+            if any(literal.rstrip and literal.starts_at(text, before - len(literal.text), before) for literal in literals):
+                moved = _run_after(text, moved)
         if moved == begin:
             return begin
         begin = moved
@@ -146,10 +167,9 @@ def cut_for_tokenizing(texts: list[str], keep: int, side: str, literals: tuple[A
 
 
 def _settled(encoding, side: str) -> bool:
-    """Whether the tokens a fast tokenizer kept from a cut text are the whole text's. The cut can change only
-    the word it falls in (the tokenizer's own words: its normalizer and pre-tokenizer decide, not a regex),
-    the last word of the cut text on the right, the first on the left. Settled: truncation dropped tokens of
-    a word beyond every kept one. (A window not filled, e.g. by 50,000 leading spaces, is not settled.)"""
+    """Whether truncation dropped tokens of a word beyond every kept one (the last word of a cut text on the
+    right, the first on the left, is the one the cut most often changes). A window not filled, e.g. by
+    50,000 leading spaces, is not settled."""
     kept = [w for w in encoding.word_ids if w is not None]
     dropped = [w for extra in encoding.overflowing for w in extra.word_ids if w is not None]
     if not dropped:
@@ -159,16 +179,71 @@ def _settled(encoding, side: str) -> bool:
     return min(kept) > min(dropped) if side == "left" else max(kept) < max(dropped)
 
 
-def _retried_longer(text: str, keep: int, side: str, literals, encode_one):
-    """The encoding of `text` from a cut twice, four times ... `keep` characters long, until settled or
-    whole (linear in the text: at most about twice the whole text's tokenizing)."""
+@functools.lru_cache(maxsize=64)
+def _prime_at_least(n: int) -> int:
+    n = max(n, 2)
+    while any(n % d == 0 for d in range(2, math.isqrt(n) + 1)):
+        n += 1
+    return n
+
+
+def _longer_cut(length: int) -> int:
+    """The next cut's length: at least twice as long (linear in the text overall), longer by a prime number
+    of characters, so that no periodic pattern shorter than that (digits grouped by 3, fixed-length
+    pieces) meets both cuts alike."""
+    return length + _prime_at_least(length)
+
+
+def _word_at(encoding, char: int) -> int | None:
+    """The word of the cut text's character `char`, kept or dropped by truncation (None: no token's)."""
+    for piece in (encoding, *encoding.overflowing):
+        word = piece.char_to_word(char)
+        if word is not None:
+            return word
+    return None
+
+
+def _agree(shorter, shorter_length: int, longer, longer_length: int, side: str) -> bool:
+    """Whether two cuts of a text, both settled, keep the same tokens, and in the longer one the shorter's
+    cut point is in no word it keeps (cuts within one long word can agree on its wrong pieces)."""
+    if not (_settled(shorter, side) and _settled(longer, side) and longer.ids == shorter.ids):
+        return False
+    point = shorter_length if side == "right" else longer_length - shorter_length  # in the longer cut
+    kept = {w for w in longer.word_ids if w is not None}
+    return not any(_word_at(longer, char) in kept for char in (point - 1, point) if 0 <= char < longer_length)
+
+
+def _next_cut(text: str, asked: int, shorter_than: int, side: str, literals) -> tuple[str, int]:
+    """(the next cut of `text`, the length it was asked for): longer than the last cut, or the whole text."""
     while True:
-        keep *= 2
-        if len(text) <= keep:
-            return encode_one(text)
-        encoding = encode_one(cut_for_tokenizing([text], keep, side, literals)[0])
-        if _settled(encoding, side):
-            return encoding
+        asked = _longer_cut(asked)
+        if len(text) <= asked:
+            return text, asked
+        cut = cut_for_tokenizing([text], asked, side, literals)[0]
+        if len(cut) > shorter_than:  # (clearing an added token can take a cut back below the last one)
+            return cut, asked
+
+
+def _truncated_encodings(texts: list[str], keep: int, side: str, literals, encode_batch) -> list:
+    """Each text's encoding truncated, from cuts of growing length, the first `keep` characters long: for a
+    longer text, the first two cuts that agree, else the whole text. A tokenizer's pipeline is not local in
+    general (contractions, digit groups, normalizers that compose characters or prepend one, added tokens
+    matched after normalization): a cut can change more than its own word, but not the same way from two
+    places far apart. Each round's cuts are tokenized as one batch (on the tokenizer's threads)."""
+    cuts = cut_for_tokenizing(texts, keep, side, literals)
+    encodings = encode_batch(cuts)
+    # (text index, encoding of its last cut, that cut's length, the length it was asked for)
+    unconfirmed = [(i, encodings[i], len(cuts[i]), keep) for i, text in enumerate(texts) if len(text) > keep]
+    while unconfirmed:
+        asks = [(i, previous, length, *_next_cut(texts[i], asked, length, side, literals))
+                for i, previous, length, asked in unconfirmed]
+        unconfirmed = []
+        for (i, previous, length, cut, asked), encoding in zip(asks, encode_batch([a[3] for a in asks])):
+            if len(cut) == len(texts[i]) or _agree(previous, length, encoding, len(cut), side):
+                encodings[i] = encoding
+            else:
+                unconfirmed.append((i, encoding, len(cut), asked))
+    return encodings
 
 
 def batch_encoder(tokenizer, truncate_to: int | None,
@@ -192,17 +267,11 @@ def batch_encoder(tokenizer, truncate_to: int | None,
 
         count_cut = on_truncated if truncate_to else None  # nothing is cut without truncation
 
-        def encode_one(text: str):
-            return own.encode(text, add_special_tokens=True)
+        def encode_batch(texts: list[str]) -> list:
+            return own.encode_batch(texts, add_special_tokens=True)
 
         def encode_fast(texts: list[str]) -> Rows:
-            if keep:
-                encodings = own.encode_batch(cut_for_tokenizing(texts, keep, side, literals), add_special_tokens=True)
-                for i, text in enumerate(texts):
-                    if len(text) > keep and not _settled(encodings[i], side):
-                        encodings[i] = _retried_longer(text, keep, side, literals, encode_one)
-            else:
-                encodings = own.encode_batch(texts, add_special_tokens=True)
+            encodings = _truncated_encodings(texts, keep, side, literals, encode_batch) if keep else encode_batch(texts)
             if count_cut is not None:
                 count_cut(sum(1 for e in encodings if e.overflowing))  # what truncation cut off
             return [e.ids for e in encodings]

@@ -109,8 +109,9 @@ def test_pairs_mask_their_second_side_every_epoch(tmp_path, minilm_tokenizer_dir
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_a_huge_line_is_cut_before_tokenizing_with_the_same_views(tmp_path, minilm_tokenizer_dir, monkeypatch, side):
     """Only max_length x CHARS_PER_TOKEN_KEPT characters of a string are tokenized, on the tokenizer's
-    truncation side (a file without newlines is one huge line): a training view is the same tokens as the
-    whole line's, cut to max_length. The cut lives in batch_encoder, so encode and serve --truncate get it."""
+    truncation side (a file without newlines is one huge line), and a second cut, longer by a prime, that
+    confirms it: a training view is the same tokens as the whole line's, cut to max_length. The cut lives in
+    batch_encoder, so encode and serve --truncate get it."""
     from transformers import AutoTokenizer
 
     from mirrorfast import tokens, trainer
@@ -128,7 +129,7 @@ def test_a_huge_line_is_cut_before_tokenizing_with_the_same_views(tmp_path, mini
     monkeypatch.setattr(tokens, "cut_for_tokenizing", lambda *a: seen.extend(out := real_cut(*a)) or out)
     first, second = trainer.ViewSource(corpus, tok, cfg).epoch(0)
     assert first.ids[: first.offsets[1]].tolist() == tok(huge, truncation=True, max_length=25)["input_ids"]
-    assert max(map(len, seen)) == 500
+    assert sorted(set(map(len, seen)) - {len("a short one")}) == [500, 500 + 503]  # of ~27,000 characters
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -232,6 +233,92 @@ def test_the_cut_before_tokenizing_never_splits_an_added_token(minilm_tokenizer_
             # word character beyond it, where the whole text does not match it (rare at random).
             texts += ["  [sw]the[sw]xxxxxxx東京東京東京", "xxxxxxx[sw]wordword東京[sw]\n\n[sw]"]
             assert encode(texts) == [e.ids for e in whole.encode_batch(texts)]
+
+
+def _trained_bpe(pre_tokenizer, corpus, normalizer=None, post=True):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+    core = Tokenizer(models.BPE())
+    if normalizer is not None:
+        core.normalizer = normalizer
+    core.pre_tokenizer = pre_tokenizer
+    core.train_from_iterator(corpus * 50, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if post:
+        core.post_processor = processors.RobertaProcessing(("</s>", 1), ("<s>", 0))
+    return core
+
+
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                 r"|\s+(?!\S)|\s+")
+
+
+def _not_local_cases(minilm_tokenizer_dir):
+    """(name, tokenizer, side, max tokens, characters per token kept, text): pipelines where a cut changes
+    more than the word it falls in (found by an adversarial search; each gave other tokens before)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    llama3 = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+                                      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    prepend = Tokenizer(models.BPE(unk_token="<unk>"))
+    prepend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    prepend.pre_tokenizer = pre_tokenizers.Whitespace()
+    prepend.train_from_iterator(["word word words"] * 20, trainers.BpeTrainer(
+        vocab_size=100, special_tokens=["<unk>"], show_progress=False))
+    fixed = Tokenizer(models.WordLevel({"xab": 0, "abc": 1, "d": 2, "cd": 3, "[UNK]": 4}, unk_token="[UNK]"))
+    fixed.pre_tokenizer = pre_tokenizers.FixedLength(length=3)
+    bert = Tokenizer.from_file(str(minilm_tokenizer_dir / "tokenizer.json"))
+    bert.no_padding()
+    bert.add_tokens([AddedToken("new-word", normalized=True)])  # as transformers' add_tokens makes them
+    stripped = Tokenizer(models.WordLevel({"\u2581": 0, "<unk>": 1}, unk_token="<unk>"))
+    stripped.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.StripAccents()])
+    stripped.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    stripped.add_special_tokens([AddedToken("<mask>", lstrip=True, normalized=True, special=True)])
+    return [
+        ("contraction cut, GPT-2 regex", _trained_bpe(byte_level, ["we'll they'll you'll they're we've"]),
+         "right", 4, 1, "we'll"),
+        ("digit groups of 3 realign", _trained_bpe(llama3, ["123 456 789 234 567 345 678 1234567"]),
+         "left", 3, 1, "1234567"),
+        ("contraction after a cut space", _trained_bpe(byte_level, ["the the 'the x"], post=False),
+         "left", 1, 4, " 'the"),
+        ("contraction, Llama-3 regex", _trained_bpe(llama3, ["the the 'the x"], post=False), "left", 1, 4, " 'the"),
+        ("prefix space", _trained_bpe(pre_tokenizers.ByteLevel(add_prefix_space=True), ["it's he's she's"], post=False),
+         "left", 1, 1, "g's"),
+        ("fixed-length pieces", fixed, "left", 1, 2, "xabcd"),
+        ("prepended \u2581", prepend, "left", 1, 1, "word"),
+        ("NFC composes across the cut", _trained_bpe(byte_level, ["caf\xe9s r\xe9sum\xe9 \xe9clair"],
+                                                      normalizer=normalizers.NFC(), post=False),
+         "left", 1, 1, "cafe\u0301s"),
+        ("normalized added token, case", bert, "right", 3, 1, "NEW-WORD"),
+        ("normalized added token, case", bert, "left", 3, 1, "NEW-WORD"),
+        ("normalized added token, deleted character", bert, "right", 3, 1, "new-wo\x00rd"),
+        ("normalized added token at the default cut", bert, "right", 3, 1000, " " * 2996 + "NEW-WORD x"),
+        ("lstrip over a deleted accent", stripped, "right", 1, 1, "\n \u0301<mask>"),
+    ]
+
+
+def test_the_cut_before_tokenizing_where_a_pipeline_is_not_local(minilm_tokenizer_dir, monkeypatch):
+    """Each case once gave other tokens than the whole text: contractions and digit groups of GPT-2 /
+    Llama-3 regexes, a prefix space, fixed-length pieces, a prepended "\u2581", NFC composing across the cut,
+    an added token matched after normalization (case, a deleted character, an lstrip one over an accent)."""
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer
+
+    from mirrorfast import tokens
+
+    failed = []
+    for name, core, side, max_tokens, chars_per_token, text in _not_local_cases(minilm_tokenizer_dir):
+        monkeypatch.setattr(tokens, "CHARS_PER_TOKEN_KEPT", chars_per_token)
+        encode = tokens.batch_encoder(SimpleNamespace(backend_tokenizer=core, truncation_side=side), max_tokens)
+        whole = Tokenizer.from_str(core.to_str())
+        whole.no_padding()
+        whole.enable_truncation(max_tokens, direction=side)
+        if encode([text]) != [whole.encode(text).ids]:
+            failed.append(f"{name} ({side}): {encode([text])[0]} != {whole.encode(text).ids}")
+    assert not failed, failed
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
