@@ -27,7 +27,8 @@ Rows = list[list[int]]
 
 def as_texts(texts) -> list[str]:
     """A list of str from any iterable of str (a list, tuple, generator, numpy array of str), or one clear
-    error: a single string (which would be encoded character by character) or an item that is not a str."""
+    error: a single string (which would be encoded character by character), an item that is not a str, or
+    one with an unpaired surrogate (which a UTF-8 file cannot hold; a Python "\\udc80" can)."""
     if isinstance(texts, (str, bytes)):
         raise MirrorfastError("encode takes a list of texts, not a single string")
     try:
@@ -37,6 +38,11 @@ def as_texts(texts) -> list[str]:
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise MirrorfastError(f"text {i} is a {type(text).__name__}, not a string")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # the tokenizers say only "TextEncodeInput must be ..."
+            raise MirrorfastError(f"text {i} is not valid Unicode (unpaired surrogate at character {exc.start})") \
+                from None
     return texts
 
 

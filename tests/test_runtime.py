@@ -165,7 +165,8 @@ def test_encode_edge_cases(tiny_onnx, tiny_torch, which):
         np.testing.assert_array_equal(encoder.encode(same, batch_size=np.int64(2)), expected)
     for bad, message in [("a single string", "not a single string"), (None, "list of texts, got a NoneType"),
                          (5, "list of texts, got a int"), (["ok", 3], "text 1 is a int"),
-                         (["ok", b"bytes"], "text 1 is a bytes")]:
+                         (["ok", b"bytes"], "text 1 is a bytes"),
+                         (["ok", "ab\udc80"], r"text 1 is not valid Unicode \(unpaired surrogate at character 2\)")]:
         with pytest.raises(MirrorfastError, match=message):
             encoder.encode(bad)
     for batch_size in (0, -1, 1.5, True):
