@@ -56,9 +56,10 @@ def check_batch_size(batch_size) -> int:
 # The first N tokens of any real text lie far inside; a pathological text (a whole file without newlines)
 # is not tokenized in full only to be cut to N tokens (a 23 MB training line took minutes and GBs, a 4 MB
 # request 3 s). The cut never falls in an added token the text spells ("[CLS]", "<mask>"); the N tokens kept
-# are taken once a second, longer cut keeps the same ones (`_truncated_encodings`). The one miss an adversarial
-# search over tokenizer pipelines still found: left truncation with FixedLength pieces behind a normalizer
-# that changes lengths (no released model's tokenizer we know of).
+# are taken once a second, longer cut keeps the same ones (`_truncated_encodings`). What two adversarial
+# searches over tokenizer pipelines still found: left truncation where the pre-tokenizer groups a long run
+# from its start (FixedLength pieces; digit groups of 3 when the vocabulary splits a group into pieces), and
+# two cuts' groupings end in the same pieces while the whole text's does not.
 CHARS_PER_TOKEN_KEPT = 1000
 
 
@@ -77,6 +78,12 @@ class AddedLiteral:
     def pattern(self) -> re.Pattern:
         """Matches where the literal starts (a lookahead: overlapping occurrences are all found)."""
         return re.compile(f"(?=({re.escape(self.text)}))", re.IGNORECASE if self.normalized else 0)
+
+    @functools.cached_property
+    def blank(self) -> bool:
+        """Made of _RUN characters only (whitespace tokens such as "\\n\\n" or "    "): a cut inside a run of
+        them moves to the run's edge at once, not a literal's length at a time."""
+        return _RUN.fullmatch(self.text) is not None
 
     def starts_at(self, text: str, index: int, end: int | None = None) -> bool:
         """Whether the literal is written at text[index:], within text[:end]."""
@@ -120,41 +127,56 @@ def _run_after(text: str, index: int) -> int:
     return _RUN.match(text, index).end()
 
 
+# Moves of a cut off added tokens before it is left where it was asked: a chain of overlapping literals
+# ("ab" and "ba" over "abab...") would be walked a few characters at a time.
+_CLEARING_STEPS = 8
+
+
+def _is_run_char(text: str, index: int) -> bool:
+    return 0 <= index < len(text) and _RUN.match(text, index, index + 1).end() > index
+
+
 def _end_clear_of_literals(text: str, end: int, literals, longest: int) -> int:
     """Right truncation tokenizes text[:end]: `end` moved back until no added token written in the text is
     split by it (or ends at it, for a single_word one), and no whitespace an lstrip token after it absorbs
     ends at it. The whole text matches such a token where the cut text would tokenize its pieces."""
-    while end > 0:
-        moved = end
-        for start, stop, literal in _occurrences(text, max(0, end - longest), end + longest, literals):
-            if start < end < stop or (literal.single_word and stop == end):
-                moved = min(moved, start)
-        if moved > 0 and _run_after(text, moved - 1) > moved - 1:
+    asked = end
+    for _ in range(_CLEARING_STEPS):
+        split = [(start, literal) for start, stop, literal in _occurrences(text, max(0, end - longest), end + longest,
+                                                                           literals)
+                 if start < end < stop or (literal.single_word and stop == end)]
+        moved = min([end] + [start for start, _ in split])
+        if any(literal.blank for _, literal in split):
+            moved = min(moved, _run_before(text, end))
+        if _is_run_char(text, moved - 1):
             after = _run_after(text, moved)
             if any(literal.lstrip and literal.starts_at(text, after) for literal in literals):
                 moved = _run_before(text, moved)
         if moved == end:
             return end
         end = moved
-    return end
+    return asked  # left to the agreement of two cuts (`_agree`)
 
 
 def _begin_clear_of_literals(text: str, begin: int, literals, longest: int) -> int:
     """Left truncation tokenizes text[begin:]: the mirror image of `_end_clear_of_literals` (rstrip tokens
     absorb the whitespace after them)."""
-    while begin < len(text):
-        moved = begin
-        for start, stop, literal in _occurrences(text, max(0, begin - longest), begin + longest, literals):
-            if start < begin < stop or (literal.single_word and start == begin):
-                moved = max(moved, stop)
-        if _run_after(text, moved) > moved:
+    asked = begin
+    for _ in range(_CLEARING_STEPS):
+        split = [(stop, literal) for start, stop, literal in _occurrences(text, max(0, begin - longest),
+                                                                          begin + longest, literals)
+                 if start < begin < stop or (literal.single_word and start == begin)]
+        moved = max([begin] + [stop for stop, _ in split])
+        if any(literal.blank for _, literal in split):
+            moved = max(moved, _run_after(text, begin))
+        if _is_run_char(text, moved):
             before = _run_before(text, moved)
             if any(literal.rstrip and literal.starts_at(text, before - len(literal.text), before) for literal in literals):
                 moved = _run_after(text, moved)
         if moved == begin:
             return begin
         begin = moved
-    return begin
+    return asked  # left to the agreement of two cuts (`_agree`)
 
 
 def cut_for_tokenizing(texts: list[str], keep: int, side: str, literals: tuple[AddedLiteral, ...] = ()) -> list[str]:
@@ -200,23 +222,32 @@ def _longer_cut(length: int) -> int:
     return length + _prime_at_least(length)
 
 
-def _word_at(encoding, char: int) -> int | None:
-    """The word of the cut text's character `char`, kept or dropped by truncation (None: no token's)."""
+def _word_next_to(encoding, point: int, side: str) -> int:
+    """In a cut's encoding (kept and dropped tokens), the word of the first token ending after `point`
+    (right truncation) or of the last starting before it (left): the word an earlier cut at `point` fell in,
+    or the nearest one across characters no token covers (whitespace, characters the normalizer deletes).
+    -1: no such token (the cut does not reach past `point`)."""
+    best, word = None, -1
     for piece in (encoding, *encoding.overflowing):
-        word = piece.char_to_word(char)
-        if word is not None:
-            return word
-    return None
+        for w, (start, stop) in zip(piece.word_ids, piece.offsets):
+            if w is None:
+                continue
+            if side == "right" and stop > point and (best is None or start < best):
+                best, word = start, w
+            elif side == "left" and start < point and (best is None or stop > best):
+                best, word = stop, w
+    return word
 
 
 def _agree(shorter, shorter_length: int, longer, longer_length: int, side: str) -> bool:
-    """Whether two cuts of a text, both settled, keep the same tokens, and in the longer one the shorter's
-    cut point is in no word it keeps (cuts within one long word can agree on its wrong pieces)."""
+    """Whether two cuts of a text, both settled, keep the same tokens, and the longer one shows a word past
+    the shorter's cut point that it does not keep (cuts within one long word, or both within a run of
+    characters the normalizer deletes, can agree on the same wrong pieces)."""
     if not (_settled(shorter, side) and _settled(longer, side) and longer.ids == shorter.ids):
         return False
     point = shorter_length if side == "right" else longer_length - shorter_length  # in the longer cut
-    kept = {w for w in longer.word_ids if w is not None}
-    return not any(_word_at(longer, char) in kept for char in (point - 1, point) if 0 <= char < longer_length)
+    word = _word_next_to(longer, point, side)
+    return word != -1 and word not in {w for w in longer.word_ids if w is not None}
 
 
 def _next_cut(text: str, asked: int, shorter_than: int, side: str, literals) -> tuple[str, int]:

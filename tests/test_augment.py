@@ -276,7 +276,18 @@ def _not_local_cases(minilm_tokenizer_dir):
     stripped.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.StripAccents()])
     stripped.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
     stripped.add_special_tokens([AddedToken("<mask>", lstrip=True, normalized=True, special=True)])
+    contraction_words = Tokenizer(models.WordLevel(
+        {t: i for i, t in enumerate(["[UNK]", "we", "'", "l", "'ll", "'t", "he", "the", "x", "\u0120'", "\u0120"])},
+        unk_token="[UNK]"))
+    contraction_words.normalizer = normalizers.BertNormalizer(lowercase=False)  # deletes \x00
+    contraction_words.pre_tokenizer = byte_level
+    whitespace_tokens = _trained_bpe(byte_level, ["def f(x):\n    return x"], post=False)
+    whitespace_tokens.add_tokens([AddedToken(" " * k, normalized=False) for k in range(2, 32)])  # CodeGen-style
     return [
+        ("both cuts in a deleted run inside a contraction", contraction_words, "right", 2, 1, "we'l" + "\x00" * 9 + "l"),
+        ("both cuts in a deleted run before a contraction", contraction_words, "left", 1, 1, "x " + "\x00" * 9 + "'the"),
+        ("whitespace tokens over a long run", whitespace_tokens, "right", 8, 2, "x" + " " * 300 + "x"),
+        ("whitespace tokens over a long run", whitespace_tokens, "left", 8, 2, "x" + " " * 300 + "x"),
         ("contraction cut, GPT-2 regex", _trained_bpe(byte_level, ["we'll they'll you'll they're we've"]),
          "right", 4, 1, "we'll"),
         ("digit groups of 3 realign", _trained_bpe(llama3, ["123 456 789 234 567 345 678 1234567"]),
@@ -300,9 +311,11 @@ def _not_local_cases(minilm_tokenizer_dir):
 
 
 def test_the_cut_before_tokenizing_where_a_pipeline_is_not_local(minilm_tokenizer_dir, monkeypatch):
-    """Each case once gave other tokens than the whole text: contractions and digit groups of GPT-2 /
-    Llama-3 regexes, a prefix space, fixed-length pieces, a prepended "\u2581", NFC composing across the cut,
-    an added token matched after normalization (case, a deleted character, an lstrip one over an accent)."""
+    """Each case once gave other tokens than the whole text (or, for the whitespace tokens, took quadratic
+    time to get them): contractions and digit groups of GPT-2 / Llama-3 regexes, a prefix space, fixed-length
+    pieces, a prepended "\u2581", NFC composing across the cut, an added token matched after normalization
+    (case, a deleted character, an lstrip one over an accent), two cuts within one run of characters the
+    normalizer deletes."""
     from types import SimpleNamespace
 
     from tokenizers import Tokenizer
