@@ -114,19 +114,19 @@ def test_a_huge_line_is_cut_before_tokenizing_with_the_same_views(tmp_path, mini
     batch_encoder, so encode and serve --truncate get it."""
     from transformers import AutoTokenizer
 
-    from mirrorfast import tokens, trainer
+    from mirrorfast import trainer, truncation
     from mirrorfast.config import TrainConfig
     from mirrorfast.data import Corpus
 
     tok = AutoTokenizer.from_pretrained(minilm_tokenizer_dir)
     tok.truncation_side = side
-    monkeypatch.setattr(tokens, "CHARS_PER_TOKEN_KEPT", 20)  # 25 x 20 = 500 characters kept
+    monkeypatch.setattr(truncation, "CHARS_PER_TOKEN_KEPT", 20)  # 25 x 20 = 500 characters kept
     huge = " ".join(random.choice(["alpha", "beta", "gamma", "delta"]) for _ in range(5000))
     corpus = Corpus([huge, "a short one"], None, "test")
     cfg = TrainConfig(corpus="x", level="word", max_length=25).resolved()
     seen = []
-    real_cut = tokens.cut_for_tokenizing
-    monkeypatch.setattr(tokens, "cut_for_tokenizing", lambda *a: seen.extend(out := real_cut(*a)) or out)
+    real_cut = truncation.cut_for_tokenizing
+    monkeypatch.setattr(truncation, "cut_for_tokenizing", lambda *a: seen.extend(out := real_cut(*a)) or out)
     first, second = trainer.ViewSource(corpus, tok, cfg).epoch(0)
     assert first.ids[: first.offsets[1]].tolist() == tok(huge, truncation=True, max_length=25)["input_ids"]
     assert sorted(set(map(len, seen)) - {len("a short one")}) == [500, 500 + 503]  # of ~27,000 characters
@@ -142,11 +142,11 @@ def test_the_cut_before_tokenizing_never_changes_the_tokens(minilm_tokenizer_dir
     from transformers import AutoTokenizer
     from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
 
-    from mirrorfast import tokens
+    from mirrorfast import tokens, truncation
 
     tok = (AutoTokenizer if fast else BertTokenizerLegacy).from_pretrained(minilm_tokenizer_dir)
     tok.truncation_side = side
-    monkeypatch.setattr(tokens, "CHARS_PER_TOKEN_KEPT", 4)  # 10 x 4 = 40 characters tried first
+    monkeypatch.setattr(truncation, "CHARS_PER_TOKEN_KEPT", 4)  # 10 x 4 = 40 characters tried first
     sentence = "A man is playing a guitar on the stage tonight."
     texts = [
         " " * 90 + sentence, "\n" * 50 + sentence + "\u200b" * 70, "\u200b" * 45 + sentence,  # fillers
@@ -211,7 +211,7 @@ def test_the_cut_before_tokenizing_never_splits_an_added_token(minilm_tokenizer_
 
     from tokenizers import Tokenizer
 
-    from mirrorfast import tokens
+    from mirrorfast import tokens, truncation
 
     rng = random.Random()
     bert = Tokenizer.from_file(str(minilm_tokenizer_dir / "tokenizer.json"))
@@ -221,7 +221,7 @@ def test_the_cut_before_tokenizing_never_splits_an_added_token(minilm_tokenizer_
                            (_with_stripping_tokens(_unigram_metaspace()), stripping)):
         pieces = ["word", "the", " ", "   ", "\n", "xxxxxxx", "\x0c", "\u200b", "\xa0", "東京", "!"] + literals * 3
         for max_tokens, chars_per_token in ((2, 1), (3, 1), (5, 1), (3, 2), (5, 3)):
-            monkeypatch.setattr(tokens, "CHARS_PER_TOKEN_KEPT", chars_per_token)
+            monkeypatch.setattr(truncation, "CHARS_PER_TOKEN_KEPT", chars_per_token)
             encode = tokens.batch_encoder(SimpleNamespace(backend_tokenizer=core, truncation_side=side), max_tokens)
             whole = Tokenizer.from_str(core.to_str())
             whole.no_padding()
@@ -320,11 +320,11 @@ def test_the_cut_before_tokenizing_where_a_pipeline_is_not_local(minilm_tokenize
 
     from tokenizers import Tokenizer
 
-    from mirrorfast import tokens
+    from mirrorfast import tokens, truncation
 
     failed = []
     for name, core, side, max_tokens, chars_per_token, text in _not_local_cases(minilm_tokenizer_dir):
-        monkeypatch.setattr(tokens, "CHARS_PER_TOKEN_KEPT", chars_per_token)
+        monkeypatch.setattr(truncation, "CHARS_PER_TOKEN_KEPT", chars_per_token)
         encode = tokens.batch_encoder(SimpleNamespace(backend_tokenizer=core, truncation_side=side), max_tokens)
         whole = Tokenizer.from_str(core.to_str())
         whole.no_padding()
@@ -342,7 +342,7 @@ def test_the_cut_before_tokenizing_against_whole_texts_at_random(minilm_tokenize
 
     from tokenizers import Tokenizer
 
-    from mirrorfast import tokens
+    from mirrorfast import tokens, truncation
 
     pieces = ["word", "playing", "the", " ", "  ", "\n", "x" * 7, "\x0c", "\u200b", "\x1c", "\xa0", "\u3000", "東京",
               "!", "é", "\t"]
@@ -350,7 +350,7 @@ def test_the_cut_before_tokenizing_against_whole_texts_at_random(minilm_tokenize
     bert = Tokenizer.from_file(str(minilm_tokenizer_dir / "tokenizer.json"))
     for core in (bert, _byte_level_bpe()):
         for max_tokens, chars_per_token in ((2, 1), (5, 1), (5, 3)):
-            monkeypatch.setattr(tokens, "CHARS_PER_TOKEN_KEPT", chars_per_token)
+            monkeypatch.setattr(truncation, "CHARS_PER_TOKEN_KEPT", chars_per_token)
             encode = tokens.batch_encoder(SimpleNamespace(backend_tokenizer=core, truncation_side=side), max_tokens)
             whole = Tokenizer.from_str(core.to_str())
             whole.no_padding()
