@@ -227,7 +227,10 @@ def truncated_encodings(texts: list[str], keep: int, side: str, literals, encode
     longer text, the first two cuts that agree, else the whole text. A tokenizer's pipeline is not local in
     general (contractions, digit groups, normalizers that compose characters or prepend one, added tokens
     matched after normalization): a cut can change more than its own word, but not the same way from two
-    places far apart. Each round's cuts are tokenized as one batch (on the tokenizer's threads)."""
+    places far apart. Each round's cuts are tokenized as one batch (on the tokenizer's threads).
+
+    encode_batch(texts) -> their `tokenizers.Encoding`s, truncated to N tokens on `side` (`overflowing` holds
+    what truncation dropped); `literals`: `added_literals` of the same tokenizer."""
     cuts = cut_for_tokenizing(texts, keep, side, literals)
     encodings = encode_batch(cuts)
     # (text index, encoding of its last cut, that cut's length, the length it was asked for)
