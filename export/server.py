@@ -46,6 +46,7 @@ from mirrorfast.errors import MirrorfastError
 from mirrorfast.export.batching import Batcher, QueueFull, Tokenizing
 from mirrorfast.export.serve_edge import (EMBED_ROUTE, EMBEDDINGS_ROUTE, HEALTH_ROUTE, METRICS_ROUTE, ApiError, Edge,
                                           Metrics, error_body)
+from mirrorfast.tokens import unpaired_surrogate
 
 # ------------------------------------------------------------------------------------------ config
 @dataclass
@@ -187,11 +188,9 @@ def _parse_texts(value: Any, param: str, max_inputs: int) -> list[str]:
         if not text:
             raise ApiError(422, f"{where} is an empty string", param=param, code="empty_input",
                            index=i if indexed else None)
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ApiError(422, f"{where} is not valid Unicode (unpaired surrogate at character {exc.start})",
-                           param=param, code="invalid_unicode", index=i if indexed else None) from None
+        if (at := unpaired_surrogate(text)) is not None:
+            raise ApiError(422, f"{where} is not valid Unicode (unpaired surrogate at character {at})",
+                           param=param, code="invalid_unicode", index=i if indexed else None)
     return texts
 
 

@@ -14,8 +14,9 @@ def mask_span(text: str, k: int, mask_token: str, rng: random.Random) -> str:
 
     The span starts uniformly in [0, len(text) - k]. Strings shorter than 30 characters, k = 0, and (for a
     large --mask-span) strings no longer than k, which the span would erase whole, are left unchanged.
-    (The authors' code joins " [MASK] " with spaces and always the literal BERT token; for WordPiece tokenizers that gives the same tokens as this, for byte-level BPE ones the
-    tokenizer's own mask token is the one it knows.)
+    (The authors' code joins " [MASK] " with spaces and always the literal BERT token; for WordPiece
+    tokenizers that gives the same tokens as this, for byte-level BPE ones the tokenizer's own mask token is
+    the one it knows.)
     """
     if k <= 0 or len(text) < MIN_LENGTH_TO_MASK or len(text) <= k:
         return text

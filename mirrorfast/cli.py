@@ -217,7 +217,8 @@ def _cmd_export(args) -> int:
 def _add_encode(sub) -> None:
     p = sub.add_parser("encode", help="embed a text file with an export directory, write .npy")
     p.add_argument("export_dir", metavar="EXPORT_DIR", help="a directory written by `mirrorfast export`")
-    p.add_argument("--input", required=True, metavar="FILE", help="UTF-8 text, one text per line (blank or whitespace-only lines skipped)")
+    p.add_argument("--input", required=True, metavar="FILE",
+                   help="UTF-8 text, one text per line (blank or whitespace-only lines skipped)")
     p.add_argument("--output", required=True, metavar="FILE.npy", help="float32 (n, dim) array, written atomically")
     p.add_argument("--batch-size", type=int, default=64, help="texts per model call (default: 64)")
     p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",

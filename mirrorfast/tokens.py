@@ -37,12 +37,18 @@ def as_texts(texts) -> list[str]:
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise MirrorfastError(f"text {i} is a {type(text).__name__}, not a string")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:  # the tokenizers say only "TextEncodeInput must be ..."
-            raise MirrorfastError(f"text {i} is not valid Unicode (unpaired surrogate at character {exc.start})") \
-                from None
+        if (at := unpaired_surrogate(text)) is not None:  # the tokenizers say only "TextEncodeInput must be ..."
+            raise MirrorfastError(f"text {i} is not valid Unicode (unpaired surrogate at character {at})")
     return texts
+
+
+def unpaired_surrogate(text: str) -> int | None:
+    """The index of the first unpaired surrogate in `text` (no tokenizer takes one), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
 
 
 def check_batch_size(batch_size) -> int:

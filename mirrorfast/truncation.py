@@ -132,7 +132,8 @@ def _begin_clear_of_literals(text: str, begin: int, literals, longest: int) -> i
             moved = max(moved, _run_after(text, begin))
         if _is_run_char(text, moved):
             before = _run_before(text, moved)
-            if any(literal.rstrip and literal.starts_at(text, before - len(literal.text), before) for literal in literals):
+            if any(literal.rstrip and literal.starts_at(text, before - len(literal.text), before)
+                   for literal in literals):
                 moved = _run_after(text, moved)
         if moved == begin:
             return begin
