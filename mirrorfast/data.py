@@ -186,11 +186,14 @@ VIEWS_PER_CHUNK = 64
 CUDA_WIDTH_MULTIPLE = 8
 
 
-def padded_batch(views, pad_id: int, pad_to_multiple_of: int = 1, views_per_chunk: int = VIEWS_PER_CHUNK) -> Batch:
-    """Views sorted by length, right-padded per chunk to its longest (rounded up to a multiple, if asked)."""
+def padded_batch(views, pad_id: int, pad_to_multiple_of: int = 1, views_per_chunk: int = VIEWS_PER_CHUNK,
+                 max_width: int | None = None) -> Batch:
+    """Views sorted by length, right-padded per chunk to its longest (rounded up to a multiple, if asked, but
+    never past max_width: the run's max length, which the model's positions allow; a width past them fails)."""
     pieces, lengths = _gather(views)
     order = np.argsort(-lengths, kind="stable")  # longest first: chunk 0 sets the array's width
-    round_up = lambda n: -(-int(n) // pad_to_multiple_of) * pad_to_multiple_of  # noqa: E731
+    limit = max_width or np.iinfo(np.int64).max
+    round_up = lambda n: max(int(n), min(-(-int(n) // pad_to_multiple_of) * pad_to_multiple_of, limit))  # noqa: E731
     width = round_up(lengths.max())
     ids = np.full((len(pieces), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(pieces), width), dtype=np.int64)

@@ -239,11 +239,13 @@ def trained_parameters(model, dtype: torch.dtype | None, half_model: bool):
 
 
 def build_batches(views, rows_per_batch, packed: bool, pad_id: int, bucket: int | None,
-                  width_multiple: int = 1, pad_segment_max: int = PAD_SEGMENT_MAX) -> list[Batch]:
+                  width_multiple: int = 1, pad_segment_max: int = PAD_SEGMENT_MAX,
+                  max_length: int | None = None) -> list[Batch]:
     """Host batches of the given rows of `views` (built in a background thread, which never touches the GPU)."""
     first, second = views
     return [packed_batch([(first, rows), (second, rows)], pad_id, bucket, pad_segment_max) if packed
-            else padded_batch([(first, rows), (second, rows)], pad_id, width_multiple) for rows in rows_per_batch]
+            else padded_batch([(first, rows), (second, rows)], pad_id, width_multiple, max_width=max_length)
+            for rows in rows_per_batch]
 
 
 def first_steps(schedules: list[list[np.ndarray]], steps: int) -> list[list[np.ndarray]]:
@@ -358,7 +360,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     total_steps = sum(len(s) for s in schedules)
     pad_id = encoder.tokenizer.pad_token_id
     width_multiple = CUDA_WIDTH_MULTIPLE if device.type == "cuda" else 1
-    build = lambda views, rows: build_batches(views, rows, packed, pad_id, bucket, width_multiple, segment_max)  # noqa: E731
+    build = lambda views, rows: build_batches(views, rows, packed, pad_id, bucket, width_multiple, segment_max,  # noqa: E731
+                                               cfg.max_length)
     upload = lambda batches: [b.to(device, non_blocking=True) for b in batches]  # noqa: E731
 
     monitor = LossMonitor(device)

@@ -143,6 +143,14 @@ def test_padded_and_packed_batches_hold_the_same_tokens(minilm_dir):
     assert exact.input_ids.shape == (8, row_lengths.max())
     for start, end, width in exact.chunks:
         assert width == row_lengths[start]
+    # Rounding never goes past max_width (the run's max length: a width past a model's positions fails on
+    # CUDA, which rounds to 8): the longest view (9 tokens) rounded to 12 would be, so it keeps 10.
+    capped = padded_batch(views, tok.pad_token_id, pad_to_multiple_of=4, views_per_chunk=3, max_width=10)
+    assert capped.input_ids.shape == (8, 10) and capped.chunks == ((0, 3, 10), (3, 8, 8))
+    from mirrorfast.trainer import build_batches  # as the trainer builds them: capped at its max length
+
+    (built,) = build_batches((tt, tt), [rows], False, tok.pad_token_id, None, width_multiple=4, max_length=10)
+    assert built.input_ids.shape == (8, 10)
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
