@@ -124,11 +124,16 @@ def _register() -> None:
     AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
 
 
+# Model types whose positions are numbered from pad_token_id + 1, as RoBERTa's are (transformers'
+# create_position_ids_from_input_ids); the others (BERT, ELECTRA, DistilBERT, ALBERT, ...) number them from 0.
+POSITIONS_AFTER_PAD = ("roberta", "xlm-roberta", "xlm-roberta-xl", "roberta-prelayernorm", "camembert", "mpnet",
+                       "data2vec-text", "ibert", "longformer", "xmod", "luke", "lilt", "markuplm", "layoutlmv3")
+
+
 def first_position_id(config) -> int:
-    """RoBERTa-family models (RoBERTa, XLM-R, CamemBERT, ...) number positions from pad_token_id + 1, the
-    others (BERT) from 0."""
-    roberta_family = "roberta" in config.model_type or config.model_type == "camembert"
-    return (getattr(config, "pad_token_id", 0) or 0) + 1 if roberta_family else 0
+    """The first position id of a model: pad_token_id + 1 for the RoBERTa way (RoBERTa, XLM-R, CamemBERT, MPNet,
+    ...), else 0."""
+    return (getattr(config, "pad_token_id", 0) or 0) + 1 if config.model_type in POSITIONS_AFTER_PAD else 0
 
 
 def position_offset(model) -> int:

@@ -2,6 +2,7 @@
 bring (BERT/MiniLM, RoBERTa, XLM-R, MPNet, DistilBERT, ELECTRA, ALBERT, DeBERTa-v2): the padding mask
 reaches every attention implementation correctly (SDPA gets a ready 4-D mask; see Encoder._attention_bias)."""
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -65,3 +66,28 @@ def test_training_without_the_pooler_changes_no_hidden_state(minilm_dir, name):
             hidden = model(**batch).last_hidden_state
     assert getattr(model, "pooler", None) is pooler
     torch.testing.assert_close(hidden, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["bert", "roberta", "xlm-roberta", "mpnet", "distilbert", "electra", "albert",
+                                  "data2vec-text", "ibert", "longformer"])
+def test_the_longest_max_length_allowed_fits_the_positions(minilm_dir, tmp_path, name):
+    """load_encoder takes a max length up to the model's positions and no further: a text as long as that
+    limit encodes (MPNet numbers positions from pad + 1 as RoBERTa does: 514 positions hold 512 tokens)."""
+    from mirrorfast.errors import MirrorfastError
+    from mirrorfast.model import load_encoder, position_limit
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    extra = {"data2vec-text": transformers.Data2VecTextConfig, "ibert": transformers.IBertConfig,
+             "longformer": lambda **kw: transformers.LongformerConfig(**kw, attention_window=8)}
+    config = (extra[name](**SMALL, vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id) if name in extra
+              else _config(name, tok.vocab_size, tok.pad_token_id))
+    config.max_position_embeddings = 40
+    transformers.AutoModel.from_config(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    limit = position_limit(config)
+    encoder = load_encoder(tmp_path, max_length=limit)
+    long_text = " ".join(["word"] * 100)
+    vectors = encoder.encode([long_text, "short"])
+    assert vectors.shape == (2, encoder.dim) and np.isfinite(vectors).all()
+    with pytest.raises(MirrorfastError, match=f"exceeds the model's {limit} positions"):
+        load_encoder(tmp_path, max_length=limit + 1)
