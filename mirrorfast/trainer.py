@@ -192,10 +192,10 @@ class LossMonitor:
 
 # -------------------------------------------------------------------------------------------- step
 def loss_dtype(views: torch.Tensor) -> torch.Tensor:
-    """Under autocast, the views in the autocast dtype: autocast runs the reference loss's z @ z.T in it,
-    and the fused kernel's half-precision path (tensor cores, fp32 accumulation, fp32 loss) is the fast one.
-    The last LayerNorm hands the [CLS] rows over in fp32, which would take the kernel's exact-fp32 path
-    (1.6 ms of a 23 ms BERT-base step on an H200, benchmarks/RESULTS.md)."""
+    """Under autocast, the views in the autocast dtype: the fused kernel's half-precision path (tensor cores,
+    fp32 accumulation, fp32 loss) is the fast one, and the PyTorch loss (fp32, autocast off) gets the same
+    rounded views. The last LayerNorm hands the [CLS] rows over in fp32, which would take the kernel's
+    exact-fp32 path (1.6 ms of a 23 ms BERT-base step on an H200, benchmarks/RESULTS.md)."""
     device_type = views.device.type
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
         return views.to(torch.get_autocast_dtype(device_type))
