@@ -14,12 +14,18 @@ is fused (no host decision), so they are captured too. Dropout stays random: rep
 generator's offset.
 """
 
+import warnings
 from typing import Callable
 
 import torch
 
 from mirrorfast.data import Batch
 from mirrorfast.errors import MirrorfastError, first_line
+
+
+# PyTorch warns once when a capturable optimizer steps outside a capture ("capturable=True can impair
+# performance"): the eager first step of each shape does so on purpose, and every later step replays.
+UNCAPTURED_STEP_WARNING = "This instance was constructed with capturable=True"
 
 
 def on_side_stream(fn: Callable, *args):
@@ -81,7 +87,12 @@ class GraphedStep:
         return static_loss  # read (asynchronously) before the next replay of this graph overwrites it
 
     def _eager_on_side_stream(self, batch: Batch) -> torch.Tensor:
-        return on_side_stream(self.step, batch)
+        return on_side_stream(self._eager_step, batch)
+
+    def _eager_step(self, batch: Batch) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=UNCAPTURED_STEP_WARNING)
+            return self.step(batch)
 
     def _capture(self, batch: Batch):
         static_batch = batch.with_tensors(torch.clone)

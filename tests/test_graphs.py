@@ -59,3 +59,22 @@ def test_at_most_max_graphs_shapes_are_captured():
     assert [e for e in events if e[0] == "capture"] == [("capture", 512), ("capture", 1024)]
     assert events[-3:] == [("eager", 1536), ("eager", 1536), ("eager", 1536)]  # over the cap: eager, every time
     assert len(graphed.graphs) == 2 and logs == ["cuda graphs: 2 batch shapes captured; further shapes run eagerly"]
+
+
+def test_eager_steps_hide_only_the_capturable_optimizer_warning():
+    """The first step of each shape runs the capturable AdamW outside a capture, on purpose: PyTorch's
+    warning about that (torch/optim/optimizer.py, its text as of torch 2.13) is dropped, any other is not."""
+    import warnings
+
+    def step(batch):
+        warnings.warn("This instance was constructed with capturable=True or some of all the param_groups came "
+                      "with capturable=True, but step() is running without CUDA graph capture. If you never intend "
+                      "to graph-capture this instance, capturable=True can impair performance, and you should set "
+                      "capturable=False.")
+        warnings.warn("something else")
+        return torch.tensor(1.0)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        GraphedStep(step)._eager_step(_batch(512))
+    assert [str(w.message) for w in caught] == ["something else"]
