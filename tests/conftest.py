@@ -21,6 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+def pytest_runtest_setup(item):
+    """`triton_cpu` tests run Triton kernels on CPU tensors: only under the interpreter, which is on where
+    there is no GPU (above). On a GPU machine, or with TRITON_INTERPRET=0, they skip, saying why."""
+    if item.get_closest_marker("triton_cpu") and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs Triton kernels on CPU tensors: needs TRITON_INTERPRET=1, set by tests/conftest.py on "
+                    "machines without a GPU (on a GPU the kernel tests run compiled on CUDA tensors)")
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data (the paper's corpora, STS-B, SimLex); tests that need it skip when it is absent."""

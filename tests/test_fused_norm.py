@@ -16,6 +16,7 @@ from mirrorfast.fused_norm import FUSED_LAYERNORM_ENV, fused_layernorm_requested
 from mirrorfast.trainer import train  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: the Triton interpreter
+pytestmark = pytest.mark.triton_cpu if torch.device(DEVICE).type == "cpu" else []  # CPU tensors: the interpreter
 TEXTS = ["hi", "a considerably longer sentence with several more words, naïve café 東京", "mid sized text"]
 
 

@@ -100,7 +100,7 @@ def _tiny_step_setup(minilm_dir, pooling, arch: str = "bert"):
     return tok, encoder, [(first, rows), (second, rows)]
 
 
-@pytest.mark.parametrize("layout,pooling,loss_backend,arch,attention,half_model,fused_norm", [
+STEP_CASES = [
     *((layout, pooling, loss, "bert", "flash", False, False) for layout in ("packed", "packed-bucketed", "padded")
       for pooling in ("cls", "mean") for loss in ("torch", "triton")),
     ("packed-bucketed", "cls", "triton", "roberta", "flash", False, False),
@@ -108,7 +108,12 @@ def _tiny_step_setup(minilm_dir, pooling, arch: str = "bert"):
     ("packed-bucketed", "mean", "triton", "bert", "flash", True, False),  # --half-model: master weights
     ("padded", "cls", "torch", "bert", "flash", True, False),
     ("packed-bucketed", "cls", "triton", "bert", "triton", True, True),  # + the fused residual LayerNorm
-])
+]
+
+
+@pytest.mark.parametrize("layout,pooling,loss_backend,arch,attention,half_model,fused_norm", [
+    pytest.param(*case, marks=pytest.mark.triton_cpu) if "triton" in (case[2], case[4]) or case[6] else case
+    for case in STEP_CASES])
 def test_training_step_has_no_host_sync(minilm_dir, layout, pooling, loss_backend, arch, attention, half_model,
                                         fused_norm, monkeypatch):
     """Forward, loss, backward, GradScaler and fused AdamW, as the trainer runs them (two steps). The
@@ -138,6 +143,7 @@ def test_training_step_has_no_host_sync(minilm_dir, layout, pooling, loss_backen
     assert any(not torch.equal(b, p) for b, p in zip(before, encoder.parameters())), "the step changed nothing"
 
 
+@pytest.mark.triton_cpu
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_info_nce_triton_wrapper_has_no_host_sync(reduction):
     a = torch.randn(5, 16, requires_grad=True)

@@ -17,6 +17,7 @@ from mirrorfast.packing import ATTENTION_ENV  # noqa: E402
 from mirrorfast.trainer import train  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton interpreter (conftest)
+pytestmark = pytest.mark.triton_cpu if torch.device(DEVICE).type == "cpu" else []  # CPU tensors: the interpreter
 WORDS = "river stone light music bread city train road water song book car tree rain field".split()
 
 

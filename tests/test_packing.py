@@ -93,6 +93,7 @@ def test_chunked_padding_equals_one_padded_batch(minilm_dir):
     torch.testing.assert_close(encoder.embed_batch(chunked), encoder.embed_batch(whole), rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.triton_cpu
 def test_cuda_kernel_override_is_validated(minilm_dir, monkeypatch):
     """MIRRORFAST_PACKED_ATTENTION picks FlashAttention, the gathered-SDPA path or the one-tile Triton kernel;
     anything else is one clear error as packed attention is switched on (before any work). The CPU gathers
@@ -125,6 +126,7 @@ def test_cuda_kernel_override_is_validated(minilm_dir, monkeypatch):
     assert model.config._attn_implementation != "mirrorfast_packed"  # nothing was switched
 
 
+@pytest.mark.triton_cpu
 def test_kernel_is_decided_once_per_context(minilm_dir, monkeypatch):
     """packed_attention decides the kernel as it is entered (the trainer passes the one it decided for its
     longest views); the forwards inside never decide again, and a packed forward outside it is an error."""
@@ -149,6 +151,7 @@ def test_kernel_is_decided_once_per_context(minilm_dir, monkeypatch):
         encoder.embed_batch(batch)
 
 
+@pytest.mark.triton_cpu
 def test_triton_packed_attention_in_the_model(minilm_dir, monkeypatch):
     """The one-tile Triton kernel inside a real (float32, dropout-free) BERT: packed equals padded, forward and
     gradients (the Triton interpreter here; compiled on a GPU)."""

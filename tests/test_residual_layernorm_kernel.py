@@ -10,6 +10,7 @@ triton = pytest.importorskip("triton")
 from mirrorfast.kernels.residual_layernorm_triton import MAX_HIDDEN, dropout_add_layer_norm, keep_mask  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.triton_cpu if torch.device(DEVICE).type == "cpu" else []  # CPU tensors: the interpreter
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 

@@ -470,6 +470,7 @@ def test_a_bad_eval_file_fails_before_training(tiny_bert_dir, corpus, tmp_path, 
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.triton_cpu
 def test_loss_kernels_compile_in_the_background_before_the_first_step(tiny_bert_dir, tmp_path, monkeypatch):
     """With the fused loss, its kernels are compiled (infonce_triton.warm_up) in a background thread for
     every batch size of the run, in the dtype the loss gets, and the first step starts only when that is
@@ -558,6 +559,7 @@ def test_kernel_warm_up_can_be_switched_off(monkeypatch):
         _warm_ups(loss_backend="triton")
 
 
+@pytest.mark.triton_cpu
 def test_a_failed_kernel_warm_up_is_reported_not_fatal():
     """A warm-up that fails is reported (the kernels then compile at their first launch, where a real fault
     raises with its own traceback); the others still report their times."""
