@@ -41,7 +41,7 @@ import triton  # noqa: E402
 
 _POINTER = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32",
             torch.int64: "*i64", torch.int8: "*i8"}
-_OPTIONS = ("num_warps", "num_stages")
+_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
 
 
 def compile_kernel(fn, arch: int, runtime: dict, meta: dict):

@@ -35,7 +35,8 @@ Launches (forward + backward = 3 Triton launches + 1 torch reduction for "mean"/
    chunks per program mean fewer recomputes and more registers (a tuning choice, `KernelConfig.bwd_chunks`).
    The sum over j takes z_J = x_J rinv_J, normalized in registers per chunk (fp32, then 16-bit) — or, with
    `KernelConfig.bwd_fold`, rinv_J goes into the (G + G^T) tile and x_J enters the dot as loaded (fewer
-   registers: sm_90a ptxas, N=16384 D=768 fp16, 352 -> 64 bytes spilled; timing on a GPU pending).
+   registers: sm_90a ptxas, N=16384 D=768 fp16, 352 -> 64 bytes spilled; H100: 26.2 vs 29.1 ms; the default for
+   large 16-bit problems).
    Every gradient element is written by exactly one program: no atomics, bit-identical results run to
    run. No host synchronization anywhere (CUDA-graph capturable).
 Small problems have few row blocks (N=200: 14 forward programs on a 132-multiprocessor GPU, each walking all
@@ -531,7 +532,8 @@ class KernelConfig:
     fp32_dot: str = "ieee"
     # backward: multiply rinv_J into the (G + G^T) tile, so the chunk products read x_J as loaded instead of
     # a normalized fp32 copy of every chunk in registers (fewer registers; for fp16 inputs the tile is
-    # divided by the largest rinv of the batch to stay in range). Off until a GPU sweep times it.
+    # divided by the largest rinv of the batch to stay in range). pick_config turns it on for large 16-bit
+    # problems (H100 sweep, 2026-11-27).
     bwd_fold: bool = False
     # Split the column blocks J of each row block over this many programs (small problems have few row
     # blocks: 14 for N=200, on 132 multiprocessors). Forward: each split keeps its own online logsumexp and
@@ -570,8 +572,11 @@ def pick_config(n2: int, d: int, dtype: torch.dtype) -> KernelConfig:
     recomputed logit tile, so the tiles are recomputed cdiv(D, 384) times (2 at D=768, not 3).
     The entries were picked from `benchmarks/info_nce_table.py --sweep` runs (fp16, D=768, N=200 and
     N=16384; H200, 2026-11-26: backward 30.2 ms with 3 x 128 columns per program vs 43.5 ms with 1 x 256,
-    32.8 ms with 3 x 256, benchmarks/RESULTS.md). fp32 inputs use ieee dots (no tensor cores): modest tiles.
+    32.8 ms with 3 x 256, benchmarks/RESULTS.md). Large 16-bit problems fold rinv_J into the backward's
+    gradient tile (`bwd_fold`): H100, 2026-11-27, N=16384 D=768 fp16, backward alone 26.2 vs 29.1 ms, whole
+    call 29.2 vs 32.1 ms. fp32 inputs use ieee dots (no tensor cores): modest tiles.
     """
+    fold = False
     if dtype == torch.float32:
         if n2 <= 1024:
             cfg = (32, 32, 32, 4, 2, True, 32, 32, 32, 64, 4, 2)
@@ -589,11 +594,13 @@ def pick_config(n2: int, d: int, dtype: torch.dtype) -> KernelConfig:
             fwd_m, 256 if fwd_m >= 64 else 128, 64, 8 if fwd_m >= 64 else 4, 3, False,
             bwd_m, 128 if bwd_m == 64 else 64, 64, bwd_dc, 8 if bwd_m == 64 else 4, 2, chunks,
         )
+        fold = True
     fm, fn, fd, fw, fs, fused, bm, bn, bd, bdc, bw, bs, *chunks = cfg
     n = n2 // 2  # row blocks tile a and b separately
     return KernelConfig(
         _clamp_block(fm, n), _clamp_block(fn, n), _clamp_block(fd, d), fw, fs, fused,
         _clamp_block(bm, n), _clamp_block(bn, n), _clamp_block(bd, d), _clamp_block(bdc, d), bw, bs, *chunks,
+        bwd_fold=fold,
     )
 
 
@@ -606,10 +613,20 @@ def _dot_upcast(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.bfloat16
 
 
+# Every launch of this file's kernels compiles without floating-point contraction (no mul + add -> fma). The
+# backward recomputes each logit tile and must repeat the forward's rounding to the bit: with contraction the
+# compiler may fuse `s2 * ... - lse2` into one fma in one kernel and not the other, and a logit of ~1/T then
+# moves by up to half an ulp of 1/T (H100, Triton 3.6, fp32, 2026-11-27: gradient errors up to 1.8e-3 at
+# T=1e-4, 0.22 at T=1e-6, non-finite at T=1e-9; at most 1.2e-7 at all three with contraction off). The
+# interpreter never contracts.
+# Timing cost measured in the same session (InfoNCE table, fp16, contraction off everywhere): none beyond noise.
+_NO_FP_CONTRACTION = dict(enable_fp_fusion=False)
+
+
 def norm_meta(n: int, d: int) -> dict:
     """`_row_norm_kernel`'s compile-time arguments and launch options (also read by
     benchmarks/kernel_registers.py, which compiles every launch configuration ahead of time)."""
-    return dict(BLOCK_M=_clamp_block(64, n), BLOCK_D=_clamp_block(128, d), num_warps=4)
+    return dict(BLOCK_M=_clamp_block(64, n), BLOCK_D=_clamp_block(128, d), num_warps=4, **_NO_FP_CONTRACTION)
 
 
 def fwd_meta(cfg: KernelConfig, dtype: torch.dtype, upcast: bool = False) -> dict:
@@ -617,7 +634,7 @@ def fwd_meta(cfg: KernelConfig, dtype: torch.dtype, upcast: bool = False) -> dic
     return dict(BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, BLOCK_D=cfg.fwd_d, NUM_SPLIT=cfg.fwd_split,
                 FUSED_NORM=cfg.fused_norm,
                 DOT_PRECISION=_dot_precision(dtype, cfg), DOT_UPCAST=upcast, num_warps=cfg.fwd_warps,
-                num_stages=cfg.fwd_stages)
+                num_stages=cfg.fwd_stages, **_NO_FP_CONTRACTION)
 
 
 def _g_scale(cfg: KernelConfig, dtype: torch.dtype) -> float:
@@ -632,17 +649,17 @@ def bwd_meta(cfg: KernelConfig, dtype: torch.dtype, upcast: bool = False) -> dic
                 DOT_PRECISION=_dot_precision(dtype, cfg),
                 DOT_UPCAST=upcast, MM_FP16=dtype != torch.float32, FOLD_RINV=cfg.bwd_fold,
                 SCALE_FP16=cfg.bwd_fold and dtype == torch.float16, TWO_NORMS=cfg.fused_norm,
-                num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages)
+                num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages, **_NO_FP_CONTRACTION)
 
 
 def merge_meta(n: int) -> dict:
     """`_infonce_merge_kernel`'s compile-time arguments and launch options (one program over 2N rows)."""
-    return dict(BLOCK=min(1024, triton.next_power_of_2(2 * n)), num_warps=4)
+    return dict(BLOCK=min(1024, triton.next_power_of_2(2 * n)), num_warps=4, **_NO_FP_CONTRACTION)
 
 
 def finalize_meta(n: int, d: int) -> dict:
     """`_infonce_bwd_finalize_kernel`'s block sizes and launch options (its NUM_SPLIT is the config's)."""
-    return dict(BLOCK_M=_clamp_block(16, n), BLOCK_DC=_clamp_block(256, d), num_warps=4)
+    return dict(BLOCK_M=_clamp_block(16, n), BLOCK_DC=_clamp_block(256, d), num_warps=4, **_NO_FP_CONTRACTION)
 
 
 def _forward(a, b, temperature: float, reduction: str, cfg: KernelConfig):

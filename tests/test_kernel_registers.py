@@ -53,6 +53,31 @@ def test_kernels_are_compiled_with_the_jit_argument_specialization():
     assert ".v4" in loads and "ld.global.b16" not in loads, loads
 
 
+
+def test_infonce_kernels_compile_without_fp_contraction():
+    # The backward recomputes the forward's logits and must round them as the forward did; a compiler free to
+    # fuse mul + add into fma in one kernel and not the other moved the gradients by 1e-3 at T=1e-4 on an H100
+    # (kernels/infonce_triton.py, _NO_FP_CONTRACTION). With 16-bit inputs the dots go to the tensor cores, so
+    # any fp32 fma left in the PTX is a contraction: there must be none, in any of the loss's launches
+    # (default and split configurations).
+    pytest.importorskip("triton")
+    script = (
+        "import sys, re, torch; sys.path.insert(0, 'benchmarks'); import kernel_registers as kr;"
+        "from mirrorfast.kernels import infonce_triton as nce; from dataclasses import replace;"
+        "cfg = nce.pick_config(400, 768, torch.bfloat16);"
+        "cases = [*kr.infonce_cases(400, 768, torch.bfloat16, cfg, 'default', True),"
+        " *kr.infonce_cases(400, 768, torch.float16, replace(cfg, fwd_split=2, bwd_split=2, bwd_fold=True), 'split', True)];"
+        "[print(name, len(re.findall(r'fma\\.rn\\.f32', kr.compile_kernel(fn, 90, rt, meta).asm['ptx'])))"
+        " for name, fn, rt, meta, _ in cases]"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = dict(line.rsplit(" ", 1) for line in proc.stdout.strip().splitlines())
+    assert {"default norms", "default forward", "default backward", "split merge", "split finalize"} <= set(counts), counts
+    assert all(c == "0" for c in counts.values()), f"fp32 fma instructions (contractions) per kernel: {counts}"
+
 def test_sweep_candidates_compile():
     # `--sweep N,D`: every InfoNCE candidate that info_nce_table.py --sweep would time, compiled statically.
     proc = _kernel_registers("--sweep", "200,768,bfloat16")

@@ -239,8 +239,10 @@ def test_triton_fp32_tf32x3_dots():
 def test_triton_large_d_and_the_large_problem_branch(n, d, dtype, chunks):
     """D = 4096 (16 gradient-column programs per row block, a 32-step Gram loop) and 2N = 1200 > 1024,
     where pick_config takes its large-problem branch for real (not forced as in test_triton_block_configs),
-    with several gradient-column chunks per backward program (the second one ragged)."""
-    assert pick_config(2 * n, d, dtype).bwd_chunks == chunks  # the configuration this case is meant to cover
+    with several gradient-column chunks per backward program (the second one ragged) and, there, the backward's
+    rinv folded into its gradient tile (the large 16-bit default since the H100 sweep of 2026-11-27)."""
+    cfg = pick_config(2 * n, d, dtype)
+    assert (cfg.bwd_chunks, cfg.bwd_fold) == (chunks, 2 * n > 1024)  # the configuration this case is meant to cover
     check_against_definition("triton", n, d, dtype, "mean", seed=650 + n)
 
 
@@ -321,7 +323,9 @@ def test_triton_fused_norms_at_tiny_temperatures(split, temperature):
     forward used, or exp2(s2 - lse2) is off by a factor that grows like 1/T (at T=1e-9: inf, then NaN).
     At T=1e-9 one ulp of a dot product moves a logit by ~60, so the backward's tiles must also repeat the
     forward's dot products to the bit, in either operand order: true of a GPU's fp32 dot, not of every CPU's
-    BLAS under the interpreter (with a symmetric dot there the errors are 6e-8)."""
+    BLAS under the interpreter (with a symmetric dot there the errors are 6e-8). Compiled, the kernels must
+    also not contract mul + add into fma (H100, 2026-11-27: all six cases failed with contraction, errors
+    1e-3 at T=1e-4; 1e-7 at every T without; tests/test_kernel_registers.py checks the PTX)."""
     if temperature == 1e-9 and DEVICE.type == "cpu" and not interpreter_gram_is_symmetric():
         pytest.skip("T=1e-9 needs a bit-symmetric fp32 dot; this CPU's numpy matmul (the interpreter's tl.dot) "
                     "is not: (A @ B.T)[i, j] != (B @ A.T)[j, i]")
