@@ -336,10 +336,10 @@ def recipe_spec(recipe: str) -> tuple[str, str, dict, dict]:
     return "mirrorfast", precision, env, options
 
 
-# In the order they run. Rows with Triton kernels that have never run compiled on a GPU (-triton, -fusedln)
-# come after the others: a kernel that faults takes the process's CUDA context down, and with it every later
-# row. The sentence-transformers rows (context for users, not an issue target) come last, so that a suite
-# cut short by its time cap loses them first.
+# In the order they run. Rows with mirrorfast's own attention and LayerNorm Triton kernels (-triton, -fusedln;
+# first run compiled on an H100, 2026-11-27) come after the others: a kernel that faults takes the process's
+# CUDA context down, and with it every later row. The sentence-transformers rows (context for users, not an
+# issue target) come last, so that a suite cut short by its time cap loses them first.
 DEFAULT_ROWS = ["bert:reference", "bert:fp16", "bert:bf16", "bert:bf16-eager", "bert:bf16-sdpa", "bert:fp16-half",
                 "bert:bf16-half", "minilm:reference", "minilm:fp16", "minilm:bf16", "minilm:bf16-half",
                 "bert:bf16-triton", "bert:bf16-half-triton", "bert:bf16-fusedln", "bert:bf16-half-triton-fusedln",

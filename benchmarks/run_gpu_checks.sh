@@ -20,16 +20,17 @@
 #   2-4:  carry [".ortgpu/qN"]          command "mkdir -p /tmp/ort && cp .ortgpu/qN/* /tmp/ort/"
 #   5:    carry [".ortgpu/q5"]          command "mkdir -p /tmp/ort && cp .ortgpu/q5/* /tmp/ort/ &&
 #                                                bash .ortgpu/q5/install.sh; BUDGET=540 bash benchmarks/run_gpu_checks.sh
-#                                                suite tests attention onnx kernel sweep"
-#         (tests before the attention benchmark: the Triton attention and residual-LayerNorm kernels have
-#         never run compiled)
-# Seen on an H200, 2026-11-26: each transfer call took ~5 s of device time, the machine's first start
-# ~25 s; the parts took suite 76 s (9 rows then; 17 now), onnx 46 s, tests 76 s (91 InfoNCE tests then;
-# the folded and split cases since add ~28 on a GPU, every other one, each compiling kernels of its own), sweep 50 s (without
-# the fp32, folded and split candidates added since), kernel 40 s: the 6 calls used ~350 s, leaving room for
-# a second, targeted call.
-# What to read first: info_nce_table.log's `triton (split)` and `triton (fold)` rows (and their graph rows)
-# against `triton`; sweep.log's 'fold' and 'split' candidates; gpu_suite.log's `kernels: ...` warm-up line.
+#                                                suite onnx kernel tests attention"
+# Seen on an H100, 2026-11-27 (session 14, this plan with BUDGET=500 and sweep last): the first call ~29 s of
+# device time (start included), each transfer ~5 s; the parts took suite 140 s (19 rows), onnx 51 s, kernel
+# 85 s, tests over 180 s (cut at 157 of 190 when its cap was 180: compiled, each case compiles kernels of its
+# own; the other 33 took 36 s in a second call), attention 21 s; the sweep got no time. Calls 1-5 used 552 s
+# of the 900; a second call on a fresh machine (start ~30 s) ran the rest of the tests and `--sweep 16384,768`
+# (118 s). A machine cannot start with under 4 minutes of device time left: plan the second call early.
+# (H200, 2026-11-26: suite 76 s with 9 rows, onnx 46 s, tests 76 s with 91 tests, sweep 50 s, kernel 40 s.)
+# What to read first: info_nce_table.log's variant rows (`triton (split)`, `triton (fold)` or `(no fold)`, and
+# their graph rows) against `triton`; sweep.log's 'fold' and 'split' candidates; gpu_suite.log's `kernels: ...`
+# warm-up line.
 # $OUT returns at most 8 files: the parts write one log each, the device facts go into summary.txt.
 # Without onnxruntime-gpu the ONNX part still runs and lists its CUDA EP rows as skipped.
 # A session that would rather tune the InfoNCE kernel than measure ONNX on the GPU: skip calls 2-5 and run
@@ -93,7 +94,7 @@ for part in "${parts[@]}"; do
     kernel) run "InfoNCE table" 110 info_nce_table.log python3 benchmarks/info_nce_table.py --quick ;;
     # the kernels that have never run compiled first: the InfoNCE file (many configs to compile, the folded and
     # split variants new since session 3) last, so a cap that cuts it cuts only its tail
-    tests)  run "kernel tests (compiled)" 180 kernel_tests.log python3 -m pytest -q -p no:cacheprovider tests/test_packed_attention_kernel.py tests/test_residual_layernorm_kernel.py tests/test_fused_norm.py tests/test_opt_ins_together.py tests/test_prefetch.py tests/test_kernels_info_nce.py ;;
+    tests)  run "kernel tests (compiled)" 260 kernel_tests.log python3 -m pytest -v --tb=short -p no:cacheprovider tests/test_packed_attention_kernel.py tests/test_residual_layernorm_kernel.py tests/test_fused_norm.py tests/test_opt_ins_together.py tests/test_prefetch.py tests/test_kernels_info_nce.py ;;
     attention) run "packed attention + residual LayerNorm kernels" 120 attention.log python3 -m pytest -q -p no:cacheprovider benchmarks/test_bench_packed_attention.py benchmarks/test_bench_residual_layernorm.py --benchmark-only --benchmark-columns=min,median,mean ;;
     sweep)  run "InfoNCE block sweep" 300 sweep.log python3 benchmarks/info_nce_table.py --no-checks --sweep 16384,768 --sweep 200,768 --sweep 200,768,bfloat16 --sweep 200,384,bfloat16 ;;
     profile) run "step profile" 200 profile.log python3 benchmarks/profile_step.py ;;

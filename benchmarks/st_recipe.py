@@ -29,7 +29,11 @@ def st_train(model_dir, texts: list[str], device: torch.device, epochs: int, rec
     """Train with SentenceTransformerTrainer; the result has reference_train's keys, with no per-step
     losses (the trainer logs none unless asked, and then syncs every step; MNRL's values are not NT-Xent's
     anyway). after_epoch(epoch, model, tokenizer) runs outside the epoch timer."""
-    from datasets import Dataset
+    try:
+        from datasets import Dataset
+    except ImportError as exc:  # the GPU image has sentence-transformers without it (H100, 2026-11-27)
+        raise RuntimeError("the sentence-transformers rows need `datasets` (its trainer's input format): "
+                           "pip install datasets") from exc
     from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
                                        SentenceTransformerTrainingArguments, losses, models)
     from transformers import TrainerCallback

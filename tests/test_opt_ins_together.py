@@ -1,8 +1,8 @@
 """The GPU suite's most combined row, `-half-triton-fusedln`, end to end: --half-model (bf16 model, fp32
 master weights), packed attention through the one-tile Triton kernel and the fused dropout + residual +
 LayerNorm kernel, together in `train()` (on the CPU here, both kernels under the Triton interpreter; on a GPU
-compiled, with CUDA graphs, as `run_gpu_checks.sh tests` runs it). None of them has run compiled yet and a
-GPU session runs this row last, so its plumbing is checked here first: without dropout the combined step
+compiled, with CUDA graphs, as `run_gpu_checks.sh tests` runs it: passed on an H100, 2026-11-27). A GPU
+session runs this row last, so its plumbing is checked here first: without dropout the combined step
 computes the plain bf16 padded step's loss, up to rounding."""
 
 import json
