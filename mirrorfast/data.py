@@ -77,8 +77,12 @@ def _wordfreq_corpus(spec: str) -> list[str]:
         raise MirrorfastError(f"--corpus {spec!r}: N must be at least 2")
     try:
         import wordfreq
-    except ImportError:
-        raise MirrorfastError("--corpus wordfreq:... needs the wordfreq package (pip install wordfreq)") from None
+    except ImportError as exc:
+        if exc.name == "wordfreq":
+            raise MirrorfastError("--corpus wordfreq:... needs the wordfreq package (pip install wordfreq)") from None
+        # installed but broken (wordfreq 3.0 imports pkg_resources, which setuptools 82 no longer has)
+        raise MirrorfastError(f"--corpus wordfreq:...: the wordfreq package failed to import ({exc}); "
+                              "pip install -U wordfreq") from None
     if lang not in wordfreq.available_languages():
         raise MirrorfastError(f"--corpus {spec!r}: wordfreq has no word list for language {lang!r}")
     return wordfreq.top_n_list(lang, n)

@@ -1,8 +1,10 @@
 """Corpus sources and their errors; tokenize-once arrays; padded and packed batches."""
 
 import random
+import sys
 
 import numpy as np
+
 import pytest
 
 from mirrorfast.data import TokenizedTexts, epoch_batches, load_corpus, load_pairs, packed_batch, padded_batch
@@ -88,6 +90,21 @@ def test_wordfreq_corpus():
         with pytest.raises(MirrorfastError, match=message):
             load_corpus(bad)
 
+
+
+def test_wordfreq_missing_or_broken(tmp_path, monkeypatch):
+    # Not installed: how to install it. Installed but failing to import (wordfreq 3.0.x imports pkg_resources,
+    # gone from setuptools 82): the import's own error, not "install it".
+    monkeypatch.setitem(sys.modules, "wordfreq", None)
+    with pytest.raises(MirrorfastError, match=r"needs the wordfreq package \(pip install wordfreq\)"):
+        load_corpus("wordfreq:en:50")
+    broken = tmp_path / "site" / "wordfreq"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("import pkg_resources_gone_for_this_test\n")
+    monkeypatch.delitem(sys.modules, "wordfreq")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    with pytest.raises(MirrorfastError, match="failed to import .*pkg_resources_gone_for_this_test.*pip install -U"):
+        load_corpus("wordfreq:en:50")
 
 def test_pairs(tmp_path):
     path = write(tmp_path, "p.txt", "a dog || a puppy\ncar||automobile\n\na dog || a puppy\n".encode())
