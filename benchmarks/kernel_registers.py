@@ -15,7 +15,7 @@ its bundled ptxas, no driver needed) with the compile-time arguments and launch 
 thread and the bytes spilled to local memory. A spill in a hot kernel is slow local-memory traffic in every
 program, so `--check` (run by the tests) holds the default configurations to zero. Listed but not checked:
 the 128-token attention class (it spills at every warp count; views over 64 tokens are rare) and
-the InfoNCE kernels at N=16384 and in fp32 (see `cases`).
+the InfoNCE kernels at N=16384, in fp32 and in the split variant (see `cases`).
 """
 
 from __future__ import annotations
@@ -144,9 +144,12 @@ def cases():
         # them: a lead for the next GPU sweep, not a verdict) and fp32 (training hands the loss 16-bit views).
         yield from infonce_cases(n2, d, dtype, nce.pick_config(n2, d, dtype),
                                  f"InfoNCE N={n2 // 2} D={d} {str(dtype)[6:]}", dtype != f32 and n2 <= 1024)
-    for dtype in (torch.bfloat16, torch.float16):  # the split variant info_nce_table times (checked too)
+    # The split variant info_nce_table times (opt-in), listed only: compiled without fp contraction (as every
+    # loss kernel is since 2026-11-27) its forward keeps 128 registers and spills 12 bytes (bf16 with Triton 3.9;
+    # bf16 and fp16 with 3.6), 139 / 0 before; timed so on an H100 the same day: 54.2 vs 52.9 µs a graph replay.
+    for dtype in (torch.bfloat16, torch.float16):
         yield from infonce_cases(400, 768, dtype, split_config(400, 768, dtype),
-                                 f"InfoNCE N=200 D=768 {str(dtype)[6:]} split", True)
+                                 f"InfoNCE N=200 D=768 {str(dtype)[6:]} split", False)
     for heads, head_dim in ((12, 64), (12, 32)):  # BERT-base, MiniLM-L6
         q = torch.empty(1, heads, head_dim, dtype=torch.bfloat16, device="meta")  # a GPU tensor's launch arguments
         bf = torch.bfloat16
