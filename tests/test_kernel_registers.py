@@ -13,15 +13,28 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _kernel_registers(*args: str) -> subprocess.CompletedProcess:
-    """benchmarks/kernel_registers.py ARGS in a subprocess without the Triton interpreter."""
+def _without_interpreter(argv: list[str], timeout: int) -> subprocess.CompletedProcess:
+    """python ARGV from the repository root, without the Triton interpreter (Triton compiles there, with its
+    bundled ptxas; skipped where this Triton has none)."""
     triton = pytest.importorskip("triton")
     bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     if not any((bin_dir / name).is_file() for name in ("ptxas-blackwell", "ptxas")):
         pytest.skip(f"this Triton has no bundled ptxas under {bin_dir}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_registers.py"), *args], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _kernel_registers(*args: str) -> subprocess.CompletedProcess:
+    """benchmarks/kernel_registers.py ARGS."""
+    return _without_interpreter([str(ROOT / "benchmarks" / "kernel_registers.py"), *args], timeout=900)
+
+
+def _compiled_output(script: str, timeout: int) -> str:
+    """stdout of `python -c script`, which must succeed."""
+    proc = _without_interpreter(["-c", script], timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
 
 
 def test_default_kernel_configurations_compile_without_spills():
@@ -37,7 +50,6 @@ def test_kernels_are_compiled_with_the_jit_argument_specialization():
     # A launch on the GPU specializes D=768, the row strides and every pointer as divisible by 16, so the row
     # loads are 16-byte vector loads; a compile without those hints (scalar loads, more registers) would
     # report registers and spills that no launch has. Checked on the PTX of the InfoNCE norm kernel.
-    pytest.importorskip("triton")
     script = (
         "import sys, re, torch; sys.path.insert(0, 'benchmarks'); import kernel_registers as kr;"
         "from mirrorfast.kernels import infonce_triton as nce; bf = torch.bfloat16;"
@@ -45,13 +57,8 @@ def test_kernels_are_compiled_with_the_jit_argument_specialization():
         " D=768, stride_a=768, stride_b=768), nce.norm_meta(200, 768));"
         "print(sorted(set(re.findall(r'ld\\.global[.\\w]*', k.asm['ptx']))))"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    loads = proc.stdout.strip().splitlines()[-1]
+    loads = _compiled_output(script, timeout=300).strip().splitlines()[-1]
     assert ".v4" in loads and "ld.global.b16" not in loads, loads
-
 
 
 def test_infonce_kernels_compile_without_fp_contraction():
@@ -60,7 +67,6 @@ def test_infonce_kernels_compile_without_fp_contraction():
     # (kernels/infonce_triton.py, _NO_FP_CONTRACTION). With 16-bit inputs the dots go to the tensor cores, so
     # any fp32 fma left in the PTX is a contraction: there must be none, in any of the loss's launches
     # (default and split configurations).
-    pytest.importorskip("triton")
     script = (
         "import sys, re, torch; sys.path.insert(0, 'benchmarks'); import kernel_registers as kr;"
         "from mirrorfast.kernels import infonce_triton as nce; from dataclasses import replace;"
@@ -70,13 +76,10 @@ def test_infonce_kernels_compile_without_fp_contraction():
         "[print(name, len(re.findall(r'fma\\.rn\\.f32', kr.compile_kernel(fn, 90, rt, meta).asm['ptx'])))"
         " for name, fn, rt, meta, _ in cases]"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    counts = dict(line.rsplit(" ", 1) for line in proc.stdout.strip().splitlines())
+    counts = dict(line.rsplit(" ", 1) for line in _compiled_output(script, timeout=600).strip().splitlines())
     assert {"default norms", "default forward", "default backward", "split merge", "split finalize"} <= set(counts), counts
     assert all(c == "0" for c in counts.values()), f"fp32 fma instructions (contractions) per kernel: {counts}"
+
 
 def test_sweep_candidates_compile():
     # `--sweep N,D`: every InfoNCE candidate that info_nce_table.py --sweep would time, compiled statically.
