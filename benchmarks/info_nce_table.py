@@ -120,13 +120,6 @@ def fwd_bwd(loss_fn, a, b, grad=None):
 SPLIT_MAX_ROWS = 1024
 
 
-def fold_config(n2: int, d: int, dtype):
-    """pick_config with the backward's rinv folded into its gradient tile (KernelConfig.bwd_fold)."""
-    from mirrorfast.kernels.infonce_triton import pick_config
-
-    return dataclasses.replace(pick_config(n2, d, dtype), bwd_fold=True)
-
-
 def flipped_fold_config(n2: int, d: int, dtype):
     """pick_config with its backward's fold flipped (the default folds large 16-bit problems only), so the
     table times and checks both variants at every size."""
@@ -214,28 +207,30 @@ def run_checks(quick: bool) -> bool:
                 f"{' zero-row' if zero else ''}: loss {errs[0]:.1e}  grad a {errs[1]:.1e}  grad b {errs[2]:.1e}",
             )
 
-    # Two variants the sweep and the table time, compiled, against fp64: the backward with rinv folded into
-    # its gradient tile (KernelConfig.bwd_fold) and the split column blocks (fwd_split/bwd_split); 16-bit
+    # Two variants the sweep and the table time, compiled, against fp64: the backward with the other fold
+    # setting than the default's (KernelConfig.bwd_fold: rinv folded into its gradient tile for small problems,
+    # not folded for large ones) and the split column blocks (fwd_split/bwd_split); 16-bit
     # inputs, norms over six decades (fp16: the folded tile's scaling), an all-zero row in bf16; the split
     # variant also twice, bit-identical (its partial sums are added in a fixed order).
     variant_shapes = [(3, 33), (40, 20)] if DEVICE == "cpu" else [(17, 130), (200, 768), (4100, 64)]
-    for label, make_config in (("fold bwd", fold_config), ("split", split_config)):
+    for kind, make_config in (("fold", flipped_fold_config), ("split", split_config)):
         for n, d in variant_shapes:
             for dtype in (torch.float16, torch.bfloat16):
                 case += 1
                 cfg = make_config(2 * n, d, dtype)
+                label = f"{fold_label(cfg)} bwd" if kind == "fold" else "split"
                 zero = dtype == torch.bfloat16
                 a, b = make_inputs(n, d, dtype, case, zero_row=zero)
                 out = fwd_bwd(lambda x, y: info_nce_triton(x, y, 0.07, "mean", config=cfg), a, b)
                 errs = [rel_err(o, r) for o, r in zip(out, fp64_reference(a, b, 0.07, "mean"))]
                 name = str(dtype).split(".")[-1]
                 passed = all(bool(torch.isfinite(t).all()) for t in out) and max(errs) <= TOL[name]
-                if label == "split":
+                if kind == "split":
                     again = fwd_bwd(lambda x, y: info_nce_triton(x, y, 0.07, "mean", config=cfg), a, b)
                     passed &= all(torch.equal(p, q) for p, q in zip(out, again))
                 report(passed, f"{label + ' vs fp64':<16} {name:8s} N={n:<5d} D={d:<5d} mean"
                                f"{' zero-row' if zero else ''}: loss {errs[0]:.1e}  grad a {errs[1]:.1e}  "
-                               f"grad b {errs[2]:.1e}{'  (2 runs bit-identical)' if label == 'split' else ''}")
+                               f"grad b {errs[2]:.1e}{'  (2 runs bit-identical)' if kind == 'split' else ''}")
 
     # The largest N issue 3 names (32768 rows per view), fp16, the whole call against the chunked fp64
     # reference: index arithmetic at 65536 rows, the large-problem configuration at its largest grid

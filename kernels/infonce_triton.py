@@ -576,7 +576,6 @@ def pick_config(n2: int, d: int, dtype: torch.dtype) -> KernelConfig:
     gradient tile (`bwd_fold`): H100, 2026-11-27, N=16384 D=768 fp16, backward alone 26.2 vs 29.1 ms, whole
     call 29.2 vs 32.1 ms. fp32 inputs use ieee dots (no tensor cores): modest tiles.
     """
-    fold = False
     if dtype == torch.float32:
         if n2 <= 1024:
             cfg = (32, 32, 32, 4, 2, True, 32, 32, 32, 64, 4, 2)
@@ -594,13 +593,12 @@ def pick_config(n2: int, d: int, dtype: torch.dtype) -> KernelConfig:
             fwd_m, 256 if fwd_m >= 64 else 128, 64, 8 if fwd_m >= 64 else 4, 3, False,
             bwd_m, 128 if bwd_m == 64 else 64, 64, bwd_dc, 8 if bwd_m == 64 else 4, 2, chunks,
         )
-        fold = True
     fm, fn, fd, fw, fs, fused, bm, bn, bd, bdc, bw, bs, *chunks = cfg
     n = n2 // 2  # row blocks tile a and b separately
     return KernelConfig(
         _clamp_block(fm, n), _clamp_block(fn, n), _clamp_block(fd, d), fw, fs, fused,
         _clamp_block(bm, n), _clamp_block(bn, n), _clamp_block(bd, d), _clamp_block(bdc, d), bw, bs, *chunks,
-        bwd_fold=fold,
+        bwd_fold=dtype != torch.float32 and n2 > 1024,
     )
 
 

@@ -4,7 +4,6 @@ import random
 import sys
 
 import numpy as np
-
 import pytest
 
 from mirrorfast.data import TokenizedTexts, epoch_batches, load_corpus, load_pairs, packed_batch, padded_batch
@@ -91,7 +90,6 @@ def test_wordfreq_corpus():
             load_corpus(bad)
 
 
-
 def test_wordfreq_missing_or_broken(tmp_path, monkeypatch):
     # Not installed: how to install it. Installed but failing to import (wordfreq 3.0.x imports pkg_resources,
     # gone from setuptools 82): the import's own error, not "install it".
@@ -105,6 +103,7 @@ def test_wordfreq_missing_or_broken(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     with pytest.raises(MirrorfastError, match="failed to import .*pkg_resources_gone_for_this_test.*pip install -U"):
         load_corpus("wordfreq:en:50")
+
 
 def test_pairs(tmp_path):
     path = write(tmp_path, "p.txt", "a dog || a puppy\ncar||automobile\n\na dog || a puppy\n".encode())
