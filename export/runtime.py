@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from mirrorfast.errors import MirrorfastError, first_line
+from mirrorfast.errors import MirrorfastError, first_line, stop_if_terminated
 from mirrorfast.output import parents_made, probe_writable, readable_as_created
 from mirrorfast.textfile import iter_lines
 from mirrorfast.tokens import TokenizedTexts, as_texts, batch_encoder, check_batch_size
@@ -322,6 +322,7 @@ def npy_rows_writer(output: Path, rows: int, dim: int) -> Iterator[Callable[[np.
                 yield write
             if written != rows:
                 raise MirrorfastError(f"{rows} rows were due in {output}, {written} came (did the input change?)")
+            stop_if_terminated()  # a SIGTERM whose exception was swallowed on the way still writes nothing
             readable_as_created(Path(tmp))  # mkstemp makes it 0600
             os.replace(tmp, output)
         except BaseException as exc:

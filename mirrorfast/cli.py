@@ -11,7 +11,7 @@ import sys
 import threading
 
 from mirrorfast import __version__
-from mirrorfast.errors import MirrorfastError
+from mirrorfast.errors import MirrorfastError, Terminated, raise_terminated, reset_termination, stop_if_terminated
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -326,15 +326,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised where the main thread is, so that the job unwinds as on Ctrl-C (a container stop or a
-    scheduler's kill leaves no temporary output behind) instead of the process dying mid-write."""
-
-
-def _raise_terminated(_signum, _frame) -> None:
-    raise Terminated
-
-
 @contextlib.contextmanager
 def _sigterm_unwinds(command: str):
     """SIGTERM raises Terminated for the command's duration: only from the main thread, only where nobody
@@ -343,12 +334,20 @@ def _sigterm_unwinds(command: str):
     install = (command != "serve" and threading.current_thread() is threading.main_thread()
                and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
     if install:
-        signal.signal(signal.SIGTERM, _raise_terminated)
+        reset_termination()
+        signal.signal(signal.SIGTERM, raise_terminated)
+        default_hook = sys.unraisablehook
+        sys.unraisablehook = lambda unraisable: (  # a swallowed Terminated: stop_if_terminated acts on it
+            None if isinstance(unraisable.exc_value, Terminated) else default_hook(unraisable))
     try:
         yield
+        if install:
+            stop_if_terminated()  # a job that finished with its SIGTERM swallowed still ends as terminated
     finally:
         if install:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            sys.unraisablehook = default_hook
+            reset_termination()
 
 
 def main(argv: list[str] | None = None) -> int:

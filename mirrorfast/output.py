@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-from mirrorfast.errors import MirrorfastError
+from mirrorfast.errors import MirrorfastError, stop_if_terminated
 
 
 def check_destination(out_dir: Path, is_ours: Callable[[Path], bool], overwrite: bool, what: str) -> None:
@@ -93,6 +93,7 @@ def atomic_directory(out_dir: Path) -> Iterator[Path]:
         moving_in = False  # from here on, a missing tmp means it became out_dir
         try:
             yield tmp
+            stop_if_terminated()  # a SIGTERM whose exception was swallowed on the way still moves nothing in
             readable_as_created(tmp)
             if out_dir.exists():
                 old = _temporary_sibling(out_dir, "old")

@@ -26,7 +26,7 @@ from mirrorfast.augment import masked_views
 from mirrorfast.config import TrainConfig, env_switch
 from mirrorfast.data import (CUDA_WIDTH_MULTIPLE, PACK_BUCKET, PAD_SEGMENT_MAX, TILE_PAD_SEGMENT_MAX, Batch, Corpus,
                              epoch_batches, load_corpus, load_pairs, packed_batch, padded_batch)
-from mirrorfast.errors import MirrorfastError
+from mirrorfast.errors import MirrorfastError, stop_if_terminated
 from mirrorfast.evaluate import evaluate, format_spearman, read_sts, read_words
 from mirrorfast.fused_norm import FUSED_LAYERNORM_ENV, fused_layernorm_requested, fused_residual_layernorm
 from mirrorfast.graphs import GraphedStep
@@ -389,6 +389,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
                     f"waited {time.perf_counter() - t_epoch:.2f}s for them")
                 kernels_compiling = None
             for batch in stream.epoch(epoch):
+                stop_if_terminated()  # the CLI's SIGTERM, should its exception have been swallowed on the way
                 monitor.push(step, run_step(batch))
                 step += 1
                 tokens_seen += batch.tokens
