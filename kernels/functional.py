@@ -7,13 +7,14 @@ when Triton is importable, the reference otherwise. MIRRORFAST_KERNELS=torch for
 everywhere (debugging).
 
 Also what the three Triton ops (loss, packed attention, residual LayerNorm) share: `triton_runs_on`,
-`dropout_seed` and `first_derivative_only`.
+`dropout_seed`, `first_derivative_only` and `compile_in_parallel`.
 """
 
 import functools
 import math
 import numbers
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -83,6 +84,27 @@ def first_derivative_only(refusal: str):
         return wrapper
 
     return decorate
+
+
+def compile_in_parallel(launches: list[tuple]) -> bool:
+    """Compile Triton launches, (kernel, grid, arguments, compile-time arguments) each, without running them
+    and all at once: `kernel.warmup` (the JIT's specialization of a launch with these arguments) inside
+    Triton's AsyncCompileMode, which hands each compilation to a thread pool. Triton's compiler releases the
+    GIL for most of its work (twelve of our kernels: 3.9-5.0 s one after another, 2.4-2.5 s in two threads on a
+    2-core CPU, benchmarks/RESULTS.md). Returns False, having done nothing, where that mode is missing (it
+    arrived in Triton 3.5: an explicit check, the module is private) or under TRITON_INTERPRET=1 (nothing is
+    compiled there): the caller then launches them, which compiles them one after another."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or not launches:
+        return False
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:
+        return False
+    with (ThreadPoolExecutor(len(launches), thread_name_prefix="mirrorfast-compile") as pool,
+          AsyncCompileMode(pool)):  # leaves (first) once every compilation is done and in the kernels' caches
+        for kernel, grid, args, meta in launches:
+            kernel.warmup(*args, grid=grid, **meta)
+    return True
 
 
 def dropout_seed(seed: torch.Tensor | None, p: float, device: torch.device, who: str) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mirrorfast.kernels.functional import dropout_seed, first_derivative_only
+from mirrorfast.kernels.functional import compile_in_parallel, dropout_seed, first_derivative_only
 
 __all__ = ["packed_attention_triton", "PackedAttentionFunction", "MAX_VIEW_TOKENS", "warm_up"]
 _NO_SECOND_DERIVATIVE = ("the packed-attention Triton kernels have no second derivative: differentiate twice with "
@@ -183,17 +183,35 @@ def _class_launches(q: torch.Tensor, max_len: int, dropout_p: float) -> list[dic
             for low, block in zip(lows, LENGTH_CLASSES) if block <= top]
 
 
+def _forward_launches(q, k, v, out, cu_seqlens, seed, max_len: int, dropout_p: float, scale: float) -> list[tuple]:
+    """(kernel, grid, arguments, compile-time arguments) of the forward's launch for each length class."""
+    heads = q.shape[1]
+    args = (q, k, v, out, cu_seqlens, seed, q.stride(0), q.stride(1), heads, q.shape[2], float(scale), float(dropout_p))
+    return [(_packed_attention_fwd_kernel, (cu_seqlens.shape[0] - 1, heads), args, meta)
+            for meta in _class_launches(q, max_len, dropout_p)]
+
+
+def _backward_launches(q, k, v, grad_out, dq, dk, dv, cu_seqlens, seed, max_len: int, dropout_p: float,
+                       scale: float) -> list[tuple]:
+    """As _forward_launches, for the backward (grad_out, dq, dk, dv laid out as q)."""
+    heads = q.shape[1]
+    args = (q, k, v, grad_out, dq, dk, dv, cu_seqlens, seed, q.stride(0), q.stride(1), heads, q.shape[2],
+            float(scale), float(dropout_p))
+    return [(_packed_attention_bwd_kernel, (cu_seqlens.shape[0] - 1, heads), args, meta)
+            for meta in _class_launches(q, max_len, dropout_p)]
+
+
+def _launch(launches: list[tuple]) -> None:
+    for kernel, grid, args, meta in launches:
+        kernel[grid](*args, **meta)
+
+
 class PackedAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_len: int, dropout_p: float, scale: float, seed: torch.Tensor):
-        n_views, heads = cu_seqlens.shape[0] - 1, q.shape[1]
         out = torch.empty_like(q)
         with torch.cuda.device_of(q):  # Triton launches on the current device: make it the inputs'
-            for args in _class_launches(q, max_len, dropout_p):
-                _packed_attention_fwd_kernel[(n_views, heads)](
-                    q, k, v, out, cu_seqlens, seed, q.stride(0), q.stride(1), heads, q.shape[2],
-                    float(scale), float(dropout_p), **args,
-                )
+            _launch(_forward_launches(q, k, v, out, cu_seqlens, seed, max_len, dropout_p, scale))
         ctx.save_for_backward(q, k, v, cu_seqlens, seed)
         ctx.max_len, ctx.dropout_p, ctx.scale = max_len, dropout_p, scale
         return out
@@ -204,13 +222,9 @@ class PackedAttentionFunction(torch.autograd.Function):
         q, k, v, cu_seqlens, seed = ctx.saved_tensors
         grad_out = grad_out.to(q.dtype).contiguous()  # the kernels read it with q's (contiguous) strides
         dq, dk, dv = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
-        n_views, heads = cu_seqlens.shape[0] - 1, q.shape[1]
         with torch.cuda.device_of(q):
-            for args in _class_launches(q, ctx.max_len, ctx.dropout_p):
-                _packed_attention_bwd_kernel[(n_views, heads)](
-                    q, k, v, grad_out, dq, dk, dv, cu_seqlens, seed, q.stride(0), q.stride(1), heads, q.shape[2],
-                    float(ctx.scale), float(ctx.dropout_p), **args,
-                )
+            _launch(_backward_launches(q, k, v, grad_out, dq, dk, dv, cu_seqlens, seed, ctx.max_len, ctx.dropout_p,
+                                       ctx.scale))
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -220,7 +234,10 @@ def packed_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     """q, k, v: (T, H, D) of the packed views (fp16/bf16/fp32); cu_seqlens: (S + 1,) int32 view boundaries;
     max_len: a host int >= the longest view, at most MAX_VIEW_TOKENS (a longer view's rows come out NaN);
     seed: dropout's (1,) int64 Philox seed on the device (default: drawn from torch's generator).
-    Returns (T, H, D) in q's dtype."""
+    Returns (T, H, D) in q's dtype. cu_seqlens must cover all T rows (cu_seqlens[-1] == T, as the trainer's
+    packed batches do: their padding tokens form segments of their own): rows past cu_seqlens[-1] are left
+    unwritten in the output and the gradients, as in FlashAttention's varlen functions (checking would need
+    a device sync)."""
     if not 1 <= max_len <= MAX_VIEW_TOKENS:
         raise ValueError(f"packed_attention_triton: max_len must be 1..{MAX_VIEW_TOKENS}, got {max_len}")
     if not 0.0 <= dropout_p < 1.0:
@@ -241,11 +258,19 @@ def packed_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
 
 def warm_up(heads: int, head_dim: int, dtype: torch.dtype, device, max_len: int, dropout_p: float) -> None:
     """Compile the forward and backward kernels of every length class up to max_len's, for (T, heads,
-    head_dim) inputs of `dtype` laid out as a model's attention hands them over (contiguous), by running one
-    view of max_len tokens forward and backward. Its dropout seed is fixed, not drawn from torch's generator:
-    warming up (or not, MIRRORFAST_KERNEL_WARMUP=0) leaves a seeded run's random stream as it was."""
-    q, k, v = (torch.ones((max_len, heads, head_dim), dtype=dtype, device=device, requires_grad=True) for _ in range(3))
+    head_dim) inputs of `dtype` laid out as a model's attention hands them over (contiguous), with the
+    arguments the autograd function launches them with. All of them at once where Triton can
+    (`compile_in_parallel`: three classes are six kernels, 0.3-1.2 s each to compile on a 2-core CPU,
+    benchmarks/RESULTS.md); otherwise by launching each on one view of max_len tokens. Its dropout seed is
+    fixed, not drawn from torch's generator: warming up (or not, MIRRORFAST_KERNEL_WARMUP=0) leaves a seeded
+    run's random stream as it was."""
+    q, k, v, out, grad_out, dq, dk, dv = (torch.ones((max_len, heads, head_dim), dtype=dtype, device=device)
+                                          for _ in range(8))
     cu_seqlens = torch.tensor([0, max_len], dtype=torch.int32, device=device)
     seed = torch.zeros(1, dtype=torch.int64, device=device)
-    out = packed_attention_triton(q, k, v, cu_seqlens, max_len, dropout_p, seed=seed)
-    out.backward(torch.ones_like(out))
+    scale = head_dim**-0.5
+    launches = [*_forward_launches(q, k, v, out, cu_seqlens, seed, max_len, dropout_p, scale),
+                *_backward_launches(q, k, v, grad_out, dq, dk, dv, cu_seqlens, seed, max_len, dropout_p, scale)]
+    with torch.cuda.device_of(q):
+        if not compile_in_parallel(launches):
+            _launch(launches)

@@ -177,6 +177,31 @@ def test_a_view_longer_than_max_len_comes_out_nan_not_unwritten(max_len):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: Triton's JIT compiles only there")
+def test_compile_in_parallel_compiles_without_launching_where_triton_can():
+    """The warm-up's parallel compilation is a capability (Triton's AsyncCompileMode, 3.5+), not a silent fallback:
+    where Triton has it, compile_in_parallel reports so and every launch given is compiled, none run."""
+    import importlib.util
+
+    from mirrorfast.kernels import packed_attention_triton as attn
+    from mirrorfast.kernels.functional import compile_in_parallel
+    from mirrorfast.warmup import compiled_kernels
+
+    kernels = (attn._packed_attention_fwd_kernel, attn._packed_attention_bwd_kernel)
+    before = len(compiled_kernels(*kernels))
+    # A shape no other test uses (3 heads of 24: strides not multiples of 16, so specializations of their own).
+    q = torch.ones((40, 3, 24), dtype=torch.float16, device=DEVICE)
+    out = torch.full_like(q, 7.0)
+    cu = torch.tensor([0, 40], dtype=torch.int32, device=DEVICE)
+    seed = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    launches = attn._forward_launches(q, q, q, out, cu, seed, 40, 0.1, 0.2)  # classes 16, 32 and 64
+    parallel = compile_in_parallel(launches)
+    assert parallel == (importlib.util.find_spec("triton.runtime._async_compile") is not None)
+    torch.cuda.synchronize()
+    assert len(compiled_kernels(*kernels)) == before + (len(launches) if parallel else 0)
+    assert (out == 7.0).all(), "compiling launched a kernel"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: Triton's JIT compiles only there")
 @pytest.mark.parametrize("dropout", [0.1, 0.0])
 def test_warm_up_compiles_what_a_training_step_launches(dropout):
     """After warm_up, attention as a BERT layer calls it in training (q, k, v: (T, heads, d) views of each
