@@ -17,6 +17,10 @@ def _without_interpreter(argv: list[str], timeout: int) -> subprocess.CompletedP
     """python ARGV from the repository root, without the Triton interpreter (Triton compiles there, with its
     bundled ptxas; skipped where this Triton has none)."""
     triton = pytest.importorskip("triton")
+    try:  # how benchmarks/kernel_registers.py specializes arguments as the JIT does
+        from triton._C.libtriton import native_specialize_impl  # noqa: F401
+    except ImportError:
+        pytest.skip(f"Triton {triton.__version__} has no native_specialize_impl (3.6 and newer have it)")
     bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     if not any((bin_dir / name).is_file() for name in ("ptxas-blackwell", "ptxas")):
         pytest.skip(f"this Triton has no bundled ptxas under {bin_dir}")
