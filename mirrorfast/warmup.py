@@ -5,7 +5,8 @@ ints divisible by 16 or equal to 1). A cold run would compile its loss, attentio
 its first step; here each kernel family is launched once on constant scratch inputs laid out as the
 training step lays out its own, in threads that run while the main thread moves the model to the device and
 tokenizes the corpus. Triton's compiler mostly runs without the GIL (twelve of our kernels: 3.9-5.0 s one
-after another, 2.4-2.5 s in two threads; 2-core CPU, Triton 3.6, benchmarks/RESULTS.md). Whatever a scratch launch misses is compiled at
+after another, 2.4-2.5 s in two threads; 2-core CPU, Triton 3.6, benchmarks/RESULTS.md); the attention family
+compiles its own kernels all at once as well (`compile_in_parallel`). Whatever a scratch launch misses is compiled at
 its first use, as without this; a warm-up that fails is logged and training goes on the same way. The
 trainer waits for these threads at its first step, inside the timed first epoch.
 """
