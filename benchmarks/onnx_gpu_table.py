@@ -20,6 +20,7 @@ onnxruntime-gpu first on PYTHONPATH; otherwise they are listed as skipped):
                                           from an onnxruntime CUDA graph (no launches), TunableOp (GEMM
                                           kernels chosen by timing), both
   OnnxEncoder.encode (CUDA)               the serving path: tokenization + host I/O + fp16 model
+  then, on the GPU, the fp16 export's kernels by GPU time (torch.profiler; --profile-runs)
   PyTorch fp32 / onnxruntime fp32 / int8 (CPU)
 
 It prints one table and writes nothing. It runs from a plain checkout (no install needed).
@@ -104,6 +105,7 @@ class Table:
         self.batch = batch
         self.rows: list[tuple] = []
         self.skipped: list[str] = []
+        self.profiles: list[str] = []  # printed after the table
 
     def add(self, name: str, device: str, ms: float, n: int, baseline: str | None = None, note: str = "") -> None:
         self.rows.append((name, device, ms, n, baseline, note))
@@ -126,6 +128,39 @@ class Table:
                 speedup = f"{by_name[baseline] / ms:.2f}x" if baseline in by_name else "n/a"
             lines.append(f"| {name} | {device} | {ms:.2f} | {self.batch / ms * 1000:.0f} | {speedup} | {n} | {note} |")
         return "\n".join(lines + [f"\n{s}" if i == 0 else s for i, s in enumerate(self.skipped)])
+
+
+def kernel_profile(run, runs: int, top: int = 15) -> str:
+    """Where run()'s GPU time goes, kernel by kernel: torch.profiler over `runs` calls. Its CUDA activity comes
+    from CUPTI, which records every kernel of the process, onnxruntime's included (onnxruntime's own profiler
+    times CUDA nodes on the host, where they are only launched). A Markdown table of the `top` kernels.
+    Without a GPU it profiles the CPU's operators instead (torch's only: how the tests exercise it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    self_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(runs):
+            run()
+        sync()
+    kernels = sorted((e for e in prof.key_averages() if e.device_type == kind and self_us(e) > 0),
+                     key=self_us, reverse=True)
+    busy_us = sum(self_us(e) for e in kernels)
+    shown = kernels[:top]
+    lines = [f"{'GPU kernel' if cuda else 'CPU operator'} time {busy_us / runs / 1e3:.3f} ms per run ({runs} runs "
+             "profiled; the CUDA-graph and TunableOp variants are not profiled)",
+             "| kernel | ms per run | share | launches per run |", "| --- | ---: | ---: | ---: |"]
+    for e in shown:
+        name = e.key if len(e.key) <= 100 else e.key[:97] + "..."
+        lines.append(f"| `{name}` | {self_us(e) / runs / 1e3:.3f} | {self_us(e) / max(busy_us, 1e-9):.1%} | "
+                     f"{e.count / runs:g} |")
+    rest = busy_us - sum(self_us(e) for e in shown)
+    lines.append(f"| {len(kernels) - len(shown)} other kernels | {rest / runs / 1e3:.3f} | "
+                 f"{rest / max(busy_us, 1e-9):.1%} | |")
+    return "\n".join(lines)
 
 
 def _cpu_name() -> str:
@@ -190,6 +225,9 @@ def ort_cuda_rows(table: Table, export_dir: Path, feeds: dict, texts: list[str],
         table.add(f"onnxruntime CUDA EP {label}, host I/O included", "cuda", ms, n, "PyTorch fp32",
                   "numpy in/out, I/O binding")
         if file == "model_fp16.onnx":
+            if args.profile_runs:  # the target's row (issue 4): what its ~4.5 ms are made of
+                table.profiles.append(f"### Where the fp16 export's GPU time goes (device-resident, I/O binding)\n"
+                                      + kernel_profile(lambda: session.run_with_iobinding(binding), args.profile_runs))
             fp16_variant_rows(table, export_dir / file, on_device, out, args)
 
     encoder = OnnxEncoder(export_dir, provider="cuda")
@@ -252,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=100, help="timed GPU runs per row (default 100)")
     parser.add_argument("--cpu-iters", type=int, default=None, help="timed CPU runs per row (default 10; 5 quick)")
     parser.add_argument("--cpu-seconds", type=float, default=20.0, help="stop a CPU row after this long (>= 3 runs)")
+    parser.add_argument("--profile-runs", type=int, default=20,
+                        help="GPU: profile the fp16 export's kernels over this many runs after its rows (0: off)")
     args = parser.parse_args(argv)
     batch = args.batch or (32 if args.quick else 256)
     cpu_iters = args.cpu_iters or (5 if args.quick else 10)
@@ -313,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"## Inference, {'small BERT (hidden 256, 4 layers)' if args.quick else 'BERT-base'}, "
           f"batch {batch} x {args.seq} tokens")
     print(table.render())
+    for text in table.profiles:
+        print(f"\n{text}")
     print(f"\ntotal {time.perf_counter() - started:.0f}s")
     return 0
 

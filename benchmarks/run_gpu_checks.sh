@@ -38,7 +38,8 @@
 #   BUDGET=540 bash benchmarks/run_gpu_checks.sh suite restart profile kernel tests
 # (restart: the first epochs of a second run, issue 6; profile: where BERT-base's 24 ms step goes on the H100;
 # tests last, so a cut takes only its tail, and the InfoNCE file's tiny-temperature cases check the
-# contraction fix compiled.)
+# contraction fix compiled.) A session aiming at issue 4 instead needs calls 2-5: the onnx part now ends with
+# the fp16 export's kernels by GPU time (onnx_gpu_table.py --profile-runs), what its 4.4-4.6 ms are made of.
 # A session that would rather tune the InfoNCE kernel than measure ONNX on the GPU: skip calls 2-5 and run
 # `bash benchmarks/run_gpu_checks.sh suite sweep tests` in call 1 (the sweep compares block sizes,
 # including several gradient-column chunks per backward program, KernelConfig.bwd_chunks; each line also

@@ -44,6 +44,29 @@ def test_onnx_table_cpu_rows():
     assert "GPU rows (PyTorch CUDA, onnxruntime CUDA EP): skipped (--cpu-only)" in out, out
 
 
+def test_onnx_table_kernel_profile_adds_up():
+    """onnx_gpu_table.kernel_profile, the fp16 export's GPU kernels on a GPU (here, without one, the CPU's
+    torch operators): rows from the most time to the least, one per operator, shares adding up to 100 %."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import torch
+        from onnx_gpu_table import kernel_profile
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU it profiles CUDA kernels: the GPU run of the table exercises it")
+    a = torch.randn(300, 300, dtype=torch.float64)
+    runs = 4
+    text = kernel_profile(lambda: torch.tanh(a @ a).sum(), runs, top=2)
+    rows = [line.split("|")[1:-1] for line in text.splitlines()[3:]]
+    assert len(rows) == 3 and "other kernels" in rows[2][0], text
+    ms = [float(r[1]) for r in rows[:2]]
+    assert ms[0] >= ms[1] > 0, text
+    assert abs(sum(float(r[2].strip(" %")) for r in rows) - 100.0) < 0.3, text
+    assert float(text.split(" ms per run")[0].split()[-1]) >= sum(ms) - 0.002, text  # 3 decimals each
+    assert rows[0][0].strip() == "`aten::mm`" and float(rows[0][3]) == 1, text  # a 300^3 fp64 product leads
+
+
 def test_profile_step_cpu():
     data = ROOT.parent / "shared" / "data"
     if not data.is_dir() and not os.environ.get("MIRRORFAST_DATA"):
