@@ -74,7 +74,9 @@ CARRIED_MINILM = CARRY_DIR / "minilm-fp16"
 CARRIED_WHEELS = ("pytest-benchmark", "py-cpuinfo")  # into .gpu/wheels; run_gpu_checks.sh installs them if missing
 CORPUS_NAME = "mirror_corpus/stsbenchmark_train_10k_sents_random_sampled.txt"
 STS_NAME = "sts/stsb-en-dev.csv"
-DEFAULT_PEAK_TFLOPS = 794.0  # H200 bf16 dense matmul, measured (../shared/notes/gpu-measurements.md)
+# MFU's peak: measured at the start of each GPU run (bf16 products of PEAK_SIZE^3, as the H200's 794 TFLOP/s in
+# ../shared/notes/gpu-measurements.md were), so that every card is held to its own; --peak-tflops overrides.
+PEAK_SIZE = 8192
 QUALITY_TOLERANCE = 0.5  # STS-B dev Spearman x100: mirrorfast after-score vs the reference's
 
 
@@ -390,7 +392,7 @@ def _timing_fields(epoch_seconds: list[float], epoch_steps: list[int], tokens_pe
         "steady_epoch_seconds": round(steady, 4),
         "tokens_per_step": round(tokens_per_step, 1),
         "steady_tokens_per_second": round(tok_s, 1),
-        "mfu": round(6 * params * tok_s / (peak_tflops * 1e12), 5) if device.type == "cuda" else None,
+        "mfu": round(6 * params * tok_s / (peak_tflops * 1e12), 5) if device.type == "cuda" and peak_tflops else None,
     }
 
 
@@ -509,6 +511,8 @@ def run_row_isolated(suite: Suite, name: str, argv: list[str]) -> dict:
            "--_workdir", str(suite.workdir)]
     if suite.sts_before is not None:
         cmd += ["--_sts-before", str(suite.sts_before)]
+    if suite.args.peak_tflops:  # the parent's measurement: every row against the same peak
+        cmd += ["--peak-tflops", str(suite.args.peak_tflops)]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           timeout=suite.args.row_timeout)
     if out.exists():
@@ -580,7 +584,8 @@ def render(meta: dict, rows: list[dict], checks: list[dict], args) -> str:
     v = meta["versions"]
     lines.append(f"python {v['python']}, torch {v['torch']} (CUDA {v['cuda']}), transformers {v['transformers']}, "
                  f"triton {v['triton']}; mode {epoch_desc}, {args.epochs} epochs per row; "
-                 f"MFU relative to {args.peak_tflops:g} TFLOP/s")
+                 + (f"MFU relative to {args.peak_tflops:g} TFLOP/s ({meta['peak_source']})" if args.peak_tflops
+                    else "no MFU (not a GPU run)"))
     header = " | ".join(h.rjust(w) if i > 1 else h.ljust(w) for i, (h, w, _) in enumerate(COLUMNS))
     for key in ("bert", "minilm"):
         group = [r for r in rows if r["model_key"] == key]
@@ -622,8 +627,9 @@ def render(meta: dict, rows: list[dict], checks: list[dict], args) -> str:
         " step of epoch 1, warm-up included (CUDA context created before any row). ms/step, epoch s: epoch 2."
         " tok/s: real (non-pad) tokens per second in epoch 2.",
         f"MFU = 6 x N x tok/s / peak, N = non-embedding parameters (the transformer layers); real tokens only"
-        f" (padding is not credited), attention-score FLOPs not counted; peak = {args.peak_tflops:g} TFLOP/s"
-        f" (--peak-tflops; default {DEFAULT_PEAK_TFLOPS:g} = H200 bf16 dense, measured). x steady / x 1st ep:"
+        f" (padding is not credited), attention-score FLOPs not counted; peak = "
+        + (f"{args.peak_tflops:g} TFLOP/s ({meta['peak_source']})" if args.peak_tflops else "none (no GPU)")
+        + ". x steady / x 1st ep:"
         " reference time / row time (ms/step, 1st epoch s). peak MiB: torch.cuda.max_memory_allocated, reset per row.",
         "STS: STS-B dev Spearman x100, [CLS] pooling, max_length 50, fp32 inference; pre = untrained model,"
         " post = after 1 epoch of that row's recipe (mirrorfast: a separate 1-epoch run of the same recipe).",
@@ -645,7 +651,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=200, help="strings per batch (default 200 = 400 views)")
     p.add_argument("--epochs", type=int, default=2, help="epochs per timed row; the last one is the steady state (default 2)")
     p.add_argument("--seed", type=int, default=42, help="seed of both recipes (batch order, masks, dropout)")
-    p.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS, help="peak for MFU (default 794: H200 bf16)")
+    p.add_argument("--peak-tflops", type=float, help=f"peak for MFU in TFLOP/s (default on a GPU: measured at the "
+                   f"start of the run, bf16 products of {PEAK_SIZE}^3)")
     p.add_argument("--reference-attention", default="sdpa", choices=("sdpa", "eager"), help="the reference model's attn_implementation")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--json", help="also write meta + rows as JSON here")
@@ -679,6 +686,23 @@ def _quiet_transformers() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+
+def measure_peak_tflops(device: torch.device, runs: int = 10) -> float:
+    """The card's bf16 matrix-unit rate as MFU's peak: TFLOP/s of back-to-back PEAK_SIZE^3 bf16 products,
+    timed with CUDA events after three untimed ones (the H200: 794, ../shared/notes/gpu-measurements.md)."""
+    a, b = (torch.randn(PEAK_SIZE, PEAK_SIZE, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(runs):
+        a @ b
+    end.record()
+    end.synchronize()
+    del a, b
+    torch.cuda.empty_cache()
+    return round(2 * PEAK_SIZE**3 * runs / (start.elapsed_time(end) / 1e3) / 1e12, 1)
 
 
 def _warm_up(device: torch.device) -> None:
@@ -768,10 +792,14 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     try:
         _warm_up(device)
+        peak_source = "given by --peak-tflops" if args.peak_tflops else None
+        if device.type == "cuda" and not args.peak_tflops:
+            args.peak_tflops = measure_peak_tflops(device)
+            peak_source = f"measured at the start of this run: bf16 {PEAK_SIZE}^3 products"
         device_name = torch.cuda.get_device_name(0) if device.type == "cuda" else \
             f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
         meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device_name,
-                "versions": _versions(), "peak_tflops": args.peak_tflops, "mode": "tiny" if args.tiny else
+                "versions": _versions(), "peak_tflops": args.peak_tflops, "peak_source": peak_source, "mode": "tiny" if args.tiny else
                 "quick" if args.quick else "full", "epochs": args.epochs, "argv": argv,
                 "reference_attention": args.reference_attention}
         print(f"gpu_suite: {device_name}; rows: {', '.join(names)}", file=sys.stderr, flush=True)
