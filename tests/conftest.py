@@ -46,6 +46,24 @@ def minilm_dir() -> Path:
     return default_model_path()
 
 
+@pytest.fixture(scope="session")
+def stsb_dev(shared_data):
+    """STS-B dev pairs (1,500) as mirrorfast.evaluate reads them."""
+    from mirrorfast.evaluate import read_sts
+
+    return read_sts(shared_data / "sts" / "stsb-en-dev.csv")
+
+
+@pytest.fixture(scope="session")
+def minilm_untrained_spearman(minilm_dir, stsb_dev) -> float:
+    """The untrained MiniLM's STS-B dev Spearman with [CLS] pooling (79.73), computed once for the tests that
+    compare with it (about 20 s on 2 cores)."""
+    from mirrorfast.evaluate import spearman
+    from mirrorfast.model import load_encoder
+
+    return spearman(load_encoder(minilm_dir, pooling="cls"), stsb_dev)
+
+
 # What `benchmarks/gpu_suite.py --prepare-carry` leaves for the GPU machine, whose image lacks the package.
 CARRIED_MINILM = ROOT / ".gpu" / "minilm-fp16"
 
