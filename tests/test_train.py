@@ -369,6 +369,36 @@ def test_cpu_bf16_hint(tmp_path, monkeypatch):
         assert sum("--fp16 needs a GPU" in m for m in logs) == 1
 
 
+def test_cpu_bf16_emulated_warning(tmp_path, monkeypatch):
+    """--bf16 on an x86 CPU without bf16 instructions says, once, that its matrix products are emulated (and
+    what that cost); on one with them, or where that cannot be told, it says nothing of the kind."""
+    import platform
+
+    from mirrorfast import trainer
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n\n")
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    assert trainer.cpu_bf16_emulated(str(info))
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f amx_bf16\n")
+    assert not trainer.cpu_bf16_emulated(str(info))
+    assert not trainer.cpu_bf16_emulated(str(tmp_path / "missing"))
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")  # its own bf16 story: not told from these flags
+    info.write_text("processor\t: 0\nflags\t\t: fp asimd\n")
+    assert not trainer.cpu_bf16_emulated(str(info))
+
+    cpu = torch.device("cpu")
+    for emulated in (True, False):
+        monkeypatch.setattr(trainer, "cpu_bf16_emulated", lambda emulated=emulated: emulated)
+        logs = []
+        assert trainer.autocast_dtype("bf16", cpu, logs.append) is torch.bfloat16  # warned, not overridden
+        assert trainer.autocast_dtype("fp32", cpu, logs.append) is None
+        warned = [m for m in logs if "emulated" in m]
+        assert len(warned) == (1 if emulated else 0), logs
+        if emulated:
+            assert trainer.CPU_BF16_EMULATED_COST in warned[0] and "Leave out --bf16" in warned[0]
+
+
 def test_drophead_trains_padded(tiny_bert_dir, corpus, tmp_path, capsys, monkeypatch):
     """DropHead draws one mask per sequence; a packed batch is one sequence of all views, so DropHead
     trains padded: `auto` picks padded even where it would pack, explicit packed is refused."""
