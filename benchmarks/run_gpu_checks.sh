@@ -35,10 +35,11 @@
 # Without onnxruntime-gpu the ONNX part still runs and lists its CUDA EP rows as skipped.
 # Nothing under export/ changed after session 14's ONNX table, so the next session can skip calls 2-5 (the
 # onnxruntime-gpu transfer, ~300 s of device time) and spend one call on what is unmeasured: carry [".gpu"],
-#   BUDGET=540 bash benchmarks/run_gpu_checks.sh suite restart profile kernel tests
-# (restart: the first epochs of a second run, issue 6; profile: where BERT-base's 24 ms step goes on the H100;
-# tests last, so a cut takes only its tail, and the InfoNCE file's tiny-temperature cases check the
-# contraction fix compiled.) A session aiming at issue 4 instead needs calls 2-5: the onnx part now ends with
+#   BUDGET=540 bash benchmarks/run_gpu_checks.sh suite restart profile tests
+# (restart: the first epochs of a second run, issue 6; profile: where BERT-base's step goes on the H100, default
+# path and fastest combination; tests last, so a cut takes only its tail, the InfoNCE file first: its
+# tiny-temperature cases check the contraction fix compiled. The kernel part is left out: the loss did not
+# change after session 14's table, whose third call measured it without contraction.) A session aiming at issue 4 instead needs calls 2-5: the onnx part now ends with
 # the fp16 export's kernels by GPU time (onnx_gpu_table.py --profile-runs), what its 4.4-4.6 ms are made of.
 # A session that would rather tune the InfoNCE kernel than measure ONNX on the GPU: skip calls 2-5 and run
 # `bash benchmarks/run_gpu_checks.sh suite sweep tests` in call 1 (the sweep compares block sizes,
