@@ -29,7 +29,7 @@ def report() -> dict:
     from mirrorfast.kernels import resolve_backend
     from mirrorfast.model import pick_device
     from mirrorfast.packing import flash_supported, packed_kernel
-    from mirrorfast.trainer import cpu_has_native_bf16
+    from mirrorfast.trainer import cpu_bf16_emulated, cpu_has_native_bf16
 
     device = pick_device("auto")
     cuda = device.type == "cuda"
@@ -39,6 +39,7 @@ def report() -> dict:
         "platform": platform.platform(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_native_bf16": cpu_has_native_bf16(),  # --bf16 pays on the CPU (benchmarks/RESULTS.md)
+        "cpu_bf16_emulated": cpu_bf16_emulated(),  # --bf16 is ~20x slower than fp32 on the CPU (train warns)
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "gpu": torch.cuda.get_device_name(0) if cuda else None,

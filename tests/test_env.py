@@ -19,7 +19,8 @@ def test_env_reports_versions_and_the_trainers_choices(capsys, monkeypatch):
     assert info["overrides"] == {"MIRRORFAST_KERNELS": "torch"}
     assert info["train_loss"] == "torch"  # the override, as the trainer resolves it
     assert info["train_device"] == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert isinstance(info["cpu_native_bf16"], bool)
+    assert isinstance(info["cpu_native_bf16"], bool) and isinstance(info["cpu_bf16_emulated"], bool)
+    assert not (info["cpu_native_bf16"] and info["cpu_bf16_emulated"])
     if not torch.cuda.is_available():
         assert info["train_flash_attention"] is False and info["train_packed_kernel"] == "sdpa"
     assert info["train_packed_kernel"] in ("flash", "sdpa", "triton")
