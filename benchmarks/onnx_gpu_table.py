@@ -151,7 +151,7 @@ def kernel_profile(run, runs: int, top: int = 15) -> str:
     busy_us = sum(self_us(e) for e in kernels)
     shown = kernels[:top]
     lines = [f"{'GPU kernel' if cuda else 'CPU operator'} time {busy_us / runs / 1e3:.3f} ms per run ({runs} runs "
-             "profiled; the CUDA-graph and TunableOp variants are not profiled)",
+             f"profiled{'; the CUDA-graph and TunableOp variants are not' if cuda else ''})",
              "| kernel | ms per run | share | launches per run |", "| --- | ---: | ---: | ---: |"]
     for e in shown:
         name = e.key if len(e.key) <= 100 else e.key[:97] + "..."

@@ -91,8 +91,8 @@ def compile_in_parallel(launches: list[tuple]) -> bool:
     and all at once: `kernel.warmup` (the JIT's specialization of a launch with these arguments) inside
     Triton's AsyncCompileMode, which hands each compilation to a thread pool. Triton's compiler releases the
     GIL for most of its work (twelve of our kernels: 3.9-5.0 s one after another, 2.4-2.5 s in two threads on a
-    2-core CPU, benchmarks/RESULTS.md). Returns False, having done nothing, where that mode is missing (it
-    arrived in Triton 3.5: an explicit check, the module is private) or under TRITON_INTERPRET=1 (nothing is
+    2-core CPU, benchmarks/RESULTS.md). Returns False, having done nothing, where that mode is missing (Triton
+    3.6 and 3.9 have it, 3.2 not: an explicit check, the module is private) or under TRITON_INTERPRET=1 (nothing is
     compiled there): the caller then launches them, which compiles them one after another."""
     if os.environ.get("TRITON_INTERPRET") == "1" or not launches:
         return False

@@ -89,7 +89,7 @@ def cpu_bf16_emulated(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return bool(flags) and "avx512_bf16" not in flags and "amx_bf16" not in flags
 
 
-# What emulated bf16 cost, measured (benchmarks/RESULTS.md): quoted by the warning above.
+# What emulated bf16 cost, measured (benchmarks/RESULTS.md): quoted by autocast_dtype's warning.
 CPU_BF16_EMULATED_COST = ("a MiniLM step of 100 views took 41.5 s with --bf16 vs 2.0-2.1 s in fp32 (20x slower) "
                           "on a 2-core AVX2 CPU, 2026-11-27")
 

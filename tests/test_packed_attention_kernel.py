@@ -178,7 +178,7 @@ def test_a_view_longer_than_max_len_comes_out_nan_not_unwritten(max_len):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: Triton's JIT compiles only there")
 def test_compile_in_parallel_compiles_without_launching_where_triton_can():
-    """The warm-up's parallel compilation is a capability (Triton's AsyncCompileMode, 3.5+), not a silent fallback:
+    """The warm-up's parallel compilation is a capability (Triton's AsyncCompileMode: 3.6 and 3.9 have it), not a silent fallback:
     where Triton has it, compile_in_parallel reports so and every launch given is compiled, none run."""
     import importlib.util
 
