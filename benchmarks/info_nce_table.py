@@ -151,6 +151,21 @@ def split_config(n2: int, d: int, dtype):
         bwd_stages=2, bwd_chunks=1, bwd_split=4)
 
 
+def stripes_config(n2: int, d: int, dtype, rows: int = 2048, cols: int = 2048):
+    """pick_config with the backward through stripes (KernelConfig.stripe_rows, opt-in), the large-problem
+    candidate the table times next to the default: stripes of `rows` rows against blocks of `cols` columns
+    (at N=16384 D=768 fp16 the workspaces take 8 + 6 MiB), weight tiles 64 x 256 (8 warps, 3 stages) and
+    product tiles 128 x 128 with K steps of 64 (8 warps, 3 stages): of the shapes compiled for sm_90a with
+    Triton 3.9 (2026-11-27), the largest without spills."""
+    from mirrorfast.kernels.infonce_triton import _clamp_block, pick_config
+
+    n = n2 // 2
+    return dataclasses.replace(
+        pick_config(n2, d, dtype), bwd_fold=True, bwd_split=1, bwd_m=_clamp_block(64, n), bwd_n=_clamp_block(256, n),
+        bwd_d=_clamp_block(64, d), bwd_warps=8, bwd_stages=3, stripe_rows=rows, stripe_cols=cols,
+        mm_m=_clamp_block(128, n), mm_dc=_clamp_block(128, d), mm_k=_clamp_block(64, n), mm_warps=8, mm_stages=3)
+
+
 def run_checks(quick: bool) -> bool:
     import torch
 
@@ -212,25 +227,31 @@ def run_checks(quick: bool) -> bool:
     # not folded for large ones) and the split column blocks (fwd_split/bwd_split); 16-bit
     # inputs, norms over six decades (fp16: the folded tile's scaling), an all-zero row in bf16; the split
     # variant also twice, bit-identical (its partial sums are added in a fixed order).
+    # The backward through stripes, too: stripes of about a third of N rows against blocks of half N columns
+    # (ragged last ones, several of each per segment), bit-identical twice (column blocks summed in order).
     variant_shapes = [(3, 33), (40, 20)] if DEVICE == "cpu" else [(17, 130), (200, 768), (4100, 64)]
-    for kind, make_config in (("fold", flipped_fold_config), ("split", split_config)):
+
+    def small_stripes(n2, d, dtype):
+        return stripes_config(n2, d, dtype, rows=max(1, n2 // 6), cols=max(1, n2 // 4))
+
+    for kind, make_config in (("fold", flipped_fold_config), ("split", split_config), ("stripes", small_stripes)):
         for n, d in variant_shapes:
             for dtype in (torch.float16, torch.bfloat16):
                 case += 1
                 cfg = make_config(2 * n, d, dtype)
-                label = f"{fold_label(cfg)} bwd" if kind == "fold" else "split"
+                label = f"{fold_label(cfg)} bwd" if kind == "fold" else kind
                 zero = dtype == torch.bfloat16
                 a, b = make_inputs(n, d, dtype, case, zero_row=zero)
                 out = fwd_bwd(lambda x, y: info_nce_triton(x, y, 0.07, "mean", config=cfg), a, b)
                 errs = [rel_err(o, r) for o, r in zip(out, fp64_reference(a, b, 0.07, "mean"))]
                 name = str(dtype).split(".")[-1]
                 passed = all(bool(torch.isfinite(t).all()) for t in out) and max(errs) <= TOL[name]
-                if kind == "split":
+                if kind != "fold":
                     again = fwd_bwd(lambda x, y: info_nce_triton(x, y, 0.07, "mean", config=cfg), a, b)
                     passed &= all(torch.equal(p, q) for p, q in zip(out, again))
                 report(passed, f"{label + ' vs fp64':<16} {name:8s} N={n:<5d} D={d:<5d} mean"
                                f"{' zero-row' if zero else ''}: loss {errs[0]:.1e}  grad a {errs[1]:.1e}  "
-                               f"grad b {errs[2]:.1e}{'  (2 runs bit-identical)' if kind == 'split' else ''}")
+                               f"grad b {errs[2]:.1e}{'' if kind == 'fold' else '  (2 runs bit-identical)'}")
 
     # The largest N issue 3 names (32768 rows per view), fp16, the whole call against the chunked fp64
     # reference: index arithmetic at 65536 rows, the large-problem configuration at its largest grid
@@ -240,12 +261,14 @@ def run_checks(quick: bool) -> bool:
     if DEVICE == "cuda":
         a, b = make_inputs(32768, 768, torch.float16, 15, scale_rows=False)
         flipped = flipped_fold_config(65536, 768, torch.float16)
+        stripes = stripes_config(65536, 768, torch.float16)
         for reduction in ("mean", "sum"):
             ref = fp64_reference(a, b, 0.04, reduction)
             floors = [0.0] + [rel_err(r.to(torch.float16), r) for r in ref[1:]]
             for label, loss_fn in (
                     ("triton", lambda x, y: info_nce(x, y, 0.04, reduction, backend="triton")),
-                    (f"{fold_label(flipped)} bwd", lambda x, y: info_nce_triton(x, y, 0.04, reduction, config=flipped))):
+                    (f"{fold_label(flipped)} bwd", lambda x, y: info_nce_triton(x, y, 0.04, reduction, config=flipped)),
+                    ("stripes", lambda x, y: info_nce_triton(x, y, 0.04, reduction, config=stripes))):
                 out = fwd_bwd(loss_fn, a, b)
                 errs = [rel_err(o, r) for o, r in zip(out, ref)]
                 report(all(e <= f + TOL["float16"] for e, f in zip(errs, floors)),
@@ -351,6 +374,9 @@ def run_table(sizes, quick: bool) -> None:
         if 2 * n <= SPLIT_MAX_ROWS:  # and with the column blocks split over more programs (small problems)
             impls["triton (split)"] = (lambda x, y, cfg=split_config(2 * n, d, torch.float16):
                                        info_nce_triton(x, y, temperature, "mean", config=cfg))
+        else:  # or with the backward through stripes (large problems)
+            impls["triton (stripes)"] = (lambda x, y, cfg=stripes_config(2 * n, d, torch.float16):
+                                         info_nce_triton(x, y, temperature, "mean", config=cfg))
         impls |= {
             "torch eager": lambda x, y: info_nce_reference(x, y, temperature, "mean"),
             "torch.compile": torch.compile(lambda x, y: info_nce_reference(x, y, temperature, "mean"), dynamic=False),
@@ -383,6 +409,8 @@ def run_table(sizes, quick: bool) -> None:
         print(f"{'':>14}config: {pick_config(2 * n, d, torch.float16)}", flush=True)
         if 2 * n <= SPLIT_MAX_ROWS:
             print(f"{'':>14}split: {split_config(2 * n, d, torch.float16)}", flush=True)
+        else:
+            print(f"{'':>14}stripes: {stripes_config(2 * n, d, torch.float16)}", flush=True)
         del ref
         torch.cuda.empty_cache()
 
@@ -448,6 +476,22 @@ SWEEP_BWD_SPLIT = [
     ((16, 64, 128, 128, 4, 2, 3), 8), ((16, 32, 128, 256, 4, 2, 3), 8),
 ]
 
+# The backward through stripes (KernelConfig.stripe_rows) for large 16-bit problems: (weights kernel
+# (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages), product kernel (BLOCK_M, BLOCK_DC, BLOCK_K, num_warps,
+# num_stages), (stripe_rows, stripe_cols)). None spills on sm_90a with Triton 3.9 but (128, 128, 64, 8, 3)'s
+# weights kernel (4 bytes).
+SWEEP_BWD_STRIPES = [
+    ((64, 256, 64, 8, 3), (128, 128, 64, 8, 3), (2048, 2048)),  # stripes_config's
+    ((64, 256, 64, 8, 3), (128, 128, 64, 8, 4), (2048, 2048)),
+    ((128, 128, 64, 8, 3), (128, 128, 64, 8, 3), (2048, 2048)),
+    ((64, 128, 64, 4, 3), (64, 128, 64, 4, 4), (2048, 2048)),
+    ((64, 256, 64, 8, 3), (128, 128, 64, 8, 3), (1024, 4096)),
+    # workspaces of 20 and 38 MiB at N=16384 D=768 (issue 3 allows 64 MiB in all, gradients included: 48 of
+    # them): fewer, larger launches, to see what the budget costs
+    ((64, 256, 64, 8, 3), (128, 128, 64, 8, 3), (4096, 1024)),
+    ((64, 256, 64, 8, 3), (128, 128, 64, 8, 3), (2048, 8192)),
+]
+
 
 def compiled_registers(kernel, run) -> str:
     """Calls run(); returns "regs R spill S" of the kernels `kernel` (a @triton.jit) compiled during it, as
@@ -480,8 +524,9 @@ def sweep_candidates(n: int, d: int, dtype) -> list[tuple[str, tuple, str, objec
     # 16-bit inputs: each backward candidate also with rinv folded into the gradient tile
     # (KernelConfig.bwd_fold; listed as the candidate + "fold"), side by side with the plain one.
     folds = (False,) if fp32 else (False, True)
-    # Small 16-bit problems: the split candidates too (listed as the candidate + "split", splits).
-    splits = not fp32 and not large
+    # Small 16-bit problems: the split candidates too (listed as the candidate + "split", splits); large
+    # ones: the backward through stripes (listed as weights + product + "stripes" + rows and columns).
+    splits, stripes = not fp32 and not large, not fp32 and large
     return ([("fwd", f, p, KernelConfig(*f, *base_b, fp32_dot=p)) for f in fwd_list for p in precisions]
             + [("fwd", f + ("split", k), "ieee", KernelConfig(*f, *base_b, fwd_split=k))
                for f, k in (SWEEP_FWD_SPLIT if splits else ())]
@@ -489,7 +534,11 @@ def sweep_candidates(n: int, d: int, dtype) -> list[tuple[str, tuple, str, objec
                for b in bwd_list for fold in folds for p in precisions]
             + [("bwd", b + ("split", k) + (("fold",) if fold else ()), "ieee",
                 KernelConfig(*base_f, *b, bwd_split=k, bwd_fold=fold))
-               for b, k in (SWEEP_BWD_SPLIT if splits else ()) for fold in folds])
+               for b, k in (SWEEP_BWD_SPLIT if splits else ()) for fold in folds]
+            + [("bwd", w + m + ("stripes",) + rc, "ieee",
+                KernelConfig(*base_f, *w[:3], default.bwd_dc, *w[3:], bwd_fold=True, stripe_rows=rc[0],
+                             stripe_cols=rc[1], mm_m=m[0], mm_dc=m[1], mm_k=m[2], mm_warps=m[3], mm_stages=m[4]))
+               for w, m, rc in (SWEEP_BWD_STRIPES if stripes else ())])
 
 
 def run_sweep(n: int, d: int, dtype_name: str) -> None:
@@ -497,8 +546,8 @@ def run_sweep(n: int, d: int, dtype_name: str) -> None:
     import triton.testing
 
     from mirrorfast.errors import first_line
-    from mirrorfast.kernels.infonce_triton import (_backward, _forward, _infonce_bwd_kernel, _infonce_fwd_kernel,
-                                                   pick_config)
+    from mirrorfast.kernels.infonce_triton import (_backward, _forward, _infonce_bwd_kernel,
+                                                   _infonce_bwd_weights_kernel, _infonce_fwd_kernel, pick_config)
 
     dtype = getattr(torch, dtype_name)
     temperature = 0.04
@@ -528,7 +577,8 @@ def run_sweep(n: int, d: int, dtype_name: str) -> None:
             else:
                 run = lambda: _backward(a, b, norms, lse2, grad, temperature, "mean", cfg)  # noqa: E731
                 result = []
-                regs = compiled_registers(_infonce_bwd_kernel, lambda: result.append(run()))
+                kernel = _infonce_bwd_weights_kernel if cfg.stripe_rows else _infonce_bwd_kernel
+                regs = compiled_registers(kernel, lambda: result.append(run()))
                 first_us = 1e6 * (time.perf_counter() - t0)
                 (da, db), = result
                 err = f"grad err {max(rel_err(da, ref_ga), rel_err(db, ref_gb)):.1e}"

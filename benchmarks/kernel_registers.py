@@ -116,6 +116,22 @@ def infonce_cases(n2: int, d: int, dtype: torch.dtype, cfg, label: str, checked:
         yield (f"{label} merge", nce._infonce_merge_kernel,
                dict(part_ptr=f32, lse_ptr=f32, loss_ptr=f32, total_ptr=f32, N2=n2, total_scale=1.0 / n2),
                dict(nce.merge_meta(n), NUM_SPLIT=cfg.fwd_split), checked)
+    if cfg.stripe_rows:  # the backward through stripes: its three kernels instead of the fused one
+        rows, cols = min(cfg.stripe_rows, n), min(cfg.stripe_cols, n)
+        stripe = dict(R=rows, D=d, stride_xi=d, eps=1e-12)
+        yield (f"{label} stripe weights", nce._infonce_bwd_weights_kernel,
+               dict(stripe, xi_ptr=dtype, xj_ptr=dtype, norm_ptr=f32, norm_col_ptr=f32, lse_ptr=f32, w_ptr=f32,
+                    wref_ptr=f32, rmax_ptr=f32, wt_ptr=dtype, C=cols, N=n, stride_xj=d, stride_wt=cols, w_stride=0,
+                    row0=0, col0=cols, scale2=1.0),
+               nce.weights_meta(cfg, dtype), checked)
+        yield (f"{label} stripe product", nce._infonce_bwd_stripe_mm_kernel,
+               dict(wt_ptr=dtype, xj_ptr=dtype, dz_ptr=f32, R=rows, C=cols, D=d, stride_wt=cols, stride_xj=d),
+               dict(nce.stripe_mm_meta(cfg, dtype), ACCUMULATE=True), checked)
+        yield (f"{label} stripe finalize", nce._infonce_bwd_stripe_finalize_kernel,
+               dict(stripe, xi_ptr=dtype, dz_ptr=f32, norm_ptr=f32, wref_ptr=f32, rmax_ptr=f32, dx_ptr=dtype,
+                    stride_dx=d, row0=0, out_scale=1.0),
+               nce.stripe_finalize_meta(rows, d, dtype), checked)
+        return
     yield (f"{label} backward", nce._infonce_bwd_kernel,
            dict(common, norm_ptr=f32, norm_col_ptr=f32, lse_ptr=f32, w_ptr=f32, wref_ptr=f32, da_ptr=dtype, db_ptr=dtype,
                 part_ptr=f32, zpart_ptr=f32, stride_da=d, stride_db=d, w_stride=0, scale2=1.0, out_scale=1.0,
@@ -130,7 +146,7 @@ def infonce_cases(n2: int, d: int, dtype: torch.dtype, cfg, label: str, checked:
 
 def cases():
     """(name, kernel, runtime args, meta, checked) for every default launch configuration."""
-    from info_nce_table import split_config
+    from info_nce_table import split_config, stripes_config
 
     from mirrorfast.kernels import infonce_triton as nce
     from mirrorfast.kernels import packed_attention_triton as attn
@@ -150,6 +166,11 @@ def cases():
     for dtype in (torch.bfloat16, torch.float16):
         yield from infonce_cases(400, 768, dtype, split_config(400, 768, dtype),
                                  f"InfoNCE N=200 D=768 {str(dtype)[6:]} split", False)
+    # The backward through stripes info_nce_table times for large problems (opt-in), listed only.
+    for dtype in (torch.float16, torch.bfloat16):
+        yield from (case for case in infonce_cases(32768, 768, dtype, stripes_config(32768, 768, dtype),
+                                                   f"InfoNCE N=16384 D=768 {str(dtype)[6:]} stripes", False)
+                    if case[0].endswith(("weights", "product", "finalize")))
     for heads, head_dim in ((12, 64), (12, 32)):  # BERT-base, MiniLM-L6
         q = torch.empty(1, heads, head_dim, dtype=torch.bfloat16, device="meta")  # a GPU tensor's launch arguments
         bf = torch.bfloat16
@@ -183,7 +204,7 @@ def sweep_cases(spec: str):
 
     n, d, *rest = spec.split(",")
     n, d, dtype = int(n), int(d), getattr(torch, rest[0] if rest else "float16")
-    kernels = {"fwd": ("forward", "merge"), "bwd": ("backward", "finalize")}
+    kernels = {"fwd": ("forward", "merge"), "bwd": ("backward", "finalize", "weights", "product")}
     for kind, candidate, precision, cfg in sweep_candidates(n, d, dtype):
         label = f"InfoNCE {candidate}{' ' + precision if dtype == torch.float32 else ''}"
         yield from (case for case in infonce_cases(2 * n, d, dtype, cfg, label, False)

@@ -46,6 +46,18 @@ several programs (grid dimension 1 of the forward, 2 of the backward), as split-
    merges them into lse2 and loss and reduces the loss ("mean"/"sum": no torch reduction launch).
 2b. backward splits write their share of dz and of z . dz, fp32, to a (split, 2N, D) workspace;
    `_infonce_bwd_finalize_kernel` adds the shares in split order (bit-identical run to run) and projects.
+Large problems can take the backward through stripes instead (`KernelConfig.stripe_rows`, opt-in, not timed on
+a GPU yet). The fused backward keeps its accumulators in registers, so at N=16384 D=768 it runs 512 row
+blocks x 2 groups of gradient columns, each reading all of x for its logits: counted from the loops, ~100 GB
+of loads and the Gram products done twice (3 products of the forward's size in all; the forward: ~20 GB).
+Through stripes each logit is computed once (2 products in all) and the loads come to ~60 GB:
+2c. `_infonce_bwd_weights_kernel`, grid (cdiv(R, BLOCK_M), cdiv(C, BLOCK_N)) per (stripe of R rows, block of
+   C columns): the folded (G + G^T) tile (rinv_J multiplied in, as with `bwd_fold`) into an (R, C) workspace
+   in x's dtype;
+2d. `_infonce_bwd_stripe_mm_kernel`, grid (cdiv(R, BLOCK_M), cdiv(D, BLOCK_DC)): that workspace times x_J,
+   added to the stripe's (R, D) fp32 sum in launch order (deterministic);
+2e. `_infonce_bwd_stripe_finalize_kernel`, one launch per stripe: z_i . dz_i from the sum, the projection
+   through the L2 normalization, dx in x's dtype.
 Saved for backward: the inputs (kept alive by autograd anyway), norm (2N,) and lse2 (2N,) in fp32; with
 `fused_norm` also the norms as the forward computed them for columns (2N,), which can differ from the rows'
 in the last bit, and the backward recomputes every logit with the norms the forward used for it.
@@ -276,6 +288,49 @@ def _infonce_merge_kernel(
 
 
 @triton.jit
+def _load_wref(wref_ptr):
+    # max |grad_output| as the backward divides by it (0-dim fp32; tiny or zero: 1e-30, finite quotients).
+    return tl.maximum(tl.abs(tl.load(wref_ptr).to(tl.float32)), 1e-30)
+
+
+@triton.jit
+def _rinv_max(norm_ptr, N2, eps):
+    # The largest rinv_r = 1 / ||x_r|| over the 2N rows that are not all zero (1.0 if none): fp16's scale
+    # for the folded (G + G^T) tile.
+    offs_r = tl.arange(0, 1024)  # (1024,)
+    rmax_r = tl.zeros((1024,), dtype=tl.float32)
+    for r0 in range(0, N2, 1024):
+        norm_r = tl.load(norm_ptr + r0 + offs_r, mask=(r0 + offs_r) < N2, other=0.0)
+        rmax_r = tl.maximum(rmax_r, tl.where(norm_r > eps, 1.0 / tl.maximum(norm_r, eps), 0.0))
+    rmax = tl.max(rmax_r, axis=0)
+    return tl.where(rmax > 0.0, rmax, 1.0)
+
+
+@triton.jit
+def _sym_grad_tile(s2, s2t, lse_i, lse_j, u_i, u_j, valid, pos):
+    # The (G + G^T) / wref tile, (BLOCK_M, BLOCK_N) fp32, |entries| <= 2: s2 rows i's base-2 logits, s2t rows
+    # j's (transposed; the same tile unless the forward fused its norms), lse_* their log2-sum-exp2, u_* the
+    # rows' grad_output / wref; valid: off the diagonal and inside both ranges; pos: the positive pairs.
+    p_ij = tl.where(valid, tl.exp2(s2 - lse_i[:, None]), 0.0)  # softmax of row i
+    p_ji = tl.where(valid, tl.exp2(s2t - lse_j[None, :]), 0.0)  # softmax of row j, transposed
+    is_pos = tl.where(pos, 1.0, 0.0)
+    return u_i[:, None] * (p_ij - is_pos) + u_j[None, :] * (p_ji - is_pos)
+
+
+@triton.jit
+def _fold_rinv(g, rinv_j, rmax, G_SCALE: tl.constexpr, SCALE_FP16: tl.constexpr):
+    # sum_j g_ij z_j = sum_j (g_ij rinv_j) x_j: the (G + G^T) tile with rinv_J multiplied in, so x_J enters
+    # the product as loaded. fp16 cannot hold g_ij rinv_j for every norm, so with SCALE_FP16 the factor is
+    # G_SCALE rinv_j / rmax <= G_SCALE (undone afterwards). An all-zero row (rinv_j = 1/eps > rmax) is
+    # clamped to G_SCALE: finite, and its x_j = 0 (an fp16 row with norm <= eps has no nonzero element).
+    # bf16 and fp32 have the range: no scaling.
+    if SCALE_FP16:
+        return g * tl.minimum(rinv_j * (G_SCALE / rmax), G_SCALE)[None, :]  # |result| <= 2 G_SCALE
+    else:
+        return g * rinv_j[None, :]
+
+
+@triton.jit
 def _gz_chunk(acc, gs, xj, rinv_j, DOT_PRECISION: tl.constexpr, MM_FP16: tl.constexpr):
     # acc (BLOCK_M, BLOCK_DC) += gs (BLOCK_M, BLOCK_N) @ z_J, z_J = x_J * rinv_J restricted to one chunk of
     # gradient columns (xj: (BLOCK_N, BLOCK_DC)). For 16-bit inputs both operands are rounded to fp16,
@@ -357,7 +412,7 @@ def _infonce_bwd_kernel(
     if TWO_NORMS:  # rows i as the forward's other programs saw them, as columns
         rinv_ci = 1.0 / tl.maximum(tl.load(norm_col_ptr + rows, mask=row_ok, other=1.0), eps)  # (BLOCK_M,)
     lse_i = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)  # (BLOCK_M,)
-    wref = tl.maximum(tl.abs(tl.load(wref_ptr).to(tl.float32)), 1e-30)
+    wref = _load_wref(wref_ptr)
     u_i = tl.load(w_ptr + rows * w_stride, mask=row_ok, other=0.0).to(tl.float32) / wref  # (BLOCK_M,) in [-1, 1]
 
     # sum_j g_ij z_j * G_SCALE, one (BLOCK_M, BLOCK_DC) accumulator per chunk (unused ones are dead code)
@@ -368,13 +423,7 @@ def _infonce_bwd_kernel(
     zdz = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sum_j g_ij s2_ij
     rmax = 1.0  # SCALE_FP16: the largest rinv_r over the rows that are not all zero (every program alike)
     if SCALE_FP16:
-        offs_r = tl.arange(0, 1024)  # (1024,)
-        rmax_r = tl.zeros((1024,), dtype=tl.float32)
-        for r0 in range(0, 2 * N, 1024):
-            norm_r = tl.load(norm_ptr + r0 + offs_r, mask=(r0 + offs_r) < 2 * N, other=0.0)
-            rmax_r = tl.maximum(rmax_r, tl.where(norm_r > eps, 1.0 / tl.maximum(norm_r, eps), 0.0))
-        rmax = tl.max(rmax_r, axis=0)
-        rmax = tl.where(rmax > 0.0, rmax, 1.0)
+        rmax = _rinv_max(norm_ptr, 2 * N, eps)
     split = tl.program_id(2)
     j_lo, j_hi = _split_range(split, 2 * tl.cdiv(N, BLOCK_N), NUM_SPLIT)
     for jb in range(j_lo, j_hi):
@@ -402,23 +451,14 @@ def _infonce_bwd_kernel(
 
         same = loc_i[:, None] == loc_j[None, :]
         valid = row_ok[:, None] & col_ok[None, :] & ~(same & (seg_i == seg_j))
-        p_ij = tl.where(valid, tl.exp2(s2 - lse_i[:, None]), 0.0)  # softmax of row i
-        p_ji = tl.where(valid, tl.exp2(s2t - lse_j[None, :]), 0.0)  # softmax of row j, transposed
-        is_pos = tl.where(valid & same & (seg_i != seg_j), 1.0, 0.0)
-        g = u_i[:, None] * (p_ij - is_pos) + u_j[None, :] * (p_ji - is_pos)  # (G + G^T) / wref, |g| <= 2
+        g = _sym_grad_tile(s2, s2t, lse_i, lse_j, u_i, u_j, valid, valid & same & (seg_i != seg_j))
         zdz += tl.sum(g * s2, axis=1)
 
         if FOLD_RINV:
-            # sum_j g_ij z_j = sum_j (g_ij rinv_j) x_j: the chunk products take x_J as loaded. fp16 cannot
-            # hold g_ij rinv_j for every norm, so with SCALE_FP16 the factor is G_SCALE rinv_j / rmax <= G_SCALE
-            # (undone in dz_scale). An all-zero row (rinv_j = 1/eps > rmax) is clamped to G_SCALE: finite,
-            # and its x_j = 0 (an fp16 row with norm <= eps has no nonzero element). bf16 and fp32 have the
-            # range: no scaling. (A scale per column tile, with the accumulators rescaled as an online softmax
-            # rescales its sum, was tried: sm_90a ptxas spilled 392 bytes, vs 64 for this one.)
-            if SCALE_FP16:
-                gs = g * tl.minimum(rinv_j * (G_SCALE / rmax), G_SCALE)[None, :]  # |gs| <= 2 G_SCALE
-            else:
-                gs = g * rinv_j[None, :]
+            # The chunk products take x_J as loaded (fp16: scaled, undone in dz_scale). A scale per column
+            # tile, with the accumulators rescaled as an online softmax rescales its sum, was tried: sm_90a
+            # ptxas spilled 392 bytes, vs 64 for this one.
+            gs = _fold_rinv(g, rinv_j, rmax, G_SCALE, SCALE_FP16)
         else:
             gs = g * G_SCALE  # (BLOCK_M, BLOCK_N)
         acc0 = _chunk_product(acc0, gs, xj0, rinv_j, FOLD_RINV, DOT_PRECISION, DOT_UPCAST, MM_FP16)
@@ -505,6 +545,132 @@ def _infonce_bwd_finalize_kernel(
               stride_da, stride_db, 1.0)
 
 
+# The backward through stripes (`KernelConfig.stripe_rows`, opt-in). The fused backward above keeps its
+# gradient accumulators in registers, so a program holds only NUM_DC * BLOCK_DC columns of D for its rows and
+# every logit tile is recomputed cdiv(D, NUM_DC * BLOCK_DC) times, each time from a full-D Gram product over
+# 64-row blocks. This one instead writes the folded (G + G^T) tile of a stripe of rows x a block of columns to
+# a small 16-bit workspace (one Gram product per logit, in large tiles) and multiplies it by x_J in a separate
+# matrix product that owns its output tile across the whole of D; the stripe's dz is summed in an fp32
+# workspace over the column blocks, in a fixed order, then projected. Launches: 2 per (stripe, column block)
+# and 1 per stripe; the workspaces are (stripe_rows, stripe_cols) in x's dtype and (stripe_rows, D) fp32.
+
+
+@triton.jit
+def _infonce_bwd_weights_kernel(
+    xi_ptr,  # x_I: (R, D) this stripe's rows (a view into a or b), unit stride along D
+    xj_ptr,  # x_J: (C, D) this block's columns (a view into a or b), unit stride along D
+    norm_ptr, norm_col_ptr, lse_ptr, w_ptr, wref_ptr,  # as _infonce_bwd_kernel's, indexed by x = cat(a, b) row
+    rmax_ptr,  # SCALE_FP16: 0-dim fp32, the largest rinv of the batch (_rinv_max), computed once per call
+    wt_ptr,  # out: (R, C) in x's dtype, row stride stride_wt: (G + G^T)_IJ / wref with rinv_J folded in
+    R, C, N, D, stride_xi, stride_xj, stride_wt, w_stride,
+    row0, col0,  # x = cat(a, b) index of x_I's first row and of x_J's first row
+    scale2,  # log2(e) / T
+    eps,
+    G_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, SCALE_FP16: tl.constexpr, TWO_NORMS: tl.constexpr,
+):
+    # grid (cdiv(R, BLOCK_M), cdiv(C, BLOCK_N)): one tile each, its logits computed once.
+    loc_i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    loc_j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    row_ok = loc_i < R
+    col_ok = loc_j < C
+    rows = row0 + loc_i  # (BLOCK_M,) index into x
+    cols = col0 + loc_j  # (BLOCK_N,)
+    rinv_i = 1.0 / tl.maximum(tl.load(norm_ptr + rows, mask=row_ok, other=1.0), eps)
+    rinv_j = 1.0 / tl.maximum(tl.load(norm_ptr + cols, mask=col_ok, other=1.0), eps)
+    lse_i = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    lse_j = tl.load(lse_ptr + cols, mask=col_ok, other=0.0)
+    wref = _load_wref(wref_ptr)
+    u_i = tl.load(w_ptr + rows * w_stride, mask=row_ok, other=0.0).to(tl.float32) / wref
+    u_j = tl.load(w_ptr + cols * w_stride, mask=col_ok, other=0.0).to(tl.float32) / wref
+
+    gram, _, _ = _gram_tile(xi_ptr, loc_i, stride_xi, row_ok, xj_ptr, loc_j, stride_xj, col_ok, D,
+                            BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, DOT_UPCAST, False)  # (BLOCK_M, BLOCK_N)
+    if TWO_NORMS:  # as in _infonce_bwd_kernel: each logit as the forward program of its row made it
+        rinv_ci = 1.0 / tl.maximum(tl.load(norm_col_ptr + rows, mask=row_ok, other=1.0), eps)
+        rinv_cj = 1.0 / tl.maximum(tl.load(norm_col_ptr + cols, mask=col_ok, other=1.0), eps)
+        s2 = gram * (rinv_i[:, None] * rinv_cj[None, :]) * scale2
+        s2t = gram * (rinv_ci[:, None] * rinv_j[None, :]) * scale2
+    else:
+        s2 = gram * (rinv_i[:, None] * rinv_j[None, :]) * scale2  # (BLOCK_M, BLOCK_N), as in the forward
+        s2t = s2
+    gap = rows[:, None] - cols[None, :]  # (BLOCK_M, BLOCK_N): 0 on the diagonal, +-N at the positives
+    valid = row_ok[:, None] & col_ok[None, :] & (gap != 0)
+    g = _sym_grad_tile(s2, s2t, lse_i, lse_j, u_i, u_j, valid, valid & ((gap == N) | (gap == -N)))
+    rmax = 1.0
+    if SCALE_FP16:
+        rmax = tl.load(rmax_ptr)
+    gs = _fold_rinv(g, rinv_j, rmax, G_SCALE, SCALE_FP16)
+    ptrs = wt_ptr + loc_i.to(tl.int64)[:, None] * stride_wt + loc_j[None, :]
+    tl.store(ptrs, gs.to(wt_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _infonce_bwd_stripe_mm_kernel(
+    wt_ptr,  # (R, C) in x's dtype: the weights kernel's tile block
+    xj_ptr,  # x_J: (C, D), unit stride along D
+    dz_ptr,  # (R, D) fp32, contiguous: the stripe's sum over column blocks so far (in/out)
+    R, C, D, stride_wt, stride_xj,
+    ACCUMULATE: tl.constexpr,  # add to dz (every column block but the stripe's first)
+    BLOCK_M: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    # grid (cdiv(R, BLOCK_M), cdiv(D, BLOCK_DC)): dz[I, c] (+)= wt[I, :] @ x_J[:, c], fp32 accumulation; each
+    # output tile belongs to one program, and the column blocks are added in launch order: deterministic.
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    offs_c = tl.program_id(1) * BLOCK_DC + tl.arange(0, BLOCK_DC)  # (BLOCK_DC,)
+    offs_k = tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+    m_ok = offs_m < R
+    c_ok = offs_c < D
+    w_ptrs = wt_ptr + offs_m.to(tl.int64)[:, None] * stride_wt + offs_k[None, :]  # (BLOCK_M, BLOCK_K)
+    x_ptrs = xj_ptr + offs_k.to(tl.int64)[:, None] * stride_xj + offs_c[None, :]  # (BLOCK_K, BLOCK_DC)
+    acc = tl.zeros((BLOCK_M, BLOCK_DC), dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        k_ok = (k0 + offs_k) < C
+        w = tl.load(w_ptrs + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(x_ptrs + k0 * stride_xj, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+        acc = _dot(w, x, acc, DOT_PRECISION, DOT_UPCAST)
+    out_ptrs = dz_ptr + offs_m.to(tl.int64)[:, None] * D + offs_c[None, :]
+    out_mask = m_ok[:, None] & c_ok[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=out_mask, other=0.0)
+    tl.store(out_ptrs, acc, mask=out_mask)
+
+
+@triton.jit
+def _infonce_bwd_stripe_finalize_kernel(
+    xi_ptr,  # x_I: (R, D) this stripe's rows, unit stride along D
+    dz_ptr,  # (R, D) fp32, contiguous: sum over j of the folded (G + G^T)_ij x_j
+    norm_ptr, wref_ptr, rmax_ptr,  # as the weights kernel's
+    dx_ptr,  # out: (R, D) in x's dtype, row stride stride_dx (a view into da or db)
+    R, D, stride_xi, stride_dx, row0,
+    out_scale,  # w_scale / (T * G_SCALE)
+    eps,
+    BLOCK_M: tl.constexpr, BLOCK_DC: tl.constexpr, SCALE_FP16: tl.constexpr,
+):
+    # grid (cdiv(R, BLOCK_M),): dz_i = dz_scale * sum_j (...), then dx_i = rinv_i (dz_i - z_i (z_i . dz_i)), with
+    # z_i . dz_i summed from dz itself (two passes over D).
+    loc_i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    row_ok = loc_i < R
+    norm_i = tl.load(norm_ptr + row0 + loc_i, mask=row_ok, other=1.0)
+    rinv_i = 1.0 / tl.maximum(norm_i, eps)  # (BLOCK_M,)
+    dz_scale = _load_wref(wref_ptr) * out_scale
+    if SCALE_FP16:
+        dz_scale = dz_scale * tl.load(rmax_ptr)
+    offs = tl.arange(0, BLOCK_DC)  # (BLOCK_DC,)
+    dz_ptrs = dz_ptr + loc_i.to(tl.int64)[:, None] * D + offs[None, :]  # (BLOCK_M, BLOCK_DC)
+    zdz = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for c0 in range(0, D, BLOCK_DC):
+        mask = row_ok[:, None] & ((c0 + offs) < D)[None, :]
+        zi = _load_cols(xi_ptr, loc_i, stride_xi, row_ok, c0 + offs, D).to(tl.float32) * rinv_i[:, None]
+        zdz += tl.sum(zi * tl.load(dz_ptrs + c0, mask=mask, other=0.0), axis=1)
+    zdz = tl.where(norm_i > eps, zdz * dz_scale, 0.0)  # clamped norm: x / eps is linear, no projection
+    for c0 in range(0, D, BLOCK_DC):
+        mask = row_ok[:, None] & ((c0 + offs) < D)[None, :]
+        _store_dx(tl.load(dz_ptrs + c0, mask=mask, other=0.0), zdz, rinv_i, 0, loc_i, row_ok, xi_ptr, stride_xi,
+                  c0 + offs, D, dx_ptr, dx_ptr, stride_dx, stride_dx, dz_scale)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Launch helpers
 # ----------------------------------------------------------------------------------------------------
@@ -542,10 +708,28 @@ class KernelConfig:
     # (_infonce_bwd_finalize_kernel) sums in a fixed order. 1 = no split (no workspace, no extra launch).
     fwd_split: int = 1
     bwd_split: int = 1
+    # Backward through stripes instead of the fused backward (0: fused). Rows of x are taken stripe_rows at a
+    # time; `_infonce_bwd_weights_kernel` writes their folded (G + G^T) tiles against stripe_cols columns to a
+    # workspace (tiles bwd_m x bwd_n, D step bwd_d, bwd_warps, bwd_stages) and `_infonce_bwd_stripe_mm_kernel`
+    # multiplies them by x_J (tiles mm_m rows x mm_dc columns of D, K step mm_k). Each logit is computed once
+    # and in large tiles, at the price of a workspace of stripe_rows x (stripe_cols 16-bit + D fp32) and
+    # 2 launches per (stripe, column block). Needs bwd_fold. Opt-in: not timed on a GPU yet.
+    stripe_rows: int = 0
+    stripe_cols: int = 2048
+    mm_m: int = 128
+    mm_dc: int = 128
+    mm_k: int = 64
+    mm_warps: int = 8
+    mm_stages: int = 3
 
     def __post_init__(self):
         if not 1 <= self.bwd_chunks <= 4:  # the kernel has four accumulators
             raise ValueError(f"bwd_chunks must be 1 to 4, got {self.bwd_chunks}")
+        if self.stripe_rows < 0 or self.stripe_cols < 1:
+            raise ValueError(f"stripe_rows must be >= 0 and stripe_cols >= 1, got {self.stripe_rows}, {self.stripe_cols}")
+        if self.stripe_rows and not (self.bwd_fold and self.bwd_split == 1):
+            raise ValueError("the backward through stripes folds rinv into its tiles and has no split: "
+                             "set bwd_fold=True and bwd_split=1 with stripe_rows")
         if not (1 <= self.fwd_split <= 64 and 1 <= self.bwd_split <= 64):  # unrolled loops over the splits
             raise ValueError(f"fwd_split and bwd_split must be 1 to 64, got {self.fwd_split}, {self.bwd_split}")
         if self.fp32_dot not in ("ieee", "tf32x3"):
@@ -660,6 +844,25 @@ def finalize_meta(n: int, d: int) -> dict:
     return dict(BLOCK_M=_clamp_block(16, n), BLOCK_DC=_clamp_block(256, d), num_warps=4, **_NO_FP_CONTRACTION)
 
 
+def weights_meta(cfg: KernelConfig, dtype: torch.dtype, upcast: bool = False) -> dict:
+    """`_infonce_bwd_weights_kernel`'s compile-time arguments and launch options (backward through stripes)."""
+    return dict(G_SCALE=_g_scale(cfg, dtype), BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, BLOCK_D=cfg.bwd_d,
+                DOT_PRECISION=_dot_precision(dtype, cfg), DOT_UPCAST=upcast, SCALE_FP16=dtype == torch.float16,
+                TWO_NORMS=cfg.fused_norm, num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages, **_NO_FP_CONTRACTION)
+
+
+def stripe_mm_meta(cfg: KernelConfig, dtype: torch.dtype, upcast: bool = False) -> dict:
+    """`_infonce_bwd_stripe_mm_kernel`'s compile-time arguments and launch options (without ACCUMULATE)."""
+    return dict(BLOCK_M=cfg.mm_m, BLOCK_DC=cfg.mm_dc, BLOCK_K=cfg.mm_k, DOT_PRECISION=_dot_precision(dtype, cfg),
+                DOT_UPCAST=upcast, num_warps=cfg.mm_warps, num_stages=cfg.mm_stages, **_NO_FP_CONTRACTION)
+
+
+def stripe_finalize_meta(rows: int, d: int, dtype: torch.dtype) -> dict:
+    """`_infonce_bwd_stripe_finalize_kernel`'s compile-time arguments and launch options."""
+    return dict(BLOCK_M=_clamp_block(16, rows), BLOCK_DC=_clamp_block(256, d), SCALE_FP16=dtype == torch.float16,
+                num_warps=4, **_NO_FP_CONTRACTION)
+
+
 def _forward(a, b, temperature: float, reduction: str, cfg: KernelConfig):
     # a, b: (N, D), same dtype/device, unit stride along D. Returns norms: (2, 2N) fp32, the norms of x as
     # rows and as columns (one tensor twice unless the norms are fused), lse2: (2N,) fp32 (both saved for
@@ -702,6 +905,10 @@ def _backward(a, b, norms, lse2, grad, temperature: float, reduction: str, cfg: 
         w_scale = 1.0 / n2 if reduction == "mean" else 1.0
     da = torch.empty((n, d), device=a.device, dtype=a.dtype)
     db = torch.empty((n, d), device=a.device, dtype=a.dtype)
+    if cfg.stripe_rows:
+        _backward_stripes(a, b, norms, lse2, w, w_stride, wref, w_scale / (temperature * _g_scale(cfg, a.dtype)),
+                          temperature, cfg, da, db)
+        return da, db
     split = cfg.bwd_split
     if split > 1:  # the splits' shares of dz and z . dz, summed by the finalize launch
         part = torch.empty((split, n2, d), device=a.device, dtype=torch.float32)
@@ -722,6 +929,48 @@ def _backward(a, b, norms, lse2, grad, temperature: float, reduction: str, cfg: 
             NUM_SPLIT=split, **meta,
         )
     return da, db
+
+
+def _backward_stripes(a, b, norms, lse2, w, w_stride, wref, out_scale: float, temperature: float,
+                      cfg: KernelConfig, da, db) -> None:
+    # The backward through stripes (KernelConfig.stripe_rows): for each stripe of rows of a, then of b, the
+    # weights and product launches over the column blocks of a, then of b (views: stripes and blocks never
+    # straddle the two), then the stripe's finalize launch writes its rows of da or db.
+    n, d = a.shape
+    rows_max, cols_max = min(cfg.stripe_rows, n), min(cfg.stripe_cols, n)
+    wt = torch.empty((rows_max, cols_max), device=a.device, dtype=a.dtype)  # the tile block, reused
+    dz = torch.empty((rows_max, d), device=a.device, dtype=torch.float32)  # the stripe's sum, reused
+    norm = norms[0]
+    rmax = wref  # read by fp16 launches only
+    if a.dtype == torch.float16:  # the folded tiles' scale (as _rinv_max), one device scalar: no host sync
+        rinv = torch.where(norm > _EPS, norm.clamp_min(_EPS).reciprocal(), 0.0).amax()
+        rmax = torch.where(rinv > 0, rinv, 1.0)
+    upcast = _dot_upcast(a)
+    w_meta, mm_meta = weights_meta(cfg, a.dtype, upcast), stripe_mm_meta(cfg, a.dtype, upcast)
+    scale2 = _LOG2E / temperature
+    for seg_i, (x_all, dx_all) in enumerate(((a, da), (b, db))):
+        for r0 in range(0, n, rows_max):
+            rows = min(rows_max, n - r0)
+            x_i, blocks = x_all[r0:], 0
+            for seg_j, xj_all in enumerate((a, b)):
+                for c0 in range(0, n, cols_max):
+                    cols = min(cols_max, n - c0)
+                    x_j = xj_all[c0:]
+                    _infonce_bwd_weights_kernel[(triton.cdiv(rows, cfg.bwd_m), triton.cdiv(cols, cfg.bwd_n))](
+                        x_i, x_j, norms[0], norms[1], lse2, w, wref, rmax, wt,
+                        rows, cols, n, d, x_i.stride(0), x_j.stride(0), wt.stride(0), w_stride,
+                        seg_i * n + r0, seg_j * n + c0, scale2, _EPS, **w_meta,
+                    )
+                    _infonce_bwd_stripe_mm_kernel[(triton.cdiv(rows, cfg.mm_m), triton.cdiv(d, cfg.mm_dc))](
+                        wt, x_j, dz, rows, cols, d, wt.stride(0), x_j.stride(0), ACCUMULATE=blocks > 0, **mm_meta,
+                    )
+                    blocks += 1
+            dx = dx_all[r0:]
+            meta = stripe_finalize_meta(rows_max, d, a.dtype)
+            _infonce_bwd_stripe_finalize_kernel[(triton.cdiv(rows, meta["BLOCK_M"]),)](
+                x_i, dz, norm, wref, rmax, dx, rows, d, x_i.stride(0), dx.stride(0), seg_i * n + r0, out_scale, _EPS,
+                **meta,
+            )
 
 
 def warm_up(n_values, d: int, dtype: torch.dtype, device) -> None:

@@ -70,18 +70,21 @@ def test_infonce_kernels_compile_without_fp_contraction():
     # fuse mul + add into fma in one kernel and not the other moved the gradients by 1e-3 at T=1e-4 on an H100
     # (kernels/infonce_triton.py, _NO_FP_CONTRACTION). With 16-bit inputs the dots go to the tensor cores, so
     # any fp32 fma left in the PTX is a contraction: there must be none, in any of the loss's launches
-    # (default and split configurations).
+    # (default, split and stripes configurations).
     script = (
         "import sys, re, torch; sys.path.insert(0, 'benchmarks'); import kernel_registers as kr;"
         "from mirrorfast.kernels import infonce_triton as nce; from dataclasses import replace;"
         "cfg = nce.pick_config(400, 768, torch.bfloat16);"
         "cases = [*kr.infonce_cases(400, 768, torch.bfloat16, cfg, 'default', True),"
-        " *kr.infonce_cases(400, 768, torch.float16, replace(cfg, fwd_split=2, bwd_split=2, bwd_fold=True), 'split', True)];"
+        " *kr.infonce_cases(400, 768, torch.float16, replace(cfg, fwd_split=2, bwd_split=2, bwd_fold=True), 'split', True),"
+        " *kr.infonce_cases(400, 768, torch.float16, replace(cfg, bwd_fold=True, stripe_rows=64, stripe_cols=128),"
+        " 'stripes', True)];"
         "[print(name, len(re.findall(r'fma\\.rn\\.f32', kr.compile_kernel(fn, 90, rt, meta).asm['ptx'])))"
         " for name, fn, rt, meta, _ in cases]"
     )
     counts = dict(line.rsplit(" ", 1) for line in _compiled_output(script, timeout=600).strip().splitlines())
-    assert {"default norms", "default forward", "default backward", "split merge", "split finalize"} <= set(counts), counts
+    assert {"default norms", "default forward", "default backward", "split merge", "split finalize",
+            "stripes stripe weights", "stripes stripe product", "stripes stripe finalize"} <= set(counts), counts
     assert all(c == "0" for c in counts.values()), f"fp32 fma instructions (contractions) per kernel: {counts}"
 
 
@@ -94,3 +97,20 @@ def test_sweep_candidates_compile():
     assert any(", 3) backward" in r for r in rows)  # several gradient chunks per program
     assert any("'split', 8) merge" in r for r in rows) and any("'split', 4) finalize" in r for r in rows)
     assert len(rows) >= 15 and all(" regs " in r for r in rows)
+
+
+def test_stripes_sweep_candidates_compile():
+    # The large-problem sweep's candidates for the backward through stripes, each of its three kernels
+    # compiled at the size they are for (N=16384 D=768 fp16), statically: the next GPU sweep cannot fail on
+    # a candidate that does not compile.
+    script = (
+        "import sys, torch; sys.path.insert(0, 'benchmarks'); import kernel_registers as kr;"
+        "from info_nce_table import SWEEP_BWD_STRIPES, sweep_candidates;"
+        "stripes = [c for c in sweep_candidates(16384, 768, torch.float16) if c[3].stripe_rows];"
+        "assert len(stripes) == len(SWEEP_BWD_STRIPES), stripes;"
+        "[print(name, *kr.registers_and_spills(kr.compile_kernel(fn, 90, rt, meta), 90))"
+        " for _, candidate, _, cfg in stripes for name, fn, rt, meta, _ in"
+        " kr.infonce_cases(32768, 768, torch.float16, cfg, str(candidate), False) if 'stripe ' in name]"
+    )
+    rows = _compiled_output(script, timeout=900).strip().splitlines()
+    assert len(rows) == 3 * 7 and all(int(r.split()[-2]) > 0 for r in rows), rows

@@ -385,6 +385,63 @@ def test_split_out_of_range():
         KernelConfig(16, 16, 16, 4, 2, False, 16, 16, 16, 16, 4, 2, fwd_split=0)
 
 
+# The backward through stripes (KernelConfig.stripe_rows: the folded (G + G^T) tiles of a stripe of rows
+# written to a workspace, then multiplied by x_J in a separate product): every dtype and reduction, stripes
+# and column blocks that divide N, that do not (ragged last ones), and that exceed it (one of each), norms
+# fused or not in the forward, all-zero rows.
+STRIPE_CASES = [
+    (n, d, dtype, REDUCTIONS[i % 3], stripes, i % 2 == 1, i % 4 == 3 and n > 1 and dtype != torch.float16)
+    for i, (n, d, dtype, stripes) in enumerate(
+        (n, d, dt, sp) for n, d in ((1, 8), (19, 37), (40, 70)) for dt, sp in (
+            (torch.float32, (16, 32)), (torch.bfloat16, (20, 48)), (torch.float16, (64, 16))))
+]
+
+
+def stripe_config(rows: int, cols: int, fused_norm: bool = False) -> "KernelConfig":
+    return KernelConfig(16, 16, 16, 4, 2, fused_norm, 16, 16, 16, 16, 4, 2, bwd_fold=True, stripe_rows=rows,
+                        stripe_cols=cols, mm_m=16, mm_dc=16, mm_k=16, mm_warps=4, mm_stages=2)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", _thinned_on_gpu(STRIPE_CASES),
+                         ids=lambda c: f"N{c[0]}-D{c[1]}-{str(c[2])[6:]}-{c[3]}-stripes{c[4][0]}x{c[4][1]}"
+                                       f"{'-fused_norm' if c[5] else ''}{'-zero_row' if c[6] else ''}")
+def test_triton_stripes_backward_matches_definition(case):
+    n, d, dtype, reduction, (rows, cols), fused_norm, zero = case
+    check_against_definition("triton", n, d, dtype, reduction, seed=2300 + STRIPE_CASES.index(case), zero_row=zero,
+                             config=stripe_config(rows, cols, fused_norm))
+
+
+@needs_triton
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # the zero row's own inf, expected
+def test_triton_stripes_backward_fp16_zero_row_and_deterministic():
+    """fp16 with an all-zero row (as test_triton_folded_backward_fp16_zero_row: its factor is clamped, so the
+    other rows stay exact), and two runs bit-identical (column blocks summed in launch order)."""
+    n, d = 19, 37
+    a, b = make_inputs(n, d, torch.float16, seed=2400, zero_row=True)
+    config = stripe_config(16, 16)
+    fn = lambda x, y: info_nce_triton(x, y, 0.1, "mean", config=config)  # noqa: E731
+    (loss, ga, gb), again = (loss_and_grads(fn, a, b, None) for _ in range(2))
+    ref_loss, ref_ga, ref_gb = loss_and_grads(lambda x, y: nt_xent_f64(x, y, 0.1, "mean"),
+                                              a.double().cpu(), b.double().cpu(), None)
+    keep = torch.arange(n) != n // 2  # make_inputs zeroes b[n // 2]
+    assert rel_err(loss, ref_loss) <= TOL[torch.float16]
+    assert torch.isfinite(ga).all() and torch.isfinite(gb[keep]).all()
+    assert rel_err(ga, ref_ga) <= TOL[torch.float16]
+    assert rel_err(gb[keep], ref_gb[keep]) <= TOL[torch.float16]
+    for first, second in zip((loss, ga, gb), again):
+        assert torch.equal(first, second)
+
+
+def test_stripes_config_errors():
+    with pytest.raises(ValueError, match="set bwd_fold=True and bwd_split=1"):
+        KernelConfig(16, 16, 16, 4, 2, False, 16, 16, 16, 16, 4, 2, stripe_rows=16)
+    with pytest.raises(ValueError, match="set bwd_fold=True and bwd_split=1"):
+        KernelConfig(16, 16, 16, 4, 2, False, 16, 16, 16, 16, 4, 2, bwd_fold=True, bwd_split=2, stripe_rows=16)
+    with pytest.raises(ValueError, match="stripe_rows must be >= 0 and stripe_cols >= 1"):
+        KernelConfig(16, 16, 16, 4, 2, False, 16, 16, 16, 16, 4, 2, bwd_fold=True, stripe_rows=16, stripe_cols=0)
+
+
 def _compiled_kernels() -> int:
     from mirrorfast.kernels import infonce_triton as nce
     from mirrorfast.warmup import compiled_kernels
