@@ -28,19 +28,22 @@
 # of the 900; a second call on a fresh machine (start ~30 s) ran the rest of the tests and `--sweep 16384,768`
 # (118 s). A machine cannot start with under 4 minutes of device time left: plan the second call early.
 # (H200, 2026-11-26: suite 76 s with 9 rows, onnx 46 s, tests 76 s with 91 tests, sweep 50 s, kernel 40 s.)
-# What to read first: info_nce_table.log's variant rows (`triton (split)`, `triton (fold)` or `(no fold)`, and
-# their graph rows) against `triton`; sweep.log's 'fold' and 'split' candidates; gpu_suite.log's `kernels: ...`
+# What to read first: info_nce_table.log's variant rows (`triton (stripes)`, `triton (split)`, `triton (fold)` or `(no fold)`, and
+# their graph rows) against `triton`; sweep.log's 'stripes', 'fold' and 'split' candidates; gpu_suite.log's `kernels: ...`
 # warm-up line.
 # $OUT returns at most 8 files: the parts write one log each, the device facts go into summary.txt.
 # Without onnxruntime-gpu the ONNX part still runs and lists its CUDA EP rows as skipped.
 # Nothing under export/ changed after session 14's ONNX table, so the next session can skip calls 2-5 (the
 # onnxruntime-gpu transfer, ~300 s of device time) and spend one call on what is unmeasured: carry [".gpu"],
-#   BUDGET=540 bash benchmarks/run_gpu_checks.sh suite restart profile tests
-# (restart: the first epochs of a second run, issue 6; profile: where BERT-base's step goes on the H100, default
-# path and fastest combination; tests last, so a cut takes only its tail, the InfoNCE file first: its
-# tiny-temperature cases check the contraction fix compiled. The kernel part is left out: the loss did not
-# change after session 14's table, whose third call measured it without contraction.) A session aiming at issue 4 instead needs calls 2-5: the onnx part now ends with
-# the fp16 export's kernels by GPU time (onnx_gpu_table.py --profile-runs), what its 4.4-4.6 ms are made of.
+#   BUDGET=540 bash benchmarks/run_gpu_checks.sh kernel suite restart profile tests
+# (kernel: the InfoNCE table's new `triton (stripes)` row at N=16384, the opt-in backward through stripes of
+# session 16, against `triton` in the same run, and its checks against fp64 up to N=32768; suite; restart: the
+# first epochs of a second run, issue 6; profile: where BERT-base's step goes on the H100, default path and
+# fastest combination; tests last, so a cut takes only its tail, the InfoNCE file first: its
+# tiny-temperature cases check the contraction fix compiled.) If the stripes row beats `triton`, a second
+# call's `sweep` part times its 7 candidates (SWEEP_BWD_STRIPES: tile shapes and workspace sizes) with the rest.
+# A session aiming at issue 4 instead needs calls 2-5: the onnx part now ends with the fp16 export's kernels
+# by GPU time (onnx_gpu_table.py --profile-runs), what its 4.4-4.6 ms are made of.
 # A session that would rather tune the InfoNCE kernel than measure ONNX on the GPU: skip calls 2-5 and run
 # `bash benchmarks/run_gpu_checks.sh suite sweep tests` in call 1 (the sweep compares block sizes,
 # including several gradient-column chunks per backward program, KernelConfig.bwd_chunks; each line also
