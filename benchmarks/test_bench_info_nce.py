@@ -3,7 +3,8 @@
     pytest benchmarks/test_bench_info_nce.py --benchmark-only
 
 On a CUDA machine: fp16 inputs, (N=200, D=768) and (N=16384, D=768), the three implementations side by
-side (one benchmark group per size), peak extra GPU memory in `extra_info`. Without CUDA: the PyTorch
+side (one benchmark group per size), plus at N=16384 the kernel with its opt-in backward through stripes
+(`KernelConfig.stripe_rows`), peak extra GPU memory in `extra_info`. Without CUDA: the PyTorch
 reference on CPU at a small and a medium size; the GPU cases skip with the reason.
 `benchmarks/info_nce_table.py` prints the same comparison as one table (plus correctness checks).
 """
@@ -16,7 +17,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # same rule as tests/conftest.py
 
-from info_nce_table import peak_extra_mib  # noqa: E402  (benchmarks/ is on sys.path under pytest)
+from info_nce_table import SPLIT_MAX_ROWS, peak_extra_mib, stripes_config  # noqa: E402  (benchmarks/ is on sys.path)
 from mirrorfast.errors import first_line  # noqa: E402
 from mirrorfast.kernels import info_nce, info_nce_reference  # noqa: E402
 
@@ -24,7 +25,7 @@ CUDA = torch.cuda.is_available()
 TEMPERATURE = 0.04
 GPU_SIZES = [(200, 768), (16384, 768)]
 CPU_SIZES = [(64, 128), (512, 384)]
-IMPLS = ["triton", "torch-eager", "torch-compile"]
+IMPLS = ["triton", "triton-stripes", "torch-eager", "torch-compile"]
 
 
 def _inputs(n, d, dtype, device):
@@ -45,9 +46,14 @@ def _make_step(loss_fn, a, b):
     return step
 
 
-def _loss_fn(impl):
+def _loss_fn(impl, n, d):
     if impl == "triton":
         return lambda a, b: info_nce(a, b, TEMPERATURE, "mean", backend="triton")
+    if impl == "triton-stripes":
+        from mirrorfast.kernels.infonce_triton import info_nce_triton
+
+        config = stripes_config(2 * n, d, torch.float16)
+        return lambda a, b: info_nce_triton(a, b, TEMPERATURE, "mean", config=config)
     if impl == "torch-eager":
         return lambda a, b: info_nce_reference(a, b, TEMPERATURE, "mean")
     compiled = torch.compile(lambda a, b: info_nce_reference(a, b, TEMPERATURE, "mean"), dynamic=False)
@@ -59,10 +65,12 @@ def _loss_fn(impl):
 def test_info_nce_fwd_bwd_gpu(benchmark, n, d, impl):
     if not CUDA:
         pytest.skip("needs a CUDA GPU: the Triton kernel, eager and compiled PyTorch are compared on fp16 CUDA tensors")
-    if impl == "triton":
+    if impl.startswith("triton"):
         pytest.importorskip("triton", reason="triton is not installed")
+    if impl == "triton-stripes" and 2 * n <= SPLIT_MAX_ROWS:
+        pytest.skip("the backward through stripes is for large problems (small ones have few row blocks to save)")
     a, b = _inputs(n, d, torch.float16, "cuda")
-    step = _make_step(_loss_fn(impl), a, b)
+    step = _make_step(_loss_fn(impl, n, d), a, b)
     try:
         step()  # compile / autotune outside the timing
     except Exception as exc:  # noqa: BLE001
@@ -80,7 +88,7 @@ def test_info_nce_fwd_bwd_gpu(benchmark, n, d, impl):
 @pytest.mark.parametrize("n,d", CPU_SIZES, ids=[f"N{n}-D{d}" for n, d in CPU_SIZES])
 def test_info_nce_reference_cpu(benchmark, n, d):
     a, b = _inputs(n, d, torch.float32, "cpu")
-    step = _make_step(_loss_fn("torch-eager"), a, b)
+    step = _make_step(_loss_fn("torch-eager", n, d), a, b)
     step()
     benchmark.group = "info_nce fwd+bwd fp32 CPU reference"
     benchmark.extra_info.update(impl="torch-eager", n=n, d=d, dtype="float32", device="cpu")
