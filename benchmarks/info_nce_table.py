@@ -487,7 +487,8 @@ SWEEP_BWD_STRIPES = [
     ((64, 128, 64, 4, 3), (64, 128, 64, 4, 4), (2048, 2048)),
     ((64, 256, 64, 8, 3), (128, 128, 64, 8, 3), (1024, 4096)),
     # workspaces of 20 and 38 MiB at N=16384 D=768 (issue 3 allows 64 MiB in all, gradients included: 48 of
-    # them): fewer, larger launches, to see what the budget costs
+    # them), to see what the budget costs: taller stripes (a product grid of 192 programs, not 96; 520
+    # launches) and wider blocks (144 launches instead of 528)
     ((64, 256, 64, 8, 3), (128, 128, 64, 8, 3), (4096, 1024)),
     ((64, 256, 64, 8, 3), (128, 128, 64, 8, 3), (2048, 8192)),
 ]
