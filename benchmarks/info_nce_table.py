@@ -151,19 +151,26 @@ def split_config(n2: int, d: int, dtype):
         bwd_stages=2, bwd_chunks=1, bwd_split=4)
 
 
-def stripes_config(n2: int, d: int, dtype, rows: int = 2048, cols: int = 2048):
-    """pick_config with the backward through stripes (KernelConfig.stripe_rows, opt-in), the large-problem
-    candidate the table times next to the default: stripes of `rows` rows against blocks of `cols` columns
-    (at N=16384 D=768 fp16 the workspaces take 8 + 6 MiB), weight tiles 64 x 256 (8 warps, 3 stages) and
-    product tiles 128 x 128 with K steps of 64 (8 warps, 3 stages): of the shapes compiled for sm_90a with
-    Triton 3.9 (2026-11-27), the largest without spills."""
-    from mirrorfast.kernels.infonce_triton import _clamp_block, pick_config
+def with_stripes(cfg, n: int, d: int, weights: tuple, product: tuple, stripes: tuple):
+    """cfg with the backward through stripes (KernelConfig.stripe_rows): weights kernel (BLOCK_M, BLOCK_N,
+    BLOCK_D, num_warps, num_stages), product kernel (BLOCK_M, BLOCK_DC, BLOCK_K, num_warps, num_stages),
+    (stripe_rows, stripe_cols), as the entries of SWEEP_BWD_STRIPES; blocks clamped to N and D as pick_config's."""
+    from mirrorfast.kernels.infonce_triton import _clamp_block
 
-    n = n2 // 2
+    (wm, wn, wd, ww, ws), (mm, mdc, mk, mw, ms), (rows, cols) = weights, product, stripes
     return dataclasses.replace(
-        pick_config(n2, d, dtype), bwd_fold=True, bwd_split=1, bwd_m=_clamp_block(64, n), bwd_n=_clamp_block(256, n),
-        bwd_d=_clamp_block(64, d), bwd_warps=8, bwd_stages=3, stripe_rows=rows, stripe_cols=cols,
-        mm_m=_clamp_block(128, n), mm_dc=_clamp_block(128, d), mm_k=_clamp_block(64, n), mm_warps=8, mm_stages=3)
+        cfg, bwd_fold=True, bwd_split=1, bwd_m=_clamp_block(wm, n), bwd_n=_clamp_block(wn, n),
+        bwd_d=_clamp_block(wd, d), bwd_warps=ww, bwd_stages=ws, stripe_rows=rows, stripe_cols=cols,
+        mm_m=_clamp_block(mm, n), mm_dc=_clamp_block(mdc, d), mm_k=_clamp_block(mk, n), mm_warps=mw, mm_stages=ms)
+
+
+def stripes_config(n2: int, d: int, dtype, rows: int | None = None, cols: int | None = None):
+    """pick_config with the backward through stripes as SWEEP_BWD_STRIPES' first entry has it (the
+    large-problem candidate the table times next to the default), optionally other stripe sizes."""
+    from mirrorfast.kernels.infonce_triton import pick_config
+
+    weights, product, (rows0, cols0) = SWEEP_BWD_STRIPES[0]
+    return with_stripes(pick_config(n2, d, dtype), n2 // 2, d, weights, product, (rows or rows0, cols or cols0))
 
 
 def run_checks(quick: bool) -> bool:
@@ -481,7 +488,9 @@ SWEEP_BWD_SPLIT = [
 # num_stages), (stripe_rows, stripe_cols)). None spills on sm_90a with Triton 3.9 but (128, 128, 64, 8, 3)'s
 # weights kernel (4 bytes).
 SWEEP_BWD_STRIPES = [
-    ((64, 256, 64, 8, 3), (128, 128, 64, 8, 3), (2048, 2048)),  # stripes_config's
+    # stripes_config's: of the shapes compiled for sm_90a with Triton 3.9 (2026-11-27), the largest without
+    # spills; at N=16384 D=768 fp16 its workspaces take 8 + 6 MiB
+    ((64, 256, 64, 8, 3), (128, 128, 64, 8, 3), (2048, 2048)),
     ((64, 256, 64, 8, 3), (128, 128, 64, 8, 4), (2048, 2048)),
     ((128, 128, 64, 8, 3), (128, 128, 64, 8, 3), (2048, 2048)),
     ((64, 128, 64, 4, 3), (64, 128, 64, 4, 4), (2048, 2048)),
@@ -536,9 +545,7 @@ def sweep_candidates(n: int, d: int, dtype) -> list[tuple[str, tuple, str, objec
             + [("bwd", b + ("split", k) + (("fold",) if fold else ()), "ieee",
                 KernelConfig(*base_f, *b, bwd_split=k, bwd_fold=fold))
                for b, k in (SWEEP_BWD_SPLIT if splits else ()) for fold in folds]
-            + [("bwd", w + m + ("stripes",) + rc, "ieee",
-                KernelConfig(*base_f, *w[:3], default.bwd_dc, *w[3:], bwd_fold=True, stripe_rows=rc[0],
-                             stripe_cols=rc[1], mm_m=m[0], mm_dc=m[1], mm_k=m[2], mm_warps=m[3], mm_stages=m[4]))
+            + [("bwd", w + m + ("stripes",) + rc, "ieee", with_stripes(default, n, d, w, m, rc))
                for w, m, rc in (SWEEP_BWD_STRIPES if stripes else ())])
 
 

@@ -845,10 +845,11 @@ def finalize_meta(n: int, d: int) -> dict:
 
 
 def weights_meta(cfg: KernelConfig, dtype: torch.dtype, upcast: bool = False) -> dict:
-    """`_infonce_bwd_weights_kernel`'s compile-time arguments and launch options (backward through stripes)."""
-    return dict(G_SCALE=_g_scale(cfg, dtype), BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, BLOCK_D=cfg.bwd_d,
-                DOT_PRECISION=_dot_precision(dtype, cfg), DOT_UPCAST=upcast, SCALE_FP16=dtype == torch.float16,
-                TWO_NORMS=cfg.fused_norm, num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages, **_NO_FP_CONTRACTION)
+    """`_infonce_bwd_weights_kernel`'s compile-time arguments and launch options (backward through stripes):
+    the fused backward's for the same tiles, less what only that kernel takes (its gradient chunks and splits)."""
+    meta = bwd_meta(cfg, dtype, upcast)
+    return {k: meta[k] for k in ("G_SCALE", "BLOCK_M", "BLOCK_N", "BLOCK_D", "DOT_PRECISION", "DOT_UPCAST",
+                                 "SCALE_FP16", "TWO_NORMS", "num_warps", "num_stages", *_NO_FP_CONTRACTION)}
 
 
 def stripe_mm_meta(cfg: KernelConfig, dtype: torch.dtype, upcast: bool = False) -> dict:
@@ -905,9 +906,9 @@ def _backward(a, b, norms, lse2, grad, temperature: float, reduction: str, cfg: 
         w_scale = 1.0 / n2 if reduction == "mean" else 1.0
     da = torch.empty((n, d), device=a.device, dtype=a.dtype)
     db = torch.empty((n, d), device=a.device, dtype=a.dtype)
+    scale2, out_scale = _LOG2E / temperature, w_scale / (temperature * _g_scale(cfg, a.dtype))
     if cfg.stripe_rows:
-        _backward_stripes(a, b, norms, lse2, w, w_stride, wref, w_scale / (temperature * _g_scale(cfg, a.dtype)),
-                          temperature, cfg, da, db)
+        _backward_stripes(a, b, norms, lse2, w, w_stride, wref, scale2, out_scale, cfg, da, db)
         return da, db
     split = cfg.bwd_split
     if split > 1:  # the splits' shares of dz and z . dz, summed by the finalize launch
@@ -919,8 +920,7 @@ def _backward(a, b, norms, lse2, grad, temperature: float, reduction: str, cfg: 
     _infonce_bwd_kernel[grid](
         a, b, norms[0], norms[1], lse2, w, wref, da, db, part, zpart,
         n, d, a.stride(0), b.stride(0), da.stride(0), db.stride(0), w_stride,
-        _LOG2E / temperature, w_scale / (temperature * _g_scale(cfg, a.dtype)), w_scale * _LN2, _EPS,
-        **bwd_meta(cfg, a.dtype, _dot_upcast(a)),
+        scale2, out_scale, w_scale * _LN2, _EPS, **bwd_meta(cfg, a.dtype, _dot_upcast(a)),
     )
     if split > 1:
         meta = finalize_meta(n, d)
@@ -931,8 +931,8 @@ def _backward(a, b, norms, lse2, grad, temperature: float, reduction: str, cfg: 
     return da, db
 
 
-def _backward_stripes(a, b, norms, lse2, w, w_stride, wref, out_scale: float, temperature: float,
-                      cfg: KernelConfig, da, db) -> None:
+def _backward_stripes(a, b, norms, lse2, w, w_stride, wref, scale2: float, out_scale: float, cfg: KernelConfig,
+                      da, db) -> None:
     # The backward through stripes (KernelConfig.stripe_rows): for each stripe of rows of a, then of b, the
     # weights and product launches over the column blocks of a, then of b (views: stripes and blocks never
     # straddle the two), then the stripe's finalize launch writes its rows of da or db. Views and grids are
@@ -949,7 +949,6 @@ def _backward_stripes(a, b, norms, lse2, w, w_stride, wref, out_scale: float, te
     upcast = _dot_upcast(a)
     w_meta, mm_meta = weights_meta(cfg, a.dtype, upcast), stripe_mm_meta(cfg, a.dtype, upcast)
     fin_meta = stripe_finalize_meta(rows_max, d, a.dtype)
-    scale2 = _LOG2E / temperature
     # (view of x, its first row's index in cat(a, b), rows) for the stripes and for the column blocks
     stripes = [(x[r0:], dx[r0:], seg * n + r0, min(rows_max, n - r0))
                for seg, (x, dx) in enumerate(((a, da), (b, db))) for r0 in range(0, n, rows_max)]

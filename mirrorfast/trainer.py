@@ -74,10 +74,13 @@ def _cpu_flags(cpuinfo: str) -> list[str] | None:
         return None
 
 
+def _has_bf16_dot(flags: list[str]) -> bool:
+    return "avx512_bf16" in flags or "amx_bf16" in flags  # AVX-512 BF16 or AMX
+
+
 def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether the CPU advertises bf16 dot products (AVX-512 BF16 or AMX), from Linux's /proc/cpuinfo."""
-    flags = _cpu_flags(cpuinfo) or []
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return _has_bf16_dot(_cpu_flags(cpuinfo) or [])
 
 
 def cpu_bf16_emulated(cpuinfo: str = "/proc/cpuinfo") -> bool:
@@ -86,7 +89,7 @@ def cpu_bf16_emulated(cpuinfo: str = "/proc/cpuinfo") -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     flags = _cpu_flags(cpuinfo)
-    return bool(flags) and "avx512_bf16" not in flags and "amx_bf16" not in flags
+    return bool(flags) and not _has_bf16_dot(flags)
 
 
 # What emulated bf16 cost, measured (benchmarks/RESULTS.md): quoted by autocast_dtype's warning.
