@@ -342,7 +342,7 @@ def parity_cases(tokenizer, max_length: int, input_names: list[str]) -> list[Par
     texts = _PARITY_TEXTS + [long_text]
     encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
     pad_id = tokenizer.pad_token_id
-    body = tokenizer(long_text, add_special_tokens=False)["input_ids"]
+    body = tokenizer(long_text, add_special_tokens=False, verbose=False)["input_ids"]  # longer than max_length on purpose
     first, last = encoded[0][0], encoded[0][-1]  # [CLS] / [SEP] (or <s> / </s>)
 
     def rows_of(lengths) -> list[list[int]]:

@@ -18,11 +18,22 @@ EMBEDDINGS_ROUTE = "/v1/embeddings"
 EMBED_ROUTE = "/embed"
 HEALTH_ROUTE = "/health"
 METRICS_ROUTE = "/metrics"
-PROTECTED_ROUTES = frozenset({EMBEDDINGS_ROUTE, EMBED_ROUTE})
-KNOWN_ROUTES = frozenset({EMBEDDINGS_ROUTE, EMBED_ROUTE, HEALTH_ROUTE, METRICS_ROUTE})
+MODELS_ROUTE = "/v1/models"  # OpenAI's model list (client.models.list()); /v1/models/{id}: one model
+MODEL_ROUTE = MODELS_ROUTE + "/{model}"
+PROTECTED_ROUTES = frozenset({EMBEDDINGS_ROUTE, EMBED_ROUTE, MODELS_ROUTE, MODEL_ROUTE})
+KNOWN_ROUTES = frozenset({EMBEDDINGS_ROUTE, EMBED_ROUTE, HEALTH_ROUTE, METRICS_ROUTE, MODELS_ROUTE})
 # The status label of a request whose client went away before it was answered (nginx's 499): not a 5xx.
 CLIENT_CLOSED_REQUEST = 499
 CLIENT_GONE = object()  # what Edge._handle returns when the client disconnected mid-body
+
+
+def route_label(path: str) -> str:
+    """The route a path belongs to, as metrics label it: a few fixed values, whatever clients send."""
+    if path in KNOWN_ROUTES:
+        return path
+    if path.startswith(MODELS_ROUTE + "/") and len(path) > len(MODELS_ROUTE) + 1:
+        return MODEL_ROUTE
+    return "other"
 
 
 # ----------------------------------------------------------------------------------------- metrics
@@ -109,7 +120,7 @@ class Edge:
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
-        route = path if path in KNOWN_ROUTES else "other"
+        route = route_label(path)
         started = False
         status = 500
 
@@ -155,7 +166,7 @@ class Edge:
 
     async def _handle(self, scope, receive, send, path: str) -> object:
         """Answer the request (None), or return CLIENT_GONE if the client left before its body arrived."""
-        if path in PROTECTED_ROUTES and not self._authorized(scope):
+        if route_label(path) in PROTECTED_ROUTES and not self._authorized(scope):
             await _send_json(
                 send, 401,
                 error_body("missing or invalid API key (send 'Authorization: Bearer KEY')",

@@ -44,8 +44,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mirrorfast.errors import MirrorfastError
 from mirrorfast.export.batching import Batcher, QueueFull, Tokenizing
-from mirrorfast.export.serve_edge import (EMBED_ROUTE, EMBEDDINGS_ROUTE, HEALTH_ROUTE, METRICS_ROUTE, ApiError, Edge,
-                                          Metrics, error_body)
+from mirrorfast.export.runtime import EXPORT_JSON
+from mirrorfast.export.serve_edge import (EMBED_ROUTE, EMBEDDINGS_ROUTE, HEALTH_ROUTE, METRICS_ROUTE, MODELS_ROUTE,
+                                          ApiError, Edge, Metrics, error_body)
 from mirrorfast.tokens import unpaired_surrogate
 
 # ------------------------------------------------------------------------------------------ config
@@ -194,6 +195,14 @@ def _parse_texts(value: Any, param: str, max_inputs: int) -> list[str]:
     return texts
 
 
+def _created(encoder) -> int:
+    """Unix time the export was written (its export.json), as OpenAI's model objects say `created`; 0 if unknown."""
+    try:
+        return int((Path(encoder.export_dir) / EXPORT_JSON).stat().st_mtime)
+    except (AttributeError, TypeError, OSError):  # an encoder that is not an export directory's
+        return 0
+
+
 def create_app(encoder, config: ServeConfig | None = None):
     """The ASGI app serving `encoder` (an OnnxEncoder or anything with the same attributes)."""
     config = (config or ServeConfig()).resolve(encoder)
@@ -224,8 +233,8 @@ def create_app(encoder, config: ServeConfig | None = None):
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request, exc: StarletteHTTPException):
         if exc.status_code == 404:
-            err = ApiError(404, "not found: the routes are POST /v1/embeddings, POST /embed, GET /health, "
-                                "GET /metrics", "not_found_error", code="not_found")
+            err = ApiError(404, "not found: the routes are POST /v1/embeddings, GET /v1/models, POST /embed, "
+                                "GET /health, GET /metrics", "not_found_error", code="not_found")
         elif exc.status_code == 405:
             err = ApiError(405, f"method not allowed: {exc.detail}", "invalid_request_error",
                            code="method_not_allowed", headers=dict(exc.headers or {}))
@@ -339,6 +348,22 @@ def create_app(encoder, config: ServeConfig | None = None):
         except ApiError as err:
             return api_error_response(err)
         return json_response(vectors.tolist())
+
+    # OpenAI's model objects: clients list the models to find the name to send (created: when it was exported)
+    model_object = {"id": config.model_name, "object": "model", "created": _created(encoder),
+                    "owned_by": "mirrorfast"}
+
+    @app.get(MODELS_ROUTE)
+    async def list_models():
+        return json_response({"object": "list", "data": [model_object]})
+
+    @app.get(MODELS_ROUTE + "/{model:path}")  # serve_edge.MODEL_ROUTE; ids with a slash ("org/name") too
+    async def retrieve_model(model: str):
+        if model != config.model_name:
+            return api_error_response(ApiError(
+                404, f"the model {model!r} does not exist; this server serves {config.model_name!r}",
+                param="model", code="model_not_found"))
+        return json_response(model_object)
 
     @app.api_route(HEALTH_ROUTE, methods=["GET", "HEAD"])  # some load-balancer probes send HEAD
     async def health():

@@ -229,6 +229,10 @@ def _add_encode(sub) -> None:
     p.set_defaults(handler=_cmd_encode)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
 def _cmd_encode(args) -> int:
     from mirrorfast.export.runtime import encode_file
 
@@ -236,7 +240,8 @@ def _cmd_encode(args) -> int:
                     provider=args.provider, int8=args.int8, progress=not args.no_progress)
     rate = s.texts / s.seconds if s.seconds > 0 else float("inf")
     print(
-        f"encoded {s.texts} texts ({s.blank_lines} blank lines skipped) with {s.model_file} on {s.provider} "
+        f"encoded {_count(s.texts, 'text')} ({_count(s.blank_lines, 'blank line')} skipped) with {s.model_file} "
+        f"on {s.provider} "
         f"-> {s.output} {s.shape[0]}x{s.shape[1]} float32 in {s.seconds:.2f}s ({rate:.0f} texts/s)"
     )
     if s.truncated:

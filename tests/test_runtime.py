@@ -307,7 +307,9 @@ def test_cli_encode_streams_a_file_larger_than_its_chunk(tiny_export, tiny_onnx,
     out = tmp_path / "vectors.npy"
     assert main(["encode", str(tiny_export), "--input", str(tmp_path / "in.txt"), "--output", str(out),
                  "--batch-size", "3", "--provider", "cpu"]) == 0
-    assert f"encoded {len(texts)} texts ({len(lines) - len(texts)} blank lines skipped)" in capsys.readouterr().out
+    blanks = len(lines) - len(texts)  # 0, 1 or more: "1 blank line", else "lines"
+    skipped = f"{blanks} blank line{'' if blanks == 1 else 's'} skipped"
+    assert f"encoded {len(texts)} texts ({skipped})" in capsys.readouterr().out
     assert max(calls) == 4 and sum(calls) == len(texts)
     np.testing.assert_array_equal(np.load(out), tiny_onnx.encode(texts, batch_size=3))
     saved = io.BytesIO()

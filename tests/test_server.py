@@ -156,7 +156,7 @@ def test_base64_is_little_endian_float32(client, expected):
         np.testing.assert_allclose(vec, expected[s], atol=ATOL)
 
 
-def test_openai_client(server, expected):
+def test_openai_client(server, encoder, expected):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
     for kwargs in ({}, {"encoding_format": "float"}, {"encoding_format": "base64"}):
@@ -170,9 +170,18 @@ def test_openai_client(server, expected):
     single = client.embeddings.create(input=SENTENCES[0], model="m")  # default: base64 on the wire
     np.testing.assert_allclose(single.data[0].embedding, expected[SENTENCES[0]], atol=ATOL)
 
+    served = client.models.list().data  # what clients read to find the model's name
+    assert [m.id for m in served] == [encoder.name] and served[0].owned_by == "mirrorfast"
+    assert served[0].created == int((encoder.export_dir / "export.json").stat().st_mtime)
+    assert client.models.retrieve(encoder.name) == served[0]
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("gpt-4o")
+
     bad = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.embeddings.create(input="x", model="m")
+    with pytest.raises(openai.AuthenticationError):  # /v1/models asks for the key, as OpenAI's does
+        bad.models.list()
     with pytest.raises(openai.BadRequestError, match="empty list"):  # as OpenAI's API: 400, not 422
         client.embeddings.create(input=[], model="m")
 
@@ -457,6 +466,9 @@ def test_metrics_count_what_was_sent(encoder):
         assert c.post("/v1/embeddings", json={"input": []}).status_code == 400
         assert c.post("/embed", json={"inputs": []}).status_code == 422
         assert c.get("/nowhere").status_code == 404
+        assert c.get("/v1/models").status_code == 200
+        for model in (encoder.name, "a", "b/c"):  # one label for every id asked for
+            assert c.get(f"/v1/models/{model}").status_code == (200 if model == encoder.name else 404)
         text = c.get("/metrics").text
     assert text.startswith("# HELP")
     assert _metric(text, "mirrorfast_requests_total", {"route": "/embed", "status": "200"}) == 3
@@ -464,6 +476,9 @@ def test_metrics_count_what_was_sent(encoder):
     assert _metric(text, "mirrorfast_requests_total", {"route": "/v1/embeddings", "status": "400"}) == 1
     assert _metric(text, "mirrorfast_requests_total", {"route": "/embed", "status": "422"}) == 1
     assert _metric(text, "mirrorfast_requests_total", {"route": "other", "status": "404"}) == 1
+    assert _metric(text, "mirrorfast_requests_total", {"route": "/v1/models", "status": "200"}) == 1
+    assert _metric(text, "mirrorfast_requests_total", {"route": "/v1/models/{model}", "status": "200"}) == 1
+    assert _metric(text, "mirrorfast_requests_total", {"route": "/v1/models/{model}", "status": "404"}) == 2
     assert _metric(text, "mirrorfast_request_duration_seconds_count", {"route": "/embed"}) == 4
     assert _metric(text, "mirrorfast_inputs_total") == 8
     assert _metric(text, "mirrorfast_batch_size_sum") == 8
