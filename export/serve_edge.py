@@ -31,7 +31,7 @@ def route_label(path: str) -> str:
     """The route a path belongs to, as metrics label it: a few fixed values, whatever clients send."""
     if path in KNOWN_ROUTES:
         return path
-    if path.startswith(MODELS_ROUTE + "/") and len(path) > len(MODELS_ROUTE) + 1:
+    if path.startswith(MODELS_ROUTE + "/"):  # every id (and none: the route answers it 404) is one label
         return MODEL_ROUTE
     return "other"
 
@@ -134,7 +134,7 @@ class Edge:
         t0 = time.perf_counter()
         self.metrics.in_progress.inc()
         try:
-            if await self._handle(scope, receive, send_wrapper, path) is CLIENT_GONE:
+            if await self._handle(scope, receive, send_wrapper, route) is CLIENT_GONE:
                 status = CLIENT_CLOSED_REQUEST
         except asyncio.CancelledError:
             # The graceful shutdown's time is up (uvicorn cancels what is left): answer 503 if nothing was
@@ -164,9 +164,10 @@ class Edge:
                     return True
         return False
 
-    async def _handle(self, scope, receive, send, path: str) -> object:
-        """Answer the request (None), or return CLIENT_GONE if the client left before its body arrived."""
-        if route_label(path) in PROTECTED_ROUTES and not self._authorized(scope):
+    async def _handle(self, scope, receive, send, route: str) -> object:
+        """Answer the request (None), or return CLIENT_GONE if the client left before its body arrived.
+        route: route_label of its path."""
+        if route in PROTECTED_ROUTES and not self._authorized(scope):
             await _send_json(
                 send, 401,
                 error_body("missing or invalid API key (send 'Authorization: Bearer KEY')",

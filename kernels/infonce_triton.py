@@ -307,6 +307,12 @@ def _rinv_max(norm_ptr, N2, eps):
 
 
 @triton.jit
+def _rinv_max_kernel(norm_ptr, out_ptr, N2, eps):
+    # grid (1,): _rinv_max once per call into a 0-dim fp32, for the backward through stripes' many launches.
+    tl.store(out_ptr, _rinv_max(norm_ptr, N2, eps))
+
+
+@triton.jit
 def _sym_grad_tile(s2, s2t, lse_i, lse_j, u_i, u_j, valid, pos):
     # The (G + G^T) / wref tile, (BLOCK_M, BLOCK_N) fp32, |entries| <= 2: s2 rows i's base-2 logits, s2t rows
     # j's (transposed; the same tile unless the forward fused its norms), lse_* their log2-sum-exp2, u_* the
@@ -936,16 +942,17 @@ def _backward_stripes(a, b, norms, lse2, w, w_stride, wref, scale2: float, out_s
     # The backward through stripes (KernelConfig.stripe_rows): for each stripe of rows of a, then of b, the
     # weights and product launches over the column blocks of a, then of b (views: stripes and blocks never
     # straddle the two), then the stripe's finalize launch writes its rows of da or db. Views and grids are
-    # made once: at N=16384 with 2048 x 2048 stripes this is 528 launches, and host time per launch counts.
+    # made once: at N=16384 with 2048 x 2048 stripes this is 528 launches (529 in fp16: its
+    # scale), and host time per launch counts.
     n, d = a.shape
     rows_max, cols_max = min(cfg.stripe_rows, n), min(cfg.stripe_cols, n)
     wt = torch.empty((rows_max, cols_max), device=a.device, dtype=a.dtype)  # the tile block, reused
     dz = torch.empty((rows_max, d), device=a.device, dtype=torch.float32)  # the stripe's sum, reused
     norm, norm_col = norms[0], norms[1]
     rmax = wref  # read by fp16 launches only
-    if a.dtype == torch.float16:  # the folded tiles' scale (as _rinv_max), one device scalar: no host sync
-        rinv = torch.where(norm > _EPS, norm.clamp_min(_EPS).reciprocal(), 0.0).amax()
-        rmax = torch.where(rinv > 0, rinv, 1.0)
+    if a.dtype == torch.float16:  # the folded tiles' scale, one device scalar: no host sync
+        rmax = torch.empty((), device=a.device, dtype=torch.float32)
+        _rinv_max_kernel[(1,)](norm, rmax, 2 * n, _EPS)
     upcast = _dot_upcast(a)
     w_meta, mm_meta = weights_meta(cfg, a.dtype, upcast), stripe_mm_meta(cfg, a.dtype, upcast)
     fin_meta = stripe_finalize_meta(rows_max, d, a.dtype)

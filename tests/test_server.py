@@ -297,6 +297,8 @@ def test_auth(server, client):
         assert r.json()["error"]["code"] == "invalid_api_key"
         r = httpx.post(f"{server}/embed", json={"inputs": "a"}, headers=headers)
         assert r.status_code == 401
+        for path in ("/v1/models", "/v1/models/x", "/v1/models/"):  # the served name only with the key
+            assert httpx.get(f"{server}{path}", headers=headers).status_code == 401, (path, headers)
     assert httpx.post(f"{server}/embed", json={"inputs": "a"}, headers={"authorization": f"bearer {KEY}"}).status_code == 200
     assert httpx.get(f"{server}/health").status_code == 200  # probes and scrapers need no key
     assert httpx.get(f"{server}/metrics").status_code == 200
