@@ -41,6 +41,8 @@ from mirrorfast import __version__
 from mirrorfast.errors import MirrorfastError, first_line
 from mirrorfast.evaluate import cosine_rows
 from mirrorfast.model import Encoder, check_max_length, load_encoder, pool, position_limit, save_tokenizer
+from mirrorfast.export.first_token import SCOPE as FIRST_TOKEN_SCOPE
+from mirrorfast.export.first_token import FirstTokenLayer, last_bert_layer
 from mirrorfast.export.runtime import EXPORT_FORMAT, EXPORT_JSON, open_session, pad_right
 from mirrorfast.output import atomic_directory, check_destination
 
@@ -62,21 +64,35 @@ _ACTIVATION_OPS = {"Erf", "Gelu", "FastGelu", "BiasGelu", "Tanh"}
 
 # ------------------------------------------------------------------------------------------- wrapper
 class SentenceEmbeddingGraph(nn.Module):
-    """What goes into the graph: HF model -> (pooled [+ L2 normalized] sentence embedding, token states)."""
+    """What goes into the graph: HF model -> (pooled [+ L2 normalized] sentence embedding, token states).
 
-    def __init__(self, model: nn.Module, pooling: str, normalize: bool, takes_token_type_ids: bool):
+    first_token: with cls pooling and a BERT-shaped last layer, the sentence embedding comes from that layer
+    run for position 0 only (export/first_token.py), token states from the full layer; otherwise (and for
+    the parity reference) both come from the model's last hidden state.
+    """
+
+    def __init__(self, model: nn.Module, pooling: str, normalize: bool, takes_token_type_ids: bool,
+                 first_token: bool = False):
         super().__init__()
         self.model = model
         self.pooling = pooling
         self.normalize = normalize
         self.takes_token_type_ids = takes_token_type_ids
+        layer = last_bert_layer(model) if first_token and pooling == "cls" else None
+        # The attribute's name is the branch's node scope in the graph (first_token.SCOPE).
+        self.first_token = FirstTokenLayer(layer) if layer is not None else None
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.takes_token_type_ids and token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
-        hidden = self.model(**kwargs).last_hidden_state
-        pooled = pool(hidden, attention_mask, self.pooling)
+        if self.first_token is None:
+            hidden = self.model(**kwargs).last_hidden_state
+            pooled = pool(hidden, attention_mask, self.pooling)
+        else:
+            states = self.model(**kwargs, output_hidden_states=True)
+            hidden = states.last_hidden_state
+            pooled = self.first_token(states.hidden_states[-2], attention_mask)
         if self.normalize:
             pooled = nn.functional.normalize(pooled, p=2.0, dim=-1)
         return pooled, hidden
@@ -168,11 +184,12 @@ def _torch_export(graph: SentenceEmbeddingGraph, example: dict, path: Path, opse
         except Exception as exc:  # the exporter raises many types; the user needs one line
             raise MirrorfastError(f"ONNX export failed: {type(exc).__name__}: {first_line(exc)}") from exc
     graph.eval()  # the exporter restores the training flag it found; make sure it is eval
-    _fix_output_shapes(path, int(graph.model.config.hidden_size))
+    _tidy_graph(path, int(graph.model.config.hidden_size))
 
 
-def _fix_output_shapes(path: Path, hidden: int) -> None:
-    """Name the dynamic output dims and pin the hidden dim (the tracer can leave generated names there)."""
+def _tidy_graph(path: Path, hidden: int) -> None:
+    """Name the dynamic output dims and pin the hidden dim (the tracer can leave generated names there);
+    give weights used twice (the first-token branch shares the last layer's) to their MatMuls directly."""
     import onnx
 
     model = onnx.load(str(path))
@@ -184,7 +201,24 @@ def _fix_output_shapes(path: Path, hidden: int) -> None:
                 dim.dim_param = value
             else:
                 dim.dim_value = value
+    _bypass_weight_identities(model.graph)
     onnx.save(model, str(path))
+
+
+def _bypass_weight_identities(graph) -> None:
+    """Drop the Identity nodes the exporter puts between a shared weight and its second user: int8
+    quantization takes only MatMuls whose weight is an initializer itself (others stay fp32)."""
+    initializers = {init.name for init in graph.initializer}
+    outputs = {output.name for output in graph.output}
+    renamed = {node.output[0]: node.input[0] for node in graph.node
+               if node.op_type == "Identity" and node.input[0] in initializers and node.output[0] not in outputs}
+    if not renamed:
+        return
+    kept = [node for node in graph.node if not (node.op_type == "Identity" and node.output[0] in renamed)]
+    for node in kept:
+        node.input[:] = [renamed.get(name, name) for name in node.input]
+    del graph.node[:]
+    graph.node.extend(kept)
 
 
 # ------------------------------------------------------------------------------------ fp16 and int8
@@ -242,13 +276,21 @@ def _post_activation_matmuls(model) -> list[str]:
 
 
 def _layer_matmuls(model) -> list[list[str]]:
-    """Weight MatMuls grouped by encoder layer (exporter names `/.../layer.<i>/...`), in layer order."""
+    """Weight MatMuls grouped by encoder layer (exporter names `/.../layer.<i>/...`), in layer order; the
+    first-token branch (`/first_token/...`) is a copy of the last layer and goes with it."""
     initializers = {init.name for init in model.graph.initializer}
     layers: dict[int, list[str]] = {}
+    branch = []
     for node in model.graph.node:
+        if not (node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in initializers):
+            continue
         found = re.search(r"/layer\.(\d+)/", node.name)
-        if found and node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in initializers:
+        if node.name.startswith(f"/{FIRST_TOKEN_SCOPE}/"):
+            branch.append(node.name)
+        elif found:
             layers.setdefault(int(found.group(1)), []).append(node.name)
+    if branch and layers:
+        layers[max(layers)] += branch
     return [layers[i] for i in sorted(layers)]
 
 
@@ -382,7 +424,7 @@ def _parity_session(path: Path, prefer_cuda: bool):
     providers = ["CPUExecutionProvider"]
     if prefer_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    session = open_session(path, providers)
+    session = open_session(path, providers, outputs=(OUTPUT_NAMES[0],))  # as OnnxEncoder runs it
     return session, session.get_providers()[0]
 
 
@@ -478,7 +520,8 @@ def export_model(
     max_length = _resolve_max_length(encoder, max_length)
     hf_model = _export_copy(encoder)
     takes_tt = _takes_token_type_ids(hf_model, encoder.tokenizer)
-    graph = SentenceEmbeddingGraph(hf_model, encoder.pooling, normalize, takes_tt).eval()
+    graph = SentenceEmbeddingGraph(hf_model, encoder.pooling, normalize, takes_tt, first_token=True).eval()
+    plain = SentenceEmbeddingGraph(hf_model, encoder.pooling, normalize, takes_tt).eval()  # parity reference
     example = _example_inputs(encoder.tokenizer, takes_tt)
     input_names = list(example)
     config = hf_model.config
@@ -491,12 +534,20 @@ def export_model(
         if fp16:
             log(f"{FP16_FILE}: transformer fusions, fp16")
             heads = int(getattr(config, "num_attention_heads", 0) or 0)  # 0: the optimizer detects it
-            details["fp16"] = _write_fp16(tmp / FP32_FILE, tmp / FP16_FILE, heads, int(config.hidden_size))
+            fp16_source = tmp / FP32_FILE
+            if graph.first_token is not None:
+                # The optimizer's attention fusion takes the last layer's key/value products away from the
+                # first-token branch that shares them (a broken graph): it gets the graph without the branch.
+                fp16_source = tmp / ".fp16-source.onnx"
+                _torch_export(plain, example, fp16_source, opset)
+            details["fp16"] = _write_fp16(fp16_source, tmp / FP16_FILE, heads, int(config.hidden_size))
+            if fp16_source.name != FP32_FILE:
+                fp16_source.unlink()
             files["fp16"] = FP16_FILE
 
         log(f"parity: checking {', '.join(files.values())} against the PyTorch model")
         cases = parity_cases(encoder.tokenizer, max_length, input_names)
-        reference = _reference(graph, cases)
+        reference = _reference(plain, cases)
         parity = {
             name: check_parity(tmp / name, reference, cases, thresholds[precision], prefer_cuda=precision == "fp16")
             for precision, name in files.items()
@@ -526,6 +577,10 @@ def export_model(
             "inputs": input_names,
             "input_dtype": "int64",
             "outputs": list(OUTPUT_NAMES),
+            # Files whose sentence_embedding comes from the last layer run for the first token alone
+            # (export/first_token.py); the others pool the full last layer.
+            "first_token_last_layer": sorted(name for precision, name in files.items()
+                                             if graph.first_token is not None and precision != "fp16"),
             "dynamic_axes": {"batch": "dim 0 of every input and output",
                              "sequence": "dim 1 of every input and of token_embeddings"},
             "models": files,

@@ -82,16 +82,40 @@ def is_export_dir(path: str | os.PathLike) -> bool:
     return True
 
 
-def open_session(path: Path, providers: list[str]):
-    """An onnxruntime session with all graph optimizations; MirrorfastError when the file will not load."""
+def open_session(path: Path, providers: list[str], outputs: tuple[str, ...] | None = None):
+    """An onnxruntime session with all graph optimizations; MirrorfastError when the file will not load.
+
+    outputs: the only outputs that will be fetched. onnxruntime runs every node of a graph whatever is
+    fetched, so the graph is first cut down to what these outputs need (for an export with a first-token
+    branch, export/first_token.py, that drops the full last layer behind token_embeddings).
+    """
     ort = _import_onnxruntime()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only (a CUDA EP without a GPU would warn on every load)
     try:
-        return ort.InferenceSession(str(path), options, providers=providers)
-    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        model = _cut_to_outputs(path, outputs) if outputs else None
+        return ort.InferenceSession(model or str(path), options, providers=providers)
+    except Exception as exc:  # onnx's and onnxruntime's own Fail/InvalidGraph/DecodeError/... types
         raise MirrorfastError(f"cannot load {path}: {first_line(exc)}") from None
+
+
+def _cut_to_outputs(path: Path, outputs: tuple[str, ...]) -> bytes | None:
+    """The serialized graph at `path` with only `outputs` and the nodes they need; None when it has no
+    other output, or keeps its weights in external files (loaded from the path, whole)."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+    from onnx.utils import Extractor
+
+    model = onnx.load(str(path), load_external_data=False)
+    names = [output.name for output in model.graph.output]
+    if not set(names) - set(outputs) or any(uses_external_data(init) for init in model.graph.initializer):
+        return None
+    missing = sorted(set(outputs) - set(names))
+    if missing:
+        raise MirrorfastError(f"the graph has no output {', '.join(missing)} (it has {', '.join(names)})")
+    cut = Extractor(model).extract_model([i.name for i in model.graph.input], list(outputs))
+    return cut.SerializeToString()
 
 
 def pad_right(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -176,7 +200,7 @@ class OnnxEncoder:
     def _session(self, path: Path, providers: list[str]):
         if not path.is_file():
             raise MirrorfastError(f"{path} is missing from the export directory")
-        return open_session(path, providers)
+        return open_session(path, providers, outputs=(_OUTPUT,))
 
     @staticmethod
     def _load_tokenizer(export_dir: Path):

@@ -374,19 +374,21 @@ def test_int8_fallback_order_goes_from_the_ends_inwards_up_to_half_the_layers():
     assert _fallback_order(1) == [] and _fallback_order(0) == []
 
 
-def _int8_layers(path: Path) -> set[int]:
-    """Encoder layers that hold an integer MatMul in a quantized graph."""
+def _int8_layers(path: Path) -> set[int | str]:
+    """Encoder layers that hold an integer MatMul in a quantized graph ("first_token": the branch that
+    recomputes the last layer for the [CLS] token, export/first_token.py)."""
     import re
 
     model = onnx.load(str(path))
-    return {int(m.group(1)) for node in model.graph.node if node.op_type == "MatMulInteger"
-            for m in [re.search(r"/layer\.(\d+)/", node.name)] if m}
+    integer = [node.name for node in model.graph.node if node.op_type == "MatMulInteger"]
+    return {int(m.group(1)) for name in integer for m in [re.search(r"/layer\.(\d+)/", name)] if m} | {
+        "first_token" for name in integer if name.startswith("/first_token/")}
 
 
 def test_int8_keeps_encoder_layers_in_fp32_until_parity_holds(tiny_bert_dir, tmp_path):
     """_write_int8 with the real quantizer and a parity measure that fails while the last layer is
     quantized: all in int8 fails, the FFN down-projections in fp32 fail, the last layer in fp32 too passes;
-    the file and the record say so."""
+    the file and the record say so. The last layer's first-token branch goes to fp32 with the layer."""
     from mirrorfast.export.onnx import _write_int8
 
     fp32 = tmp_path / "model.onnx"
@@ -407,13 +409,15 @@ def test_int8_keeps_encoder_layers_in_fp32_until_parity_holds(tiny_bert_dir, tmp
                     "0.950000 < 0.99)",
                     "model_int8.onnx: fp32: the FFN down-projections and encoder layers [1] (retry: the previous "
                     "try's min cosine 0.950000 < 0.99)"]
-    assert measured == [{0, 1}, {0, 1}, {0}]  # all in int8, FFN down fp32, then the last layer (of 2) in fp32
+    # all in int8, FFN down fp32, then the last layer (of 2) in fp32, its first-token branch with it
+    assert measured == [{0, 1, "first_token"}, {0, 1, "first_token"}, {0}]
     assert details["fp32_layers"] == [1] and details["ffn_down_fp32"] and parity["min_cosine"] == 0.995
     assert [(t["ffn_down_fp32"], t["fp32_layers"]) for t in details["tries"]] == [(False, []), (True, []), (True, [1])]
     assert details["tries"][0]["min_cosine"] == 0.95
     assert _int8_layers(tmp_path / "model_int8.onnx") == {0}
     fp32_matmuls = {n.name for n in onnx.load(str(tmp_path / "model_int8.onnx")).graph.node if n.op_type == "MatMul"}
-    assert set(details["kept_fp32"]) <= fp32_matmuls and len(details["kept_fp32"]) == 1 + 6  # layer 0's FFN down
+    assert set(details["kept_fp32"]) <= fp32_matmuls and len(details["kept_fp32"]) == 1 + 6 + 4  # layer 0's FFN down,
+    # layer 1's six weight products and the branch's four (its key and value products are layer 1's)
 
 
 def test_int8_that_never_reaches_parity_fails_and_writes_nothing(tiny_bert_dir, tmp_path):
