@@ -3,7 +3,8 @@
 With cls pooling the sentence embedding is the last layer's output at position 0. That output depends on
 the other positions only through the last layer's keys and values, so the rest of the layer (its query,
 attention output, feed-forward and layer norms) can run on position 0 alone: the same vector for about
-1/num_layers less work per sentence (MiniLM-L6's int8 CPU encode: ~10 % less time, RESULTS.md).
+1/num_layers less work per sentence (all-MiniLM-L6-v2 on the CPU, fp32 and int8: 15 % less time,
+benchmarks/RESULTS.md).
 
 The export puts this branch next to the model's own full last layer: `sentence_embedding` comes from the
 branch, `token_embeddings` from the full layer. Both share the key and value projections. onnxruntime runs
