@@ -532,14 +532,15 @@ def export_model(
         _torch_export(graph, example, tmp / FP32_FILE, opset)
         details: dict[str, dict] = {}
         if fp16:
-            log(f"{FP16_FILE}: transformer fusions, fp16")
             heads = int(getattr(config, "num_attention_heads", 0) or 0)  # 0: the optimizer detects it
             fp16_source = tmp / FP32_FILE
             if graph.first_token is not None:
                 # The optimizer's attention fusion takes the last layer's key/value products away from the
                 # first-token branch that shares them (a broken graph): it gets the graph without the branch.
                 fp16_source = tmp / ".fp16-source.onnx"
+                log(f"{FP16_FILE}: tracing the model without the first-token branch")
                 _torch_export(plain, example, fp16_source, opset)
+            log(f"{FP16_FILE}: transformer fusions, fp16")
             details["fp16"] = _write_fp16(fp16_source, tmp / FP16_FILE, heads, int(config.hidden_size))
             if fp16_source.name != FP32_FILE:
                 fp16_source.unlink()

@@ -199,6 +199,9 @@ def _cmd_export(args) -> int:
     for name, p in result.parity.items():
         print(f"  parity {name}: min cosine {p['min_cosine']:.6f} (>= {p['threshold']}), "
               f"max abs diff {p['max_abs_diff']:.2e}, {p['rows']} rows on {p['provider']}")
+    if m["first_token_last_layer"]:
+        print(f"  sentence_embedding of {', '.join(m['first_token_last_layer'])}: the last layer for the first "
+              "token alone (OnnxEncoder cuts the full one away)")
     if "int8" in m:
         from mirrorfast.export.onnx import fp32_parts
 

@@ -323,6 +323,7 @@ def test_cli_export_end_to_end(tiny_bert_dir, tmp_path, capsys):
     printed = captured.out
     assert "model.onnx, model_int8.onnx" in printed and "parity model_int8.onnx: min cosine" in printed
     assert "int8: fp32: nothing (every weight MatMul in int8)" in printed
+    assert "sentence_embedding of model.onnx, model_int8.onnx: the last layer for the first token alone" in printed
     steps = [line for line in captured.err.splitlines() if line.startswith("mirrorfast: ")]  # progress on stderr
     assert steps[0] == "mirrorfast: model.onnx: tracing the model (opset 17)"
     assert "mirrorfast: model_int8.onnx: fp32: nothing (every weight MatMul in int8)" in steps
