@@ -173,3 +173,13 @@ def test_fp32_vectors_do_not_depend_on_the_batch(tiny_export):
     for _ in range(8):  # one batch of a single-row product differs with ~60 % chance, so several
         rows = [list(rng.integers(1000, 29000, size=int(n))) for n in rng.integers(2, 48, size=12)]
         np.testing.assert_array_equal(run(rows), np.concatenate([run([row]) for row in rows]))
+
+
+def test_onnx_encoder_cuts_the_files_with_the_branch_only(tiny_export, tiny_mean_export):
+    from mirrorfast.export import OnnxEncoder
+
+    for int8 in (False, True):
+        encoder = OnnxEncoder(tiny_export, provider="cpu", int8=int8)
+        assert [o.name for o in encoder.session.get_outputs()] == ["sentence_embedding"]
+    whole = OnnxEncoder(tiny_mean_export, provider="cpu")  # no branch: nothing to gain from a cut
+    assert [o.name for o in whole.session.get_outputs()] == ["sentence_embedding", "token_embeddings"]
