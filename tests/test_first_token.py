@@ -19,6 +19,7 @@ SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, interme
              max_position_embeddings=64)
 BERT_SHAPED = {
     "bert": lambda: transformers.BertConfig(**SMALL),
+    "bert-1-layer": lambda: transformers.BertConfig(**{**SMALL, "num_hidden_layers": 1}),  # its input: the embeddings
     "roberta": lambda: transformers.RobertaConfig(**SMALL, pad_token_id=1),
     "xlm-roberta": lambda: transformers.XLMRobertaConfig(**SMALL, pad_token_id=1),
     "camembert": lambda: transformers.CamembertConfig(**SMALL, pad_token_id=1),
