@@ -94,13 +94,13 @@ def open_session(path: Path, providers: list[str], outputs: tuple[str, ...] | No
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only (a CUDA EP without a GPU would warn on every load)
     try:
-        model = _cut_to_outputs(path, outputs) if outputs else None
+        model = cut_to_outputs(path, outputs) if outputs else None
         return ort.InferenceSession(model or str(path), options, providers=providers)
     except Exception as exc:  # onnx's and onnxruntime's own Fail/InvalidGraph/DecodeError/... types
         raise MirrorfastError(f"cannot load {path}: {first_line(exc)}") from None
 
 
-def _cut_to_outputs(path: Path, outputs: tuple[str, ...]) -> bytes | None:
+def cut_to_outputs(path: Path, outputs: tuple[str, ...]) -> bytes | None:
     """The serialized graph at `path` with only `outputs` and the nodes they need; None when it has no
     other output, or keeps its weights in external files (loaded from the path, whole)."""
     import onnx

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mirrorfast.errors import MirrorfastError
-from mirrorfast.export.runtime import read_export_manifest
+from mirrorfast.export.runtime import cut_to_outputs, read_export_manifest
 from mirrorfast.output import atomic_directory, check_destination
 
 MARKER = "# Written by mirrorfast"
@@ -120,6 +120,19 @@ def triton_tensors(onnx_path: str | Path, max_batch_size: int, model=None) -> tu
         return result
 
     return convert(inputs, "input"), convert(outputs, "output")
+
+
+def _cut(onnx_path: Path, graph, outputs: tuple[str, ...]) -> bytes | None:
+    """The graph cut down to `outputs` (None: it has no other output); MirrorfastError for an output it lacks
+    or weights in external files (not cut: pass no outputs to serve the whole graph)."""
+    names = [output.name for output in graph.graph.output]
+    missing = [name for name in outputs if name not in names]
+    if missing:
+        raise MirrorfastError(f"{onnx_path.name} has no output {', '.join(missing)} (it has {', '.join(names)})")
+    if _external_files(graph):
+        raise MirrorfastError(f"{onnx_path.name} keeps its weights in external files, which are not cut: "
+                              "serve all its outputs")
+    return cut_to_outputs(onnx_path, outputs)
 
 
 def _external_files(model) -> list[str]:
@@ -225,13 +238,15 @@ def check_triton_repo(export_dir: str | Path, repo_dir: str | Path, settings: Tr
 
 
 def write_triton_repo(export_dir: str | Path, repo_dir: str | Path, *, precision: str = "fp32",
-                      overwrite: bool = False, **settings) -> Path:
+                      overwrite: bool = False, outputs: tuple[str, ...] | None = None, **settings) -> Path:
     """Write REPO_DIR/NAME/{config.pbtxt, 1/model.onnx} for `export_dir`; return the model folder.
 
     `settings` are TritonModelSettings' fields (max_batch_size=64, model_name, max_queue_delay_us=2000,
     preferred_batch_sizes, instance_kind="auto", instance_count=1). `precision` picks the export's ONNX file
-    ("fp32": model.onnx; "fp16" / "int8" when exported). An existing model folder is replaced when it was
-    written by mirrorfast (or with `overwrite=True`); otherwise refused.
+    ("fp32": model.onnx; "fp16" / "int8" when exported). `outputs`: serve only these, from the graph cut
+    down to them (Triton's onnxruntime backend runs every node of the graph it gets: for ("sentence_embedding",)
+    of a [CLS]-pooled export, the cut drops the full last layer, export/first_token.py). An existing model
+    folder is replaced when it was written by mirrorfast (or with `overwrite=True`); otherwise refused.
     """
     serving = TritonModelSettings(**settings)
     export_dir = Path(export_dir)
@@ -245,19 +260,25 @@ def write_triton_repo(export_dir: str | Path, repo_dir: str | Path, *, precision
         import onnx
 
         graph = onnx.load(str(onnx_path), load_external_data=False)
-        inputs, outputs = triton_tensors(onnx_path, serving.max_batch_size, graph)
+        cut = _cut(onnx_path, graph, outputs) if outputs else None
+        if cut is not None:
+            graph = onnx.load_from_string(cut)
+        inputs, served = triton_tensors(onnx_path, serving.max_batch_size, graph)
         external = _external_files(graph)
     except MirrorfastError:
         raise
     except Exception as exc:  # noqa: BLE001 - a broken graph is a user-facing failure
         raise MirrorfastError(f"cannot read {onnx_path}: {exc}") from None
 
-    text = render_config(model_dir.name, "model.onnx", inputs, outputs, serving, source=str(export_dir.resolve()))
+    text = render_config(model_dir.name, "model.onnx", inputs, served, serving, source=str(export_dir.resolve()))
     try:
         with atomic_directory(model_dir) as tmp:
             version = tmp / VERSION
             version.mkdir()
-            shutil.copyfile(onnx_path, version / "model.onnx")
+            if cut is None:
+                shutil.copyfile(onnx_path, version / "model.onnx")
+            else:
+                (version / "model.onnx").write_bytes(cut)
             for rel in external:
                 src = export_dir / rel
                 if not src.is_file():

@@ -176,6 +176,9 @@ def _add_export(sub) -> None:
     p.add_argument("--triton-repo", metavar="DIR", default=None,
                    help="also write an NVIDIA Triton Inference Server model repository (onnxruntime backend) into DIR")
     p.add_argument("--triton-max-batch", type=int, default=64, help="Triton max_batch_size (default 64)")
+    p.add_argument("--triton-sentence-only", action="store_true",
+                   help="the Triton model serves sentence_embedding alone, from the graph cut down to it (faster "
+                        "for [CLS] pooling: no full last layer)")
     p.set_defaults(handler=_cmd_export)
 
 
@@ -183,6 +186,8 @@ def _cmd_export(args) -> int:
     from mirrorfast.export import export_model
     from mirrorfast.export.triton_repo import TritonModelSettings, check_triton_repo, write_triton_repo
 
+    if args.triton_sentence_only and not args.triton_repo:
+        raise MirrorfastError("--triton-sentence-only needs --triton-repo DIR")
     if args.triton_repo:  # its options and destination fail now, not after the export is written
         check_triton_repo(args.out_dir, args.triton_repo, TritonModelSettings(max_batch_size=args.triton_max_batch),
                           overwrite=args.overwrite)
@@ -211,7 +216,8 @@ def _cmd_export(args) -> int:
                  f" (all in int8: min cosine {first['min_cosine']:.6f}, {first['worst']})"))
     if args.triton_repo:
         model_dir = write_triton_repo(result.out_dir, args.triton_repo, max_batch_size=args.triton_max_batch,
-                                      precision="fp16" if args.fp16 else "fp32", overwrite=args.overwrite)
+                                      precision="fp16" if args.fp16 else "fp32", overwrite=args.overwrite,
+                                      outputs=("sentence_embedding",) if args.triton_sentence_only else None)
         print(f"  triton model: {model_dir} (config.pbtxt, 1/model.onnx)")
     return 0
 

@@ -13,7 +13,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from mirrorfast.export.first_token import FirstTokenLayer, last_bert_layer  # noqa: E402
-from mirrorfast.export.runtime import _cut_to_outputs, open_session  # noqa: E402
+from mirrorfast.export.runtime import cut_to_outputs, open_session  # noqa: E402
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=120,
              max_position_embeddings=64)
@@ -90,7 +90,7 @@ def test_cut_graph_drops_the_full_last_layer_and_keeps_the_embedding(tiny_export
     assert file in manifest["first_token_last_layer"]
     path = tiny_export / file
     whole = onnx.load(str(path))
-    cut = onnx.load_from_string(_cut_to_outputs(path, ("sentence_embedding",)))
+    cut = onnx.load_from_string(cut_to_outputs(path, ("sentence_embedding",)))
     last = _last_layer(whole)
     assert [o.name for o in cut.graph.output] == ["sentence_embedding"]
     full_layer = {n.name for n in whole.graph.node if f"/layer.{last}/" in n.name}
@@ -150,7 +150,7 @@ def test_graphs_with_external_weights_load_whole(tiny_export, tmp_path):
     model = onnx.load(str(tiny_export / "model.onnx"))
     onnx.save(model, str(tmp_path / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
               location="model.onnx.data", size_threshold=0)
-    assert _cut_to_outputs(tmp_path / "model.onnx", ("sentence_embedding",)) is None
+    assert cut_to_outputs(tmp_path / "model.onnx", ("sentence_embedding",)) is None
     session = open_session(tmp_path / "model.onnx", ["CPUExecutionProvider"], outputs=("sentence_embedding",))
     ids = np.array([[101, 2054, 102]], dtype=np.int64)
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}

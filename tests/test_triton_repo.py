@@ -265,3 +265,46 @@ def test_a_failed_export_leaves_no_triton_repo_folder(tmp_path, capsys):
     assert main(["export", str(not_a_model), str(tmp_path / "exp"), "--triton-repo", str(repo)]) == 2
     assert capsys.readouterr().err.count("\n") == 1
     assert [p.name for p in tmp_path.iterdir()] == ["not-a-model"]
+
+
+def test_sentence_only_serves_the_cut_graph(export_dir, tmp_path):
+    """outputs=("sentence_embedding",): the config and the graph have that output alone, the graph lacks the
+    full last layer's feed-forward (the first-token branch computes the embedding), and the vectors are
+    the export's."""
+    from mirrorfast.export.triton_repo import write_triton_repo
+
+    model_dir = write_triton_repo(export_dir, tmp_path / "repo", outputs=("sentence_embedding",))
+    cfg = parse_pbtxt((model_dir / "config.pbtxt").read_text())
+    hidden = json.loads((export_dir / "export.json").read_text())["dim"]
+    assert [(t["name"][0], t["dims"]) for t in cfg["output"]] == [("sentence_embedding", [hidden])]
+    assert [t["name"][0] for t in cfg["input"]] == ["input_ids", "attention_mask", "token_type_ids"]
+    served = model_dir / "1" / "model.onnx"
+    graph = onnx.load(str(served))
+    assert [o.name for o in graph.graph.output] == ["sentence_embedding"]
+    assert not any("/layer.1/intermediate/" in n.name for n in graph.graph.node)  # the tiny BERT's last layer
+    rng = np.random.default_rng()
+    ids = rng.integers(1000, 29000, size=(4, 9))
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    whole = ort.InferenceSession(str(export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    cut = ort.InferenceSession(str(served), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(cut.run(None, feeds)[0], whole.run(["sentence_embedding"], feeds)[0], rtol=0, atol=1e-6)
+
+
+def test_an_output_the_graph_lacks_is_refused(export_dir, tmp_path):
+    from mirrorfast.export.triton_repo import write_triton_repo
+
+    with pytest.raises(MirrorfastError, match=r"model.onnx has no output pooled \(it has sentence_embedding, "
+                                              r"token_embeddings\)"):
+        write_triton_repo(export_dir, tmp_path / "repo", outputs=("pooled",))
+    assert not (tmp_path / "repo").exists()
+
+
+def test_export_command_sentence_only(tiny_bert_dir, tmp_path, capsys):
+    from mirrorfast.cli import main
+
+    out, repo = tmp_path / "exp", tmp_path / "repo"
+    assert main(["export", str(tiny_bert_dir), str(out), "--triton-sentence-only"]) == 2
+    assert "--triton-sentence-only needs --triton-repo DIR" in capsys.readouterr().err and not out.exists()
+    assert main(["export", str(tiny_bert_dir), str(out), "--triton-repo", str(repo), "--triton-sentence-only"]) == 0
+    config = parse_pbtxt((repo / "exp" / "config.pbtxt").read_text())
+    assert [t["name"][0] for t in config["output"]] == ["sentence_embedding"]
