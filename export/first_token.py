@@ -9,7 +9,7 @@ benchmarks/RESULTS.md).
 The export puts this branch next to the model's own full last layer: `sentence_embedding` comes from the
 branch, `token_embeddings` from the full layer. Both share the key and value projections. onnxruntime runs
 every node of a graph whatever outputs are fetched, so `mirrorfast.export.runtime.open_session` cuts the
-graph down to `sentence_embedding` (onnx.utils.Extractor) before loading it: the full last layer is gone.
+graph down to `sentence_embedding` before loading it: the full last layer is gone.
 
 Only layers whose forward is exactly BERT's (`_BERT_LAYERS`, checked by class, not by attribute names: a
 RoFormer layer has the same submodules and different attention) get the branch; others export unchanged.
