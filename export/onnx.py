@@ -580,8 +580,8 @@ def export_model(
             "outputs": list(OUTPUT_NAMES),
             # Files whose sentence_embedding comes from the last layer run for the first token alone
             # (export/first_token.py); the others pool the full last layer.
-            "first_token_last_layer": sorted(name for precision, name in files.items()
-                                             if graph.first_token is not None and precision != "fp16"),
+            "first_token_last_layer": sorted(name for precision, name in files.items() if precision != "fp16")
+                                      if graph.first_token is not None else [],
             "dynamic_axes": {"batch": "dim 0 of every input and output",
                              "sequence": "dim 1 of every input and of token_embeddings"},
             "models": files,

@@ -101,25 +101,33 @@ def open_session(path: Path, providers: list[str], outputs: tuple[str, ...] | No
 
 
 def cut_to_outputs(path: Path, outputs: tuple[str, ...]) -> bytes | None:
-    """The serialized graph at `path` with only `outputs` and the nodes they need; None when it has no
-    other output, keeps its weights in external files (loaded from the path, whole) or has subgraphs.
+    """The serialized graph at `path` cut down to `outputs` (prune_to_outputs); None when it is not cut."""
+    import onnx
 
-    Pruned in place, not with onnx.utils.Extractor, which copies every weight: for BERT-base's fp32 file
-    (435 MB) the Extractor's cut peaked at 2.1 GB and took 5.3-6.2 s to load, against 0.65 GB and 1.6-1.8 s
-    for the whole graph (2-core CPU, 2026-11-27)."""
+    model = onnx.load(str(path), load_external_data=False)
+    return model.SerializeToString() if prune_to_outputs(model, outputs) else None
+
+
+def prune_to_outputs(model, outputs: tuple[str, ...], what: str = "the graph") -> bool:
+    """Keep only `outputs` of an onnx ModelProto and the nodes and weights they need, in place. False (the
+    model untouched) when it has no other output, keeps its weights in external files (to be loaded from
+    its path, whole) or has subgraphs; MirrorfastError naming `what` for an output it lacks.
+
+    In place, not with onnx.utils.Extractor, which copies every weight: for BERT-base's fp32 file (435 MB)
+    the Extractor's cut peaked at 2.1 GB and took 5.3-6.2 s to load, against 0.65 GB and 1.6-1.8 s for the
+    whole graph (2-core CPU, 2026-11-27)."""
     import onnx
     from onnx.external_data_helper import uses_external_data
 
-    model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
     names = [output.name for output in graph.output]
-    missing = sorted(set(outputs) - set(names))
+    missing = [name for name in outputs if name not in names]
     if missing:
-        raise MirrorfastError(f"the graph has no output {', '.join(missing)} (it has {', '.join(names)})")
+        raise MirrorfastError(f"{what} has no output {', '.join(missing)} (it has {', '.join(names)})")
     if (not set(names) - set(outputs) or any(uses_external_data(init) for init in graph.initializer)
             or any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                    for node in graph.node for attr in node.attribute)):
-        return None
+        return False
     needed = set(outputs)
     keep = [False] * len(graph.node)
     for i in range(len(graph.node) - 1, -1, -1):  # nodes are stored in topological order
@@ -133,7 +141,7 @@ def cut_to_outputs(path: Path, outputs: tuple[str, ...]) -> bytes | None:
         for i in range(len(wanted) - 1, -1, -1):
             if not wanted[i]:
                 del field[i]
-    return model.SerializeToString()
+    return True
 
 
 def pad_right(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mirrorfast.errors import MirrorfastError
-from mirrorfast.export.runtime import cut_to_outputs, read_export_manifest
+from mirrorfast.export.runtime import prune_to_outputs, read_export_manifest
 from mirrorfast.output import atomic_directory, check_destination
 
 MARKER = "# Written by mirrorfast"
@@ -120,19 +120,6 @@ def triton_tensors(onnx_path: str | Path, max_batch_size: int, model=None) -> tu
         return result
 
     return convert(inputs, "input"), convert(outputs, "output")
-
-
-def _cut(onnx_path: Path, graph, outputs: tuple[str, ...]) -> bytes | None:
-    """The graph cut down to `outputs` (None: it has no other output); MirrorfastError for an output it lacks
-    or weights in external files (not cut: pass no outputs to serve the whole graph)."""
-    names = [output.name for output in graph.graph.output]
-    missing = [name for name in outputs if name not in names]
-    if missing:
-        raise MirrorfastError(f"{onnx_path.name} has no output {', '.join(missing)} (it has {', '.join(names)})")
-    if _external_files(graph):
-        raise MirrorfastError(f"{onnx_path.name} keeps its weights in external files, which are not cut: "
-                              "serve all its outputs")
-    return cut_to_outputs(onnx_path, outputs)
 
 
 def _external_files(model) -> list[str]:
@@ -260,9 +247,10 @@ def write_triton_repo(export_dir: str | Path, repo_dir: str | Path, *, precision
         import onnx
 
         graph = onnx.load(str(onnx_path), load_external_data=False)
-        cut = _cut(onnx_path, graph, outputs) if outputs else None
-        if cut is not None:
-            graph = onnx.load_from_string(cut)
+        cut = graph.SerializeToString() if outputs and prune_to_outputs(graph, outputs, onnx_path.name) else None
+        if outputs and {o.name for o in graph.graph.output} != set(outputs):
+            raise MirrorfastError(f"{onnx_path.name} cannot be cut down to {', '.join(outputs)} (weights in "
+                                  "external files, or subgraphs): serve all its outputs")
         inputs, served = triton_tensors(onnx_path, serving.max_batch_size, graph)
         external = _external_files(graph)
     except MirrorfastError:

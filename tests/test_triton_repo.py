@@ -308,3 +308,18 @@ def test_export_command_sentence_only(tiny_bert_dir, tmp_path, capsys):
     assert main(["export", str(tiny_bert_dir), str(out), "--triton-repo", str(repo), "--triton-sentence-only"]) == 0
     config = parse_pbtxt((repo / "exp" / "config.pbtxt").read_text())
     assert [t["name"][0] for t in config["output"]] == ["sentence_embedding"]
+
+
+def test_sentence_only_of_a_graph_with_external_weights_is_refused(export_dir, tmp_path):
+    """Weights in external files are not cut: serving the whole graph under a one-output config would lie."""
+    from mirrorfast.export.triton_repo import write_triton_repo
+
+    src = tmp_path / "external"
+    src.mkdir()
+    onnx.save(onnx.load(str(export_dir / "model.onnx")), str(src / "model.onnx"), save_as_external_data=True,
+              location="model.onnx.data", size_threshold=0)
+    shutil.copy(export_dir / "export.json", src / "export.json")
+    with pytest.raises(MirrorfastError, match="model.onnx cannot be cut down to sentence_embedding"):
+        write_triton_repo(src, tmp_path / "repo", outputs=("sentence_embedding",))
+    assert not (tmp_path / "repo" / "external").exists()
+    assert write_triton_repo(src, tmp_path / "repo").is_dir()  # all outputs: served whole, data file copied
