@@ -90,7 +90,7 @@ def test_cut_graph_drops_the_full_last_layer_and_keeps_the_embedding(tiny_export
     assert file in manifest["first_token_last_layer"]
     path = tiny_export / file
     whole = onnx.load(str(path))
-    cut = onnx.load_from_string(cut_to_outputs(path, ("sentence_embedding",)))
+    cut = onnx.load_from_string(cut_to_outputs(path, ("sentence_embedding",))[0])  # the graph, weights apart
     last = _last_layer(whole)
     assert [o.name for o in cut.graph.output] == ["sentence_embedding"]
     full_layer = {n.name for n in whole.graph.node if f"/layer.{last}/" in n.name}
@@ -115,6 +115,24 @@ def test_cut_graph_drops_the_full_last_layer_and_keeps_the_embedding(tiny_export
     if file == "model.onnx":  # int8: the two branches quantize their activations separately
         first = tokens[:, 0] / np.linalg.norm(tokens[:, 0], axis=1, keepdims=True)
         np.testing.assert_allclose(sentence, first, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("file", ["model.onnx", "model_int8.onnx"])
+def test_the_cut_graph_travels_without_its_weights(tiny_export, file):
+    """cut_to_outputs serializes the graph alone and hands its weights over as arrays (no second copy for
+    onnxruntime to parse): each array equals the file's tensor, its place in the graph points to no file,
+    and the small constants that shape inference reads stay in the graph."""
+    whole = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(tiny_export / file)).graph.initializer}
+    graph_bytes, weights = cut_to_outputs(tiny_export / file, ("sentence_embedding",))
+    graph = onnx.load_from_string(graph_bytes).graph
+    assert weights and len(graph_bytes) < sum(array.nbytes for array in weights.values()) / 10
+    for tensor in graph.initializer:
+        if tensor.name in weights:
+            assert tensor.data_location == onnx.TensorProto.EXTERNAL and not tensor.raw_data
+            assert weights[tensor.name].dtype == whole[tensor.name].dtype
+            np.testing.assert_array_equal(weights[tensor.name], whole[tensor.name])
+        else:
+            assert onnx.numpy_helper.to_array(tensor).nbytes < 1024
 
 
 @pytest.fixture(scope="module")
