@@ -19,8 +19,12 @@ onnxruntime-gpu first on PYTHONPATH; otherwise they are listed as skipped):
                                           fp16 also with other CUDA EP options (FP16_VARIANTS): replayed
                                           from an onnxruntime CUDA graph (no launches), TunableOp (GEMM
                                           kernels chosen by timing), both
+  fp16 export with the first-token branch  the same model exported again with fp16_first_token=True (opt-in:
+                                          export/first_token.py): cut to sentence_embedding as OnnxEncoder
+                                          runs it (with the variants), and whole, as a client that loads the
+                                          file uncut runs it
   OnnxEncoder.encode (CUDA)               the serving path: tokenization + host I/O + fp16 model
-  then, on the GPU, the fp16 export's kernels by GPU time (torch.profiler; --profile-runs)
+  then, on the GPU, each fp16 file's kernels by GPU time (torch.profiler; --profile-runs)
   PyTorch fp32 / onnxruntime fp32 / int8 (CPU)
 
 It prints one table and writes nothing. It runs from a plain checkout (no install needed).
@@ -195,11 +199,20 @@ def torch_rows(table: Table, graph: torch.nn.Module, feeds: dict, device: str, a
         table.add("PyTorch fp32 (CPU)", "cpu", ms, n, note=f"{torch.get_num_threads()} threads")
 
 
-def ort_cuda_rows(table: Table, export_dir: Path, feeds: dict, texts: list[str], hidden: int, args) -> None:
+def ort_cuda_rows(table: Table, export_dir: Path, feeds: dict, texts: list[str], hidden: int, args,
+                  branch_dir: Path | None = None) -> None:
+    """branch_dir: an export whose model_fp16.onnx has the first-token branch (fp16_first_token=True, opt-in
+    until these rows show whether it pays on the GPU): timed cut (as OnnxEncoder runs it) and whole (as a
+    client that loads the file uncut, e.g. Triton with both outputs, runs it)."""
     import onnxruntime as ort
 
-    for label, file in (("fp32 model.onnx", "model.onnx"), ("fp16 model_fp16.onnx", "model_fp16.onnx")):
-        session = open_session(export_dir / file, ["CUDAExecutionProvider", "CPUExecutionProvider"], outputs=OUTPUTS)
+    files = [("fp32 model.onnx", export_dir / "model.onnx", OUTPUTS),
+             ("fp16 model_fp16.onnx", export_dir / "model_fp16.onnx", OUTPUTS)]
+    if branch_dir is not None:
+        files += [(f"fp16 model_fp16.onnx + first-token branch{how}", branch_dir / "model_fp16.onnx", outputs)
+                  for how, outputs in ((", cut", OUTPUTS), (", whole graph", None))]
+    for label, path, outputs in files:
+        session = open_session(path, ["CUDAExecutionProvider", "CPUExecutionProvider"], outputs=outputs)
         if session.get_providers()[0] != "CUDAExecutionProvider":
             table.skip(f"onnxruntime CUDA EP {label}", "the CUDA EP did not start on this machine")
             return
@@ -213,6 +226,8 @@ def ort_cuda_rows(table: Table, export_dir: Path, feeds: dict, texts: list[str],
         binding.bind_ortvalue_output("sentence_embedding", out)
         ms, n = measure(lambda: session.run_with_iobinding(binding), 10, args.iters, 30, torch.cuda.synchronize)
         table.add(f"onnxruntime CUDA EP {label}, device-resident", "cuda", ms, n, "PyTorch fp32", "I/O binding")
+        if outputs is None:  # the whole graph: its device-resident time is all this row is for
+            continue
 
         # host I/O included: numpy in (copied to the device), embeddings copied back to numpy
         def host_io():
@@ -226,11 +241,11 @@ def ort_cuda_rows(table: Table, export_dir: Path, feeds: dict, texts: list[str],
         ms, n = measure(host_io, 10, args.iters, 30, torch.cuda.synchronize)
         table.add(f"onnxruntime CUDA EP {label}, host I/O included", "cuda", ms, n, "PyTorch fp32",
                   "numpy in/out, I/O binding")
-        if file == "model_fp16.onnx":
+        if path.name == "model_fp16.onnx":
             if args.profile_runs:  # the target's row (issue 4): what its ~4.5 ms are made of
-                table.profiles.append(f"### Where the fp16 export's GPU time goes (device-resident, I/O binding)\n"
+                table.profiles.append(f"### Where the GPU time of {label} goes (device-resident, I/O binding)\n"
                                       + kernel_profile(lambda: session.run_with_iobinding(binding), args.profile_runs))
-            fp16_variant_rows(table, export_dir / file, on_device, out, args)
+            fp16_variant_rows(table, path, label, on_device, out, args)
 
     encoder = OnnxEncoder(export_dir, provider="cuda")
     ms, n = measure(lambda: encoder.encode(texts, batch_size=len(texts)), 5, args.iters, 30)
@@ -248,13 +263,13 @@ FP16_VARIANTS = (
 )
 
 
-def fp16_variant_rows(table: Table, path: Path, on_device: dict, out, args) -> None:
+def fp16_variant_rows(table: Table, path: Path, label: str, on_device: dict, out, args) -> None:
     """The device-resident fp16 run with other CUDA EP options (FP16_VARIANTS). A CUDA graph replays fixed
     addresses: inputs and output stay bound to the same device buffers, and the first run captures it.
     TunableOp times the candidate kernels of its ops (GEMMs) on the first runs, during the warm-up."""
     expected = out.numpy().copy()  # the plain session's vectors, left in `out` by its last run
-    for label, options, note in FP16_VARIANTS:
-        what = f"onnxruntime CUDA EP fp16 model_fp16.onnx, {label}"
+    for variant, options, note in FP16_VARIANTS:
+        what = f"onnxruntime CUDA EP {label}, {variant}"
         try:
             session = open_session(path, [("CUDAExecutionProvider", options), "CPUExecutionProvider"], outputs=OUTPUTS)
             binding = session.io_binding()
@@ -321,6 +336,14 @@ def main(argv: list[str] | None = None) -> int:
                               max_length=max_length)
         parity = ", ".join(f"{k} {v['min_cosine']:.5f} on {v['provider']}" for k, v in result.parity.items())
         print(f"exported {model_dir.name} in {time.perf_counter() - t0:.1f}s; parity min cosine: {parity}")
+        branch_dir = None
+        if has_cuda and has_cuda_ep:  # the opt-in fp16 file with the first-token branch, for its rows
+            t0 = time.perf_counter()
+            branch_dir = workdir / "export-fp16-branch"
+            result = export_model(model_dir, branch_dir, fp16=True, fp16_first_token=True, max_length=max_length)
+            print(f"exported it again with fp16_first_token=True in {time.perf_counter() - t0:.1f}s; parity of "
+                  f"model_fp16.onnx: min cosine {result.parity['model_fp16.onnx']['min_cosine']:.5f} on "
+                  f"{result.parity['model_fp16.onnx']['provider']}")
 
         from mirrorfast.model import load_encoder
 
@@ -338,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         if has_cuda:
             torch_rows(table, graph, feeds, "cuda", args, cpu_iters)
             if has_cuda_ep:
-                ort_cuda_rows(table, export_dir, feeds, texts, hidden, args)
+                ort_cuda_rows(table, export_dir, feeds, texts, hidden, args, branch_dir)
             else:
                 table.skip("onnxruntime CUDA EP rows", "this onnxruntime has no CUDAExecutionProvider: "
                            "put onnxruntime-gpu first on PYTHONPATH")

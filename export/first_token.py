@@ -13,6 +13,16 @@ graph down to `sentence_embedding` before loading it: the full last layer is gon
 
 Only layers whose forward is exactly BERT's (`_BERT_LAYERS`, checked by class, not by attribute names: a
 RoFormer layer has the same submodules and different attention) get the branch; others export unchanged.
+
+Two forms of the branch, the same function:
+- `FirstTokenLayer` (model.onnx, model_int8.onnx): shares the full layer's key and value products, and its
+  fp32 vectors do not depend on the batch.
+- `StandaloneFirstTokenLayer` (model_fp16.onnx with `export_model(..., fp16_first_token=True)`, opt-in until
+  timed on a GPU): what onnxruntime's transformer optimizer can take. The optimizer fuses a layer's attention
+  only when the layer's input feeds exactly three MatMuls (its query, key and value), and fusing it takes
+  those products away from a branch that shares them (a broken graph). This form computes keys and values
+  with a product of its own, behind a no-op Mul, and uses no dynamic shape (no Reshape): on the GPU, shape
+  arithmetic runs on the host and keeps a graph from being captured as a CUDA graph.
 """
 
 from __future__ import annotations
@@ -67,9 +77,48 @@ class FirstTokenLayer(nn.Module):
         padding = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
         scores = torch.matmul(query, key.transpose(2, 3)) * head_dim**-0.5 + padding  # (B, h, 2, S)
         context = torch.matmul(torch.softmax(scores, dim=-1), value)[:, :, 0]  # (B, h, d)
-        context = context.reshape(batch, 1, width)  # (B, 1, H)
-        out = self.layer.attention.output
-        attended = out.LayerNorm(out.dense(context) + first)
-        ffn = self.layer.intermediate
-        out = self.layer.output
-        return out.LayerNorm(out.dense(ffn.intermediate_act_fn(ffn.dense(attended))) + attended)[:, 0]
+        return _rest_of_layer(self.layer, context.reshape(batch, 1, width), first)[:, 0]
+
+
+class StandaloneFirstTokenLayer(nn.Module):
+    """FirstTokenLayer's function for onnxruntime's transformer optimizer (module docstring): its own key/value
+    product and static shapes only. (hidden (B, S, H), mask (B, S)) -> (B, H)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer  # shared with the model
+        self_attention = layer.attention.self
+        heads, head_dim = self_attention.num_attention_heads, self_attention.attention_head_size
+        width = heads * head_dim
+        # The key and value weights side by side: one (H -> 2H) product (a copy: the export's own module).
+        self.key_value = nn.Linear(width, 2 * width)
+        with torch.no_grad():
+            self.key_value.weight.copy_(torch.cat([self_attention.key.weight, self_attention.value.weight]))
+            self.key_value.bias.copy_(torch.cat([self_attention.key.bias, self_attention.value.bias]))
+        # (H, h): 1 where feature j belongs to head i. Sums per head and spreads per head back over its
+        # features as products with this matrix, where splitting heads would take a Reshape.
+        self.register_buffer("head_of_feature", torch.eye(heads).repeat_interleave(head_dim, dim=0), persistent=False)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self_attention = self.layer.attention.self
+        width = hidden.shape[-1]
+        first = hidden[:, 0]  # (B, H)
+        query = self_attention.query(first) * self_attention.attention_head_size**-0.5  # (B, H)
+        # `hidden * 1.0`: a Mul between the layer's input and this product, so that the input still feeds
+        # three MatMuls (the full layer's) and the optimizer fuses the full layer's attention.
+        key, value = self.key_value(hidden * 1.0).split(width, dim=-1)  # (B, S, H) each
+        scores = (key * query[:, None, :]) @ self.head_of_feature  # (B, S, h)
+        padding = (1.0 - attention_mask[:, :, None].to(hidden.dtype)) * torch.finfo(hidden.dtype).min  # (B, S, 1)
+        probs = torch.softmax(scores + padding, dim=1)  # (B, S, h): over the positions
+        context = ((probs @ self.head_of_feature.T) * value).sum(dim=1)  # (B, H)
+        return _rest_of_layer(self.layer, context, first)
+
+
+def _rest_of_layer(layer: nn.Module, context: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """BertLayer after its attention probabilities: output projection, residual + LayerNorm, feed-forward,
+    residual + LayerNorm, for the first token's context and states (the same shape: (B, H) or (B, 1, H))."""
+    out = layer.attention.output
+    attended = out.LayerNorm(out.dense(context) + first)
+    ffn = layer.intermediate
+    out = layer.output
+    return out.LayerNorm(out.dense(ffn.intermediate_act_fn(ffn.dense(attended))) + attended)

@@ -42,7 +42,7 @@ from mirrorfast.errors import MirrorfastError, first_line
 from mirrorfast.evaluate import cosine_rows
 from mirrorfast.model import Encoder, check_max_length, load_encoder, pool, position_limit, save_tokenizer
 from mirrorfast.export.first_token import SCOPE as FIRST_TOKEN_SCOPE
-from mirrorfast.export.first_token import FirstTokenLayer, last_bert_layer
+from mirrorfast.export.first_token import FirstTokenLayer, StandaloneFirstTokenLayer, last_bert_layer
 from mirrorfast.export.runtime import EXPORT_FORMAT, EXPORT_JSON, open_session, pad_right
 from mirrorfast.output import atomic_directory, check_destination
 
@@ -66,21 +66,22 @@ _ACTIVATION_OPS = {"Erf", "Gelu", "FastGelu", "BiasGelu", "Tanh"}
 class SentenceEmbeddingGraph(nn.Module):
     """What goes into the graph: HF model -> (pooled [+ L2 normalized] sentence embedding, token states).
 
-    first_token: with cls pooling and a BERT-shaped last layer, the sentence embedding comes from that layer
-    run for position 0 only (export/first_token.py), token states from the full layer; otherwise (and for
-    the parity reference) both come from the model's last hidden state.
+    first_token: a branch class of export/first_token.py (FirstTokenLayer or StandaloneFirstTokenLayer). With
+    cls pooling and a BERT-shaped last layer, the sentence embedding comes from that layer run for position 0
+    only, token states from the full layer; otherwise (and for the parity reference: None) both come from
+    the model's last hidden state.
     """
 
     def __init__(self, model: nn.Module, pooling: str, normalize: bool, takes_token_type_ids: bool,
-                 first_token: bool = False):
+                 first_token: type[nn.Module] | None = None):
         super().__init__()
         self.model = model
         self.pooling = pooling
         self.normalize = normalize
         self.takes_token_type_ids = takes_token_type_ids
-        layer = last_bert_layer(model) if first_token and pooling == "cls" else None
+        layer = last_bert_layer(model) if first_token is not None and pooling == "cls" else None
         # The attribute's name is the branch's node scope in the graph (first_token.SCOPE).
-        self.first_token = FirstTokenLayer(layer) if layer is not None else None
+        self.first_token = first_token(layer) if layer is not None else None
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -482,6 +483,7 @@ def export_model(
     out_dir: str | os.PathLike,
     *,
     fp16: bool = False,
+    fp16_first_token: bool = False,
     int8: bool = False,
     opset: int | None = None,
     normalize: bool = True,
@@ -495,6 +497,10 @@ def export_model(
     Writes model.onnx (+ model_fp16.onnx / model_int8.onnx), the tokenizer and export.json into a
     temporary sibling of out_dir, checks every file against PyTorch, then renames it into place.
     Raises MirrorfastError on any failure, leaving out_dir as it was.
+
+    fp16_first_token: give model_fp16.onnx the first-token branch too (export/first_token.py's
+    StandaloneFirstTokenLayer). Off by default until it is timed on a GPU against the file without it
+    (benchmarks/onnx_gpu_table.py has both).
     """
     opset = _check_opset(DEFAULT_OPSET if opset is None else opset)
     out_dir = Path(out_dir)
@@ -520,7 +526,7 @@ def export_model(
     max_length = _resolve_max_length(encoder, max_length)
     hf_model = _export_copy(encoder)
     takes_tt = _takes_token_type_ids(hf_model, encoder.tokenizer)
-    graph = SentenceEmbeddingGraph(hf_model, encoder.pooling, normalize, takes_tt, first_token=True).eval()
+    graph = SentenceEmbeddingGraph(hf_model, encoder.pooling, normalize, takes_tt, FirstTokenLayer).eval()
     plain = SentenceEmbeddingGraph(hf_model, encoder.pooling, normalize, takes_tt).eval()  # parity reference
     example = _example_inputs(encoder.tokenizer, takes_tt)
     input_names = list(example)
@@ -536,10 +542,16 @@ def export_model(
             fp16_source = tmp / FP32_FILE
             if graph.first_token is not None:
                 # The optimizer's attention fusion takes the last layer's key/value products away from the
-                # first-token branch that shares them (a broken graph): it gets the graph without the branch.
+                # first-token branch that shares them (a broken graph): it gets the graph without the branch,
+                # or with the branch's standalone form (export/first_token.py).
                 fp16_source = tmp / ".fp16-source.onnx"
-                log(f"{FP16_FILE}: tracing the model without the first-token branch")
-                _torch_export(plain, example, fp16_source, opset)
+                fp16_graph = plain
+                if fp16_first_token:
+                    fp16_graph = SentenceEmbeddingGraph(hf_model, encoder.pooling, normalize, takes_tt,
+                                                        StandaloneFirstTokenLayer).eval()
+                with_branch = "with" if fp16_first_token else "without"
+                log(f"{FP16_FILE}: tracing the model {with_branch} the first-token branch")
+                _torch_export(fp16_graph, example, fp16_source, opset)
             log(f"{FP16_FILE}: transformer fusions, fp16")
             details["fp16"] = _write_fp16(fp16_source, tmp / FP16_FILE, heads, int(config.hidden_size))
             if fp16_source.name != FP32_FILE:
@@ -580,7 +592,8 @@ def export_model(
             "outputs": list(OUTPUT_NAMES),
             # Files whose sentence_embedding comes from the last layer run for the first token alone
             # (export/first_token.py); the others pool the full last layer.
-            "first_token_last_layer": sorted(name for precision, name in files.items() if precision != "fp16")
+            "first_token_last_layer": sorted(name for precision, name in files.items()
+                                             if precision != "fp16" or fp16_first_token)
                                       if graph.first_token is not None else [],
             "dynamic_axes": {"batch": "dim 0 of every input and output",
                              "sequence": "dim 1 of every input and of token_embeddings"},

@@ -12,7 +12,7 @@ import transformers
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from mirrorfast.export.first_token import FirstTokenLayer, last_bert_layer  # noqa: E402
+from mirrorfast.export.first_token import FirstTokenLayer, StandaloneFirstTokenLayer, last_bert_layer  # noqa: E402
 from mirrorfast.export.runtime import cut_to_outputs, open_session  # noqa: E402
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=120,
@@ -49,8 +49,9 @@ def _padded_batch(seed: int):
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
+@pytest.mark.parametrize("branch", [FirstTokenLayer, StandaloneFirstTokenLayer], ids=lambda c: c.__name__)
 @pytest.mark.parametrize("name", sorted(BERT_SHAPED))
-def test_first_token_layer_equals_the_last_hidden_state_at_position_0(name):
+def test_first_token_layer_equals_the_last_hidden_state_at_position_0(name, branch):
     torch.manual_seed(int.from_bytes(name.encode(), "little") % 2**31)
     model = transformers.AutoModel.from_config(BERT_SHAPED[name]()).double().eval()
     layer = last_bert_layer(model)
@@ -58,7 +59,7 @@ def test_first_token_layer_equals_the_last_hidden_state_at_position_0(name):
     ids, mask = _padded_batch(seed=len(name))
     with torch.no_grad():
         states = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        got = FirstTokenLayer(layer)(states.hidden_states[-2], mask)
+        got = branch(layer).double()(states.hidden_states[-2], mask)
     # float64 on both sides: any difference beyond rounding is a different computation
     torch.testing.assert_close(got, states.last_hidden_state[:, 0], rtol=1e-10, atol=1e-10)
 
@@ -174,6 +175,30 @@ def test_graphs_with_external_weights_load_whole(tiny_export, tmp_path):
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
     expected = open_session(tiny_export / "model.onnx", ["CPUExecutionProvider"]).run(["sentence_embedding"], feeds)[0]
     np.testing.assert_allclose(session.run(["sentence_embedding"], feeds)[0], expected, rtol=0, atol=1e-6)
+
+
+def test_fp16_file_with_the_standalone_branch(tiny_bert_dir, tmp_path):
+    """export_model(fp16_first_token=True): model_fp16.onnx gets the branch (listed in export.json, parity
+    passed or the export would have failed); the optimizer still fused every layer's attention, the full last
+    layer's included; cut to sentence_embedding the graph has one fused attention less and no Reshape (the
+    branch splits no heads: no shape arithmetic to run on the host); it gives the whole graph's vectors."""
+    from collections import Counter
+
+    from mirrorfast.export.onnx import export_model
+
+    result = export_model(tiny_bert_dir, tmp_path / "export", fp16=True, fp16_first_token=True, max_length=48)
+    assert result.manifest["first_token_last_layer"] == ["model.onnx", "model_fp16.onnx"]
+    assert result.manifest["fp16"]["fused_operators"]["Attention"] == 2  # both layers of the tiny BERT
+    path = tmp_path / "export" / "model_fp16.onnx"
+    whole = Counter(node.op_type for node in onnx.load(str(path)).graph.node)
+    cut = Counter(node.op_type for node in onnx.load_from_string(cut_to_outputs(path, ("sentence_embedding",))[0])
+                  .graph.node)
+    assert (whole["Attention"], cut["Attention"], cut["Reshape"]) == (2, 1, 0)
+    ids, mask = (torch.Tensor.numpy(t) for t in _padded_batch(seed=3))
+    feeds = {"input_ids": ids + 1000, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    expected = open_session(path, ["CPUExecutionProvider"]).run(["sentence_embedding"], feeds)[0]
+    got = open_session(path, ["CPUExecutionProvider"], outputs=("sentence_embedding",)).run(None, feeds)[0]
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_fp32_vectors_do_not_depend_on_the_batch(tiny_export):
