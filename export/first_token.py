@@ -21,8 +21,8 @@ Two forms of the branch, the same function:
   timed on a GPU): what onnxruntime's transformer optimizer can take. The optimizer fuses a layer's attention
   only when the layer's input feeds exactly three MatMuls (its query, key and value), and fusing it takes
   those products away from a branch that shares them (a broken graph). This form computes keys and values
-  with a product of its own, behind a no-op Mul, and uses no dynamic shape (no Reshape): on the GPU, shape
-  arithmetic runs on the host and keeps a graph from being captured as a CUDA graph.
+  with a product of its own, behind a no-op Mul, and uses no dynamic shape (no Reshape): onnxruntime's CUDA
+  EP leaves shape arithmetic to the CPU, and a session with nodes on the CPU cannot run as a CUDA graph.
 """
 
 from __future__ import annotations
