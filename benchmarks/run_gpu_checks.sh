@@ -33,8 +33,10 @@
 # warm-up line.
 # $OUT returns at most 8 files: the parts write one log each, the device facts go into summary.txt.
 # Without onnxruntime-gpu the ONNX part still runs and lists its CUDA EP rows as skipped.
-# Nothing under export/ changed after session 14's ONNX table, so the next session can skip calls 2-5 (the
-# onnxruntime-gpu transfer, ~300 s of device time) and spend one call on what is unmeasured: carry [".gpu"],
+# export/ changed after session 14's ONNX table (the first-token branch, sessions 18-19: CPU files cut to
+# sentence_embedding, and an opt-in fp16 file with the branch that the onnx part times cut and whole), but
+# a session can still skip calls 2-5 (the onnxruntime-gpu transfer, ~300 s of device time) and spend one
+# call on what is unmeasured in training: carry [".gpu"],
 #   BUDGET=540 bash benchmarks/run_gpu_checks.sh kernel suite restart profile tests
 # (kernel: the InfoNCE table's new `triton (stripes)` row at N=16384, the opt-in backward through stripes of
 # session 16, against `triton` in the same run, and its checks against fp64 up to N=32768; suite; restart: the
@@ -42,8 +44,10 @@
 # fastest combination; tests last, so a cut takes only its tail, the InfoNCE file first: its
 # tiny-temperature cases check the contraction fix compiled.) If the stripes row beats `triton`, a second
 # call's `sweep` part times its 7 candidates (SWEEP_BWD_STRIPES: tile shapes and workspace sizes) with the rest.
-# A session aiming at issue 4 instead needs calls 2-5: the onnx part now ends with the fp16 export's kernels
-# by GPU time (onnx_gpu_table.py --profile-runs), what its 4.4-4.6 ms are made of.
+# A session aiming at issue 4 instead needs calls 2-5: the onnx part now times the opt-in fp16 file with the
+# first-token branch (cut, whole, CUDA-graph variants) against the default one, the target's 4 ms, and ends
+# with each fp16 file's kernels by GPU time (onnx_gpu_table.py --profile-runs). If the branch's cut row wins,
+# make fp16_first_token the default (export_model, export.json's list) and say so in README.
 # A session that would rather tune the InfoNCE kernel than measure ONNX on the GPU: skip calls 2-5 and run
 # `bash benchmarks/run_gpu_checks.sh suite sweep tests` in call 1 (the sweep compares block sizes,
 # including several gradient-column chunks per backward program, KernelConfig.bwd_chunks; each line also
