@@ -102,16 +102,18 @@ class StandaloneFirstTokenLayer(nn.Module):
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         self_attention = self.layer.attention.self
         width = hidden.shape[-1]
-        first = hidden[:, 0]  # (B, H)
-        query = self_attention.query(first) * self_attention.attention_head_size**-0.5  # (B, H)
+        # 3-D throughout, (B, 1, H) for the first token: products of 3-D inputs export as MatMul + Add, which
+        # the optimizer fuses with the layer norms and GELU (2-D ones export as Gemm, which it does not).
+        first = hidden[:, :1]  # (B, 1, H)
+        query = self_attention.query(first) * self_attention.attention_head_size**-0.5  # (B, 1, H)
         # `hidden * 1.0`: a Mul between the layer's input and this product, so that the input still feeds
         # three MatMuls (the full layer's) and the optimizer fuses the full layer's attention.
         key, value = self.key_value(hidden * 1.0).split(width, dim=-1)  # (B, S, H) each
-        scores = (key * query[:, None, :]) @ self.head_of_feature  # (B, S, h)
+        scores = (key * query) @ self.head_of_feature  # (B, S, h)
         padding = (1.0 - attention_mask[:, :, None].to(hidden.dtype)) * torch.finfo(hidden.dtype).min  # (B, S, 1)
         probs = torch.softmax(scores + padding, dim=1)  # (B, S, h): over the positions
-        context = ((probs @ self.head_of_feature.T) * value).sum(dim=1)  # (B, H)
-        return _rest_of_layer(self.layer, context, first)
+        context = ((probs @ self.head_of_feature.T) * value).sum(dim=1, keepdim=True)  # (B, 1, H)
+        return _rest_of_layer(self.layer, context, first)[:, 0]
 
 
 def _rest_of_layer(layer: nn.Module, context: torch.Tensor, first: torch.Tensor) -> torch.Tensor:

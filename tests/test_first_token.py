@@ -180,7 +180,7 @@ def test_graphs_with_external_weights_load_whole(tiny_export, tmp_path):
 def test_fp16_file_with_the_standalone_branch(tiny_bert_dir, tmp_path):
     """export_model(fp16_first_token=True): model_fp16.onnx gets the branch (listed in export.json, parity
     passed or the export would have failed); the optimizer still fused every layer's attention, the full last
-    layer's included; cut to sentence_embedding the graph has one fused attention less and no Reshape (the
+    layer's included, and the branch's layer norms and GELU; cut to sentence_embedding the graph has one fused attention less and no Reshape (the
     branch splits no heads: no shape arithmetic to run on the host); it gives the whole graph's vectors."""
     from collections import Counter
 
@@ -188,7 +188,9 @@ def test_fp16_file_with_the_standalone_branch(tiny_bert_dir, tmp_path):
 
     result = export_model(tiny_bert_dir, tmp_path / "export", fp16=True, fp16_first_token=True, max_length=48)
     assert result.manifest["first_token_last_layer"] == ["model.onnx", "model_fp16.onnx"]
-    assert result.manifest["fp16"]["fused_operators"]["Attention"] == 2  # both layers of the tiny BERT
+    fused = result.manifest["fp16"]["fused_operators"]
+    assert fused["Attention"] == 2  # both layers of the tiny BERT
+    assert not {"LayerNormalization", "Gelu"} & set(fused)  # the branch's too: Skip-LayerNorm, bias + GELU
     path = tmp_path / "export" / "model_fp16.onnx"
     whole = Counter(node.op_type for node in onnx.load(str(path)).graph.node)
     cut = Counter(node.op_type for node in onnx.load_from_string(cut_to_outputs(path, ("sentence_embedding",))[0])
