@@ -179,9 +179,10 @@ def test_graphs_with_external_weights_load_whole(tiny_export, tmp_path):
 
 def test_fp16_file_with_the_standalone_branch(tiny_bert_dir, tmp_path):
     """export_model(fp16_first_token=True): model_fp16.onnx gets the branch (listed in export.json, parity
-    passed or the export would have failed); the optimizer still fused every layer's attention, the full last
-    layer's included, and the branch's layer norms and GELU; cut to sentence_embedding the graph has one fused attention less and no Reshape (the
-    branch splits no heads: no shape arithmetic to run on the host); it gives the whole graph's vectors."""
+    passed or the export would have failed); the optimizer still fused every layer's attention, the full
+    last layer's included, and the branch's layer norms and GELU; cut to sentence_embedding the graph has
+    one fused attention less and no Reshape (the branch splits no heads: no shape arithmetic to run on the
+    host); it gives the whole graph's vectors."""
     from collections import Counter
 
     from mirrorfast.export.onnx import export_model
