@@ -117,8 +117,8 @@ class StandaloneFirstTokenLayer(nn.Module):
 
 
 def _rest_of_layer(layer: nn.Module, context: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-    """BertLayer after its attention probabilities: output projection, residual + LayerNorm, feed-forward,
-    residual + LayerNorm, for the first token's context and states (the same shape: (B, H) or (B, 1, H))."""
+    """BertLayer after the attention's context (the heads' weighted values, concatenated): output projection,
+    residual + LayerNorm, feed-forward, residual + LayerNorm; context and first are (B, 1, H)."""
     out = layer.attention.output
     attended = out.LayerNorm(out.dense(context) + first)
     ffn = layer.intermediate
