@@ -21,8 +21,9 @@ Two forms of the branch, the same function:
   timed on a GPU): what onnxruntime's transformer optimizer can take. The optimizer fuses a layer's attention
   only when the layer's input feeds exactly three MatMuls (its query, key and value), and fusing it takes
   those products away from a branch that shares them (a broken graph). This form computes keys and values
-  with a product of its own, behind a no-op Mul, and uses no dynamic shape (no Reshape): onnxruntime's CUDA
-  EP leaves shape arithmetic to the CPU, and a session with nodes on the CPU cannot run as a CUDA graph.
+  with a product of its own, behind a no-op Mul, and uses no dynamic shape (no Reshape): onnxruntime can
+  place shape arithmetic on the CPU, and a session with nodes on the CPU cannot run as a CUDA graph (the
+  fastest fp16 variant measured; benchmarks/onnx_gpu_table.py's FP16_VARIANTS).
 """
 
 from __future__ import annotations

@@ -105,8 +105,6 @@ def open_session(path: Path, providers: list[str], outputs: tuple[str, ...] | No
         raise MirrorfastError(f"cannot load {path}: {first_line(exc)}") from None
 
 
-# The weights' types handed to onnxruntime as arrays (the others, if any, stay in the graph).
-_ARRAY_TYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 6: np.int32, 7: np.int64, 10: np.float16, 11: np.float64}
 _IN_MEMORY = "mirrorfast-in-memory"  # an external-data location that no file has: the weights come with the session
 
 
@@ -125,8 +123,10 @@ def cut_to_outputs(path: Path, outputs: tuple[str, ...]) -> tuple[bytes, dict[st
         return None
     weights = {}
     for tensor in model.graph.initializer:
-        if tensor.data_type in _ARRAY_TYPES and tensor.HasField("raw_data"):
-            array = np.frombuffer(tensor.raw_data, dtype=_ARRAY_TYPES[tensor.data_type]).reshape(tuple(tensor.dims))
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        # numpy's own types only (bf16, fp8, int4 map to ml_dtypes, which onnxruntime's arrays do not take)
+        if dtype.kind in "biuf" and tensor.HasField("raw_data"):
+            array = np.frombuffer(tensor.raw_data, dtype=dtype).reshape(tuple(tensor.dims))
             if array.nbytes < 1024:  # small constants stay in the graph, where shape inference reads them
                 continue
             weights[tensor.name] = array
