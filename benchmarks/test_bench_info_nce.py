@@ -3,8 +3,9 @@
     pytest benchmarks/test_bench_info_nce.py --benchmark-only
 
 On a CUDA machine: fp16 inputs, (N=200, D=768) and (N=16384, D=768), the three implementations side by
-side (one benchmark group per size), plus at N=16384 the kernel with its opt-in backward through stripes
-(`KernelConfig.stripe_rows`), peak extra GPU memory in `extra_info`. Without CUDA: the PyTorch
+side (one benchmark group per size), plus at N=16384 the kernel with the fused backward that large problems
+took before their default became the backward through stripes (`KernelConfig.stripe_rows`), peak extra GPU
+memory in `extra_info`. Without CUDA: the PyTorch
 reference on CPU at a small and a medium size; the GPU cases skip with the reason.
 `benchmarks/info_nce_table.py` prints the same comparison as one table (plus correctness checks).
 """
@@ -17,7 +18,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # same rule as tests/conftest.py
 
-from info_nce_table import SPLIT_MAX_ROWS, peak_extra_mib, stripes_config  # noqa: E402  (benchmarks/ is on sys.path)
+from info_nce_table import fused_config, peak_extra_mib  # noqa: E402  (benchmarks/ is on sys.path)
 from mirrorfast.errors import first_line  # noqa: E402
 from mirrorfast.kernels import info_nce, info_nce_reference  # noqa: E402
 
@@ -25,7 +26,7 @@ CUDA = torch.cuda.is_available()
 TEMPERATURE = 0.04
 GPU_SIZES = [(200, 768), (16384, 768)]
 CPU_SIZES = [(64, 128), (512, 384)]
-IMPLS = ["triton", "triton-stripes", "torch-eager", "torch-compile"]
+IMPLS = ["triton", "triton-fused", "torch-eager", "torch-compile"]
 
 
 def _inputs(n, d, dtype, device):
@@ -46,13 +47,19 @@ def _make_step(loss_fn, a, b):
     return step
 
 
+def _stripes_by_default(n, d):
+    from mirrorfast.kernels.infonce_triton import pick_config
+
+    return bool(pick_config(2 * n, d, torch.float16).stripe_rows)
+
+
 def _loss_fn(impl, n, d):
     if impl == "triton":
         return lambda a, b: info_nce(a, b, TEMPERATURE, "mean", backend="triton")
-    if impl == "triton-stripes":
+    if impl == "triton-fused":
         from mirrorfast.kernels.infonce_triton import info_nce_triton
 
-        config = stripes_config(2 * n, d, torch.float16)
+        config = fused_config(2 * n, d, torch.float16)
         return lambda a, b: info_nce_triton(a, b, TEMPERATURE, "mean", config=config)
     if impl == "torch-eager":
         return lambda a, b: info_nce_reference(a, b, TEMPERATURE, "mean")
@@ -67,8 +74,8 @@ def test_info_nce_fwd_bwd_gpu(benchmark, n, d, impl):
         pytest.skip("needs a CUDA GPU: the Triton kernel, eager and compiled PyTorch are compared on fp16 CUDA tensors")
     if impl.startswith("triton"):
         pytest.importorskip("triton", reason="triton is not installed")
-    if impl == "triton-stripes" and 2 * n <= SPLIT_MAX_ROWS:
-        pytest.skip("the backward through stripes is for large problems (small ones have few row blocks to save)")
+    if impl == "triton-fused" and not _stripes_by_default(n, d):
+        pytest.skip("the default backward is the fused one at this size (stripes are for large problems)")
     a, b = _inputs(n, d, torch.float16, "cuda")
     step = _make_step(_loss_fn(impl, n, d), a, b)
     try:

@@ -46,8 +46,8 @@ several programs (grid dimension 1 of the forward, 2 of the backward), as split-
    merges them into lse2 and loss and reduces the loss ("mean"/"sum": no torch reduction launch).
 2b. backward splits write their share of dz and of z . dz, fp32, to a (split, 2N, D) workspace;
    `_infonce_bwd_finalize_kernel` adds the shares in split order (bit-identical run to run) and projects.
-Large problems can take the backward through stripes instead (`KernelConfig.stripe_rows`, opt-in, not timed on
-a GPU yet). The fused backward keeps its accumulators in registers, so at N=16384 D=768 it runs 512 row
+Large 16-bit problems take the backward through stripes instead (`KernelConfig.stripe_rows`, pick_config's
+default for them since an H200 timed it, 2026-11-27). The fused backward keeps its accumulators in registers, so at N=16384 D=768 it runs 512 row
 blocks x 2 groups of gradient columns, each reading all of x for its logits: counted from the loops, ~100 GB
 of loads and the Gram products done twice (3 products of the forward's size in all; the forward: ~20 GB).
 Through stripes each logit is computed once (2 products in all) and the loads come to ~60 GB:
@@ -63,6 +63,7 @@ Saved for backward: the inputs (kept alive by autograd anyway), norm (2N,) and l
 in the last bit, and the backward recomputes every logit with the norms the forward used for it.
 """
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -719,7 +720,7 @@ class KernelConfig:
     # workspace (tiles bwd_m x bwd_n, D step bwd_d, bwd_warps, bwd_stages) and `_infonce_bwd_stripe_mm_kernel`
     # multiplies them by x_J (tiles mm_m rows x mm_dc columns of D, K step mm_k). Each logit is computed once
     # and in large tiles, at the price of a workspace of stripe_rows x (stripe_cols 16-bit + D fp32) and
-    # 2 launches per (stripe, column block). Needs bwd_fold. Opt-in: not timed on a GPU yet.
+    # 2 launches per (stripe, column block). Needs bwd_fold. pick_config's default for large 16-bit problems.
     stripe_rows: int = 0
     stripe_cols: int = 2048
     mm_m: int = 128
@@ -752,9 +753,33 @@ def _clamp_block(block: int, extent: int) -> int:
 _MIN_PROGRAMS = 96
 
 
+# The backward through stripes for large 16-bit problems: weights kernel (BLOCK_M, BLOCK_N, BLOCK_D, num_warps,
+# num_stages), product kernel (BLOCK_M, BLOCK_DC, BLOCK_K, num_warps, num_stages), (stripe_rows, stripe_cols).
+# H200, 2026-11-27, N=16384 D=768 fp16, the backward alone (`info_nce_table.py --sweep 16384,768`): 13.2 ms,
+# the fastest of the stripes candidates whose workspaces (8 + 6 MiB) keep the call's peak extra memory under
+# issue 3's 64 MiB (the gradients take 48 of them), against 26.9 ms for the folded fused backward, the best of
+# its 40 candidates. 2048 x 8192 stripes took 11.4 ms but need a 38 MiB workspace.
+STRIPES_DEFAULT = ((64, 128, 64, 4, 3), (64, 128, 64, 4, 4), (2048, 2048))
+# From 2N > 8192 (at least four 2048-row stripes) on. Timed at N=16384 only (and checked against float64 up
+# to N=32768); where between 1024 and 8192 rows the stripes start to win was not measured.
+STRIPES_MIN_ROWS = 8192
+
+
+def with_stripes(cfg: KernelConfig, n: int, d: int, weights: tuple, product: tuple, stripes: tuple) -> KernelConfig:
+    """cfg with the backward through stripes: weights kernel (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages),
+    product kernel (BLOCK_M, BLOCK_DC, BLOCK_K, num_warps, num_stages), (stripe_rows, stripe_cols), as the
+    entries of STRIPES_DEFAULT; blocks clamped to N rows and D as pick_config's."""
+    (wm, wn, wd, ww, ws), (mm, mdc, mk, mw, ms), (rows, cols) = weights, product, stripes
+    return dataclasses.replace(
+        cfg, bwd_fold=True, bwd_split=1, bwd_m=_clamp_block(wm, n), bwd_n=_clamp_block(wn, n),
+        bwd_d=_clamp_block(wd, d), bwd_warps=ww, bwd_stages=ws, stripe_rows=rows, stripe_cols=cols,
+        mm_m=_clamp_block(mm, n), mm_dc=_clamp_block(mdc, d), mm_k=_clamp_block(mk, n), mm_warps=mw, mm_stages=ms)
+
+
 @functools.lru_cache(maxsize=256)
-def pick_config(n2: int, d: int, dtype: torch.dtype) -> KernelConfig:
-    """Heuristic block sizes for 2N = n2 rows of dimension d (a fixed table: no autotuning).
+def pick_config(n2: int, d: int, dtype: torch.dtype, stripes: bool = True) -> KernelConfig:
+    """Heuristic block sizes for 2N = n2 rows of dimension d (a fixed table: no autotuning); stripes=False
+    keeps the fused backward at every size (what benchmarks/info_nce_table.py times next to the stripes).
 
     Small problems (2N <= 1024) are latency bound: small row blocks (more programs), wide D steps (short
     serial loops). Larger ones: the largest row block that still gives ~_MIN_PROGRAMS programs; each
@@ -764,7 +789,10 @@ def pick_config(n2: int, d: int, dtype: torch.dtype) -> KernelConfig:
     N=16384; H200, 2026-11-26: backward 30.2 ms with 3 x 128 columns per program vs 43.5 ms with 1 x 256,
     32.8 ms with 3 x 256, benchmarks/RESULTS.md). Large 16-bit problems fold rinv_J into the backward's
     gradient tile (`bwd_fold`): H100, 2026-11-27, N=16384 D=768 fp16, backward alone 26.2 vs 29.1 ms, whole
-    call 29.2 vs 32.1 ms. fp32 inputs use ieee dots (no tensor cores): modest tiles.
+    call 29.2 vs 32.1 ms. Past STRIPES_MIN_ROWS rows they take the backward through stripes instead
+    (STRIPES_DEFAULT): H200, 2026-11-27, N=16384 D=768 fp16, the whole call 23.5 vs 29.7 ms with the first
+    stripes candidate, and the backward alone 13.2 ms with STRIPES_DEFAULT's blocks vs 26.9 ms folded.
+    fp32 inputs use ieee dots (no tensor cores): modest tiles.
     """
     if dtype == torch.float32:
         if n2 <= 1024:
@@ -785,11 +813,14 @@ def pick_config(n2: int, d: int, dtype: torch.dtype) -> KernelConfig:
         )
     fm, fn, fd, fw, fs, fused, bm, bn, bd, bdc, bw, bs, *chunks = cfg
     n = n2 // 2  # row blocks tile a and b separately
-    return KernelConfig(
+    cfg = KernelConfig(
         _clamp_block(fm, n), _clamp_block(fn, n), _clamp_block(fd, d), fw, fs, fused,
         _clamp_block(bm, n), _clamp_block(bn, n), _clamp_block(bd, d), _clamp_block(bdc, d), bw, bs, *chunks,
         bwd_fold=dtype != torch.float32 and n2 > 1024,
     )
+    if stripes and dtype != torch.float32 and n2 > STRIPES_MIN_ROWS:
+        cfg = with_stripes(cfg, n, d, *STRIPES_DEFAULT)
+    return cfg
 
 
 def _dot_precision(dtype: torch.dtype, cfg: KernelConfig) -> str:

@@ -186,13 +186,16 @@ def test_triton_all_reductions_fp32_odd_shape(reduction):
 
 @needs_triton
 @pytest.mark.parametrize(
-    "fused_norm,big", [(True, False), (False, False), (False, True)], ids=["tiny-fused", "tiny-normkernel", "large"]
+    "fused_norm,big", [(True, None), (False, None), (False, "stripes"), (False, "fused")],
+    ids=["tiny-fused", "tiny-normkernel", "large", "large-fused"]
 )
 def test_triton_block_configs(fused_norm, big):
     """Force many ragged blocks (16-wide tiles: several row, column, D and gradient-column blocks), the
-    separate norm kernel, and the large-problem configuration."""
+    separate norm kernel, and the large-problem configuration: its backward through stripes (the default for
+    16-bit inputs) and its fused backward, block sizes clamped to the shape."""
     if big:
-        config = pick_config(1 << 20, 1024, torch.float16)  # the table's entry for large problems
+        config = pick_config(1 << 20, 1024, torch.float16, stripes=big == "stripes")  # the large-problem entry
+        assert bool(config.stripe_rows) == (big == "stripes")
         n, d = 70, 130
     else:
         config = KernelConfig(16, 16, 16, 4, 2, fused_norm, 16, 16, 16, 16, 4, 2)
