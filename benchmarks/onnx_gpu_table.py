@@ -23,6 +23,8 @@ onnxruntime-gpu first on PYTHONPATH; otherwise they are listed as skipped):
                                           export/first_token.py): cut to sentence_embedding as OnnxEncoder
                                           runs it (with the variants), and whole, as a client that loads the
                                           file uncut runs it
+  fp16 export, attention experiments      the same file with its attention on other kernels
+                                          (ATTENTION_VARIANTS: packing mode, no mask), checked against it
   OnnxEncoder.encode (CUDA)               the serving path: tokenization + host I/O + fp16 model
   then, on the GPU, each fp16 file's kernels by GPU time (torch.profiler; --profile-runs)
   PyTorch fp32 / onnxruntime fp32 / int8 (CPU)
@@ -54,7 +56,7 @@ ensure_importable()  # works from a plain checkout too (the GPU machine)
 from mirrorfast.export import OnnxEncoder, export_model  # noqa: E402
 from mirrorfast.errors import MirrorfastError, first_line  # noqa: E402
 from mirrorfast.export.runtime import open_session  # noqa: E402
-from mirrorfast.export.onnx import SentenceEmbeddingGraph  # noqa: E402
+from mirrorfast.export.onnx import SentenceEmbeddingGraph, _quiet_logging  # noqa: E402
 
 OUTPUTS = ("sentence_embedding",)  # fetched alone, from the graph cut down to it, as OnnxEncoder runs it
 
@@ -246,6 +248,8 @@ def ort_cuda_rows(table: Table, export_dir: Path, feeds: dict, texts: list[str],
                 table.profiles.append(f"### Where the GPU time of {label} goes (device-resident, I/O binding)\n"
                                       + kernel_profile(lambda: session.run_with_iobinding(binding), args.profile_runs))
             fp16_variant_rows(table, path, label, on_device, out, args)
+            if path.parent == export_dir:  # the shipped fp16 file's attention on other kernels
+                attention_variant_rows(table, path, label, on_device, out, args)
 
     encoder = OnnxEncoder(export_dir, provider="cuda")
     ms, n = measure(lambda: encoder.encode(texts, batch_size=len(texts)), 5, args.iters, 30)
@@ -286,6 +290,77 @@ def fp16_variant_rows(table: Table, path: Path, label: str, on_device: dict, out
             table.skip(what, f"its vectors differ from the plain run's by up to {worst:.2e}")
             continue
         table.add(f"{what}, device-resident", "cuda", ms, n, "PyTorch fp32", note)
+
+
+def packing_mode(fp16_path: Path, out_path: Path) -> None:
+    """The fp16 graph in onnxruntime's packing mode (convert_to_packing_mode): RemovePadding drops the padding
+    tokens before the first layer, PackedAttention takes the packed sequences, RestorePadding puts them back.
+    CUDA-only ops: no CPU execution provider runs this file."""
+    import onnx
+    from onnxruntime.transformers.convert_to_packing_mode import PackingMode
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = OnnxModel(onnx.load(str(fp16_path)))
+    with _quiet_logging():
+        PackingMode(model).convert()
+    if not model.get_nodes_by_op_type("PackedAttention"):
+        raise MirrorfastError("convert_to_packing_mode left no PackedAttention node")
+    model.save_model_to_file(str(out_path))
+
+
+def without_attention_mask(fp16_path: Path, out_path: Path) -> None:
+    """The fp16 graph with its Attention nodes' mask input removed: right only for batches without padding
+    (as this table's), a diagnostic of what the attention would cost on the kernels onnxruntime keeps for
+    unmasked attention (FlashAttention)."""
+    import onnx
+
+    model = onnx.load(str(fp16_path))
+    attention = [node for node in model.graph.node if node.op_type == "Attention"]
+    if not attention:
+        raise MirrorfastError("no Attention node in the fp16 graph")
+    for node in attention:
+        del node.input[3:]  # input 3 is mask_index; 4 (past) and later are unused in this graph
+    onnx.save(model, str(out_path))
+
+
+# fp16 graphs whose attention runs on other kernels than the shipped file's, each against it. onnxruntime-gpu
+# 1.31.1 on an H200 (2026-11-27) ran the shipped file's Attention op (a 1-D mask from EmbedLayerNormalization)
+# through cuDNN's flash SDPA: 0.77 of 3.99 ms of GPU time at 256 x 32 tokens; with cuDNN off
+# (ORT_ENABLE_CUDNN_FLASH_ATTENTION=0) through the unfused kernels, 4.95 ms against 4.35 for the whole run.
+ATTENTION_VARIANTS = (
+    ("packing mode", packing_mode, "RemovePadding + PackedAttention (convert_to_packing_mode), I/O binding"),
+    ("no attention mask (unpadded batches only)", without_attention_mask,
+     "diagnostic: Attention without its mask input, I/O binding"),
+)
+
+
+def attention_variant_rows(table: Table, path: Path, label: str, on_device: dict, out, args) -> None:
+    """The device-resident fp16 run of graphs transformed by ATTENTION_VARIANTS, each checked against the
+    shipped file's vectors (left in `out` by its last run) and profiled like it."""
+    expected = out.numpy().copy()
+    for variant, transform, note in ATTENTION_VARIANTS:
+        what = f"onnxruntime CUDA EP {label}, {variant}"
+        try:
+            variant_path = path.with_name(f"{path.stem}-{transform.__name__}.onnx")
+            transform(path, variant_path)
+            session = open_session(variant_path, ["CUDAExecutionProvider", "CPUExecutionProvider"], outputs=OUTPUTS)
+            binding = session.io_binding()
+            for k, value in on_device.items():
+                binding.bind_ortvalue_input(k, value)
+            binding.bind_ortvalue_output("sentence_embedding", out)
+            session.run_with_iobinding(binding)
+            ms, n = measure(lambda: session.run_with_iobinding(binding), 10, args.iters, 30, torch.cuda.synchronize)
+        except Exception as exc:  # noqa: BLE001 - an experiment: the other rows still run
+            table.skip(what, f"failed: {type(exc).__name__}: {first_line(exc)[:200]}")
+            continue
+        worst = float(np.abs(out.numpy() - expected).max())
+        if worst > 1e-3:
+            table.skip(what, f"its vectors differ from the shipped file's by up to {worst:.2e}")
+            continue
+        table.add(f"{what}, device-resident", "cuda", ms, n, "PyTorch fp32", note)
+        if args.profile_runs:
+            table.profiles.append(f"### Where the GPU time of {label}, {variant} goes (device-resident)\n"
+                                  + kernel_profile(lambda: session.run_with_iobinding(binding), args.profile_runs))
 
 
 def ort_cpu_rows(table: Table, export_dir: Path, feeds: dict, args, cpu_iters: int) -> None:

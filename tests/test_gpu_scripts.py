@@ -81,3 +81,36 @@ def test_profile_step_cpu():
                "--half-model")
     assert "CPU: tiny-bert, bf16, cuda_graphs=False, half_model=True; 3 steps" in out, out
     assert "ms per step" in out and "aten::" in out, out
+
+
+def test_onnx_table_attention_variants(tiny_bert_dir, tmp_path):
+    """The attention experiments the GPU table runs on the fp16 file: without its mask input the graph gives
+    the same vectors on an unpadded batch (what the table feeds) and others on a padded one (the mask was
+    really removed); packing mode puts RemovePadding / PackedAttention in (CUDA-only ops: not run here)."""
+    import numpy as np
+    import onnx
+
+    from mirrorfast.export.onnx import export_model
+    from mirrorfast.export.runtime import open_session
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from onnx_gpu_table import packing_mode, without_attention_mask
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    fp16 = export_model(tiny_bert_dir, tmp_path / "export", fp16=True, max_length=16).out_dir / "model_fp16.onnx"
+    unmasked, packed = tmp_path / "unmasked.onnx", tmp_path / "packed.onnx"
+    without_attention_mask(fp16, unmasked)
+    packing_mode(fp16, packed)
+    ops = [node.op_type for node in onnx.load(str(packed)).graph.node]
+    assert {"RemovePadding", "PackedAttention", "RestorePadding"} <= set(ops) and "Attention" not in ops, ops
+
+    rng = np.random.default_rng()
+    ids = rng.integers(1000, 2000, size=(3, 9)).astype(np.int64)
+    full = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    padded = dict(full, attention_mask=(np.arange(9) < np.array([[9], [4], [6]])).astype(np.int64))
+    run = {path.name: open_session(path, ["CPUExecutionProvider"], outputs=("sentence_embedding",))
+           for path in (fp16, unmasked)}
+    out = {name: [s.run(None, feeds)[0] for feeds in (full, padded)] for name, s in run.items()}
+    np.testing.assert_allclose(out["unmasked.onnx"][0], out["model_fp16.onnx"][0], atol=1e-5)
+    assert np.abs(out["unmasked.onnx"][1][1:] - out["model_fp16.onnx"][1][1:]).max() > 1e-3
