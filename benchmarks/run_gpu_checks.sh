@@ -21,37 +21,32 @@
 #   5:    carry [".ortgpu/q5"]          command "mkdir -p /tmp/ort && cp .ortgpu/q5/* /tmp/ort/ &&
 #                                                bash .ortgpu/q5/install.sh; BUDGET=540 bash benchmarks/run_gpu_checks.sh
 #                                                suite onnx kernel tests attention"
-# Seen on an H100, 2026-11-27 (session 14, this plan with BUDGET=500 and sweep last): the first call ~29 s of
-# device time (start included), each transfer ~5 s; the parts took suite 140 s (19 rows), onnx 51 s, kernel
-# 85 s, tests over 180 s (cut at 157 of 190 when its cap was 180: compiled, each case compiles kernels of its
-# own; the other 33 took 36 s in a second call), attention 21 s; the sweep got no time. Calls 1-5 used 552 s
-# of the 900; a second call on a fresh machine (start ~30 s) ran the rest of the tests and `--sweep 16384,768`
-# (118 s). A machine cannot start with under 4 minutes of device time left: plan the second call early.
-# (H200, 2026-11-26: suite 76 s with 9 rows, onnx 46 s, tests 76 s with 91 tests, sweep 50 s, kernel 40 s.)
-# What to read first: info_nce_table.log's variant rows (`triton (stripes)`, `triton (split)`, `triton (fold)` or `(no fold)`, and
-# their graph rows) against `triton`; sweep.log's 'stripes', 'fold' and 'split' candidates; gpu_suite.log's `kernels: ...`
-# warm-up line.
+# Seen on an H200, 2026-11-27 (session 20): one part per call of the transfer, so that each call measures
+# something and its results can steer the next: call 1 (start included) `suite` 193 s of device time, call 2
+# `kernel` 132 s, call 3 the InfoNCE table + `restart` 159 s, call 4 `--sweep 16384,768` 90 s, call 5 the
+# wheel's install + `onnx` 119 s (88 s for the part: two BERT-base exports of ~26 s each), call 6 the ONNX
+# table again with an environment variable 98 s; 795 s in all, the machine warm throughout (a call must
+# follow the last within ~30 s). Parts alone there: suite 136 s (19 rows), restart 95 s, onnx 88 s, the
+# sweep at N=16384 77 s. The kernel part's checks alone took its whole 103 s cap then; the table now runs
+# first (info_nce_table.py prints it before its checks), so a cap cuts only checks.
+# (H100, 2026-11-27, session 14: suite 140 s, onnx 51 s, kernel 85 s, tests over 180 s for 190 compiled tests,
+# attention 21 s. H200, 2026-11-26: suite 76 s with 9 rows, onnx 46 s, tests 76 s with 91 tests.)
+# What is left to measure (RESULTS.md's session 20 section says what was measured):
+#   - issue 3: the whole call with the stripes default (STRIPES_DEFAULT, since session 20): the table's `triton`
+#     row at N=16384 next to `triton (fused)`, the default before; then `sweep` for more stripe shapes;
+#   - issue 4: the onnx part's attention experiments (ATTENTION_VARIANTS in onnx_gpu_table.py: the fp16 file in
+#     onnxruntime's packing mode, and without its mask input) against the shipped fp16 file, with their
+#     kernel profiles: the shipped file's attention (cuDNN SDPA) took 0.77 of its 3.99 ms of GPU time. If packing
+#     mode wins, it is the candidate for the fp16 file (its ops run on CUDA only: the export's parity check
+#     would need the CUDA EP);
+#   - issue 6: `profile` (where the fastest combination's 13.9 ms a step go; the goal is 12) and `tests`.
+# A plan for 900 s: call 1 carry [".gpu", ".ortgpu/q1"] `kernel profile` (BUDGET=300), calls 2-4 the wheel's
+# parts with `tests` in call 2 (BUDGET=200), call 5 the install + `onnx` (BUDGET=150); the suite's numbers
+# of session 20 stand unless training code changed.
+# What to read first: info_nce_table.log's `triton` and `triton (fused)` rows at N=16384, onnx_gpu_table.log's
+# attention-variant rows and profiles, profile.log's top operators.
 # $OUT returns at most 8 files: the parts write one log each, the device facts go into summary.txt.
 # Without onnxruntime-gpu the ONNX part still runs and lists its CUDA EP rows as skipped.
-# export/ changed after session 14's ONNX table (the first-token branch, sessions 18-19: CPU files cut to
-# sentence_embedding, and an opt-in fp16 file with the branch that the onnx part times cut and whole), but
-# a session can still skip calls 2-5 (the onnxruntime-gpu transfer, ~300 s of device time) and spend one
-# call on what is unmeasured in training: carry [".gpu"],
-#   BUDGET=540 bash benchmarks/run_gpu_checks.sh kernel suite restart profile tests
-# (kernel: the InfoNCE table's new `triton (stripes)` row at N=16384, the opt-in backward through stripes of
-# session 16, against `triton` in the same run, and its checks against fp64 up to N=32768; suite; restart: the
-# first epochs of a second run, issue 6; profile: where BERT-base's step goes on the H100, default path and
-# fastest combination; tests last, so a cut takes only its tail, the InfoNCE file first: its
-# tiny-temperature cases check the contraction fix compiled.) If the stripes row beats `triton`, a second
-# call's `sweep` part times its 7 candidates (SWEEP_BWD_STRIPES: tile shapes and workspace sizes) with the rest.
-# A session aiming at issue 4 instead needs calls 2-5: the onnx part now times the opt-in fp16 file with the
-# first-token branch (cut, whole, CUDA-graph variants) against the default one, the target's 4 ms, and ends
-# with each fp16 file's kernels by GPU time (onnx_gpu_table.py --profile-runs). If the branch's cut row wins,
-# make fp16_first_token the default (export_model, export.json's list) and say so in README.
-# A session that would rather tune the InfoNCE kernel than measure ONNX on the GPU: skip calls 2-5 and run
-# `bash benchmarks/run_gpu_checks.sh suite sweep tests` in call 1 (the sweep compares block sizes,
-# including several gradient-column chunks per backward program, KernelConfig.bwd_chunks; each line also
-# gives the registers and spills the driver reports for that config's kernel).
 set -uo pipefail
 out=${OUT:-gpu-out}
 mkdir -p "$out"
@@ -109,8 +104,8 @@ for part in "${parts[@]}"; do
     # FlashAttention all cold) that finds Triton's disk cache as the parts before it left it. After `suite`, its
     # first epochs are a second `mirrorfast train` on the machine; as the first part, a first one.
     restart) run "first epochs, a process per row" 150 restart.log python3 benchmarks/gpu_suite.py --isolate --rows bert:fp16,bert:bf16,bert:bf16-half-triton,minilm:fp16 ;;
-    onnx)   run "ONNX GPU table" 160 onnx_gpu_table.log env -u TOKENIZERS_PARALLELISM python3 benchmarks/onnx_gpu_table.py --gpu-only ;;
-    kernel) run "InfoNCE table" 110 info_nce_table.log python3 benchmarks/info_nce_table.py --quick ;;
+    onnx)   run "ONNX GPU table" 200 onnx_gpu_table.log env -u TOKENIZERS_PARALLELISM python3 benchmarks/onnx_gpu_table.py --gpu-only ;;
+    kernel) run "InfoNCE table" 150 info_nce_table.log python3 benchmarks/info_nce_table.py --quick ;;
     # the InfoNCE file first: the one that changed since its last compiled run (session 14: every loss kernel
     # now compiles without fp contraction; the other files all passed then), so a cap cuts only the others' tail
     tests)  run "kernel tests (compiled)" 260 kernel_tests.log python3 -m pytest -v --tb=short -p no:cacheprovider tests/test_kernels_info_nce.py tests/test_packed_attention_kernel.py tests/test_residual_layernorm_kernel.py tests/test_fused_norm.py tests/test_opt_ins_together.py tests/test_prefetch.py ;;
