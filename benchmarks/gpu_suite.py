@@ -439,7 +439,8 @@ def _recipe_path(logs: list[str]) -> str:
     graphs = "/cuda-graphs" if values.get("cuda_graphs") == "True" else ""
     half = "-model" if values.get("half_model") == "True" else ""
     fused = "/fused-ln" if values.get("fused_layernorm") == "True" else ""
-    return f"{values.get('attention', '?')}/{values.get('loss', '?')}-loss/{precision}{half}{fused}{graphs}"
+    first = "/cls-last-layer" if values.get("last_layer") == "first-token" else ""
+    return f"{values.get('attention', '?')}/{values.get('loss', '?')}-loss/{precision}{half}{fused}{first}{graphs}"
 
 
 def run_mirrorfast(suite: Suite, spec: ModelSpec, precision: str, options: dict) -> dict:

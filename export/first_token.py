@@ -11,7 +11,7 @@ branch, `token_embeddings` from the full layer. Both share the key and value pro
 every node of a graph whatever outputs are fetched, so `mirrorfast.export.runtime.open_session` cuts the
 graph down to `sentence_embedding` before loading it: the full last layer is gone.
 
-Only layers whose forward is exactly BERT's (`_BERT_LAYERS`, checked by class, not by attribute names: a
+Only layers whose forward is exactly BERT's (`mirrorfast.last_layer.BERT_LAYERS`, checked by class, not by attribute names: a
 RoFormer layer has the same submodules and different attention) get the branch; others export unchanged.
 
 Two forms of the branch, the same function:
@@ -33,23 +33,6 @@ from torch import nn
 
 # Node-name scope of the branch in the exported graph (export/onnx.py groups its MatMuls with the last layer).
 SCOPE = "first_token"
-# Encoder layers that compute exactly BertLayer's forward in eval mode (absolute positions, no cross-attention).
-# (tests/test_first_token.py checks each against the model's own last hidden state.)
-_BERT_LAYERS = {"BertLayer", "RobertaLayer", "XLMRobertaLayer", "CamembertLayer", "ElectraLayer", "Data2VecTextLayer",
-                "ErnieLayer"}
-
-
-def last_bert_layer(model: nn.Module) -> nn.Module | None:
-    """The model's last encoder layer when it is one of `_BERT_LAYERS` and used as an encoder; else None."""
-    config = model.config
-    layers = getattr(getattr(model, "encoder", None), "layer", None)
-    if not layers or type(layers[-1]).__name__ not in _BERT_LAYERS:
-        return None
-    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
-        return None
-    if getattr(config, "position_embedding_type", "absolute") not in (None, "absolute"):
-        return None  # relative positions add distance terms to the attention scores (transformers < 5)
-    return layers[-1]
 
 
 class FirstTokenLayer(nn.Module):

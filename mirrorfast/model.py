@@ -18,7 +18,8 @@ from torch import nn
 
 from mirrorfast.errors import MirrorfastError, first_line
 from mirrorfast.hub import cache_dir, resolve_hub_id
-from mirrorfast.packing import first_position_id, packed_hidden, packed_pool
+from mirrorfast.last_layer import first_token_outputs, last_bert_layer, without_last_layer
+from mirrorfast.packing import first_position_id, packed_first_tokens, packed_hidden, packed_pool
 from mirrorfast.tokens import as_texts, check_batch_size
 
 POOLINGS = ("cls", "mean")
@@ -153,11 +154,30 @@ class Encoder(nn.Module):
         return self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
                               return_tensors="pt")
 
+    # Set by `first_token_last_layer_only` (the trainer, for cls pooling): forward and embed_batch compute the
+    # last layer for each text's first token alone (mirrorfast.last_layer). Inference keeps the full layer.
+    first_token_last_layer = False
+
+    @contextlib.contextmanager
+    def first_token_last_layer_only(self):
+        """For the duration: the last layer for the first token only (cls pooling, a BERT-style last layer)."""
+        if self.pooling != "cls" or last_bert_layer(self.model) is None:
+            raise MirrorfastError("the last layer for the first token only needs cls pooling and a BERT-style layer")
+        self.first_token_last_layer = True
+        try:
+            yield
+        finally:
+            del self.first_token_last_layer  # the class default again
+
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         """(B, L) token ids and mask -> (B, H) pooled embeddings (not normalized)."""
         kwargs = {"input_ids": input_ids, "attention_mask": self._attention_bias(attention_mask)}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
+        if self.first_token_last_layer:
+            with without_last_layer(self.model) as last:
+                hidden = self.model(**kwargs).last_hidden_state  # (B, L, H): the last layer's input
+            return first_token_outputs(last, hidden, attention_mask)
         hidden = self.model(**kwargs).last_hidden_state
         return pool(hidden, attention_mask, self.pooling)
 
@@ -175,6 +195,9 @@ class Encoder(nn.Module):
 
     def embed_batch(self, batch) -> torch.Tensor:
         """A mirrorfast.data.Batch (padded or packed) -> (B, H) pooled embeddings."""
+        if batch.packed and self.first_token_last_layer:
+            return packed_first_tokens(self.model, batch.input_ids, batch.position_ids, batch.cu_seqlens,
+                                       batch.segment_ids, batch.max_len)[: batch.views]
         if batch.packed:
             hidden = packed_hidden(self.model, batch.input_ids, batch.position_ids, batch.cu_seqlens,
                                    batch.segment_ids, batch.max_len)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from mirrorfast.errors import MirrorfastError
+from mirrorfast.last_layer import packed_first_token_outputs, without_last_layer
 
 ATTENTION_NAME = "mirrorfast_packed"
 # Model types whose attention goes through transformers' attention interface and whose position ids
@@ -188,6 +189,16 @@ def packed_hidden(model, input_ids, position_ids, cu_seqlens, segment_ids, max_l
         padded_index=padded_index, packed_kernel=kernel,
     )
     return out.last_hidden_state[0]
+
+
+def packed_first_tokens(model, input_ids, position_ids, cu_seqlens, segment_ids, max_len: int):
+    """packed_hidden's arguments -> (S, H): each view's first token through the last layer, the layers before
+    it over every token (cls pooling with the last layer for the first token only, mirrorfast.last_layer)."""
+    with without_last_layer(model) as last:
+        hidden = packed_hidden(model, input_ids, position_ids, cu_seqlens, segment_ids, max_len)  # (T, H)
+    flash = hidden.dtype in (torch.float16, torch.bfloat16) and flash_supported(hidden.device)
+    padded_index = None if flash else _padded_index(cu_seqlens, segment_ids, max_len)
+    return packed_first_token_outputs(last, hidden, cu_seqlens, max_len, padded_index)
 
 
 def packed_pool(hidden, cu_seqlens, segment_ids, pooling: str):

@@ -34,6 +34,7 @@ from mirrorfast.graphs import GraphedStep
 from mirrorfast.halfmodel import HalfModel
 from mirrorfast.kernels import info_nce, resolve_backend
 from mirrorfast.kernels.functional import reference_forced
+from mirrorfast.last_layer import FIRST_TOKEN_ENV, last_bert_layer
 from mirrorfast.model import (MIRRORFAST_JSON, Encoder, enable_drophead, load_encoder, pick_device, save_encoder,
                               without_pooler)
 from mirrorfast.output import atomic_directory, check_destination
@@ -298,6 +299,7 @@ def check_environment() -> None:
     packed_cuda_kernel()
     env_switch(FUSED_LAYERNORM_ENV, default=False)
     env_switch(WARMUP_ENV, default=True)
+    env_switch(FIRST_TOKEN_ENV, default=True)
 
 
 # ---------------------------------------------------------------------------------------- the loop
@@ -344,9 +346,14 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     # max_length is): the packed kernel is decided once for the run.
     kernel = packed_kernel(device, cfg.max_length) if packed else None
     attention = "padded" if kernel is None else "packed" if kernel == "flash" else f"packed-{kernel}"
+    # cls pooling reads the last layer at the first token alone: the rest of that layer is skipped (DropHead's
+    # hooks sit on the attention modules this path does not call; MIRRORFAST_FIRST_TOKEN_LAST_LAYER=0 keeps it).
+    first_token = (encoder.pooling == "cls" and cfg.drophead == 0 and last_bert_layer(encoder.model) is not None
+                   and env_switch(FIRST_TOKEN_ENV, default=True))
     # How this run computes (logged, and recorded in mirrorfast.json).
     paths = {"precision": PRECISION_NAMES[dtype], "attention": attention, "loss": loss_backend,
-             "cuda_graphs": graphs, "half_model": half_model, "fused_layernorm": fused_norm}
+             "cuda_graphs": graphs, "half_model": half_model, "fused_layernorm": fused_norm,
+             "last_layer": "first-token" if first_token else "full"}
     log(f"recipe: level={cfg.level} T={cfg.temperature} mask_span={cfg.mask_span} max_length={cfg.max_length} "
         f"epochs={cfg.epochs} batch={batch_size} lr={cfg.lr} dropout={cfg.dropout} drophead={cfg.drophead} "
         f"pooling={cfg.pooling} " + " ".join(f"{k}={v}" for k, v in paths.items()))
@@ -397,7 +404,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     with (BatchStream(source.epoch, build, upload, schedules) as stream,
           trained_parameters(encoder.model, dtype, half_model) as (params, half),
           packed_attention(encoder.model, kernel) if packed else contextlib.nullcontext(),
-          fused_residual_layernorm(encoder.model) if fused_norm else contextlib.nullcontext()):
+          fused_residual_layernorm(encoder.model) if fused_norm else contextlib.nullcontext(),
+          encoder.first_token_last_layer_only() if first_token else contextlib.nullcontext()):
         # Fused AdamW: one kernel for all parameters instead of a loop of per-tensor kernels.
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True,
                                       capturable=graphs)

@@ -12,7 +12,8 @@ import transformers
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from mirrorfast.export.first_token import FirstTokenLayer, StandaloneFirstTokenLayer, last_bert_layer  # noqa: E402
+from mirrorfast.export.first_token import FirstTokenLayer, StandaloneFirstTokenLayer  # noqa: E402
+from mirrorfast.last_layer import last_bert_layer  # noqa: E402
 from mirrorfast.export.runtime import cut_to_outputs, open_session  # noqa: E402
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=120,

@@ -53,7 +53,9 @@ def test_gpu_suite_tiny_runs_and_prints_both_recipes(shared_data, minilm_dir, tm
         assert minilm["sts_before"] is not None and minilm["sts_after"] is not None, minilm
     assert rows["bert:fp16"]["speedup_steady"] > 0
     assert rows["bert:fp16"]["precision"] == "fp32" and rows["bert:bf16"]["precision"] == "bf16"
-    assert rows["bert:bf16-half"]["path"].endswith("/bf16-model") and rows["bert:bf16"]["path"].endswith("/bf16")
+    half_path, bf16_path = (rows[r]["path"].split("/") for r in ("bert:bf16-half", "bert:bf16"))
+    assert "bf16-model" in half_path and "bf16" in bf16_path, (half_path, bf16_path)
+    assert half_path[-1] == bf16_path[-1] == "cls-last-layer", (half_path, bf16_path)  # cls pooling: [CLS] alone
     # the baselines and mirrorfast see the same data: same steps, (almost) the same real tokens per step
     assert rows["bert:reference"]["steps_per_epoch"] == rows["bert:st"]["steps_per_epoch"] == \
         rows["bert:fp16"]["steps_per_epoch"] == 3
