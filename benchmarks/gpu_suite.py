@@ -25,7 +25,8 @@ weights: timing + STS-B dev Spearman before / after one epoch). Recipes per mode
   fp16, bf16 - mirrorfast.trainer.train(level="sentence", precision=..., save=False, progress=False), the
                trainer's defaults (on CUDA: packed attention, CUDA graphs). Variants by suffix (recipe_spec):
                -eager (no CUDA graphs), -sdpa / -triton (MIRRORFAST_PACKED_ATTENTION), -half (--half-model),
-               -fusedln (MIRRORFAST_FUSED_LAYERNORM=1), -torchloss (MIRRORFAST_KERNELS=torch).
+               -fusedln (MIRRORFAST_FUSED_LAYERNORM=1), -torchloss (MIRRORFAST_KERNELS=torch), -fulllast
+               (MIRRORFAST_FIRST_TOKEN_LAST_LAYER=0: the full last layer instead of [CLS] alone).
 Both recipes: span mask k=5 on the second view, dropout 0.1, T=0.04, lr 2e-5, weight decay 0.01,
 batch 200 strings (400 views), the same 10k-line corpus (no dedup: 50 steps an epoch), the same
 shuffled batch order (seed 42), 2 epochs (the 2nd gives the steady-state numbers).
@@ -321,11 +322,12 @@ TAG_ENV = {  # tags that set an environment override for the row
     "triton": {"MIRRORFAST_PACKED_ATTENTION": "triton"},  # one tile per (view, head): kernels/packed_attention_triton
     "fusedln": {"MIRRORFAST_FUSED_LAYERNORM": "1"},  # dropout + residual + LayerNorm fused: mirrorfast/fused_norm.py
     "torchloss": {"MIRRORFAST_KERNELS": "torch"},  # the PyTorch loss instead of the Triton kernel
+    "fulllast": {"MIRRORFAST_FIRST_TOKEN_LAST_LAYER": "0"},  # the full last layer, not [CLS] alone: mirrorfast/last_layer.py
 }
 # "eager": TrainConfig(cuda_graphs=False), every step launched from Python; "half": TrainConfig(half_model=True).
 RECIPES = ["reference", "st", "fp16", "bf16", "fp16-eager", "bf16-eager", "bf16-sdpa", "bf16-eager-sdpa", "bf16-triton",
            "bf16-eager-triton", "fp16-half", "bf16-half", "bf16-half-triton", "bf16-fusedln",
-           "bf16-half-triton-fusedln", "bf16-torchloss"]
+           "bf16-half-triton-fusedln", "bf16-torchloss", "bf16-fulllast", "bf16-half-triton-fulllast"]
 
 
 def recipe_spec(recipe: str) -> tuple[str, str, dict, dict]:
@@ -344,8 +346,9 @@ def recipe_spec(recipe: str) -> tuple[str, str, dict, dict]:
 # CUDA context down, and with it every later row. The sentence-transformers rows (context for users, not an
 # issue target) come last, so that a suite cut short by its time cap loses them first.
 DEFAULT_ROWS = ["bert:reference", "bert:fp16", "bert:bf16", "bert:bf16-eager", "bert:bf16-sdpa", "bert:fp16-half",
-                "bert:bf16-half", "minilm:reference", "minilm:fp16", "minilm:bf16", "minilm:bf16-half",
-                "bert:bf16-triton", "bert:bf16-half-triton", "bert:bf16-fusedln", "bert:bf16-half-triton-fusedln",
+                "bert:bf16-half", "bert:bf16-fulllast", "minilm:reference", "minilm:fp16", "minilm:bf16",
+                "minilm:bf16-half", "bert:bf16-triton", "bert:bf16-half-triton", "bert:bf16-half-triton-fulllast",
+                "bert:bf16-fusedln", "bert:bf16-half-triton-fusedln",
                 "minilm:bf16-triton", "minilm:bf16-half-triton-fusedln", "bert:st", "minilm:st"]
 # On the CPU these would repeat other rows (no graphs; the CPU gathers; fp16 trains in fp32 there, so no half model).
 CUDA_ONLY = ("-eager", "-sdpa", "-triton", "fp16-half", "-fusedln")

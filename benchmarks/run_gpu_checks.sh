@@ -39,10 +39,14 @@
 #     kernel profiles: the shipped file's attention (cuDNN SDPA) took 0.77 of its 3.99 ms of GPU time. If packing
 #     mode wins, it is the candidate for the fp16 file (its ops run on CUDA only: the export's parity check
 #     would need the CUDA EP);
-#   - issue 6: `profile` (where the fastest combination's 13.9 ms a step go; the goal is 12) and `tests`.
-# A plan for 900 s: call 1 carry [".gpu", ".ortgpu/q1"] `kernel profile` (BUDGET=300), calls 2-4 the wheel's
-# parts with `tests` in call 2 (BUDGET=200), call 5 the install + `onnx` (BUDGET=150); the suite's numbers
-# of session 20 stand unless training code changed.
+#   - issue 6: the last layer for [CLS] alone in training (mirrorfast/last_layer.py, since session 20, on by
+#     default): the suite's rows now run it, and its `-fulllast` rows (bert:bf16-fulllast,
+#     bert:bf16-half-triton-fulllast) run the full layer next to them; `profile` (where the fastest combination's
+#     13.9 ms a step went; the goal is 12); `tests` (tests/test_last_layer.py's GPU cases check its
+#     FlashAttention path against the full layer; the suite's MiniLM STS-B rows check training quality).
+# A plan for 900 s: call 1 carry [".gpu", ".ortgpu/q1"] `suite` (BUDGET=200), call 2 `kernel` (BUDGET=130),
+# call 3 `profile` (BUDGET=150), call 4 `tests` (BUDGET=120), call 5 the install + `onnx` (BUDGET=150), each
+# call also copying its part of the wheel; no pause between calls.
 # What to read first: info_nce_table.log's `triton` and `triton (fused)` rows at N=16384, onnx_gpu_table.log's
 # attention-variant rows and profiles, profile.log's top operators.
 # $OUT returns at most 8 files: the parts write one log each, the device facts go into summary.txt.
@@ -108,7 +112,7 @@ for part in "${parts[@]}"; do
     kernel) run "InfoNCE table" 150 info_nce_table.log python3 benchmarks/info_nce_table.py --quick ;;
     # the InfoNCE file first: the one that changed since its last compiled run (session 14: every loss kernel
     # now compiles without fp contraction; the other files all passed then), so a cap cuts only the others' tail
-    tests)  run "kernel tests (compiled)" 260 kernel_tests.log python3 -m pytest -v --tb=short -p no:cacheprovider tests/test_kernels_info_nce.py tests/test_packed_attention_kernel.py tests/test_residual_layernorm_kernel.py tests/test_fused_norm.py tests/test_opt_ins_together.py tests/test_prefetch.py ;;
+    tests)  run "kernel tests (compiled)" 260 kernel_tests.log python3 -m pytest -v --tb=short -p no:cacheprovider tests/test_kernels_info_nce.py tests/test_packed_attention_kernel.py tests/test_residual_layernorm_kernel.py tests/test_fused_norm.py tests/test_opt_ins_together.py tests/test_prefetch.py tests/test_last_layer.py ;;
     attention) run "packed attention + residual LayerNorm kernels" 120 attention.log python3 -m pytest -q -p no:cacheprovider benchmarks/test_bench_packed_attention.py benchmarks/test_bench_residual_layernorm.py --benchmark-only --benchmark-columns=min,median,mean ;;
     sweep)  run "InfoNCE block sweep" 300 sweep.log python3 benchmarks/info_nce_table.py --no-checks --sweep 16384,768 --sweep 200,768 --sweep 200,768,bfloat16 --sweep 200,384,bfloat16 ;;
     # the default path, then the fastest measured combination (H100: 24.2 vs 14.9 ms a step), kernel by kernel

@@ -35,12 +35,12 @@ def tiny(minilm_tokenizer_dir, arch: str, dropout: float = 0.0, pooling: str = "
 
 
 def embed_and_grads(encoder, batch, first_token: bool):
-    weights = torch.randn(encoder.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     if first_token:
         with encoder.first_token_last_layer_only():
             out = encoder.embed_batch(batch)
     else:
         out = encoder.embed_batch(batch)
+    weights = torch.randn(encoder.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).to(out)
     params = [p for p in encoder.model.parameters()]
     grads = torch.autograd.grad((out @ weights).square().sum(), params, allow_unused=True)
     return out, grads
@@ -131,3 +131,26 @@ def test_the_trainer_uses_it_for_cls_pooling(tiny_bert_dir, tmp_path, monkeypatc
     assert "last_layer=first-token" in recipe["first"]
     assert "last_layer=full" in recipe["full"] and "last_layer=full" in recipe["mean"]
     np.testing.assert_allclose(runs["first"].losses, runs["full"].losses, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: FlashAttention's varlen kernel, one query per view")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_packed_flash_first_token_on_gpu(minilm_tokenizer_dir, dtype):
+    """On CUDA in half precision the packed [CLS] path goes through FlashAttention (max_len 1 queries): the
+    same embeddings and gradients as the full layer's within half-precision rounding."""
+    from mirrorfast.packing import flash_supported
+
+    if not flash_supported(torch.device("cuda")):
+        pytest.skip("this GPU has no FlashAttention (sm80+)")
+    tok, model, encoder, views = tiny(minilm_tokenizer_dir, "bert")
+    model.to("cuda", dtype)
+    encoder.train()
+    with packed_attention(model) as kernel:
+        assert kernel == "flash"
+        batch = packed_batch(views).to("cuda")
+        (full, grads_full), (first, grads_first) = (embed_and_grads(encoder, batch, f) for f in (False, True))
+    scale = full.abs().max()
+    assert (first - full).abs().max() <= 2e-2 * scale
+    for g_full, g_first in zip(grads_full, grads_first):
+        if g_full is not None:
+            assert (g_first - g_full).abs().max() <= 5e-2 * g_full.abs().max().clamp_min(1e-6)
