@@ -196,7 +196,10 @@ def packed_first_tokens(model, input_ids, position_ids, cu_seqlens, segment_ids,
     it over every token (cls pooling with the last layer for the first token only, mirrorfast.last_layer)."""
     with without_last_layer(model) as last:
         hidden = packed_hidden(model, input_ids, position_ids, cu_seqlens, segment_ids, max_len)  # (T, H)
-    flash = hidden.dtype in (torch.float16, torch.bfloat16) and flash_supported(hidden.device)
+    # FlashAttention where the layers before ran on it or on the Triton kernel (which takes one length for
+    # queries and keys); the gathered SDPA batch where they did ("sdpa": the CPU, or asked for).
+    flash = (model._mirrorfast_packed_kernel != "sdpa" and hidden.dtype in (torch.float16, torch.bfloat16)
+             and flash_supported(hidden.device))
     padded_index = None if flash else _padded_index(cu_seqlens, segment_ids, max_len)
     return packed_first_token_outputs(last, hidden, cu_seqlens, max_len, padded_index)
 
