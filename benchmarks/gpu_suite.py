@@ -350,8 +350,9 @@ DEFAULT_ROWS = ["bert:reference", "bert:fp16", "bert:bf16", "bert:bf16-eager", "
                 "minilm:bf16-half", "bert:bf16-triton", "bert:bf16-half-triton", "bert:bf16-half-triton-fulllast",
                 "bert:bf16-fusedln", "bert:bf16-half-triton-fusedln",
                 "minilm:bf16-triton", "minilm:bf16-half-triton-fusedln", "bert:st", "minilm:st"]
-# On the CPU these would repeat other rows (no graphs; the CPU gathers; fp16 trains in fp32 there, so no half model).
-CUDA_ONLY = ("-eager", "-sdpa", "-triton", "fp16-half", "-fusedln")
+# On the CPU these would repeat other rows (no graphs; the CPU gathers; fp16 trains in fp32 there, so no half model)
+# or only lengthen a CPU run (-fulllast: its CPU comparison is in RESULTS.md); --rows still runs any of them.
+CUDA_ONLY = ("-eager", "-sdpa", "-triton", "fp16-half", "-fusedln", "-fulllast")
 ALL_ROWS = [f"{m}:{r}" for m in ("bert", "minilm") for r in RECIPES]
 
 
