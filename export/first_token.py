@@ -11,16 +11,18 @@ branch, `token_embeddings` from the full layer. Both share the key and value pro
 every node of a graph whatever outputs are fetched, so `mirrorfast.export.runtime.open_session` cuts the
 graph down to `sentence_embedding` before loading it: the full last layer is gone.
 
-Only layers whose forward is exactly BERT's (`mirrorfast.last_layer.BERT_LAYERS`, checked by class, not by attribute names: a
-RoFormer layer has the same submodules and different attention) get the branch; others export unchanged.
+Only layers whose forward is exactly BERT's (`mirrorfast.last_layer.BERT_LAYERS`, checked by class, not by
+attribute names: a RoFormer layer has the same submodules and different attention) get the branch; others
+export unchanged.
 
 Two forms of the branch, the same function:
 - `FirstTokenLayer` (model.onnx, model_int8.onnx): shares the full layer's key and value products, and its
   fp32 vectors do not depend on the batch.
-- `StandaloneFirstTokenLayer` (model_fp16.onnx with `export_model(..., fp16_first_token=True)`, opt-in until
-  timed on a GPU): what onnxruntime's transformer optimizer can take. The optimizer fuses a layer's attention
-  only when the layer's input feeds exactly three MatMuls (its query, key and value), and fusing it takes
-  those products away from a branch that shares them (a broken graph). This form computes keys and values
+- `StandaloneFirstTokenLayer` (model_fp16.onnx with `export_model(..., fp16_first_token=True)`, opt-in: on an
+  H200, 2026-11-27, it gained 0.7 % a run, 3.3 % replayed from a CUDA graph): what onnxruntime's
+  transformer optimizer can take. The optimizer fuses a layer's attention only when the layer's input feeds
+  exactly three MatMuls (its query, key and value), and fusing it takes those products away from a branch
+  that shares them (a broken graph). This form computes keys and values
   with a product of its own, behind a no-op Mul, and uses no dynamic shape (no Reshape): onnxruntime can
   place shape arithmetic on the CPU, and a session with nodes on the CPU cannot run as a CUDA graph (the
   fastest fp16 variant measured; benchmarks/onnx_gpu_table.py's FP16_VARIANTS).
@@ -30,6 +32,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from mirrorfast.last_layer import rest_of_layer
 
 # Node-name scope of the branch in the exported graph (export/onnx.py groups its MatMuls with the last layer).
 SCOPE = "first_token"
@@ -61,7 +65,7 @@ class FirstTokenLayer(nn.Module):
         padding = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
         scores = torch.matmul(query, key.transpose(2, 3)) * head_dim**-0.5 + padding  # (B, h, 2, S)
         context = torch.matmul(torch.softmax(scores, dim=-1), value)[:, :, 0]  # (B, h, d)
-        return _rest_of_layer(self.layer, context.reshape(batch, 1, width), first)[:, 0]
+        return rest_of_layer(self.layer, context.reshape(batch, 1, width), first)[:, 0]
 
 
 class StandaloneFirstTokenLayer(nn.Module):
@@ -97,14 +101,4 @@ class StandaloneFirstTokenLayer(nn.Module):
         padding = (1.0 - attention_mask[:, :, None].to(hidden.dtype)) * torch.finfo(hidden.dtype).min  # (B, S, 1)
         probs = torch.softmax(scores + padding, dim=1)  # (B, S, h): over the positions
         context = ((probs @ self.head_of_feature.T) * value).sum(dim=1, keepdim=True)  # (B, 1, H)
-        return _rest_of_layer(self.layer, context, first)[:, 0]
-
-
-def _rest_of_layer(layer: nn.Module, context: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-    """BertLayer after the attention's context (the heads' weighted values, concatenated): output projection,
-    residual + LayerNorm, feed-forward, residual + LayerNorm; context and first are (B, 1, H)."""
-    out = layer.attention.output
-    attended = out.LayerNorm(out.dense(context) + first)
-    ffn = layer.intermediate
-    out = layer.output
-    return out.LayerNorm(out.dense(ffn.intermediate_act_fn(ffn.dense(attended))) + attended)
+        return rest_of_layer(self.layer, context, first)[:, 0]

@@ -3,8 +3,9 @@
 With cls pooling the embedding is the last layer's output at position 0. That output depends on the other
 positions only through the last layer's keys and values, so the rest of that layer (its query, attention
 output, feed-forward and layer norms) can run on position 0 alone: the same vector, its gradients the same
-up to floating-point rounding, for about 10/12 of a layer less work per text (BERT-base: ~7 % of a training
-step's products; all-MiniLM-L6-v2: ~14 %). Dropout is the layer's own, applied where the full layer applies it.
+up to floating-point rounding, for about 10/12 of a layer less work per text (counted for views of 14
+tokens: BERT-base ~7 % of a training step's products, all-MiniLM-L6-v2 ~13 %). Dropout is the layer's own,
+applied where the full layer applies it.
 
 Training uses it for cls pooling (`Encoder.first_token_last_layer_only`, entered by the trainer;
 MIRRORFAST_FIRST_TOKEN_LAST_LAYER=0 keeps the full layer, to compare or debug); inference keeps the full layer,
@@ -68,9 +69,10 @@ def _dropout(layer: nn.Module) -> float:
     return float(attention.dropout.p) if attention.training else 0.0
 
 
-def _rest_of_layer(layer: nn.Module, context: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+def rest_of_layer(layer: nn.Module, context: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
     """The layer after its attention: output projection (+ dropout), residual + LayerNorm, feed-forward
-    (+ dropout), residual + LayerNorm, through the layer's own modules; context, first: (B, H)."""
+    (+ dropout), residual + LayerNorm, through the layer's own modules (dropout is a no-op in eval mode, as
+    the ONNX export runs it); context (the heads' weighted values, concatenated) and first: (..., H)."""
     return layer.feed_forward_chunk(layer.attention.output(context, first))
 
 
@@ -83,7 +85,7 @@ def first_token_outputs(layer: nn.Module, hidden: torch.Tensor, key_mask: torch.
         query[:, :, None], key.transpose(1, 2), value.transpose(1, 2),  # (B, h, 1, d), (B, h, L, d)
         attn_mask=key_mask.bool()[:, None, None, :], dropout_p=_dropout(layer), scale=scale,
     )  # (B, h, 1, d)
-    return _rest_of_layer(layer, context[:, :, 0].flatten(1), first)
+    return rest_of_layer(layer, context[:, :, 0].flatten(1), first)
 
 
 def packed_first_token_outputs(layer: nn.Module, hidden: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
@@ -106,4 +108,4 @@ def packed_first_token_outputs(layer: nn.Module, hidden: torch.Tensor, cu_seqlen
             query[:, :, None], key[gather].transpose(1, 2), value[gather].transpose(1, 2),
             attn_mask=key_ok[:, None, None, :], dropout_p=dropout, scale=scale,
         )[:, :, 0]  # (S, h, d)
-    return _rest_of_layer(layer, context.flatten(1), first)
+    return rest_of_layer(layer, context.flatten(1), first)

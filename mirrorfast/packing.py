@@ -171,15 +171,24 @@ def packed_attention(model, kernel: str | None = None):
         del model._mirrorfast_packed_kernel
 
 
-def packed_hidden(model, input_ids, position_ids, cu_seqlens, segment_ids, max_len: int):
-    """input_ids, position_ids: (1, T); cu_seqlens: (S + 1,) int32; segment_ids: (T,) -> (T, H) last hidden state.
-    Inside `packed_attention(model)`, whose kernel it uses."""
-    offset = position_offset(model)
+def _kernel_of(model) -> str:
     kernel = getattr(model, "_mirrorfast_packed_kernel", None)
     if kernel is None:
         raise MirrorfastError("packed batches need the model inside mirrorfast.packing.packed_attention(model)")
+    return kernel
+
+
+def packed_hidden(model, input_ids, position_ids, cu_seqlens, segment_ids, max_len: int, padded_index=None):
+    """input_ids, position_ids: (1, T); cu_seqlens: (S + 1,) int32; segment_ids: (T,) -> (T, H) last hidden state.
+    Inside `packed_attention(model)`, whose kernel it uses. padded_index: `_padded_index`'s, if the caller
+    made it already (the SDPA path's gather)."""
+    offset = position_offset(model)
+    kernel = _kernel_of(model)
     # FlashAttention and the Triton kernel take cu_seqlens; the SDPA path gathers views into a padded batch.
-    padded_index = _padded_index(cu_seqlens, segment_ids, max_len) if kernel == "sdpa" else None
+    if kernel != "sdpa":
+        padded_index = None
+    elif padded_index is None:
+        padded_index = _padded_index(cu_seqlens, segment_ids, max_len)
     out = model(
         input_ids=input_ids,
         position_ids=position_ids + offset if offset else position_ids,
@@ -194,14 +203,17 @@ def packed_hidden(model, input_ids, position_ids, cu_seqlens, segment_ids, max_l
 def packed_first_tokens(model, input_ids, position_ids, cu_seqlens, segment_ids, max_len: int):
     """packed_hidden's arguments -> (S, H): each view's first token through the last layer, the layers before
     it over every token (cls pooling with the last layer for the first token only, mirrorfast.last_layer)."""
+    # The SDPA path's gather index, made once for every layer ("sdpa": the CPU, or asked for).
+    padded_index = _padded_index(cu_seqlens, segment_ids, max_len) if _kernel_of(model) == "sdpa" else None
     with without_last_layer(model) as last:
-        hidden = packed_hidden(model, input_ids, position_ids, cu_seqlens, segment_ids, max_len)  # (T, H)
-    # FlashAttention where the layers before ran on it or on the Triton kernel (which takes one length for
-    # queries and keys); the gathered SDPA batch where they did ("sdpa": the CPU, or asked for).
-    flash = (model._mirrorfast_packed_kernel != "sdpa" and hidden.dtype in (torch.float16, torch.bfloat16)
+        hidden = packed_hidden(model, input_ids, position_ids, cu_seqlens, segment_ids, max_len, padded_index)
+    # The last layer on FlashAttention where the layers before ran on it or on the Triton kernel (which takes
+    # one length for queries and keys), if it runs here; else through the gathered SDPA batch.
+    flash = (padded_index is None and hidden.dtype in (torch.float16, torch.bfloat16)
              and flash_supported(hidden.device))
-    padded_index = None if flash else _padded_index(cu_seqlens, segment_ids, max_len)
-    return packed_first_token_outputs(last, hidden, cu_seqlens, max_len, padded_index)
+    if not flash and padded_index is None:
+        padded_index = _padded_index(cu_seqlens, segment_ids, max_len)
+    return packed_first_token_outputs(last, hidden, cu_seqlens, max_len, padded_index)  # (S, H)
 
 
 def packed_pool(hidden, cu_seqlens, segment_ids, pooling: str):
