@@ -24,7 +24,8 @@ weights: timing + STS-B dev Spearman before / after one epoch). Recipes per mode
                [CLS] pooling, fp16 on CUDA; needs sentence-transformers[train] (datasets, accelerate).
   fp16, bf16 - mirrorfast.trainer.train(level="sentence", precision=..., save=False, progress=False), the
                trainer's defaults (on CUDA: packed attention, CUDA graphs). Variants by suffix (recipe_spec):
-               -eager (no CUDA graphs), -sdpa / -triton (MIRRORFAST_PACKED_ATTENTION), -half (--half-model),
+               -eager (no CUDA graphs), -flash / -sdpa / -triton (MIRRORFAST_PACKED_ATTENTION: the default,
+               auto, takes the Triton kernel for these rows' views), -half (--half-model),
                -fusedln (MIRRORFAST_FUSED_LAYERNORM=1), -torchloss (MIRRORFAST_KERNELS=torch), -fulllast
                (MIRRORFAST_FIRST_TOKEN_LAST_LAYER=0: the full last layer instead of [CLS] alone).
 Both recipes: span mask k=5 on the second view, dropout 0.1, T=0.04, lr 2e-5, weight decay 0.01,
@@ -318,16 +319,18 @@ def sts_before(suite: Suite) -> None:
 # ============================================================================ rows
 # A mirrorfast recipe is "<precision>[-tag...]"; each tag sets one thing (see `recipe_spec`).
 TAG_ENV = {  # tags that set an environment override for the row
+    "flash": {"MIRRORFAST_PACKED_ATTENTION": "flash"},  # FlashAttention varlen (the default until session 21)
     "sdpa": {"MIRRORFAST_PACKED_ATTENTION": "sdpa"},  # packed views gathered into a padded SDPA batch on CUDA too
-    "triton": {"MIRRORFAST_PACKED_ATTENTION": "triton"},  # one tile per (view, head): kernels/packed_attention_triton
+    "triton": {"MIRRORFAST_PACKED_ATTENTION": "triton"},  # one tile per (view, head): what auto takes for these views
     "fusedln": {"MIRRORFAST_FUSED_LAYERNORM": "1"},  # dropout + residual + LayerNorm fused: mirrorfast/fused_norm.py
     "torchloss": {"MIRRORFAST_KERNELS": "torch"},  # the PyTorch loss instead of the Triton kernel
     "fulllast": {"MIRRORFAST_FIRST_TOKEN_LAST_LAYER": "0"},  # the full last layer, not [CLS] alone: mirrorfast/last_layer.py
 }
 # "eager": TrainConfig(cuda_graphs=False), every step launched from Python; "half": TrainConfig(half_model=True).
-RECIPES = ["reference", "st", "fp16", "bf16", "fp16-eager", "bf16-eager", "bf16-sdpa", "bf16-eager-sdpa", "bf16-triton",
-           "bf16-eager-triton", "fp16-half", "bf16-half", "bf16-half-triton", "bf16-fusedln",
-           "bf16-half-triton-fusedln", "bf16-torchloss", "bf16-fulllast", "bf16-half-triton-fulllast"]
+RECIPES = ["reference", "st", "fp16", "bf16", "fp16-eager", "bf16-eager", "fp16-flash", "bf16-flash", "bf16-eager-flash",
+           "bf16-sdpa", "bf16-eager-sdpa", "bf16-triton", "bf16-eager-triton", "fp16-half", "bf16-half",
+           "bf16-half-flash", "bf16-fusedln", "bf16-half-fusedln", "bf16-torchloss", "bf16-fulllast",
+           "bf16-half-fulllast"]
 
 
 def recipe_spec(recipe: str) -> tuple[str, str, dict, dict]:
@@ -341,18 +344,18 @@ def recipe_spec(recipe: str) -> tuple[str, str, dict, dict]:
     return "mirrorfast", precision, env, options
 
 
-# In the order they run. Rows with mirrorfast's own attention and LayerNorm Triton kernels (-triton, -fusedln;
-# first run compiled on an H100, 2026-11-27) come after the others: a kernel that faults takes the process's
-# CUDA context down, and with it every later row. The sentence-transformers rows (context for users, not an
-# issue target) come last, so that a suite cut short by its time cap loses them first.
-DEFAULT_ROWS = ["bert:reference", "bert:fp16", "bert:bf16", "bert:bf16-eager", "bert:bf16-sdpa", "bert:fp16-half",
-                "bert:bf16-half", "bert:bf16-fulllast", "minilm:reference", "minilm:fp16", "minilm:bf16",
-                "minilm:bf16-half", "bert:bf16-triton", "bert:bf16-half-triton", "bert:bf16-half-triton-fulllast",
-                "bert:bf16-fusedln", "bert:bf16-half-triton-fusedln",
-                "minilm:bf16-triton", "minilm:bf16-half-triton-fusedln", "bert:st", "minilm:st"]
+# In the order they run. Rows with mirrorfast's fused LayerNorm kernel (-fusedln; first run compiled on an H100,
+# 2026-11-27) come after the others: a kernel that faults takes the process's CUDA context down, and with it
+# every later row. The sentence-transformers rows (context for users, not an issue target) come last, so that
+# a suite cut short by its time cap loses them first. The default path's attention is the Triton kernel for
+# these views (auto, since session 21); the -flash rows time FlashAttention varlen, the default before, beside it.
+DEFAULT_ROWS = ["bert:reference", "bert:fp16", "bert:bf16", "bert:bf16-flash", "bert:bf16-eager", "bert:bf16-sdpa",
+                "bert:fp16-half", "bert:bf16-half", "bert:bf16-half-flash", "bert:bf16-fulllast", "bert:bf16-half-fulllast",
+                "minilm:reference", "minilm:fp16", "minilm:bf16", "minilm:bf16-flash", "minilm:bf16-half",
+                "bert:bf16-fusedln", "bert:bf16-half-fusedln", "minilm:bf16-half-fusedln", "bert:st", "minilm:st"]
 # On the CPU these would repeat other rows (no graphs; the CPU gathers; fp16 trains in fp32 there, so no half model)
 # or only lengthen a CPU run (-fulllast: its CPU comparison is in RESULTS.md); --rows still runs any of them.
-CUDA_ONLY = ("-eager", "-sdpa", "-triton", "fp16-half", "-fusedln", "-fulllast")
+CUDA_ONLY = ("-eager", "-flash", "-sdpa", "-triton", "fp16-half", "-fusedln", "-fulllast")
 ALL_ROWS = [f"{m}:{r}" for m in ("bert", "minilm") for r in RECIPES]
 
 

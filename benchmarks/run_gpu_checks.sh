@@ -41,9 +41,12 @@
 #     would need the CUDA EP);
 #   - issue 6: the last layer for [CLS] alone in training (mirrorfast/last_layer.py, since session 20, on by
 #     default): the suite's rows now run it, and its `-fulllast` rows (bert:bf16-fulllast,
-#     bert:bf16-half-triton-fulllast) run the full layer next to them; `profile` (where the fastest combination's
-#     13.9 ms a step went; the goal is 12); `tests` (tests/test_last_layer.py's GPU cases check its
-#     FlashAttention path against the full layer; the suite's MiniLM STS-B rows check training quality).
+#     bert:bf16-half-fulllast) run the full layer next to them; the Triton attention kernel as the default
+#     path's (since session 21: `bert:bf16` is now what `bert:bf16-triton` was, the `-flash` rows time
+#     FlashAttention beside it; a fresh machine's first epoch now also compiles the attention kernels);
+#     `profile` (where the fastest combination's 13.9 ms a step went; the goal is 12); `tests`
+#     (tests/test_last_layer.py's GPU cases check its FlashAttention path against the full layer; the suite's
+#     MiniLM STS-B rows check training quality).
 # A plan for 900 s: call 1 carry [".gpu", ".ortgpu/q1"] `suite` (BUDGET=200), call 2 `kernel` (BUDGET=130),
 # call 3 `profile` (BUDGET=150), call 4 `tests` (BUDGET=120), call 5 the install + `onnx` (BUDGET=150), each
 # call also copying its part of the wheel; no pause between calls.
@@ -107,7 +110,7 @@ for part in "${parts[@]}"; do
     # Issue 6 lets compile time "be cached across runs": each row here is a fresh process (CUDA context, cuBLAS,
     # FlashAttention all cold) that finds Triton's disk cache as the parts before it left it. After `suite`, its
     # first epochs are a second `mirrorfast train` on the machine; as the first part, a first one.
-    restart) run "first epochs, a process per row" 150 restart.log python3 benchmarks/gpu_suite.py --isolate --rows bert:fp16,bert:bf16,bert:bf16-half-triton,minilm:fp16 ;;
+    restart) run "first epochs, a process per row" 150 restart.log python3 benchmarks/gpu_suite.py --isolate --rows bert:fp16,bert:bf16,bert:bf16-half,minilm:fp16 ;;
     onnx)   run "ONNX GPU table" 200 onnx_gpu_table.log env -u TOKENIZERS_PARALLELISM python3 benchmarks/onnx_gpu_table.py --gpu-only ;;
     kernel) run "InfoNCE table" 150 info_nce_table.log python3 benchmarks/info_nce_table.py --quick ;;
     # the InfoNCE file first: the one that changed since its last compiled run (session 14: every loss kernel
@@ -115,9 +118,10 @@ for part in "${parts[@]}"; do
     tests)  run "kernel tests (compiled)" 260 kernel_tests.log python3 -m pytest -v --tb=short -p no:cacheprovider tests/test_kernels_info_nce.py tests/test_packed_attention_kernel.py tests/test_residual_layernorm_kernel.py tests/test_fused_norm.py tests/test_opt_ins_together.py tests/test_prefetch.py tests/test_last_layer.py ;;
     attention) run "packed attention + residual LayerNorm kernels" 120 attention.log python3 -m pytest -q -p no:cacheprovider benchmarks/test_bench_packed_attention.py benchmarks/test_bench_residual_layernorm.py --benchmark-only --benchmark-columns=min,median,mean ;;
     sweep)  run "InfoNCE block sweep" 300 sweep.log python3 benchmarks/info_nce_table.py --no-checks --sweep 16384,768 --sweep 200,768 --sweep 200,768,bfloat16 --sweep 200,384,bfloat16 ;;
-    # the default path, then the fastest measured combination (H100: 24.2 vs 14.9 ms a step), kernel by kernel
+    # the default path (Triton attention since session 21), then the fastest measured combination, --half-model
+    # on top (H200: 16.8 vs 13.9 ms a step), kernel by kernel
     profile) run "step profiles" 240 profile.log bash -c "python3 benchmarks/profile_step.py --epochs 1 &&
-               MIRRORFAST_PACKED_ATTENTION=triton python3 benchmarks/profile_step.py --half-model --epochs 1" ;;
+               python3 benchmarks/profile_step.py --half-model --epochs 1" ;;
     *) echo "unknown part $part (suite restart onnx kernel tests sweep profile attention)"; exit 2 ;;
   esac
 done

@@ -73,10 +73,11 @@ def _sync():
 @pytest.mark.benchmark(group=GROUP)
 def test_step_mirrorfast(benchmark, tiny_bert):
     from mirrorfast.augment import masked_views
+    from mirrorfast.config import TrainConfig
     from mirrorfast.data import TokenizedTexts, packed_batch, padded_batch
     from mirrorfast.model import load_encoder
     from mirrorfast.packing import packed_attention
-    from mirrorfast.trainer import training_step
+    from mirrorfast.trainer import run_packed_kernel, training_step
 
     torch.manual_seed(0)
     encoder = load_encoder(str(tiny_bert), pooling="cls", max_length=50, dropout=0.1).to(DEVICE).train()
@@ -96,7 +97,10 @@ def test_step_mirrorfast(benchmark, tiny_bert):
         _sync()
         return loss
 
-    with packed_attention(encoder.model) if cuda else contextlib.nullcontext():
+    if cuda:  # the attention kernel a run of these views takes (packing.packed_kernel: auto, or the override)
+        run = TrainConfig(level="sentence").resolved()
+        packed = packed_attention(encoder.model, run_packed_kernel(run, encoder.model.config, DEVICE, len(TEXTS)))
+    with packed if cuda else contextlib.nullcontext():
         loss = benchmark.pedantic(step, **ROUNDS)
     assert torch.isfinite(loss).item()
 

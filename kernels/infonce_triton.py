@@ -552,14 +552,14 @@ def _infonce_bwd_finalize_kernel(
               stride_da, stride_db, 1.0)
 
 
-# The backward through stripes (`KernelConfig.stripe_rows`, opt-in). The fused backward above keeps its
-# gradient accumulators in registers, so a program holds only NUM_DC * BLOCK_DC columns of D for its rows and
-# every logit tile is recomputed cdiv(D, NUM_DC * BLOCK_DC) times, each time from a full-D Gram product over
-# 64-row blocks. This one instead writes the folded (G + G^T) tile of a stripe of rows x a block of columns to
-# a small 16-bit workspace (one Gram product per logit, in large tiles) and multiplies it by x_J in a separate
-# matrix product that owns its output tile across the whole of D; the stripe's dz is summed in an fp32
-# workspace over the column blocks, in a fixed order, then projected. Launches: 2 per (stripe, column block)
-# and 1 per stripe; the workspaces are (stripe_rows, stripe_cols) in x's dtype and (stripe_rows, D) fp32.
+# The backward through stripes (`KernelConfig.stripe_rows`; pick_config's default for large 16-bit problems). The
+# fused backward above keeps its gradient accumulators in registers, so a program holds only NUM_DC * BLOCK_DC
+# columns of D for its rows and every logit tile is recomputed cdiv(D, NUM_DC * BLOCK_DC) times, each time from a
+# full-D Gram product over 64-row blocks. This one instead writes the folded (G + G^T) tile of a stripe of rows x a
+# block of columns to a small 16-bit workspace (one Gram product per logit, in large tiles) and multiplies it by x_J
+# in a separate matrix product that owns its output tile across the whole of D; the stripe's dz is summed in an fp32
+# workspace over the column blocks, in a fixed order, then projected. Launches: 2 per (stripe, column block) and 1
+# per stripe; the workspaces are (stripe_rows, stripe_cols) in x's dtype and (stripe_rows, D) fp32.
 
 
 @triton.jit

@@ -28,11 +28,14 @@ import triton.language as tl
 
 from mirrorfast.kernels.functional import compile_in_parallel, dropout_seed, first_derivative_only
 
-__all__ = ["packed_attention_triton", "PackedAttentionFunction", "MAX_VIEW_TOKENS", "warm_up"]
+__all__ = ["packed_attention_triton", "PackedAttentionFunction", "MAX_VIEW_TOKENS", "MAX_VIEWS_X_HEADS", "unsupported",
+           "warm_up"]
 _NO_SECOND_DERIVATIVE = ("the packed-attention Triton kernels have no second derivative: differentiate twice with "
                          "MIRRORFAST_PACKED_ATTENTION=sdpa")
 
 MAX_VIEW_TOKENS = 128  # one register tile per (view, head): longer views go to FlashAttention
+# Dropout's Philox offsets are laid out as (view, head, row, column) in int32: views x heads per call at most.
+MAX_VIEWS_X_HEADS = 2**31 // MAX_VIEW_TOKENS**2 - 1
 
 
 @triton.jit
@@ -248,12 +251,23 @@ def packed_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     # One layout for all (inputs, output, gradients): contiguous (T, H, D). Attention functions of Hugging Face
     # models hand over views that are contiguous in this order already (no copy then).
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    if (cu_seqlens.shape[0] - 1) * q.shape[1] * MAX_VIEW_TOKENS**2 >= 2**31:
+    if (cu_seqlens.shape[0] - 1) * q.shape[1] > MAX_VIEWS_X_HEADS:
         raise ValueError("packed_attention_triton: too many views x heads for 32-bit dropout offsets "
-                         f"(at most {2**31 // MAX_VIEW_TOKENS**2 - 1})")
+                         f"(at most {MAX_VIEWS_X_HEADS})")
     scale = q.shape[2] ** -0.5 if scale is None else scale
     return PackedAttentionFunction.apply(q, k, v, cu_seqlens.to(torch.int32), int(max_len), float(dropout_p),
                                          float(scale), seed)
+
+
+def unsupported(max_len: int, views: int, heads: int) -> str | None:
+    """Why this kernel cannot take a run whose batches have views of up to max_len tokens and up to `views`
+    views (padding segments included) of `heads` heads; None if it can."""
+    if max_len > MAX_VIEW_TOKENS:
+        return f"takes views of up to {MAX_VIEW_TOKENS} tokens; this run's max length is {max_len}"
+    if views * heads > MAX_VIEWS_X_HEADS:
+        return (f"takes at most {MAX_VIEWS_X_HEADS} views x heads a batch (32-bit dropout offsets); this run's "
+                f"batches have up to {views} views x {heads} heads")
+    return None
 
 
 def warm_up(heads: int, head_dim: int, dtype: torch.dtype, device, max_len: int, dropout_p: float) -> None:

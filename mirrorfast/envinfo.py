@@ -21,6 +21,24 @@ def package_version(distribution: str) -> str | None:
         return None
 
 
+def default_run_packed_kernel(device) -> str:
+    """The packed-attention kernel `mirrorfast train --fp16` would take on `device` with its defaults (the
+    word preset; the packaged MiniLM's heads, or BERT-base's where that package is missing)."""
+    from transformers import AutoConfig, BertConfig
+
+    from mirrorfast.config import TrainConfig
+    from mirrorfast.errors import MirrorfastError
+    from mirrorfast.model import default_model_path
+    from mirrorfast.trainer import run_packed_kernel
+
+    cfg = TrainConfig().resolved()
+    try:
+        model_config = AutoConfig.from_pretrained(default_model_path())
+    except MirrorfastError:
+        model_config = BertConfig()
+    return run_packed_kernel(cfg, model_config, device, cfg.batch_size)
+
+
 def report() -> dict:
     import torch
 
@@ -28,7 +46,7 @@ def report() -> dict:
     from mirrorfast.errors import MirrorfastError
     from mirrorfast.kernels import resolve_backend
     from mirrorfast.model import pick_device
-    from mirrorfast.packing import flash_supported, packed_kernel
+    from mirrorfast.packing import flash_supported
     from mirrorfast.trainer import cpu_bf16_emulated, cpu_has_native_bf16
 
     device = pick_device("auto")
@@ -67,7 +85,7 @@ def report() -> dict:
     # CUDA with --fp16/--bf16 where train_flash_attention is true, with train_packed_kernel.
     info["train_flash_attention"] = flash_supported(device)
     try:
-        info["train_packed_kernel"] = packed_kernel(device)
+        info["train_packed_kernel"] = default_run_packed_kernel(device)
     except MirrorfastError as exc:  # an override this machine cannot honour: say so, as training would
         info["train_packed_kernel"] = f"error: {exc}"
     info["train_loss"] = resolve_backend("auto", device)

@@ -1,16 +1,18 @@
 """Unpadded ("packed") encoder forward: all views of a batch in one (1, T) row, no padding tokens.
 
 The sentences of the paper's corpus average 14 tokens while a batch's longest is 40-70, so padding
-triples the work. Packed, each view attends only to itself: on CUDA through FlashAttention's
-variable-length kernel (with attention dropout, as the padded model has), elsewhere through SDPA over
-the views gathered into a padded batch (only attention sees padding there).
+triples the work. Packed, each view attends only to itself: on CUDA through a variable-length kernel
+(with attention dropout, as the padded model has; below), elsewhere through SDPA over the views gathered
+into a padded batch (only attention sees padding there).
 The model itself is the Hugging Face one: we only register an attention function for it.
 
-MIRRORFAST_PACKED_ATTENTION overrides the CUDA kernel, to measure the alternatives against FlashAttention
-(on an H200 its variable-length kernels spent 555 µs per BERT-base layer on views of ~14 tokens,
-benchmarks/RESULTS.md): "sdpa" takes the gathered-SDPA path there too; "triton" holds each (view, head) in
-one tile of mirrorfast.kernels.packed_attention_triton (views up to 128 tokens; longer batches fall back).
-The default, "flash", is FlashAttention wherever it runs.
+The CUDA kernel ("auto", the default): mirrorfast's Triton kernel (one tile per (view, head),
+mirrorfast.kernels.packed_attention_triton) where a run's views fit its tile (max_length <= 128) and its head
+dimension is one it was timed with (<= 64), else FlashAttention's variable-length kernel, whose 128-token tiles
+are mostly empty for views of ~14 tokens (on an H200 they spent 555 µs per BERT-base layer; the Triton kernel
+took a BERT-base `--bf16` step from 21.9 to 16.8 ms there, 24.2 to 18.3 ms on an H100: benchmarks/RESULTS.md).
+MIRRORFAST_PACKED_ATTENTION overrides the choice: "flash", "sdpa" (the gathered-SDPA path on CUDA too) or
+"triton" (an error where it cannot run, not another kernel in its place).
 """
 
 import contextlib
@@ -28,7 +30,10 @@ ATTENTION_NAME = "mirrorfast_packed"
 # we know how to restart per view.
 PACKED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert")
 ATTENTION_ENV = "MIRRORFAST_PACKED_ATTENTION"
-CUDA_KERNELS = ("flash", "sdpa", "triton")
+CUDA_KERNELS = ("auto", "flash", "sdpa", "triton")
+# `auto` takes the Triton kernel for head dimensions up to this: timed with 32 (MiniLM) and 64 (BERT-base); a
+# 128-wide head in a 128-token tile spills more registers, and was not timed.
+AUTO_TRITON_HEAD_DIM_MAX = 64
 
 
 def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -71,9 +76,9 @@ def _padded_index(cu_seqlens, segment_ids, max_len: int):
 
 
 def cuda_kernel() -> str:
-    """The packed-attention kernel asked for on CUDA: "flash" (default), "sdpa" or "triton"
+    """The packed-attention kernel asked for on CUDA: "auto" (default), "flash", "sdpa" or "triton"
     ($MIRRORFAST_PACKED_ATTENTION)."""
-    choice = os.environ.get(ATTENTION_ENV, "flash").strip().lower() or "flash"
+    choice = os.environ.get(ATTENTION_ENV, "auto").strip().lower() or "auto"
     if choice not in CUDA_KERNELS:
         raise MirrorfastError(f"{ATTENTION_ENV} must be one of {CUDA_KERNELS}, got {choice!r}")
     if choice == "triton" and importlib.util.find_spec("triton") is None:
@@ -90,27 +95,50 @@ def flash_supported(device: torch.device) -> bool:
     return bool(built) and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def packed_kernel(device: torch.device, max_len: int = 0) -> str:
-    """The attention packed batches use on `device`: "flash" (FlashAttention varlen), "sdpa" (views gathered
-    into a padded SDPA batch: the CPU, GPUs without FlashAttention, or asked for) or "triton" (asked for).
-    The Triton kernel, asked for where it cannot run (the CPU without TRITON_INTERPRET=1, the interpreter
-    the tests use) or for views longer than its tile (max_len: the longest a run's batches can have), is an
-    error rather than another kernel in its place: it is asked for to compare or debug that kernel."""
+def packed_kernel(device: torch.device, max_len: int | None = None, *, views: int = 0, heads: int = 0,
+                  head_dim: int = 0) -> str:
+    """The attention packed batches use on `device`: "triton" (mirrorfast's one-tile kernel), "flash"
+    (FlashAttention varlen) or "sdpa" (views gathered into a padded SDPA batch: the CPU, GPUs without
+    FlashAttention, or asked for). max_len, views, heads, head_dim: the longest view a run's batches can have,
+    their most views (padding segments included), the model's heads and head dimension; `auto` takes the
+    Triton kernel on an sm80+ GPU only where all of them are given and fit it (else FlashAttention).
+    The Triton kernel asked for where it cannot run (the CPU without TRITON_INTERPRET=1, the interpreter the
+    tests use, or batches it cannot take) is an error rather than another kernel in its place: it is asked
+    for to compare or debug that kernel."""
     choice = cuda_kernel()
     if choice == "triton":
         from mirrorfast.kernels.functional import triton_runs_on
-        from mirrorfast.kernels.packed_attention_triton import MAX_VIEW_TOKENS  # triton is there (cuda_kernel)
+        from mirrorfast.kernels.packed_attention_triton import unsupported  # triton is there (cuda_kernel)
 
         if not triton_runs_on(device):
             raise MirrorfastError(f"{ATTENTION_ENV}=triton runs on a CUDA GPU (or on the CPU under "
                                   f"TRITON_INTERPRET=1, slowly); this run is on {device.type}")
-        if max_len > MAX_VIEW_TOKENS:
-            raise MirrorfastError(f"{ATTENTION_ENV}=triton takes views of up to {MAX_VIEW_TOKENS} tokens; "
-                                  f"this run's max length is {max_len}")
+        reason = unsupported(max_len or 0, views, heads)
+        if reason:
+            raise MirrorfastError(f"{ATTENTION_ENV}=triton {reason}")
         return "triton"
     if choice == "sdpa" or not flash_supported(device):  # always "sdpa" off CUDA
         return "sdpa"
+    if choice == "auto" and _triton_fits(max_len, views, heads, head_dim):
+        return "triton"
     return "flash"
+
+
+def attention_heads(config) -> dict:
+    """packed_kernel's `heads` and `head_dim` for a Hugging Face model's config."""
+    heads = config.num_attention_heads
+    return dict(heads=heads, head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads)
+
+
+def _triton_fits(max_len: int | None, views: int, heads: int, head_dim: int) -> bool:
+    # `auto` on an sm80+ GPU: the Triton kernel where it is installed and the run's batches are known to fit it.
+    if not (max_len and views and heads and 0 < head_dim <= AUTO_TRITON_HEAD_DIM_MAX):
+        return False
+    if importlib.util.find_spec("triton") is None:
+        return False
+    from mirrorfast.kernels.packed_attention_triton import unsupported
+
+    return unsupported(max_len, views, heads) is None
 
 
 def _no_mask(*args, **kwargs):

@@ -26,7 +26,7 @@ import mirrorfast
 from mirrorfast.augment import masked_views
 from mirrorfast.config import TrainConfig, env_switch
 from mirrorfast.data import (CUDA_WIDTH_MULTIPLE, PACK_BUCKET, PAD_SEGMENT_MAX, TILE_PAD_SEGMENT_MAX, Batch, Corpus,
-                             epoch_batches, load_corpus, load_pairs, packed_batch, padded_batch)
+                             epoch_batches, load_corpus, load_pairs, packed_batch, pad_segments, padded_batch)
 from mirrorfast.errors import MirrorfastError, stop_if_terminated
 from mirrorfast.evaluate import evaluate, format_spearman, read_sts, read_words
 from mirrorfast.fused_norm import FUSED_LAYERNORM_ENV, fused_layernorm_requested, fused_residual_layernorm
@@ -39,7 +39,7 @@ from mirrorfast.model import (MIRRORFAST_JSON, Encoder, enable_drophead, load_en
                               without_pooler)
 from mirrorfast.output import atomic_directory, check_destination
 from mirrorfast.packing import cuda_kernel as packed_cuda_kernel
-from mirrorfast.packing import flash_supported, packed_attention, packed_kernel, supports_packing
+from mirrorfast.packing import attention_heads, flash_supported, packed_attention, packed_kernel, supports_packing
 from mirrorfast.prefetch import BatchStream
 from mirrorfast.tokens import TokenizedTexts, batch_encoder
 from mirrorfast.warmup import WARMUP_ENV, KernelWarmUp, describe_warm_ups, kernel_warm_ups
@@ -140,6 +140,14 @@ def use_packing(cfg: TrainConfig, encoder: Encoder, device: torch.device, dtype:
             "--attention packed runs unpadded through PyTorch SDPA instead")
         return False
     return True
+
+
+def run_packed_kernel(cfg: TrainConfig, model_config, device: torch.device, batch_size: int) -> str:
+    """The packed-attention kernel of a run (`packing.packed_kernel`), decided once: views never exceed
+    max_length (bucketed batches round it up to a multiple of 32, at most 128 while max_length is), and a
+    batch has two views a string plus its padding segments."""
+    views = 2 * batch_size + pad_segments(PACK_BUCKET, TILE_PAD_SEGMENT_MAX)
+    return packed_kernel(device, cfg.max_length, views=views, **attention_heads(model_config))
 
 
 def use_cuda_graphs(cfg: TrainConfig, device: torch.device, dtype: torch.dtype | None, packed: bool) -> bool:
@@ -342,9 +350,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     if cfg.half_model and not half_model:
         log("half model: off (the CPU trains --fp16 in fp32)")
     loss_backend = resolve_backend("auto", device)
-    # Views never exceed max_length, and bucketed batches round it up to a multiple of 32 (at most 128 while
-    # max_length is): the packed kernel is decided once for the run.
-    kernel = packed_kernel(device, cfg.max_length) if packed else None
+    kernel = run_packed_kernel(cfg, encoder.model.config, device, batch_size) if packed else None
     attention = "padded" if kernel is None else "packed" if kernel == "flash" else f"packed-{kernel}"
     # cls pooling reads the last layer at the first token alone: the rest of that layer is skipped (DropHead's
     # hooks sit on the attention modules this path does not call; MIRRORFAST_FIRST_TOKEN_LAST_LAYER=0 keeps it).

@@ -95,9 +95,10 @@ def test_chunked_padding_equals_one_padded_batch(minilm_dir):
 
 @pytest.mark.triton_cpu
 def test_cuda_kernel_override_is_validated(minilm_dir, monkeypatch):
-    """MIRRORFAST_PACKED_ATTENTION picks FlashAttention, the gathered-SDPA path or the one-tile Triton kernel;
-    anything else is one clear error as packed attention is switched on (before any work). The CPU gathers
-    (or runs the Triton kernel under the interpreter, as here), and every path gives the same embeddings."""
+    """MIRRORFAST_PACKED_ATTENTION picks (auto), or forces FlashAttention, the gathered-SDPA path or the one-tile
+    Triton kernel; anything else is one clear error as packed attention is switched on (before any work). The
+    CPU gathers (or runs the Triton kernel under the interpreter, as here), and every path gives the same
+    embeddings."""
     from mirrorfast.errors import MirrorfastError
     from mirrorfast.packing import ATTENTION_ENV, cuda_kernel, packed_kernel
 
@@ -105,8 +106,8 @@ def test_cuda_kernel_override_is_validated(minilm_dir, monkeypatch):
     with packed_attention(model):
         default = encoder.embed_batch(packed_batch(views))
     cpu = torch.device("cpu")
-    for value, kernel, on_cpu in (("", "flash", "sdpa"), ("flash", "flash", "sdpa"), (" SDPA ", "sdpa", "sdpa"),
-                                  ("triton", "triton", "triton")):
+    for value, kernel, on_cpu in (("", "auto", "sdpa"), ("auto", "auto", "sdpa"), ("flash", "flash", "sdpa"),
+                                  (" SDPA ", "sdpa", "sdpa"), ("triton", "triton", "triton")):
         monkeypatch.setenv(ATTENTION_ENV, value)
         assert cuda_kernel() == kernel
         assert packed_kernel(cpu, 20) == on_cpu  # TRITON_INTERPRET=1 here (conftest)
@@ -116,6 +117,10 @@ def test_cuda_kernel_override_is_validated(minilm_dir, monkeypatch):
     # The Triton kernel where it cannot run is an error, not another kernel in its place.
     with pytest.raises(MirrorfastError, match="=triton takes views of up to 128 tokens; this run's max length is 200"):
         packed_kernel(cpu, 200)
+    with pytest.raises(MirrorfastError, match=r"=triton takes at most 131071 views x heads a batch .* up to "
+                                              r"10923 views x 12 heads"):
+        packed_kernel(cpu, 20, views=10923, heads=12)
+    assert packed_kernel(cpu, 20, views=10922, heads=12) == "triton"
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(MirrorfastError, match="=triton runs on a CUDA GPU .* this run is on cpu"):
         packed_kernel(cpu, 20)
@@ -124,6 +129,36 @@ def test_cuda_kernel_override_is_validated(minilm_dir, monkeypatch):
         with packed_attention(model):
             pass
     assert model.config._attn_implementation != "mirrorfast_packed"  # nothing was switched
+
+
+def test_auto_takes_the_triton_kernel_where_a_run_fits_it(monkeypatch):
+    """`auto` on an sm80+ GPU: the Triton kernel for runs whose views (max_length <= 128), views x heads (dropout
+    offsets) and head dimension (<= 64, as timed) fit it, FlashAttention otherwise or when nothing is said of the
+    run's batches; the overrides win; no triton installed: FlashAttention. Off CUDA: the gathered SDPA path."""
+    import importlib.util
+
+    from mirrorfast import packing
+    from mirrorfast.packing import ATTENTION_ENV, packed_kernel
+
+    cuda = torch.device("cuda")  # a device object only: nothing touches a GPU
+    monkeypatch.setattr(packing, "flash_supported", lambda device: device.type == "cuda")
+    bert = dict(views=409, heads=12, head_dim=64)
+    assert packed_kernel(cuda, 50, **bert) == "triton"
+    assert packed_kernel(cuda, 128, **bert) == "triton"
+    assert packed_kernel(torch.device("cpu"), 50, **bert) == "sdpa"
+    assert packed_kernel(cuda, 129, **bert) == "flash"
+    assert packed_kernel(cuda, 50, **{**bert, "head_dim": 32}) == "triton"
+    assert packed_kernel(cuda, 50, **{**bert, "head_dim": 128}) == "flash"
+    assert packed_kernel(cuda, 50, **{**bert, "views": 10923}) == "flash"  # 10923 x 12 > 131071
+    assert packed_kernel(cuda, 50, **{**bert, "views": 10922}) == "triton"
+    assert packed_kernel(cuda, 50) == packed_kernel(cuda) == "flash"  # nothing said of the batches
+    for value, kernel in (("flash", "flash"), ("sdpa", "sdpa"), ("triton", "triton"), ("auto", "triton")):
+        monkeypatch.setenv(ATTENTION_ENV, value)
+        assert packed_kernel(cuda, 50, **bert) == kernel
+    monkeypatch.setenv(ATTENTION_ENV, "auto")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
+    assert packed_kernel(cuda, 50, **bert) == "flash"
 
 
 @pytest.mark.triton_cpu
@@ -137,7 +172,7 @@ def test_kernel_is_decided_once_per_context(minilm_dir, monkeypatch):
     tok, model, encoder, views = tiny_setup(minilm_dir, "cls", seed=4)
     batch = packed_batch(views)
     with packed_attention(model) as kernel:
-        assert kernel == "sdpa"  # the CPU's path for the default ("flash")
+        assert kernel == "sdpa"  # the CPU's path for the default ("auto")
         gathered = encoder.embed_batch(batch)
         monkeypatch.setenv(ATTENTION_ENV, "triton")  # too late for this context
         assert torch.equal(encoder.embed_batch(batch), gathered)

@@ -303,7 +303,8 @@ def test_cuda_graphs_needs_a_gpu(tiny_bert_dir, corpus, tmp_path, capsys):
 
 def test_auto_packs_only_where_flash_attention_runs(tiny_bert_dir, corpus, monkeypatch):
     """A T4 or V100 (no FlashAttention) trains padded under `auto`; explicit packed still runs there, through
-    the gathered-SDPA path; on an sm80+ GPU `auto` packs with FlashAttention."""
+    the gathered-SDPA path; on an sm80+ GPU `auto` packs, with the Triton kernel where the run's views fit it
+    and FlashAttention otherwise."""
     from mirrorfast import packing, trainer
     from mirrorfast.model import load_encoder
     from mirrorfast.trainer import use_packing
@@ -321,6 +322,11 @@ def test_auto_packs_only_where_flash_attention_runs(tiny_bert_dir, corpus, monke
         assert ("FlashAttention needs an Ampere" in "".join(logs)) is not supported  # said once, only when it matters
         assert use_packing(packed, encoder, cuda, torch.float16)
         assert packing.packed_kernel(cuda, 50) == ("flash" if supported else "sdpa")
+        # the run's kernel: its shapes fit the Triton kernel (heads x head dim as timed), the default where it is
+        resolved = auto.resolved()
+        assert trainer.run_packed_kernel(resolved, encoder.model.config, cuda, 200) == ("triton" if supported else "sdpa")
+        long_views = TrainConfig(**{**resolved.__dict__, "max_length": 256})
+        assert trainer.run_packed_kernel(long_views, encoder.model.config, cuda, 200) == ("flash" if supported else "sdpa")
 
 
 def test_cuda_graphs_on_wherever_they_apply(tiny_bert_dir, corpus, tmp_path):
