@@ -2,7 +2,8 @@
 # Every GPU check of the project in one command, for the lent GPU machine (or any CUDA box), from the
 # repository root. Logs and JSON go to $OUT (the device tool's folder) or ./gpu-out.
 #
-#   bash benchmarks/run_gpu_checks.sh [PART ...]     PART: suite restart onnx kernel tests sweep profile attention
+#   bash benchmarks/run_gpu_checks.sh [PART ...]     PART: suite restart onnx kernel tests sweep sweep-small
+#                                                    profile attention
 #                                                    (default: suite onnx kernel tests)
 #
 # The whole run shares one time budget (BUDGET seconds, default 560: one device call may run 600 s), and
@@ -47,9 +48,12 @@
 #     `profile` (where the fastest combination's 13.9 ms a step went; the goal is 12); `tests`
 #     (tests/test_last_layer.py's GPU cases check its FlashAttention path against the full layer; the suite's
 #     MiniLM STS-B rows check training quality).
+#   - issue 3 at N=200: `sweep-small` times each kernel of the split candidates alone (the forward, merge, backward
+#     and finalize launches: where the 53.9 µs go), which no GPU has run; the 20 µs target needs that first.
 # A plan for 900 s: call 1 carry [".gpu", ".ortgpu/q1"] `suite` (BUDGET=200), call 2 `kernel` (BUDGET=130),
 # call 3 `profile` (BUDGET=150), call 4 `tests` (BUDGET=120), call 5 the install + `onnx` (BUDGET=150), each
-# call also copying its part of the wheel; no pause between calls.
+# call also copying its part of the wheel; no pause between calls. `sweep-small` (~60-100 s, not timed) rides
+# with whichever call's parts finish early (the budget cuts it, not the call).
 # What to read first: info_nce_table.log's `triton` and `triton (fused)` rows at N=16384, onnx_gpu_table.log's
 # attention-variant rows and profiles, profile.log's top operators.
 # $OUT returns at most 8 files: the parts write one log each, the device facts go into summary.txt.
@@ -117,12 +121,14 @@ for part in "${parts[@]}"; do
     # now compiles without fp contraction; the other files all passed then), so a cap cuts only the others' tail
     tests)  run "kernel tests (compiled)" 260 kernel_tests.log python3 -m pytest -v --tb=short -p no:cacheprovider tests/test_kernels_info_nce.py tests/test_packed_attention_kernel.py tests/test_residual_layernorm_kernel.py tests/test_fused_norm.py tests/test_opt_ins_together.py tests/test_prefetch.py tests/test_last_layer.py ;;
     attention) run "packed attention + residual LayerNorm kernels" 120 attention.log python3 -m pytest -q -p no:cacheprovider benchmarks/test_bench_packed_attention.py benchmarks/test_bench_residual_layernorm.py --benchmark-only --benchmark-columns=min,median,mean ;;
+    # N=200 alone (issue 3's 20 µs): every kernel of the split candidates timed alone, never run on a GPU yet
+    sweep-small) run "InfoNCE block sweep, N=200" 150 sweep_small.log python3 benchmarks/info_nce_table.py --no-checks --sweep 200,768 ;;
     sweep)  run "InfoNCE block sweep" 300 sweep.log python3 benchmarks/info_nce_table.py --no-checks --sweep 16384,768 --sweep 200,768 --sweep 200,768,bfloat16 --sweep 200,384,bfloat16 ;;
     # the default path (Triton attention since session 21), then the fastest measured combination, --half-model
     # on top (H200: 16.8 vs 13.9 ms a step), kernel by kernel
     profile) run "step profiles" 240 profile.log bash -c "python3 benchmarks/profile_step.py --epochs 1 &&
                python3 benchmarks/profile_step.py --half-model --epochs 1" ;;
-    *) echo "unknown part $part (suite restart onnx kernel tests sweep profile attention)"; exit 2 ;;
+    *) echo "unknown part $part (suite restart onnx kernel tests sweep sweep-small profile attention)"; exit 2 ;;
   esac
 done
 echo "=== summary ($((SECONDS - start))s of ${budget}s)"

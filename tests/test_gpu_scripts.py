@@ -3,6 +3,7 @@
 benchmarks/info_nce_table.py --cpu-smoke: its correctness checks and a block-size sweep through the
 Triton interpreter. benchmarks/onnx_gpu_table.py --cpu-only --quick: export + the CPU rows of its table.
 benchmarks/profile_step.py --tiny --device cpu: a profiled training run of a 2-layer BERT.
+benchmarks/run_gpu_checks.sh (GPU only): its parts and the suite rows it names, read from the script.
 """
 
 import os
@@ -114,3 +115,22 @@ def test_onnx_table_attention_variants(tiny_bert_dir, tmp_path):
     out = {name: [s.run(None, feeds)[0] for feeds in (full, padded)] for name, s in run.items()}
     np.testing.assert_allclose(out["unmasked.onnx"][0], out["model_fp16.onnx"][0], atol=1e-5)
     assert np.abs(out["unmasked.onnx"][1][1:] - out["model_fp16.onnx"][1][1:]).max() > 1e-3
+
+
+def test_run_gpu_checks_parts_and_rows_exist():
+    """run_gpu_checks.sh (which needs a GPU to run at all): every part its usage line names has a branch, and
+    the training-suite rows it asks for by name exist, so a GPU session does not lose a call to a stale name."""
+    import re
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from gpu_suite import ALL_ROWS
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    script = (ROOT / "benchmarks" / "run_gpu_checks.sh").read_text()
+    usage = re.search(r"PART: ((?:[\w-]+\s|#\s+)+)", script).group(1)
+    parts = [w for w in usage.split() if w != "#"]
+    branches = re.findall(r"^\s+([\w-]+)\)\s", script, flags=re.M)
+    assert parts and sorted(parts) == sorted(branches), (parts, branches)
+    asked = [row for spec in re.findall(r"--rows ([\w:,-]+)", script) for row in spec.split(",")]
+    assert asked and set(asked) <= set(ALL_ROWS), set(asked) - set(ALL_ROWS)
