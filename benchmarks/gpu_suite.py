@@ -489,7 +489,11 @@ def run_mirrorfast(suite: Suite, spec: ModelSpec, precision: str, options: dict)
                          suite.args.peak_tflops, suite.device)
     row.update(path=_recipe_path(logs), final_loss=round(result.final_loss, 5),
                peak_memory_bytes=max(peaks) if suite.device.type == "cuda" else None,
-               trainer_setup_seconds=round(result.setup_seconds, 3), **extra)
+               trainer_setup_seconds=round(result.setup_seconds, 3),
+               # inside the epochs: the loop waiting for host batches (the next epoch's views are masked and
+               # tokenized in the background while an epoch trains; a GPU epoch shorter than that waits)
+               input_wait_seconds=[round(w, 4) for w in result.input_wait_seconds],
+               steady_input_wait_seconds=round(result.input_wait_seconds[-1], 4), **extra)
     return row
 
 
@@ -546,6 +550,7 @@ COLUMNS = [  # header, width, row -> text
     ("1st ep s", 9, lambda r: _fmt(r.get("first_epoch_seconds"), ".2f")),
     ("ms/step", 8, lambda r: _fmt(r.get("steady_ms_per_step"), ".1f")),
     ("epoch s", 8, lambda r: _fmt(r.get("steady_epoch_seconds"), ".2f")),
+    ("wait s", 7, lambda r: _fmt(r.get("steady_input_wait_seconds"), ".2f")),
     ("tok/s", 10, lambda r: _fmt(r.get("steady_tokens_per_second"), ",.0f")),
     ("MFU %", 6, lambda r: _fmt(None if r.get("mfu") is None else r["mfu"] * 100, ".1f")),
     ("peak MiB", 9, lambda r: _fmt(None if r.get("peak_memory_bytes") is None else r["peak_memory_bytes"] / 2**20, ",.0f")),
@@ -636,6 +641,8 @@ def render(meta: dict, rows: list[dict], checks: list[dict], args) -> str:
         "setup s: before the first step (model load, optimizer, and for mirrorfast its first-view tokenization and"
         " the epoch-0 mask/tokenize/pack/upload wait, which its own epoch timer excludes). 1st ep s: first to last"
         " step of epoch 1, warm-up included (CUDA context created before any row). ms/step, epoch s: epoch 2."
+        " wait s: of epoch 2's time, the loop waiting for host batches (its views masked and tokenized in the"
+        " background during epoch 1: a GPU epoch shorter than that work waits for it)."
         " tok/s: real (non-pad) tokens per second in epoch 2.",
         f"MFU = 6 x N x tok/s / peak, N = non-embedding parameters (the transformer layers); real tokens only"
         f" (padding is not credited), attention-score FLOPs not counted; peak = "

@@ -66,7 +66,12 @@ start=$SECONDS
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(suite onnx kernel tests)
 python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || { echo "run_gpu_checks: no CUDA GPU here"; exit 1; }
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# The tokenizers keep their default parallelism, as users run them: until session 21 this script set
+# TOKENIZERS_PARALLELISM=false, so the trainer's background tokenization of the next epoch's masked views ran on
+# one core (0.56-0.74 s for the 10k sentences on the 2-core dev CPU, 2026-11-28). The H200's MiniLM rows of
+# session 20 fit a second epoch that waited for it (--bf16: epochs 0.55 + 0.60 s; --fp16, whose first epoch
+# was longer: 0.63 + 0.36 s); the wait was not measured then. The suite's `wait s` column measures it now.
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 [ -d /tmp/ortsite ] && export PYTHONPATH=/tmp/ortsite${PYTHONPATH:+:$PYTHONPATH}
 facts=/tmp/mirrorfast-device.txt
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$facts"
@@ -115,7 +120,7 @@ for part in "${parts[@]}"; do
     # FlashAttention all cold) that finds Triton's disk cache as the parts before it left it. After `suite`, its
     # first epochs are a second `mirrorfast train` on the machine; as the first part, a first one.
     restart) run "first epochs, a process per row" 150 restart.log python3 benchmarks/gpu_suite.py --isolate --rows bert:fp16,bert:bf16,bert:bf16-half,minilm:fp16 ;;
-    onnx)   run "ONNX GPU table" 200 onnx_gpu_table.log env -u TOKENIZERS_PARALLELISM python3 benchmarks/onnx_gpu_table.py --gpu-only ;;
+    onnx)   run "ONNX GPU table" 200 onnx_gpu_table.log python3 benchmarks/onnx_gpu_table.py --gpu-only ;;
     kernel) run "InfoNCE table" 150 info_nce_table.log python3 benchmarks/info_nce_table.py --quick ;;
     # the InfoNCE file first: the one that changed since its last compiled run (session 14: every loss kernel
     # now compiles without fp contraction; the other files all passed then), so a cap cuts only the others' tail

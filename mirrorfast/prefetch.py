@@ -9,6 +9,7 @@ sentences). Neither thread touches the device: the main thread uploads, with non
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterator
 
@@ -41,6 +42,9 @@ class BatchStream:
         self.epoch_views: dict[int, Future] = {}
         self.next_window: tuple[int, Future] | None = None  # (window index, its host batches)
         self.first: list[Batch] | None = None
+        # Seconds each epoch's loop waited for its batches (built on the host and uploaded): the device sat
+        # idle for them unless it still had queued work. The first window is built before training starts.
+        self.waited: dict[int, float] = {}
 
     def __enter__(self) -> "BatchStream":
         return self
@@ -65,7 +69,9 @@ class BatchStream:
             if index == 0:
                 batches, self.first = self.first, None
             else:
+                t0 = time.perf_counter()
                 batches = self._take(index)
+                self.waited[epoch] = self.waited.get(epoch, 0.0) + time.perf_counter() - t0
             yield from batches
 
     def _views(self, epoch: int) -> Future:

@@ -56,6 +56,9 @@ class TrainResult:
     peak_memory_bytes: int = 0
     setup_seconds: float = 0.0
     evaluation: list[dict] = field(default_factory=list)  # --eval-sts / --eval-words: Spearman before, after
+    # per epoch, inside epoch_seconds: time the loop waited for host batches (masking, tokenizing the next
+    # epoch's views and packing them run in background threads; a GPU epoch shorter than that work waits)
+    input_wait_seconds: list[float] = field(default_factory=list)
 
 
 PRECISION_NAMES = {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}  # autocast dtype -> name
@@ -449,10 +452,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
         tokens_per_second=tokens_seen / max(train_seconds, 1e-9),
         final_loss=monitor.values[-1] if monitor.values else float("nan"),
         losses=monitor.values, peak_memory_bytes=_peak_memory(device), setup_seconds=setup_seconds,
-        evaluation=evaluation,
+        evaluation=evaluation, input_wait_seconds=[stream.waited.get(e, 0.0) for e in range(len(epoch_seconds))],
     )
-    log(f"done: {step} steps, epochs {', '.join(f'{s:.2f}s' for s in epoch_seconds)}, "
-        f"{result.tokens_per_second:,.0f} tokens/s, final loss {result.final_loss:.4f}, "
+    waits = result.input_wait_seconds
+    log(f"done: {step} steps, epochs {', '.join(f'{s:.2f}s' for s in epoch_seconds)}"
+        + (f" (waiting for input batches: {', '.join(f'{w:.2f}s' for w in waits)})" if max(waits, default=0.0) >= 0.01 else "")
+        + f", {result.tokens_per_second:,.0f} tokens/s, final loss {result.final_loss:.4f}, "
         f"peak memory {result.peak_memory_bytes / 2**20:,.0f} MiB")
     for r in evaluation:
         log(f"eval: {r['file']} ({r['kind']}, {r['pairs']} pairs): Spearman "
@@ -496,6 +501,7 @@ def _metadata(cfg, corpus, encoder, device, paths: dict, result: TrainResult) ->
         **paths,
         "steps": result.steps,
         "epoch_seconds": [round(s, 4) for s in result.epoch_seconds],
+        "input_wait_seconds": [round(s, 4) for s in result.input_wait_seconds],
         "tokens_per_second": round(result.tokens_per_second, 1),
         "final_loss": result.final_loss,
         "losses": result.losses,

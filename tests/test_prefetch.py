@@ -84,6 +84,23 @@ def test_batches_come_in_order_built_at_most_a_window_ahead(window):
     assert sum(ev[1] for ev in rec.events if ev[0] == "upload") == sum(sizes)
 
 
+def test_time_spent_waiting_for_batches_is_recorded_per_epoch():
+    """The consumer's waits for batches not yet built (here: epoch 1's views take 0.3 s, begun as epoch 0 begins
+    and epoch 0 consumed at once) are recorded per epoch; the first window (built in `start`) is not a wait."""
+    import time
+
+    def views(epoch):
+        if epoch == 1:
+            time.sleep(0.3)
+        return epoch
+
+    with BatchStream(views, lambda v, rows: [(v, r.tolist()) for r in rows], list, schedules_of([2, 2])) as stream:
+        stream.start()
+        for epoch in range(2):
+            list(stream.epoch(epoch))
+    assert set(stream.waited) == {1} and 0.25 <= stream.waited[1] < 5, stream.waited
+
+
 def test_an_error_while_building_reaches_the_consumer():
     def build(views, rows):
         if int(rows[0][0]) >= 4:
@@ -122,6 +139,9 @@ def test_windows_do_not_change_what_training_computes(tiny_bert_dir, tmp_path, m
     windowed = train(cfg, log=lambda m: None, save=False)
     assert whole.steps == windowed.steps == 14 and len(windowed.epoch_seconds) == 2
     assert windowed.losses == whole.losses
+    # each epoch's wait for host batches is a part of its time
+    assert len(windowed.input_wait_seconds) == 2
+    assert all(0 <= w <= s for w, s in zip(windowed.input_wait_seconds, windowed.epoch_seconds))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: uploads between CUDA-graph replays")

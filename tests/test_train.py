@@ -56,6 +56,7 @@ def test_train_end_to_end_loads_everywhere(tiny_bert_dir, corpus, tmp_path, caps
     assert meta["versions"]["torch"] == torch.__version__ and "transformers" in meta["versions"]
     assert meta["device"] == "cpu" and meta["cpu_threads"] == torch.get_num_threads()
     assert len(meta["losses"]) == 2 and meta["losses"][-1] == meta["final_loss"]
+    assert len(meta["input_wait_seconds"]) == len(meta["epoch_seconds"]) == 1
     for name in ("config.json", "model.safetensors", "tokenizer.json", "modules.json", "1_Pooling/config.json"):
         assert (out / name).is_file(), name
     assert not list(tmp_path.glob(".out.tmp-*")), "temporary directory left behind"
