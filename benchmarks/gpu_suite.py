@@ -349,7 +349,8 @@ def recipe_spec(recipe: str) -> tuple[str, str, dict, dict]:
 # every later row. The sentence-transformers rows (context for users, not an issue target) come last, so that
 # a suite cut short by its time cap loses them first. The default path's attention is the Triton kernel for
 # these views (auto, since session 21); the -flash rows time FlashAttention varlen, the default before, beside it.
-DEFAULT_ROWS = ["bert:reference", "bert:fp16", "bert:bf16", "bert:bf16-flash", "bert:bf16-eager", "bert:bf16-sdpa",
+DEFAULT_ROWS = ["bert:reference", "bert:fp16", "bert:bf16", "bert:bf16-flash", "bert:bf16-eager", "bert:bf16-eager-flash",
+                "bert:bf16-sdpa",
                 "bert:fp16-half", "bert:bf16-half", "bert:bf16-half-flash", "bert:bf16-fulllast", "bert:bf16-half-fulllast",
                 "minilm:reference", "minilm:fp16", "minilm:bf16", "minilm:bf16-flash", "minilm:bf16-half",
                 "bert:bf16-fusedln", "bert:bf16-half-fusedln", "minilm:bf16-half-fusedln", "bert:st", "minilm:st"]
