@@ -469,6 +469,10 @@ SWEEP_FWD_SPLIT = [
     ((32, 64, 128, 4, 2, False), 8), ((32, 64, 128, 4, 2, True), 8), ((16, 64, 128, 4, 2, True), 8),
     ((32, 64, 128, 4, 2, True), 4), ((32, 128, 128, 4, 2, True), 4), ((16, 64, 256, 4, 2, True), 8),
     ((32, 32, 128, 4, 2, True), 14), ((32, 64, 128, 4, 3, True), 8),
+    # fewer, wider D steps (256: 3 serial steps at D=768 instead of 6) or a deeper pipeline, with splits (see
+    # SWEEP_BWD_SPLIT). Added in session 21: compiled for sm_90a with Triton 3.9, 168 / 128 / 145 registers, no
+    # spills; not timed.
+    ((32, 64, 256, 4, 3, True), 8), ((16, 64, 256, 4, 3, True), 8), ((32, 64, 128, 4, 6, True), 8),
 ]
 SWEEP_BWD_SPLIT = [
     ((16, 64, 128, 256, 4, 2), 2), ((16, 64, 128, 256, 4, 2), 4), ((16, 64, 128, 256, 4, 2), 8),
@@ -477,6 +481,12 @@ SWEEP_BWD_SPLIT = [
     # the logit tiles computed twice (3 x 128 columns) or once (3 x 256, 32-column tiles) per row block: no
     # spills on sm_90a with Triton 3.6 (the latter folded only)
     ((16, 64, 128, 128, 4, 2, 3), 8), ((16, 32, 128, 256, 4, 2, 3), 8),
+    # fewer, wider D steps for the recomputed logits (256: 3 instead of 6 at D=768), or a deeper pipeline, with
+    # splits: unsplit, the default (7 column tiles x (6 Gram steps + 1 product) per program, ~14 MFLOP each)
+    # took 41.0 µs alone as a graph replay on the H200, and 41.1 µs with 256-wide D steps: not the number of
+    # steps alone; what does cost it was not profiled. Added in session 21: compiled for sm_90a with Triton
+    # 3.9, 254-255 registers, no spills (folded too); not timed.
+    ((16, 64, 256, 256, 4, 2), 8), ((16, 64, 256, 128, 4, 2, 3), 8), ((16, 64, 128, 256, 4, 4), 8),
 ]
 
 # The backward through stripes (KernelConfig.stripe_rows) for large 16-bit problems: (weights kernel

@@ -34,8 +34,8 @@ def test_info_nce_table_checks_and_sweep():
     assert "fold bwd vs fp64" in out, "the checks cover the folded backward"
     assert "split vs fp64" in out, "the checks cover the split column blocks"
     assert "stripes vs fp64" in out, "the checks cover the backward through stripes"
-    assert out.count("'split', ") >= 2 * (8 + 2 * 11), \
-        "small 16-bit sweeps (two here) time the 8 forward and 11 backward split candidates (backward plain and folded)"
+    assert out.count("'split', ") >= 2 * (11 + 2 * 14), \
+        "small 16-bit sweeps (two here) time the 11 forward and 14 backward split candidates (backward plain and folded)"
     assert ") tf32x3:" in out and ") ieee:" in out, "fp32 sweeps time both dot precisions"
 
 
