@@ -46,13 +46,13 @@ def kernel_warm_ups(*, loss_backend: str, attention_kernel: str | None, fused_no
         tasks.append(("loss", infonce_triton.warm_up, (sizes, config.hidden_size, compute, device)))
     if attention_kernel == "triton":
         from mirrorfast.kernels import packed_attention_triton
+        from mirrorfast.packing import attention_heads
 
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        shape = attention_heads(config)
         longest = bucketed_max_len(max_length, pad_segment_max) if bucket else max_length
         max_len = min(longest, packed_attention_triton.MAX_VIEW_TOKENS)
-        tasks.append(("attention", packed_attention_triton.warm_up, (heads, head_dim, compute, device, max_len,
-                                                                     dropout)))
+        tasks.append(("attention", packed_attention_triton.warm_up, (shape["heads"], shape["head_dim"], compute, device,
+                                                                     max_len, dropout)))
     if fused_norm:
         from mirrorfast.kernels import residual_layernorm_triton
 
