@@ -455,9 +455,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
         evaluation=evaluation, input_wait_seconds=[stream.waited.get(e, 0.0) for e in range(len(epoch_seconds))],
     )
     waits = result.input_wait_seconds
-    log(f"done: {step} steps, epochs {', '.join(f'{s:.2f}s' for s in epoch_seconds)}"
-        + (f" (waiting for input batches: {', '.join(f'{w:.2f}s' for w in waits)})" if max(waits, default=0.0) >= 0.01 else "")
-        + f", {result.tokens_per_second:,.0f} tokens/s, final loss {result.final_loss:.4f}, "
+    waited = (f" (waiting for input batches: {', '.join(f'{w:.2f}s' for w in waits)})"
+              if max(waits, default=0) >= 0.01 else "")
+    log(f"done: {step} steps, epochs {', '.join(f'{s:.2f}s' for s in epoch_seconds)}{waited}, "
+        f"{result.tokens_per_second:,.0f} tokens/s, final loss {result.final_loss:.4f}, "
         f"peak memory {result.peak_memory_bytes / 2**20:,.0f} MiB")
     for r in evaluation:
         log(f"eval: {r['file']} ({r['kind']}, {r['pairs']} pairs): Spearman "

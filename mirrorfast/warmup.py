@@ -51,8 +51,8 @@ def kernel_warm_ups(*, loss_backend: str, attention_kernel: str | None, fused_no
         shape = attention_heads(config)
         longest = bucketed_max_len(max_length, pad_segment_max) if bucket else max_length
         max_len = min(longest, packed_attention_triton.MAX_VIEW_TOKENS)
-        tasks.append(("attention", packed_attention_triton.warm_up, (shape["heads"], shape["head_dim"], compute, device,
-                                                                     max_len, dropout)))
+        tasks.append(("attention", packed_attention_triton.warm_up,
+                      (shape["heads"], shape["head_dim"], compute, device, max_len, dropout)))
     if fused_norm:
         from mirrorfast.kernels import residual_layernorm_triton
 
