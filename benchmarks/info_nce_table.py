@@ -561,6 +561,29 @@ def sweep_candidates(n: int, d: int, dtype) -> list[tuple[str, tuple, str, objec
                for w, m, rc in (SWEEP_BWD_STRIPES if stripes else ())])
 
 
+def loop_traffic(kind: str, cfg, n: int, d: int, itemsize: int) -> str:
+    """Programs of the fused forward ("fwd") or backward ("bwd") kernel of `cfg` and the bytes of x each loads,
+    counted from the kernels' loops (not measured; stripes: ""). A hypothesis for small N that the sweep can
+    test: a program's loads, not its FLOPs, set these kernels' time there (each multiprocessor draws a
+    fraction of the L2 bandwidth, and every row block re-reads the columns)."""
+    def cdiv(a, b):
+        return -(-a // b)
+
+    if kind == "fwd":
+        column_blocks = cdiv(2 * cdiv(n, cfg.fwd_n), cfg.fwd_split)  # per program (the split's range, at most)
+        programs = 2 * cdiv(n, cfg.fwd_m) * cfg.fwd_split
+        per_program = column_blocks * (cfg.fwd_m + cfg.fwd_n) * d * itemsize  # x_I and x_J over all of D
+    elif cfg.stripe_rows:
+        return ""
+    else:
+        column_blocks = cdiv(2 * cdiv(n, cfg.bwd_n), cfg.bwd_split)
+        columns = min(cfg.bwd_dc * cfg.bwd_chunks, d)  # gradient columns per program
+        programs = 2 * cdiv(n, cfg.bwd_m) * cdiv(d, columns) * cfg.bwd_split
+        # per column block: the Gram tile's x_I and x_J over all of D, then x_J's gradient columns
+        per_program = column_blocks * ((cfg.bwd_m + cfg.bwd_n) * d + cfg.bwd_n * columns) * itemsize
+    return f"{programs} programs x {per_program / 1024:.0f} KiB = {programs * per_program / 2**20:.1f} MiB loaded"
+
+
 def run_sweep(n: int, d: int, dtype_name: str) -> None:
     import torch
     import triton.testing
@@ -604,7 +627,8 @@ def run_sweep(n: int, d: int, dtype_name: str) -> None:
                 err = f"grad err {max(rel_err(da, ref_ga), rel_err(db, ref_gb)):.1e}"
             # the interpreter (a check of this script) reports the first run's time instead of running again
             us, gus = time_it(run) if DEVICE == "cuda" else (first_us, float("nan"))
-            print(f"  {tag}: {us:9.1f} us  (graph {gus:9.1f})  {err}  {regs}", flush=True)
+            traffic = loop_traffic(kind, cfg, n, d, a.element_size())
+            print(f"  {tag}: {us:9.1f} us  (graph {gus:9.1f})  {err}  {regs}  {traffic}", flush=True)
         except Exception as exc:  # noqa: BLE001
             print(f"  {tag}: FAILED {type(exc).__name__}: {first_line(exc)[:200]}", flush=True)
 

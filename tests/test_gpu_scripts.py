@@ -37,6 +37,7 @@ def test_info_nce_table_checks_and_sweep():
     assert out.count("'split', ") >= 2 * (11 + 2 * 14), \
         "small 16-bit sweeps (two here) time the 11 forward and 14 backward split candidates (backward plain and folded)"
     assert ") tf32x3:" in out and ") ieee:" in out, "fp32 sweeps time both dot precisions"
+    assert " programs x " in out and "MiB loaded" in out, "sweep lines count each kernel's programs and loads"
 
 
 def test_onnx_table_cpu_rows():
