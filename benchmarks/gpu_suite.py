@@ -327,8 +327,8 @@ TAG_ENV = {  # tags that set an environment override for the row
     "fulllast": {"MIRRORFAST_FIRST_TOKEN_LAST_LAYER": "0"},  # the full last layer, not [CLS] alone: mirrorfast/last_layer.py
 }
 # "eager": TrainConfig(cuda_graphs=False), every step launched from Python; "half": TrainConfig(half_model=True).
-RECIPES = ["reference", "st", "fp16", "bf16", "fp16-eager", "bf16-eager", "fp16-flash", "bf16-flash", "bf16-eager-flash",
-           "bf16-sdpa", "bf16-eager-sdpa", "bf16-triton", "bf16-eager-triton", "fp16-half", "bf16-half",
+RECIPES = ["reference", "st", "fp16", "bf16", "fp16-eager", "bf16-eager", "fp16-flash", "bf16-flash",
+           "bf16-eager-flash", "bf16-sdpa", "bf16-eager-sdpa", "bf16-triton", "bf16-eager-triton", "fp16-half", "bf16-half",
            "bf16-half-flash", "bf16-fusedln", "bf16-half-fusedln", "bf16-torchloss", "bf16-fulllast",
            "bf16-half-fulllast"]
 

@@ -483,7 +483,7 @@ SWEEP_BWD_SPLIT = [
     ((16, 64, 128, 128, 4, 2, 3), 8), ((16, 32, 128, 256, 4, 2, 3), 8),
     # fewer, wider D steps for the recomputed logits (256: 3 instead of 6 at D=768), or a deeper pipeline, with
     # splits: unsplit, the default (7 column tiles x (6 Gram steps + 1 product) per program, ~14 MFLOP each)
-    # took 41.0 µs alone as a graph replay on the H200, and 41.1 µs with 256-wide D steps: not the number of
+    # took 41.0 µs alone as a graph replay (H200, 2026-11-26), and 41.1 µs with 256-wide D steps: not the number of
     # steps alone; what does cost it was not profiled. Added in session 21: compiled for sm_90a with Triton
     # 3.9, 254-255 registers, no spills (folded too); not timed.
     ((16, 64, 256, 256, 4, 2), 8), ((16, 64, 256, 128, 4, 2, 3), 8), ((16, 64, 128, 256, 4, 4), 8),

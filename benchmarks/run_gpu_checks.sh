@@ -51,7 +51,7 @@
 #   - issue 3 at N=200: `sweep-small` times each kernel of the split candidates alone (the forward, merge, backward
 #     and finalize launches: where the 53.9 µs go), which no GPU has run; the 20 µs target needs that first.
 #     Each line also counts the kernel's programs and the bytes of x each loads (info_nce_table.loop_traffic):
-#     the default backward re-reads x from L2 ~150 times (78 programs x 1.2 MiB), and if each multiprocessor's
+#     counted, the default backward loads x ~150 times over (78 programs x 1.2 MiB), and if each multiprocessor's
 #     share of L2 bandwidth is what binds (a hypothesis: 41 µs alone, with 128- or 256-wide D steps alike),
 #     times follow KiB per program and waves, not FLOPs.
 # A plan for 900 s: call 1 carry [".gpu", ".ortgpu/q1"] `suite` (BUDGET=200), call 2 `kernel` (BUDGET=130),

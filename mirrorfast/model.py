@@ -163,11 +163,11 @@ class Encoder(nn.Module):
         """For the duration: the last layer for the first token only (cls pooling, a BERT-style last layer)."""
         if self.pooling != "cls" or last_bert_layer(self.model) is None:
             raise MirrorfastError("the last layer for the first token only needs cls pooling and a BERT-style layer")
-        self.first_token_last_layer = True
+        previous, self.first_token_last_layer = self.first_token_last_layer, True
         try:
             yield
         finally:
-            del self.first_token_last_layer  # the class default again
+            self.first_token_last_layer = previous
 
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         """(B, L) token ids and mask -> (B, H) pooled embeddings (not normalized)."""

@@ -31,8 +31,9 @@ ATTENTION_NAME = "mirrorfast_packed"
 PACKED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert")
 ATTENTION_ENV = "MIRRORFAST_PACKED_ATTENTION"
 CUDA_KERNELS = ("auto", "flash", "sdpa", "triton")
-# `auto` takes the Triton kernel for head dimensions up to this: timed with 32 (MiniLM) and 64 (BERT-base); a
-# 128-wide head in a 128-token tile spills more registers, and was not timed.
+# `auto` takes the Triton kernel for head dimensions up to this: run in training with 32 (MiniLM; its rows'
+# comparison with FlashAttention may be confounded by host waits, benchmarks/RESULTS.md) and 64 (BERT-base, the
+# rows the default rests on); a 128-wide head in a 128-token tile spills more registers, and was not timed.
 AUTO_TRITON_HEAD_DIM_MAX = 64
 
 
