@@ -213,9 +213,11 @@ class Batcher:
 
 class Tokenizing:
     """Tokenizes requests once, off the inference thread: token ids (special tokens included) for the
-    worker. Without `truncate_to` the rows are whole (a server that does not truncate refuses over-long
-    texts by their rows' lengths); with it, texts longer than `truncate_to` get the tokenizer's own
-    truncation, which keeps the special tokens, in the same single pass.
+    worker. With `truncate`, texts longer than `max_tokens` get the tokenizer's own truncation, which keeps
+    the special tokens, in the same single pass. Without it, rows are whole up to `max_tokens` and a longer
+    text's row is cut at `max_tokens + 1` (the server refuses it by that length): a 4 MB text is refused
+    from its first few thousand characters, not tokenized whole (14 s of this thread on a 2-core CPU).
+    `max_tokens=None`: every row whole.
 
     Private copies of the encoder's tokenizer, so this never races anything else using it. Small requests
     are tokenized inline on the event loop (a thread hop costs more than a few sentences); large ones on a
@@ -223,10 +225,20 @@ class Tokenizing:
     """
 
     INLINE_CHARS = 4096
+    # A text over the limit is found from cuts of (limit + 1) x this many characters, then longer ones
+    # (`mirrorfast.truncation`): whatever the cut, a row under the limit is the whole text's.
+    REFUSE_CHARS_PER_TOKEN = 16
 
-    def __init__(self, encoder, truncate_to: int | None, on_truncated: Callable[[int], object] | None = None) -> None:
-        self._inline = batch_encoder(encoder.tokenizer, truncate_to, on_truncated)
-        self._pooled = batch_encoder(encoder.tokenizer, truncate_to, on_truncated)
+    def __init__(self, encoder, max_tokens: int | None, *, truncate: bool,
+                 on_truncated: Callable[[int], object] | None = None) -> None:
+        if max_tokens is None:
+            cut, options = None, {}
+        elif truncate:
+            cut, options = max_tokens, {"on_truncated": on_truncated}
+        else:
+            cut, options = max_tokens + 1, {"chars_per_token_tried": self.REFUSE_CHARS_PER_TOKEN}
+        self._inline = batch_encoder(encoder.tokenizer, cut, **options)
+        self._pooled = batch_encoder(encoder.tokenizer, cut, **options)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mirrorfast-tokenize")
 
     def tokenize_sync(self, texts: list[str]) -> Rows:

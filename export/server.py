@@ -148,7 +148,7 @@ class _State:
         self.metrics = metrics
         self.dim = int(encoder.dim)
         # Each request is tokenized once, on the request side; the inference thread only runs the model.
-        self.tokenizing = Tokenizing(encoder, config.max_input_tokens if config.truncate else None,
+        self.tokenizing = Tokenizing(encoder, config.max_input_tokens, truncate=config.truncate,
                                      on_truncated=metrics.truncated.inc)
         # Rows come from the encoder's own tokenizer, each request's lengths checked against --max-input-tokens.
         self.batcher = Batcher(functools.partial(encoder.encode_ids, checked=False), self.dim,
@@ -268,7 +268,7 @@ def create_app(encoder, config: ServeConfig | None = None):
 
     async def embed_texts(texts: list[str], param: str) -> tuple[np.ndarray, int]:
         try:
-            rows = await state.tokenizing.tokenize(texts)  # whole rows unless --truncate
+            rows = await state.tokenizing.tokenize(texts)  # a row over the limit: cut at limit + 1 (or --truncate)
         except Exception as exc:  # noqa: BLE001 - a text the tokenizer cannot take is the client's problem
             raise ApiError(422, f"'{param}' could not be tokenized: {exc}", param=param,
                            code="invalid_input") from None
@@ -278,7 +278,7 @@ def create_app(encoder, config: ServeConfig | None = None):
             if n > limit and not config.truncate:
                 where = f"{param}[{i}]" if len(texts) > 1 or param == "inputs" else f"'{param}'"
                 raise ApiError(
-                    422, f"{where} is {n} tokens long; the limit is {limit} tokens per input "
+                    422, f"{where} is longer than the limit of {limit} tokens per input "
                          "(the server was not started with --truncate)",
                     param=param, code="input_too_long", index=i,
                 )
@@ -447,8 +447,12 @@ def run(export_dir: str | Path, config: ServeConfig, provider: str = "auto", int
     server = uvicorn.Server(uv_config)
     received: list[int] = []
 
-    def remember(sig, _frame) -> None:  # uvicorn re-raises the signal it handled once it has stopped
+    def remember(sig, _frame) -> None:
+        # Ours until uvicorn installs its own handlers (a signal right after the "listening" line must still
+        # stop the server: uvicorn then starts, sees should_exit and shuts down), and again after it restores
+        # them and re-raises the signal it handled.
         received.append(sig)
+        server.should_exit = True
 
     main_thread = threading.current_thread() is threading.main_thread()
     previous = {}

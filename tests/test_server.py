@@ -186,47 +186,57 @@ def test_openai_client(server, encoder, expected):
         client.embeddings.create(input=[], model="m")
 
 
-@pytest.mark.parametrize("truncate_to", [None, 16])
-def test_request_tokenizing_matches_the_encoder(encoder, truncate_to):
-    """The server's one tokenization (private Rust-tokenizer copies) gives the encoder's own token ids,
-    truncated as the encoder's tokenizer truncates (special tokens kept): whole rows for the over-long
-    check of a server that does not truncate."""
+# The server's tokenizing modes: (max_tokens, truncate). (16, False) is a server that refuses longer texts.
+TOKENIZING_MODES = [(None, False), (16, True), (16, False)]
+# Over 16 tokens: a long text (cut before tokenizing: 17 x 16 characters tried first), and under 16 tokens
+# though far over 17 x 16 characters (a WordPiece word over 100 characters is one [UNK]): its row must be whole.
+LONG_TEXTS = ["word " * 300, "x" * 150 + " " + "y" * 700 + " ok " + "z" * 400]
+
+
+def _rows_of(tokenizing_encoder, texts, max_tokens, truncate):
     from mirrorfast.export.batching import Tokenizing
 
-    texts = SENTENCES + ["word " * 300, "🙂 e\u0301 שלום"]
-    tokenizing = Tokenizing(encoder, truncate_to)
+    tokenizing = Tokenizing(tokenizing_encoder, max_tokens, truncate=truncate)
     try:
-        rows = tokenizing.tokenize_sync(texts)
+        return tokenizing.tokenize_sync(texts)
     finally:
         tokenizing.close()
-    assert rows == encoder.token_ids(texts, truncate_to)
-    lengths = [len(r) for r in rows]
-    if truncate_to:
-        assert max(lengths) == truncate_to < max(encoder.count_tokens(texts))
-    else:
-        assert lengths == encoder.count_tokens(texts)
 
 
-@pytest.mark.parametrize("truncate_to", [None, 16])
-def test_request_tokenizing_with_a_python_tokenizer(encoder, truncate_to, tmp_path):
+@pytest.mark.parametrize("max_tokens,truncate", TOKENIZING_MODES)
+def test_request_tokenizing_matches_the_encoder(encoder, max_tokens, truncate):
+    """The server's one tokenization (private Rust-tokenizer copies) gives the encoder's own token ids,
+    truncated as the encoder's tokenizer truncates (special tokens kept); a server that does not truncate
+    gets every row within the limit whole, and a longer text's row cut one token past the limit."""
+    texts = SENTENCES + LONG_TEXTS + ["🙂 e\u0301 שלום", "a " * 200_000]
+    rows = _rows_of(encoder, texts, max_tokens, truncate)
+    whole = encoder.count_tokens(texts)
+    long_words, unknown_words = whole[len(SENTENCES):len(SENTENCES) + 2]
+    assert unknown_words < 16 < long_words  # the cases are what they claim
+    if max_tokens is None:
+        assert rows == encoder.token_ids(texts, None)
+    elif truncate:
+        assert rows == encoder.token_ids(texts, max_tokens)
+    else:  # whole within the limit, cut only past it
+        assert rows == encoder.token_ids(texts, max_tokens + 1)
+        assert [len(r) for r in rows] == [min(n, max_tokens + 1) for n in whole]
+
+
+@pytest.mark.parametrize("max_tokens,truncate", TOKENIZING_MODES)
+def test_request_tokenizing_with_a_python_tokenizer(encoder, max_tokens, truncate, tmp_path):
     """Tokenizing's other branch: a slow (Python) tokenizer of the same vocabulary gives what that
-    tokenizer gives on its own, truncated the same way."""
+    tokenizer gives on its own, truncated the same way (at the limit + 1 for a server that refuses)."""
     from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
-
-    from mirrorfast.export.batching import Tokenizing
 
     vocab = sorted(encoder.tokenizer.get_vocab().items(), key=lambda item: item[1])
     (tmp_path / "vocab.txt").write_text("".join(token + "\n" for token, _ in vocab), encoding="utf-8")
     slow = BertTokenizerLegacy(str(tmp_path / "vocab.txt"))
-    texts = SENTENCES + ["word " * 300, "🙂 e\u0301 שלום"]
-    tokenizing = Tokenizing(SimpleNamespace(tokenizer=slow), truncate_to)
-    try:
-        rows = tokenizing.tokenize_sync(texts)
-    finally:
-        tokenizing.close()
-    cut = {"truncation": True, "max_length": truncate_to} if truncate_to else {"truncation": False}
-    assert rows == [slow(t, **cut)["input_ids"] for t in texts]
-    assert max(map(len, rows)) == (truncate_to or len(slow("word " * 300)["input_ids"]))
+    texts = SENTENCES + LONG_TEXTS + ["🙂 e\u0301 שלום"]
+    rows = _rows_of(SimpleNamespace(tokenizer=slow), texts, max_tokens, truncate)
+    cut = None if max_tokens is None else max_tokens if truncate else max_tokens + 1
+    options = {"truncation": True, "max_length": cut} if cut else {"truncation": False}
+    assert rows == [slow(t, **options)["input_ids"] for t in texts]
+    assert max(map(len, rows)) == (cut or len(slow("word " * 300)["input_ids"]))
 
 
 # ------------------------------------------------------------------------------------ bad inputs
@@ -251,8 +261,8 @@ BAD_REQUESTS = [
     ("empty string", "/v1/embeddings", {"json": {"input": ""}}, 400, "empty string"),
     ("empty string item", "/embed", {"json": {"inputs": ["a", "b", ""]}}, 422, "inputs[2] is an empty string"),
     ("too many", "/v1/embeddings", {"json": {"input": ["a"] * 9}}, 400, "at most 8"),
-    ("too long", "/v1/embeddings", {"json": {"input": ["short", LONG]}}, 400, "input[1] is"),
-    ("too long single", "/embed", {"json": {"inputs": LONG}}, 422, "limit is 48 tokens"),
+    ("too long", "/v1/embeddings", {"json": {"input": ["short", LONG]}}, 400, "input[1] is longer than the limit"),
+    ("too long single", "/embed", {"json": {"inputs": LONG}}, 422, "longer than the limit of 48 tokens"),
     ("token ids", "/v1/embeddings", {"json": {"input": [101, 2023, 102]}}, 400, "token arrays are not supported"),
     ("token id lists", "/v1/embeddings", {"json": {"input": [[101, 2023, 102]]}}, 400, "token arrays are not supported"),
     ("int among texts", "/v1/embeddings", {"json": {"input": ["a", 7]}}, 400, "input[1] must be a string, got"),
@@ -625,6 +635,30 @@ def test_sigterm_finishes_requests_in_flight(tiny_export, encoder):
         assert any("stopped on SIGTERM" in line for line in lines), lines
         with pytest.raises(httpx.TransportError):  # and it is really gone
             httpx.get(f"{url}/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_signal_right_after_the_startup_line_stops_the_server(tiny_export, sig=signal.SIGTERM):
+    """A supervisor that waits for the "listening" line and signals at once: the signal lands before uvicorn
+    has installed its own handlers (it used to be noted and ignored: the server ran on)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mirrorfast.cli", "serve", str(tiny_export), "--port", "0", "--provider", "cpu"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "listening on" in line:
+                break
+        assert "listening on" in lines[-1], "".join(lines)
+        proc.send_signal(sig)
+        assert proc.wait(30) == 0
+        assert f"stopped on {signal.Signals(sig).name}" in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
