@@ -38,8 +38,10 @@ def _pairs(path: Path, kind: str, rows, first_line: int) -> PairSet:
     for number, row in enumerate(rows, start=first_line):
         if not row or all(not cell.strip() for cell in row):
             continue
-        if len(row) < 3:
-            raise MirrorfastError(f"{path}: line {number} has {len(row)} fields, expected text1, text2, score")
+        if len(row) != 3:  # more: a comma in an unquoted sentence would shift the score silently
+            expected = ("text1,text2,score (quote a text that holds a comma)" if kind == "sts"
+                        else "word1<TAB>word2<TAB>score")
+            raise MirrorfastError(f"{path}: line {number} has {len(row)} fields, expected exactly 3: {expected}")
         try:
             scores.append(float(row[2]))
         except ValueError:
@@ -64,11 +66,20 @@ def read_sts(path: str | Path) -> PairSet:
 
 
 def read_words(path: str | Path) -> PairSet:
-    """`word1<TAB>word2<TAB>score` with a header line."""
+    """`word1<TAB>word2<TAB>score` with a header line; a first line whose score is a number is a pair (a file
+    without the header would otherwise lose its first pair without a word)."""
     path = Path(path)
-    rows = csv.reader(io.StringIO(read_utf8(path, "evaluation file")), delimiter="\t", quoting=csv.QUOTE_NONE)
-    next(rows, None)
-    return _pairs(path, "words", rows, first_line=2)
+    rows = list(csv.reader(io.StringIO(read_utf8(path, "evaluation file")), delimiter="\t", quoting=csv.QUOTE_NONE))
+    if rows and not _is_number(rows[0][2] if len(rows[0]) == 3 else ""):
+        return _pairs(path, "words", rows[1:], first_line=2)
+    return _pairs(path, "words", rows, first_line=1)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def cosine_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -6,6 +6,7 @@ import random
 import pytest
 
 from mirrorfast.cli import main
+from mirrorfast.errors import MirrorfastError
 
 WORDS = "cat dog tree river music train bread rain city car book song road light water stone".split()
 
@@ -53,7 +54,12 @@ def test_eval_errors(tiny_bert_dir, eval_files, tmp_path, capsys):
     header.write_text("sentence1,sentence2,score\na cat,a dog,3\nthe sky,the sea,1\n")
     constant.write_text("a cat,a dog,3\nthe sky,the sea,3.0\n")
     nan.write_text("a cat,a dog,3\nthe sky,the sea,nan\n")
+    comma, extra = tmp_path / "comma.csv", tmp_path / "extra.tsv"
+    comma.write_text("a cat,a dog,3\na cat sits,The total is 1,000,4.0\nthe sky,the sea,1\n")  # unquoted comma: 4 fields
+    extra.write_text("word1\tword2\tscore\tpos\nold\tnew\t1.5\tA\n")
     for args, message in [
+        ([tiny_bert_dir, "--sts", comma], "line 2 has 4 fields, expected exactly 3: text1,text2,score (quote"),
+        ([tiny_bert_dir, "--words", extra], "line 2 has 4 fields, expected exactly 3: word1<TAB>word2<TAB>score"),
         ([tiny_bert_dir], "give at least one"),
         ([tiny_bert_dir, "--sts", tmp_path / "missing.csv"], "not found"),
         ([tiny_bert_dir, "--sts", bad], "line 1 has 2 fields"),
@@ -161,3 +167,19 @@ def test_spearman_of_a_hand_built_pair_set_needs_two_pairs():
     one = PairSet(Path("mine"), "sts", ["a"], ["b"], np.array([1.0]))
     with pytest.raises(MirrorfastError, match="mine: a Spearman correlation needs at least 2 pairs, got 1"):
         spearman(None, one)  # refused before any encoding
+
+
+def test_word_files_with_and_without_a_header(tmp_path):
+    """The documented header line is skipped; a file without one keeps its first pair (it was dropped)."""
+    from mirrorfast.evaluate import read_words
+
+    pairs = "old\tnew\t1.58\nsmart\tintelligent\t9.2\nhard\tdifficult\t8.77\n"
+    for name, text, first_line in [("header.tsv", "word1\tword2\tSimLex999\n" + pairs, 2),
+                                   ("plain.tsv", pairs, 1)]:
+        (tmp_path / name).write_text(text)
+        got = read_words(tmp_path / name)
+        assert (got.left, got.right, list(got.scores)) == (["old", "smart", "hard"], ["new", "intelligent", "difficult"],
+                                                           [1.58, 9.2, 8.77]), name
+    (tmp_path / "bad.tsv").write_text("word1\tword2\tscore\nold\tnew\n")
+    with pytest.raises(MirrorfastError, match="line 2 has 2 fields"):
+        read_words(tmp_path / "bad.tsv")
