@@ -505,7 +505,8 @@ def export_model(
     """
     opset = _check_opset(DEFAULT_OPSET if opset is None else opset)
     out_dir = Path(out_dir)
-    check_destination(out_dir, is_export_output, overwrite, "export (no export.json in it)")
+    check_destination(out_dir, is_export_output, overwrite, "export (no export.json in it)",
+                      inputs=[getattr(model.model, "name_or_path", None) if isinstance(model, Encoder) else model])
     thresholds = {**PARITY_THRESHOLDS, **(parity_thresholds or {})}
     try:
         import onnx

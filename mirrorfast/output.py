@@ -8,15 +8,24 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from mirrorfast.errors import MirrorfastError, stop_if_terminated
 
 
-def check_destination(out_dir: Path, is_ours: Callable[[Path], bool], overwrite: bool, what: str) -> None:
-    """Refuse a destination that exists and is not a previous output of ours, unless `overwrite`, and one
-    that cannot be replaced as a whole (the current directory, one of its parents, a mount point)."""
+def check_destination(out_dir: Path, is_ours: Callable[[Path], bool], overwrite: bool, what: str,
+                      inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+    """Refuse a destination that exists and is not a previous output of ours, unless `overwrite`, one
+    that cannot be replaced as a whole (the current directory, one of its parents, a mount point), and one
+    that is or holds one of the job's `inputs` (paths; None and names of no file are skipped): replacing it
+    would delete the input, with or without `overwrite`."""
     resolved, cwd = out_dir.resolve(), Path.cwd().resolve()
+    for source in inputs:
+        if source is not None and (source := Path(source)).exists():
+            if resolved == (found := source.resolve()) or resolved in found.parents:
+                holds = "is" if resolved == found else "holds"
+                raise MirrorfastError(f"{out_dir} {holds} {source}, an input of this run: writing the output there "
+                                      "would delete it; choose another directory")
     if resolved == cwd or resolved in cwd.parents:
         where = "the current directory" if resolved == cwd else "a parent of the current directory"
         raise MirrorfastError(f"{str(out_dir) or '.'} is {where}, which an output cannot replace; name a new "

@@ -328,7 +328,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     check_environment()
     out_dir = Path(cfg.output)
     if save:
-        check_destination(out_dir, is_mirrorfast_output, cfg.overwrite, "mirrorfast output")
+        corpus = None if str(cfg.corpus).startswith("wordfreq:") else cfg.corpus
+        check_destination(out_dir, is_mirrorfast_output, cfg.overwrite, "mirrorfast output",
+                          inputs=[cfg.model, corpus, cfg.pairs, *cfg.eval_sts, *cfg.eval_words])
 
     torch.manual_seed(cfg.seed)
 

@@ -287,6 +287,19 @@ def test_existing_directory_that_is_not_an_export(tiny_bert_dir, tmp_path):
     assert (out / "export.json").is_file() and not (out / "precious.txt").exists()
 
 
+def test_an_output_that_is_or_holds_the_model_is_refused(tiny_bert_dir, tmp_path):
+    """`export m m --overwrite` (or into m's parent) would replace the model with its export."""
+    model = tmp_path / "models" / "m"
+    shutil.copytree(tiny_bert_dir, model)
+    files = sorted(p.name for p in model.iterdir())
+    for out, holds in [(model, "is"), (model.parent, "holds")]:
+        with pytest.raises(MirrorfastError, match=f"{holds} {model}, an input of this run: writing the output there"):
+            export_model(model, out, overwrite=True)
+    with pytest.raises(MirrorfastError, match=f"is {model}, an input"):  # a loaded encoder: its source
+        export_model(load_encoder(model), model, overwrite=True)
+    assert sorted(p.name for p in model.iterdir()) == files and list(model.parent.iterdir()) == [model]
+
+
 def test_previous_export_is_replaced(tiny_bert_dir, tmp_path):
     out = tmp_path / "out"
     export_model(tiny_bert_dir, out, int8=True)

@@ -265,6 +265,16 @@ def test_refuses_foreign_output_dir_unless_overwrite(tiny_bert_dir, corpus, tmp_
     assert run_cli(*tiny_args(tiny_bert_dir, corpus, out)) == 0
 
 
+def test_an_output_that_holds_an_input_is_refused(tiny_bert_dir, corpus, tmp_path, tmp_path_factory, capsys):
+    """--output over the corpus's folder (or the model's) would delete it when the output is moved in."""
+    model = tmp_path_factory.mktemp("models") / "base"
+    shutil.copytree(tiny_bert_dir, model)
+    for out, source in [(tmp_path, corpus), (model, model)]:
+        assert run_cli(*tiny_args(model, corpus, out, "--overwrite")) == 2
+        assert f"{source}, an input of this run" in capsys.readouterr().err
+    assert corpus.is_file() and (model / "config.json").is_file()
+
+
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc (a directory nobody can add to)")
 def test_output_where_nothing_can_be_created_fails_before_training(tiny_bert_dir, corpus, capsys):
     # /proc refuses new entries even to root, whom permission bits (os.access) do not stop; the probe
