@@ -74,9 +74,10 @@ def _cmd_train(args) -> int:
     from mirrorfast.config import TrainConfig
     from mirrorfast.trainer import train
 
-    corpus = args.corpus if (args.corpus or args.pairs) else "wordfreq:en"
+    given = args.corpus is not None or args.pairs is not None  # `--pairs "$UNSET"` is an error, not the default
+    corpus = args.corpus if given else "wordfreq:en"
     config = TrainConfig(
-        model=args.model, corpus=None if args.pairs else corpus, pairs=args.pairs, level=args.level,
+        model=args.model, corpus=None if args.pairs is not None else corpus, pairs=args.pairs, level=args.level,
         temperature=args.temperature, mask_span=args.mask_span, max_length=args.max_length, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, dropout=args.dropout,
         drophead=args.drophead, pooling=args.pooling,

@@ -8,7 +8,7 @@ import numbers
 import os
 from dataclasses import dataclass, fields, replace
 
-from mirrorfast.errors import MirrorfastError
+from mirrorfast.errors import MirrorfastError, check_flag
 
 # Liu et al. (2021), Mirror-BERT: sentence level (T=0.04, 5-character span mask, 1 epoch) and
 # word level (T=0.2, no span mask, 2 epochs).
@@ -91,8 +91,7 @@ class TrainConfig:
             if not isinstance(files, (list, tuple)) or not all(isinstance(f, (str, os.PathLike)) for f in files):
                 raise MirrorfastError(f"{name} must be a path or a list of paths, got {value!r}")
         for name in _FLAGS:
-            if not isinstance(getattr(self, name), bool):
-                raise MirrorfastError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            check_flag(name, getattr(self, name))
         if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
             raise MirrorfastError(f"cuda_graphs must be True, False or None, got {self.cuda_graphs!r}")
 
@@ -122,6 +121,8 @@ class TrainConfig:
             (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}"),
             (-(2**63) <= self.seed < 2**64, f"--seed must be in [-2**63, 2**64) (torch's seed range), got {self.seed}"),
             (self.corpus is not None or self.pairs is not None, "give a --corpus or --pairs file"),
+            *((os.fspath(v) != "", f"--{k} is an empty string (an unset shell variable?): give a file")
+              for k, v in (("corpus", self.corpus), ("pairs", self.pairs)) if v is not None),
         ]
         for ok, message in checks:
             if not ok:

@@ -55,13 +55,13 @@ def _dedup(items: list, key=lambda x: x) -> tuple[list, int]:
     return kept, len(items) - len(kept)
 
 
-def _require_two(count: int, source: str, removed: int = 0) -> None:
+def _require_two(count: int, source: str, removed: int = 0, unit: str = "string") -> None:
     if count == 0:
         raise MirrorfastError(f"{source} is empty (no non-blank lines)")
     if count < 2:
         dropped = f" ({removed} exact duplicate{'s' if removed > 1 else ''} removed; --keep-duplicates keeps them)" \
             if removed else ""
-        raise MirrorfastError(f"{source} has {count} usable string{dropped}; contrastive training needs at least 2")
+        raise MirrorfastError(f"{source} has {count} usable {unit}{dropped}; contrastive training needs at least 2")
 
 
 def _wordfreq_corpus(spec: str) -> list[str]:
@@ -111,6 +111,9 @@ def load_pairs(path: str, dedup: bool = True) -> Corpus:
     lines, identity = _read_lines(path, "pairs file")
     for number, line in lines:
         separators = line.count(PAIR_SEPARATOR)
+        if PAIR_SEPARATOR + "|" in line:  # "x|||y": "x|" + "y" or "x" + "|y"?
+            raise MirrorfastError(f"{path}: line {number} has '|||': which two bars separate the pair is ambiguous "
+                                  "(expected text1||text2)")
         if separators != 1:
             what = "no" if separators == 0 else f"{separators}"
             raise MirrorfastError(f"{path}: line {number} has {what} '{PAIR_SEPARATOR}' separators, not one "
@@ -124,7 +127,7 @@ def load_pairs(path: str, dedup: bool = True) -> Corpus:
     if dedup:
         kept, removed = _dedup(list(zip(first, second)))
         first, second = [a for a, _ in kept], [b for _, b in kept]
-    _require_two(len(first), f"pairs file {path}", removed)
+    _require_two(len(first), f"pairs file {path}", removed, unit="pair")
     return Corpus(first, second, f"{path} (supervised pairs)", removed, identity)
 
 

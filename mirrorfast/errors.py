@@ -1,11 +1,25 @@
 """The one exception type users see (a one-line message, printed by the CLI, exit code 2), and the CLI's
 SIGTERM: `Terminated`, with the checkpoint that stops a job even where Python swallowed it."""
 
+import os
 import threading
 
 
 class MirrorfastError(Exception):
     """A user-facing failure (bad input, missing file, unusable model). The message is the whole story."""
+
+
+def check_flag(name: str, value) -> bool:
+    """An API on/off argument: True or False only (a string such as "no" is truthy)."""
+    if not isinstance(value, bool):
+        raise MirrorfastError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_path(name: str, value) -> None:
+    """An API path argument: a str or os.PathLike (None or a number gave os.fspath's TypeError)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise MirrorfastError(f"{name} must be a path (str or os.PathLike), got {value!r}")
 
 
 def first_line(exc: BaseException) -> str:

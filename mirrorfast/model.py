@@ -20,7 +20,7 @@ from mirrorfast.errors import MirrorfastError, first_line
 from mirrorfast.hub import cache_dir, resolve_hub_id
 from mirrorfast.last_layer import first_token_outputs, last_bert_layer, without_last_layer
 from mirrorfast.packing import first_position_id, packed_first_tokens, packed_hidden, packed_pool
-from mirrorfast.tokens import as_texts, check_batch_size
+from mirrorfast.tokens import as_texts, check_batch_size, check_vocabulary
 
 POOLINGS = ("cls", "mean")
 MIRRORFAST_JSON = "mirrorfast.json"
@@ -277,8 +277,9 @@ def load_encoder(
         with _quiet_transformers():  # our own one-line messages say what was loaded
             tokenizer = AutoTokenizer.from_pretrained(source, **where)
             model = AutoModel.from_pretrained(source, dtype=torch.float32, **where)  # fp32 master weights
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a damaged file raises what its parser raises (SafetensorError...)
         raise MirrorfastError(f"cannot load model {name_or_path or source}: {first_line(exc)}") from None
+    check_vocabulary(tokenizer, source)
     if tokenizer.pad_token is None:
         raise MirrorfastError(f"the tokenizer of {source} has no padding token; it cannot batch")
     pooling = pooling if pooling is not None else (saved or {}).get("pooling") or "cls"

@@ -51,6 +51,15 @@ def unpaired_surrogate(text: str) -> int | None:
     return None
 
 
+def check_vocabulary(tokenizer, where) -> None:
+    """Refuse a tokenizer that holds its special tokens alone: what transformers builds, without a word, for
+    a directory whose tokenizer files are missing (every word would be [UNK])."""
+    special = set(getattr(tokenizer, "all_special_tokens", ()))
+    if not set(tokenizer.get_vocab()) - special:
+        raise MirrorfastError(f"the tokenizer of {where} has no vocabulary beyond its {len(special)} special tokens: "
+                              "its files (tokenizer.json, vocab.txt, ...) are missing")
+
+
 def check_batch_size(batch_size) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise MirrorfastError(f"batch size must be a positive integer, got {batch_size!r}")

@@ -346,7 +346,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
         enable_drophead(encoder.model, cfg.drophead)
     batch_size = min(cfg.batch_size, len(corpus))
     if batch_size < cfg.batch_size:
-        log(f"batch: the corpus has {len(corpus)} strings, fewer than --batch-size {cfg.batch_size}; "
+        unit = "pairs" if corpus.second else "strings"
+        log(f"batch: the corpus has {len(corpus)} {unit}, fewer than --batch-size {cfg.batch_size}; "
             f"training with batches of {batch_size}")
     packed = use_packing(cfg, encoder, device, dtype, log)
     graphs = use_cuda_graphs(cfg, device, dtype, packed)
@@ -370,7 +371,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
         f"pooling={cfg.pooling} " + " ".join(f"{k}={v}" for k, v in paths.items()))
 
     batch_rng = random.Random(cfg.seed)
-    schedules = [epoch_batches(len(corpus), batch_size, batch_rng) for _ in range(cfg.epochs)]
+    schedules = []  # only the epochs --max-steps reaches (`--epochs 1000000 --max-steps 10` ran out of memory)
+    while len(schedules) < cfg.epochs and (cfg.max_steps is None or sum(map(len, schedules)) < cfg.max_steps):
+        schedules.append(epoch_batches(len(corpus), batch_size, batch_rng))
     if cfg.max_steps is not None:
         schedules = first_steps(schedules, cfg.max_steps)
     bucket = PACK_BUCKET if graphs else None

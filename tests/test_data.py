@@ -115,6 +115,10 @@ def test_pairs(tmp_path):
         load_pairs(write(tmp_path, "bad3.txt", b"a||b||c\nd||e\n"))
     with pytest.raises(MirrorfastError, match="line 1 has an empty side"):
         load_pairs(write(tmp_path, "bad2.txt", b"a||\nb||c\n"))
+    with pytest.raises(MirrorfastError, match="line 2 has '\\|\\|\\|': which two bars separate the pair is ambig"):
+        load_pairs(write(tmp_path, "bad4.txt", b"a||b\nx|||y\n"))  # was ("x", "|y")
+    with pytest.raises(MirrorfastError, match="has 1 usable pair \\(1 exact duplicate removed"):
+        load_pairs(write(tmp_path, "dup.txt", b"a||b\na||b\n"))
 
 
 def test_epoch_batches_cover_every_row_once():

@@ -219,6 +219,9 @@ def test_bad_inputs(tiny_bert_dir, tmp_path, capsys):
     nopairs = tmp_path / "pairs.txt"
     nopairs.write_text("a||b\nc d\n")
     cases.append((["--pairs", nopairs], "line 2 has no '||'"))
+    # `--pairs "$UNSET"`: trained on the default wordfreq:en before
+    cases.append((["--pairs", ""], "--pairs is an empty string (an unset shell variable?)"))
+    cases.append((["--corpus", ""], "--corpus is an empty string (an unset shell variable?)"))
     for args, message in cases:
         code = run_cli("train", "--model", tiny_bert_dir, "--output", tmp_path / "o", "--no-progress", *args)
         err = capsys.readouterr().err
@@ -250,6 +253,30 @@ def test_not_a_model(tmp_path, corpus, capsys):
     (tmp_path / "notmodel" / "export.json").write_text("{}")  # an export directory: say so
     assert run_cli("train", "--model", tmp_path / "notmodel", "--corpus", corpus, "--output", tmp_path / "o") == 2
     assert "it is an ONNX export: use the model directory it was exported from" in capsys.readouterr().err
+
+
+def test_a_damaged_model_directory_is_one_clear_error(tiny_bert_dir, corpus, tmp_path, capsys):
+    """Without tokenizer files transformers builds a tokenizer of special tokens alone (every word [UNK]):
+    that trained and saved a useless model with exit 0; a truncated weights file gave a traceback."""
+    no_tokenizer, truncated = tmp_path / "no-tokenizer", tmp_path / "truncated"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_bert_dir / name, no_tokenizer / name)
+    shutil.copytree(tiny_bert_dir, truncated)
+    (truncated / "model.safetensors").write_bytes((tiny_bert_dir / "model.safetensors").read_bytes()[:1000])
+    for model, message in [(no_tokenizer, "has no vocabulary beyond its 5 special tokens: its files"),
+                           (truncated, f"cannot load model {truncated}: ")]:
+        assert run_cli(*tiny_args(model, corpus, tmp_path / "o")) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and err.count("error:") == 1, err
+        assert not (tmp_path / "o").exists()
+
+
+def test_max_steps_builds_only_the_epochs_it_reaches(tiny_bert_dir, corpus, tmp_path):
+    """--epochs 10**12 --max-steps 2 ran out of memory building every epoch's batch order up front."""
+    result = train(TrainConfig(model=str(tiny_bert_dir), corpus=str(corpus), batch_size=8, epochs=10**12,
+                               max_steps=2, output=str(tmp_path / "o"), progress=False), log=lambda m: None)
+    assert len(result.losses) == 2
 
 
 def test_refuses_foreign_output_dir_unless_overwrite(tiny_bert_dir, corpus, tmp_path, capsys):
