@@ -26,6 +26,7 @@ import datetime
 import inspect
 import json
 import logging
+import numbers
 import os
 import re
 import warnings
@@ -38,7 +39,7 @@ import torch
 from torch import nn
 
 from mirrorfast import __version__
-from mirrorfast.errors import MirrorfastError, first_line
+from mirrorfast.errors import MirrorfastError, check_flag, check_path, first_line
 from mirrorfast.evaluate import cosine_rows
 from mirrorfast.last_layer import last_bert_layer
 from mirrorfast.model import Encoder, check_max_length, load_encoder, pool, position_limit, save_tokenizer
@@ -130,9 +131,9 @@ class ExportResult:
 
 # ------------------------------------------------------------------------------------------ checking
 def _check_opset(opset: int) -> int:
-    if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+    if isinstance(opset, bool) or not isinstance(opset, numbers.Integral) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise MirrorfastError(f"unsupported ONNX opset {opset!r}: supported opsets are {MIN_OPSET} to {MAX_OPSET}")
-    return opset
+    return int(opset)
 
 
 def is_export_output(path: Path) -> bool:
@@ -503,6 +504,12 @@ def export_model(
     StandaloneFirstTokenLayer). Off by default until it is timed on a GPU against the file without it
     (benchmarks/onnx_gpu_table.py has both).
     """
+    if not isinstance(model, Encoder):
+        check_path("model", model)
+    check_path("out_dir", out_dir)
+    for name, flag in (("fp16", fp16), ("fp16_first_token", fp16_first_token), ("int8", int8),
+                       ("normalize", normalize), ("overwrite", overwrite)):
+        check_flag(name, flag)
     opset = _check_opset(DEFAULT_OPSET if opset is None else opset)
     out_dir = Path(out_dir)
     check_destination(out_dir, is_export_output, overwrite, "export (no export.json in it)",

@@ -23,10 +23,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from mirrorfast.errors import MirrorfastError, first_line, stop_if_terminated
+from mirrorfast.errors import MirrorfastError, check_flag, check_path, first_line, stop_if_terminated
 from mirrorfast.output import parents_made, probe_writable, readable_as_created
 from mirrorfast.textfile import iter_lines
-from mirrorfast.tokens import TokenizedTexts, as_texts, batch_encoder, check_batch_size
+from mirrorfast.tokens import TokenizedTexts, as_texts, batch_encoder, check_batch_size, check_vocabulary
 
 EXPORT_JSON = "export.json"
 EXPORT_FORMAT = "mirrorfast-onnx"
@@ -194,6 +194,10 @@ class OnnxEncoder:
 
     def __init__(self, path: str | os.PathLike, provider: str = "auto", int8: bool = False,
                  io_binding: bool | None = None):
+        check_path("path", path)
+        check_flag("int8", int8)
+        if io_binding is not None:
+            check_flag("io_binding", io_binding)
         if provider not in PROVIDERS:
             raise MirrorfastError(f"provider must be one of {PROVIDERS}, got {provider!r}")
         if int8 and provider == "cuda":
@@ -236,6 +240,10 @@ class OnnxEncoder:
         self.provider = "cuda" if self.session.get_providers()[0] == _CUDA_EP else "cpu"
         self.io_binding = self.provider == "cuda" if io_binding is None else bool(io_binding)
         self.model_path = export_dir / file
+        width = {o.name: o.shape[-1] for o in self.session.get_outputs() if o.shape}.get(_OUTPUT)
+        if isinstance(width, int) and width != self.dim:  # a hand-edited or mixed-up directory: say so here, not as a numpy shape error
+            raise MirrorfastError(f"{self.model_path} gives {width}-dimensional {_OUTPUT}s where export.json says "
+                                  f"{self.dim}: the export directory is inconsistent; export the model again")
         self._input_names = [i.name for i in self.session.get_inputs()]
         self.tokenizer = self._load_tokenizer(export_dir)
         # Made once (it copies the tokenizer). truncated_texts: how many texts were cut to max_length so far
@@ -265,8 +273,9 @@ class OnnxEncoder:
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(export_dir))
-        except (OSError, ValueError, KeyError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a damaged file raises what its parser raises
             raise MirrorfastError(f"cannot load the tokenizer of {export_dir}: {first_line(exc)}") from None
+        check_vocabulary(tokenizer, export_dir)
         return tokenizer
 
     def __repr__(self) -> str:

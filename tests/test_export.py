@@ -264,6 +264,20 @@ def test_the_current_directory_is_refused_before_exporting(tiny_bert_dir, tmp_pa
     assert list(tmp_path.iterdir()) == [] and list(tmp_path.parent.glob(f".{tmp_path.name}.*")) == []
 
 
+def test_export_model_argument_types(tiny_bert_dir, tmp_path):
+    from mirrorfast.export.onnx import _check_opset
+
+    for args, kwargs, message in [((None, tmp_path / "o"), {}, "model must be a path"),
+                                  ((tiny_bert_dir, None), {}, "out_dir must be a path"),
+                                  ((tiny_bert_dir, tmp_path / "o"), {"int8": "no"}, "int8 must be True or False"),
+                                  ((tiny_bert_dir, tmp_path / "o"), {"opset": "17"}, "unsupported ONNX opset '17'"),
+                                  ((tiny_bert_dir, tmp_path / "o"), {"opset": True}, "unsupported ONNX opset True")]:
+        with pytest.raises(MirrorfastError, match=message):
+            export_model(*args, **kwargs)
+    assert _check_opset(np.int64(17)) == 17 and type(_check_opset(np.int64(17))) is int  # as batch sizes are taken
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("opset", [MIN_OPSET - 1, MAX_OPSET + 1, 9])
 def test_unsupported_opset(tiny_bert_dir, tmp_path, opset):
     with pytest.raises(MirrorfastError, match=f"unsupported ONNX opset {opset}: supported opsets are 14 to 20"):

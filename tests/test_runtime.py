@@ -1,7 +1,9 @@
 """`OnnxEncoder` and `mirrorfast encode` (export/runtime.py): real sessions on the CPU EP, real tokenizers."""
 
 import io
+import json
 import random
+import shutil
 import stat
 import subprocess
 import sys
@@ -81,6 +83,28 @@ def test_loading_errors(tiny_export, tiny_bert_dir, tmp_path):
         OnnxEncoder(tiny_export, provider="tpu")
     with pytest.raises(MirrorfastError, match="CPU only"):
         OnnxEncoder(tiny_export, provider="cuda", int8=True)
+    for args, message in [((None,), "path must be a path \\(str or os.PathLike\\), got None"),  # os.fspath's TypeError
+                          ((123,), "path must be a path"),
+                          ((tiny_export, "cpu", "no"), "int8 must be True or False, got 'no'"),  # "no" is truthy
+                          ((tiny_export, "cpu", False, 1), "io_binding must be True or False, got 1")]:
+        with pytest.raises(MirrorfastError, match=message):
+            OnnxEncoder(*args)
+
+
+def test_a_damaged_export_is_one_clear_error(tiny_export, tmp_path):
+    """A missing tokenizer.json gave vectors of [UNK]s (transformers builds an empty tokenizer); a dim in
+    export.json that is not the graph's gave a numpy shape error at the first encode."""
+    no_tokenizer, wrong_dim = tmp_path / "no-tokenizer", tmp_path / "wrong-dim"
+    shutil.copytree(tiny_export, no_tokenizer)
+    (no_tokenizer / "tokenizer.json").unlink()
+    with pytest.raises(MirrorfastError, match="no vocabulary beyond its 5 special tokens: its files"):
+        OnnxEncoder(no_tokenizer, provider="cpu")
+    shutil.copytree(tiny_export, wrong_dim)
+    manifest = json.loads((wrong_dim / "export.json").read_text())
+    (wrong_dim / "export.json").write_text(json.dumps({**manifest, "dim": manifest["dim"] * 2}))
+    with pytest.raises(MirrorfastError, match=f"gives {manifest['dim']}-dimensional sentence_embeddings where "
+                                              f"export.json says {manifest['dim'] * 2}: the export directory is"):
+        OnnxEncoder(wrong_dim, provider="cpu")
 
 
 @pytest.mark.skipif(HAS_CUDA_EP, reason="this onnxruntime has the CUDA EP")
