@@ -12,6 +12,7 @@ import threading
 
 from mirrorfast import __version__
 from mirrorfast.errors import MirrorfastError, Terminated, raise_terminated, reset_termination, stop_if_terminated
+from mirrorfast.output import completed_outputs, forget_completed_outputs
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -369,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
+    forget_completed_outputs()
     try:
         with _sigterm_unwinds(args.command):
             return int(args.handler(args) or 0)
@@ -378,11 +380,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mirrorfast {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"mirrorfast {args.command}: interrupted; no partial output was left", file=sys.stderr)
+        print(f"mirrorfast {args.command}: interrupted; {_what_was_written()}", file=sys.stderr)
         return 130
     except Terminated:
-        print(f"mirrorfast {args.command}: terminated (SIGTERM); no partial output was left", file=sys.stderr)
+        print(f"mirrorfast {args.command}: terminated (SIGTERM); {_what_was_written()}", file=sys.stderr)
         return 128 + signal.SIGTERM
+
+
+def _what_was_written() -> str:
+    """After Ctrl-C / SIGTERM: the outputs already complete when it came (moved into place; the signal came
+    while the previous output was being removed, or later), and that nothing else was left half-written."""
+    done = completed_outputs()
+    if not done:
+        return "no partial output was left"
+    return (f"{', '.join(map(str, done))} {'was' if len(done) == 1 else 'were'} already saved complete; "
+            "no partial output was left")
 
 
 if __name__ == "__main__":

@@ -92,9 +92,23 @@ def _temporary_sibling(out_dir: Path, kind: str, where: Path | None = None) -> P
         raise MirrorfastError(f"cannot write to {parent}: {exc.strerror or exc}") from None
 
 
+# Outputs moved into place since `forget_completed_outputs()` (the CLI calls it per command): a job stopped by
+# Ctrl-C / SIGTERM after its output was complete must not say that nothing was written.
+_completed: list[Path] = []
+
+
+def completed_outputs() -> list[Path]:
+    return list(_completed)
+
+
+def forget_completed_outputs() -> None:
+    _completed.clear()
+
+
 @contextlib.contextmanager
 def atomic_directory(out_dir: Path) -> Iterator[Path]:
-    """Yield a fresh temporary directory next to `out_dir`; on success it replaces `out_dir`."""
+    """Yield a fresh temporary directory next to `out_dir`; on success it replaces `out_dir` (and is listed
+    in `completed_outputs()`, even if the previous output's removal is then interrupted)."""
     out_dir = Path(out_dir)
     with parents_made(out_dir):
         tmp = _temporary_sibling(out_dir, "tmp")
@@ -109,7 +123,10 @@ def atomic_directory(out_dir: Path) -> Iterator[Path]:
                 _rename(out_dir, old / "previous", f"cannot replace {out_dir}")
             moving_in = True
             _rename(tmp, out_dir, f"cannot move the finished output to {out_dir}")
+            _completed.append(out_dir)
         except BaseException:  # an error, or Ctrl-C / SIGTERM at any point of the swap
+            if out_dir in _completed:  # interrupted right after the append: rolled back all the same
+                _completed.remove(out_dir)
             _roll_back(out_dir, tmp, old, moving_in)
             raise
     if old is not None:

@@ -5,11 +5,13 @@ import os
 import shutil
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from mirrorfast.errors import MirrorfastError
-from mirrorfast.output import atomic_directory, check_destination, current_umask
+from mirrorfast.output import (atomic_directory, check_destination, completed_outputs, current_umask,
+                               forget_completed_outputs)
 
 NOT_OURS = lambda path: False  # noqa: E731
 
@@ -117,9 +119,11 @@ def test_an_interrupt_during_the_swap_leaves_the_previous_output(tmp_path, monke
             raise KeyboardInterrupt  # a signal handled just after the rename returned
 
     monkeypatch.setattr(os, "rename", rename_then_interrupt)
+    forget_completed_outputs()
     with pytest.raises(KeyboardInterrupt), atomic_directory(out) as tmp:
         (tmp / "new.txt").write_text("new")
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["previous.txt"]
+    assert completed_outputs() == []  # rolled back: not saved
 
 
 def test_an_interrupt_while_removing_the_previous_output_keeps_the_new_one(tmp_path, monkeypatch):
@@ -136,10 +140,42 @@ def test_an_interrupt_while_removing_the_previous_output_keeps_the_new_one(tmp_p
         return real_rmtree(path, *args, **kwargs)
 
     monkeypatch.setattr(shutil, "rmtree", rmtree_interrupted_once)
+    forget_completed_outputs()
     with pytest.raises(KeyboardInterrupt), atomic_directory(out) as tmp:
         (tmp / "new.txt").write_text("new")
     assert interrupted and [p.name for p in tmp_path.iterdir()] == ["out"]
     assert [p.name for p in out.iterdir()] == ["new.txt"]
+    assert completed_outputs() == [out]  # what the CLI reports: saved, not "no output"
+
+
+def test_the_cli_says_an_output_saved_before_the_interrupt_was_saved(tmp_path, monkeypatch, capsys):
+    """A SIGTERM while the previous output is removed (or after the save, before the command returns) came
+    too late to stop the job: the new output is in place, and the message said nothing was written."""
+    from mirrorfast import cli
+    from mirrorfast.errors import Terminated
+
+    out = tmp_path / "out"
+
+    def handler(args):
+        with atomic_directory(out) as tmp:
+            (tmp / "new.txt").write_text("new")
+        raise Terminated
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(parser, "parse_args", lambda argv: SimpleNamespace(command="export", handler=handler))
+    assert cli.main([]) == 143
+    assert f"terminated (SIGTERM); {out} was already saved complete; no partial output was left" in \
+        capsys.readouterr().err
+
+    def terminated_before_saving(args):
+        raise Terminated
+
+    # The next command's message is its own.
+    monkeypatch.setattr(parser, "parse_args",
+                        lambda argv: SimpleNamespace(command="export", handler=terminated_before_saving))
+    assert cli.main([]) == 143
+    assert capsys.readouterr().err == "mirrorfast export: terminated (SIGTERM); no partial output was left\n"
 
 
 def test_a_temporary_folder_removed_by_something_else_never_costs_the_previous_output(tmp_path):
