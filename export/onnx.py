@@ -42,7 +42,8 @@ from mirrorfast import __version__
 from mirrorfast.errors import MirrorfastError, check_flag, check_path, first_line
 from mirrorfast.evaluate import cosine_rows
 from mirrorfast.last_layer import last_bert_layer
-from mirrorfast.model import Encoder, check_max_length, load_encoder, pool, position_limit, save_tokenizer
+from mirrorfast.model import (Encoder, check_max_length, load_encoder, pool, position_limit, save_tokenizer,
+                              sentence_transformers_note)
 from mirrorfast.export.first_token import SCOPE as FIRST_TOKEN_SCOPE
 from mirrorfast.export.first_token import FirstTokenLayer, StandaloneFirstTokenLayer
 from mirrorfast.export.runtime import EXPORT_FORMAT, EXPORT_JSON, open_session, pad_right
@@ -490,6 +491,7 @@ def export_model(
     opset: int | None = None,
     normalize: bool = True,
     max_length: int | None = None,
+    pooling: str | None = None,
     overwrite: bool = False,
     parity_thresholds: dict[str, float] | None = None,
     log: Callable[[str], None] = lambda message: None,
@@ -524,6 +526,9 @@ def export_model(
         ) from None
 
     if isinstance(model, Encoder):
+        if pooling is not None:
+            raise MirrorfastError("pooling is for a model directory; a loaded Encoder keeps its own (load_encoder's "
+                                  "pooling=)")
         encoder, source = model, model.source
     else:
         path = Path(model)
@@ -531,8 +536,10 @@ def export_model(
             raise MirrorfastError(f"model directory {path} not found")
         if not path.is_dir():
             raise MirrorfastError(f"{path} is a file, not a model directory")
-        encoder, source = load_encoder(path), str(path.resolve())
+        encoder, source = load_encoder(path, pooling=pooling), str(path.resolve())
     max_length = _resolve_max_length(encoder, max_length)
+    if not isinstance(model, Encoder) and (note := sentence_transformers_note(model, encoder.pooling, max_length)):
+        log(note)
     hf_model = _export_copy(encoder)
     takes_tt = _takes_token_type_ids(hf_model, encoder.tokenizer)
     graph = SentenceEmbeddingGraph(hf_model, encoder.pooling, normalize, takes_tt, FirstTokenLayer).eval()

@@ -105,6 +105,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--words", action="append", default=[], metavar="FILE.tsv",
                    help="word1<TAB>word2<TAB>score with a header (repeatable)")
     p.add_argument("--pooling", choices=["cls", "mean"], help="override the model's pooling (model dirs only)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="max tokens per text (model dirs only; default: the model's, capped at its positions)")
     p.add_argument("--batch-size", type=int, default=128, help="texts per encoder call (default: 128)")
     p.add_argument("--int8", action="store_true", help="evaluate the export's int8 model (export dirs only)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -126,7 +128,8 @@ def _cmd_eval(args) -> int:
         raise MirrorfastError(f"--batch-size must be at least 1, got {args.batch_size}")
     # Read the files before loading a model: bad input fails fast.
     sets = [read_sts(path) for path in args.sts] + [read_words(path) for path in args.words]
-    encoder, name, pooling = _load_any_encoder(Path(args.model_dir), args.pooling, args.int8, args.device)
+    encoder, name, pooling = _load_any_encoder(Path(args.model_dir), args.pooling, args.int8, args.device,
+                                               args.max_length)
     results = evaluate(encoder, sets, args.batch_size)
     if args.json:
         print(json.dumps({"model": name, "pooling": pooling, "results": results}, allow_nan=False))
@@ -139,16 +142,18 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def _load_any_encoder(path, pooling, int8=False, device="auto"):
+def _load_any_encoder(path, pooling, int8=False, device="auto", max_length=None):
     """An ONNX export directory (export.json) or a PyTorch model directory -> (encoder, name, pooling), on
     `device` (auto: the GPU where there is one)."""
-    from mirrorfast.model import load_encoder, pick_device
+    from mirrorfast.model import load_encoder, pick_device, sentence_transformers_note
 
     from mirrorfast.export.runtime import EXPORT_JSON, OnnxEncoder
 
     if (path / EXPORT_JSON).is_file():
         if pooling:
             raise MirrorfastError("--pooling cannot change an ONNX export: its pooling is inside the graph")
+        if max_length is not None:
+            raise MirrorfastError("--max-length cannot change an ONNX export: export the model again with it")
         encoder = OnnxEncoder(path, provider=device, int8=int8)
         return encoder, f"{path} ({encoder.model_path.name})" if int8 else str(path), encoder.pooling
     if int8:
@@ -158,7 +163,9 @@ def _load_any_encoder(path, pooling, int8=False, device="auto"):
     if not path.is_dir():
         raise MirrorfastError(f"{path} is a file, not a model or export directory")
     target = pick_device(device)  # before loading: a missing GPU fails fast
-    encoder = load_encoder(path, pooling=pooling).to(target)
+    encoder = load_encoder(path, pooling=pooling, max_length=max_length).to(target)
+    if note := sentence_transformers_note(path, encoder.pooling, encoder.max_length):
+        _log(note)
     return encoder, str(path), encoder.pooling
 
 
@@ -174,6 +181,8 @@ def _add_export(sub) -> None:
                    help="do not L2-normalize sentence_embedding inside the graph")
     p.add_argument("--max-length", type=int, default=None,
                    help="max tokens per text (default: the model's, capped at its positions)")
+    p.add_argument("--pooling", choices=["cls", "mean"],
+                   help="override the model's pooling (default: its mirrorfast.json's, else cls)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR even if it is not a previous export")
     p.add_argument("--triton-repo", metavar="DIR", default=None,
                    help="also write an NVIDIA Triton Inference Server model repository (onnxruntime backend) into DIR")
@@ -195,7 +204,7 @@ def _cmd_export(args) -> int:
                           overwrite=args.overwrite)
     result = export_model(
         args.model_dir, args.out_dir, fp16=args.fp16, int8=args.int8, opset=args.opset,
-        normalize=args.normalize, max_length=args.max_length, overwrite=args.overwrite, log=_log,
+        normalize=args.normalize, max_length=args.max_length, pooling=args.pooling, overwrite=args.overwrite, log=_log,
     )
     m = result.manifest
     print(

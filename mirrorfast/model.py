@@ -59,6 +59,45 @@ def read_mirrorfast_config(model_dir: str | os.PathLike) -> dict | None:
         raise MirrorfastError(f"{path} is unreadable: {exc}") from None
 
 
+# sentence-transformers' Pooling config keys -> mirrorfast's names (None: a mode mirrorfast does not have)
+_ST_POOLING_MODES = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
+                     "pooling_mode_max_tokens": None, "pooling_mode_mean_sqrt_len_tokens": None}
+
+
+def sentence_transformers_note(model_dir: str | os.PathLike, pooling: str, max_length: int) -> str | None:
+    """Where `model_dir` is a sentence-transformers model (not a mirrorfast output) that declares another
+    pooling or a shorter max length than a run uses (mirrorfast's defaults: cls, the tokenizer's max
+    length): a note saying so, and the options that reproduce the model as published."""
+    path = Path(model_dir)
+    if (path / MIRRORFAST_JSON).is_file() or not (path / "modules.json").is_file():
+        return None
+    modules = _json_or_none(path / "modules.json")
+    folder = next((m.get("path", "") for m in modules or () if isinstance(m, dict)
+                   and str(m.get("type", "")).endswith(".Pooling")), None)
+    flags = _json_or_none(path / folder / "config.json") if folder is not None else None
+    declared = next((name for key, name in _ST_POOLING_MODES.items() if (flags or {}).get(key)), None)
+    declared_length = (_json_or_none(path / "sentence_bert_config.json") or {}).get("max_seq_length")
+    differs = []
+    if declared and declared != pooling:
+        differs.append((f"{declared} pooling", f"{pooling} pooling", f"--pooling {declared}"))
+    if isinstance(declared_length, int) and 0 < declared_length < max_length:
+        differs.append((f"max_seq_length {declared_length}", f"max length {max_length}",
+                        f"--max-length {declared_length}"))
+    if not differs:
+        return None
+    return (f"{path} is a sentence-transformers model with {' and '.join(d[0] for d in differs)}; this run uses "
+            f"{' and '.join(d[1] for d in differs)} ({' '.join(d[2] for d in differs)} for the model as published)")
+
+
+def _json_or_none(path: Path):
+    """A JSON object file's content, or None where it is missing or not a JSON object (nothing to compare)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, (dict, list)) else None
+
+
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
     """hidden: (B, L, H) last hidden state; attention_mask: (B, L) -> (B, H)."""
     if pooling == "cls":

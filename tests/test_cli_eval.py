@@ -183,3 +183,51 @@ def test_word_files_with_and_without_a_header(tmp_path):
     (tmp_path / "bad.tsv").write_text("word1\tword2\tscore\nold\tnew\n")
     with pytest.raises(MirrorfastError, match="line 2 has 2 fields"):
         read_words(tmp_path / "bad.tsv")
+
+
+@pytest.fixture
+def st_model_dir(tiny_bert_dir, tmp_path):
+    """The tiny BERT laid out as sentence-transformers writes a model: mean pooling, max_seq_length 16."""
+    import shutil
+
+    path = tmp_path / "st-model"
+    shutil.copytree(tiny_bert_dir, path)
+    (path / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 32, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True}))
+    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 16}))
+    return path
+
+
+def test_a_sentence_transformers_model_is_scored_with_a_note_and_can_be_as_published(st_model_dir, eval_files,
+                                                                                      capsys):
+    """mirrorfast's defaults (cls, the tokenizer's max length) are not what the model declares: say so, and
+    --pooling / --max-length give the published behaviour (no note then)."""
+    sts, _ = eval_files
+    default = eval_json(capsys, st_model_dir, "--sts", sts)
+    assert default["pooling"] == "cls"
+    main(["eval", str(st_model_dir), "--sts", str(sts)])
+    assert ("is a sentence-transformers model with mean pooling and max_seq_length 16; this run uses cls pooling "
+            "and max length 128 (--pooling mean --max-length 16 for the model as published)") in capsys.readouterr().err
+    assert main(["eval", str(st_model_dir), "--sts", str(sts), "--pooling", "mean", "--max-length", "16"]) == 0
+    captured = capsys.readouterr()
+    assert "sentence-transformers model" not in captured.err and "(pooling: mean)" in captured.out
+    # Broken or partial layouts: no note, no error.
+    (st_model_dir / "1_Pooling" / "config.json").write_text("{not json")
+    (st_model_dir / "sentence_bert_config.json").unlink()
+    assert main(["eval", str(st_model_dir), "--sts", str(sts)]) == 0
+    assert "sentence-transformers model" not in capsys.readouterr().err
+
+
+def test_export_takes_pooling_and_notes_a_sentence_transformers_model(st_model_dir, eval_files, tmp_path, capsys):
+    assert main(["export", str(st_model_dir), str(tmp_path / "cls")]) == 0
+    assert "is a sentence-transformers model with mean pooling" in capsys.readouterr().err
+    assert main(["export", str(st_model_dir), str(tmp_path / "mean"), "--pooling", "mean", "--max-length", "16"]) == 0
+    assert "sentence-transformers model" not in capsys.readouterr().err
+    manifest = json.loads((tmp_path / "mean" / "export.json").read_text())
+    assert (manifest["pooling"], manifest["max_length"]) == ("mean", 16)
+    assert main(["eval", str(tmp_path / "mean"), "--sts", str(eval_files[0]), "--max-length", "8"]) == 2
+    assert "--max-length cannot change an ONNX export" in capsys.readouterr().err
