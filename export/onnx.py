@@ -29,6 +29,8 @@ import logging
 import numbers
 import os
 import re
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -312,6 +314,20 @@ def fp32_parts(ffn_down_fp32: bool, fp32_layers: list[int]) -> str:
     return "the FFN down-projections" + (f" and encoder layers {fp32_layers}" if fp32_layers else "")
 
 
+def _low_space_hint(folders: list[Path], needed: int) -> str:
+    """onnxruntime's quantizer reports a write cut short by a full disk as a protobuf DecodeError: name the
+    folder (the output's, or the temporary one it writes intermediates to) with less room than the model."""
+    for folder in folders:
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            continue
+        if free < needed:
+            return (f" ({folder} has {free / 2**20:.0f} MiB free, less than the fp32 model's {needed / 2**20:.0f} "
+                    "MiB: a full disk?)")
+    return ""
+
+
 def _write_int8(fp32_path: Path, out_path: Path, measure: Callable[[Path], dict],
                 log: Callable[[str], None] = lambda message: None) -> tuple[dict, dict]:
     """Dynamic int8 (QInt8 weights, per channel) of the plain fp32 graph, as much of it as keeps parity.
@@ -344,7 +360,8 @@ def _write_int8(fp32_path: Path, out_path: Path, measure: Callable[[Path], dict]
                     nodes_to_exclude=kept, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
                 )
         except Exception as exc:
-            raise MirrorfastError(f"int8 quantization failed: {type(exc).__name__}: {first_line(exc)}") from exc
+            hint = _low_space_hint([out_path.parent, Path(tempfile.gettempdir())], fp32_path.stat().st_size)
+            raise MirrorfastError(f"int8 quantization failed: {type(exc).__name__}: {first_line(exc)}{hint}") from exc
         parity = measure(out_path)
         tries.append({"ffn_down_fp32": ffn_down_fp32, "fp32_layers": kept_layers, "min_cosine": parity["min_cosine"],
                       "worst": parity["worst"]})

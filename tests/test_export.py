@@ -413,6 +413,28 @@ def _int8_layers(path: Path) -> set[int | str]:
         "first_token" for name in integer if name.startswith("/first_token/")}
 
 
+def test_an_int8_write_cut_short_by_a_full_disk_says_so(tiny_export, tmp_path, monkeypatch):
+    """onnxruntime's quantizer reports a full disk as 'DecodeError: ... Wire format was corrupt' (its
+    intermediate file cut short); the error names the folder without room. With room: the error alone."""
+    import collections
+
+    import onnxruntime.quantization
+
+    from mirrorfast.export import onnx as export_onnx
+
+    def corrupt(*args, **kwargs):
+        raise ValueError("Error parsing message with type 'onnx.ModelProto': Wire format was corrupt")
+
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_dynamic", corrupt)
+    usage = collections.namedtuple("usage", "total used free")
+    for free, hint in [(1 << 20, f" ({tmp_path} has 1 MiB free, less than the fp32 model's"), (1 << 40, "")]:
+        monkeypatch.setattr(export_onnx.shutil, "disk_usage", lambda folder: usage(0, 0, free))
+        with pytest.raises(MirrorfastError) as info:
+            export_onnx._write_int8(tiny_export / "model.onnx", tmp_path / "model_int8.onnx", measure=None)
+        assert str(info.value).startswith("int8 quantization failed: ValueError: Error parsing message")
+        assert (hint in str(info.value)) if hint else str(info.value).endswith("Wire format was corrupt")
+
+
 def test_int8_keeps_encoder_layers_in_fp32_until_parity_holds(tiny_bert_dir, tmp_path):
     """_write_int8 with the real quantizer and a parity measure that fails while the last layer is
     quantized: all in int8 fails, the FFN down-projections in fp32 fail, the last layer in fp32 too passes;
