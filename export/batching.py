@@ -100,6 +100,14 @@ class Batcher:
         with self._cond:
             self._thread = None
 
+    def abandon_queue(self) -> None:
+        """Drop every queued input (a forced exit: nobody will read them); a model call in progress runs on."""
+        with self._cond:
+            self._items.clear()
+            if self._metrics is not None:
+                self._metrics.queue_depth.set(0)
+            self._cond.notify_all()
+
     @property
     def queued(self) -> int:
         return len(self._items)

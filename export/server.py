@@ -214,10 +214,17 @@ def create_app(encoder, config: ServeConfig | None = None):
         state.batcher.start()
         try:
             yield
-        finally:
-            # uvicorn has already waited for the requests in flight; drain whatever is left anyway
-            await asyncio.to_thread(state.batcher.stop)
+        except asyncio.CancelledError:
+            # uvicorn's forced exit (a second Ctrl-C) sends no shutdown and cancels us: skip the queue, but let
+            # the model call in progress return (a process that exits under a running onnxruntime call can
+            # abort: "terminate called without an active exception"), and end without a traceback
+            state.batcher.abandon_queue()
+            state.batcher.stop()
             state.tokenizing.close()
+            return
+        # uvicorn has already waited for the requests in flight; drain whatever is left anyway
+        await asyncio.to_thread(state.batcher.stop)
+        state.tokenizing.close()
 
     app = FastAPI(title="mirrorfast", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.mirrorfast = state

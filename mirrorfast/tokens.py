@@ -67,16 +67,18 @@ def check_batch_size(batch_size) -> int:
 
 
 def batch_encoder(tokenizer, truncate_to: int | None, on_truncated: Callable[[int], object] | None = None,
-                  chars_per_token_tried: int = truncation.CHARS_PER_TOKEN_KEPT) -> Callable[[list[str]], Rows]:
+                  chars_per_token_tried: int | None = None) -> Callable[[list[str]], Rows]:
     """-> encode(texts) -> token ids per text (special tokens included), cut to `truncate_to` tokens
     (special tokens kept, on the tokenizer's truncation side) or whole when it is None. on_truncated(n):
     told after each call how many of its texts were cut (fast tokenizers only: a slow one does not say).
-    chars_per_token_tried: texts over `truncate_to` x this many characters are cut before tokenizing
-    (`truncation.truncated_encodings`); fewer suit a caller that only asks whether a text is too long."""
+    chars_per_token_tried: texts over `truncate_to` x this many characters (default
+    `truncation.CHARS_PER_TOKEN_KEPT`) are cut before tokenizing (`truncation.truncated_encodings`); fewer
+    suit a caller that only asks whether a text is too long."""
     from tokenizers import Tokenizer
 
     side = getattr(tokenizer, "truncation_side", "right")
-    keep = truncate_to * chars_per_token_tried if truncate_to else None  # fast tokenizers only
+    per_token = chars_per_token_tried or truncation.CHARS_PER_TOKEN_KEPT  # read at each call (tests patch it)
+    keep = truncate_to * per_token if truncate_to else None  # fast tokenizers only
     core = getattr(tokenizer, "backend_tokenizer", None)
     if isinstance(core, Tokenizer):
         own = Tokenizer.from_str(core.to_str())

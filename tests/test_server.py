@@ -746,6 +746,70 @@ def test_requests_cut_off_by_the_graceful_timeout_get_503_not_a_traceback(encode
     assert not any("Exception in ASGI application" in m or r.exc_info for m, r in zip(messages, records)), messages
 
 
+def test_a_forced_exit_drops_the_queue_and_logs_no_traceback(encoder):
+    """A second Ctrl-C (uvicorn's force_exit) sends the app no shutdown and cancels its lifespan: that logged
+    the CancelledError as a traceback. The model call in progress still returns first (a process that exits
+    under a running onnxruntime call can abort); what was queued behind it is dropped, not computed."""
+    import logging
+
+    from mirrorfast.export.server import ServeConfig, bind_socket, create_app
+
+    calling, release, calls = threading.Event(), threading.Event(), []
+
+    class ModelCallThatHangs:
+        def __getattr__(self, name):
+            return getattr(encoder, name)
+
+        def encode_ids(self, rows, checked=True):
+            calls.append(len(rows))
+            calling.set()
+            release.wait(60)
+            return encoder.encode_ids(rows, checked=checked)
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append
+    sock = bind_socket("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(create_app(ModelCallThatHangs(), ServeConfig()), log_level="warning",
+                                           lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.01)
+        logging.getLogger("uvicorn.error").addHandler(handler)  # after uvicorn's logging set-up
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        threading.Thread(target=lambda: _ignore_errors(httpx.post, f"{url}/embed", json={"inputs": "x"}, timeout=60),
+                         daemon=True).start()
+        assert calling.wait(20), "the request never reached the model"
+        with httpx.Client(base_url=url) as c:  # a second request, queued behind the call in progress
+            threading.Thread(target=lambda: _ignore_errors(c.post, "/embed", json={"inputs": ["y", "z"]}, timeout=60),
+                             daemon=True).start()
+            deadline = time.monotonic() + 20
+            while _metric(c.get("/metrics").text, "mirrorfast_queue_depth") < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        server.should_exit = server.force_exit = True
+        threading.Timer(0.5, release.set).start()
+        thread.join(20)
+        assert not thread.is_alive() and calls == [1]  # the call in progress returned; the queue was dropped
+    finally:
+        release.set()
+        thread.join(20)
+        sock.close()
+        logging.getLogger("uvicorn.error").removeHandler(handler)
+    assert not [r.getMessage() for r in records if r.exc_info or "lifespan" in r.getMessage()]
+
+
+def _ignore_errors(call, *args, **kwargs):
+    try:
+        call(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - the server went away under it, as it should
+        pass
+
+
 def test_a_client_that_leaves_mid_computation_has_its_inputs_dropped(encoder):
     """A client gone while its request waits for the model (a load balancer's timeout, a killed client):
     the request is cancelled, its queued inputs are dropped instead of computed, and it is counted 499."""
