@@ -241,7 +241,7 @@ class OnnxEncoder:
         self.io_binding = self.provider == "cuda" if io_binding is None else bool(io_binding)
         self.model_path = export_dir / file
         width = {o.name: o.shape[-1] for o in self.session.get_outputs() if o.shape}.get(_OUTPUT)
-        if isinstance(width, int) and width != self.dim:  # a hand-edited or mixed-up directory: say so here, not as a numpy shape error
+        if isinstance(width, int) and width != self.dim:  # hand-edited or mixed up: say so here, not as a shape error
             raise MirrorfastError(f"{self.model_path} gives {width}-dimensional {_OUTPUT}s where export.json says "
                                   f"{self.dim}: the export directory is inconsistent; export the model again")
         self._input_names = [i.name for i in self.session.get_inputs()]

@@ -55,7 +55,8 @@ def test_eval_errors(tiny_bert_dir, eval_files, tmp_path, capsys):
     constant.write_text("a cat,a dog,3\nthe sky,the sea,3.0\n")
     nan.write_text("a cat,a dog,3\nthe sky,the sea,nan\n")
     comma, extra = tmp_path / "comma.csv", tmp_path / "extra.tsv"
-    comma.write_text("a cat,a dog,3\na cat sits,The total is 1,000,4.0\nthe sky,the sea,1\n")  # unquoted comma: 4 fields
+    # an unquoted comma: 4 fields
+    comma.write_text("a cat,a dog,3\na cat sits,The total is 1,000,4.0\nthe sky,the sea,1\n")
     extra.write_text("word1\tword2\tscore\tpos\nold\tnew\t1.5\tA\n")
     for args, message in [
         ([tiny_bert_dir, "--sts", comma], "line 2 has 4 fields, expected exactly 3: text1,text2,score (quote"),
@@ -178,8 +179,8 @@ def test_word_files_with_and_without_a_header(tmp_path):
                                    ("plain.tsv", pairs, 1)]:
         (tmp_path / name).write_text(text)
         got = read_words(tmp_path / name)
-        assert (got.left, got.right, list(got.scores)) == (["old", "smart", "hard"], ["new", "intelligent", "difficult"],
-                                                           [1.58, 9.2, 8.77]), name
+        assert got.left == ["old", "smart", "hard"] and got.right == ["new", "intelligent", "difficult"], name
+        assert list(got.scores) == [1.58, 9.2, 8.77], name
     (tmp_path / "bad.tsv").write_text("word1\tword2\tscore\nold\tnew\n")
     with pytest.raises(MirrorfastError, match="line 2 has 2 fields"):
         read_words(tmp_path / "bad.tsv")
