@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 from scipy.stats import spearmanr
 
-from mirrorfast.errors import MirrorfastError
+from mirrorfast.errors import MirrorfastError, check_path
 from mirrorfast.textfile import read_utf8
 
 
@@ -33,11 +33,21 @@ class PairSet:
     scores: np.ndarray
 
 
-def _pairs(path: Path, kind: str, rows, first_line: int) -> PairSet:
+def _rows(path: Path, **dialect) -> list[tuple[int, list[str]]]:
+    """(line number, fields) of each non-blank line; a stray carriage return ends a line, as in a text
+    editor (csv's own error for it named no line)."""
+    text = read_utf8(path, "evaluation file")
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline=""), **dialect))
+    except csv.Error as exc:
+        raise MirrorfastError(f"{path}: not a readable CSV/TSV file: {exc}") from None
+    return [(number, row) for number, row in enumerate(rows, start=1)
+            if row and not all(not cell.strip() for cell in row)]
+
+
+def _pairs(path: Path, kind: str, rows: list[tuple[int, list[str]]]) -> PairSet:
     left, right, scores = [], [], []
-    for number, row in enumerate(rows, start=first_line):
-        if not row or all(not cell.strip() for cell in row):
-            continue
+    for number, row in rows:
         if len(row) != 3:  # more: a comma in an unquoted sentence would shift the score silently
             expected = ("text1,text2,score (quote a text that holds a comma)" if kind == "sts"
                         else "word1<TAB>word2<TAB>score")
@@ -61,25 +71,28 @@ def _pairs(path: Path, kind: str, rows, first_line: int) -> PairSet:
 
 def read_sts(path: str | Path) -> PairSet:
     """`sentence1,sentence2,score` CSV (quoted as needed), no header."""
+    check_path("an STS file", path)
     path = Path(path)
-    return _pairs(path, "sts", csv.reader(io.StringIO(read_utf8(path, "evaluation file"))), first_line=1)
+    return _pairs(path, "sts", _rows(path))
 
 
 def read_words(path: str | Path) -> PairSet:
-    """`word1<TAB>word2<TAB>score` with a header line; a first line whose score is a number is a pair (a file
-    without the header would otherwise lose its first pair without a word)."""
+    """`word1<TAB>word2<TAB>score` with a header line; a first line whose score is a number (nan too) is a
+    pair (a file without the header would otherwise lose its first pair without a word)."""
+    check_path("a word file", path)
     path = Path(path)
-    rows = list(csv.reader(io.StringIO(read_utf8(path, "evaluation file")), delimiter="\t", quoting=csv.QUOTE_NONE))
-    if rows and not _is_number(rows[0][2] if len(rows[0]) == 3 else ""):
-        return _pairs(path, "words", rows[1:], first_line=2)
-    return _pairs(path, "words", rows, first_line=1)
+    rows = _rows(path, delimiter="\t", quoting=csv.QUOTE_NONE)
+    if rows and not _is_number(rows[0][1][2] if len(rows[0][1]) == 3 else ""):
+        rows = rows[1:]  # the header
+    return _pairs(path, "words", rows)
 
 
 def _is_number(text: str) -> bool:
     try:
-        return math.isfinite(float(text))
+        float(text)
     except ValueError:
         return False
+    return True
 
 
 def cosine_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -92,6 +105,11 @@ def cosine_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def spearman(encoder: TextEncoder, pairs: PairSet, batch_size: int = 128) -> float:
     """Spearman x100 between gold scores and the cosine of the two sides' embeddings; NaN when the encoder
     gives every pair the same cosine (a collapsed model: no ranking to correlate) or a non-finite one."""
+    if not isinstance(pairs, PairSet):
+        raise MirrorfastError(f"pairs must be a PairSet (read_sts / read_words), got {pairs!r}")
+    if not len(pairs.left) == len(pairs.right) == len(pairs.scores):  # a PairSet built by hand
+        raise MirrorfastError(f"{pairs.path}: {len(pairs.left)} left texts, {len(pairs.right)} right texts and "
+                              f"{len(pairs.scores)} scores: one of each per pair")
     if len(pairs.scores) < 2:  # read_sts / read_words refuse such files; a PairSet built by hand may not
         raise MirrorfastError(f"{pairs.path}: a Spearman correlation needs at least 2 pairs, got {len(pairs.scores)}")
     unique = sorted(set(pairs.left) | set(pairs.right))
@@ -108,6 +126,8 @@ def spearman(encoder: TextEncoder, pairs: PairSet, batch_size: int = 128) -> flo
 def evaluate(encoder: TextEncoder, sets: list[PairSet], batch_size: int = 128) -> list[dict]:
     """One result dict per pair set (read_sts / read_words): {"file", "kind", "pairs", "spearman"}; spearman
     is None where it is undefined (JSON null, not NaN, which JSON does not have)."""
+    if isinstance(sets, PairSet) or not isinstance(sets, (list, tuple)):
+        raise MirrorfastError(f"evaluate takes a list of PairSets (read_sts / read_words), got {sets!r}"[:200])
     results = []
     for s in sets:
         value = spearman(encoder, s, batch_size)

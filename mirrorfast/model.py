@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mirrorfast.errors import MirrorfastError, first_line
+from mirrorfast.errors import MirrorfastError, check_flag, first_line
 from mirrorfast.hub import cache_dir, resolve_hub_id
 from mirrorfast.last_layer import first_token_outputs, last_bert_layer, without_last_layer
 from mirrorfast.packing import first_position_id, packed_first_tokens, packed_hidden, packed_pool
@@ -110,8 +110,8 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
 
 def set_dropout(model: nn.Module, p: float) -> None:
     """Set every dropout probability of the encoder (hidden and attention) to p."""
-    if not 0.0 <= p < 1.0:
-        raise MirrorfastError(f"dropout must be in [0, 1), got {p}")
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
+        raise MirrorfastError(f"dropout must be a number in [0, 1), got {p!r}")
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = p
@@ -249,10 +249,13 @@ class Encoder(nn.Module):
     def encode(self, texts: list[str], batch_size: int = 64, normalize: bool = False) -> np.ndarray:
         """Embed texts in eval mode, batched by sorted length; float32 (len(texts), H) in input order."""
         texts, batch_size = as_texts(texts), check_batch_size(batch_size)
+        normalize = check_flag("normalize", normalize)
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
-        was_training = self.training  # an encoder in eval mode (as loaded) is left alone: threads may share it
+        # Any module in training mode (encoder.model.train() after a user's own loop counts too) is switched off
+        # and back; an encoder all in eval mode (as loaded) is left alone: threads may share it.
+        was_training = [module for module in self.modules() if module.training]
         if was_training:
             self.eval()
         try:
@@ -265,8 +268,8 @@ class Encoder(nn.Module):
                     vectors = torch.nn.functional.normalize(vectors, dim=-1)
                 out[idx] = vectors.cpu().numpy()
         finally:
-            if was_training:
-                self.train(True)
+            for module in was_training:
+                module.training = True
         return out
 
 

@@ -27,7 +27,7 @@ from mirrorfast.augment import masked_views
 from mirrorfast.config import TrainConfig, env_switch
 from mirrorfast.data import (CUDA_WIDTH_MULTIPLE, PACK_BUCKET, PAD_SEGMENT_MAX, TILE_PAD_SEGMENT_MAX, Batch, Corpus,
                              epoch_batches, load_corpus, load_pairs, packed_batch, pad_segments, padded_batch)
-from mirrorfast.errors import MirrorfastError, stop_if_terminated
+from mirrorfast.errors import MirrorfastError, check_flag, stop_if_terminated
 from mirrorfast.evaluate import evaluate, format_spearman, read_sts, read_words
 from mirrorfast.fused_norm import FUSED_LAYERNORM_ENV, fused_layernorm_requested, fused_residual_layernorm
 from mirrorfast.graphs import GraphedStep
@@ -324,6 +324,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     t_setup = time.perf_counter()
     if not isinstance(cfg, TrainConfig):
         raise MirrorfastError(f"train takes a TrainConfig, got a {type(cfg).__name__}")
+    if not callable(log):
+        raise MirrorfastError(f"log must be a function of one line of text (lambda m: None for none), got {log!r}")
+    check_flag("save", save)
     cfg = cfg.resolved()
     check_environment()
     out_dir = Path(cfg.output)

@@ -232,3 +232,39 @@ def test_export_takes_pooling_and_notes_a_sentence_transformers_model(st_model_d
     assert (manifest["pooling"], manifest["max_length"]) == ("mean", 16)
     assert main(["eval", str(tmp_path / "mean"), "--sts", str(eval_files[0]), "--max-length", "8"]) == 2
     assert "--max-length cannot change an ONNX export" in capsys.readouterr().err
+
+
+def test_readers_take_stray_carriage_returns_blank_leading_lines_and_nan_first_lines(tmp_path):
+    """csv raised its own error (no line, a traceback in the CLI) on a carriage return inside a line; a word
+    file starting with a blank line had its header read as a pair; a headerless first line scored nan was
+    taken for a header and dropped."""
+    from mirrorfast.evaluate import read_sts, read_words
+
+    (tmp_path / "cr.csv").write_text("a b,c d,1\nx\ry,z,2\nfoo,bar,3\n", newline="")
+    with pytest.raises(MirrorfastError, match="line 2 has 1 fields, expected exactly 3"):
+        read_sts(tmp_path / "cr.csv")
+    (tmp_path / "mac.csv").write_text("a b,c d,1\rx y,z,2\rfoo,bar,3\r", newline="")  # old Mac line ends
+    assert list(read_sts(tmp_path / "mac.csv").scores) == [1, 2, 3]
+    (tmp_path / "blank.tsv").write_text("\nword1\tword2\tscore\nold\tnew\t1.5\nsmart\tbright\t9\n")
+    assert read_words(tmp_path / "blank.tsv").left == ["old", "smart"]
+    (tmp_path / "nan.tsv").write_text("cat\tdog\tnan\nold\tnew\t1.5\nsmart\tbright\t9\n")
+    with pytest.raises(MirrorfastError, match="line 1: score 'nan' is not a finite number"):
+        read_words(tmp_path / "nan.tsv")
+
+
+def test_evaluate_functions_refuse_what_they_cannot_score(tmp_path):
+    from pathlib import Path
+
+    import numpy as np
+
+    from mirrorfast.evaluate import PairSet, evaluate, read_sts, spearman
+
+    with pytest.raises(MirrorfastError, match="an STS file must be a path"):
+        read_sts(None)
+    pairs = PairSet(Path("x"), "words", ["a", "b", "c"], ["d", "e"], np.array([1.0, 2.0, 3.0]))
+    with pytest.raises(MirrorfastError, match="3 left texts, 2 right texts and 3 scores"):
+        spearman(None, pairs)
+    with pytest.raises(MirrorfastError, match="evaluate takes a list of PairSets"):
+        evaluate(None, pairs)
+    with pytest.raises(MirrorfastError, match="pairs must be a PairSet"):
+        evaluate(None, ["x.csv"])

@@ -272,6 +272,15 @@ def test_a_damaged_model_directory_is_one_clear_error(tiny_bert_dir, corpus, tmp
         assert not (tmp_path / "o").exists()
 
 
+def test_train_checks_its_own_arguments(tiny_bert_dir, corpus, tmp_path):
+    cfg = TrainConfig(model=str(tiny_bert_dir), corpus=str(corpus), output=str(tmp_path / "o"), max_steps=1)
+    with pytest.raises(MirrorfastError, match="save must be True or False, got 'no'"):  # "no" is truthy: it saved
+        train(cfg, save="no")
+    with pytest.raises(MirrorfastError, match="log must be a function of one line of text"):
+        train(cfg, log=None)
+    assert not (tmp_path / "o").exists()
+
+
 def test_max_steps_builds_only_the_epochs_it_reaches(tiny_bert_dir, corpus, tmp_path):
     """--epochs 10**12 --max-steps 2 ran out of memory building every epoch's batch order up front."""
     result = train(TrainConfig(model=str(tiny_bert_dir), corpus=str(corpus), batch_size=8, epochs=10**12,
@@ -726,6 +735,14 @@ def test_load_encoder_is_in_eval_mode_leaves_it_so_and_leaves_transformers_setti
     encoder.train()
     encoder.encode(["a b c"])
     assert encoder.training and encoder.model.training  # a training encoder goes back to training
+    encoder.eval()
+    encoder.model.train()  # the inner model alone, as after a user's own training loop: dropout was left on
+    np.testing.assert_array_equal(first, encoder.encode(["a b c", "d e"]))
+    assert encoder.model.training and not encoder.training  # each module as it was
+    for call, message in [(lambda: encoder.encode(["x"], normalize="no"), "normalize must be True or False"),
+                          (lambda: load_encoder(tiny_bert_dir, dropout="0.1"), "dropout must be a number in")]:
+        with pytest.raises(MirrorfastError, match=message):
+            call()
 
     saved = tmp_path / "m"
     shutil.copytree(tiny_bert_dir, saved)
