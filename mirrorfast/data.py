@@ -33,6 +33,11 @@ class Corpus:
     def __len__(self) -> int:
         return len(self.first)
 
+    @property
+    def unit(self) -> str:
+        """What one item is called in messages: "pairs" (a --pairs file) or "strings"."""
+        return "strings" if self.second is None else "pairs"
+
 
 def _read_lines(path: str, what: str) -> tuple[list[tuple[int, str]], dict]:
     """(line number, stripped text) for every non-blank line of a UTF-8 file, and the file's identity

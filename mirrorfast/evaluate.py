@@ -127,7 +127,8 @@ def evaluate(encoder: TextEncoder, sets: list[PairSet], batch_size: int = 128) -
     """One result dict per pair set (read_sts / read_words): {"file", "kind", "pairs", "spearman"}; spearman
     is None where it is undefined (JSON null, not NaN, which JSON does not have)."""
     if isinstance(sets, PairSet) or not isinstance(sets, (list, tuple)):
-        raise MirrorfastError(f"evaluate takes a list of PairSets (read_sts / read_words), got {sets!r}"[:200])
+        raise MirrorfastError(f"evaluate takes a list of PairSets (read_sts / read_words), "
+                              f"got a {type(sets).__name__}")
     results = []
     for s in sets:
         value = spearman(encoder, s, batch_size)

@@ -59,7 +59,8 @@ def read_mirrorfast_config(model_dir: str | os.PathLike) -> dict | None:
         raise MirrorfastError(f"{path} is unreadable: {exc}") from None
 
 
-# sentence-transformers' Pooling config keys -> mirrorfast's names (None: a mode mirrorfast does not have)
+# sentence-transformers' Pooling config keys -> mirrorfast's names (None: a mode mirrorfast does not have); read
+# by sentence_transformers_note, written by save_encoder
 _ST_POOLING_MODES = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
                      "pooling_mode_max_tokens": None, "pooling_mode_mean_sqrt_len_tokens": None}
 
@@ -90,7 +91,7 @@ def sentence_transformers_note(model_dir: str | os.PathLike, pooling: str, max_l
 
 
 def _json_or_none(path: Path):
-    """A JSON object file's content, or None where it is missing or not a JSON object (nothing to compare)."""
+    """A JSON file's object or list, or None where it is missing, unreadable or neither (nothing to compare)."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -373,10 +374,7 @@ def sentence_transformers_files(pooling: str, dim: int, max_length: int) -> dict
         "sentence_bert_config.json": {"max_seq_length": max_length, "do_lower_case": False},
         "1_Pooling/config.json": {
             "word_embedding_dimension": dim,
-            "pooling_mode_cls_token": pooling == "cls",
-            "pooling_mode_mean_tokens": pooling == "mean",
-            "pooling_mode_max_tokens": False,
-            "pooling_mode_mean_sqrt_len_tokens": False,
+            **{key: name == pooling for key, name in _ST_POOLING_MODES.items()},
         },
         "config_sentence_transformers.json": {"similarity_fn_name": "cosine"},
     }

@@ -331,15 +331,15 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     check_environment()
     out_dir = Path(cfg.output)
     if save:
-        corpus = None if str(cfg.corpus).startswith("wordfreq:") else cfg.corpus
+        corpus_file = None if str(cfg.corpus).startswith("wordfreq:") else cfg.corpus
         check_destination(out_dir, is_mirrorfast_output, cfg.overwrite, "mirrorfast output",
-                          inputs=[cfg.model, corpus, cfg.pairs, *cfg.eval_sts, *cfg.eval_words])
+                          inputs=[cfg.model, corpus_file, cfg.pairs, *cfg.eval_sts, *cfg.eval_words])
 
     torch.manual_seed(cfg.seed)
 
     corpus = load_pairs(cfg.pairs, cfg.dedup) if cfg.pairs else load_corpus(cfg.corpus, cfg.dedup)
     eval_sets = [read_sts(path) for path in cfg.eval_sts] + [read_words(path) for path in cfg.eval_words]
-    log(f"corpus: {corpus.description}: {len(corpus)} {'pairs' if corpus.second else 'strings'}"
+    log(f"corpus: {corpus.description}: {len(corpus)} {corpus.unit}"
         + (f" ({corpus.duplicates_removed} exact duplicates removed)" if corpus.duplicates_removed else ""))
     device = pick_device(cfg.device, log)
     dtype = autocast_dtype(cfg.precision, device, log)
@@ -349,8 +349,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
         enable_drophead(encoder.model, cfg.drophead)
     batch_size = min(cfg.batch_size, len(corpus))
     if batch_size < cfg.batch_size:
-        unit = "pairs" if corpus.second else "strings"
-        log(f"batch: the corpus has {len(corpus)} {unit}, fewer than --batch-size {cfg.batch_size}; "
+        log(f"batch: the corpus has {len(corpus)} {corpus.unit}, fewer than --batch-size {cfg.batch_size}; "
             f"training with batches of {batch_size}")
     packed = use_packing(cfg, encoder, device, dtype, log)
     graphs = use_cuda_graphs(cfg, device, dtype, packed)

@@ -204,12 +204,20 @@ def _rows_of(tokenizing_encoder, texts, max_tokens, truncate):
 
 
 @pytest.mark.parametrize("max_tokens,truncate", TOKENIZING_MODES)
-def test_request_tokenizing_matches_the_encoder(encoder, max_tokens, truncate):
+def test_request_tokenizing_matches_the_encoder(encoder, max_tokens, truncate, monkeypatch):
     """The server's one tokenization (private Rust-tokenizer copies) gives the encoder's own token ids,
     truncated as the encoder's tokenizer truncates (special tokens kept); a server that does not truncate
-    gets every row within the limit whole, and a longer text's row cut one token past the limit."""
+    gets every row within the limit whole, and a longer text's row cut one token past the limit, from cuts
+    of the text a few hundred characters long (the 400,000-character one was tokenized whole)."""
+    from mirrorfast import truncation
+
     texts = SENTENCES + LONG_TEXTS + ["🙂 e\u0301 שלום", "a " * 200_000]
+    cuts = []
+    real_cut = truncation.cut_for_tokenizing
+    monkeypatch.setattr(truncation, "cut_for_tokenizing", lambda *a: cuts.extend(out := real_cut(*a)) or out)
     rows = _rows_of(encoder, texts, max_tokens, truncate)
+    if max_tokens is not None and not truncate:
+        assert 0 < max(map(len, cuts)) < 2_000  # (max_tokens + 1) x 16 = 272 characters tried first
     whole = encoder.count_tokens(texts)
     long_words, unknown_words = whole[len(SENTENCES):len(SENTENCES) + 2]
     assert unknown_words < 16 < long_words  # the cases are what they claim

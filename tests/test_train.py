@@ -281,11 +281,17 @@ def test_train_checks_its_own_arguments(tiny_bert_dir, corpus, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_max_steps_builds_only_the_epochs_it_reaches(tiny_bert_dir, corpus, tmp_path):
-    """--epochs 10**12 --max-steps 2 ran out of memory building every epoch's batch order up front."""
-    result = train(TrainConfig(model=str(tiny_bert_dir), corpus=str(corpus), batch_size=8, epochs=10**12,
-                               max_steps=2, output=str(tmp_path / "o"), progress=False), log=lambda m: None)
-    assert len(result.losses) == 2
+def test_max_steps_builds_only_the_epochs_it_reaches(tiny_bert_dir, corpus, tmp_path, monkeypatch):
+    """--epochs 10**12 --max-steps 2 ran out of memory building every epoch's batch order up front: with 3
+    batches an epoch, 4 steps need 2 epochs' orders, not 1000."""
+    from mirrorfast import trainer
+
+    built = []
+    real = trainer.epoch_batches
+    monkeypatch.setattr(trainer, "epoch_batches", lambda *a: built.append(1) or real(*a))
+    result = train(TrainConfig(model=str(tiny_bert_dir), corpus=str(corpus), batch_size=8, epochs=1000,
+                               max_steps=4, output=str(tmp_path / "o"), progress=False), log=lambda m: None)
+    assert len(result.losses) == 4 and len(built) == 2
 
 
 def test_refuses_foreign_output_dir_unless_overwrite(tiny_bert_dir, corpus, tmp_path, capsys):
