@@ -119,6 +119,8 @@ class Batcher:
         with self._cond:
             if self._stopping or self._thread is None:
                 raise RuntimeError("the inference worker is not running")
+            if self._purge:  # a cancelled request's inputs must not take room from this one
+                self._purge_cancelled()
             if self._items and len(self._items) + len(inputs) > self._max_queue:
                 raise QueueFull()
             job.enqueued = time.monotonic()
@@ -148,28 +150,18 @@ class Batcher:
     def _take_batch(self) -> list[tuple[_Job, int]] | None:
         """Block until a batch is ready; None when stopping with nothing left."""
         with self._cond:
-            while True:
+            while True:  # every wake-up (new inputs, a cancellation, the deadline, stop) looks afresh
                 if self._purge:
                     self._purge_cancelled()
-                # drop inputs of dead/cancelled jobs at the head
                 while self._items and (self._items[0][0].dead or self._items[0][0].future.cancelled()):
-                    self._items.popleft()
-                if self._items:
-                    break
-                if self._stopping:
-                    return None
-                self._cond.wait()
-            deadline = self._items[0][0].enqueued + self._wait
-            while True:
-                n, longest, full = 0, 0, False
-                for job, i in self._items:
-                    length = job.lengths[i]
-                    if n and (n + 1) * max(longest, length) > self._budget:
-                        full = True
-                        break
-                    n += 1
-                    longest = max(longest, length)
-                remaining = deadline - time.monotonic()
+                    self._items.popleft()  # inputs of dead/cancelled jobs at the head
+                if not self._items:
+                    if self._stopping:
+                        return None
+                    self._cond.wait()
+                    continue
+                n, full = self._batch_fits()
+                remaining = self._items[0][0].enqueued + self._wait - time.monotonic()  # the oldest's wait
                 if full or remaining <= 0 or self._stopping:
                     break
                 self._cond.wait(remaining)
@@ -177,6 +169,18 @@ class Batcher:
             if self._metrics is not None:
                 self._metrics.queue_depth.set(len(self._items))
         return batch
+
+    def _batch_fits(self) -> tuple[int, bool]:  # with self._cond held
+        """How many queued inputs, from the head, fit the padded-token budget; and whether the next one
+        would not (the batch is full)."""
+        n, longest = 0, 0
+        for job, i in self._items:
+            length = job.lengths[i]
+            if n and (n + 1) * max(longest, length) > self._budget:
+                return n, True
+            n += 1
+            longest = max(longest, length)
+        return n, False
 
     def _run(self) -> None:
         while True:

@@ -84,6 +84,9 @@ class ServeConfig:
         for name in ("max_batch_tokens", "max_inputs", "max_queue"):
             if int(getattr(cfg, name)) < 1:
                 raise MirrorfastError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+        if cfg.max_queue < cfg.max_inputs:  # else an empty queue must admit more than --max-queue inputs
+            raise MirrorfastError(f"--max-queue {cfg.max_queue} is smaller than one request of --max-inputs "
+                                  f"{cfg.max_inputs}")
         if cfg.max_input_tokens is None:
             cfg.max_input_tokens = model_max
         if cfg.max_input_tokens < 3:
@@ -375,7 +378,7 @@ def create_app(encoder, config: ServeConfig | None = None):
     @app.api_route(HEALTH_ROUTE, methods=["GET", "HEAD"])  # some load-balancer probes send HEAD
     async def health():
         return json_response({"status": "ok", "model": config.model_name, "dim": state.dim,
-                              "provider": str(getattr(encoder, "provider", "cpu"))})
+                              "provider": str(getattr(encoder, "provider", "cpu")), "file": _served_file(encoder)})
 
     @app.get(METRICS_ROUTE)
     async def prometheus_metrics():
@@ -386,12 +389,19 @@ def create_app(encoder, config: ServeConfig | None = None):
 
 
 # ------------------------------------------------------------------------------------ the command
+def _served_file(encoder) -> str:
+    """Which of the export's files runs (model.onnx, model_fp16.onnx or model_int8.onnx)."""
+    path = getattr(encoder, "model_path", None)
+    return Path(path).name if path is not None else "?"
+
+
 def describe(config: ServeConfig, encoder, address: str) -> str:
     cut = "truncate longer" if config.truncate else "reject longer"
     auth = "on" if config.api_key else "off"
     return (
         f"mirrorfast serve: listening on {address} | model {config.model_name} (dim {int(encoder.dim)}, "
-        f"max {int(encoder.max_length)} tokens) | provider {getattr(encoder, 'provider', '?')} | limits: "
+        f"max {int(encoder.max_length)} tokens) | {_served_file(encoder)} on provider "
+        f"{getattr(encoder, 'provider', '?')} | limits: "
         f"{config.max_inputs} inputs/request, {config.max_input_tokens} tokens/input ({cut}), "
         f"{config.max_batch_tokens} padded tokens/batch, queue {config.max_queue} inputs, "
         f"batch wait {config.batch_wait_ms:g} ms, body {config.max_body_bytes} bytes | api key {auth}"
@@ -479,7 +489,7 @@ def run(export_dir: str | Path, config: ServeConfig, provider: str = "auto", int
         for s in m.samples if s.name == "mirrorfast_requests_total"
     )
     why = f" on {signal.Signals(received[0]).name}" if received else ""
-    log(f"mirrorfast serve: stopped{why} after {int(served)} requests")
+    log(f"mirrorfast serve: stopped{why} after {int(served)} request{'' if served == 1 else 's'}")
     if not server.started:
         raise MirrorfastError("the server failed to start (see the messages above)")
     return 0

@@ -123,6 +123,7 @@ def test_health(client, encoder):
     assert r.status_code == 200
     body = r.json()
     assert body["status"] == "ok" and body["dim"] == encoder.dim
+    assert body["provider"] == "cpu" and body["file"] == "model.onnx"  # which file is served
     assert client.head("/health").status_code == 200  # load-balancer probes that send HEAD
 
 
@@ -429,7 +430,7 @@ def test_full_queue_is_503_with_retry_after(encoder, expected):
     from mirrorfast.export.server import ServeConfig, create_app
 
     gated = _GatedEncoder(encoder)
-    app = create_app(gated, ServeConfig(max_queue=2, batch_wait_ms=0))
+    app = create_app(gated, ServeConfig(max_queue=2, max_inputs=2, batch_wait_ms=0))
     state = app.app.state.mirrorfast
     with live_server(app) as url, ThreadPoolExecutor(2) as pool:
         first = pool.submit(httpx.post, f"{url}/embed", json={"inputs": SENTENCES[0]}, timeout=30)
@@ -569,6 +570,49 @@ def test_batcher_respects_the_token_budget_and_keeps_order():
     assert len(calls) < 20 * 4  # merged across requests, not one call per input
 
 
+def test_a_cancelled_requests_inputs_leave_the_queue_during_the_batch_wait():
+    """A request cancelled while its inputs wait out --batch-wait-ms (its client gone): they leave the queue
+    at once, so a live request that needs their room is admitted (it got 503 queue_full until the wait was
+    over), and the live request's batch waits from its own arrival, without the dead inputs."""
+    import asyncio
+
+    from mirrorfast.export.server import Batcher
+
+    calls = []
+
+    def encode(texts):
+        calls.append(list(texts))
+        return np.zeros((len(texts), 2), dtype=np.float32)
+
+    async def main():
+        b = Batcher(encode, dim=2, max_batch_tokens=100, batch_wait_s=0.5, max_queue=4)
+        b.start()
+        try:
+            dead = b.submit(["x", "y", "z"], [3, 3, 3])
+            await asyncio.sleep(0.05)  # the worker waits for company
+            dead.cancel()
+            await asyncio.sleep(0)  # the done callback runs
+            start = time.monotonic()
+            live = b.submit(["a", "b"], [3, 3])  # 3 + 2 > 4 while the dead inputs were counted
+            assert b.queued == 2
+            vectors = await live
+            return vectors, time.monotonic() - start
+        finally:
+            b.stop()
+
+    vectors, waited = asyncio.run(main())
+    assert vectors.shape == (2, 2) and calls == [["a", "b"]]
+    assert waited >= 0.45, waited  # its own wait, not what was left of the dead request's
+
+
+def test_serve_refuses_a_queue_smaller_than_a_request(tiny_export, capsys):
+    """--max-queue below --max-inputs could not be a bound: an empty queue must take any valid request."""
+    from mirrorfast.cli import main
+
+    assert main(["serve", str(tiny_export), "--port", "0", "--max-queue", "4", "--max-inputs", "10"]) == 2
+    assert "--max-queue 4 is smaller than one request of --max-inputs 10" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------- the command
 def test_serve_refuses_a_non_export_dir(tmp_path, capsys):
     from mirrorfast.cli import main
@@ -619,7 +663,7 @@ def test_sigterm_finishes_requests_in_flight(tiny_export, encoder):
         assert m, "".join(lines)
         url = m.group(1)
         threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
-        assert "provider cpu" in line and "tokens/input" in line
+        assert "model.onnx on provider cpu" in line and "tokens/input" in line
         texts = [f"{s} number {i}" for i, s in enumerate(SENTENCES * 80)][:1000]  # 1000 inputs, ~125 batches
         want = encoder.encode(texts)
         n = 6
