@@ -152,13 +152,16 @@ def _capable(device: torch.device) -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= _MIN_CAPABILITY
 
 
-def _validate(a: torch.Tensor, b: torch.Tensor, temperature: float, reduction: str) -> None:
+def validate_inputs(a: torch.Tensor, b: torch.Tensor, temperature: float, reduction: str) -> None:
+    """One MirrorfastError for anything `info_nce` (or `info_nce_triton` called directly) cannot take."""
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
         raise MirrorfastError("info_nce: a and b must be torch tensors")
     if a.dim() != 2 or b.dim() != 2:
         raise MirrorfastError(f"info_nce: a and b must be 2-D (N, D), got shapes {tuple(a.shape)} and {tuple(b.shape)}")
     if a.shape != b.shape:
         raise MirrorfastError(f"info_nce: a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.layout != torch.strided or b.layout != torch.strided:
+        raise MirrorfastError(f"info_nce: a and b must be dense (strided) tensors, got {a.layout} and {b.layout}")
     if a.shape[0] < 1:
         raise MirrorfastError("info_nce: need at least one pair (N >= 1), got N=0")
     if a.shape[1] < 1:
@@ -189,9 +192,9 @@ def info_nce(
     a, b: (N, D) floating tensors. Returns a scalar ("mean" over 2N rows, "sum") or (2N,) ("none"), fp32
     (fp64 for fp64 inputs, which "auto" gives the reference; a forced Triton kernel computes them in fp32).
     """
-    _validate(a, b, temperature, reduction)
+    validate_inputs(a, b, temperature, reduction)
     if resolve_backend(backend, a.device, torch.promote_types(a.dtype, b.dtype)) == "triton":
-        from mirrorfast.kernels.infonce_triton import info_nce_triton
+        from mirrorfast.kernels.infonce_triton import fused_info_nce
 
-        return info_nce_triton(a, b, float(temperature), reduction)
+        return fused_info_nce(a, b, float(temperature), reduction)
     return info_nce_reference(a, b, float(temperature), reduction)

@@ -72,7 +72,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mirrorfast.kernels.functional import first_derivative_only
+from mirrorfast.errors import MirrorfastError
+from mirrorfast.kernels.functional import first_derivative_only, triton_runs_on, validate_inputs
 
 __all__ = ["info_nce_triton", "InfoNCEFunction", "KernelConfig", "pick_config", "warm_up"]
 _NO_SECOND_DERIVATIVE = ("info_nce's Triton kernels have no second derivative: differentiate twice with "
@@ -730,17 +731,39 @@ class KernelConfig:
     mm_stages: int = 3
 
     def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type in (int, "int") and (isinstance(value, bool) or not isinstance(value, int)):
+                raise MirrorfastError(f"KernelConfig: {field.name} must be an int, got {value!r}")
+            if field.type in (bool, "bool") and not isinstance(value, bool):
+                raise MirrorfastError(f"KernelConfig: {field.name} must be True or False, got {value!r}")
+        for name in _DOT_BLOCKS:  # every block is a tl.dot operand's extent: a power of two, 16 at least
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise MirrorfastError(f"KernelConfig: {name} must be a power of two >= 16, got {value}")
+        for name in ("fwd_warps", "bwd_warps", "mm_warps"):
+            if getattr(self, name) not in (1, 2, 4, 8, 16, 32):
+                raise MirrorfastError(f"KernelConfig: {name} must be 1, 2, 4, 8, 16 or 32, got {getattr(self, name)}")
+        for name in ("fwd_stages", "bwd_stages", "mm_stages"):
+            if getattr(self, name) < 1:
+                raise MirrorfastError(f"KernelConfig: {name} must be >= 1, got {getattr(self, name)}")
         if not 1 <= self.bwd_chunks <= 4:  # the kernel has four accumulators
-            raise ValueError(f"bwd_chunks must be 1 to 4, got {self.bwd_chunks}")
+            raise MirrorfastError(f"KernelConfig: bwd_chunks must be 1 to 4, got {self.bwd_chunks}")
         if self.stripe_rows < 0 or self.stripe_cols < 1:
-            raise ValueError(f"stripe_rows must be >= 0 and stripe_cols >= 1, got {self.stripe_rows}, {self.stripe_cols}")
+            raise MirrorfastError(f"KernelConfig: stripe_rows must be >= 0 and stripe_cols >= 1, got "
+                                  f"{self.stripe_rows}, {self.stripe_cols}")
         if self.stripe_rows and not (self.bwd_fold and self.bwd_split == 1):
-            raise ValueError("the backward through stripes folds rinv into its tiles and has no split: "
-                             "set bwd_fold=True and bwd_split=1 with stripe_rows")
+            raise MirrorfastError("KernelConfig: the backward through stripes folds rinv into its tiles and has no "
+                                  "split: set bwd_fold=True and bwd_split=1 with stripe_rows")
         if not (1 <= self.fwd_split <= 64 and 1 <= self.bwd_split <= 64):  # unrolled loops over the splits
-            raise ValueError(f"fwd_split and bwd_split must be 1 to 64, got {self.fwd_split}, {self.bwd_split}")
+            raise MirrorfastError(f"KernelConfig: fwd_split and bwd_split must be 1 to 64, got {self.fwd_split}, "
+                                  f"{self.bwd_split}")
         if self.fp32_dot not in ("ieee", "tf32x3"):
-            raise ValueError(f"fp32_dot must be 'ieee' or 'tf32x3', got {self.fp32_dot!r}")
+            raise MirrorfastError(f"KernelConfig: fp32_dot must be 'ieee' or 'tf32x3', got {self.fp32_dot!r}")
+
+
+# KernelConfig's block sizes; each is an extent of a tl.dot operand (16 at least) and a power of two.
+_DOT_BLOCKS = ("fwd_m", "fwd_n", "fwd_d", "bwd_m", "bwd_n", "bwd_d", "bwd_dc", "mm_m", "mm_dc", "mm_k")
 
 
 def _clamp_block(block: int, extent: int) -> int:
@@ -1059,11 +1082,29 @@ def _prepare(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def info_nce_triton(
     a: torch.Tensor, b: torch.Tensor, temperature: float, reduction: str, *, config: KernelConfig | None = None
 ) -> torch.Tensor:
-    """Fused NT-Xent; same semantics as `info_nce_reference` (inputs already validated by `info_nce`).
+    """Fused NT-Xent; same semantics and input checks as `info_nce(..., backend="triton")`, with the kernel's
+    launch options at hand: `config` overrides the heuristic block sizes (tests, tuning).
 
     a, b: (N, D) fp16/bf16/fp32 (fp64 is computed in fp32), any strides. Returns fp32: a scalar
-    ("mean", "sum") or (2N,) ("none"). `config` overrides the heuristic block sizes (tests, tuning).
+    ("mean", "sum") or (2N,) ("none").
     """
+    validate_inputs(a, b, temperature, reduction)
+    if config is not None and not isinstance(config, KernelConfig):
+        raise MirrorfastError(f"info_nce_triton: config must be a KernelConfig, got {type(config).__name__}")
+    if not triton_runs_on(a.device):
+        raise MirrorfastError(f"info_nce_triton: runs on CUDA tensors (or CPU ones under TRITON_INTERPRET=1), "
+                              f"not on {a.device.type} tensors here")
+    return fused_info_nce(a, b, float(temperature), reduction, config=config)
+
+
+def fused_info_nce(
+    a: torch.Tensor, b: torch.Tensor, temperature: float, reduction: str, *, config: KernelConfig | None = None
+) -> torch.Tensor:
+    """`info_nce_triton` for inputs `info_nce` has already checked."""
+    if a.device.type == "cpu" and isinstance(_row_norm_kernel, triton.runtime.JITFunction):
+        # Triton picks interpreter or compiler when a kernel is defined: these were defined without it.
+        raise MirrorfastError("info_nce: TRITON_INTERPRET=1 was set after mirrorfast's Triton kernels were "
+                              "imported; set it before importing mirrorfast (Triton reads it when a kernel is defined)")
     dtype = torch.promote_types(a.dtype, b.dtype)
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         dtype = torch.float32

@@ -8,6 +8,8 @@ before anything imports triton); on a CUDA machine the same tests run the compil
 import dataclasses
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -218,9 +220,9 @@ def test_backward_chunks_out_of_range():
     if _TRITON_ERR is not None:
         pytest.skip(f"triton unavailable: {_TRITON_ERR}")
     for chunks in (0, 5):
-        with pytest.raises(ValueError, match="bwd_chunks must be 1 to 4"):
+        with pytest.raises(MirrorfastError, match="bwd_chunks must be 1 to 4"):
             KernelConfig(16, 16, 16, 4, 2, False, 16, 16, 16, 16, 4, 2, chunks)
-    with pytest.raises(ValueError, match="fp32_dot must be"):
+    with pytest.raises(MirrorfastError, match="fp32_dot must be"):
         KernelConfig(16, 16, 16, 4, 2, False, 16, 16, 16, 16, 4, 2, fp32_dot="tf32")
 
 
@@ -386,7 +388,7 @@ def test_triton_split_equals_unsplit_forward_and_is_deterministic():
 
 
 def test_split_out_of_range():
-    with pytest.raises(ValueError, match="fwd_split and bwd_split must be 1 to 64"):
+    with pytest.raises(MirrorfastError, match="fwd_split and bwd_split must be 1 to 64"):
         KernelConfig(16, 16, 16, 4, 2, False, 16, 16, 16, 16, 4, 2, fwd_split=0)
 
 
@@ -439,11 +441,11 @@ def test_triton_stripes_backward_fp16_zero_row_and_deterministic():
 
 
 def test_stripes_config_errors():
-    with pytest.raises(ValueError, match="set bwd_fold=True and bwd_split=1"):
+    with pytest.raises(MirrorfastError, match="set bwd_fold=True and bwd_split=1"):
         KernelConfig(16, 16, 16, 4, 2, False, 16, 16, 16, 16, 4, 2, stripe_rows=16)
-    with pytest.raises(ValueError, match="set bwd_fold=True and bwd_split=1"):
+    with pytest.raises(MirrorfastError, match="set bwd_fold=True and bwd_split=1"):
         KernelConfig(16, 16, 16, 4, 2, False, 16, 16, 16, 16, 4, 2, bwd_fold=True, bwd_split=2, stripe_rows=16)
-    with pytest.raises(ValueError, match="stripe_rows must be >= 0 and stripe_cols >= 1"):
+    with pytest.raises(MirrorfastError, match="stripe_rows must be >= 0 and stripe_cols >= 1"):
         KernelConfig(16, 16, 16, 4, 2, False, 16, 16, 16, 16, 4, 2, bwd_fold=True, stripe_rows=16, stripe_cols=0)
 
 
@@ -675,14 +677,73 @@ def test_triton_refuses_other_devices_even_under_the_interpreter():
         ((torch.randn(3, 4), torch.randn(3, 4)), {"reduction": "avg"}, r"reduction must be one of .* got 'avg'"),
         ((torch.randn(3, 4), torch.randn(3, 4)), {"backend": "cuda"}, r"backend must be one of .* got 'cuda'"),
         ((torch.randn(3), torch.randn(3)), {}, r"must be 2-D \(N, D\)"),
+        ((torch.randn(3, 4).to_sparse(), torch.randn(3, 4)), {}, r"must be dense \(strided\) tensors, got torch.sparse_coo"),
     ],
     ids=["shape-mismatch", "n-zero", "integer-dtype", "float8", "temperature-zero", "temperature-negative", "temperature-inf", "temperature-nan", "temperature-bool",
          "temperature-tensor",
-         "bad-reduction", "bad-backend", "not-2d"],
+         "bad-reduction", "bad-backend", "not-2d", "sparse"],
 )
-def test_validation_errors(args, kwargs, match):
+@pytest.mark.parametrize("entry", ["info_nce", "info_nce_triton"])
+def test_validation_errors(args, kwargs, match, entry):
+    """info_nce's checks; info_nce_triton, which the README offers for kernel configurations, makes the same
+    ones (unchecked, a reduction typo returned the per-row losses with a wrong backward, a wider b was cut)."""
+    if entry == "info_nce":
+        with pytest.raises(MirrorfastError, match=match):
+            info_nce(*args, **kwargs)
+        return
+    if _TRITON_ERR is not None:
+        pytest.skip(_TRITON_ERR)
+    if "backend" in kwargs:
+        pytest.skip("info_nce_triton has no backend")
     with pytest.raises(MirrorfastError, match=match):
-        info_nce(*args, **kwargs)
+        info_nce_triton(*args, kwargs.get("temperature", 0.04), kwargs.get("reduction", "mean"))
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"fwd_n": 0}, "fwd_n must be a power of two >= 16, got 0"),  # was a loss of -inf
+    ({"fwd_m": 8}, "fwd_m must be a power of two >= 16, got 8"),
+    ({"bwd_dc": 48}, "bwd_dc must be a power of two >= 16, got 48"),
+    ({"mm_k": 0}, "mm_k must be a power of two >= 16, got 0"),
+    ({"fwd_split": 2.5}, r"fwd_split must be an int, got 2.5"),
+    ({"fused_norm": 1}, r"fused_norm must be True or False, got 1"),
+    ({"bwd_warps": 3}, r"bwd_warps must be 1, 2, 4, 8, 16 or 32, got 3"),
+    ({"fwd_stages": 0}, r"fwd_stages must be >= 1, got 0"),
+])
+def test_kernel_config_refuses_what_the_kernels_cannot_take(change, match):
+    if _TRITON_ERR is not None:
+        pytest.skip(_TRITON_ERR)
+    good = dict(fwd_m=16, fwd_n=16, fwd_d=16, fwd_warps=4, fwd_stages=2, fused_norm=False, bwd_m=16, bwd_n=16,
+                bwd_d=16, bwd_dc=16, bwd_warps=4, bwd_stages=2)
+    KernelConfig(**good)
+    with pytest.raises(MirrorfastError, match=match):
+        KernelConfig(**{**good, **change})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
+def test_interpreter_asked_for_after_the_kernels_were_defined():
+    """TRITON_INTERPRET=1 set after the kernels' module was imported: Triton had defined them for a GPU, and
+    a CPU launch failed with Triton's own '0 active drivers'. One message saying what to do instead."""
+    if _TRITON_ERR is not None:
+        pytest.skip(_TRITON_ERR)
+    script = (
+        "import os, torch\n"
+        "import mirrorfast.kernels.infonce_triton\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "from mirrorfast.kernels import info_nce\n"
+        "info_nce(torch.randn(3, 8), torch.randn(3, 8), backend='triton')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MIRRORFAST_KERNELS")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode != 0
+    assert "MirrorfastError: info_nce: TRITON_INTERPRET=1 was set after mirrorfast's Triton kernels were imported" \
+        in done.stderr, done.stderr[-2000:]
+
+
+@needs_triton
+def test_info_nce_triton_refuses_a_config_of_another_type():
+    a, b = make_inputs(3, 8, torch.float32, seed=1410)
+    with pytest.raises(MirrorfastError, match="config must be a KernelConfig, got dict"):
+        info_nce_triton(a, b, 0.1, "mean", config={"fwd_m": 16})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA-graph capture")
