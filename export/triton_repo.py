@@ -15,7 +15,9 @@ models in REPO_DIR are left alone.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import numbers
 import re
 import shutil
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from mirrorfast.output import atomic_directory, check_destination
 MARKER = "# Written by mirrorfast"
 VERSION = "1"
 INSTANCE_KINDS = {"auto": None, "gpu": "KIND_GPU", "cpu": "KIND_CPU"}
+PRECISIONS = ("fp32", "fp16", "int8")  # the export's files: model.onnx, model_fp16.onnx, model_int8.onnx
 
 # onnx.TensorProto.DataType -> Triton data type
 _TRITON_TYPES = {
@@ -162,7 +165,7 @@ class TritonModelSettings:
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue_delay_us", "instance_count"):
-            object.__setattr__(self, name, int(getattr(self, name)))
+            object.__setattr__(self, name, _integer(name, getattr(self, name)))
         if self.max_batch_size < 1:
             raise MirrorfastError(f"Triton max_batch_size must be at least 1, got {self.max_batch_size}")
         if self.max_queue_delay_us < 0:
@@ -171,10 +174,19 @@ class TritonModelSettings:
             raise MirrorfastError(f"instance_kind must be one of {sorted(INSTANCE_KINDS)}, got {self.instance_kind!r}")
         if self.instance_count < 1:
             raise MirrorfastError(f"instance_count must be at least 1, got {self.instance_count}")
-        preferred = tuple(sorted({int(b) for b in self.preferred_batch_sizes}))
+        if isinstance(self.preferred_batch_sizes, (str, bytes)) or not hasattr(self.preferred_batch_sizes, "__iter__"):
+            raise MirrorfastError(f"preferred batch sizes must be a list of integers, got {self.preferred_batch_sizes!r}")
+        preferred = tuple(sorted({_integer("a preferred batch size", b) for b in self.preferred_batch_sizes}))
         if any(b < 1 or b > self.max_batch_size for b in preferred):
             raise MirrorfastError(f"preferred batch sizes must be in 1..{self.max_batch_size}, got {list(preferred)}")
         object.__setattr__(self, "preferred_batch_sizes", preferred)
+
+
+def _integer(name: str, value) -> int:
+    """An integer setting (numpy's too); 8.5 or "8" is an error, not silently 8."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise MirrorfastError(f"{name} must be an integer, got {value!r}")
+    return int(value)
 
 
 def render_config(name: str, model_file: str, inputs: list[dict], outputs: list[dict],
@@ -236,6 +248,15 @@ def write_triton_repo(export_dir: str | Path, repo_dir: str | Path, *, precision
     folder is replaced when it was written by mirrorfast (or with `overwrite=True`); otherwise refused.
     """
     serving = TritonModelSettings(**settings)
+    if precision not in PRECISIONS:
+        raise MirrorfastError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "int8" and serving.instance_kind == "auto":  # dynamic int8 is a CPU file (README)
+        serving = dataclasses.replace(serving, instance_kind="cpu")
+    if outputs is not None:
+        if isinstance(outputs, (str, bytes)) or not all(isinstance(o, str) for o in outputs):
+            raise MirrorfastError(f"outputs must be a list of output names, e.g. ('sentence_embedding',), "
+                                  f"got {outputs!r}")
+        outputs = tuple(outputs)
     export_dir = Path(export_dir)
     model_file = _model_file(export_dir, precision)  # a MirrorfastError for anything but an export directory
     onnx_path = export_dir / model_file

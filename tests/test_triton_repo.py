@@ -170,6 +170,21 @@ def test_rewrite_replaces_ours_and_keeps_other_models(export_dir, tmp_path):
     assert parse_pbtxt((other / "config.pbtxt").read_text())["backend"] == ["onnxruntime"]
 
 
+def test_an_int8_model_is_placed_on_the_cpu_unless_asked_otherwise(export_dir, tmp_path):
+    """The int8 file is dynamic quantization for the CPU: instance_kind "auto" (Triton's choice: a GPU where
+    there is one) places it there; an explicit kind is kept."""
+    from mirrorfast.export.triton_repo import write_triton_repo
+
+    model_dir = write_triton_repo(export_dir, tmp_path / "repo", precision="int8")
+    cfg = parse_pbtxt((model_dir / "config.pbtxt").read_text())
+    assert cfg["instance_group"] == [{"count": [1], "kind": ["KIND_CPU"]}]
+    assert (model_dir / "1" / "model.onnx").read_bytes() == (export_dir / "model_int8.onnx").read_bytes()
+    model_dir = write_triton_repo(export_dir, tmp_path / "repo", precision="int8", instance_kind="gpu")
+    assert parse_pbtxt((model_dir / "config.pbtxt").read_text())["instance_group"][0]["kind"] == ["KIND_GPU"]
+    model_dir = write_triton_repo(export_dir, tmp_path / "repo")  # fp32, auto: Triton's default placement
+    assert "instance_group" not in parse_pbtxt((model_dir / "config.pbtxt").read_text())
+
+
 def test_failures_leave_nothing_behind(export_dir, tmp_path, monkeypatch):
     from mirrorfast.export import triton_repo
 
@@ -196,6 +211,10 @@ def test_failures_leave_nothing_behind(export_dir, tmp_path, monkeypatch):
         ({"max_batch_size": 8, "preferred_batch_sizes": [4, 16]}, r"must be in 1..8, got \[4, 16\]"),
         ({"preferred_batch_sizes": [0]}, r"must be in 1..64, got \[0\]"),
         ({"model_name": "no/slashes"}, "must be letters, digits"),
+        ({"max_batch_size": 8.5}, "max_batch_size must be an integer, got 8.5"),  # was written as 8
+        ({"preferred_batch_sizes": "16"}, "preferred batch sizes must be a list of integers, got '16'"),
+        ({"precision": "bf16"}, "precision must be one of fp32, fp16, int8, got 'bf16'"),  # said "export with --bf16"
+        ({"outputs": "sentence_embedding"}, "outputs must be a list of output names"),  # was "no output s, e, n, ..."
     ]:
         with pytest.raises(MirrorfastError, match=message):
             triton_repo.write_triton_repo(export_dir, repo, **settings)
