@@ -109,20 +109,61 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
     raise MirrorfastError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
 
 
-def set_dropout(model: nn.Module, p: float) -> None:
-    """Set every dropout probability of the encoder (hidden and attention) to p."""
+def check_dropout(p) -> float:
     if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
         raise MirrorfastError(f"dropout must be a number in [0, 1), got {p!r}")
+    return float(p)
+
+
+def set_config_dropout(config, p: float) -> None:
+    """Every dropout probability a config declares (hidden_dropout_prob, attention_probs_dropout_prob,
+    ModernBERT's embedding_/mlp_/attention_dropout...) set to p. A model built from it has p everywhere,
+    including where a module keeps it as a number or was built without a dropout layer at 0."""
+    for name, value in vars(config).items():
+        if "dropout" in name and isinstance(value, float):
+            setattr(config, name, check_dropout(p))
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Set every dropout probability of a built encoder (hidden and attention) to p: its nn.Dropout
+    layers, the probabilities its attention modules keep as numbers, and its config (which is saved).
+    `load_encoder(..., dropout=p)` builds the model with p instead, which also reaches layers that a model
+    leaves out where its config says 0 (ModernBERT's attention output dropout)."""
+    p = check_dropout(p)
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = p
-    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
-        if isinstance(getattr(model.config, name, None), float):
-            setattr(model.config, name, p)
+        elif isinstance(getattr(module, "attention_dropout", None), float):  # read at forward time
+            module.attention_dropout = p
+    set_config_dropout(model.config, p)
+
+
+def check_encoder(model: nn.Module, source: str) -> None:
+    """Mirrorfast trains and runs bidirectional encoders: a decoder's causal attention (GPT-2, a BERT
+    with is_decoder) or an encoder-decoder (T5, BART: AutoModel wants decoder inputs) is refused."""
+    name = type(model).__name__
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise MirrorfastError(f"{source} is an encoder-decoder model ({name}); mirrorfast trains and runs "
+                              "bidirectional encoders (BERT, RoBERTa, XLM-R, MiniLM...)")
+    causal = getattr(model.config, "is_decoder", False) or any(
+        getattr(module, "is_causal", None) is True for module in model.modules())
+    if causal:
+        raise MirrorfastError(f"{source} is a decoder with causal attention ({name}); mirrorfast trains and "
+                              "runs bidirectional encoders (BERT, RoBERTa, XLM-R, MiniLM...)")
 
 
 def _is_self_attention(module: nn.Module) -> bool:
     return hasattr(module, "num_attention_heads") and hasattr(module, "attention_head_size")
+
+
+# A child of these names projects the heads' concatenated context (ALBERT's attention module also adds the
+# residual and its LayerNorm): such a module's output is no longer per head, and zeroing a slice of it is not
+# DropHead.
+_OUTPUT_PROJECTIONS = ("dense", "o", "out_proj", "out_lin", "output")
+
+
+def _per_head_output(module: nn.Module) -> bool:
+    return not any(hasattr(module, name) for name in _OUTPUT_PROJECTIONS)
 
 
 def enable_drophead(model: nn.Module, p: float) -> int:
@@ -144,10 +185,11 @@ def enable_drophead(model: nn.Module, p: float) -> int:
         scaled = scaled.view(b, length, -1)
         return (scaled, *output[1:]) if isinstance(output, tuple) else scaled
 
-    hooked = [m.register_forward_hook(hook) for m in model.modules() if _is_self_attention(m)]
-    if p > 0 and not hooked:
-        raise MirrorfastError(f"--drophead is not supported for {type(model).__name__} (no BERT-style attention found)")
-    return len(hooked)
+    attention = [m for m in model.modules() if _is_self_attention(m)]
+    if p > 0 and (not attention or not all(_per_head_output(m) for m in attention)):
+        raise MirrorfastError(f"--drophead is not supported for {type(model).__name__} (no BERT-style attention "
+                              "whose output is the heads' context before their output projection)")
+    return len([m.register_forward_hook(hook) for m in attention])
 
 
 @contextlib.contextmanager
@@ -167,6 +209,12 @@ def without_pooler(model: nn.Module):
         yield
     finally:
         model.pooler = pooler
+
+
+# Models whose attention masks padding and nothing else (bidirectional, global): a ready 4-D mask may stand
+# for transformers' own. Elsewhere transformers builds the mask from the 2-D one (a sliding window...).
+_PADDING_MASK_ONLY = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "electra", "data2vec-text",
+                                "ernie", "distilbert", "albert"})
 
 
 class Encoder(nn.Module):
@@ -229,9 +277,10 @@ class Encoder(nn.Module):
         is used as is (keys masked, as transformers' own mask does). Other attention paths build theirs
         without such a check.
         """
-        if self.model.config._attn_implementation == "sdpa":
+        config = self.model.config
+        if config._attn_implementation == "sdpa" and config.model_type in _PADDING_MASK_ONLY:
             return attention_mask[:, None, None, :].bool()
-        return attention_mask
+        return attention_mask  # transformers adds what else the model masks (ModernBERT's local window...)
 
     def embed_batch(self, batch) -> torch.Tensor:
         """A mirrorfast.data.Batch (padded or packed) -> (B, H) pooled embeddings."""
@@ -309,19 +358,24 @@ def load_encoder(
 
     pooling / max_length default to the model's mirrorfast.json, else cls / min(tokenizer max, 512).
     """
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     if name_or_path is not None and not isinstance(name_or_path, (str, os.PathLike)):
         raise MirrorfastError(f"a model is a directory or hub id (str or os.PathLike), got {name_or_path!r}")
     source, description, cache_only = _resolve_source(name_or_path)
     saved = read_mirrorfast_config(source) if Path(source).is_dir() else None
     where = {"local_files_only": cache_only, "cache_dir": cache_dir()}
+    dropout = check_dropout(dropout) if dropout is not None else None
     try:
         with _quiet_transformers():  # our own one-line messages say what was loaded
             tokenizer = AutoTokenizer.from_pretrained(source, **where)
-            model = AutoModel.from_pretrained(source, dtype=torch.float32, **where)  # fp32 master weights
+            config = AutoConfig.from_pretrained(source, **where)
+            if dropout is not None:  # built with it: some models leave a layer out where the config says 0
+                set_config_dropout(config, dropout)
+            model = AutoModel.from_pretrained(source, config=config, dtype=torch.float32, **where)  # fp32 master
     except Exception as exc:  # noqa: BLE001 - a damaged file raises what its parser raises (SafetensorError...)
         raise MirrorfastError(f"cannot load model {name_or_path or source}: {first_line(exc)}") from None
+    check_encoder(model, name_or_path or source)
     check_vocabulary(tokenizer, source)
     if tokenizer.pad_token is None:
         raise MirrorfastError(f"the tokenizer of {source} has no padding token; it cannot batch")

@@ -35,8 +35,8 @@ from mirrorfast.halfmodel import HalfModel
 from mirrorfast.kernels import info_nce, resolve_backend
 from mirrorfast.kernels.functional import reference_forced
 from mirrorfast.last_layer import FIRST_TOKEN_ENV, last_bert_layer
-from mirrorfast.model import (MIRRORFAST_JSON, Encoder, enable_drophead, load_encoder, pick_device, save_encoder,
-                              without_pooler)
+from mirrorfast.model import (MIRRORFAST_JSON, Encoder, enable_drophead, load_encoder, pick_device,
+                              read_mirrorfast_config, save_encoder, without_pooler)
 from mirrorfast.output import atomic_directory, check_destination
 from mirrorfast.packing import cuda_kernel as packed_cuda_kernel
 from mirrorfast.packing import attention_heads, flash_supported, packed_attention, packed_kernel, supports_packing
@@ -345,6 +345,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     dtype = autocast_dtype(cfg.precision, device, log)
     encoder = load_encoder(cfg.model, pooling=cfg.pooling, max_length=cfg.max_length, dropout=cfg.dropout)
     log(f"model: {encoder.source}")
+    base = read_mirrorfast_config(cfg.model) if cfg.model and Path(cfg.model).is_dir() else None
+    base_pooling = (base or {}).get("pooling")
+    if base_pooling is not None and base_pooling != encoder.pooling:  # --pooling's default is the paper's cls
+        log(f"note: {cfg.model} was trained with {base_pooling} pooling; this run trains {encoder.pooling} "
+            f"pooling (--pooling {base_pooling} keeps it)")
     if cfg.drophead > 0:
         enable_drophead(encoder.model, cfg.drophead)
     batch_size = min(cfg.batch_size, len(corpus))
@@ -499,7 +504,9 @@ def _metadata(cfg, corpus, encoder, device, paths: dict, result: TrainResult) ->
         "base_model_path": _model_location(cfg.model),
         "base_model_revision": getattr(encoder.model.config, "_commit_hash", None),  # hub models: the commit
         "level": cfg.level,
-        "training": cfg.to_dict(),
+        # the options as given, the evaluation files as absolute paths (as the corpus's and the base model's)
+        "training": {**cfg.to_dict(), **{name: [str(Path(f).resolve()) for f in getattr(cfg, name)]
+                                         for name in ("eval_sts", "eval_words")}},
         "corpus": {"source": corpus.description, "size": len(corpus),
                    "duplicates_removed": corpus.duplicates_removed, **corpus.identity},
         "versions": _versions(),

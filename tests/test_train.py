@@ -767,3 +767,23 @@ def test_the_python_api_picks_the_preset_as_the_cli_does(source, level):
     resolved = TrainConfig(**source).resolved()
     assert resolved.level == level and resolved.temperature == (0.2 if level == "word" else 0.04)
     assert TrainConfig(**source, level="word").resolved().level == "word"  # an explicit level wins
+
+
+def test_training_again_from_an_output_notes_a_change_of_pooling(tiny_bert_dir, corpus, tmp_path, capsys,
+                                                                  monkeypatch):
+    """Trained again from a mean-pooled output, a run on the default --pooling (cls, the paper's) says so:
+    it switched silently before. mirrorfast.json records the evaluation files as absolute paths, as the
+    corpus and the base model (they were recorded as typed, relative to where the run started)."""
+    sts = tmp_path / "dev.csv"
+    sts.write_text("".join(f'"{a}","{b}",{i % 5}\n' for i, (a, b) in enumerate(zip(SENTENCES, SENTENCES[1:]))))
+    monkeypatch.chdir(tmp_path)
+    first = tmp_path / "first"
+    assert run_cli(*tiny_args(tiny_bert_dir, corpus, first, "--pooling", "mean", "--eval-sts", "dev.csv")) == 0
+    meta = json.loads((first / "mirrorfast.json").read_text())
+    assert meta["training"]["eval_sts"] == [str(sts.resolve())] and meta["training"]["eval_words"] == []
+    capsys.readouterr()
+    assert run_cli(*tiny_args(first, corpus, tmp_path / "second")) == 0
+    assert (f"note: {first} was trained with mean pooling; this run trains cls pooling (--pooling mean keeps it)"
+            in capsys.readouterr().err)
+    assert run_cli(*tiny_args(first, corpus, tmp_path / "third", "--pooling", "mean")) == 0
+    assert "was trained with" not in capsys.readouterr().err
