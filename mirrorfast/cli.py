@@ -26,7 +26,8 @@ def _add_train(sub) -> None:
         "MIRRORFAST_PACKED_ATTENTION=flash|sdpa|triton (packed attention's kernel on CUDA), "
         "MIRRORFAST_FUSED_LAYERNORM=1 (fused dropout + residual + LayerNorm, Triton), "
         "MIRRORFAST_KERNELS=torch (PyTorch's loss instead of the Triton kernel), "
-        "MIRRORFAST_KERNEL_WARMUP=0 (compile Triton kernels at first launch, not in the background during setup)",
+        "MIRRORFAST_KERNEL_WARMUP=0 (compile Triton kernels at first launch, not in the background during setup), "
+        "MIRRORFAST_FIRST_TOKEN_LAST_LAYER=0 (cls pooling: the full last layer, not [CLS] alone)",
     )
     p.add_argument("--model", help="model directory or Hugging Face id (default: packaged all-MiniLM-L6-v2)")
     src = p.add_mutually_exclusive_group()

@@ -47,7 +47,7 @@ def report() -> dict:
     from mirrorfast.kernels import resolve_backend
     from mirrorfast.model import pick_device
     from mirrorfast.packing import flash_supported
-    from mirrorfast.trainer import cpu_bf16_emulated, cpu_has_native_bf16
+    from mirrorfast.trainer import cpu_bf16_emulated, cpu_has_native_bf16, environment_errors
 
     device = pick_device("auto")
     cuda = device.type == "cuda"
@@ -88,9 +88,13 @@ def report() -> dict:
         info["train_packed_kernel"] = default_run_packed_kernel(device)
     except MirrorfastError as exc:  # an override this machine cannot honour: say so, as training would
         info["train_packed_kernel"] = f"error: {exc}"
-    info["train_loss"] = resolve_backend("auto", device)
+    try:
+        info["train_loss"] = resolve_backend("auto", device)
+    except MirrorfastError as exc:  # MIRRORFAST_KERNELS mistyped: listed below too
+        info["train_loss"] = f"error: {exc}"
     info["overrides"] = {k: v for k, v in os.environ.items()
                          if k.startswith("MIRRORFAST_") and k != "MIRRORFAST_API_KEY"}
+    info["override_errors"] = environment_errors()  # what `train` would stop on, all of it
     return info
 
 
@@ -101,7 +105,7 @@ def render(info: dict) -> str:
         if value is None:
             value = "not installed" if key not in ("gpu", "gpu_capability", "torch_cuda") else "none"
         elif isinstance(value, list):
-            value = ", ".join(value)
+            value = ("; ".join(value) if key == "override_errors" else ", ".join(value)) or "none"
         elif isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in value.items()) or "none"
         lines.append(f"{key.ljust(width)}  {value}")

@@ -303,14 +303,25 @@ def _peak_memory(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def environment_errors() -> list[str]:
+    """What is wrong with the MIRRORFAST_* switches a run reads: each one's message (`mirrorfast env` lists
+    them all; a run stops at the first)."""
+    checks = (reference_forced, packed_cuda_kernel, lambda: env_switch(FUSED_LAYERNORM_ENV, default=False),
+              lambda: env_switch(WARMUP_ENV, default=True), lambda: env_switch(FIRST_TOKEN_ENV, default=True))
+    errors = []
+    for check in checks:
+        try:
+            check()
+        except MirrorfastError as exc:
+            errors.append(str(exc))
+    return errors
+
+
 def check_environment() -> None:
     """Parse every MIRRORFAST_* switch the run reads, before any work: a typo fails now, not after the
     model has loaded (each is read again where it is used)."""
-    reference_forced()
-    packed_cuda_kernel()
-    env_switch(FUSED_LAYERNORM_ENV, default=False)
-    env_switch(WARMUP_ENV, default=True)
-    env_switch(FIRST_TOKEN_ENV, default=True)
+    if errors := environment_errors():
+        raise MirrorfastError(errors[0])
 
 
 # ---------------------------------------------------------------------------------------- the loop

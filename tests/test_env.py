@@ -43,3 +43,21 @@ def test_env_shows_an_override_this_machine_cannot_honour(capsys, monkeypatch):
     assert main(["env", "--json"]) == 0
     row = json.loads(capsys.readouterr().out)["train_packed_kernel"]
     assert row.startswith("error: MIRRORFAST_PACKED_ATTENTION=triton runs on a CUDA GPU"), row
+
+
+def test_env_lists_every_mistyped_switch_and_still_reports(capsys, monkeypatch):
+    """The bug-report command must not fail on what it is meant to report: MIRRORFAST_KERNELS mistyped made
+    `env` exit 2 with nothing printed, and the 0/1 switches that `train` refuses were listed as if fine."""
+    for name, value in [("MIRRORFAST_KERNELS", "bogus"), ("MIRRORFAST_FUSED_LAYERNORM", "yes"),
+                        ("MIRRORFAST_FIRST_TOKEN_LAST_LAYER", "2"), ("MIRRORFAST_KERNEL_WARMUP", "abc")]:
+        monkeypatch.setenv(name, value)
+    assert main(["env", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["train_loss"].startswith("error: MIRRORFAST_KERNELS must be torch")
+    errors = info["override_errors"]
+    assert len(errors) == 4 and errors[0].startswith("MIRRORFAST_KERNELS must be torch")
+    assert "MIRRORFAST_FUSED_LAYERNORM must be 0 or 1, got 'yes'" in errors
+    assert "MIRRORFAST_FIRST_TOKEN_LAST_LAYER must be 0 or 1, got '2'" in errors
+    assert "MIRRORFAST_KERNEL_WARMUP must be 0 or 1, got 'abc'" in errors
+    assert main(["env"]) == 0
+    assert "MIRRORFAST_KERNEL_WARMUP must be 0 or 1" in capsys.readouterr().out
