@@ -32,3 +32,10 @@ def ensure_importable() -> None:
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
+
+
+if __name__ == "__main__":
+    from script_main import module_only
+
+    sys.exit(module_only("from_checkout.py",
+                         "the benchmark scripts import it to find mirrorfast in a plain checkout"))

@@ -60,12 +60,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from from_checkout import ensure_importable  # noqa: E402
+from script_main import run_main  # noqa: E402
 
 
 ensure_importable()
 
 import torch  # noqa: E402
-from mirrorfast.errors import first_line  # noqa: E402
+from mirrorfast.errors import first_line, stop_if_terminated  # noqa: E402
 from reference_recipe import ReferenceRecipe, reference_train  # noqa: E402
 from st_recipe import st_train  # noqa: E402
 
@@ -176,6 +177,9 @@ class Suite:
 
 def _data_file(given: str | None, name: str) -> Path:
     if given:
+        if not Path(given).is_file():
+            option = "--corpus" if name == CORPUS_NAME else "--sts"
+            raise SystemExit(f"gpu_suite: error: {option} {given}: no such file")
         return Path(given)
     env = os.environ.get("MIRRORFAST_DATA")
     candidates = ([Path(env)] if env else []) + DEFAULT_DATA
@@ -689,6 +693,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.epochs < 1:
         p.error("--epochs must be >= 1")
+    if args.sentences is not None and args.sentences < 1:  # 0 would fall back to the default size, -3 cut the end off
+        p.error("--sentences must be >= 1")
+    if args.minilm and not (Path(args.minilm) / "config.json").is_file():
+        p.error(f"--minilm {args.minilm}: not a model directory (no config.json)")
     return args
 
 
@@ -805,6 +813,10 @@ def main(argv=None) -> int:
 
     names = select_rows(args.rows)
     device = _device(args)
+    # Missing data: one line now, not a traceback per model and every row failed after the set-up.
+    _data_file(args.corpus, CORPUS_NAME)
+    if any(n.startswith("minilm:") for n in names):
+        _data_file(args.sts, STS_NAME)
     if device.type != "cuda" and not args.rows:
         names = [n for n in names if not any(tag in n for tag in CUDA_ONLY)]
     skipped = {}  # row -> why (printed under the table)
@@ -841,6 +853,7 @@ def main(argv=None) -> int:
         isolate = args.isolate
         rows = []
         for i, name in enumerate(names, start=1):
+            stop_if_terminated()  # a SIGTERM that Python dropped (script_main): not one more row
             t_row = time.perf_counter()
             print(f"[{i}/{len(names)}] {name}{' (isolated)' if isolate else ''} ...", file=sys.stderr, flush=True)
             key, recipe = name.split(":")
@@ -896,4 +909,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, "gpu_suite"))

@@ -633,19 +633,32 @@ def run_sweep(n: int, d: int, dtype_name: str) -> None:
             print(f"  {tag}: FAILED {type(exc).__name__}: {first_line(exc)[:200]}", flush=True)
 
 
-def run_sweeps(specs: list[str]) -> None:
-    for spec in specs:  # "N,D[,dtype]"
-        parts = spec.split(",")
-        run_sweep(int(parts[0]), int(parts[1]), parts[2] if len(parts) > 2 else "float16")
+def sweep_spec(text: str) -> tuple[int, int, str]:
+    """--sweep's "N,D[,dtype]" as (N, D, dtype name), for argparse (here and in kernel_registers.py)."""
+    parts = text.split(",")
+    try:
+        n, d = (int(p) for p in parts[:2])
+    except ValueError:  # too few parts, or not integers
+        n = d = 0
+    dtype = parts[2] if len(parts) == 3 else "float16"
+    if len(parts) > 3 or n < 1 or d < 1 or dtype not in TOL:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected N,D[,dtype], N and D positive integers, dtype one of "
+                                         f"{', '.join(TOL)} (default float16), e.g. 16384,768 or 200,768,bfloat16")
+    return n, d, dtype
+
+
+def run_sweeps(specs: list[tuple[int, int, str]]) -> None:
+    for n, d, dtype_name in specs:
+        run_sweep(n, d, dtype_name)
 
 
 # ------------------------------------------------------------------------------------------------- main
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer checks, sizes (N=200, 16384; D=768) and repeats")
-    parser.add_argument("--sweep", metavar="N,D[,dtype]", action="append", default=[],
+    parser.add_argument("--sweep", metavar="N,D[,dtype]", action="append", default=[], type=sweep_spec,
                         help="time candidate block configs at this size instead of the table (repeatable)")
     parser.add_argument("--no-checks", action="store_true", help="skip the correctness checks")
     parser.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)  # script check, interpreter

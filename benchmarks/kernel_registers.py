@@ -34,6 +34,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from from_checkout import ensure_importable  # noqa: E402
+from info_nce_table import sweep_spec  # noqa: E402
+from script_main import run_main  # noqa: E402
 
 ensure_importable()
 import torch  # noqa: E402
@@ -42,6 +44,9 @@ import triton  # noqa: E402
 _POINTER = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32",
             torch.int64: "*i64", torch.int8: "*i8"}
 _OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
+# --arch values compiled here with Triton 3.9 (2026-11-28); others abort inside LLVM (12: no such processor; 88: its
+# PTX version is newer than Triton emits). Also held to what the ptxas in use lists (another Triton's may lack some).
+ARCHS = (75, 80, 86, 87, 89, 90, 100, 103, 107, 110, 120, 121)
 
 
 def compile_kernel(fn, arch: int, runtime: dict, meta: dict):
@@ -86,8 +91,19 @@ def _ptxas() -> str:
     return str(next(p for p in found if Path(p).is_file()))
 
 
+def _gpu_name(arch: int) -> str:
+    return f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+
+
+def supported_archs() -> list[int]:
+    """ARCHS whose GPU name (_gpu_name) the ptxas in use accepts: its --help lists them (all of ARCHS if it lists
+    none, e.g. another format)."""
+    listed = set(re.findall(r"'(sm_\w+)'", subprocess.run([_ptxas(), "--help"], capture_output=True, text=True).stdout))
+    return [a for a in ARCHS if not listed or _gpu_name(a) in listed]
+
+
 def registers_and_spills(kernel, arch: int) -> tuple[int, int]:
-    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    gpu = _gpu_name(arch)
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "k.ptx"
         ptx.write_text(kernel.asm["ptx"])
@@ -198,13 +214,12 @@ def cases():
                         p_drop=0.1), meta, True)
 
 
-def sweep_cases(spec: str):
-    """The InfoNCE block-size sweep of `info_nce_table.py --sweep N,D[,dtype]`, statically: each candidate's
-    forward or backward kernel."""
+def sweep_cases(spec: tuple[int, int, str]):
+    """The InfoNCE block-size sweep of `info_nce_table.py --sweep N,D[,dtype]` (spec: as sweep_spec parses it),
+    statically: each candidate's forward or backward kernel."""
     from info_nce_table import sweep_candidates
 
-    n, d, *rest = spec.split(",")
-    n, d, dtype = int(n), int(d), getattr(torch, rest[0] if rest else "float16")
+    n, d, dtype = spec[0], spec[1], getattr(torch, spec[2])
     kernels = {"fwd": ("forward", "merge"), "bwd": ("backward", "finalize", "weights", "product")}
     for kind, candidate, precision, cfg in sweep_candidates(n, d, dtype):
         label = f"InfoNCE {candidate}{' ' + precision if dtype == torch.float32 else ''}"
@@ -216,10 +231,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90: H100/H200)")
     parser.add_argument("--check", action="store_true", help="exit 1 if a checked configuration spills")
-    parser.add_argument("--sweep", metavar="N,D[,dtype]",
+    parser.add_argument("--sweep", metavar="N,D[,dtype]", type=sweep_spec,
                         help="instead: every InfoNCE config that `info_nce_table.py --sweep N,D[,dtype]` times")
     args = parser.parse_args(argv)
-    print(f"Triton {triton.__version__}, ptxas {Path(_ptxas()).name}, sm_{args.arch}{'a' if args.arch >= 90 else ''}; "
+    archs = supported_archs()
+    if args.arch not in archs:
+        parser.error(f"--arch {args.arch}: not one this script compiles for; one of {', '.join(map(str, archs))}")
+    print(f"Triton {triton.__version__}, ptxas {Path(_ptxas()).name}, {_gpu_name(args.arch)}; "
           "registers per thread, bytes spilled (stores)")
     failures = []
     for name, fn, runtime, meta, checked in (sweep_cases(args.sweep) if args.sweep else cases()):
@@ -234,4 +252,4 @@ def main(argv=None) -> int:
     return 0
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, "kernel_registers"))

@@ -51,6 +51,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from from_checkout import ensure_importable  # noqa: E402
+from script_main import run_main  # noqa: E402
 
 ensure_importable()  # works from a plain checkout too (the GPU machine)
 from mirrorfast.export import OnnxEncoder, export_model  # noqa: E402
@@ -391,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seq must be at least 3")
     if args.gpu_only and args.cpu_only:
         parser.error("--gpu-only and --cpu-only exclude each other")
+    if args.gpu_only and not torch.cuda.is_available():  # before the export: BERT-base takes ~100 s on a CPU
+        raise SystemExit("onnx_gpu_table: error: --gpu-only needs a CUDA GPU (none here); without it the CPU rows run")
     started = time.perf_counter()
 
     import onnxruntime as ort
@@ -468,4 +471,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, "onnx_gpu_table"))

@@ -25,10 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from from_checkout import ensure_importable  # noqa: E402
+from script_main import run_main  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="bf16")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
                    help="profile the graphed step (its kernels then show as graph launches); default off")
@@ -40,31 +41,40 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--corpus", help="the corpus file (default: as gpu_suite.py finds it)")
     args = p.parse_args(argv)
+    for name in ("epochs", "sentences", "rows"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
 
     ensure_importable()
     import torch
+
+    # auto falls back to the CPU for --tiny only: BERT-base on the 10k sentences would take hours there
+    if not torch.cuda.is_available() and (args.device == "cuda" or args.device == "auto" and not args.tiny):
+        raise SystemExit("profile_step: error: needs a CUDA GPU (none here); to try it on a CPU: --tiny --device cpu")
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
 
     import gpu_suite
     from mirrorfast.config import TrainConfig
     from mirrorfast.trainer import train
 
-    work = Path(tempfile.mkdtemp(prefix="mirrorfast-profile-"))
-    model = gpu_suite._random_bert_dir(work, args.tiny, gpu_suite._minilm_source())
-    n = args.sentences or (48 if args.tiny else None)
-    corpus = gpu_suite._subset_corpus(gpu_suite._data_file(args.corpus, gpu_suite.CORPUS_NAME), n, work / "corpus.txt")
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    config = TrainConfig(model=str(model), corpus=str(corpus), level="sentence", precision=args.precision,
-                         device="cuda" if cuda else "cpu", cuda_graphs=args.cuda_graphs, epochs=args.epochs,
-                         half_model=args.half_model,
-                         batch_size=16 if args.tiny else 200, dedup=False, output=str(work / "unused"),
-                         progress=False)
+    source = gpu_suite._data_file(args.corpus, gpu_suite.CORPUS_NAME)  # a missing corpus: one line, no work done
+    with tempfile.TemporaryDirectory(prefix="mirrorfast-profile-") as tmp:  # removed on SIGTERM too (run_main)
+        work = Path(tmp)
+        model = gpu_suite._random_bert_dir(work, args.tiny, gpu_suite._minilm_source())
+        n = args.sentences or (48 if args.tiny else None)
+        corpus = gpu_suite._subset_corpus(source, n, work / "corpus.txt")
+        config = TrainConfig(model=str(model), corpus=str(corpus), level="sentence", precision=args.precision,
+                             device="cuda" if cuda else "cpu", cuda_graphs=args.cuda_graphs, epochs=args.epochs,
+                             half_model=args.half_model,
+                             batch_size=16 if args.tiny else 200, dedup=False, output=str(work / "unused"),
+                             progress=False)
 
-    train(TrainConfig(**{**config.__dict__, "epochs": 1}), log=lambda m: None, save=False)  # warm-up
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-    t0 = time.perf_counter()
-    with torch.profiler.profile(activities=activities) as prof:
-        result = train(config, log=lambda m: None, save=False)
-    wall = time.perf_counter() - t0
+        train(TrainConfig(**{**config.__dict__, "epochs": 1}), log=lambda m: None, save=False)  # warm-up
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        t0 = time.perf_counter()
+        with torch.profiler.profile(activities=activities) as prof:
+            result = train(config, log=lambda m: None, save=False)
+        wall = time.perf_counter() - t0
 
     events = prof.key_averages()
     sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
@@ -81,4 +91,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, "profile_step"))

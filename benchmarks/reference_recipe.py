@@ -139,3 +139,13 @@ def reference_train(model_dir, texts: list[str], device: torch.device, epochs: i
             after_epoch(epoch, model, tokenizer)
     return {"setup_seconds": setup, "epoch_seconds": epoch_seconds, "epoch_steps": epoch_steps,
             "epoch_tokens": epoch_tokens, "losses": losses, "model": model, "tokenizer": tokenizer}
+
+
+if __name__ == "__main__":
+    import sys
+
+    from script_main import module_only
+
+    sys.exit(module_only("reference_recipe.py",
+                         "the reference recipe's training loop for gpu_suite.py; run "
+                         "python benchmarks/gpu_suite.py (--tiny on a CPU)"))

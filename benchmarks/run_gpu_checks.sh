@@ -63,13 +63,23 @@
 # $OUT returns at most 8 files: the parts write one log each, the device facts go into summary.txt.
 # Without onnxruntime-gpu the ONNX part still runs and lists its CUDA EP rows as skipped.
 set -uo pipefail
-out=${OUT:-gpu-out}
-mkdir -p "$out"
 budget=${BUDGET:-560}
 start=$SECONDS
+known="suite restart onnx kernel tests sweep sweep-small profile attention"  # the case branches below
+usage="usage: bash benchmarks/run_gpu_checks.sh [PART ...], PART: $known (default: suite onnx kernel tests)"
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(suite onnx kernel tests)
-python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || { echo "run_gpu_checks: no CUDA GPU here"; exit 1; }
+# Every part checked before anything is created or installed: a typo costs no device time.
+for part in "${parts[@]}"; do
+  case $part in
+    -h|--help) echo "$usage"; exit 0 ;;
+    *) [[ " $known " == *" $part "* ]] || { echo "run_gpu_checks: error: unknown part '$part'; $usage" >&2; exit 2; } ;;
+  esac
+done
+python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())" ||
+  { echo "run_gpu_checks: error: no CUDA GPU here" >&2; exit 1; }
+out=${OUT:-gpu-out}
+mkdir -p "$out"
 # The tokenizers keep their default parallelism, as users run them: until session 21 this script set
 # TOKENIZERS_PARALLELISM=false, so the trainer's background tokenization of the next epoch's masked views ran on
 # one core (0.56-0.74 s for the 10k sentences on the 2-core dev CPU, 2026-11-28). The H200's MiniLM rows of
@@ -137,7 +147,7 @@ for part in "${parts[@]}"; do
     # on top (H200: 16.8 vs 13.9 ms a step), kernel by kernel
     profile) run "step profiles" 240 profile.log bash -c "python3 benchmarks/profile_step.py --epochs 1 &&
                python3 benchmarks/profile_step.py --half-model --epochs 1" ;;
-    *) echo "unknown part $part (suite restart onnx kernel tests sweep sweep-small profile attention)"; exit 2 ;;
+    *) echo "run_gpu_checks: error: unknown part '$part'; $usage" >&2; exit 2 ;;  # refused above already
   esac
 done
 echo "=== summary ($((SECONDS - start))s of ${budget}s)"

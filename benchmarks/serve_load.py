@@ -29,6 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from script_main import run_main  # noqa: E402
+
 SENTENCES = [
     "A man is playing a guitar on the street corner.",
     "The cat sat quietly on the warm mat by the window.",
@@ -49,7 +52,7 @@ SENTENCES = [
 class Level:
     mode: str  # "direct x1", "direct x32", "serve"
     concurrency: int
-    requests: int
+    requests: int  # timed calls: HTTP requests, or encode() calls of `per_call` sentences each (the direct rows)
     seconds: float
     rps: float
     p50_ms: float
@@ -60,7 +63,7 @@ class Level:
 def _summary(mode: str, concurrency: int, latencies: list[float], elapsed: float,
              mean_batch: float | None = None, per_call: int = 1) -> Level:
     lat = np.array(latencies) * 1000.0
-    return Level(mode, concurrency, len(latencies) * per_call, round(elapsed, 2),
+    return Level(mode, concurrency, len(latencies), round(elapsed, 2),
                  round(len(latencies) * per_call / elapsed, 1),
                  round(float(np.percentile(lat, 50)), 2), round(float(np.percentile(lat, 99)), 2),
                  None if mean_batch is None else round(mean_batch, 2))
@@ -210,7 +213,7 @@ def bench_serve(export_dir: Path, levels: list[int], seconds: float, provider: s
 
 
 def table(rows: list[Level]) -> str:
-    lines = ["| mode | concurrency | requests | sentences/s | p50 ms | p99 ms | mean batch |",
+    lines = ["| mode | concurrency | calls | sentences/s | p50 ms | p99 ms | mean batch |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         batch = "" if r.mean_batch is None else f"{r.mean_batch:g}"
@@ -226,17 +229,29 @@ def run(export_dir: str | Path, levels=(1, 8, 32), seconds: float = 3.0, provide
     return rows
 
 
+def _levels(text: str) -> list[int]:
+    """--levels: comma-separated positive integers."""
+    try:
+        levels = [int(x) for x in text.split(",")]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers separated by commas, e.g. 1,8,32")
+    return levels
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("export_dir", type=Path)
-    ap.add_argument("--levels", default="1,8,32", help="client concurrency levels (default: 1,8,32)")
+    ap.add_argument("--levels", type=_levels, default="1,8,32", help="client concurrency levels (default: 1,8,32)")
     ap.add_argument("--seconds", type=float, default=3.0, help="seconds per level (default: 3)")
     ap.add_argument("--provider", default="cpu", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     ap.add_argument("--serve-args", default="", help="extra `mirrorfast serve` flags, e.g. '--batch-wait-ms 0'")
     args = ap.parse_args(argv)
-    rows = run(args.export_dir, [int(x) for x in args.levels.split(",")], args.seconds, args.provider,
-               shlex.split(args.serve_args))
+    if args.seconds <= 0:
+        ap.error("--seconds must be positive")
+    rows = run(args.export_dir, args.levels, args.seconds, args.provider, shlex.split(args.serve_args))
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
@@ -244,4 +259,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, "serve_load"))

@@ -86,3 +86,13 @@ def st_train(model_dir, texts: list[str], device: torch.device, epochs: int, rec
     return {"setup_seconds": timer.setup, "epoch_seconds": epoch_seconds, "epoch_steps": [steps] * epochs,
             "epoch_tokens": [tokens_per_epoch] * epochs, "losses": [],
             "model": encoder.auto_model, "tokenizer": tokenizer}
+
+
+if __name__ == "__main__":
+    import sys
+
+    from script_main import module_only
+
+    sys.exit(module_only("st_recipe.py",
+                         "the sentence-transformers recipe for gpu_suite.py; run "
+                         "python benchmarks/gpu_suite.py (--tiny on a CPU)"))

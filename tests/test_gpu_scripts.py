@@ -4,6 +4,7 @@ benchmarks/info_nce_table.py --cpu-smoke: its correctness checks and a block-siz
 Triton interpreter. benchmarks/onnx_gpu_table.py --cpu-only --quick: export + the CPU rows of its table.
 benchmarks/profile_step.py --tiny --device cpu: a profiled training run of a 2-layer BERT.
 benchmarks/run_gpu_checks.sh (GPU only): its parts and the suite rows it names, read from the script.
+Bad input, and a GPU script started on a CPU, end at once with one line and a non-zero exit, no traceback.
 """
 
 import os
@@ -16,11 +17,87 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(*args: str, timeout: int = 600) -> str:
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=dict(os.environ), capture_output=True,
+def _run(*args: str, timeout: int = 600, env: dict | None = None) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env or dict(os.environ), capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
+
+
+def _refused(*args: str, code: int, says: str, timeout: int = 120) -> None:
+    """python ARGS exits `code` at once with `says` in its last line on stderr and no traceback."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # kernel_registers.py refuses it
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == code and "Traceback" not in proc.stderr, (args, proc.returncode, proc.stderr[-3000:])
+    assert says in proc.stderr.strip().splitlines()[-1], (args, proc.stderr[-3000:])
+
+
+def _cpu_only() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks what the GPU scripts say on a machine without a GPU")
+
+
+def test_gpu_scripts_on_a_cpu_say_they_need_a_gpu():
+    _cpu_only()
+    _refused("benchmarks/onnx_gpu_table.py", "--gpu-only", code=1, says="--gpu-only needs a CUDA GPU")
+    _refused("benchmarks/profile_step.py", code=1,
+             says="needs a CUDA GPU (none here); to try it on a CPU: --tiny --device cpu")
+    _refused("benchmarks/profile_step.py", "--device", "cuda", "--tiny", code=1, says="needs a CUDA GPU")
+
+
+def test_bad_arguments_are_one_line():
+    _refused("benchmarks/profile_step.py", "--tiny", "--device", "cpu", "--sentences", "0", code=2,
+             says="--sentences must be at least 1")
+    _refused("benchmarks/gpu_suite.py", "--tiny", "--corpus", "/nonexistent", code=1,
+             says="error: --corpus /nonexistent: no such file")
+    _refused("benchmarks/profile_step.py", "--tiny", "--device", "cpu", "--corpus", "/nonexistent", code=1,
+             says="error: --corpus /nonexistent: no such file")
+    for n in ("0", "-3"):  # 0 fell back to the default size, -3 cut the last three strings off
+        _refused("benchmarks/gpu_suite.py", "--tiny", "--sentences", n, code=2, says="--sentences must be >= 1")
+    for spec in ("200", "200,768,float8", "x,768", "0,768"):
+        _refused("benchmarks/info_nce_table.py", "--sweep", spec, code=2, says="expected N,D[,dtype]")
+
+
+def test_kernel_registers_refuses_a_bad_sweep_or_arch():
+    pytest.importorskip("triton")
+    for spec in ("200", "200,768,float8"):  # a ValueError and an AttributeError before
+        _refused("benchmarks/kernel_registers.py", "--sweep", spec, code=2, says="expected N,D[,dtype]")
+    for arch in ("12", "88"):  # both aborted inside LLVM (rc 134)
+        _refused("benchmarks/kernel_registers.py", "--arch", arch, code=2, says=f"--arch {arch}: not one this script")
+
+
+def test_serve_load_bad_input(tmp_path):
+    pytest.importorskip("onnxruntime")
+    _refused("benchmarks/serve_load.py", "/nonexistent", code=2, says="error: export directory /nonexistent not found")
+    _refused("benchmarks/serve_load.py", str(tmp_path), code=2, says="is not an export directory")
+    for levels in ("0", "1,x", "8,-1"):
+        _refused("benchmarks/serve_load.py", str(tmp_path), "--levels", levels, code=2,
+                 says="expected positive integers separated by commas")
+
+
+def test_serve_load_counts_calls_not_sentences():
+    """The direct 32-per-call row: 10 calls of 32 sentences are 10 calls (the column said 320 requests)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import serve_load
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    row = serve_load._summary("direct encode, 32/call", 1, [0.1] * 10, 1.0, per_call=32)
+    assert (row.requests, row.rps) == (10, 320.0), row
+    assert "| calls |" in serve_load.table([row]), serve_load.table([row])
+
+
+def test_help_texts():
+    assert "Where a training step's time goes" in _run("benchmarks/profile_step.py", "--help")
+    assert "InfoNCE (NT-Xent) forward+backward on a GPU" in _run("benchmarks/info_nce_table.py", "--help")
+    assert "so the gain of the server's dynamic batching is visible" in " ".join(
+        _run("benchmarks/serve_load.py", "--help").split())
+    for module in ("reference_recipe.py", "st_recipe.py", "from_checkout.py"):  # imported by the scripts
+        assert "a module, not a script" in _run(f"benchmarks/{module}", "--help"), module
+    _refused("benchmarks/from_checkout.py", code=2, says="a module, not a script")  # run without --help
 
 
 def test_info_nce_table_checks_and_sweep():
@@ -75,14 +152,15 @@ def test_onnx_table_kernel_profile_adds_up():
     assert len(cut_rows) == 2 and cut_rows[1][0].strip() == f"{len(rows) - 2} other kernels", (cut, text)
 
 
-def test_profile_step_cpu():
+def test_profile_step_cpu(tmp_path):
     data = ROOT.parent / "shared" / "data"
     if not data.is_dir() and not os.environ.get("MIRRORFAST_DATA"):
         pytest.skip(f"the paper's corpus is not under {data} (see ../shared/data/README)")
     out = _run("benchmarks/profile_step.py", "--tiny", "--device", "cpu", "--epochs", "1", "--rows", "5",
-               "--half-model")
+               "--half-model", env=dict(os.environ, TMPDIR=str(tmp_path)))
     assert "CPU: tiny-bert, bf16, cuda_graphs=False, half_model=True; 3 steps" in out, out
     assert "ms per step" in out and "aten::" in out, out
+    assert not list(tmp_path.glob("mirrorfast-profile-*")), "its temporary folder (model, corpus) is left behind"
 
 
 def test_onnx_table_attention_variants(tiny_bert_dir, tmp_path):
@@ -133,5 +211,31 @@ def test_run_gpu_checks_parts_and_rows_exist():
     parts = [w for w in usage.split() if w != "#"]
     branches = re.findall(r"^\s+([\w-]+)\)\s", script, flags=re.M)
     assert parts and sorted(parts) == sorted(branches), (parts, branches)
+    known = re.search(r'^known="([^"]*)"', script, flags=re.M).group(1).split()  # checked before any work
+    assert sorted(known) == sorted(branches), (known, branches)
     asked = [row for spec in re.findall(r"--rows ([\w:,-]+)", script) for row in spec.split(",")]
     assert asked and set(asked) <= set(ALL_ROWS), set(asked) - set(ALL_ROWS)
+
+
+def test_run_gpu_checks_refuses_before_any_work(tmp_path):
+    """--help is the usage (exit 0); an unknown part is refused, and a machine without a GPU too, before
+    ./gpu-out is created or anything installed (on a GPU those came after nvidia-smi and pip install -e .)."""
+    script = str(ROOT / "benchmarks" / "run_gpu_checks.sh")
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # its python3: this one
+
+    def run(*parts: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", script, *parts], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    for flag in ("--help", "-h"):
+        proc = run(flag)
+        assert proc.returncode == 0 and "PART: suite restart onnx" in proc.stdout, proc
+    proc = run("suite", "bogus")
+    assert proc.returncode == 2 and "unknown part 'bogus'" in proc.stderr, proc
+    import torch
+
+    if not torch.cuda.is_available():
+        proc = run()
+        assert proc.returncode == 1 and proc.stderr.strip() == "run_gpu_checks: error: no CUDA GPU here", proc
+    assert not list(tmp_path.iterdir()), list(tmp_path.iterdir())

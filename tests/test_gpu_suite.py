@@ -3,9 +3,13 @@ the reference and mirrorfast rows side by side for both models."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from mirrorfast.trainer import cpu_bf16_emulated
 
@@ -63,3 +67,33 @@ def test_gpu_suite_tiny_runs_and_prints_both_recipes(shared_data, minilm_dir, tm
     for other in ("bert:st", "bert:fp16"):
         assert abs(ref_tokens - rows[other]["tokens_per_step"]) / ref_tokens < 0.05, other
     assert rows["bert:st"]["path"] == "st-trainer/padded-longest/MNRL-loss/fp32"
+
+
+@pytest.mark.parametrize("script, prefix, args", [
+    ("gpu_suite.py", "mirrorfast-suite-", ["--tiny", "--device", "cpu", "--rows", "bert:reference"]),
+    ("profile_step.py", "mirrorfast-profile-", ["--tiny", "--device", "cpu"]),
+])
+def test_sigterm_removes_the_temporary_folder(minilm_dir, tmp_path, script, prefix, args):
+    """`timeout` (SIGTERM) in the middle of a run: its temporary folder (420 MB for the suite) is removed, one line
+    says so, exit 143."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"sentence number {i} of a small corpus\n" for i in range(48)))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = dict(os.environ, TMPDIR=str(tmp))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / script), *args, "--corpus", str(corpus)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp.glob(prefix + "*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(tmp.glob(prefix + "*")), f"no {prefix}* folder appeared (exit {proc.poll()})"
+        time.sleep(0.5)  # into the work that fills it
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert err.strip().splitlines()[-1] == f"{script[:-3]}: terminated (SIGTERM), cleaned up", err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert not list(tmp.glob(prefix + "*")), "the temporary folder is left behind"
