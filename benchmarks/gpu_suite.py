@@ -66,7 +66,7 @@ from script_main import run_main  # noqa: E402
 ensure_importable()
 
 import torch  # noqa: E402
-from mirrorfast.errors import first_line, stop_if_terminated  # noqa: E402
+from mirrorfast.errors import MirrorfastError, first_line, stop_if_terminated  # noqa: E402
 from reference_recipe import ReferenceRecipe, reference_train  # noqa: E402
 from st_recipe import st_train  # noqa: E402
 
@@ -179,7 +179,7 @@ def _data_file(given: str | None, name: str) -> Path:
     if given:
         if not Path(given).is_file():
             option = "--corpus" if name == CORPUS_NAME else "--sts"
-            raise SystemExit(f"gpu_suite: error: {option} {given}: no such file")
+            raise MirrorfastError(f"{option} {given}: no such file")  # run_main names the script, exit 2
         return Path(given)
     env = os.environ.get("MIRRORFAST_DATA")
     candidates = ([Path(env)] if env else []) + DEFAULT_DATA

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import http.client
 import json
+import math
 import os
 import re
 import shlex
@@ -101,12 +102,17 @@ class ServerProcess:
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.lines: list[str] = []
         self.url = None
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            m = re.search(r"listening on (http://\S+?:\d+)", line)
-            if m:
-                self.url = m.group(1)
-                break
+        try:  # a SIGTERM (script_main's Terminated) or Ctrl-C while the model loads: no orphaned server
+            for line in self.proc.stderr:
+                self.lines.append(line)
+                m = re.search(r"listening on (http://\S+?:\d+)", line)
+                if m:
+                    self.url = m.group(1)
+                    break
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait()
+            raise
         if self.url is None:
             self.proc.wait()
             raise RuntimeError("server did not start:\n" + "".join(self.lines))
@@ -249,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     ap.add_argument("--serve-args", default="", help="extra `mirrorfast serve` flags, e.g. '--batch-wait-ms 0'")
     args = ap.parse_args(argv)
-    if args.seconds <= 0:
+    if not 0 < args.seconds < math.inf:  # nan: no latencies; inf: never ends
         ap.error("--seconds must be positive")
     rows = run(args.export_dir, args.levels, args.seconds, args.provider, shlex.split(args.serve_args))
     print(table(rows))

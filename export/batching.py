@@ -119,10 +119,12 @@ class Batcher:
         with self._cond:
             if self._stopping or self._thread is None:
                 raise RuntimeError("the inference worker is not running")
-            if self._purge:  # a cancelled request's inputs must not take room from this one
-                self._purge_cancelled()
             if self._items and len(self._items) + len(inputs) > self._max_queue:
-                raise QueueFull()
+                # Inputs of cancelled (a client gone) or failed requests must not take this one's room: one pass
+                # over the queue, only when it would otherwise be refused.
+                self._purge_cancelled()
+                if self._items and len(self._items) + len(inputs) > self._max_queue:
+                    raise QueueFull()
             job.enqueued = time.monotonic()
             self._items.extend((job, i) for i in range(len(inputs)))
             job.future.add_done_callback(self._purge_if_cancelled)  # a client gone: drop its inputs
@@ -202,6 +204,8 @@ class Batcher:
                     if not job.dead:
                         job.dead = True
                         self._call(job, None, exc)
+                with self._cond:
+                    self._purge = True  # their inputs still queued go before the next batch
                 continue
             if self._metrics is not None:
                 self._metrics.batch_size.observe(len(inputs))

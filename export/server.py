@@ -11,7 +11,7 @@ Shape of a request:
   `max_batch_tokens` **padded** tokens (inputs x longest input of the batch, which is what the model
   computes on) or when its oldest input has waited `batch_wait_ms`. One request may be split over
   several batches; each gets back exactly its own vectors, in order.
-* The queue is bounded (`max_queue` inputs waiting for the worker); a request that does not fit gets
+* The queue is bounded (`max_queue` inputs waiting for the worker, at least `max_inputs`); a request that does not fit gets
   503 with Retry-After instead of waiting behind an unbounded queue.
 * Each request is tokenized once, with private copies of the tokenizer (inline for small requests, on a
   helper thread for large ones); the token ids travel through the queue, so the worker only runs the model.
@@ -86,7 +86,7 @@ class ServeConfig:
                 raise MirrorfastError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
         if cfg.max_queue < cfg.max_inputs:  # else an empty queue must admit more than --max-queue inputs
             raise MirrorfastError(f"--max-queue {cfg.max_queue} is smaller than one request of --max-inputs "
-                                  f"{cfg.max_inputs}")
+                                  f"{cfg.max_inputs} (default 256): raise --max-queue or lower --max-inputs")
         if cfg.max_input_tokens is None:
             cfg.max_input_tokens = model_max
         if cfg.max_input_tokens < 3:

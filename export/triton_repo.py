@@ -20,6 +20,7 @@ import json
 import numbers
 import re
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -253,10 +254,11 @@ def write_triton_repo(export_dir: str | Path, repo_dir: str | Path, *, precision
     if precision == "int8" and serving.instance_kind == "auto":  # dynamic int8 is a CPU file (README)
         serving = dataclasses.replace(serving, instance_kind="cpu")
     if outputs is not None:
-        if isinstance(outputs, (str, bytes)) or not all(isinstance(o, str) for o in outputs):
+        names = tuple(outputs) if isinstance(outputs, Iterable) and not isinstance(outputs, (str, bytes)) else None
+        if names is None or not all(isinstance(o, str) for o in names):  # (a generator is read once, here)
             raise MirrorfastError(f"outputs must be a list of output names, e.g. ('sentence_embedding',), "
                                   f"got {outputs!r}")
-        outputs = tuple(outputs)
+        outputs = names
     export_dir = Path(export_dir)
     model_file = _model_file(export_dir, precision)  # a MirrorfastError for anything but an export directory
     onnx_path = export_dir / model_file

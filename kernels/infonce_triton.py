@@ -66,6 +66,7 @@ in the last bit, and the backward recomputes every logit with the norms the forw
 import dataclasses
 import functools
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -733,8 +734,10 @@ class KernelConfig:
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.type in (int, "int") and (isinstance(value, bool) or not isinstance(value, int)):
-                raise MirrorfastError(f"KernelConfig: {field.name} must be an int, got {value!r}")
+            if field.type in (int, "int"):
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                    raise MirrorfastError(f"KernelConfig: {field.name} must be an int, got {value!r}")
+                object.__setattr__(self, field.name, int(value))  # numpy's too, as a Python int for Triton
             if field.type in (bool, "bool") and not isinstance(value, bool):
                 raise MirrorfastError(f"KernelConfig: {field.name} must be True or False, got {value!r}")
         for name in _DOT_BLOCKS:  # every block is a tl.dot operand's extent: a power of two, 16 at least

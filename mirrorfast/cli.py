@@ -292,7 +292,8 @@ def _add_serve(sub) -> None:
                    help="ONNX Runtime execution provider (default: auto)")
     p.add_argument("--int8", action="store_true", help="serve the export's int8-quantized model")
     p.add_argument("--max-queue", type=int, default=4096,
-                   help="inputs waiting for the model before requests get 503 + Retry-After (default: 4096)")
+                   help="inputs waiting for the model before requests get 503 + Retry-After; at least --max-inputs "
+                        "(default: 4096)")
     p.add_argument("--batch-wait-ms", type=float, default=0.0,
                    help="how long a batch's oldest text may wait for more requests; 0 takes what is queued when "
                    "the model is free (default: 0)")

@@ -51,10 +51,10 @@ def test_gpu_scripts_on_a_cpu_say_they_need_a_gpu():
 def test_bad_arguments_are_one_line():
     _refused("benchmarks/profile_step.py", "--tiny", "--device", "cpu", "--sentences", "0", code=2,
              says="--sentences must be at least 1")
-    _refused("benchmarks/gpu_suite.py", "--tiny", "--corpus", "/nonexistent", code=1,
-             says="error: --corpus /nonexistent: no such file")
-    _refused("benchmarks/profile_step.py", "--tiny", "--device", "cpu", "--corpus", "/nonexistent", code=1,
-             says="error: --corpus /nonexistent: no such file")
+    _refused("benchmarks/gpu_suite.py", "--tiny", "--corpus", "/nonexistent", code=2,
+             says="gpu_suite: error: --corpus /nonexistent: no such file")
+    _refused("benchmarks/profile_step.py", "--tiny", "--device", "cpu", "--corpus", "/nonexistent", code=2,
+             says="profile_step: error: --corpus /nonexistent: no such file")  # its own name, not gpu_suite's
     for n in ("0", "-3"):  # 0 fell back to the default size, -3 cut the last three strings off
         _refused("benchmarks/gpu_suite.py", "--tiny", "--sentences", n, code=2, says="--sentences must be >= 1")
     for spec in ("200", "200,768,float8", "x,768", "0,768"):

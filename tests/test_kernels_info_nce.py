@@ -714,7 +714,8 @@ def test_kernel_config_refuses_what_the_kernels_cannot_take(change, match):
         pytest.skip(_TRITON_ERR)
     good = dict(fwd_m=16, fwd_n=16, fwd_d=16, fwd_warps=4, fwd_stages=2, fused_norm=False, bwd_m=16, bwd_n=16,
                 bwd_d=16, bwd_dc=16, bwd_warps=4, bwd_stages=2)
-    KernelConfig(**good)
+    assert KernelConfig(**{**good, "fwd_m": np.int64(32)}).fwd_m == 32  # numpy integers are integers
+    assert type(KernelConfig(**{**good, "fwd_m": np.int64(32)}).fwd_m) is int
     with pytest.raises(MirrorfastError, match=match):
         KernelConfig(**{**good, **change})
 

@@ -590,8 +590,7 @@ def test_a_cancelled_requests_inputs_leave_the_queue_during_the_batch_wait():
         try:
             dead = b.submit(["x", "y", "z"], [3, 3, 3])
             await asyncio.sleep(0.05)  # the worker waits for company
-            dead.cancel()
-            await asyncio.sleep(0)  # the done callback runs
+            dead.cancel()  # its done callback has not run yet: submit must see the cancellation itself
             start = time.monotonic()
             live = b.submit(["a", "b"], [3, 3])  # 3 + 2 > 4 while the dead inputs were counted
             assert b.queued == 2
@@ -610,7 +609,8 @@ def test_serve_refuses_a_queue_smaller_than_a_request(tiny_export, capsys):
     from mirrorfast.cli import main
 
     assert main(["serve", str(tiny_export), "--port", "0", "--max-queue", "4", "--max-inputs", "10"]) == 2
-    assert "--max-queue 4 is smaller than one request of --max-inputs 10" in capsys.readouterr().err
+    assert ("--max-queue 4 is smaller than one request of --max-inputs 10 (default 256): raise --max-queue or "
+            "lower --max-inputs") in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------- the command

@@ -170,6 +170,15 @@ def test_rewrite_replaces_ours_and_keeps_other_models(export_dir, tmp_path):
     assert parse_pbtxt((other / "config.pbtxt").read_text())["backend"] == ["onnxruntime"]
 
 
+def test_outputs_from_a_generator_are_served(export_dir, tmp_path):
+    """A generator of output names is read once (the type check used it up: every output was served)."""
+    from mirrorfast.export.triton_repo import write_triton_repo
+
+    model_dir = write_triton_repo(export_dir, tmp_path / "repo", outputs=(o for o in ["sentence_embedding"]))
+    cfg = parse_pbtxt((model_dir / "config.pbtxt").read_text())
+    assert [t["name"][0] for t in cfg["output"]] == ["sentence_embedding"]
+
+
 def test_an_int8_model_is_placed_on_the_cpu_unless_asked_otherwise(export_dir, tmp_path):
     """The int8 file is dynamic quantization for the CPU: instance_kind "auto" (Triton's choice: a GPU where
     there is one) places it there; an explicit kind is kept."""
@@ -215,6 +224,7 @@ def test_failures_leave_nothing_behind(export_dir, tmp_path, monkeypatch):
         ({"preferred_batch_sizes": "16"}, "preferred batch sizes must be a list of integers, got '16'"),
         ({"precision": "bf16"}, "precision must be one of fp32, fp16, int8, got 'bf16'"),  # said "export with --bf16"
         ({"outputs": "sentence_embedding"}, "outputs must be a list of output names"),  # was "no output s, e, n, ..."
+        ({"outputs": 5}, "outputs must be a list of output names, e.g.*got 5"),
     ]:
         with pytest.raises(MirrorfastError, match=message):
             triton_repo.write_triton_repo(export_dir, repo, **settings)
