@@ -11,8 +11,8 @@ Shape of a request:
   `max_batch_tokens` **padded** tokens (inputs x longest input of the batch, which is what the model
   computes on) or when its oldest input has waited `batch_wait_ms`. One request may be split over
   several batches; each gets back exactly its own vectors, in order.
-* The queue is bounded (`max_queue` inputs waiting for the worker, at least `max_inputs`); a request that does not fit gets
-  503 with Retry-After instead of waiting behind an unbounded queue.
+* The queue is bounded (`max_queue` inputs waiting for the worker, at least `max_inputs`); a request that does
+  not fit gets 503 with Retry-After instead of waiting behind an unbounded queue.
 * Each request is tokenized once, with private copies of the tokenizer (inline for small requests, on a
   helper thread for large ones); the token ids travel through the queue, so the worker only runs the model.
 * Errors are JSON in the OpenAI shape {"error": {"message", "type", "param", "code"}}.

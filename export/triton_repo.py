@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import numbers
 import re
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mirrorfast.errors import MirrorfastError
+from mirrorfast.errors import MirrorfastError, check_integer
 from mirrorfast.export.runtime import prune_to_outputs, read_export_manifest
 from mirrorfast.output import atomic_directory, check_destination
 
@@ -166,7 +165,7 @@ class TritonModelSettings:
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue_delay_us", "instance_count"):
-            object.__setattr__(self, name, _integer(name, getattr(self, name)))
+            object.__setattr__(self, name, check_integer(name, getattr(self, name)))
         if self.max_batch_size < 1:
             raise MirrorfastError(f"Triton max_batch_size must be at least 1, got {self.max_batch_size}")
         if self.max_queue_delay_us < 0:
@@ -175,19 +174,18 @@ class TritonModelSettings:
             raise MirrorfastError(f"instance_kind must be one of {sorted(INSTANCE_KINDS)}, got {self.instance_kind!r}")
         if self.instance_count < 1:
             raise MirrorfastError(f"instance_count must be at least 1, got {self.instance_count}")
-        if isinstance(self.preferred_batch_sizes, (str, bytes)) or not hasattr(self.preferred_batch_sizes, "__iter__"):
-            raise MirrorfastError(f"preferred batch sizes must be a list of integers, got {self.preferred_batch_sizes!r}")
-        preferred = tuple(sorted({_integer("a preferred batch size", b) for b in self.preferred_batch_sizes}))
+        if not _is_list(self.preferred_batch_sizes):
+            raise MirrorfastError(f"preferred batch sizes must be a list of integers, "
+                                  f"got {self.preferred_batch_sizes!r}")
+        preferred = tuple(sorted({check_integer("a preferred batch size", b) for b in self.preferred_batch_sizes}))
         if any(b < 1 or b > self.max_batch_size for b in preferred):
             raise MirrorfastError(f"preferred batch sizes must be in 1..{self.max_batch_size}, got {list(preferred)}")
         object.__setattr__(self, "preferred_batch_sizes", preferred)
 
 
-def _integer(name: str, value) -> int:
-    """An integer setting (numpy's too); 8.5 or "8" is an error, not silently 8."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise MirrorfastError(f"{name} must be an integer, got {value!r}")
-    return int(value)
+def _is_list(value) -> bool:
+    """A list-like argument (a tuple, a generator...), not a string, which iterates over its letters."""
+    return isinstance(value, Iterable) and not isinstance(value, (str, bytes))
 
 
 def render_config(name: str, model_file: str, inputs: list[dict], outputs: list[dict],
@@ -254,7 +252,7 @@ def write_triton_repo(export_dir: str | Path, repo_dir: str | Path, *, precision
     if precision == "int8" and serving.instance_kind == "auto":  # dynamic int8 is a CPU file (README)
         serving = dataclasses.replace(serving, instance_kind="cpu")
     if outputs is not None:
-        names = tuple(outputs) if isinstance(outputs, Iterable) and not isinstance(outputs, (str, bytes)) else None
+        names = tuple(outputs) if _is_list(outputs) else None
         if names is None or not all(isinstance(o, str) for o in names):  # (a generator is read once, here)
             raise MirrorfastError(f"outputs must be a list of output names, e.g. ('sentence_embedding',), "
                                   f"got {outputs!r}")

@@ -138,14 +138,16 @@ def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype
     if backend == "triton":
         if not _triton_available():
             raise MirrorfastError("info_nce: backend='triton' asked for, but triton is not installed")
-        if not triton_runs_on(device):
-            raise MirrorfastError(
-                "info_nce: backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (the Triton interpreter)"
-                if device.type == "cpu" else
-                f"info_nce: backend='triton' runs on CUDA tensors (or CPU ones under TRITON_INTERPRET=1), "
-                f"not on {device.type}"
-            )
+        check_triton_runs_on(device, "info_nce: backend='triton'")
     return backend
+
+
+def check_triton_runs_on(device: torch.device, who: str) -> None:
+    """One message where the loss's kernel cannot run on `device`'s tensors (see `triton_runs_on`)."""
+    if not triton_runs_on(device):
+        raise MirrorfastError(
+            f"{who} on CPU tensors needs TRITON_INTERPRET=1 (the Triton interpreter)" if device.type == "cpu" else
+            f"{who} runs on CUDA tensors (or CPU ones under TRITON_INTERPRET=1), not on {device.type}")
 
 
 def _capable(device: torch.device) -> bool:

@@ -66,15 +66,14 @@ in the last bit, and the backward recomputes every logit with the norms the forw
 import dataclasses
 import functools
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from mirrorfast.errors import MirrorfastError
-from mirrorfast.kernels.functional import first_derivative_only, triton_runs_on, validate_inputs
+from mirrorfast.errors import MirrorfastError, check_flag, check_integer
+from mirrorfast.kernels.functional import check_triton_runs_on, first_derivative_only, validate_inputs
 
 __all__ = ["info_nce_triton", "InfoNCEFunction", "KernelConfig", "pick_config", "warm_up"]
 _NO_SECOND_DERIVATIVE = ("info_nce's Triton kernels have no second derivative: differentiate twice with "
@@ -732,14 +731,12 @@ class KernelConfig:
     mm_stages: int = 3
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.type in (int, "int"):
-                if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                    raise MirrorfastError(f"KernelConfig: {field.name} must be an int, got {value!r}")
-                object.__setattr__(self, field.name, int(value))  # numpy's too, as a Python int for Triton
-            if field.type in (bool, "bool") and not isinstance(value, bool):
-                raise MirrorfastError(f"KernelConfig: {field.name} must be True or False, got {value!r}")
+        for field in dataclasses.fields(self):  # numpy integers become Python ints, as Triton's launches take
+            name, value = f"KernelConfig: {field.name}", getattr(self, field.name)
+            if field.type is int:
+                object.__setattr__(self, field.name, check_integer(name, value))
+            elif field.type is bool:
+                check_flag(name, value)
         for name in _DOT_BLOCKS:  # every block is a tl.dot operand's extent: a power of two, 16 at least
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
@@ -1094,9 +1091,7 @@ def info_nce_triton(
     validate_inputs(a, b, temperature, reduction)
     if config is not None and not isinstance(config, KernelConfig):
         raise MirrorfastError(f"info_nce_triton: config must be a KernelConfig, got {type(config).__name__}")
-    if not triton_runs_on(a.device):
-        raise MirrorfastError(f"info_nce_triton: runs on CUDA tensors (or CPU ones under TRITON_INTERPRET=1), "
-                              f"not on {a.device.type} tensors here")
+    check_triton_runs_on(a.device, "info_nce_triton")
     return fused_info_nce(a, b, float(temperature), reduction, config=config)
 
 

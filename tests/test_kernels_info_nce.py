@@ -704,7 +704,7 @@ def test_validation_errors(args, kwargs, match, entry):
     ({"fwd_m": 8}, "fwd_m must be a power of two >= 16, got 8"),
     ({"bwd_dc": 48}, "bwd_dc must be a power of two >= 16, got 48"),
     ({"mm_k": 0}, "mm_k must be a power of two >= 16, got 0"),
-    ({"fwd_split": 2.5}, r"fwd_split must be an int, got 2.5"),
+    ({"fwd_split": 2.5}, r"fwd_split must be an integer, got 2.5"),
     ({"fused_norm": 1}, r"fused_norm must be True or False, got 1"),
     ({"bwd_warps": 3}, r"bwd_warps must be 1, 2, 4, 8, 16 or 32, got 3"),
     ({"fwd_stages": 0}, r"fwd_stages must be >= 1, got 0"),
