@@ -29,6 +29,10 @@ class QueueFull(Exception):
     """The bounded queue has no room for this request."""
 
 
+class WorkerStopped(Exception):
+    """The inference worker is stopping or not running: no new requests."""
+
+
 class _Job:
     __slots__ = ("inputs", "lengths", "vectors", "remaining", "loop", "future", "enqueued", "dead")
 
@@ -118,7 +122,7 @@ class Batcher:
         job = _Job(inputs, lengths, self._dim, loop, loop.create_future())
         with self._cond:
             if self._stopping or self._thread is None:
-                raise RuntimeError("the inference worker is not running")
+                raise WorkerStopped("the inference worker is not running")
             if self._items and len(self._items) + len(inputs) > self._max_queue:
                 # Inputs of cancelled (a client gone) or failed requests must not take this one's room: one pass
                 # over the queue, only when it would otherwise be refused.

@@ -225,15 +225,14 @@ class OnnxEncoder:
         self.session = None
         if provider == "cuda" or (provider == "auto" and has_cuda_ep and not int8):
             file = models.get("fp16") or models["fp32"]
-            try:
-                self.session = self._session(export_dir / file, [_CUDA_EP, _CPU_EP])
-            except MirrorfastError:
-                if provider == "cuda":
-                    raise
-            if self.session is not None and self.session.get_providers()[0] != _CUDA_EP:
+            # A file that does not load is an error under "auto" too (a broken fp16 file must not quietly
+            # become a CPU deployment); only a CUDA EP that found no usable GPU falls back, visibly:
+            # self.provider says "cpu" (serve's start-up line and /health show it).
+            self.session = self._session(export_dir / file, [_CUDA_EP, _CPU_EP])
+            if self.session.get_providers()[0] != _CUDA_EP:
                 self.session = None  # the CUDA EP is there but found no usable GPU: onnxruntime fell back
-            if self.session is None and provider == "cuda":
-                raise MirrorfastError(f"{_CUDA_EP} could not start (no usable GPU or CUDA libraries?)")
+                if provider == "cuda":
+                    raise MirrorfastError(f"{_CUDA_EP} could not start (no usable GPU or CUDA libraries?)")
         if self.session is None:
             file = models["int8"] if int8 else models["fp32"]
             self.session = self._session(export_dir / file, [_CPU_EP])

@@ -43,7 +43,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mirrorfast.errors import MirrorfastError
-from mirrorfast.export.batching import Batcher, QueueFull, Tokenizing
+from mirrorfast.export.batching import Batcher, QueueFull, Tokenizing, WorkerStopped
 from mirrorfast.export.runtime import EXPORT_JSON
 from mirrorfast.export.serve_edge import (EMBED_ROUTE, EMBEDDINGS_ROUTE, HEALTH_ROUTE, METRICS_ROUTE, MODELS_ROUTE,
                                           ApiError, Edge, Metrics, error_body)
@@ -298,7 +298,7 @@ def create_app(encoder, config: ServeConfig | None = None):
             metrics.rejected.inc()
             raise ApiError(503, "the server is overloaded (queue full); retry later", "server_overloaded",
                            code="queue_full", headers={"retry-after": str(config.retry_after_s)}) from None
-        except RuntimeError:
+        except WorkerStopped:
             raise ApiError(503, "the server is shutting down", "server_overloaded", code="shutting_down",
                            headers={"retry-after": str(config.retry_after_s)}) from None
         try:

@@ -610,11 +610,15 @@ def test_env_forces_torch(monkeypatch):
     def boom(*args, **kwargs):  # pragma: no cover - must not be reached
         raise AssertionError("triton path used despite MIRRORFAST_KERNELS=torch")
 
+    a, b = make_inputs(3, 8, torch.float32, seed=1200)
     if _TRITON_ERR is None:
         import mirrorfast.kernels.infonce_triton as mod
 
-        monkeypatch.setattr(mod, "info_nce_triton", boom)
-    a, b = make_inputs(3, 8, torch.float32, seed=1200)
+        monkeypatch.setattr(mod, "fused_info_nce", boom)  # what info_nce calls for the kernel
+        monkeypatch.delenv("MIRRORFAST_KERNELS")
+        with pytest.raises(AssertionError, match="triton path used"):  # the guard is where the kernel is called
+            kernels_pkg.info_nce(a, b, 0.5, "sum", backend="triton")
+        monkeypatch.setenv("MIRRORFAST_KERNELS", "torch")
     out = kernels_pkg.info_nce(a, b, 0.5, "sum", backend="triton")
     assert torch.equal(out, info_nce_reference(a, b, 0.5, "sum"))
 

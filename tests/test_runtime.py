@@ -113,6 +113,24 @@ def test_cuda_provider_without_cuda_ep(tiny_export):
         OnnxEncoder(tiny_export, provider="cuda")
 
 
+def test_auto_does_not_hide_a_broken_gpu_file(tiny_export, tmp_path, monkeypatch):
+    """provider="auto" with the CUDA EP listed: a GPU file that does not load was swallowed and the fp32 file
+    served on the CPU, with nothing said. A CUDA EP that finds no GPU (here: not really there, so onnxruntime
+    runs the CPU EP) still falls back, to the fp32 file, and says so in .provider."""
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    export = tmp_path / "with-fp16"
+    shutil.copytree(tiny_export, export)
+    manifest = json.loads((export / "export.json").read_text())
+    manifest["models"]["fp16"] = "model_fp16.onnx"
+    (export / "export.json").write_text(json.dumps(manifest))
+    shutil.copy(export / "model.onnx", export / "model_fp16.onnx")  # stands in for a GPU file that loads
+    e = OnnxEncoder(export, provider="auto")
+    assert e.provider == "cpu" and e.model_path.name == "model.onnx"
+    (export / "model_fp16.onnx").write_bytes(b"not an onnx file")
+    with pytest.raises(MirrorfastError, match="model_fp16.onnx"):
+        OnnxEncoder(export, provider="auto")
+
+
 def test_int8_asked_but_not_exported(tiny_bert_dir, tmp_path):
     export_model(tiny_bert_dir, tmp_path / "fp32-only", max_length=16)
     with pytest.raises(MirrorfastError, match="no int8 model: export it with --int8"):
