@@ -649,8 +649,8 @@ def render(meta: dict, rows: list[dict], checks: list[dict], args) -> str:
         " wait s: of epoch 2's time, the loop waiting for host batches (its views masked and tokenized in the"
         " background during epoch 1: a GPU epoch shorter than that work waits for it)."
         " tok/s: real (non-pad) tokens per second in epoch 2.",
-        f"MFU = 6 x N x tok/s / peak, N = non-embedding parameters (the transformer layers); real tokens only"
-        f" (padding is not credited), attention-score FLOPs not counted; peak = "
+        "MFU = 6 x N x tok/s / peak, N = non-embedding parameters (the transformer layers); real tokens only"
+        " (padding is not credited), attention-score FLOPs not counted; peak = "
         + (f"{args.peak_tflops:g} TFLOP/s ({meta['peak_source']})" if args.peak_tflops else "none (no GPU)")
         + ". x steady / x 1st ep:"
         " reference time / row time (ms/step, 1st epoch s). peak MiB: torch.cuda.max_memory_allocated, reset per row.",
@@ -821,7 +821,7 @@ def main(argv=None) -> int:
         names = [n for n in names if not any(tag in n for tag in CUDA_ONLY)]
     skipped = {}  # row -> why (printed under the table)
     if device.type == "cpu" and args.tiny and not args.rows:
-        from mirrorfast.trainer import cpu_bf16_emulated
+        from mirrorfast.plan import cpu_bf16_emulated
 
         if cpu_bf16_emulated():
             # The tiny BERT's bf16 rows still run the bf16 path; without MiniLM's the smoke run took 28 s, not 77

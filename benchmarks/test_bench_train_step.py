@@ -77,7 +77,8 @@ def test_step_mirrorfast(benchmark, tiny_bert):
     from mirrorfast.data import TokenizedTexts, packed_batch, padded_batch
     from mirrorfast.model import load_encoder
     from mirrorfast.packing import packed_attention
-    from mirrorfast.trainer import run_packed_kernel, training_step
+    from mirrorfast.plan import run_packed_kernel
+    from mirrorfast.trainer import training_step
 
     torch.manual_seed(0)
     encoder = load_encoder(str(tiny_bert), pooling="cls", max_length=50, dropout=0.1).to(DEVICE).train()

@@ -11,6 +11,7 @@ import sys
 import threading
 
 from mirrorfast import __version__
+from mirrorfast.config import POOLINGS
 from mirrorfast.errors import MirrorfastError, Terminated, raise_terminated, reset_termination, stop_if_terminated
 from mirrorfast.output import completed_outputs, forget_completed_outputs
 
@@ -45,7 +46,7 @@ def _add_train(sub) -> None:
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (0.01)")
     p.add_argument("--dropout", type=float, default=0.1, help="encoder dropout probability (0.1)")
     p.add_argument("--drophead", type=float, default=0.0, help="probability of dropping whole attention heads (0)")
-    p.add_argument("--pooling", choices=["cls", "mean"], default="cls", help="[CLS] (default) or masked mean")
+    p.add_argument("--pooling", choices=POOLINGS, default="cls", help="[CLS] (default) or masked mean")
     prec = p.add_mutually_exclusive_group()
     prec.add_argument("--fp16", action="store_true", help="fp16 autocast + gradient scaling (GPU)")
     prec.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU; also on CPUs with native bf16, e.g. AVX-512 BF16 or AMX)")
@@ -105,7 +106,7 @@ def _add_eval(sub) -> None:
                    help="sentence1,sentence2,score CSV without header (repeatable)")
     p.add_argument("--words", action="append", default=[], metavar="FILE.tsv",
                    help="word1<TAB>word2<TAB>score with a header (repeatable)")
-    p.add_argument("--pooling", choices=["cls", "mean"], help="override the model's pooling (model dirs only)")
+    p.add_argument("--pooling", choices=POOLINGS, help="override the model's pooling (model dirs only)")
     p.add_argument("--max-length", type=int, default=None,
                    help="max tokens per text (model dirs only; default: the model's, capped at its positions)")
     p.add_argument("--batch-size", type=int, default=128, help="texts per encoder call (default: 128)")
@@ -182,7 +183,7 @@ def _add_export(sub) -> None:
                    help="do not L2-normalize sentence_embedding inside the graph")
     p.add_argument("--max-length", type=int, default=None,
                    help="max tokens per text (default: the model's, capped at its positions)")
-    p.add_argument("--pooling", choices=["cls", "mean"],
+    p.add_argument("--pooling", choices=POOLINGS,
                    help="override the model's pooling (default: its mirrorfast.json's, else cls)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR even if it is not a previous export")
     p.add_argument("--triton-repo", metavar="DIR", default=None,

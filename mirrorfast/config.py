@@ -19,6 +19,7 @@ PRESETS = {
 PRECISIONS = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION = ("auto", "padded", "packed")
+POOLINGS = ("cls", "mean")  # [CLS] of the last layer (the paper's), masked mean
 _PATHS = ("model", "corpus", "pairs", "output")  # os.PathLike taken, stored as str
 _FILE_LISTS = ("eval_sts", "eval_words")  # one file or several
 _FLAGS = ("half_model", "dedup", "overwrite", "progress")  # True or False: a string "false" is not False
@@ -113,7 +114,7 @@ class TrainConfig:
             (0 <= self.weight_decay < math.inf, f"--weight-decay must be a finite number >= 0, got {self.weight_decay}"),
             (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
             (0 <= self.drophead < 1, f"--drophead must be in [0, 1), got {self.drophead}"),
-            (self.pooling in ("cls", "mean"), f"--pooling must be cls or mean, got {self.pooling!r}"),
+            (self.pooling in POOLINGS, f"--pooling must be one of {POOLINGS}, got {self.pooling!r}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
             (self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}"),
             (self.attention in ATTENTION, f"--attention must be one of {ATTENTION}, got {self.attention!r}"),

@@ -29,7 +29,7 @@ def default_run_packed_kernel(device) -> str:
     from mirrorfast.config import TrainConfig
     from mirrorfast.errors import MirrorfastError
     from mirrorfast.model import default_model_path
-    from mirrorfast.trainer import run_packed_kernel
+    from mirrorfast.plan import run_packed_kernel
 
     cfg = TrainConfig().resolved()
     try:
@@ -47,7 +47,7 @@ def report() -> dict:
     from mirrorfast.kernels import resolve_backend
     from mirrorfast.model import pick_device
     from mirrorfast.packing import flash_supported
-    from mirrorfast.trainer import cpu_bf16_emulated, cpu_has_native_bf16, environment_errors
+    from mirrorfast.plan import cpu_bf16_emulated, cpu_has_native_bf16, environment_errors
 
     device = pick_device("auto")
     cuda = device.type == "cuda"

@@ -16,13 +16,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from mirrorfast.config import POOLINGS
 from mirrorfast.errors import MirrorfastError, check_flag, first_line
 from mirrorfast.hub import cache_dir, resolve_hub_id
 from mirrorfast.last_layer import first_token_outputs, last_bert_layer, without_last_layer
 from mirrorfast.packing import first_position_id, packed_first_tokens, packed_hidden, packed_pool
 from mirrorfast.tokens import as_texts, check_batch_size, check_vocabulary
 
-POOLINGS = ("cls", "mean")
 MIRRORFAST_JSON = "mirrorfast.json"
 
 

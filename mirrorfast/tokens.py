@@ -77,7 +77,7 @@ def batch_encoder(tokenizer, truncate_to: int | None, on_truncated: Callable[[in
     from tokenizers import Tokenizer
 
     side = getattr(tokenizer, "truncation_side", "right")
-    per_token = chars_per_token_tried or truncation.CHARS_PER_TOKEN_KEPT  # read at each call (tests patch it)
+    per_token = chars_per_token_tried or truncation.CHARS_PER_TOKEN_KEPT  # read per encoder made (tests patch it)
     keep = truncate_to * per_token if truncate_to else None  # fast tokenizers only
     core = getattr(tokenizer, "backend_tokenizer", None)
     if isinstance(core, Tokenizer):

@@ -24,25 +24,23 @@ from tqdm.auto import tqdm
 
 import mirrorfast
 from mirrorfast.augment import masked_views
-from mirrorfast.config import TrainConfig, env_switch
-from mirrorfast.data import (CUDA_WIDTH_MULTIPLE, PACK_BUCKET, PAD_SEGMENT_MAX, TILE_PAD_SEGMENT_MAX, Batch, Corpus,
-                             epoch_batches, load_corpus, load_pairs, packed_batch, pad_segments, padded_batch)
+from mirrorfast.config import TrainConfig
+from mirrorfast.data import (CUDA_WIDTH_MULTIPLE, PAD_SEGMENT_MAX, Batch, Corpus, epoch_batches, load_corpus,
+                             load_pairs, packed_batch, padded_batch)
 from mirrorfast.errors import MirrorfastError, check_flag, stop_if_terminated
 from mirrorfast.evaluate import evaluate, format_spearman, read_sts, read_words
-from mirrorfast.fused_norm import FUSED_LAYERNORM_ENV, fused_layernorm_requested, fused_residual_layernorm
+from mirrorfast.fused_norm import fused_residual_layernorm
 from mirrorfast.graphs import GraphedStep
 from mirrorfast.halfmodel import HalfModel
-from mirrorfast.kernels import info_nce, resolve_backend
-from mirrorfast.kernels.functional import reference_forced
-from mirrorfast.last_layer import FIRST_TOKEN_ENV, last_bert_layer
+from mirrorfast.kernels import info_nce
 from mirrorfast.model import (MIRRORFAST_JSON, Encoder, enable_drophead, load_encoder, pick_device,
                               read_mirrorfast_config, save_encoder, without_pooler)
 from mirrorfast.output import atomic_directory, check_destination
-from mirrorfast.packing import cuda_kernel as packed_cuda_kernel
-from mirrorfast.packing import attention_heads, flash_supported, packed_attention, packed_kernel, supports_packing
+from mirrorfast.packing import packed_attention
+from mirrorfast.plan import RunPlan, autocast_dtype, check_environment, plan_run
 from mirrorfast.prefetch import BatchStream
 from mirrorfast.tokens import TokenizedTexts, batch_encoder
-from mirrorfast.warmup import WARMUP_ENV, KernelWarmUp, describe_warm_ups, kernel_warm_ups
+from mirrorfast.warmup import KernelWarmUp, describe_warm_ups, kernel_warm_ups
 
 
 @dataclass
@@ -61,116 +59,10 @@ class TrainResult:
     input_wait_seconds: list[float] = field(default_factory=list)
 
 
-PRECISION_NAMES = {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}  # autocast dtype -> name
 
 
 def is_mirrorfast_output(path: Path) -> bool:
     return (path / MIRRORFAST_JSON).is_file()
-
-
-# ------------------------------------------------------------------------------------------- setup
-def _cpu_flags(cpuinfo: str) -> list[str] | None:
-    """The CPU's feature flags from Linux's /proc/cpuinfo; None where it cannot be read."""
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
-            return next((line for line in handle if line.startswith("flags")), "").split()
-    except OSError:
-        return None
-
-
-def _has_bf16_dot(flags: list[str]) -> bool:
-    return "avx512_bf16" in flags or "amx_bf16" in flags  # AVX-512 BF16 or AMX
-
-
-def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether the CPU advertises bf16 dot products (AVX-512 BF16 or AMX), from Linux's /proc/cpuinfo."""
-    return _has_bf16_dot(_cpu_flags(cpuinfo) or [])
-
-
-def cpu_bf16_emulated(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether bf16 matrix products are emulated here: an x86 CPU whose flags (read from /proc/cpuinfo) have
-    neither AVX-512 BF16 nor AMX. False where that cannot be told (other architectures, no /proc)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    flags = _cpu_flags(cpuinfo)
-    return bool(flags) and not _has_bf16_dot(flags)
-
-
-# What emulated bf16 cost, measured (benchmarks/RESULTS.md): quoted by autocast_dtype's warning.
-CPU_BF16_EMULATED_COST = ("a MiniLM step of 100 views took 41.5 s with --bf16 vs 2.0-2.1 s in fp32 (20x slower) "
-                          "on a 2-core AVX2 CPU, 2026-11-27")
-
-
-def autocast_dtype(precision: str, device: torch.device, log: Callable[[str], None]) -> torch.dtype | None:
-    """None means plain fp32. fp16 on the CPU falls back to fp32 (CPU fp16 autocast is slow and lossy)."""
-    if device.type == "cpu" and precision != "bf16" and cpu_has_native_bf16():
-        hint = ("this CPU has native bf16: --bf16 trained 1.6x faster than fp32, same STS-B score, on a 2-core "
-                "AVX-512 BF16 CPU (benchmarks/RESULTS.md)")
-    else:
-        hint = ""
-    if precision == "fp16" and device.type == "cpu":
-        log("precision: --fp16 needs a GPU; training in fp32 on the CPU instead" + (f" ({hint})" if hint else ""))
-        return None
-    if hint:
-        log(f"precision: fp32 ({hint})")
-    if precision == "bf16" and device.type == "cpu" and cpu_bf16_emulated():
-        log(f"precision: warning: this CPU has no bf16 instructions (no AVX-512 BF16 or AMX), so its bf16 matrix "
-            f"products are emulated: {CPU_BF16_EMULATED_COST}. Leave out --bf16 to train in fp32.")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise MirrorfastError("--bf16: this GPU does not support bfloat16; use --fp16")
-    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-
-
-def use_packing(cfg: TrainConfig, encoder: Encoder, device: torch.device, dtype: torch.dtype | None,
-                log: Callable[[str], None] = lambda message: None) -> bool:
-    """`auto` packs where FlashAttention runs: CUDA, fp16/bf16, an sm80+ GPU, a supported architecture
-    (explicit `packed` also runs elsewhere, through the gathered-SDPA path). DropHead draws one mask per
-    sequence, and a packed batch is one sequence of all views: it trains padded."""
-    if cfg.attention == "padded":
-        return False
-    if cfg.attention == "packed":
-        if not supports_packing(encoder.model):
-            raise MirrorfastError(f"--attention packed does not support model type {encoder.model.config.model_type!r}")
-        if device.type == "cuda" and dtype is None:
-            raise MirrorfastError("--attention packed on CUDA needs --fp16 or --bf16 (FlashAttention)")
-        if cfg.drophead > 0:
-            raise MirrorfastError("--drophead needs padded batches (one mask per view): use --attention auto or padded")
-        return True
-    if not (device.type == "cuda" and dtype is not None and cfg.drophead == 0 and supports_packing(encoder.model)):
-        return False
-    if not flash_supported(device):
-        log("attention: padded batches: FlashAttention needs an Ampere or newer GPU (sm80+); "
-            "--attention packed runs unpadded through PyTorch SDPA instead")
-        return False
-    return True
-
-
-def run_packed_kernel(cfg: TrainConfig, model_config, device: torch.device, batch_size: int) -> str:
-    """The packed-attention kernel of a run (`packing.packed_kernel`), decided once: views never exceed
-    max_length (bucketed batches round it up to a multiple of 32, at most 128 while max_length is), and a
-    batch has two views a string plus its padding segments."""
-    views = 2 * batch_size + pad_segments(PACK_BUCKET, TILE_PAD_SEGMENT_MAX)
-    return packed_kernel(device, cfg.max_length, views=views, **attention_heads(model_config))
-
-
-def use_cuda_graphs(cfg: TrainConfig, device: torch.device, dtype: torch.dtype | None, packed: bool) -> bool:
-    """CUDA graphs replay the whole step; on by default wherever they apply (measured faster on an H200,
-    benchmarks/RESULTS.md). --cuda-graphs insists (an error where they cannot apply), --no-cuda-graphs
-    turns them off."""
-    if cfg.cuda_graphs is None:
-        return device.type == "cuda" and dtype is not None and packed
-    if cfg.cuda_graphs:
-        check_graphable(device, dtype, packed)
-    return cfg.cuda_graphs
-
-
-def check_graphable(device: torch.device, dtype: torch.dtype | None, packed: bool) -> None:
-    if device.type != "cuda":
-        raise MirrorfastError("--cuda-graphs needs a CUDA GPU")
-    if dtype is None:
-        raise MirrorfastError("--cuda-graphs needs --bf16 or --fp16 (packed attention runs in half precision)")
-    if not packed:
-        raise MirrorfastError("--cuda-graphs needs packed attention (--attention auto or packed)")
 
 
 class ViewSource:
@@ -303,27 +195,6 @@ def _peak_memory(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def environment_errors() -> list[str]:
-    """What is wrong with the MIRRORFAST_* switches a run reads: each one's message (`mirrorfast env` lists
-    them all; a run stops at the first)."""
-    checks = (reference_forced, packed_cuda_kernel, lambda: env_switch(FUSED_LAYERNORM_ENV, default=False),
-              lambda: env_switch(WARMUP_ENV, default=True), lambda: env_switch(FIRST_TOKEN_ENV, default=True))
-    errors = []
-    for check in checks:
-        try:
-            check()
-        except MirrorfastError as exc:
-            errors.append(str(exc))
-    return errors
-
-
-def check_environment() -> None:
-    """Parse every MIRRORFAST_* switch the run reads, before any work: a typo fails now, not after the
-    model has loaded (each is read again where it is used)."""
-    if errors := environment_errors():
-        raise MirrorfastError(errors[0])
-
-
 # ---------------------------------------------------------------------------------------- the loop
 @torch.inference_mode(False)  # called from a notebook cell under no_grad / inference_mode: still trains
 @torch.enable_grad()
@@ -347,7 +218,6 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
                           inputs=[cfg.model, corpus_file, cfg.pairs, *cfg.eval_sts, *cfg.eval_words])
 
     torch.manual_seed(cfg.seed)
-
     corpus = load_pairs(cfg.pairs, cfg.dedup) if cfg.pairs else load_corpus(cfg.corpus, cfg.dedup)
     eval_sets = [read_sts(path) for path in cfg.eval_sts] + [read_words(path) for path in cfg.eval_words]
     log(f"corpus: {corpus.description}: {len(corpus)} {corpus.unit}"
@@ -367,26 +237,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     if batch_size < cfg.batch_size:
         log(f"batch: the corpus has {len(corpus)} {corpus.unit}, fewer than --batch-size {cfg.batch_size}; "
             f"training with batches of {batch_size}")
-    packed = use_packing(cfg, encoder, device, dtype, log)
-    graphs = use_cuda_graphs(cfg, device, dtype, packed)
-    half_model = cfg.half_model and dtype is not None
-    fused_norm = fused_layernorm_requested(device)
-    if cfg.half_model and not half_model:
-        log("half model: off (the CPU trains --fp16 in fp32)")
-    loss_backend = resolve_backend("auto", device)
-    kernel = run_packed_kernel(cfg, encoder.model.config, device, batch_size) if packed else None
-    attention = "padded" if kernel is None else "packed" if kernel == "flash" else f"packed-{kernel}"
-    # cls pooling reads the last layer at the first token alone: the rest of that layer is skipped (DropHead's
-    # hooks sit on the attention modules this path does not call; MIRRORFAST_FIRST_TOKEN_LAST_LAYER=0 keeps it).
-    first_token = (encoder.pooling == "cls" and cfg.drophead == 0 and last_bert_layer(encoder.model) is not None
-                   and env_switch(FIRST_TOKEN_ENV, default=True))
-    # How this run computes (logged, and recorded in mirrorfast.json).
-    paths = {"precision": PRECISION_NAMES[dtype], "attention": attention, "loss": loss_backend,
-             "cuda_graphs": graphs, "half_model": half_model, "fused_layernorm": fused_norm,
-             "last_layer": "first-token" if first_token else "full"}
+    plan = plan_run(cfg, encoder, device, dtype, batch_size, log)
     log(f"recipe: level={cfg.level} T={cfg.temperature} mask_span={cfg.mask_span} max_length={cfg.max_length} "
         f"epochs={cfg.epochs} batch={batch_size} lr={cfg.lr} dropout={cfg.dropout} drophead={cfg.drophead} "
-        f"pooling={cfg.pooling} " + " ".join(f"{k}={v}" for k, v in paths.items()))
+        f"pooling={cfg.pooling} " + " ".join(f"{k}={v}" for k, v in plan.paths.items()))
 
     batch_rng = random.Random(cfg.seed)
     schedules = []  # only the epochs --max-steps reaches (`--epochs 1000000 --max-steps 10` ran out of memory)
@@ -394,13 +248,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
         schedules.append(epoch_batches(len(corpus), batch_size, batch_rng))
     if cfg.max_steps is not None:
         schedules = first_steps(schedules, cfg.max_steps)
-    bucket = PACK_BUCKET if graphs else None
-    segment_max = TILE_PAD_SEGMENT_MAX if attention in ("packed-sdpa", "packed-triton") else PAD_SEGMENT_MAX
     # The run's Triton kernels compile in background threads while the model moves and the corpus is tokenized.
-    warm_ups = kernel_warm_ups(loss_backend=loss_backend, attention_kernel=kernel, fused_norm=fused_norm,
-                               config=encoder.model.config, device=device, dtype=dtype, half_model=half_model,
-                               schedules=schedules, max_length=cfg.max_length, dropout=cfg.dropout, bucket=bucket,
-                               pad_segment_max=segment_max)
+    warm_ups = kernel_warm_ups(loss_backend=plan.loss_backend, attention_kernel=plan.kernel,
+                               fused_norm=plan.fused_norm, config=encoder.model.config, device=device, dtype=dtype,
+                               half_model=plan.half_model, schedules=schedules, max_length=cfg.max_length,
+                               dropout=cfg.dropout, bucket=plan.bucket, pad_segment_max=plan.pad_segment_max)
     kernels_compiling = KernelWarmUp(warm_ups) if warm_ups else None
 
     encoder.to(device)
@@ -410,43 +262,84 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
         log(f"eval: {r['file']} ({r['kind']}, {r['pairs']} pairs) before training: Spearman "
             f"{format_spearman(r['spearman'])}")
     eval_seconds = time.perf_counter() - t_eval
-    encoder.train()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    # CUDA graphs record the weight casts themselves; autocast's cast cache must not carry across captures.
-    # A --half-model model is in fp16/bf16 already: no autocast.
-    autocast = (torch.autocast(device.type, dtype=dtype, cache_enabled=not graphs)
-                if dtype is not None and not half_model else contextlib.nullcontext())
-
     if len(corpus) >= 100_000:  # ~10 s per 300,000 strings and view on 2 CPU cores: say what the wait is
         log(f"tokenizing: {len(corpus):,} strings, both views, before the first step")
     source = ViewSource(corpus, encoder.tokenizer, cfg)
-    total_steps = sum(len(s) for s in schedules)
+    loop = _train_epochs(encoder, cfg, plan, device, source, schedules, kernels_compiling, log)
+    # The trained model as saved: fp32 weights (--half-model released), standard attention and LayerNorm.
+    evaluation = [{"file": b["file"], "kind": b["kind"], "pairs": b["pairs"], "before": b["spearman"],
+                   "after": a["spearman"]} for b, a in zip(before, evaluate(encoder, eval_sets))]
+    train_seconds = sum(loop.epoch_seconds)
+    result = TrainResult(
+        output=out_dir if save else None, steps=loop.steps, epoch_seconds=loop.epoch_seconds,
+        tokens_per_second=loop.tokens / max(train_seconds, 1e-9),
+        final_loss=loop.losses[-1] if loop.losses else float("nan"), losses=loop.losses,
+        peak_memory_bytes=_peak_memory(device), setup_seconds=loop.started - t_setup - eval_seconds,
+        evaluation=evaluation, input_wait_seconds=loop.input_waits,
+    )
+    waits = result.input_wait_seconds
+    waited = (f" (waiting for input batches: {', '.join(f'{w:.2f}s' for w in waits)})"
+              if max(waits, default=0) >= 0.01 else "")
+    log(f"done: {result.steps} steps, epochs {', '.join(f'{s:.2f}s' for s in result.epoch_seconds)}{waited}, "
+        f"{result.tokens_per_second:,.0f} tokens/s, final loss {result.final_loss:.4f}, "
+        f"peak memory {result.peak_memory_bytes / 2**20:,.0f} MiB")
+    for r in evaluation:
+        log(f"eval: {r['file']} ({r['kind']}, {r['pairs']} pairs): Spearman "
+            f"{format_spearman(r['before'])} -> {format_spearman(r['after'])}")
+    if save:
+        metadata = _metadata(cfg, corpus, encoder, device, plan.paths, result)
+        with atomic_directory(out_dir) as tmp:
+            save_encoder(encoder, tmp, metadata)
+        log(f"saved: {out_dir} (Hugging Face + sentence-transformers + mirrorfast.json)")
+    return result
+
+
+@dataclass
+class _Loop:
+    """What the epochs did: steps, per-step losses, tokens, per-epoch seconds and input waits, and when the
+    first step started (the end of setup)."""
+
+    started: float
+    steps: int = 0
+    tokens: int = 0
+    losses: list[float] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)
+    input_waits: list[float] = field(default_factory=list)
+
+
+def _train_epochs(encoder: Encoder, cfg: TrainConfig, plan: RunPlan, device: torch.device, source: ViewSource,
+                  schedules: list[list[np.ndarray]], kernels_compiling: KernelWarmUp | None,
+                  log: Callable[[str], None]) -> _Loop:
+    """The epochs of `schedules`: batches built and uploaded ahead (BatchStream), the step replayed from CUDA
+    graphs where the plan says so, losses read without waiting for the GPU."""
+    encoder.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    scaler = torch.amp.GradScaler(device.type, enabled=plan.dtype == torch.float16)
+    # CUDA graphs record the weight casts themselves; autocast's cast cache must not carry across captures.
+    # A --half-model model is in fp16/bf16 already: no autocast.
+    autocast = (torch.autocast(device.type, dtype=plan.dtype, cache_enabled=not plan.graphs)
+                if plan.dtype is not None and not plan.half_model else contextlib.nullcontext())
     pad_id = encoder.tokenizer.pad_token_id
     width_multiple = CUDA_WIDTH_MULTIPLE if device.type == "cuda" else 1
-    build = lambda views, rows: build_batches(views, rows, packed, pad_id, bucket, width_multiple, segment_max,  # noqa: E731
-                                               cfg.max_length)
+    build = lambda views, rows: build_batches(views, rows, plan.packed, pad_id, plan.bucket,  # noqa: E731
+                                              width_multiple, plan.pad_segment_max, cfg.max_length)
     upload = lambda batches: [b.to(device, non_blocking=True) for b in batches]  # noqa: E731
-
     monitor = LossMonitor(device)
-    epoch_seconds: list[float] = []
-    tokens_seen, step = 0, 0
-    bar = tqdm(total=total_steps, unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=sum(len(s) for s in schedules), unit="step", disable=not cfg.progress, dynamic_ncols=True)
     with (BatchStream(source.epoch, build, upload, schedules) as stream,
-          trained_parameters(encoder.model, dtype, half_model) as (params, half),
-          packed_attention(encoder.model, kernel) if packed else contextlib.nullcontext(),
-          fused_residual_layernorm(encoder.model) if fused_norm else contextlib.nullcontext(),
-          encoder.first_token_last_layer_only() if first_token else contextlib.nullcontext()):
+          trained_parameters(encoder.model, plan.dtype, plan.half_model) as (params, half),
+          packed_attention(encoder.model, plan.kernel) if plan.packed else contextlib.nullcontext(),
+          fused_residual_layernorm(encoder.model) if plan.fused_norm else contextlib.nullcontext(),
+          encoder.first_token_last_layer_only() if plan.first_token else contextlib.nullcontext()):
         # Fused AdamW: one kernel for all parameters instead of a loop of per-tensor kernels.
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True,
-                                      capturable=graphs)
+                                      capturable=plan.graphs)
         step_fn = lambda batch: training_step(  # noqa: E731
-            encoder, batch, cfg.temperature, optimizer, scaler, autocast, loss_backend, half)
-        run_step = GraphedStep(step_fn, log=log) if graphs else step_fn
+            encoder, batch, cfg.temperature, optimizer, scaler, autocast, plan.loss_backend, half)
+        run_step = GraphedStep(step_fn, log=log) if plan.graphs else step_fn
         stream.start()  # the first batches, built and uploaded: setup, not training time
-        setup_seconds = time.perf_counter() - t_setup - eval_seconds
-        t_train = time.perf_counter()
+        loop = _Loop(started=time.perf_counter())
         for epoch in range(len(schedules)):
             t_epoch = time.perf_counter()
             if kernels_compiling is not None:  # inside the first epoch: compile time setup did not hide counts
@@ -456,45 +349,22 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
                 kernels_compiling = None
             for batch in stream.epoch(epoch):
                 stop_if_terminated()  # the CLI's SIGTERM, should its exception have been swallowed on the way
-                monitor.push(step, run_step(batch))
-                step += 1
-                tokens_seen += batch.tokens
-                _report(monitor.poll(), bar, cfg, tokens_seen, t_train)
+                monitor.push(loop.steps, run_step(batch))
+                loop.steps += 1
+                loop.tokens += batch.tokens
+                _report(monitor.poll(), bar, loop)
                 bar.update(1)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            epoch_seconds.append(time.perf_counter() - t_epoch)
-            _report(monitor.poll(wait=True), bar, cfg, tokens_seen, t_train)
+            loop.epoch_seconds.append(time.perf_counter() - t_epoch)
+            _report(monitor.poll(wait=True), bar, loop)
     bar.close()
-    # The trained model as saved: fp32 weights (--half-model released), standard attention and LayerNorm.
-    evaluation = [{"file": b["file"], "kind": b["kind"], "pairs": b["pairs"], "before": b["spearman"],
-                   "after": a["spearman"]} for b, a in zip(before, evaluate(encoder, eval_sets))]
-    train_seconds = sum(epoch_seconds)
-    result = TrainResult(
-        output=out_dir if save else None, steps=step, epoch_seconds=epoch_seconds,
-        tokens_per_second=tokens_seen / max(train_seconds, 1e-9),
-        final_loss=monitor.values[-1] if monitor.values else float("nan"),
-        losses=monitor.values, peak_memory_bytes=_peak_memory(device), setup_seconds=setup_seconds,
-        evaluation=evaluation, input_wait_seconds=[stream.waited.get(e, 0.0) for e in range(len(epoch_seconds))],
-    )
-    waits = result.input_wait_seconds
-    waited = (f" (waiting for input batches: {', '.join(f'{w:.2f}s' for w in waits)})"
-              if max(waits, default=0) >= 0.01 else "")
-    log(f"done: {step} steps, epochs {', '.join(f'{s:.2f}s' for s in epoch_seconds)}{waited}, "
-        f"{result.tokens_per_second:,.0f} tokens/s, final loss {result.final_loss:.4f}, "
-        f"peak memory {result.peak_memory_bytes / 2**20:,.0f} MiB")
-    for r in evaluation:
-        log(f"eval: {r['file']} ({r['kind']}, {r['pairs']} pairs): Spearman "
-            f"{format_spearman(r['before'])} -> {format_spearman(r['after'])}")
-    if save:
-        metadata = _metadata(cfg, corpus, encoder, device, paths, result)
-        with atomic_directory(out_dir) as tmp:
-            save_encoder(encoder, tmp, metadata)
-        log(f"saved: {out_dir} (Hugging Face + sentence-transformers + mirrorfast.json)")
-    return result
+    loop.losses = monitor.values
+    loop.input_waits = [stream.waited.get(e, 0.0) for e in range(len(loop.epoch_seconds))]
+    return loop
 
 
-def _report(new: list[tuple[int, float]], bar, cfg: TrainConfig, tokens_seen: int, t_train: float) -> None:
+def _report(new: list[tuple[int, float]], bar, loop: _Loop) -> None:
     for step, value in new:
         if not math.isfinite(value):
             raise MirrorfastError(
@@ -502,8 +372,8 @@ def _report(new: list[tuple[int, float]], bar, cfg: TrainConfig, tokens_seen: in
                 "Try a lower --lr, a higher --temperature, or --bf16 instead of --fp16"
             )
     if new:
-        elapsed = max(time.perf_counter() - t_train, 1e-9)
-        bar.set_postfix(loss=f"{new[-1][1]:.4f}", tok_s=f"{tokens_seen / elapsed:,.0f}", refresh=False)
+        elapsed = max(time.perf_counter() - loop.started, 1e-9)
+        bar.set_postfix(loss=f"{new[-1][1]:.4f}", tok_s=f"{loop.tokens / elapsed:,.0f}", refresh=False)
 
 
 def _metadata(cfg, corpus, encoder, device, paths: dict, result: TrainResult) -> dict:

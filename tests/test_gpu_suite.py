@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mirrorfast.trainer import cpu_bf16_emulated
+from mirrorfast.plan import cpu_bf16_emulated
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "benchmarks" / "gpu_suite.py"

@@ -358,9 +358,9 @@ def test_auto_packs_only_where_flash_attention_runs(tiny_bert_dir, corpus, monke
     """A T4 or V100 (no FlashAttention) trains padded under `auto`; explicit packed still runs there, through
     the gathered-SDPA path; on an sm80+ GPU `auto` packs, with the Triton kernel where the run's views fit it
     and FlashAttention otherwise."""
-    from mirrorfast import packing, trainer
+    from mirrorfast import packing, plan
     from mirrorfast.model import load_encoder
-    from mirrorfast.trainer import use_packing
+    from mirrorfast.plan import use_packing
 
     encoder = load_encoder(tiny_bert_dir)
     cuda = torch.device("cuda")  # a device object only: nothing touches a GPU
@@ -368,7 +368,7 @@ def test_auto_packs_only_where_flash_attention_runs(tiny_bert_dir, corpus, monke
     packed = TrainConfig(**{**auto.__dict__, "attention": "packed"})
     assert not packing.flash_supported(torch.device("cpu"))
     for supported in (False, True):
-        monkeypatch.setattr(trainer, "flash_supported", lambda device, s=supported: s)
+        monkeypatch.setattr(plan, "flash_supported", lambda device, s=supported: s)
         monkeypatch.setattr(packing, "flash_supported", lambda device, s=supported: s)
         logs = []
         assert use_packing(auto, encoder, cuda, torch.float16, logs.append) is supported
@@ -377,15 +377,15 @@ def test_auto_packs_only_where_flash_attention_runs(tiny_bert_dir, corpus, monke
         assert packing.packed_kernel(cuda, 50) == ("flash" if supported else "sdpa")
         # the run's kernel: its shapes fit the Triton kernel (heads x head dim as timed), the default where it is
         resolved = auto.resolved()
-        assert trainer.run_packed_kernel(resolved, encoder.model.config, cuda, 200) == ("triton" if supported else "sdpa")
+        assert plan.run_packed_kernel(resolved, encoder.model.config, cuda, 200) == ("triton" if supported else "sdpa")
         long_views = TrainConfig(**{**resolved.__dict__, "max_length": 256})
-        assert trainer.run_packed_kernel(long_views, encoder.model.config, cuda, 200) == ("flash" if supported else "sdpa")
+        assert plan.run_packed_kernel(long_views, encoder.model.config, cuda, 200) == ("flash" if supported else "sdpa")
 
 
 def test_cuda_graphs_on_wherever_they_apply(tiny_bert_dir, corpus, tmp_path):
     """Default (None): on exactly for CUDA + fp16/bf16 + packed attention; --no-cuda-graphs turns them off;
     --cuda-graphs insists and is refused where they cannot apply. The decision is recorded in the output."""
-    from mirrorfast.trainer import use_cuda_graphs
+    from mirrorfast.plan import use_cuda_graphs
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # device objects only: nothing touches a GPU
     auto = TrainConfig(model=str(tiny_bert_dir), corpus=str(corpus))
@@ -407,22 +407,22 @@ def test_cuda_graphs_on_wherever_they_apply(tiny_bert_dir, corpus, tmp_path):
 
 
 def test_cpu_bf16_hint(tmp_path, monkeypatch):
-    from mirrorfast import trainer
+    from mirrorfast import plan
 
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n\n")
-    assert trainer.cpu_has_native_bf16(str(info))
+    assert plan.cpu_has_native_bf16(str(info))
     info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
-    assert not trainer.cpu_has_native_bf16(str(info))
-    assert not trainer.cpu_has_native_bf16(str(tmp_path / "missing"))
+    assert not plan.cpu_has_native_bf16(str(info))
+    assert not plan.cpu_has_native_bf16(str(tmp_path / "missing"))
 
     cpu = torch.device("cpu")
     for native in (True, False):
-        monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda native=native: native)
+        monkeypatch.setattr(plan, "cpu_has_native_bf16", lambda native=native: native)
         logs = []
-        assert trainer.autocast_dtype("fp32", cpu, logs.append) is None
-        assert trainer.autocast_dtype("fp16", cpu, logs.append) is None
-        assert trainer.autocast_dtype("bf16", cpu, logs.append) is torch.bfloat16
+        assert plan.autocast_dtype("fp32", cpu, logs.append) is None
+        assert plan.autocast_dtype("fp16", cpu, logs.append) is None
+        assert plan.autocast_dtype("bf16", cpu, logs.append) is torch.bfloat16
         hinted = [m for m in logs if "--bf16 trained 1.6x faster" in m]
         assert len(hinted) == (2 if native else 0), logs
         assert sum("--fp16 needs a GPU" in m for m in logs) == 1
@@ -433,39 +433,39 @@ def test_cpu_bf16_emulated_warning(tmp_path, monkeypatch):
     what that cost); on one with them, or where that cannot be told, it says nothing of the kind."""
     import platform
 
-    from mirrorfast import trainer
+    from mirrorfast import plan
 
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n\n")
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
-    assert trainer.cpu_bf16_emulated(str(info))
+    assert plan.cpu_bf16_emulated(str(info))
     info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f amx_bf16\n")
-    assert not trainer.cpu_bf16_emulated(str(info))
-    assert not trainer.cpu_bf16_emulated(str(tmp_path / "missing"))
+    assert not plan.cpu_bf16_emulated(str(info))
+    assert not plan.cpu_bf16_emulated(str(tmp_path / "missing"))
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")  # its own bf16 story: not told from these flags
     info.write_text("processor\t: 0\nflags\t\t: fp asimd\n")
-    assert not trainer.cpu_bf16_emulated(str(info))
+    assert not plan.cpu_bf16_emulated(str(info))
 
     cpu = torch.device("cpu")
     for emulated in (True, False):
-        monkeypatch.setattr(trainer, "cpu_bf16_emulated", lambda emulated=emulated: emulated)
+        monkeypatch.setattr(plan, "cpu_bf16_emulated", lambda emulated=emulated: emulated)
         logs = []
-        assert trainer.autocast_dtype("bf16", cpu, logs.append) is torch.bfloat16  # warned, not overridden
-        assert trainer.autocast_dtype("fp32", cpu, logs.append) is None
+        assert plan.autocast_dtype("bf16", cpu, logs.append) is torch.bfloat16  # warned, not overridden
+        assert plan.autocast_dtype("fp32", cpu, logs.append) is None
         warned = [m for m in logs if "emulated" in m]
         assert len(warned) == (1 if emulated else 0), logs
         if emulated:
-            assert trainer.CPU_BF16_EMULATED_COST in warned[0] and "Leave out --bf16" in warned[0]
+            assert plan.CPU_BF16_EMULATED_COST in warned[0] and "Leave out --bf16" in warned[0]
 
 
 def test_drophead_trains_padded(tiny_bert_dir, corpus, tmp_path, capsys, monkeypatch):
     """DropHead draws one mask per sequence; a packed batch is one sequence of all views, so DropHead
     trains padded: `auto` picks padded even where it would pack, explicit packed is refused."""
-    from mirrorfast import trainer
+    from mirrorfast import plan
     from mirrorfast.model import load_encoder
-    from mirrorfast.trainer import use_packing
+    from mirrorfast.plan import use_packing
 
-    monkeypatch.setattr(trainer, "flash_supported", lambda device: True)  # as on an sm80+ GPU
+    monkeypatch.setattr(plan, "flash_supported", lambda device: True)  # as on an sm80+ GPU
     encoder = load_encoder(tiny_bert_dir)
     cuda = torch.device("cuda")  # a device object only: use_packing decides without touching a GPU
     base = TrainConfig(model=str(tiny_bert_dir), corpus=str(corpus))
@@ -567,6 +567,7 @@ def test_loss_kernels_compile_in_the_background_before_the_first_step(tiny_bert_
     import threading
 
     import mirrorfast.kernels.infonce_triton as nce
+    import mirrorfast.plan as plan
     import mirrorfast.trainer as trainer
     import mirrorfast.warmup as warmup
 
@@ -596,7 +597,7 @@ def test_loss_kernels_compile_in_the_background_before_the_first_step(tiny_bert_
     monkeypatch.setattr(nce, "warm_up", recording_warm_up)
     monkeypatch.setattr(warmup.KernelWarmUp, "wait", recording_wait)
     monkeypatch.setattr(trainer, "info_nce", recording_info_nce)
-    monkeypatch.setattr(trainer, "resolve_backend", lambda backend, device: "triton")
+    monkeypatch.setattr(plan, "resolve_backend", lambda backend, device: "triton")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(SENTENCES[:13]) + "\n", encoding="utf-8")  # batches of 5, 5 and 3
     cfg = TrainConfig(model=str(tiny_bert_dir), corpus=str(corpus), batch_size=5, epochs=2, precision="bf16",
