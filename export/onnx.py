@@ -144,6 +144,15 @@ def is_export_output(path: Path) -> bool:
     return (Path(path) / EXPORT_JSON).is_file()
 
 
+def _recorded_files(path: Path) -> list[str] | None:
+    """The entries a previous export listed in its export.json ("files"); None where it cannot tell."""
+    try:
+        files = json.loads((Path(path) / EXPORT_JSON).read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return files if isinstance(files, list) and all(isinstance(name, str) for name in files) else None
+
+
 def _resolve_max_length(encoder: Encoder, requested: int | None) -> int:
     """--max-length, checked against the model's positions; by default the model's, capped at them."""
     limit = position_limit(encoder.model.config)
@@ -532,7 +541,8 @@ def export_model(
     opset = _check_opset(DEFAULT_OPSET if opset is None else opset)
     out_dir = Path(out_dir)
     check_destination(out_dir, is_export_output, overwrite, "export (no export.json in it)",
-                      inputs=[getattr(model.model, "name_or_path", None) if isinstance(model, Encoder) else model])
+                      inputs=[getattr(model.model, "name_or_path", None) if isinstance(model, Encoder) else model],
+                      recorded=_recorded_files)
     thresholds = {**PARITY_THRESHOLDS, **(parity_thresholds or {})}
     try:
         import onnx

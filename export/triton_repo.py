@@ -231,7 +231,9 @@ def check_triton_repo(export_dir: str | Path, repo_dir: str | Path, settings: Tr
     if repo_dir.exists() and not repo_dir.is_dir():
         raise MirrorfastError(f"Triton repository {repo_dir} exists and is not a directory")
     model_dir = repo_dir / _model_name(Path(export_dir), settings.model_name)
-    check_destination(model_dir, _is_ours, overwrite, "Triton model folder")
+    # what a mirrorfast model folder holds: a version added by hand ("2/") is not replaced without overwrite
+    check_destination(model_dir, _is_ours, overwrite, "Triton model folder",
+                      recorded=lambda folder: ["config.pbtxt", VERSION])
     return model_dir
 
 

@@ -458,9 +458,11 @@ def save_encoder(encoder: Encoder, directory: str | os.PathLike, metadata: dict)
     with _quiet_transformers():  # no "Writing model shards" bar: the trainer says what was saved
         encoder.model.save_pretrained(directory, safe_serialization=True)
     save_tokenizer(encoder.tokenizer, directory, encoder.max_length)
-    files = sentence_transformers_files(encoder.pooling, encoder.dim, encoder.max_length)
-    files[MIRRORFAST_JSON] = {"pooling": encoder.pooling, "max_length": encoder.max_length, **metadata}
-    for name, content in files.items():
+    for name, content in sentence_transformers_files(encoder.pooling, encoder.dim, encoder.max_length).items():
         path = directory / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+    # "files": what this output holds, so that a later run replacing it can tell a user's own files in it
+    written = sorted({p.name for p in directory.iterdir()} | {MIRRORFAST_JSON})
+    mirrorfast_json = {"pooling": encoder.pooling, "max_length": encoder.max_length, **metadata, "files": written}
+    (directory / MIRRORFAST_JSON).write_text(json.dumps(mirrorfast_json, indent=2) + "\n", encoding="utf-8")

@@ -14,11 +14,15 @@ from mirrorfast.errors import MirrorfastError, stop_if_terminated
 
 
 def check_destination(out_dir: Path, is_ours: Callable[[Path], bool], overwrite: bool, what: str,
-                      inputs: Iterable[str | os.PathLike | None] = ()) -> None:
-    """Refuse a destination that exists and is not a previous output of ours, unless `overwrite`, one
-    that cannot be replaced as a whole (the current directory, one of its parents, a mount point), and one
-    that is or holds one of the job's `inputs` (paths; None and names of no file are skipped): replacing it
-    would delete the input, with or without `overwrite`."""
+                      inputs: Iterable[str | os.PathLike | None] = (),
+                      recorded: Callable[[Path], Iterable[str] | None] | None = None) -> None:
+    """Refuse a destination that exists and is not a previous output of ours, or is one but holds entries
+    that output did not write (`recorded(out_dir)`: the names it listed, None where it listed none; a user's
+    notes or an export saved inside it), unless `overwrite`; one that cannot be replaced as a whole (the
+    current directory, one of its parents, a mount point); and one that is or holds one of the job's
+    `inputs` (paths; None and names of no file are skipped): replacing it would delete the input, with or
+    without `overwrite`. A symlink named as the destination stands for its target (`followed`)."""
+    out_dir = followed(out_dir)
     resolved, cwd = out_dir.resolve(), Path.cwd().resolve()
     for source in inputs:
         if source is not None and (source := Path(source)).exists():
@@ -34,11 +38,27 @@ def check_destination(out_dir: Path, is_ours: Callable[[Path], bool], overwrite:
         raise MirrorfastError(f"{out_dir} is a mount point, which an output cannot replace; name a directory in it")
     if out_dir.exists() and not out_dir.is_dir():
         raise MirrorfastError(f"{out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_ours(out_dir) and not overwrite:
-        raise MirrorfastError(
-            f"{out_dir} exists and is not a previous {what}; choose another directory or pass --overwrite"
-        )
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        if not is_ours(out_dir):
+            raise MirrorfastError(
+                f"{out_dir} exists and is not a previous {what}; choose another directory or pass --overwrite"
+            )
+        listed = recorded(out_dir) if recorded is not None else None
+        extra = sorted(set(os.listdir(out_dir)) - set(listed)) if listed is not None else []
+        if extra:
+            more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+            raise MirrorfastError(
+                f"{out_dir} holds {extra[0]}{more}, which the previous output there did not write: replacing the "
+                "directory would delete it; move it out, choose another directory, or pass --overwrite"
+            )
     probe_writable(out_dir)
+
+
+def followed(path: Path) -> Path:
+    """The directory an output named `path` goes to: a symlink's target (a link to a bigger disk is
+    replaced in its target, and stays a link), else `path` itself."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
 def probe_writable(path: Path) -> None:
@@ -109,7 +129,7 @@ def forget_completed_outputs() -> None:
 def atomic_directory(out_dir: Path) -> Iterator[Path]:
     """Yield a fresh temporary directory next to `out_dir`; on success it replaces `out_dir` (and is listed
     in `completed_outputs()`, even if the previous output's removal is then interrupted)."""
-    out_dir = Path(out_dir)
+    out_dir = followed(out_dir)
     with parents_made(out_dir):
         tmp = _temporary_sibling(out_dir, "tmp")
         old = None  # where the previous output is moved aside while the new one is moved in

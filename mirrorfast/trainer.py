@@ -215,7 +215,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     if save:
         corpus_file = None if str(cfg.corpus).startswith("wordfreq:") else cfg.corpus
         check_destination(out_dir, is_mirrorfast_output, cfg.overwrite, "mirrorfast output",
-                          inputs=[cfg.model, corpus_file, cfg.pairs, *cfg.eval_sts, *cfg.eval_words])
+                          inputs=[cfg.model, corpus_file, cfg.pairs, *cfg.eval_sts, *cfg.eval_words],
+                          recorded=lambda previous: (read_mirrorfast_config(previous) or {}).get("files"))
 
     torch.manual_seed(cfg.seed)
     corpus = load_pairs(cfg.pairs, cfg.dedup) if cfg.pairs else load_corpus(cfg.corpus, cfg.dedup)

@@ -321,6 +321,11 @@ def test_previous_export_is_replaced(tiny_bert_dir, tmp_path):
     export_model(tiny_bert_dir, out)  # no --overwrite needed for a previous export
     assert not (out / "model_int8.onnx").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary siblings left
+    (out / "client.py").write_text("a user's own file")  # ... unless it holds what that export did not write
+    with pytest.raises(MirrorfastError, match="holds client.py, which the previous output there did not write"):
+        export_model(tiny_bert_dir, out)
+    export_model(tiny_bert_dir, out, overwrite=True)
+    assert not (out / "client.py").exists()
 
 
 def test_failed_parity_leaves_nothing(tiny_bert_dir, tmp_path):

@@ -241,3 +241,38 @@ def test_a_sigterm_python_swallowed_still_moves_nothing_in(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Exception ignored" not in err and "Traceback" not in err, err
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_previous_output_holding_other_entries_is_refused_unless_overwrite(tmp_path):
+    """A previous output is replaced without --overwrite only when it holds just what it recorded writing."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("model.bin", "notes.md", "zz-export"):
+        (out / name).write_text(name)
+    ours = lambda path: True  # noqa: E731
+    check_destination(out, ours, False, "output", recorded=lambda path: None)  # an output that listed nothing
+    check_destination(out, ours, False, "output", recorded=lambda path: ["model.bin", "notes.md", "zz-export"])
+    with pytest.raises(MirrorfastError, match="holds notes.md and 1 more, which the previous output there did not"):
+        check_destination(out, ours, False, "output", recorded=lambda path: ["model.bin"])
+    check_destination(out, ours, True, "output", recorded=lambda path: ["model.bin"])
+
+
+def test_a_symlinked_destination_is_written_in_its_target(tmp_path):
+    """--output naming a link to a folder (say on a bigger disk): the output replaces the target, and the
+    link stays a link (it was replaced by a plain folder before, and the target left as it was)."""
+    target, link = tmp_path / "disk" / "target", tmp_path / "link"
+    target.mkdir(parents=True)
+    (target / "old.txt").write_text("previous output")
+    link.symlink_to(target, target_is_directory=True)
+    ours = lambda path: (path / "old.txt").is_file()  # noqa: E731
+    check_destination(link, ours, False, "output")
+    with atomic_directory(link) as tmp:
+        (tmp / "new.txt").write_text("new output")
+    assert link.is_symlink() and (target / "new.txt").is_file() and not (target / "old.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "link"]  # no temporaries left anywhere
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["target"]
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "disk" / "new-target")
+    with atomic_directory(dangling) as tmp:
+        (tmp / "new.txt").write_text("new output")
+    assert dangling.is_symlink() and (tmp_path / "disk" / "new-target" / "new.txt").is_file()

@@ -3,6 +3,7 @@
 import csv
 import hashlib
 import json
+import os
 import math
 import re
 import shutil
@@ -305,6 +306,17 @@ def test_refuses_foreign_output_dir_unless_overwrite(tiny_bert_dir, corpus, tmp_
     assert run_cli(*tiny_args(tiny_bert_dir, corpus, out, "--overwrite")) == 0
     assert not (out / "thesis.tex").exists() and (out / "mirrorfast.json").is_file()
     assert run_cli(*tiny_args(tiny_bert_dir, corpus, out)) == 0
+    recorded = json.loads((out / "mirrorfast.json").read_text())["files"]
+    assert recorded == sorted(os.listdir(out)) and "mirrorfast.json" in recorded and "1_Pooling" in recorded
+    # ... but not when it holds what that output did not write (an export saved inside it, notes): deleted
+    # with exit 0 before. --overwrite still replaces it all.
+    (out / "onnx").mkdir()
+    (out / "onnx" / "model.onnx").write_text("an export")
+    assert run_cli(*tiny_args(tiny_bert_dir, corpus, out)) == 2
+    assert f"{out} holds onnx, which the previous output there did not write" in capsys.readouterr().err
+    assert (out / "onnx" / "model.onnx").is_file()
+    assert run_cli(*tiny_args(tiny_bert_dir, corpus, out, "--overwrite")) == 0
+    assert not (out / "onnx").exists()
 
 
 def test_an_output_that_holds_an_input_is_refused(tiny_bert_dir, corpus, tmp_path, tmp_path_factory, capsys):

@@ -163,6 +163,11 @@ def test_rewrite_replaces_ours_and_keeps_other_models(export_dir, tmp_path):
     assert parse_pbtxt((second / "config.pbtxt").read_text())["max_batch_size"] == [16]
     assert (other / "config.pbtxt").read_text() == 'name: "other_model"\n'
     assert sorted(p.name for p in repo.iterdir()) == ["other_model", "tiny-export"]  # no temp leftovers
+    (second / "2").mkdir()  # a version added by hand is not deleted by a rewrite without overwrite
+    with pytest.raises(MirrorfastError, match="holds 2, which the previous output there did not write"):
+        write_triton_repo(export_dir, repo, max_batch_size=16)
+    assert (second / "2").is_dir()
+    (second / "2").rmdir()
 
     with pytest.raises(MirrorfastError, match="not a previous"):
         write_triton_repo(export_dir, repo, model_name="other_model")
