@@ -202,6 +202,15 @@ def _torch_export(graph: SentenceEmbeddingGraph, example: dict, path: Path, opse
     _tidy_graph(path, int(graph.model.config.hidden_size))
 
 
+def _graph_inputs(path: Path) -> list[str]:
+    """The graph's input names, in order (initializers, which older opsets list as inputs, left out)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    weights = {w.name for w in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in weights]
+
+
 def _tidy_graph(path: Path, hidden: int) -> None:
     """Name the dynamic output dims and pin the hidden dim (the tracer can leave generated names there);
     give weights used twice (the first-token branch shares the last layer's) to their MatMuls directly."""
@@ -579,6 +588,8 @@ def export_model(
         files = {"fp32": FP32_FILE}
         log(f"{FP32_FILE}: tracing the model (opset {opset})")
         _torch_export(graph, example, tmp / FP32_FILE, opset)
+        input_names = _graph_inputs(tmp / FP32_FILE)  # the tracer drops an input the model ignores (DeBERTa's
+        # token_type_ids when type_vocab_size is 0): export.json lists what the graph takes
         details: dict[str, dict] = {}
         if fp16:
             heads = int(getattr(config, "num_attention_heads", 0) or 0)  # 0: the optimizer detects it

@@ -194,3 +194,23 @@ def test_drophead_only_where_an_attention_output_is_per_head(minilm_dir, name):
             enable_drophead(model, 0.1)
     else:
         assert enable_drophead(model, 0.1) == 2  # one per layer
+
+
+@pytest.mark.parametrize("name", ["bert", "distilbert", "deberta-v2"])
+def test_export_lists_the_inputs_its_graph_takes(minilm_dir, tmp_path, name):
+    """export.json's inputs are the graph's: DeBERTa-v2 (type_vocab_size 0) ignores token_type_ids, which the
+    tracer drops, and export.json listed it (the README's extract_model recipe, fed that list, failed)."""
+    import json
+
+    ort = pytest.importorskip("onnxruntime")
+    from mirrorfast.export import export_model
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(_config(name, tok.vocab_size, tok.pad_token_id))
+    export_model(_save(model, tok, tmp_path / "model"), tmp_path / "export", max_length=16)
+    listed = json.loads((tmp_path / "export" / "export.json").read_text())["inputs"]
+    session = ort.InferenceSession(str(tmp_path / "export" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert listed == [i.name for i in session.get_inputs()]
+    assert listed[:2] == ["input_ids", "attention_mask"]
+    assert ("token_type_ids" in listed) is (name == "bert")
