@@ -215,6 +215,7 @@ class OnnxEncoder:
         if int8 and "int8" not in models:
             raise MirrorfastError(f"{export_dir} has no int8 model: export it with --int8")
 
+        self._arguments = (export_dir, provider, int8, io_binding)  # pickled: a copy loads the export again
         self.manifest = manifest
         self.export_dir = export_dir
         self.name = export_dir.resolve().name
@@ -252,6 +253,11 @@ class OnnxEncoder:
         self._encode_texts = batch_encoder(self.tokenizer, self.max_length, self._count_truncated)
         self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._vocab_size = len(self.tokenizer)
+
+    def __reduce__(self):
+        """Pickled as its arguments (a process pool's workers each load the export; an onnxruntime session
+        cannot be pickled): the copy counts its own truncated texts."""
+        return (type(self), self._arguments)
 
     def _count_truncated(self, n: int) -> None:
         with self._truncated_lock:
@@ -421,10 +427,26 @@ def npy_rows_writer(output: Path, rows: int, dim: int) -> Iterator[Callable[[np.
             raise
 
 
+class _NoBar:
+    """No progress bar. Not a disabled tqdm: creating one makes a multiprocessing lock, which fixes the
+    process's start method (an application's later set_start_method("spawn") then fails)."""
+
+    def __enter__(self) -> "_NoBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+
 def _progress_bar(total: int, show: bool):
+    if not show:
+        return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="text", disable=not show, dynamic_ncols=True)
+    return tqdm(total=total, unit="text", dynamic_ncols=True)
 
 
 # Texts read, tokenized and length-sorted at a time by encode_file: memory stays bounded whatever the

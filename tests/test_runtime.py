@@ -585,3 +585,30 @@ def test_sigterm_mid_export_leaves_nothing(tiny_bert_dir, tmp_path):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 143 and "Traceback" not in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_encoder_goes_to_worker_processes(tiny_export, tmp_path):
+    """Pickled (a process pool's argument), an OnnxEncoder loads the export again: it was a raw TypeError
+    (an onnxruntime session cannot be pickled). encode without a progress bar leaves the process's
+    multiprocessing start method unset (a disabled tqdm fixed it: set_start_method('spawn') then failed)."""
+    code = (
+        "import multiprocessing as mp, pickle, sys\n"
+        "import numpy as np\n"
+        "from mirrorfast.export import OnnxEncoder\n"
+        "if __name__ == '__main__':\n"
+        f"    e = OnnxEncoder({str(tiny_export)!r}, provider='cpu')\n"
+        "    texts = ['a first text', 'x', 'the third one is a little longer']\n"
+        "    expected = e.encode(texts)\n"
+        "    mp.set_start_method('spawn')\n"
+        "    copy = pickle.loads(pickle.dumps(e))\n"
+        "    assert copy.model_path == e.model_path and copy.provider == 'cpu'\n"
+        "    assert np.array_equal(copy.encode(texts), expected)\n"
+        "    with mp.Pool(1) as pool:\n"
+        "        got = pool.apply(e.encode, (texts,))\n"
+        "    assert np.array_equal(got, expected)\n"
+        "    print('ok')\n"
+    )
+    script = tmp_path / "worker.py"
+    script.write_text(code)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
