@@ -6,9 +6,11 @@ Every user-facing failure is a MirrorfastError: one line on stderr, exit code 2,
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import threading
+import traceback
 
 from mirrorfast import __version__
 from mirrorfast.config import POOLINGS
@@ -344,8 +346,15 @@ def _cmd_env(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- main
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line, as every other failure (the usage is --help's)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mirrorfast",
         description="Fast Mirror-BERT: turn a masked language model into a sentence or word encoder without labels "
         "(train), score it (eval), export it to ONNX (export), embed files (encode) and serve it (serve).")
@@ -354,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_train, _add_eval, _add_export, _add_encode, _add_serve, _add_env):
         add(sub)
+    for command in sub.choices.values():  # `mirrorfast train ... --debug` too (SUPPRESS: unset, it keeps main's)
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
     return parser
 
 
@@ -382,6 +393,7 @@ def _sigterm_unwinds(command: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    as_command = argv is None  # the `mirrorfast` command itself, not a program calling main([...])
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -391,11 +403,15 @@ def main(argv: list[str] | None = None) -> int:
             return int(args.handler(args) or 0)
     except MirrorfastError as exc:
         if args.debug:
-            raise
+            traceback.print_exc()  # and the same exit code: a script's check does not change with --debug
         print(f"mirrorfast {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mirrorfast {args.command}: interrupted; {_what_was_written()}", file=sys.stderr)
+        if as_command and threading.current_thread() is threading.main_thread():
+            # The interpreter still joins worker threads on its way out: a second Ctrl-C there printed a
+            # traceback ("Exception ignored in: <module 'threading'>"); everything is cleaned up, so it exits.
+            signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
         return 130
     except Terminated:
         print(f"mirrorfast {args.command}: terminated (SIGTERM); {_what_was_written()}", file=sys.stderr)
