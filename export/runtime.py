@@ -377,9 +377,13 @@ class EncodeSummary:
 def check_npy_output(output: str | os.PathLike) -> Path:
     """A .npy path that can be written (checked before any work is done; missing parent folders are
     created when it is written, and removed again if that fails)."""
+    if os.fspath(output) == "":
+        raise MirrorfastError("output is an empty string (an unset shell variable?): give a file name ending in .npy")
     if os.fspath(output).endswith(("/", os.sep)):  # Path() would drop the slash and write a file
         raise MirrorfastError(f"output {os.fspath(output)} names a directory; give a file name ending in .npy")
     output = Path(output)
+    if output.name == ".npy":  # its suffix is "": "must end in .npy" would puzzle
+        raise MirrorfastError(f"output file {output} has no name before .npy; give one, for example vectors.npy")
     if output.suffix != ".npy":
         raise MirrorfastError(f"output file {output} must end in .npy")
     if output.is_dir():

@@ -122,8 +122,10 @@ class TrainConfig:
             (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}"),
             (-(2**63) <= self.seed < 2**64, f"--seed must be in [-2**63, 2**64) (torch's seed range), got {self.seed}"),
             (self.corpus is not None or self.pairs is not None, "give a --corpus or --pairs file"),
-            *((os.fspath(v) != "", f"--{k} is an empty string (an unset shell variable?): give a file")
-              for k, v in (("corpus", self.corpus), ("pairs", self.pairs)) if v is not None),
+            *((os.fspath(v) != "", f"--{k} is an empty string (an unset shell variable?): give a {what}")
+              for k, v, what in (("corpus", self.corpus, "file"), ("pairs", self.pairs, "file"),
+                                 ("model", self.model, "model directory or hub id"),
+                                 ("output", self.output, "directory")) if v is not None),
         ]
         for ok, message in checks:
             if not ok:

@@ -71,7 +71,11 @@ def probe_writable(path: Path) -> None:
     ancestor = missing[0].parent if missing else path.parent.resolve()  # the nearest existing one
     if not ancestor.is_dir():
         raise MirrorfastError(f"cannot create {path.parent.resolve()}: {ancestor} is not a directory")
-    os.rmdir(_temporary_sibling(path, "probe", ancestor))
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.probe-", dir=ancestor))
+    except OSError as exc:
+        where = f"create {missing[0]}" if missing else f"write to {ancestor}"
+        raise MirrorfastError(f"cannot {where}: {exc.strerror or exc}") from None
 
 
 @contextlib.contextmanager

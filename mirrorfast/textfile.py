@@ -8,14 +8,29 @@ from typing import Iterator
 from mirrorfast.errors import MirrorfastError
 
 
+# The first bytes of compressed files people pass by mistake (a .gz corpus): named in the UTF-8 error.
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"PK\x03\x04": "zip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
+               b"\x28\xb5\x2f\xfd": "zstd"}
+
+
 def _check_file(path: Path, what: str) -> None:
+    if str(path) == "-":
+        raise MirrorfastError(f"{what} '-': standard input is not read; save the text to a file and name it")
     if not path.exists():
         raise MirrorfastError(f"{what} {path} not found")
     if not path.is_file():
-        raise MirrorfastError(f"{what} {path} is not a file")
+        raise MirrorfastError(f"{what} {path} is not a file (pipes and devices are not read: save the text to a file)")
 
 
 def _not_utf8(path: Path, line: int, byte: int) -> MirrorfastError:
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(8)
+    except OSError:
+        start = b""
+    kind = next((name for magic, name in _COMPRESSED.items() if start.startswith(magic)), None)
+    if kind is not None:
+        return MirrorfastError(f"{path} is {kind}-compressed, not text: decompress it first")
     return MirrorfastError(f"{path}: line {line} is not valid UTF-8 (byte {byte:#04x})")
 
 

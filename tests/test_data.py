@@ -1,5 +1,6 @@
 """Corpus sources and their errors; tokenize-once arrays; padded and packed batches."""
 
+import gzip
 import random
 import sys
 
@@ -33,9 +34,15 @@ def test_file_corpus_skips_blanks_and_removes_duplicates(tmp_path):
         (b"same\nsame\n", r"has 1 usable string \(1 exact duplicate removed; --keep-duplicates keeps them\); "
                             "contrastive training needs at least 2"),
         (b"fine line\nsecond\n\xff\xfe broken\n", "line 3 is not valid UTF-8"),
+        (gzip.compress(b"a gzipped corpus\nof two lines\n"), "c.txt is gzip-compressed, not text: decompress it"),
+        (b"old Mac\rline endings\rthree lines\r", r"lines end in a carriage return alone \(CR, old Mac"),
+        (b"a line with a stray\r CR\nanother line\nand one more\n", None),  # a few lone CRs: text
     ],
 )
 def test_corpus_errors(tmp_path, content, message):
+    if message is None:
+        assert len(load_corpus(write(tmp_path, "c.txt", content)).first) == 3
+        return
     with pytest.raises(MirrorfastError, match=message):
         load_corpus(write(tmp_path, "c.txt", content))
 
@@ -56,6 +63,8 @@ def test_missing_corpus(tmp_path):
         load_pairs(str(tmp_path / "nope.txt"))
     with pytest.raises(MirrorfastError, match="pairs file .* is not a file"):
         load_pairs(str(tmp_path))
+    with pytest.raises(MirrorfastError, match="corpus file '-': standard input is not read; save the text to a"):
+        load_corpus("-")
 
 
 def test_identity_is_the_bytes_read(tmp_path, monkeypatch):

@@ -517,6 +517,12 @@ def test_npy_output_where_nothing_can_be_created_is_refused_before_encoding():
 
     with pytest.raises(MirrorfastError, match="cannot write to /proc"):
         check_npy_output("/proc/vectors.npy")
+    with pytest.raises(MirrorfastError, match="cannot create /proc/sub: "):  # it said "cannot write to /proc"
+        check_npy_output("/proc/sub/vectors.npy")
+    with pytest.raises(MirrorfastError, match="output file .npy has no name before .npy"):
+        check_npy_output(".npy")
+    with pytest.raises(MirrorfastError, match="output is an empty string"):
+        check_npy_output("")
 
 
 def test_encode_reuses_one_tokenizer_copy(tiny_onnx, monkeypatch):

@@ -223,6 +223,7 @@ def test_bad_inputs(tiny_bert_dir, tmp_path, capsys):
     # `--pairs "$UNSET"`: trained on the default wordfreq:en before
     cases.append((["--pairs", ""], "--pairs is an empty string (an unset shell variable?)"))
     cases.append((["--corpus", ""], "--corpus is an empty string (an unset shell variable?)"))
+    cases.append((["--corpus", one, "--output", ""], "--output is an empty string (an unset shell variable?): give a"))
     for args, message in cases:
         code = run_cli("train", "--model", tiny_bert_dir, "--output", tmp_path / "o", "--no-progress", *args)
         err = capsys.readouterr().err
