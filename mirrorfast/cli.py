@@ -272,8 +272,9 @@ def _cmd_encode(args) -> int:
         f"-> {s.output} {s.shape[0]}x{s.shape[1]} float32 in {s.seconds:.2f}s ({rate:.0f} texts/s)"
     )
     if s.truncated:
-        _log(f"note: {s.truncated} of the {s.texts} texts were longer than the export's max length of "
-             f"{s.max_length} tokens and were cut to it (`mirrorfast export --max-length` sets it, up to the "
+        were = "was" if s.truncated == 1 else "were"
+        _log(f"note: {s.truncated} of the {_count(s.texts, 'text')} {were} longer than the export's max length of "
+             f"{s.max_length} tokens and cut to it (`mirrorfast export --max-length` sets it, up to the "
              "model's positions)")
     return 0
 

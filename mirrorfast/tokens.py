@@ -33,10 +33,10 @@ def as_texts(texts) -> list[str]:
     try:
         texts = list(texts)
     except TypeError:
-        raise MirrorfastError(f"encode takes a list of texts, got a {type(texts).__name__}") from None
+        raise MirrorfastError(f"encode takes a list of texts, got {type(texts).__name__} {texts!r:.40}") from None
     for i, text in enumerate(texts):
         if not isinstance(text, str):
-            raise MirrorfastError(f"text {i} is a {type(text).__name__}, not a string")
+            raise MirrorfastError(f"text {i} is of type {type(text).__name__}, not a string")
         if (at := unpaired_surrogate(text)) is not None:  # the tokenizers say only "TextEncodeInput must be ..."
             raise MirrorfastError(f"text {i} is not valid Unicode (unpaired surrogate at character {at})")
     return texts

@@ -403,6 +403,7 @@ def _metadata(cfg, corpus, encoder, device, paths: dict, result: TrainResult) ->
         "cpu_threads": torch.get_num_threads(),
         **paths,
         "steps": result.steps,
+        "setup_seconds": round(result.setup_seconds, 4),  # loading, tokenizing, kernel builds: before the first step
         "epoch_seconds": [round(s, 4) for s in result.epoch_seconds],
         "input_wait_seconds": [round(s, 4) for s in result.input_wait_seconds],
         "tokens_per_second": round(result.tokens_per_second, 1),

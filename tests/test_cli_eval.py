@@ -241,7 +241,7 @@ def test_readers_take_stray_carriage_returns_blank_leading_lines_and_nan_first_l
     from mirrorfast.evaluate import read_sts, read_words
 
     (tmp_path / "cr.csv").write_text("a b,c d,1\nx\ry,z,2\nfoo,bar,3\n", newline="")
-    with pytest.raises(MirrorfastError, match="line 2 has 1 fields, expected exactly 3"):
+    with pytest.raises(MirrorfastError, match="line 2 has 1 field, expected exactly 3"):
         read_sts(tmp_path / "cr.csv")
     (tmp_path / "mac.csv").write_text("a b,c d,1\rx y,z,2\rfoo,bar,3\r", newline="")  # old Mac line ends
     assert list(read_sts(tmp_path / "mac.csv").scores) == [1, 2, 3]

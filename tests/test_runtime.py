@@ -205,9 +205,9 @@ def test_encode_edge_cases(tiny_onnx, tiny_torch, which):
     expected = encoder.encode(texts, batch_size=2)
     for same in (tuple(texts), (t for t in texts), np.array(texts)):
         np.testing.assert_array_equal(encoder.encode(same, batch_size=np.int64(2)), expected)
-    for bad, message in [("a single string", "not a single string"), (None, "list of texts, got a NoneType"),
-                         (5, "list of texts, got a int"), (["ok", 3], "text 1 is a int"),
-                         (["ok", b"bytes"], "text 1 is a bytes"),
+    for bad, message in [("a single string", "not a single string"), (None, "list of texts, got NoneType None"),
+                         (5, "list of texts, got int 5"), (["ok", 3], "text 1 is of type int, not a string"),
+                         (["ok", b"bytes"], "text 1 is of type bytes"),
                          (["ok", "ab\udc80"], r"text 1 is not valid Unicode \(unpaired surrogate at character 2\)")]:
         with pytest.raises(MirrorfastError, match=message):
             encoder.encode(bad)
@@ -295,7 +295,7 @@ def test_cli_encode_says_how_many_texts_were_cut(tiny_export, tmp_path, capsys):
     assert main(["encode", str(tiny_export), "--input", str(tmp_path / "in.txt"), "--output", str(out),
                  "--no-progress"]) == 0
     err = capsys.readouterr().err
-    assert "note: 2 of the 4 texts were longer than the export's max length of 48 tokens" in err
+    assert "note: 2 of the 4 texts were longer than the export's max length of 48 tokens and cut to it" in err
     vectors = np.load(out)
     np.testing.assert_array_equal(vectors[2], vectors[1])  # cut to the same 48 tokens as `exact`
 
