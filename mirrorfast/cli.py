@@ -261,7 +261,7 @@ def _count(n: int, noun: str) -> str:
 
 
 def _cmd_encode(args) -> int:
-    from mirrorfast.export.runtime import encode_file
+    from mirrorfast.export.file_encoding import encode_file
 
     s = encode_file(args.export_dir, args.input, args.output, batch_size=args.batch_size,
                     provider=args.provider, int8=args.int8, progress=not args.no_progress)

@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 from mirrorfast.errors import MirrorfastError, stop_if_terminated
 
@@ -22,6 +22,9 @@ def check_destination(out_dir: Path, is_ours: Callable[[Path], bool], overwrite:
     current directory, one of its parents, a mount point); and one that is or holds one of the job's
     `inputs` (paths; None and names of no file are skipped): replacing it would delete the input, with or
     without `overwrite`. A symlink named as the destination stands for its target (`followed`)."""
+    if out_dir.is_symlink() and not out_dir.exists():
+        raise MirrorfastError(f"{out_dir} is a symlink to {os.readlink(out_dir)}, which does not exist: create that "
+                              "directory, or remove the link")
     out_dir = followed(out_dir)
     resolved, cwd = out_dir.resolve(), Path.cwd().resolve()
     for source in inputs:
@@ -55,10 +58,11 @@ def check_destination(out_dir: Path, is_ours: Callable[[Path], bool], overwrite:
 
 
 def followed(path: Path) -> Path:
-    """The directory an output named `path` goes to: a symlink's target (a link to a bigger disk is
-    replaced in its target, and stays a link), else `path` itself."""
+    """The directory an output named `path` goes to: the target of a symlink to a directory (a link to a
+    bigger disk is replaced in its target, and stays a link), else `path` itself (check_destination refuses a
+    dangling link: nothing is created where it points, as for `encode`'s files)."""
     path = Path(path)
-    return Path(os.path.realpath(path)) if path.is_symlink() else path
+    return Path(os.path.realpath(path)) if path.is_symlink() and path.is_dir() else path
 
 
 def probe_writable(path: Path) -> None:
@@ -158,6 +162,33 @@ def atomic_directory(out_dir: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         except BaseException:  # interrupted while removing the previous output: the new one is complete
             shutil.rmtree(old, ignore_errors=True)
+            raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """Yield a binary file open on a fresh temporary sibling of `path`; when the body succeeds it replaces
+    `path` (listed in `completed_outputs()`), else it is removed and `path` left as it was. Missing parent
+    folders are created, and removed again on failure."""
+    path = Path(path)
+    with parents_made(path):
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        except OSError as exc:
+            raise MirrorfastError(f"cannot write to {path.parent}: {exc.strerror or exc}") from None
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                yield handle
+            stop_if_terminated()  # a SIGTERM whose exception was swallowed on the way still writes nothing
+            readable_as_created(Path(tmp))  # mkstemp makes it 0600
+            os.replace(tmp, path)
+            _completed.append(path)
+        except BaseException as exc:
+            if path in _completed:
+                _completed.remove(path)
+            Path(tmp).unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise MirrorfastError(f"cannot write {path}: {exc.strerror or exc}") from None
             raise
 
 

@@ -271,8 +271,7 @@ def test_a_symlinked_destination_is_written_in_its_target(tmp_path):
     assert link.is_symlink() and (target / "new.txt").is_file() and not (target / "old.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "link"]  # no temporaries left anywhere
     assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["target"]
-    dangling = tmp_path / "dangling"
+    dangling = tmp_path / "dangling"  # refused: nothing is created where it points
     dangling.symlink_to(tmp_path / "disk" / "new-target")
-    with atomic_directory(dangling) as tmp:
-        (tmp / "new.txt").write_text("new output")
-    assert dangling.is_symlink() and (tmp_path / "disk" / "new-target" / "new.txt").is_file()
+    with pytest.raises(MirrorfastError, match="dangling is a symlink to .*new-target, which does not exist"):
+        check_destination(dangling, ours, False, "output")

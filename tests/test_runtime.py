@@ -334,14 +334,14 @@ def test_cli_encode_streams_a_file_larger_than_its_chunk(tiny_export, tiny_onnx,
     """A file of many chunks: every call sees at most ENCODE_CHUNK texts, the vectors still come out in
     file order, exactly as one encode() of all the texts."""
     from mirrorfast.cli import main
-    from mirrorfast.export import runtime
+    from mirrorfast.export import file_encoding, runtime
 
     rng = random.Random()
     texts = [" ".join(rng.choice(["alpha", "beta", "gamma", "Ünï", "日本"]) for _ in range(rng.randint(1, 30)))
              for _ in range(rng.randint(11, 17))]
     lines = [t for text in texts for t in ([text, ""] if rng.random() < 0.3 else [text])]
     (tmp_path / "in.txt").write_bytes(("\ufeff" + "\r\n".join(lines) + "\r\n").encode("utf-8"))
-    monkeypatch.setattr(runtime, "ENCODE_CHUNK", 4)
+    monkeypatch.setattr(file_encoding, "ENCODE_CHUNK", 4)
     calls = []
     encode_by_length = runtime.OnnxEncoder._encode_by_length
     monkeypatch.setattr(runtime.OnnxEncoder, "_encode_by_length",
@@ -362,12 +362,12 @@ def test_cli_encode_streams_a_file_larger_than_its_chunk(tiny_export, tiny_onnx,
 @pytest.mark.parametrize("failure", ["encoding", "disk full", "input changed"])
 def test_cli_encode_failing_midway_leaves_the_old_output(tiny_export, tmp_path, monkeypatch, capsys, failure):
     from mirrorfast.cli import main
-    from mirrorfast.export import runtime
+    from mirrorfast.export import file_encoding, runtime
 
     (tmp_path / "in.txt").write_text("".join(f"text number {i}\n" for i in range(10)), encoding="utf-8")
     out = tmp_path / "vectors.npy"
     np.save(out, np.arange(3.0))
-    monkeypatch.setattr(runtime, "ENCODE_CHUNK", 4)
+    monkeypatch.setattr(file_encoding, "ENCODE_CHUNK", 4)
     if failure == "encoding":
         encode_by_length = runtime.OnnxEncoder._encode_by_length
         chunks = iter(range(100))
@@ -401,7 +401,7 @@ def test_cli_encode_failing_midway_leaves_the_old_output(tiny_export, tmp_path, 
         monkeypatch.setattr(runtime.os, "fdopen", lambda fd, mode: Full(fdopen(fd, mode)))
         message = "No space left on device"
     else:
-        monkeypatch.setattr(runtime, "_non_blank", lambda path: iter(["only", "three", "lines"]))
+        monkeypatch.setattr(file_encoding, "_non_blank", lambda path: iter(["only", "three", "lines"]))
         message = "10 rows were due"
     assert main(["encode", str(tiny_export), "--input", str(tmp_path / "in.txt"), "--output", str(out),
                  "--no-progress"]) == 2
@@ -513,7 +513,7 @@ def test_minilm_stsb_dev_spearman_int8(minilm_export, stsb_dev, torch_spearman):
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc (a directory nobody can add to)")
 def test_npy_output_where_nothing_can_be_created_is_refused_before_encoding():
     from mirrorfast.errors import MirrorfastError
-    from mirrorfast.export.runtime import check_npy_output
+    from mirrorfast.export.file_encoding import check_npy_output
 
     with pytest.raises(MirrorfastError, match="cannot write to /proc"):
         check_npy_output("/proc/vectors.npy")
