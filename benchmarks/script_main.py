@@ -8,44 +8,19 @@ removes its temporary folders and server subprocesses, then exits 143; Ctrl-C th
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
-import threading
 
 from from_checkout import ensure_importable
 
 
-def _on_sigterm(_signum, frame) -> None:
-    """raise_terminated, except in the middle of an import: a native module that runs Python code while it loads
-    (Triton's, through nanobind) aborts the whole process on an exception raised there (seen: SIGABRT, the
-    temporary folder left behind). Then the signal comes again 0.1 s later, until the import is over."""
-    from mirrorfast.errors import raise_terminated
-
-    while frame is not None:
-        if frame.f_code.co_filename.startswith("<frozen importlib"):
-            retry = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGTERM))
-            retry.daemon = True
-            retry.start()
-            return
-        frame = frame.f_back
-    raise_terminated()
-
-
 def run_main(main, prog: str) -> int:
     ensure_importable()
-    from mirrorfast.errors import MirrorfastError, Terminated, first_line, stop_if_terminated
+    from mirrorfast.errors import MirrorfastError, Terminated, first_line, sigterm_unwinds
 
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    # Raised inside a __del__ or weakref callback (the import system's, under load), Terminated is printed with a
-    # traceback and dropped: stop_if_terminated (the trainer's steps, gpu_suite's rows, the end) acts on it instead.
-    default_hook = sys.unraisablehook
-    sys.unraisablehook = lambda unraisable: (
-        None if isinstance(unraisable.exc_value, Terminated) else default_hook(unraisable))
     try:
-        code = main()
-        stop_if_terminated()  # a SIGTERM whose exception Python swallowed (in a __del__) still ends as one
-        return code
+        with sigterm_unwinds():  # as the `mirrorfast` commands run
+            return main()
     except MirrorfastError as exc:
         print(f"{prog}: error: {first_line(exc)}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ import traceback
 
 from mirrorfast import __version__
 from mirrorfast.config import POOLINGS
-from mirrorfast.errors import MirrorfastError, Terminated, raise_terminated, reset_termination, stop_if_terminated
+from mirrorfast.errors import MirrorfastError, Terminated, sigterm_unwinds
 from mirrorfast.output import completed_outputs, forget_completed_outputs
 
 
@@ -365,32 +365,18 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_train, _add_eval, _add_export, _add_encode, _add_serve, _add_env):
         add(sub)
     for command in sub.choices.values():  # `mirrorfast train ... --debug` too (SUPPRESS: unset, it keeps main's)
-        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show tracebacks on errors")
     return parser
 
 
-@contextlib.contextmanager
 def _sigterm_unwinds(command: str):
-    """SIGTERM raises Terminated for the command's duration: only from the main thread, only where nobody
-    installed a handler (a program that embeds main() keeps its own), and not for `serve`, which finishes
-    the requests in flight on SIGTERM itself."""
+    """SIGTERM raises Terminated for the command's duration (`errors.sigterm_unwinds`): only from the main
+    thread, only where nobody installed a handler (a program that embeds main() keeps its own), and not for
+    `serve`, which finishes the requests in flight on SIGTERM itself."""
     install = (command != "serve" and threading.current_thread() is threading.main_thread()
                and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
-    if install:
-        reset_termination()
-        signal.signal(signal.SIGTERM, raise_terminated)
-        default_hook = sys.unraisablehook
-        sys.unraisablehook = lambda unraisable: (  # a swallowed Terminated: stop_if_terminated acts on it
-            None if isinstance(unraisable.exc_value, Terminated) else default_hook(unraisable))
-    try:
-        yield
-        if install:
-            stop_if_terminated()  # a job that finished with its SIGTERM swallowed still ends as terminated
-    finally:
-        if install:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            sys.unraisablehook = default_hook
-            reset_termination()
+    return sigterm_unwinds() if install else contextlib.nullcontext()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,14 @@
 """The one exception type users see (a one-line message, printed by the CLI, exit code 2), and the CLI's
-SIGTERM: `Terminated`, with the checkpoint that stops a job even where Python swallowed it."""
+SIGTERM: `Terminated`, raised for the duration of `sigterm_unwinds`, with the checkpoint that stops a job even
+where Python swallowed it."""
 
+import contextlib
 import numbers
 import os
+import signal
+import sys
 import threading
+from typing import Iterator
 
 
 class MirrorfastError(Exception):
@@ -62,3 +67,38 @@ def stop_if_terminated() -> None:
     if a SIGTERM came, whether or not its own exception got through, so a terminated job never writes."""
     if _sigterm_received.is_set():
         raise Terminated
+
+
+def _raise_terminated_outside_imports(signum=None, frame=None) -> None:
+    """raise_terminated, except in the middle of an import: a native module that runs Python code while it loads
+    (Triton's, through nanobind) aborts the whole process on an exception raised there (seen: SIGABRT, the
+    temporary folder left behind). Then the signal comes again 0.1 s later, until the import is over."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            retry = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGTERM))
+            retry.daemon = True
+            retry.start()
+            return
+        frame = frame.f_back
+    raise_terminated()
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """For the body (call from the main thread): SIGTERM raises Terminated where the main thread is, so a job
+    stopped by a container or a scheduler unwinds through its `with` / `finally` blocks as on Ctrl-C. A
+    Terminated raised inside a __del__ or weakref callback, which Python prints and drops, is not printed:
+    the checkpoints (`stop_if_terminated`: each training step, every output's move into place, the body's
+    end) act on it. The `mirrorfast` commands and the benchmark scripts run under it."""
+    reset_termination()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated_outside_imports)
+    default_hook = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: (
+        None if isinstance(unraisable.exc_value, Terminated) else default_hook(unraisable))
+    try:
+        yield
+        stop_if_terminated()  # a job that finished with its SIGTERM swallowed still ends as terminated
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = default_hook
+        reset_termination()

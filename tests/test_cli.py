@@ -58,3 +58,26 @@ def test_a_second_ctrl_c_after_the_first_exits_at_once(tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 130 and "still running" not in done.stdout, done.stderr
     assert done.stderr.strip() == "mirrorfast env: interrupted; no partial output was left"
+
+
+def test_sigterm_waits_for_an_import_to_finish(monkeypatch):
+    """Terminated raised inside an import can abort the process (a native module that runs Python code while
+    it loads, as Triton's does); the handler sends the signal again 0.1 s later instead, outside imports."""
+    import signal
+    import threading
+    from types import SimpleNamespace
+
+    from mirrorfast import errors
+
+    def frame(filename, back=None):
+        return SimpleNamespace(f_code=SimpleNamespace(co_filename=filename), f_back=back)
+
+    sent = threading.Event()
+    monkeypatch.setattr(errors.os, "kill", lambda pid, signum: sent.set() if signum == signal.SIGTERM else None)
+    try:
+        errors._raise_terminated_outside_imports(signal.SIGTERM, frame("model.py", frame("<frozen importlib._bootstrap>")))
+        assert sent.wait(5)  # deferred, not raised
+        with pytest.raises(errors.Terminated):
+            errors._raise_terminated_outside_imports(signal.SIGTERM, frame("model.py", frame("cli.py")))
+    finally:
+        errors.reset_termination()
