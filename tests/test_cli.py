@@ -75,7 +75,8 @@ def test_sigterm_waits_for_an_import_to_finish(monkeypatch):
     sent = threading.Event()
     monkeypatch.setattr(errors.os, "kill", lambda pid, signum: sent.set() if signum == signal.SIGTERM else None)
     try:
-        errors._raise_terminated_outside_imports(signal.SIGTERM, frame("model.py", frame("<frozen importlib._bootstrap>")))
+        importing = frame("model.py", frame("<frozen importlib._bootstrap>"))
+        errors._raise_terminated_outside_imports(signal.SIGTERM, importing)
         assert sent.wait(5)  # deferred, not raised
         with pytest.raises(errors.Terminated):
             errors._raise_terminated_outside_imports(signal.SIGTERM, frame("model.py", frame("cli.py")))
