@@ -6,6 +6,7 @@ unpadded attention.
 """
 
 import random
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -39,13 +40,22 @@ class Corpus:
         return "strings" if self.second is None else "pairs"
 
 
+# Around a string: whitespace, and characters str.strip() keeps that tokenizers drop (a BOM where files were
+# concatenated, zero-width spaces, NUL, DEL): a line of only those is blank, "\ufeffword" is "word" (a duplicate).
+_SURROUNDING = re.compile(r"^[\s\x00\x7f\u200b-\u200d\u2060\ufeff]+|[\s\x00\x7f\u200b-\u200d\u2060\ufeff]+$")
+
+
+def _stripped(text: str) -> str:
+    return _SURROUNDING.sub("", text)
+
+
 def _read_lines(path: str, what: str) -> tuple[list[tuple[int, str]], dict]:
     """(line number, stripped text) for every non-blank line of a UTF-8 file, and the file's identity
     (resolved path, SHA-256 of the bytes read) for mirrorfast.json. Lines end at "\n" (and "\r\n") only,
     as in `encode` and the authors' code: str.splitlines would also split at form feeds, U+0085 or U+2028
     inside a line."""
     text, sha256 = read_utf8_and_sha256(path, what)
-    lines = [(n, line.strip()) for n, line in enumerate(text.split("\n"), start=1)]
+    lines = [(n, _stripped(line)) for n, line in enumerate(text.split("\n"), start=1)]
     lone_cr = text.count("\r") - text.count("\r\n")
     if lone_cr >= 2 and lone_cr >= len(lines):  # more CRs alone than lines: old Mac line endings, not a few CRs
         raise MirrorfastError(f"{path}: its lines end in a carriage return alone (CR, old Mac line endings); lines "
@@ -127,7 +137,7 @@ def load_pairs(path: str, dedup: bool = True) -> Corpus:
             what = "no" if separators == 0 else f"{separators}"
             raise MirrorfastError(f"{path}: line {number} has {what} '{PAIR_SEPARATOR}' separators, not one "
                                   "(expected text1||text2)")
-        left, right = (s.strip() for s in line.split(PAIR_SEPARATOR))
+        left, right = (_stripped(s) for s in line.split(PAIR_SEPARATOR))
         if not left or not right:
             raise MirrorfastError(f"{path}: line {number} has an empty side (expected text1||text2)")
         first.append(left)

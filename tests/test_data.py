@@ -208,3 +208,13 @@ def test_tokenize_once_gives_the_tokenizers_own_ids(minilm_dir, tmp_path, kind, 
     assert [built.ids[built.offsets[i]:built.offsets[i + 1]].tolist() for i in range(len(texts))] == expected
     empty = TokenizedTexts.build(tok, [], max_length=16)
     assert empty.ids.shape == (0,) and empty.offsets.tolist() == [0]
+
+
+def test_invisible_characters_around_a_line_are_stripped(tmp_path):
+    """str.strip() keeps NUL, zero-width spaces and a BOM inside the file (two files concatenated): a line of
+    only those trained as an empty string, and "\\ufeffword" was not a duplicate of "word"."""
+    content = "\x00\x00\n\u200b \u200b\nreal one\n\ufeffreal one\nin\u200bside kept\n \x7fother\u2060 \n"
+    corpus = load_corpus(write(tmp_path, "c.txt", content.encode()))
+    assert corpus.first == ["real one", "in\u200bside kept", "other"] and corpus.duplicates_removed == 1
+    pairs = load_pairs(write(tmp_path, "p.txt", "\ufeffleft \u200b||\x00right\n a || b \n".encode()))
+    assert pairs.first == ["left", "a"] and pairs.second == ["right", "b"]
