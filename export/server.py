@@ -206,6 +206,98 @@ def _created(encoder) -> int:
         return 0
 
 
+# ------------------------------------------------------------------------------ requests and responses
+def json_response(payload: Any, status: int = 200) -> Response:
+    body = json.dumps(payload, separators=(",", ":"), allow_nan=False)
+    return Response(content=body, status_code=status, media_type="application/json")
+
+
+def api_error_response(err: ApiError) -> Response:
+    return Response(content=error_body(err.message, err.type, err.param, err.code, err.index),
+                    status_code=err.status, media_type="application/json", headers=err.headers)
+
+
+async def read_json_object(request: Request) -> dict:
+    """The request body as a JSON object (400 for bad JSON or content type, 422 for another JSON type)."""
+    ctype = request.headers.get("content-type", "")
+    media = ctype.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise ApiError(400, f"Content-Type must be application/json, got {ctype or 'none'}",
+                       code="invalid_content_type")
+    raw = await request.body()
+    if not raw.strip():
+        raise ApiError(400, "request body is empty; expected a JSON object", code="invalid_json")
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, "request body is not valid JSON: nested too deeply", code="invalid_json") from None
+    except ValueError as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(422, f"request body must be a JSON object, got {_json_type(body)}", code="invalid_type")
+    return body
+
+
+def openai_request(body: dict, max_inputs: int, dim: int) -> tuple[list[str], str]:
+    """OpenAI's embeddings request -> (texts, encoding format); `model` is accepted and ignored."""
+    texts = _parse_texts(body.get("input"), "input", max_inputs)
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ApiError(422, f"'model' must be a string, got {_json_type(model)}", param="model", code="invalid_type")
+    fmt = body.get("encoding_format")
+    if fmt is None:
+        fmt = "float"
+    if fmt not in ("float", "base64"):
+        raise ApiError(422, f"'encoding_format' must be 'float' or 'base64', got {json.dumps(fmt)}",
+                       param="encoding_format", code="invalid_value")
+    dims = body.get("dimensions")
+    if dims is not None and (not _is_int(dims) or dims != dim):
+        raise ApiError(422, f"'dimensions' must be {dim} (this model's size), got {json.dumps(dims)}",
+                       param="dimensions", code="invalid_value")
+    return texts, fmt
+
+
+async def embed_texts(state: _State, texts: list[str], param: str) -> tuple[np.ndarray, int]:
+    """The vectors of a request's texts (each tokenized once, checked against --max-input-tokens, queued for
+    the inference thread) and their token count; ApiError for what the client can fix, 503 when full."""
+    config, metrics = state.config, state.metrics
+    try:
+        rows = await state.tokenizing.tokenize(texts)  # a row over the limit: cut at limit + 1 (or --truncate)
+    except Exception as exc:  # noqa: BLE001 - a text the tokenizer cannot take is the client's problem
+        raise ApiError(422, f"'{param}' could not be tokenized: {exc}", param=param,
+                       code="invalid_input") from None
+    limit = config.max_input_tokens
+    lengths = [len(row) for row in rows]
+    for i, n in enumerate(lengths):
+        if n > limit and not config.truncate:
+            where = f"{param}[{i}]" if len(texts) > 1 or param == "inputs" else f"'{param}'"
+            raise ApiError(
+                422, f"{where} is longer than the limit of {limit} tokens per input "
+                     "(the server was not started with --truncate)",
+                param=param, code="input_too_long", index=i,
+            )
+    try:
+        future = state.batcher.submit(rows, lengths)
+    except QueueFull:
+        metrics.rejected.inc()
+        raise ApiError(503, "the server is overloaded (queue full); retry later", "server_overloaded",
+                       code="queue_full", headers={"retry-after": str(config.retry_after_s)}) from None
+    except WorkerStopped:
+        raise ApiError(503, "the server is shutting down", "server_overloaded", code="shutting_down",
+                       headers={"retry-after": str(config.retry_after_s)}) from None
+    try:
+        vectors = await future
+    except asyncio.CancelledError:  # the client went away, or the graceful timeout ran out
+        future.cancel()  # the batcher drops its queued inputs
+        raise
+    except Exception:  # noqa: BLE001
+        raise ApiError(500, "inference failed", "server_error", code="inference_failed") from None
+    metrics.inputs.inc(len(texts))
+    total = int(sum(lengths))
+    metrics.tokens.inc(total)
+    return vectors, total
+
+
 def create_app(encoder, config: ServeConfig | None = None):
     """The ASGI app serving `encoder` (an OnnxEncoder or anything with the same attributes)."""
     config = (config or ServeConfig()).resolve(encoder)
@@ -232,14 +324,6 @@ def create_app(encoder, config: ServeConfig | None = None):
     app = FastAPI(title="mirrorfast", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.mirrorfast = state
 
-    def json_response(payload: Any, status: int = 200) -> Response:
-        body = json.dumps(payload, separators=(",", ":"), allow_nan=False)
-        return Response(content=body, status_code=status, media_type="application/json")
-
-    def api_error_response(err: ApiError) -> Response:
-        return Response(content=error_body(err.message, err.type, err.param, err.code, err.index),
-                        status_code=err.status, media_type="application/json", headers=err.headers)
-
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request, exc: StarletteHTTPException):
         if exc.status_code == 404:
@@ -256,83 +340,11 @@ def create_app(encoder, config: ServeConfig | None = None):
     async def server_error(_request, _exc: Exception):  # Starlette logs and re-raises; Edge absorbs it
         return api_error_response(ApiError(500, "internal server error", "server_error"))
 
-    async def read_json_object(request: Request) -> dict:
-        """The request body as a JSON object (400 for bad JSON or content type, 422 for another JSON type)."""
-        ctype = request.headers.get("content-type", "")
-        media = ctype.split(";", 1)[0].strip().lower()
-        if media != "application/json" and not media.endswith("+json"):
-            raise ApiError(400, f"Content-Type must be application/json, got {ctype or 'none'}",
-                           code="invalid_content_type")
-        raw = await request.body()
-        if not raw.strip():
-            raise ApiError(400, "request body is empty; expected a JSON object", code="invalid_json")
-        try:
-            body = json.loads(raw)
-        except RecursionError:
-            raise ApiError(400, "request body is not valid JSON: nested too deeply", code="invalid_json") from None
-        except ValueError as exc:
-            raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise ApiError(422, f"request body must be a JSON object, got {_json_type(body)}", code="invalid_type")
-        return body
-
-    async def embed_texts(texts: list[str], param: str) -> tuple[np.ndarray, int]:
-        try:
-            rows = await state.tokenizing.tokenize(texts)  # a row over the limit: cut at limit + 1 (or --truncate)
-        except Exception as exc:  # noqa: BLE001 - a text the tokenizer cannot take is the client's problem
-            raise ApiError(422, f"'{param}' could not be tokenized: {exc}", param=param,
-                           code="invalid_input") from None
-        limit = config.max_input_tokens
-        lengths = [len(row) for row in rows]
-        for i, n in enumerate(lengths):
-            if n > limit and not config.truncate:
-                where = f"{param}[{i}]" if len(texts) > 1 or param == "inputs" else f"'{param}'"
-                raise ApiError(
-                    422, f"{where} is longer than the limit of {limit} tokens per input "
-                         "(the server was not started with --truncate)",
-                    param=param, code="input_too_long", index=i,
-                )
-        try:
-            future = state.batcher.submit(rows, lengths)
-        except QueueFull:
-            metrics.rejected.inc()
-            raise ApiError(503, "the server is overloaded (queue full); retry later", "server_overloaded",
-                           code="queue_full", headers={"retry-after": str(config.retry_after_s)}) from None
-        except WorkerStopped:
-            raise ApiError(503, "the server is shutting down", "server_overloaded", code="shutting_down",
-                           headers={"retry-after": str(config.retry_after_s)}) from None
-        try:
-            vectors = await future
-        except asyncio.CancelledError:  # the client went away, or the graceful timeout ran out
-            future.cancel()  # the batcher drops its queued inputs
-            raise
-        except Exception:  # noqa: BLE001
-            raise ApiError(500, "inference failed", "server_error", code="inference_failed") from None
-        metrics.inputs.inc(len(texts))
-        total = int(sum(lengths))
-        metrics.tokens.inc(total)
-        return vectors, total
-
     @app.post(EMBEDDINGS_ROUTE)
     async def openai_embeddings(request: Request):
         try:
-            body = await read_json_object(request)
-            texts = _parse_texts(body.get("input"), "input", config.max_inputs)
-            model = body.get("model")
-            if model is not None and not isinstance(model, str):
-                raise ApiError(422, f"'model' must be a string, got {_json_type(model)}", param="model",
-                               code="invalid_type")
-            fmt = body.get("encoding_format")
-            if fmt is None:
-                fmt = "float"
-            if fmt not in ("float", "base64"):
-                raise ApiError(422, f"'encoding_format' must be 'float' or 'base64', got {json.dumps(fmt)}",
-                               param="encoding_format", code="invalid_value")
-            dims = body.get("dimensions")
-            if dims is not None and (not _is_int(dims) or dims != state.dim):
-                raise ApiError(422, f"'dimensions' must be {state.dim} (this model's size), got {json.dumps(dims)}",
-                               param="dimensions", code="invalid_value")
-            vectors, total = await embed_texts(texts, "input")
+            texts, fmt = openai_request(await read_json_object(request), config.max_inputs, state.dim)
+            vectors, total = await embed_texts(state, texts, "input")
         except ApiError as err:
             if err.status == 422:  # OpenAI answers an invalid request with 400 (openai.BadRequestError)
                 err.status = 400
@@ -354,7 +366,7 @@ def create_app(encoder, config: ServeConfig | None = None):
         try:
             body = await read_json_object(request)
             texts = _parse_texts(body.get("inputs"), "inputs", config.max_inputs)
-            vectors, _ = await embed_texts(texts, "inputs")
+            vectors, _ = await embed_texts(state, texts, "inputs")
         except ApiError as err:
             return api_error_response(err)
         return json_response(vectors.tolist())
