@@ -44,8 +44,8 @@ from mirrorfast import __version__
 from mirrorfast.errors import MirrorfastError, check_flag, check_path, first_line
 from mirrorfast.evaluate import cosine_rows
 from mirrorfast.last_layer import last_bert_layer
-from mirrorfast.model import (Encoder, check_max_length, load_encoder, pool, position_limit, save_tokenizer,
-                              sentence_transformers_note)
+from mirrorfast.model import Encoder, check_max_length, load_encoder, pool, position_limit, save_tokenizer
+from mirrorfast.st_format import sentence_transformers_note
 from mirrorfast.export.first_token import SCOPE as FIRST_TOKEN_SCOPE
 from mirrorfast.export.first_token import FirstTokenLayer, StandaloneFirstTokenLayer
 from mirrorfast.export.runtime import EXPORT_FORMAT, EXPORT_JSON, open_session, pad_right

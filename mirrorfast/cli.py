@@ -151,7 +151,8 @@ def _load_any_encoder(model: str, pooling, int8=False, device="auto", max_length
     pooling), on `device` (auto: the GPU where there is one)."""
     from pathlib import Path
 
-    from mirrorfast.model import load_encoder, pick_device, sentence_transformers_note
+    from mirrorfast.model import load_encoder, pick_device
+    from mirrorfast.st_format import sentence_transformers_note
 
     from mirrorfast.export.runtime import EXPORT_JSON, OnnxEncoder
 
@@ -171,7 +172,8 @@ def _load_any_encoder(model: str, pooling, int8=False, device="auto", max_length
     # a directory, or a hub id as `train --model` takes it (the local cache; the packaged model's own id)
     encoder = load_encoder(path if path.exists() else model, pooling=pooling, max_length=max_length).to(target)
     loaded_from = Path(encoder.model.name_or_path)
-    if loaded_from.is_dir() and (note := sentence_transformers_note(loaded_from, encoder.pooling, encoder.max_length)):
+    if loaded_from.is_dir() and (note := sentence_transformers_note(loaded_from, encoder.pooling,
+                                                                    encoder.max_length)):
         _log(note)
     return encoder, str(path), encoder.pooling
 

@@ -19,6 +19,7 @@ PRESETS = {
 PRECISIONS = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION = ("auto", "padded", "packed")
+MIRRORFAST_JSON = "mirrorfast.json"  # a mirrorfast output's record of its run (and what marks it as one)
 POOLINGS = ("cls", "mean")  # [CLS] of the last layer (the paper's), masked mean
 _PATHS = ("model", "corpus", "pairs", "output")  # os.PathLike taken, stored as str
 _FILE_LISTS = ("eval_sts", "eval_words")  # one file or several

@@ -17,14 +17,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from mirrorfast.config import POOLINGS
+from mirrorfast.config import MIRRORFAST_JSON, POOLINGS
 from mirrorfast.errors import MirrorfastError, check_flag, first_line
 from mirrorfast.hub import cache_dir, resolve_hub_id
 from mirrorfast.last_layer import first_token_outputs, last_bert_layer, without_last_layer
 from mirrorfast.packing import first_position_id, packed_first_tokens, packed_hidden, packed_pool
+from mirrorfast.st_format import sentence_transformers_files
 from mirrorfast.tokens import as_texts, check_batch_size, check_vocabulary
 
-MIRRORFAST_JSON = "mirrorfast.json"
 
 
 def pick_device(requested: str, log=lambda message: None) -> torch.device:
@@ -62,46 +62,6 @@ def read_mirrorfast_config(model_dir: str | os.PathLike) -> dict | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise MirrorfastError(f"{path} is unreadable: {exc}") from None
-
-
-# sentence-transformers' Pooling config keys -> mirrorfast's names (None: a mode mirrorfast does not have); read
-# by sentence_transformers_note, written by save_encoder
-_ST_POOLING_MODES = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
-                     "pooling_mode_max_tokens": None, "pooling_mode_mean_sqrt_len_tokens": None}
-
-
-def sentence_transformers_note(model_dir: str | os.PathLike, pooling: str, max_length: int) -> str | None:
-    """Where `model_dir` is a sentence-transformers model (not a mirrorfast output) that declares another
-    pooling or a shorter max length than a run uses (mirrorfast's defaults: cls, the tokenizer's max
-    length): a note saying so, and the options that reproduce the model as published."""
-    path = Path(model_dir)
-    if (path / MIRRORFAST_JSON).is_file() or not (path / "modules.json").is_file():
-        return None
-    modules = _json_or_none(path / "modules.json")
-    folder = next((m.get("path", "") for m in modules or () if isinstance(m, dict)
-                   and str(m.get("type", "")).endswith(".Pooling")), None)
-    flags = _json_or_none(path / folder / "config.json") if folder is not None else None
-    declared = next((name for key, name in _ST_POOLING_MODES.items() if (flags or {}).get(key)), None)
-    declared_length = (_json_or_none(path / "sentence_bert_config.json") or {}).get("max_seq_length")
-    differs = []
-    if declared and declared != pooling:
-        differs.append((f"{declared} pooling", f"{pooling} pooling", f"--pooling {declared}"))
-    if isinstance(declared_length, int) and 0 < declared_length < max_length:
-        differs.append((f"max_seq_length {declared_length}", f"max length {max_length}",
-                        f"--max-length {declared_length}"))
-    if not differs:
-        return None
-    return (f"{path} is a sentence-transformers model with {' and '.join(d[0] for d in differs)}; this run uses "
-            f"{' and '.join(d[1] for d in differs)} ({' '.join(d[2] for d in differs)} for the model as published)")
-
-
-def _json_or_none(path: Path):
-    """A JSON file's object or list, or None where it is missing, unreadable or neither (nothing to compare)."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, (dict, list)) else None
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -424,22 +384,6 @@ def check_max_length(max_length, limit: int | None) -> int:
     if limit is not None and max_length > limit:
         raise MirrorfastError(f"--max-length {max_length} exceeds the model's {limit} positions")
     return int(max_length)
-
-
-def sentence_transformers_files(pooling: str, dim: int, max_length: int) -> dict[str, dict | list]:
-    """The sentence-transformers module files that reproduce our pooling (no normalization module)."""
-    return {
-        "modules.json": [
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        ],
-        "sentence_bert_config.json": {"max_seq_length": max_length, "do_lower_case": False},
-        "1_Pooling/config.json": {
-            "word_embedding_dimension": dim,
-            **{key: name == pooling for key, name in _ST_POOLING_MODES.items()},
-        },
-        "config_sentence_transformers.json": {"similarity_fn_name": "cosine"},
-    }
 
 
 def save_tokenizer(tokenizer, directory: str | os.PathLike, max_length: int) -> None:

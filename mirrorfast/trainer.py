@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 import mirrorfast
 from mirrorfast.augment import MIN_LENGTH_TO_MASK, maskable, masked_views
-from mirrorfast.config import TrainConfig
+from mirrorfast.config import MIRRORFAST_JSON, TrainConfig
 from mirrorfast.data import (CUDA_WIDTH_MULTIPLE, PAD_SEGMENT_MAX, Batch, Corpus, epoch_batches, load_corpus,
                              load_pairs, packed_batch, padded_batch)
 from mirrorfast.errors import MirrorfastError, check_flag, stop_if_terminated
@@ -33,7 +33,7 @@ from mirrorfast.fused_norm import fused_residual_layernorm
 from mirrorfast.graphs import GraphedStep
 from mirrorfast.halfmodel import HalfModel
 from mirrorfast.kernels import info_nce
-from mirrorfast.model import (MIRRORFAST_JSON, Encoder, enable_drophead, load_encoder, pick_device,
+from mirrorfast.model import (Encoder, enable_drophead, load_encoder, pick_device,
                               read_mirrorfast_config, save_encoder, without_pooler)
 from mirrorfast.output import atomic_directory, check_destination
 from mirrorfast.packing import packed_attention
