@@ -10,15 +10,20 @@ from mirrorfast.errors import MirrorfastError
 from mirrorfast.model import load_encoder
 
 
-def test_hub_id_from_a_local_cache(tiny_bert_dir, tmp_path, monkeypatch):
-    """A cache laid out as huggingface_hub writes it (models--org--name/snapshots/REV, refs/main)."""
+def _cache_tiny_bert(tiny_bert_dir, tmp_path, monkeypatch) -> None:
+    """acme/tiny-bert in a cache laid out as huggingface_hub writes it (models--org--name/snapshots/REV,
+    refs/main), the hub switched off: the cache alone must do."""
     repo = tmp_path / "hub" / "models--acme--tiny-bert"
     snapshot = repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
     shutil.copytree(tiny_bert_dir, snapshot)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(snapshot.name)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the cache alone must do
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_hub_id_from_a_local_cache(tiny_bert_dir, tmp_path, monkeypatch):
+    _cache_tiny_bert(tiny_bert_dir, tmp_path, monkeypatch)
     encoder = load_encoder("acme/tiny-bert")
     assert "from the local cache" in encoder.source and encoder.dim == 32
     assert encoder.encode(["a cached model"]).shape == (1, 32)
@@ -55,13 +60,7 @@ def test_eval_takes_hub_ids_and_the_packaged_models_own(tiny_bert_dir, tmp_path,
     id, read from the packaged copy (eval said "model directory ... not found" to both)."""
     from mirrorfast.model import PACKAGED_HUB_ID, default_model_path
 
-    repo = tmp_path / "hub" / "models--acme--tiny-bert"
-    snapshot = repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
-    shutil.copytree(tiny_bert_dir, snapshot)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(snapshot.name)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _cache_tiny_bert(tiny_bert_dir, tmp_path, monkeypatch)
     words = tmp_path / "words.tsv"
     words.write_text("w1\tw2\tscore\ncat\tdog\t7\ncar\ttree\t1\nsea\tocean\t9\nhot\tcold\t2\n", encoding="utf-8")
     assert main(["eval", "acme/tiny-bert", "--words", str(words), "--json"]) == 0
