@@ -16,7 +16,7 @@ import numpy as np
 from mirrorfast.errors import MirrorfastError
 from mirrorfast.export.runtime import OnnxEncoder, progress_bar
 from mirrorfast.output import atomic_file, probe_writable
-from mirrorfast.textfile import iter_lines
+from mirrorfast.textfile import check_line_endings, iter_lines
 from mirrorfast.tokens import check_batch_size
 
 
@@ -97,10 +97,12 @@ def encode_file(
     """Embed every non-blank line of a UTF-8 text file (one text per line, \\n or \\r\\n, optional BOM);
     write a float32 (n, dim) .npy atomically. The file is read twice, streamed: once to check and count
     it, once to encode it ENCODE_CHUNK lines at a time."""
-    lines = texts = 0
+    lines = texts = lone_crs = 0
     for line in iter_lines(input_path, "input file"):
         lines += 1
         texts += _is_text(line)
+        lone_crs += line.count("\r")  # the CR of a CRLF ending is gone: these are CRs alone
+    check_line_endings(input_path, lines, lone_crs)
     if not texts:
         raise MirrorfastError(f"{input_path} has no non-blank lines to encode")
     batch_size = check_batch_size(batch_size)

@@ -144,13 +144,12 @@ def is_export_output(path: Path) -> bool:
     return (Path(path) / EXPORT_JSON).is_file()
 
 
-def _recorded_files(path: Path) -> list[str] | None:
-    """The entries a previous export listed in its export.json ("files"); None where it cannot tell."""
+def _recorded_files(path: Path):
+    """What a previous export listed in its export.json ("files"; check_destination checks it is a list)."""
     try:
-        files = json.loads((Path(path) / EXPORT_JSON).read_text(encoding="utf-8")).get("files")
+        return json.loads((Path(path) / EXPORT_JSON).read_text(encoding="utf-8")).get("files")
     except (OSError, ValueError, AttributeError):
         return None
-    return files if isinstance(files, list) and all(isinstance(name, str) for name in files) else None
 
 
 def _resolve_max_length(encoder: Encoder, requested: int | None) -> int:

@@ -208,7 +208,8 @@ class OnnxEncoder:
         if int8 and "int8" not in models:
             raise MirrorfastError(f"{export_dir} has no int8 model: export it with --int8")
 
-        self._arguments = (export_dir, provider, int8, io_binding)  # pickled: a copy loads the export again
+        # pickled: a copy loads the export again, from the absolute path (a worker may start elsewhere)
+        self._arguments = (export_dir.resolve(), provider, int8, io_binding)
         self.manifest = manifest
         self.export_dir = export_dir
         self.name = export_dir.resolve().name

@@ -15,7 +15,7 @@ import torch
 
 from mirrorfast.envinfo import package_version
 from mirrorfast.errors import MirrorfastError
-from mirrorfast.textfile import read_utf8_and_sha256
+from mirrorfast.textfile import check_line_endings, read_utf8_and_sha256
 from mirrorfast.tokens import TokenizedTexts
 
 PAIR_SEPARATOR = "||"
@@ -56,10 +56,7 @@ def _read_lines(path: str, what: str) -> tuple[list[tuple[int, str]], dict]:
     inside a line."""
     text, sha256 = read_utf8_and_sha256(path, what)
     lines = [(n, _stripped(line)) for n, line in enumerate(text.split("\n"), start=1)]
-    lone_cr = text.count("\r") - text.count("\r\n")
-    if lone_cr >= 2 and lone_cr >= len(lines):  # more CRs alone than lines: old Mac line endings, not a few CRs
-        raise MirrorfastError(f"{path}: its lines end in a carriage return alone (CR, old Mac line endings); lines "
-                              f"end at \\n here: convert it first, for example tr '\\r' '\\n' < {path} > fixed.txt")
+    check_line_endings(path, text.count("\n"), text.count("\r") - text.count("\r\n"))
     return [(n, s) for n, s in lines if s], {"path": str(Path(path).resolve()), "sha256": sha256}
 
 

@@ -16,12 +16,13 @@ from mirrorfast.errors import MirrorfastError, stop_if_terminated
 def check_destination(out_dir: Path, is_ours: Callable[[Path], bool], overwrite: bool, what: str,
                       inputs: Iterable[str | os.PathLike | None] = (),
                       recorded: Callable[[Path], Iterable[str] | None] | None = None) -> None:
-    """Refuse a destination that exists and is not a previous output of ours, or is one but holds entries
-    that output did not write (`recorded(out_dir)`: the names it listed, None where it listed none; a user's
-    notes or an export saved inside it), unless `overwrite`; one that cannot be replaced as a whole (the
-    current directory, one of its parents, a mount point); and one that is or holds one of the job's
-    `inputs` (paths; None and names of no file are skipped): replacing it would delete the input, with or
-    without `overwrite`. A symlink named as the destination stands for its target (`followed`)."""
+    """Refuse a destination that exists and is not a previous output of ours, or is one but holds top-level
+    entries that output did not write (a user's notes, an export saved inside it; `recorded(out_dir)`: the
+    names it listed; anything but a list of names, e.g. None, checks nothing), unless `overwrite`; one that
+    cannot be replaced as a whole (the current directory, one of its parents, a mount point); and one that
+    is or holds one of the job's `inputs` (paths; None and names of no file are skipped): replacing it would
+    delete the input, with or without `overwrite`. A symlink to a directory stands for its target (`followed`;
+    a dangling one is refused)."""
     if out_dir.is_symlink() and not out_dir.exists():
         raise MirrorfastError(f"{out_dir} is a symlink to {os.readlink(out_dir)}, which does not exist: create that "
                               "directory, or remove the link")
@@ -47,6 +48,8 @@ def check_destination(out_dir: Path, is_ours: Callable[[Path], bool], overwrite:
                 f"{out_dir} exists and is not a previous {what}; choose another directory or pass --overwrite"
             )
         listed = recorded(out_dir) if recorded is not None else None
+        if not (isinstance(listed, list) and all(isinstance(name, str) for name in listed)):
+            listed = None  # an output written before outputs listed their files, or a damaged record
         extra = sorted(set(os.listdir(out_dir)) - set(listed)) if listed is not None else []
         if extra:
             more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""

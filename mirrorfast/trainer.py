@@ -216,7 +216,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
         corpus_file = None if str(cfg.corpus).startswith("wordfreq:") else cfg.corpus
         check_destination(out_dir, is_mirrorfast_output, cfg.overwrite, "mirrorfast output",
                           inputs=[cfg.model, corpus_file, cfg.pairs, *cfg.eval_sts, *cfg.eval_words],
-                          recorded=lambda previous: (read_mirrorfast_config(previous) or {}).get("files"))
+                          recorded=_recorded_files)
 
     torch.manual_seed(cfg.seed)
     corpus = load_pairs(cfg.pairs, cfg.dedup) if cfg.pairs else load_corpus(cfg.corpus, cfg.dedup)
@@ -413,6 +413,16 @@ def _metadata(cfg, corpus, encoder, device, paths: dict, result: TrainResult) ->
         "evaluation": result.evaluation,
         "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _recorded_files(output: Path):
+    """What a previous output listed in its mirrorfast.json ("files"; check_destination checks it is a list):
+    None where that file is damaged, which is then replaced as before."""
+    try:
+        saved = read_mirrorfast_config(output)
+    except MirrorfastError:
+        return None
+    return saved.get("files") if isinstance(saved, dict) else None
 
 
 def _model_location(model: str | None) -> str | None:

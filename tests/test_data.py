@@ -1,5 +1,6 @@
 """Corpus sources and their errors; tokenize-once arrays; padded and packed batches."""
 
+import bz2
 import gzip
 import random
 import sys
@@ -37,6 +38,9 @@ def test_file_corpus_skips_blanks_and_removes_duplicates(tmp_path):
         (gzip.compress(b"a gzipped corpus\nof two lines\n"), "c.txt is gzip-compressed, not text: decompress it"),
         (b"old Mac\rline endings\rthree lines\r", r"lines end in a carriage return alone \(CR, old Mac"),
         (b"a line with a stray\r CR\nanother line\nand one more\n", None),  # a few lone CRs: text
+        (b"".join(b"line %d has\rtwo\rCRs inside\n" % i for i in range(3)), None),  # CRs inside \n-lines: text
+        (bz2.compress(b"a bzip2 corpus\nof two lines\n"), "c.txt is bzip2-compressed, not text"),
+        (b"BZh is how this line starts\nand this one has caf\xe9\n", r"line 2 is not valid UTF-8 \(byte 0xe9\)"),
     ],
 )
 def test_corpus_errors(tmp_path, content, message):
@@ -56,7 +60,7 @@ def test_lines_end_at_newlines_only(tmp_path):
     assert load_pairs(pairs).first == ["page one\x0cpage two", "x"]
 
 
-def test_missing_corpus(tmp_path):
+def test_missing_corpus(tmp_path, monkeypatch):
     with pytest.raises(MirrorfastError, match="corpus file .*nope.txt not found"):
         load_corpus(str(tmp_path / "nope.txt"))
     with pytest.raises(MirrorfastError, match="pairs file .*nope.txt not found"):
@@ -65,6 +69,10 @@ def test_missing_corpus(tmp_path):
         load_pairs(str(tmp_path))
     with pytest.raises(MirrorfastError, match="corpus file '-': standard input is not read; save the text to a"):
         load_corpus("-")
+    (tmp_path / "-").write_text("a file named -\nas some are\n")  # named ./- it is read
+    assert load_corpus(str(tmp_path / "-")).first == ["a file named -", "as some are"]
+    monkeypatch.chdir(tmp_path)
+    assert len(load_corpus("./-").first) == 2
 
 
 def test_identity_is_the_bytes_read(tmp_path, monkeypatch):

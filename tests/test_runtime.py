@@ -411,6 +411,16 @@ def test_cli_encode_failing_midway_leaves_the_old_output(tiny_export, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "vectors.npy"]
 
 
+def test_cli_encode_refuses_a_cr_only_file(tiny_export, tmp_path, capsys):
+    """Lines end at \\n: a file whose lines end in CR alone (old Mac) was one text, one row, exit 0."""
+    from mirrorfast.cli import main
+
+    (tmp_path / "mac.txt").write_bytes(b"first text\rsecond text\rthird text\r")
+    assert main(["encode", str(tiny_export), "--input", str(tmp_path / "mac.txt"), "--output",
+                 str(tmp_path / "v.npy"), "--no-progress"]) == 2
+    assert "lines end in a carriage return alone" in capsys.readouterr().err and not (tmp_path / "v.npy").exists()
+
+
 def test_cli_encode_creates_missing_parents_and_removes_them_on_failure(tiny_export, tmp_path, monkeypatch):
     """As train and export do: a new folder for the output is created when it is written, and a failed
     encode leaves no folder behind."""

@@ -318,6 +318,10 @@ def test_refuses_foreign_output_dir_unless_overwrite(tiny_bert_dir, corpus, tmp_
     assert (out / "onnx" / "model.onnx").is_file()
     assert run_cli(*tiny_args(tiny_bert_dir, corpus, out, "--overwrite")) == 0
     assert not (out / "onnx").exists()
+    # A damaged record (or none: an output from before) checks nothing: replaced as before, never a traceback.
+    for damaged in ("[1, 2]", '{"files": 5}', '{"files": "mirrorfast.json"}', "{not json"):
+        (out / "mirrorfast.json").write_text(damaged)
+        assert run_cli(*tiny_args(tiny_bert_dir, corpus, out)) == 0, (damaged, capsys.readouterr().err)
 
 
 def test_an_output_that_holds_an_input_is_refused(tiny_bert_dir, corpus, tmp_path, tmp_path_factory, capsys):
