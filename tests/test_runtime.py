@@ -113,6 +113,7 @@ def test_cuda_provider_without_cuda_ep(tiny_export):
         OnnxEncoder(tiny_export, provider="cuda")
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available")
 def test_auto_does_not_hide_a_broken_gpu_file(tiny_export, tmp_path, monkeypatch):
     """provider="auto" with the CUDA EP listed: a GPU file that does not load was swallowed and the fp32 file
     served on the CPU, with nothing said. A CUDA EP that finds no GPU (here: not really there, so onnxruntime
