@@ -366,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_train, _add_eval, _add_export, _add_encode, _add_serve, _add_env):
         add(sub)
+    parser.commands = sub.choices  # name -> the command's parser
     for command in sub.choices.values():  # `mirrorfast train ... --debug` too (SUPPRESS: unset, it keeps main's)
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show tracebacks on errors")
@@ -385,7 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     as_command = argv is None  # the `mirrorfast` command itself, not a program calling main([...])
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's own parser: its --help is the one to read
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     forget_completed_outputs()
     try:
         with _sigterm_unwinds(args.command):

@@ -16,6 +16,8 @@ from mirrorfast.cli import main
     (["encode", "somewhere"], "mirrorfast encode: error: the following arguments are required: --input, --output"),
     ([], "mirrorfast: error: the following arguments are required: COMMAND (see mirrorfast --help)"),
     (["trian"], "mirrorfast: error: argument COMMAND: invalid choice: 'trian'"),
+    (["eval", "somewhere", "--bogus", "x"], "mirrorfast eval: error: unrecognized arguments: --bogus x "
+                                            "(see mirrorfast eval --help)"),
 ])
 def test_usage_errors_are_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as stopped:
