@@ -567,13 +567,15 @@ def export_model(
         encoder, source = model, model.source
     else:
         path = Path(model)
-        if not path.exists():
-            raise MirrorfastError(f"model directory {path} not found")
-        if not path.is_dir():
+        if path.exists() and not path.is_dir():
             raise MirrorfastError(f"{path} is a file, not a model directory")
-        encoder, source = load_encoder(path, pooling=pooling), str(path.resolve())
+        # a directory, or a hub id as `train --model` takes it (the local cache; the packaged model's own id)
+        encoder = load_encoder(path if path.exists() else os.fspath(model), pooling=pooling)
+        source = str(path.resolve()) if path.exists() else encoder.source
     max_length = _resolve_max_length(encoder, max_length)
-    if not isinstance(model, Encoder) and (note := sentence_transformers_note(model, encoder.pooling, max_length)):
+    loaded_from = Path(encoder.model.name_or_path)
+    if not isinstance(model, Encoder) and loaded_from.is_dir() and (
+            note := sentence_transformers_note(loaded_from, encoder.pooling, max_length)):
         log(note)
     hf_model = _export_copy(encoder)
     takes_tt = _takes_token_type_ids(hf_model, encoder.tokenizer)

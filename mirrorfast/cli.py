@@ -181,7 +181,8 @@ def _load_any_encoder(model: str, pooling, int8=False, device="auto", max_length
 # --------------------------------------------------------------------------------------------- export
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export a trained model to ONNX (fp32, optional fp16 / int8)")
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="a mirrorfast or Hugging Face model directory")
+    p.add_argument("model_dir", metavar="MODEL_DIR",
+                   help="a mirrorfast or Hugging Face model directory, or a hub id as train --model takes it")
     p.add_argument("out_dir", metavar="OUT_DIR", help="the export directory to write")
     p.add_argument("--fp16", action="store_true", help="also write model_fp16.onnx (fused, fp16, for the GPU)")
     p.add_argument("--int8", action="store_true", help="also write model_int8.onnx (dynamic int8, for the CPU)")

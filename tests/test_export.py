@@ -242,7 +242,7 @@ def test_not_a_model_directory(tmp_path):
     (tmp_path / "notes" / "readme.txt").write_text("hello")
     with pytest.raises(MirrorfastError, match="not a model directory"):
         export_model(tmp_path / "notes", tmp_path / "out")
-    with pytest.raises(MirrorfastError, match="not found"):
+    with pytest.raises(MirrorfastError, match="model directory .*missing does not exist"):
         export_model(tmp_path / "missing", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

