@@ -889,3 +889,19 @@ def test_a_client_that_leaves_mid_computation_has_its_inputs_dropped(encoder):
         assert computed < len(texts) / 2, computed  # not all 1000 computed for nobody
         assert _metric(text, "mirrorfast_queue_depth") == 0 and _metric(text, "mirrorfast_inputs_total") == 0
         assert c.post("/embed", json={"inputs": texts[:3]}).status_code == 200  # and it goes on serving
+
+
+def test_a_stopped_worker_answers_503_shutting_down(encoder):
+    """A request that reaches the app after its inference worker stopped (shutdown under way) gets 503
+    shutting_down with Retry-After, on both embedding routes; the server itself goes on answering."""
+    from mirrorfast.export.server import ServeConfig, create_app
+
+    app = create_app(encoder, ServeConfig())
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        assert c.post("/embed", json={"inputs": ["before"]}).status_code == 200
+        app.app.state.mirrorfast.batcher.stop()
+        for route, body in (("/v1/embeddings", {"input": "after"}), ("/embed", {"inputs": ["after"]})):
+            r = c.post(route, json=body)
+            assert r.status_code == 503 and r.headers["retry-after"] == "1", (route, r.text)
+            assert r.json()["error"]["code"] == "shutting_down"
+        assert c.get("/health").status_code == 200
