@@ -85,10 +85,9 @@ def _wordfreq_corpus(spec: str) -> list[str]:
     if len(parts) not in (2, 3) or not parts[1]:
         raise MirrorfastError(f"--corpus {spec!r}: expected wordfreq:LANG or wordfreq:LANG:N")
     lang = parts[1]
-    try:
-        n = int(parts[2]) if len(parts) == 3 else 10000
-    except ValueError:
-        raise MirrorfastError(f"--corpus {spec!r}: N must be an integer") from None
+    if len(parts) == 3 and not (parts[2].isascii() and parts[2].isdigit()):  # int() takes " 5", "+5", "５"
+        raise MirrorfastError(f"--corpus {spec!r}: N must be an integer")
+    n = int(parts[2]) if len(parts) == 3 else 10000
     if n < 2:
         raise MirrorfastError(f"--corpus {spec!r}: N must be at least 2")
     try:
@@ -101,7 +100,9 @@ def _wordfreq_corpus(spec: str) -> list[str]:
                               "pip install -U wordfreq") from None
     if lang not in wordfreq.available_languages():
         raise MirrorfastError(f"--corpus {spec!r}: wordfreq has no word list for language {lang!r}")
-    return wordfreq.top_n_list(lang, n)
+    # Some lists hold "words" of invisible characters only (Persian's and Arabic's zero-width non-joiner):
+    # stripped as file lines are, and dropped when nothing is left (the tokenizer would see no text).
+    return [word for word in map(_stripped, wordfreq.top_n_list(lang, n)) if word]
 
 
 def load_corpus(spec: str, dedup: bool = True) -> Corpus:

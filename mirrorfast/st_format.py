@@ -6,12 +6,29 @@ import json
 import os
 from pathlib import Path
 
-from mirrorfast.config import MIRRORFAST_JSON
+from mirrorfast.config import MIRRORFAST_JSON, POOLINGS
 
-# sentence-transformers' Pooling config keys -> mirrorfast's names (None: a mode mirrorfast does not have); read
-# by sentence_transformers_note, written by save_encoder
-_ST_POOLING_MODES = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
-                     "pooling_mode_max_tokens": None, "pooling_mode_mean_sqrt_len_tokens": None}
+# sentence-transformers' Pooling config flags -> its mode names (mirrorfast has "cls" and "mean"). Written by
+# save_encoder, which every version reads; sentence-transformers 6 writes {"pooling_mode": "mean"} instead.
+_ST_POOLING_FLAGS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
+                     "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+                     "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
+
+
+_WRITTEN_FLAGS = ("pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_max_tokens",
+                  "pooling_mode_mean_sqrt_len_tokens")  # what every sentence-transformers version knows
+
+
+def _declared_pooling(config) -> str | None:
+    """The pooling a Pooling config declares ("mean", "cls", "max"..., "cls+mean" for several), or None."""
+    if not isinstance(config, dict):
+        return None
+    modes = config.get("pooling_mode")  # sentence-transformers 6: a name, or a list of them
+    if isinstance(modes, str):
+        modes = [modes]
+    if not (isinstance(modes, list) and modes and all(isinstance(m, str) for m in modes)):
+        modes = [mode for key, mode in _ST_POOLING_FLAGS.items() if config.get(key) is True]
+    return "+".join(modes) or None
 
 
 def sentence_transformers_note(model_dir: str | os.PathLike, pooling: str, max_length: int) -> str | None:
@@ -24,12 +41,12 @@ def sentence_transformers_note(model_dir: str | os.PathLike, pooling: str, max_l
     modules = _json_or_none(path / "modules.json")
     folder = next((m.get("path", "") for m in modules or () if isinstance(m, dict)
                    and str(m.get("type", "")).endswith(".Pooling")), None)
-    flags = _json_or_none(path / folder / "config.json") if folder is not None else None
-    declared = next((name for key, name in _ST_POOLING_MODES.items() if (flags or {}).get(key)), None)
+    declared = _declared_pooling(_json_or_none(path / folder / "config.json") if folder is not None else None)
     declared_length = (_json_or_none(path / "sentence_bert_config.json") or {}).get("max_seq_length")
     differs = []
     if declared and declared != pooling:
-        differs.append((f"{declared} pooling", f"{pooling} pooling", f"--pooling {declared}"))
+        option = f"--pooling {declared}" if declared in POOLINGS else f"mirrorfast has no {declared} pooling;"
+        differs.append((f"{declared} pooling", f"{pooling} pooling", option))
     if isinstance(declared_length, int) and 0 < declared_length < max_length:
         differs.append((f"max_seq_length {declared_length}", f"max length {max_length}",
                         f"--max-length {declared_length}"))
@@ -58,7 +75,7 @@ def sentence_transformers_files(pooling: str, dim: int, max_length: int) -> dict
         "sentence_bert_config.json": {"max_seq_length": max_length, "do_lower_case": False},
         "1_Pooling/config.json": {
             "word_embedding_dimension": dim,
-            **{key: name == pooling for key, name in _ST_POOLING_MODES.items()},
+            **{key: _ST_POOLING_FLAGS[key] == pooling for key in _WRITTEN_FLAGS},
         },
         "config_sentence_transformers.json": {"similarity_fn_name": "cosine"},
     }

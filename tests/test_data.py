@@ -102,9 +102,14 @@ def test_wordfreq_corpus():
     corpus = load_corpus("wordfreq:en:50")
     assert len(corpus) == 50 and corpus.first[0] == "the"
     assert len(load_corpus("wordfreq:en")) == 10000
-    for bad, message in [("wordfreq:zz", "no word list"), ("wordfreq:en:x", "integer"), ("wordfreq:", "expected")]:
+    for bad, message in [("wordfreq:zz", "no word list"), ("wordfreq:en:x", "integer"), ("wordfreq:", "expected"),
+                         ("wordfreq:en: 5", "integer"), ("wordfreq:en:+5", "integer"),
+                         ("wordfreq:en:\uff15", "integer")]:
         with pytest.raises(MirrorfastError, match=message):
             load_corpus(bad)
+    # Persian's list holds "words" of zero-width non-joiners only (ranks 383 and 8,080): no text to train on
+    persian = load_corpus("wordfreq:fa")
+    assert all(word.strip("\u200c\u200b\u200d\ufeff") == word and word for word in persian.first)
 
 
 def test_wordfreq_missing_or_broken(tmp_path, monkeypatch):
