@@ -163,7 +163,8 @@ def test_the_cli_says_an_output_saved_before_the_interrupt_was_saved(tmp_path, m
 
     parser = cli.build_parser()
     monkeypatch.setattr(cli, "build_parser", lambda: parser)
-    monkeypatch.setattr(parser, "parse_args", lambda argv: SimpleNamespace(command="export", handler=handler))
+    monkeypatch.setattr(parser, "parse_known_args",
+                        lambda argv: (SimpleNamespace(command="export", handler=handler), []))
     assert cli.main([]) == 143
     assert f"terminated (SIGTERM); {out} was already saved complete; no partial output was left" in \
         capsys.readouterr().err
@@ -172,8 +173,8 @@ def test_the_cli_says_an_output_saved_before_the_interrupt_was_saved(tmp_path, m
         raise Terminated
 
     # The next command's message is its own.
-    monkeypatch.setattr(parser, "parse_args",
-                        lambda argv: SimpleNamespace(command="export", handler=terminated_before_saving))
+    monkeypatch.setattr(parser, "parse_known_args",
+                        lambda argv: (SimpleNamespace(command="export", handler=terminated_before_saving), []))
     assert cli.main([]) == 143
     assert capsys.readouterr().err == "mirrorfast export: terminated (SIGTERM); no partial output was left\n"
 
