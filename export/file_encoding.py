@@ -16,7 +16,7 @@ import numpy as np
 from mirrorfast.errors import MirrorfastError
 from mirrorfast.export.runtime import OnnxEncoder, progress_bar
 from mirrorfast.output import atomic_file, probe_writable
-from mirrorfast.textfile import check_line_endings, iter_lines
+from mirrorfast.textfile import check_line_endings, ends_with_newline, iter_lines
 from mirrorfast.tokens import check_batch_size
 
 
@@ -102,7 +102,7 @@ def encode_file(
         lines += 1
         texts += _is_text(line)
         lone_crs += line.count("\r")  # the CR of a CRLF ending is gone: these are CRs alone
-    check_line_endings(input_path, lines, lone_crs)
+    check_line_endings(input_path, lines - 1 + ends_with_newline(input_path), lone_crs)
     if not texts:
         raise MirrorfastError(f"{input_path} has no non-blank lines to encode")
     batch_size = check_batch_size(batch_size)

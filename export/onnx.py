@@ -571,7 +571,8 @@ def export_model(
             raise MirrorfastError(f"{path} is a file, not a model directory")
         # a directory, or a hub id as `train --model` takes it (the local cache; the packaged model's own id)
         encoder = load_encoder(path if path.exists() else os.fspath(model), pooling=pooling)
-        source = str(path.resolve()) if path.exists() else encoder.source
+        loaded = Path(encoder.model.name_or_path)  # the packaged copy's directory, or a cached hub id as given
+        source = str(path.resolve()) if path.exists() else str(loaded.resolve()) if loaded.is_dir() else str(model)
     max_length = _resolve_max_length(encoder, max_length)
     loaded_from = Path(encoder.model.name_or_path)
     if not isinstance(model, Encoder) and loaded_from.is_dir() and (

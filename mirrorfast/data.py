@@ -42,7 +42,8 @@ class Corpus:
 
 # Around a string: whitespace, and characters str.strip() keeps that tokenizers drop (a BOM where files were
 # concatenated, zero-width spaces, NUL, DEL): a line of only those is blank, "\ufeffword" is "word" (a duplicate).
-_SURROUNDING = re.compile(r"^[\s\x00\x7f\u200b-\u200d\u2060\ufeff]+|[\s\x00\x7f\u200b-\u200d\u2060\ufeff]+$")
+_INVISIBLE = r"\s\x00\x7f\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff"  # + LRM/RLM, bidi controls
+_SURROUNDING = re.compile(f"^[{_INVISIBLE}]+|[{_INVISIBLE}]+$")
 
 
 def _stripped(text: str) -> str:

@@ -184,11 +184,9 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
                 yield handle
             stop_if_terminated()  # a SIGTERM whose exception was swallowed on the way still writes nothing
             readable_as_created(Path(tmp))  # mkstemp makes it 0600
-            os.replace(tmp, path)
+            os.replace(tmp, path)  # from here the new file is in place, whatever comes: listed as saved
             _completed.append(path)
         except BaseException as exc:
-            if path in _completed:
-                _completed.remove(path)
             Path(tmp).unlink(missing_ok=True)
             if isinstance(exc, OSError):
                 raise MirrorfastError(f"cannot write {path}: {exc.strerror or exc}") from None

@@ -27,7 +27,9 @@ def _declared_pooling(config) -> str | None:
     if isinstance(modes, str):
         modes = [modes]
     if not (isinstance(modes, list) and modes and all(isinstance(m, str) for m in modes)):
-        modes = [mode for key, mode in _ST_POOLING_FLAGS.items() if config.get(key) is True]
+        if "pooling_mode" not in config and not any(key in config for key in _ST_POOLING_FLAGS):
+            return "mean"  # sentence-transformers' default when a config names no mode
+        modes = [mode for key, mode in _ST_POOLING_FLAGS.items() if config.get(key)]
     return "+".join(modes) or None
 
 
@@ -45,15 +47,19 @@ def sentence_transformers_note(model_dir: str | os.PathLike, pooling: str, max_l
     declared_length = (_json_or_none(path / "sentence_bert_config.json") or {}).get("max_seq_length")
     differs = []
     if declared and declared != pooling:
-        option = f"--pooling {declared}" if declared in POOLINGS else f"mirrorfast has no {declared} pooling;"
-        differs.append((f"{declared} pooling", f"{pooling} pooling", option))
+        differs.append((f"{declared} pooling", f"{pooling} pooling", f"--pooling {declared}" if declared in POOLINGS
+                        else None))
     if isinstance(declared_length, int) and 0 < declared_length < max_length:
         differs.append((f"max_seq_length {declared_length}", f"max length {max_length}",
                         f"--max-length {declared_length}"))
     if not differs:
         return None
+    options = " ".join(d[2] for d in differs if d[2])
+    lacking = "" if declared in POOLINGS or not declared or declared == pooling else \
+        f"; mirrorfast has no {declared} pooling"
     return (f"{path} is a sentence-transformers model with {' and '.join(d[0] for d in differs)}; this run uses "
-            f"{' and '.join(d[1] for d in differs)} ({' '.join(d[2] for d in differs)} for the model as published)")
+            f"{' and '.join(d[1] for d in differs)}" + (f" ({options} for the model as published)" if options else "")
+            + lacking)
 
 
 def _json_or_none(path: Path):

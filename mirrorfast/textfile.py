@@ -2,6 +2,7 @@
 
 import codecs
 import hashlib
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -34,6 +35,15 @@ def check_line_endings(path: str | Path, newlines: int, lone_crs: int) -> None:
     if lone_crs >= 2 and newlines <= 1:
         raise MirrorfastError(f"{path}: its lines end in a carriage return alone (CR, old Mac line endings); lines "
                               f"end at \\n here: convert it first, for example tr '\\r' '\\n' < {path} > fixed.txt")
+
+
+def ends_with_newline(path: str | Path) -> bool:
+    """Whether the file's last byte is \\n (iter_lines' lines do not say: a final newline ends the last line)."""
+    with open(path, "rb") as handle:
+        if handle.seek(0, os.SEEK_END) == 0:
+            return False
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1) == b"\n"
 
 
 def _check_file(path: Path, what: str) -> None:

@@ -416,10 +416,15 @@ def test_cli_encode_refuses_a_cr_only_file(tiny_export, tmp_path, capsys):
     """Lines end at \\n: a file whose lines end in CR alone (old Mac) was one text, one row, exit 0."""
     from mirrorfast.cli import main
 
-    (tmp_path / "mac.txt").write_bytes(b"first text\rsecond text\rthird text\r")
+    for content in (b"first text\rsecond text\rthird text\r", b"x\na\rb\rc"):  # ... also with one \n, none at the end
+        (tmp_path / "mac.txt").write_bytes(content)
+        assert main(["encode", str(tiny_export), "--input", str(tmp_path / "mac.txt"), "--output",
+                     str(tmp_path / "v.npy"), "--no-progress"]) == 2
+        assert "lines end in a carriage return alone" in capsys.readouterr().err and not (tmp_path / "v.npy").exists()
+    (tmp_path / "mac.txt").write_bytes(b"x\na\rb\rc\nd\n")  # CRs inside lines that end in \n: text
     assert main(["encode", str(tiny_export), "--input", str(tmp_path / "mac.txt"), "--output",
-                 str(tmp_path / "v.npy"), "--no-progress"]) == 2
-    assert "lines end in a carriage return alone" in capsys.readouterr().err and not (tmp_path / "v.npy").exists()
+                 str(tmp_path / "v.npy"), "--no-progress"]) == 0
+    assert np.load(tmp_path / "v.npy").shape[0] == 3
 
 
 def test_cli_encode_creates_missing_parents_and_removes_them_on_failure(tiny_export, tmp_path, monkeypatch):
