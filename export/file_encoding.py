@@ -14,9 +14,10 @@ from typing import Callable, Iterator
 import numpy as np
 
 from mirrorfast.errors import MirrorfastError
-from mirrorfast.export.runtime import OnnxEncoder, progress_bar
+from mirrorfast.export.runtime import OnnxEncoder
 from mirrorfast.output import atomic_file, probe_writable
-from mirrorfast.textfile import check_line_endings, ends_with_newline, iter_lines
+from mirrorfast.progress import progress_bar
+from mirrorfast.textfile import iter_lines
 from mirrorfast.tokens import check_batch_size
 
 
@@ -97,19 +98,17 @@ def encode_file(
     """Embed every non-blank line of a UTF-8 text file (one text per line, \\n or \\r\\n, optional BOM);
     write a float32 (n, dim) .npy atomically. The file is read twice, streamed: once to check and count
     it, once to encode it ENCODE_CHUNK lines at a time."""
-    lines = texts = lone_crs = 0
-    for line in iter_lines(input_path, "input file"):
+    lines = texts = 0
+    for line in iter_lines(input_path, "input file"):  # (it refuses a CR-only file at the end)
         lines += 1
         texts += _is_text(line)
-        lone_crs += line.count("\r")  # the CR of a CRLF ending is gone: these are CRs alone
-    check_line_endings(input_path, lines - 1 + ends_with_newline(input_path), lone_crs)
     if not texts:
         raise MirrorfastError(f"{input_path} has no non-blank lines to encode")
     batch_size = check_batch_size(batch_size)
     output = check_npy_output(output_path)
     encoder = OnnxEncoder(export_dir, provider=provider, int8=int8)
     start = time.perf_counter()
-    with npy_rows_writer(output, texts, encoder.dim) as write, progress_bar(texts, progress) as bar:
+    with npy_rows_writer(output, texts, encoder.dim) as write, progress_bar(texts, "text", progress) as bar:
         lines_left = _non_blank(input_path)
         while chunk := list(itertools.islice(lines_left, ENCODE_CHUNK)):
             write(encoder._encode_by_length(chunk, batch_size, bar.update))

@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from mirrorfast.errors import MirrorfastError, check_flag, check_path, first_line
+from mirrorfast.progress import progress_bar
 from mirrorfast.tokens import TokenizedTexts, as_texts, batch_encoder, check_batch_size, check_vocabulary
 
 EXPORT_JSON = "export.json"
@@ -317,7 +318,7 @@ class OnnxEncoder:
         progress: a progress bar (texts encoded) on stderr."""
         texts = as_texts(texts)
         batch_size = check_batch_size(batch_size)
-        with progress_bar(len(texts), progress) as bar:
+        with progress_bar(len(texts), "text", progress) as bar:
             return self._encode_by_length(texts, batch_size, bar.update)
 
     def _encode_by_length(self, texts: list[str], batch_size: int, done: Callable[[int], object]) -> np.ndarray:
@@ -352,25 +353,3 @@ class OnnxEncoder:
         if ids.min() < 0 or ids.max() >= self._vocab_size:
             raise MirrorfastError(f"token ids must be in 0..{self._vocab_size - 1} (the tokenizer's vocabulary), "
                                   f"got {ids.min()}..{ids.max()}")
-
-
-class _NoBar:
-    """No progress bar. Not a disabled tqdm: creating one makes a multiprocessing lock, which fixes the
-    process's start method (an application's later set_start_method("spawn") then fails)."""
-
-    def __enter__(self) -> "_NoBar":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-
-def progress_bar(total: int, show: bool):
-    if not show:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="text", dynamic_ncols=True)

@@ -15,7 +15,7 @@ import torch
 
 from mirrorfast.envinfo import package_version
 from mirrorfast.errors import MirrorfastError
-from mirrorfast.textfile import check_line_endings, read_utf8_and_sha256
+from mirrorfast.textfile import read_utf8_and_sha256
 from mirrorfast.tokens import TokenizedTexts
 
 PAIR_SEPARATOR = "||"
@@ -57,7 +57,6 @@ def _read_lines(path: str, what: str) -> tuple[list[tuple[int, str]], dict]:
     inside a line."""
     text, sha256 = read_utf8_and_sha256(path, what)
     lines = [(n, _stripped(line)) for n, line in enumerate(text.split("\n"), start=1)]
-    check_line_endings(path, text.count("\n"), text.count("\r") - text.count("\r\n"))
     return [(n, s) for n, s in lines if s], {"path": str(Path(path).resolve()), "sha256": sha256}
 
 

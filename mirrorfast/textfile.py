@@ -2,7 +2,6 @@
 
 import codecs
 import hashlib
-import os
 from pathlib import Path
 from typing import Iterator
 
@@ -28,22 +27,13 @@ def _path(path: str | Path, what: str) -> Path:
     return Path(path)
 
 
-def check_line_endings(path: str | Path, newlines: int, lone_crs: int) -> None:
+def _check_line_endings(path: Path, newlines: int, lone_crs: int) -> None:
     """Refuse a file whose lines end in a carriage return alone (old Mac line endings): two or more CRs not
     followed by \\n, and at most one \\n in the whole file. Lines end at \\n here, so it would be one giant
     string; CRs inside lines that end in \\n are text."""
     if lone_crs >= 2 and newlines <= 1:
         raise MirrorfastError(f"{path}: its lines end in a carriage return alone (CR, old Mac line endings); lines "
                               f"end at \\n here: convert it first, for example tr '\\r' '\\n' < {path} > fixed.txt")
-
-
-def ends_with_newline(path: str | Path) -> bool:
-    """Whether the file's last byte is \\n (iter_lines' lines do not say: a final newline ends the last line)."""
-    with open(path, "rb") as handle:
-        if handle.seek(0, os.SEEK_END) == 0:
-            return False
-        handle.seek(-1, os.SEEK_END)
-        return handle.read(1) == b"\n"
 
 
 def _check_file(path: Path, what: str) -> None:
@@ -85,17 +75,21 @@ def read_utf8(path: str | Path, what: str) -> str:
 
 def read_utf8_and_sha256(path: str | Path, what: str) -> tuple[str, str]:
     """The whole file as text, and the SHA-256 (hex) of the very bytes decoded: which exact data a run
-    trained on, even if the file is rewritten while the run starts."""
+    trained on, even if the file is rewritten while the run starts. A file of CR-only lines is refused."""
     path = _path(path, what)
     data = _read_bytes(path, what)
-    return _decode(path, data), hashlib.sha256(data).hexdigest()
+    text = _decode(path, data)
+    _check_line_endings(path, text.count("\n"), text.count("\r") - text.count("\r\n"))
+    return text, hashlib.sha256(data).hexdigest()
 
 
 def iter_lines(path: str | Path, what: str) -> Iterator[str]:
     """The file's lines, streamed (any file size), without their ending (\\n or \\r\\n); a final newline
-    ends the last line, it does not start a blank one."""
+    ends the last line, it does not start a blank one. A file of CR-only lines is refused when the
+    iteration reaches its end (after its single line)."""
     path = _path(path, what)
     _check_file(path, what)
+    newlines = lone_crs = 0
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             if number == 1 and raw.startswith(codecs.BOM_UTF8):
@@ -106,4 +100,7 @@ def iter_lines(path: str | Path, what: str) -> Iterator[str]:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise _not_utf8(path, number, raw[exc.start]) from None
+            newlines += raw.endswith(b"\n")
+            lone_crs += raw.count(b"\r") - raw.endswith(b"\r\n")
             yield line.removesuffix("\n").removesuffix("\r")
+    _check_line_endings(path, newlines, lone_crs)

@@ -20,7 +20,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 import mirrorfast
 from mirrorfast.augment import MIN_LENGTH_TO_MASK, maskable, masked_views
@@ -35,10 +34,11 @@ from mirrorfast.halfmodel import HalfModel
 from mirrorfast.kernels import info_nce
 from mirrorfast.model import (Encoder, enable_drophead, load_encoder, pick_device,
                               read_mirrorfast_config, save_encoder, without_pooler)
-from mirrorfast.output import atomic_directory, check_destination
+from mirrorfast.output import atomic_directory, check_destination, recorded_files
 from mirrorfast.packing import packed_attention
 from mirrorfast.plan import RunPlan, autocast_dtype, check_environment, plan_run
 from mirrorfast.prefetch import BatchStream
+from mirrorfast.progress import progress_bar
 from mirrorfast.tokens import TokenizedTexts, batch_encoder
 from mirrorfast.warmup import KernelWarmUp, describe_warm_ups, kernel_warm_ups
 
@@ -57,8 +57,6 @@ class TrainResult:
     # per epoch, inside epoch_seconds: time the loop waited for host batches (masking, tokenizing the next
     # epoch's views and packing them run in background threads; a GPU epoch shorter than that work waits)
     input_wait_seconds: list[float] = field(default_factory=list)
-
-
 
 
 def is_mirrorfast_output(path: Path) -> bool:
@@ -216,7 +214,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, save: bool = Tru
         corpus_file = None if str(cfg.corpus).startswith("wordfreq:") else cfg.corpus
         check_destination(out_dir, is_mirrorfast_output, cfg.overwrite, "mirrorfast output",
                           inputs=[cfg.model, corpus_file, cfg.pairs, *cfg.eval_sts, *cfg.eval_words],
-                          recorded=_recorded_files)
+                          recorded=lambda previous: recorded_files(previous / MIRRORFAST_JSON))
 
     torch.manual_seed(cfg.seed)
     corpus = load_pairs(cfg.pairs, cfg.dedup) if cfg.pairs else load_corpus(cfg.corpus, cfg.dedup)
@@ -333,7 +331,7 @@ def _train_epochs(encoder: Encoder, cfg: TrainConfig, plan: RunPlan, device: tor
                                               width_multiple, plan.pad_segment_max, cfg.max_length)
     upload = lambda batches: [b.to(device, non_blocking=True) for b in batches]  # noqa: E731
     monitor = LossMonitor(device)
-    bar = tqdm(total=sum(len(s) for s in schedules), unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    bar = progress_bar(sum(len(s) for s in schedules), "step", cfg.progress)
     with (BatchStream(source.epoch, build, upload, schedules) as stream,
           trained_parameters(encoder.model, plan.dtype, plan.half_model) as (params, half),
           packed_attention(encoder.model, plan.kernel) if plan.packed else contextlib.nullcontext(),
@@ -413,16 +411,6 @@ def _metadata(cfg, corpus, encoder, device, paths: dict, result: TrainResult) ->
         "evaluation": result.evaluation,
         "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def _recorded_files(output: Path):
-    """What a previous output listed in its mirrorfast.json ("files"; check_destination checks it is a list):
-    None where that file is damaged, which is then replaced as before."""
-    try:
-        saved = read_mirrorfast_config(output)
-    except MirrorfastError:
-        return None
-    return saved.get("files") if isinstance(saved, dict) else None
 
 
 def _model_location(model: str | None) -> str | None:
