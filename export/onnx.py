@@ -49,7 +49,7 @@ from mirrorfast.st_format import sentence_transformers_note
 from mirrorfast.export.first_token import SCOPE as FIRST_TOKEN_SCOPE
 from mirrorfast.export.first_token import FirstTokenLayer, StandaloneFirstTokenLayer
 from mirrorfast.export.runtime import EXPORT_FORMAT, EXPORT_JSON, open_session, pad_right
-from mirrorfast.output import atomic_directory, check_destination
+from mirrorfast.output import atomic_directory, check_destination, recorded_files
 
 EXPORT_FORMAT_VERSION = 1
 FP32_FILE = "model.onnx"
@@ -144,14 +144,6 @@ def is_export_output(path: Path) -> bool:
     return (Path(path) / EXPORT_JSON).is_file()
 
 
-def _recorded_files(path: Path):
-    """What a previous export listed in its export.json ("files"; check_destination checks it is a list)."""
-    try:
-        return json.loads((Path(path) / EXPORT_JSON).read_text(encoding="utf-8")).get("files")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def _resolve_max_length(encoder: Encoder, requested: int | None) -> int:
     """--max-length, checked against the model's positions; by default the model's, capped at them."""
     limit = position_limit(encoder.model.config)
@@ -174,7 +166,9 @@ def _example_inputs(tokenizer, takes_tt: bool) -> dict[str, torch.Tensor]:
     return {k: v.to(torch.int64) for k, v in feeds.items()}
 
 
-def _torch_export(graph: SentenceEmbeddingGraph, example: dict, path: Path, opset: int) -> None:
+def _torch_export(graph: SentenceEmbeddingGraph, example: dict, path: Path, opset: int) -> list[str]:
+    """Trace `graph` to `path`; -> the inputs the written graph takes (the tracer drops one the model ignores:
+    DeBERTa's token_type_ids when type_vocab_size is 0)."""
     input_names = list(example)
     dynamic_axes = {name: {0: "batch", 1: "sequence"} for name in input_names}
     dynamic_axes[OUTPUT_NAMES[0]] = {0: "batch"}
@@ -198,21 +192,13 @@ def _torch_export(graph: SentenceEmbeddingGraph, example: dict, path: Path, opse
         except Exception as exc:  # the exporter raises many types; the user needs one line
             raise MirrorfastError(f"ONNX export failed: {type(exc).__name__}: {first_line(exc)}") from exc
     graph.eval()  # the exporter restores the training flag it found; make sure it is eval
-    _tidy_graph(path, int(graph.model.config.hidden_size))
+    return _tidy_graph(path, int(graph.model.config.hidden_size))
 
 
-def _graph_inputs(path: Path) -> list[str]:
-    """The graph's input names, in order (initializers, which older opsets list as inputs, left out)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    weights = {w.name for w in model.graph.initializer}
-    return [i.name for i in model.graph.input if i.name not in weights]
-
-
-def _tidy_graph(path: Path, hidden: int) -> None:
+def _tidy_graph(path: Path, hidden: int) -> list[str]:
     """Name the dynamic output dims and pin the hidden dim (the tracer can leave generated names there);
-    give weights used twice (the first-token branch shares the last layer's) to their MatMuls directly."""
+    give weights used twice (the first-token branch shares the last layer's) to their MatMuls directly.
+    -> the graph's input names, in order (initializers, which older opsets list as inputs, left out)."""
     import onnx
 
     model = onnx.load(str(path))
@@ -226,6 +212,8 @@ def _tidy_graph(path: Path, hidden: int) -> None:
                 dim.dim_value = value
     _bypass_weight_identities(model.graph)
     onnx.save(model, str(path))
+    weights = {w.name for w in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in weights]
 
 
 def _bypass_weight_identities(graph) -> None:
@@ -550,7 +538,7 @@ def export_model(
     out_dir = Path(out_dir)
     check_destination(out_dir, is_export_output, overwrite, "export (no export.json in it)",
                       inputs=[getattr(model.model, "name_or_path", None) if isinstance(model, Encoder) else model],
-                      recorded=_recorded_files)
+                      recorded=lambda previous: recorded_files(previous / EXPORT_JSON))
     thresholds = {**PARITY_THRESHOLDS, **(parity_thresholds or {})}
     try:
         import onnx
@@ -569,29 +557,24 @@ def export_model(
         path = Path(model)
         if path.exists() and not path.is_dir():
             raise MirrorfastError(f"{path} is a file, not a model directory")
-        # a directory, or a hub id as `train --model` takes it (the local cache; the packaged model's own id)
-        encoder = load_encoder(path if path.exists() else os.fspath(model), pooling=pooling)
-        loaded = Path(encoder.model.name_or_path)  # the packaged copy's directory, or a cached hub id as given
-        source = str(path.resolve()) if path.exists() else str(loaded.resolve()) if loaded.is_dir() else str(model)
+        encoder = load_encoder(model, pooling=pooling)  # a directory, or a hub id as `train --model` takes it
+        loaded = Path(encoder.model.name_or_path)  # that directory, the packaged copy's, or a cached hub id
+        source = str(loaded.resolve()) if loaded.is_dir() else str(model)
     max_length = _resolve_max_length(encoder, max_length)
-    loaded_from = Path(encoder.model.name_or_path)
-    if not isinstance(model, Encoder) and loaded_from.is_dir() and (
-            note := sentence_transformers_note(loaded_from, encoder.pooling, max_length)):
+    if not isinstance(model, Encoder) and (
+            note := sentence_transformers_note(encoder.model.name_or_path, encoder.pooling, max_length)):
         log(note)
     hf_model = _export_copy(encoder)
     takes_tt = _takes_token_type_ids(hf_model, encoder.tokenizer)
     graph = SentenceEmbeddingGraph(hf_model, encoder.pooling, normalize, takes_tt, FirstTokenLayer).eval()
     plain = SentenceEmbeddingGraph(hf_model, encoder.pooling, normalize, takes_tt).eval()  # parity reference
     example = _example_inputs(encoder.tokenizer, takes_tt)
-    input_names = list(example)
     config = hf_model.config
 
     with atomic_directory(out_dir) as tmp:
         files = {"fp32": FP32_FILE}
         log(f"{FP32_FILE}: tracing the model (opset {opset})")
-        _torch_export(graph, example, tmp / FP32_FILE, opset)
-        input_names = _graph_inputs(tmp / FP32_FILE)  # the tracer drops an input the model ignores (DeBERTa's
-        # token_type_ids when type_vocab_size is 0): export.json lists what the graph takes
+        input_names = _torch_export(graph, example, tmp / FP32_FILE, opset)  # export.json lists what it takes
         details: dict[str, dict] = {}
         if fp16:
             heads = int(getattr(config, "num_attention_heads", 0) or 0)  # 0: the optimizer detects it

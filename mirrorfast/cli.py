@@ -170,10 +170,8 @@ def _load_any_encoder(model: str, pooling, int8=False, device="auto", max_length
         raise MirrorfastError(f"{path} is a file, not a model or export directory")
     target = pick_device(device)  # before loading: a missing GPU fails fast
     # a directory, or a hub id as `train --model` takes it (the local cache; the packaged model's own id)
-    encoder = load_encoder(path if path.exists() else model, pooling=pooling, max_length=max_length).to(target)
-    loaded_from = Path(encoder.model.name_or_path)
-    if loaded_from.is_dir() and (note := sentence_transformers_note(loaded_from, encoder.pooling,
-                                                                    encoder.max_length)):
+    encoder = load_encoder(model, pooling=pooling, max_length=max_length).to(target)
+    if note := sentence_transformers_note(encoder.model.name_or_path, encoder.pooling, encoder.max_length):
         _log(note)
     return encoder, str(path), encoder.pooling
 

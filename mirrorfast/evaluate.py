@@ -51,7 +51,8 @@ def _pairs(path: Path, kind: str, rows: list[tuple[int, list[str]]]) -> PairSet:
         if len(row) != 3:  # more: a comma in an unquoted sentence would shift the score silently
             expected = ("text1,text2,score (quote a text that holds a comma)" if kind == "sts"
                         else "word1<TAB>word2<TAB>score")
-            raise MirrorfastError(f"{path}: line {number} has {len(row)} field{'s' if len(row) != 1 else ''}, expected exactly 3: {expected}")
+            fields = f"{len(row)} field{'s' if len(row) != 1 else ''}"
+            raise MirrorfastError(f"{path}: line {number} has {fields}, expected exactly 3: {expected}")
         try:
             scores.append(float(row[2]))
         except ValueError:

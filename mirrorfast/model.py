@@ -26,7 +26,6 @@ from mirrorfast.st_format import sentence_transformers_files
 from mirrorfast.tokens import as_texts, check_batch_size, check_vocabulary
 
 
-
 def pick_device(requested: str, log=lambda message: None) -> torch.device:
     """"auto" (a CUDA GPU when PyTorch sees one, else the CPU), "cpu" or "cuda" (an error without a GPU)."""
     if requested == "cuda" and not torch.cuda.is_available():

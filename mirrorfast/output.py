@@ -4,6 +4,7 @@ A failed or interrupted job leaves the destination exactly as it was (absent, or
 """
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -58,6 +59,17 @@ def check_destination(out_dir: Path, is_ours: Callable[[Path], bool], overwrite:
                 "directory would delete it; move it out, choose another directory, or pass --overwrite"
             )
     probe_writable(out_dir)
+
+
+def recorded_files(record: Path):
+    """The "files" a previous output listed in its JSON record (mirrorfast.json, export.json), for
+    check_destination's `recorded` (which checks it is a list of names); None where the record is missing
+    or damaged."""
+    try:
+        saved = json.loads(Path(record).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return saved.get("files") if isinstance(saved, dict) else None
 
 
 def followed(path: Path) -> Path:

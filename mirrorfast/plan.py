@@ -58,7 +58,7 @@ CPU_BF16_EMULATED_COST = ("a MiniLM step of 100 views took 41.5 s with --bf16 vs
 def autocast_dtype(precision: str, device: torch.device, log: Callable[[str], None]) -> torch.dtype | None:
     """None means plain fp32. fp16 on the CPU falls back to fp32 (CPU fp16 autocast is slow and lossy)."""
     if device.type == "cpu" and precision != "bf16" and cpu_has_native_bf16():
-        hint = ("this CPU has native bf16: --bf16 trained 1.6x faster than fp32, same STS-B score, on a 2-core "
+        hint = ("this CPU has native bf16: --bf16 trained 1.5x to 1.6x faster than fp32, same STS-B score, on a 2-core "
                 "AVX-512 BF16 CPU (benchmarks/RESULTS.md)")
     else:
         hint = ""
@@ -154,13 +154,16 @@ class RunPlan:
     """How a run computes (logged in its recipe line, and recorded in mirrorfast.json as `paths`)."""
 
     dtype: torch.dtype | None  # autocast's (or --half-model's) dtype; None: fp32
-    packed: bool  # unpadded (packed) batches, else padded
-    kernel: str | None  # the packed-attention kernel ("triton", "flash", "sdpa"); None: padded
+    kernel: str | None  # packed batches' attention kernel ("triton", "flash", "sdpa"); None: padded batches
     graphs: bool  # the step replayed from CUDA graphs
     half_model: bool  # the model in fp16/bf16, fp32 master weights
     fused_norm: bool  # MIRRORFAST_FUSED_LAYERNORM=1
     loss_backend: str  # "triton" or "torch"
     first_token: bool  # the last layer for each view's [CLS] alone
+
+    @property
+    def packed(self) -> bool:
+        return self.kernel is not None
 
     @property
     def bucket(self) -> int | None:
@@ -193,5 +196,5 @@ def plan_run(cfg: TrainConfig, encoder: Encoder, device: torch.device, dtype: to
     # hooks sit on the attention modules this path does not call; MIRRORFAST_FIRST_TOKEN_LAST_LAYER=0 keeps it).
     first_token = (encoder.pooling == "cls" and cfg.drophead == 0 and last_bert_layer(encoder.model) is not None
                    and env_switch(FIRST_TOKEN_ENV, default=True))
-    return RunPlan(dtype=dtype, packed=packed, kernel=kernel, graphs=graphs, half_model=half_model,
+    return RunPlan(dtype=dtype, kernel=kernel, graphs=graphs, half_model=half_model,
                    fused_norm=fused_norm, loss_backend=loss_backend, first_token=first_token)

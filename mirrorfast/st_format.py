@@ -13,8 +13,6 @@ from mirrorfast.config import MIRRORFAST_JSON, POOLINGS
 _ST_POOLING_FLAGS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
                      "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
                      "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
-
-
 _WRITTEN_FLAGS = ("pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_max_tokens",
                   "pooling_mode_mean_sqrt_len_tokens")  # what every sentence-transformers version knows
 
@@ -45,21 +43,23 @@ def sentence_transformers_note(model_dir: str | os.PathLike, pooling: str, max_l
                    and str(m.get("type", "")).endswith(".Pooling")), None)
     declared = _declared_pooling(_json_or_none(path / folder / "config.json") if folder is not None else None)
     declared_length = (_json_or_none(path / "sentence_bert_config.json") or {}).get("max_seq_length")
-    differs = []
+    declares, uses, options, lacking = [], [], [], ""
     if declared and declared != pooling:
-        differs.append((f"{declared} pooling", f"{pooling} pooling", f"--pooling {declared}" if declared in POOLINGS
-                        else None))
+        declares.append(f"{declared} pooling")
+        uses.append(f"{pooling} pooling")
+        if declared in POOLINGS:
+            options.append(f"--pooling {declared}")
+        else:
+            lacking = f"; mirrorfast has no {declared} pooling"
     if isinstance(declared_length, int) and 0 < declared_length < max_length:
-        differs.append((f"max_seq_length {declared_length}", f"max length {max_length}",
-                        f"--max-length {declared_length}"))
-    if not differs:
+        declares.append(f"max_seq_length {declared_length}")
+        uses.append(f"max length {max_length}")
+        options.append(f"--max-length {declared_length}")
+    if not declares:
         return None
-    options = " ".join(d[2] for d in differs if d[2])
-    lacking = "" if declared in POOLINGS or not declared or declared == pooling else \
-        f"; mirrorfast has no {declared} pooling"
-    return (f"{path} is a sentence-transformers model with {' and '.join(d[0] for d in differs)}; this run uses "
-            f"{' and '.join(d[1] for d in differs)}" + (f" ({options} for the model as published)" if options else "")
-            + lacking)
+    published = f" ({' '.join(options)} for the model as published)" if options else ""
+    return (f"{path} is a sentence-transformers model with {' and '.join(declares)}; this run uses "
+            f"{' and '.join(uses)}{published}{lacking}")
 
 
 def _json_or_none(path: Path):
